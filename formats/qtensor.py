@@ -14,7 +14,9 @@ m = i // meta_group_size, step and min stored as float32.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -83,7 +85,8 @@ class Component:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+        # math.prod: exact Python ints (np.prod wraps silently past 2**63) and no numpy call overhead
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 DTYPES = {"u8": np.dtype("<u1"), "f16": np.dtype("<f2"), "f32": np.dtype("<f4")}
@@ -118,8 +121,14 @@ def _component_shapes(shape: tuple[int, ...], spec: QuantSpec) -> list[tuple[str
 
 def matrix_layout(shape: tuple[int, ...], spec: QuantSpec) -> tuple[tuple[Component, ...], int]:
     """The components of one matrix, each 64-byte aligned, and the bytes they span."""
+    return _matrix_layout(tuple(int(d) for d in shape), spec)
+
+
+# A header names the same few (shape, spec) pairs hundreds of times; the result is immutable.
+@lru_cache(maxsize=1024)
+def _matrix_layout(shape: tuple[int, ...], spec: QuantSpec) -> tuple[tuple[Component, ...], int]:
     comps, offset = [], 0
-    for name, dtype, cshape in _component_shapes(tuple(shape), spec):
+    for name, dtype, cshape in _component_shapes(shape, spec):
         comps.append(Component(name, dtype, tuple(int(d) for d in cshape), offset))
         offset = align_up(offset + comps[-1].nbytes, COMPONENT_ALIGNMENT)
     end = comps[-1].offset + comps[-1].nbytes

