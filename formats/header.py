@@ -115,11 +115,12 @@ class QuantizerInfo:
 
 
 def spec_from_json(d, where: str) -> QuantSpec:
-    if not isinstance(d, dict) or d.get("bits") == 16:
+    S.obj(d, where, required=("bits",), optional=("group_size", "meta_bits", "meta_group_size"))
+    bits = S.integer(d["bits"], f"{where}.bits")
+    if bits == 16:
         S.obj(d, where, required=("bits",))
         return QuantSpec(16)
     S.obj(d, where, required=("bits", "group_size", "meta_bits", "meta_group_size"))
-    bits = S.integer(d["bits"], f"{where}.bits")
     if bits not in WEIGHT_BITS:
         raise HeaderError(f"header field {where}.bits={bits} is not one of {WEIGHT_BITS}")
     try:
@@ -210,7 +211,7 @@ class TensorEntry:
         w = f"tensors[{i}]"
         S.obj(d, w, required=("name", "role", "layer", "shape", "quant", "components", "offset", "nbytes", "crc32", "rel_error"))
         name = S.string(d["name"], f"{w}.name")
-        w = f"tensors[{i}] ({name})"
+        w = f"tensors[{i}] ({name!r})"
         role = S.string(d["role"], f"{w}.role")
         if role not in ROLES or role == "experts":
             raise HeaderError(f"header field {w}.role={role!r} is not a non-expert role")
@@ -371,7 +372,7 @@ class Header:
         keys = ("format", "config", "tokenizer", "quantizer", "recipe", "tensors", "expert_layout", "experts", "data_size", "expert_counts")
         S.obj(d, "<root>", required=keys)
         if d["format"] != "moepack":
-            raise HeaderError(f"header field format={d['format']!r} must be \"moepack\"")
+            raise HeaderError(f"header field format={d['format']!r:.40} must be \"moepack\"")
         counts = d["expert_counts"]
         if counts is not None:
             counts = tuple(
@@ -393,11 +394,22 @@ class Header:
     @classmethod
     def from_bytes(cls, raw: bytes) -> "Header":
         try:
-            d = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise HeaderError(f"header is not valid UTF-8 JSON ({type(e).__name__}: {str(e)[:80]})") from None
+            d = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        # ValueError also covers integers longer than Python's int-parsing digit limit
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            detail = " ".join(str(e).split())[:80]
+            raise HeaderError(f"header is not valid UTF-8 JSON ({type(e).__name__}: {detail})") from None
         return cls.from_json(d)
 
 
 def _reject_constant(name: str):
     raise HeaderError(f"header contains the non-JSON number {name}")
+
+
+def _unique_keys(pairs: list) -> dict:
+    # json.loads would silently keep the last of two equal keys; two readers could then disagree
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if any(k == k2 for k2, _ in pairs[:i]))
+        raise HeaderError(f"header has the key {dup!r} twice in one object")
+    return d

@@ -3,7 +3,7 @@ layout, and the byte ranges of all records (docs/FORMAT.md, section "Validation"
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import HeaderError, LayoutError
 from .qtensor import QuantSpec, matrix_layout
@@ -15,23 +15,59 @@ if TYPE_CHECKING:
 FP16_ONLY_ROLES = ("embeddings", "norms", "router")
 
 
+# The tensors of one decoder layer, in file order: HF name suffix -> (role, shape from config).
+_LAYER_TENSORS = {
+    "input_layernorm.weight": ("norms", lambda c: (c.hidden_size,)),
+    "self_attn.q_proj.weight": ("attention", lambda c: (c.num_attention_heads * c.head_dim, c.hidden_size)),
+    "self_attn.k_proj.weight": ("attention", lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size)),
+    "self_attn.v_proj.weight": ("attention", lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size)),
+    "self_attn.o_proj.weight": ("attention", lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim)),
+    "post_attention_layernorm.weight": ("norms", lambda c: (c.hidden_size,)),
+    "block_sparse_moe.gate.weight": ("router", lambda c: (c.num_local_experts, c.hidden_size)),
+}
+_LAYER_PREFIX = "model.layers."
+
+
+def _iter_expected(cfg: "ModelConfig") -> Iterator[tuple[str, tuple[str, int | None, tuple[int, ...]]]]:
+    H = cfg.hidden_size
+    yield "model.embed_tokens.weight", ("embeddings", None, (cfg.vocab_size, H))
+    for L in range(cfg.num_hidden_layers):
+        for suffix, (role, shape) in _LAYER_TENSORS.items():
+            yield f"{_LAYER_PREFIX}{L}.{suffix}", (role, L, shape(cfg))
+    yield "model.norm.weight", ("norms", None, (H,))
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", ("lm_head", None, (cfg.vocab_size, H))
+
+
 def expected_tensors(cfg: "ModelConfig") -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
     """name -> (role, layer, shape) of every non-expert tensor a Mixtral of this config has."""
-    H, D = cfg.hidden_size, cfg.head_dim
-    out = {"model.embed_tokens.weight": ("embeddings", None, (cfg.vocab_size, H))}
-    for L in range(cfg.num_hidden_layers):
-        p = f"model.layers.{L}."
-        out[p + "input_layernorm.weight"] = ("norms", L, (H,))
-        out[p + "self_attn.q_proj.weight"] = ("attention", L, (cfg.num_attention_heads * D, H))
-        out[p + "self_attn.k_proj.weight"] = ("attention", L, (cfg.num_key_value_heads * D, H))
-        out[p + "self_attn.v_proj.weight"] = ("attention", L, (cfg.num_key_value_heads * D, H))
-        out[p + "self_attn.o_proj.weight"] = ("attention", L, (H, cfg.num_attention_heads * D))
-        out[p + "post_attention_layernorm.weight"] = ("norms", L, (H,))
-        out[p + "block_sparse_moe.gate.weight"] = ("router", L, (cfg.num_local_experts, H))
-    out["model.norm.weight"] = ("norms", None, (H,))
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = ("lm_head", None, (cfg.vocab_size, H))
-    return out
+    return dict(_iter_expected(cfg))
+
+
+def expected_tensor(cfg: "ModelConfig", name: str) -> tuple[str, int | None, tuple[int, ...]] | None:
+    """expected_tensors(cfg).get(name) without building the dict: a header's config may claim
+    2**31 layers, and validation must cost time in proportion to the header, not to the claim."""
+    if name.startswith(_LAYER_PREFIX):
+        num, _, suffix = name[len(_LAYER_PREFIX):].partition(".")
+        if suffix not in _LAYER_TENSORS or not (num.isascii() and num.isdigit() and len(num) <= 10):
+            return None
+        layer = int(num)
+        if str(layer) != num or layer >= cfg.num_hidden_layers:
+            return None
+        role, shape = _LAYER_TENSORS[suffix]
+        return role, layer, shape(cfg)
+    if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        H = cfg.hidden_size
+        return {
+            "model.embed_tokens.weight": ("embeddings", None, (cfg.vocab_size, H)),
+            "model.norm.weight": ("norms", None, (H,)),
+            "lm_head.weight": None if cfg.tie_word_embeddings else ("lm_head", None, (cfg.vocab_size, H)),
+        }[name]
+    return None
+
+
+def expected_tensor_count(cfg: "ModelConfig") -> int:
+    return 2 + len(_LAYER_TENSORS) * cfg.num_hidden_layers + (0 if cfg.tie_word_embeddings else 1)
 
 
 def expert_shapes(cfg: "ModelConfig") -> dict[str, tuple[int, int]]:
@@ -46,15 +82,15 @@ def _check_recipe(h: "Header") -> None:
 
 
 def _check_tensors(h: "Header") -> None:
-    expected = expected_tensors(h.config)
     seen = set()
     for t in h.tensors:
-        if t.name not in expected:
+        want = expected_tensor(h.config, t.name)
+        if want is None:
             raise HeaderError(f"tensor {t.name!r} is not part of a Mixtral model of this config")
         if t.name in seen:
             raise HeaderError(f"tensor {t.name!r} is listed twice")
         seen.add(t.name)
-        role, layer, shape = expected[t.name]
+        role, layer, shape = want
         if (t.role, t.layer, t.shape) != (role, layer, shape):
             raise HeaderError(
                 f"tensor {t.name!r}: role/layer/shape {t.role}/{t.layer}/{list(t.shape)} != expected {role}/{layer}/{list(shape)}"
@@ -64,9 +100,11 @@ def _check_tensors(h: "Header") -> None:
         size = matrix_layout(t.shape, t.spec)[1]
         if t.nbytes != size:
             raise LayoutError(f"tensor {t.name!r}: nbytes={t.nbytes} but its layout needs {size}")
-    missing = [n for n in expected if n not in seen]
-    if missing:
-        raise HeaderError(f"the header lacks tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    n_missing = expected_tensor_count(h.config) - len(seen)
+    if n_missing:
+        # every listed name is expected and unique, so a missing one shows up within len(seen) + 1 steps
+        first = next(n for n, _ in _iter_expected(h.config) if n not in seen)
+        raise HeaderError(f"the header lacks tensor {first!r}" + (f" and {n_missing - 1} more" if n_missing > 1 else ""))
 
 
 def _check_expert_layout(h: "Header") -> None:
@@ -82,12 +120,19 @@ def _check_expert_layout(h: "Header") -> None:
         end = m.offset + m.nbytes
     if lay.record_size % ALIGNMENT or lay.record_size < end:
         raise LayoutError(f"expert record_size={lay.record_size} must be a multiple of {ALIGNMENT} and hold its {end} bytes")
-    want = {(L, e) for L in range(h.config.num_hidden_layers) for e in range(h.config.num_local_experts)}
-    got = [(e.layer, e.expert) for e in h.experts]
-    if len(got) != len(set(got)) or set(got) != want:
-        raise HeaderError(
-            f"experts must list each (layer, expert) of {h.config.num_hidden_layers} x {h.config.num_local_experts} exactly once"
-        )
+    n_layers, n_experts = h.config.num_hidden_layers, h.config.num_local_experts
+    seen = set()
+    for e in h.experts:
+        if e.layer >= n_layers or e.expert >= n_experts:
+            raise HeaderError(f"expert {e.layer}.{e.expert} does not exist in a model of {n_layers} layers x {n_experts} experts")
+        if (e.layer, e.expert) in seen:
+            raise HeaderError(f"expert {e.layer}.{e.expert} is listed twice")
+        seen.add((e.layer, e.expert))
+    n_missing = n_layers * n_experts - len(seen)
+    if n_missing:
+        # a generator, not itertools.product: product would first copy both ranges into tuples
+        L, E = next((L, E) for L in range(n_layers) for E in range(n_experts) if (L, E) not in seen)
+        raise HeaderError(f"the header lacks expert {L}.{E}" + (f" and {n_missing - 1} more" if n_missing > 1 else ""))
     if h.expert_counts is not None and (
         len(h.expert_counts) != h.config.num_hidden_layers
         or any(len(r) != h.config.num_local_experts for r in h.expert_counts)

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import ConfigError, LayoutError
+from .errors import ConfigError, LayoutError, SourceError
 from .packing import pack_codes, packed_length, plane_widths, unpack_codes
 from .spec import COMPONENT_ALIGNMENT, align_up
 
@@ -142,9 +142,11 @@ def quantize_meta(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarra
     m = -(-n // group)
     padded = np.concatenate([v, np.full(m * group - n, v[-1] if n else 0, np.float32)]).reshape(m, group)
     lo = padded.min(axis=1)
-    step = ((padded.max(axis=1) - lo) / np.float32(255)).astype(np.float32)
-    safe = np.where(step > 0, step, np.float32(1))
-    codes = np.clip(np.rint((padded - lo[:, None]) / safe[:, None]), 0, 255).astype(np.uint8)
+    # a range past float32 (or a NaN) leaves a non-finite step: encode_matrix refuses it
+    with np.errstate(over="ignore", invalid="ignore"):
+        step = ((padded.max(axis=1) - lo) / np.float32(255)).astype(np.float32)
+        safe = np.where(step > 0, step, np.float32(1))
+        codes = np.nan_to_num(np.clip(np.rint((padded - lo[:, None]) / safe[:, None]), 0, 255)).astype(np.uint8)
     return codes.reshape(-1)[:n], np.stack([step, lo], axis=1).astype(np.float32)
 
 
@@ -168,7 +170,8 @@ def encode_matrix(
     """
     if not spec.quantized:
         w = np.asarray(weight)
-        arrays = {"weight": w.astype("<f2")}
+        with np.errstate(over="ignore"):  # overflow to inf is reported below, with context
+            arrays = {"weight": w.astype("<f2")}
         shape = w.shape
     else:
         q = np.asarray(q)
@@ -177,7 +180,8 @@ def encode_matrix(
         scale = np.asarray(scale, np.float32).reshape(-1)
         zero = np.asarray(zero, np.float32).reshape(-1)
         if spec.meta_bits == 16:
-            arrays["scale"], arrays["zero"] = scale.astype("<f2"), zero.astype("<f2")
+            with np.errstate(over="ignore"):
+                arrays["scale"], arrays["zero"] = scale.astype("<f2"), zero.astype("<f2")
         else:
             arrays["scale"], arrays["scale_meta"] = quantize_meta(scale, spec.meta_group_size)
             arrays["zero"], arrays["zero_meta"] = quantize_meta(zero, spec.meta_group_size)
@@ -187,6 +191,12 @@ def encode_matrix(
         a = np.ascontiguousarray(arrays[c.name], dtype=DTYPES[c.dtype])
         if a.shape != c.shape:
             raise LayoutError(f"component {c.name}: shape {list(a.shape)} != expected {list(c.shape)}")
+        # an inf or NaN stored here would decode to garbage silently, far from its cause
+        if c.dtype != "u8" and not np.isfinite(a).all():
+            raise SourceError(
+                f"{spec.describe()} matrix of shape {list(shape)}: component {c.name} is not finite in {c.dtype}",
+                hint="the source tensor holds inf/NaN, or values past the float16 range (65504)",
+            )
         out[c.offset : c.offset + c.nbytes] = a.tobytes()
     return bytes(out)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,7 +26,8 @@ def read_header(path: Path) -> tuple[Header, int, int]:
     with open(path, "rb") as f:
         prefix = f.read(PREFIX_SIZE)
         if len(prefix) < len(MAGIC) or prefix[: len(MAGIC)] != MAGIC:
-            if len(prefix) < len(MAGIC) and MAGIC.startswith(prefix) and prefix:
+            # a strict prefix of a valid file (even an empty one) always reads as truncated
+            if len(prefix) < len(MAGIC) and MAGIC.startswith(prefix):
                 raise TruncatedFileError(f"file is {size} bytes, shorter than the {PREFIX_SIZE}-byte prefix")
             raise BadMagicError("not a .moepack file (bad magic bytes)")
         if len(prefix) < PREFIX_SIZE:
@@ -42,7 +44,7 @@ def read_header(path: Path) -> tuple[Header, int, int]:
         raw = f.read(header_len)
         if zlib.crc32(raw) != header_crc:
             raise ChecksumError("header crc32 does not match its bytes")
-        header = Header.from_bytes(raw)
+        header = _parse_header(raw)
         start = data_offset(header_len)
         if size < start + header.data_size:
             raise TruncatedFileError(f"file is {size} bytes but its data section ends at byte {start + header.data_size}")
@@ -51,6 +53,19 @@ def read_header(path: Path) -> tuple[Header, int, int]:
         if any(f.read(start - PREFIX_SIZE - header_len)):
             raise LayoutError("the padding between header and data section is not zero")
     return header, start, size
+
+
+# Header is immutable, so equal bytes may share one parse: re-opening a file in the same
+# process (a tool and the runtime on one file, a test opening it at every truncation
+# length) then skips the JSON schema walk, the costly part of opening.
+def _parse_header(raw: bytes) -> Header:
+    # a cache entry keeps the raw bytes alive too: skip it for implausibly large headers
+    return _parse_header_cached(raw) if len(raw) <= 8 << 20 else Header.from_bytes(raw)
+
+
+@lru_cache(maxsize=4)
+def _parse_header_cached(raw: bytes) -> Header:
+    return Header.from_bytes(raw)
 
 
 class MoepackFile:
@@ -65,7 +80,7 @@ class MoepackFile:
         try:
             self.header, self.data_offset, self.size = read_header(self.path)
         except FormatError as e:
-            raise type(e)(f"{self.path}: {e.message}") from None
+            raise type(e)(f"{self.path}: {e.message}", hint=e.hint) from None
         # mode "r": read-only, so a bug can never write into a user's model file
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.data = self._map[self.data_offset :]

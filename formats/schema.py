@@ -16,7 +16,7 @@ def obj(value, where: str, required: tuple[str, ...], optional: tuple[str, ...] 
         raise HeaderError(f"header field {where} lacks {', '.join(missing)}")
     unknown = sorted(set(value) - set(required) - set(optional))
     if unknown:
-        raise HeaderError(f"header field {where} has unknown key(s) {', '.join(unknown)}")
+        raise HeaderError(f"header field {where} has unknown key(s) {', '.join(map(repr, unknown))}")
     return value
 
 

@@ -12,6 +12,7 @@ from formats.packing import plane_widths
 from formats.qtensor import QuantSpec, matrix_layout
 
 TORCH_DTYPES = {"u8": torch.uint8, "f16": torch.float16, "f32": torch.float32}
+ITEMSIZE = {"u8": 1, "f16": 2, "f32": 4}
 
 
 def component_tensors(buf: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec, base: int = 0) -> dict[str, torch.Tensor]:
@@ -32,11 +33,9 @@ def component_tensors(buf: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec
     for c in comps:
         start = base + c.offset
         raw = buf[start : start + c.nbytes]
-        dtype = TORCH_DTYPES[c.dtype]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if (buf.storage_offset() + start) % itemsize:
+        if (buf.storage_offset() + start) % ITEMSIZE[c.dtype]:
             raise LayoutError(f"component {c.name} of a {list(shape)} matrix starts at a misaligned byte offset {start}")
-        out[c.name] = raw.view(dtype).view(c.shape)
+        out[c.name] = raw.view(TORCH_DTYPES[c.dtype]).view(c.shape)
     return out
 
 

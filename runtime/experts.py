@@ -63,7 +63,9 @@ def load_records(file: MoepackFile, device: torch.device, progress: bool = True)
     cfg, rs = file.config, file.header.expert_layout.record_size
     L, E = cfg.num_hidden_layers, cfg.num_local_experts
     records = torch.empty((L * E, rs), dtype=torch.uint8, device=device)
-    bar = tqdm(total=L * E * rs, unit="B", unit_scale=True, desc="loading experts", disable=not progress or L * E * rs < 256 << 20)
+    bar = tqdm(total=L * E * rs, unit="B", unit_scale=True, desc="loading experts",
+                # a bar only for loads that take a while, and only on a terminal (None: tqdm checks)
+                disable=True if not progress or L * E * rs < 256 << 20 else None)
     # one layer at a time through a pinned staging buffer: bounded host memory, one fast copy per layer
     stage = torch.empty((E, rs), dtype=torch.uint8, pin_memory=device.type == "cuda")
     for layer in range(L):

@@ -1,0 +1,144 @@
+"""`moe-pack`: the offline toolchain (quantize a checkpoint, inspect a .moepack file).
+
+Imports are lazy: `moe-pack inspect` needs only numpy and formats/, so it starts fast and
+works without torch or hqq installed. Every MoepackError ends the program with
+`error: <message>` / `hint: <hint>` on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import time
+
+import click
+
+from formats.errors import MoepackError
+
+from .info import package_version
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space, or write the output to another disk",
+    errno.EACCES: "check the file permissions",
+    errno.EROFS: "the disk is read-only; write the output elsewhere",
+}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, hint: str | None) -> None:
+    click.echo(f"error: {_one_line(message)}", err=True)
+    if hint:
+        click.echo(f"hint: {_one_line(hint)}", err=True)
+    raise click.exceptions.Exit(1)
+
+
+def user_errors(fn):
+    """Turn the failures a user can act on into one-line errors with exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoepackError as e:
+            _fail(e.message, e.hint)
+        except MemoryError:
+            _fail("out of memory", "close other programs; quantizing needs a few times the largest tensor in RAM")
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or e}", _OS_HINTS.get(e.errno, "check the path"))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_version(), prog_name="moe-pack")
+def cli() -> None:
+    """Pack Mixtral MoE checkpoints into expert-contiguous .moepack files."""
+
+
+@cli.command()
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), metavar="OUT.moepack",
+              help="Output file. An existing file is replaced atomically: it stays intact until the new one is complete.")
+@click.option("--attn-bits", type=int, default=4, show_default=True, help="Attention weights: 2, 3, 4, 8 or 16 (16 = keep fp16).")
+@click.option("--expert-bits", type=int, default=2, show_default=True, help="Expert weights: 2, 3, 4, 8 or 16.")
+@click.option("--lm-head-bits", type=int, default=16, show_default=True, help="Output projection: 2, 3, 4, 8 or 16.")
+@click.option("--attn-group-size", type=int, default=None, help="Weights per scale/zero for attention [default: 16 at 2 bits, else 64].")
+@click.option("--expert-group-size", type=int, default=None, help="Weights per scale/zero for experts [default: 16 at 2 bits, else 64].")
+@click.option("--lm-head-group-size", type=int, default=None, help="Weights per scale/zero for lm_head [default: 16 at 2 bits, else 64].")
+@click.option("--meta-bits", type=int, default=8, show_default=True,
+              help="Bits of the stored scales/zeros: 8 (quantized, smaller) or 16 (hqq's own fp16).")
+@click.option("--meta-group-size", type=int, default=None, help="Groups per 8-bit meta group [default: 128 at 2/3 bits, 256 at 4/8 bits].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where HQQ runs; auto = cuda when available. CPU and CUDA results differ slightly (hqq optimizes in fp16 on CUDA).")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, expert_group_size, lm_head_group_size,
+             meta_bits, meta_group_size, device, revision, quiet):
+    """Quantize the Mixtral checkpoint SRC (a local folder or a Hugging Face repo id) with HQQ.
+
+    Router, norms and embeddings stay fp16. Per-matrix relative errors are recorded in the
+    file (see `moe-pack inspect`). The same inputs give the same bytes.
+    """
+    from .recipe import QuantRecipe
+
+    recipe = QuantRecipe(
+        attn_bits=attn_bits, expert_bits=expert_bits, lm_head_bits=lm_head_bits, attn_group_size=attn_group_size,
+        expert_group_size=expert_group_size, lm_head_group_size=lm_head_group_size, meta_bits=meta_bits,
+        meta_group_size=meta_group_size,
+    )
+    from .convert import quantize_checkpoint  # imports torch: only now that the options are valid
+
+    t0 = time.perf_counter()
+    result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet)
+    from formats.report import human_bytes
+
+    click.echo(
+        f"wrote {result.path}: {result.records} records, {human_bytes(result.file_bytes)} "
+        f"({recipe.describe()}, {result.device}, {time.perf_counter() - t0:.1f} s)"
+    )
+
+
+def _verify(mf) -> dict:
+    from tqdm.auto import tqdm
+
+    records = list(mf.records())
+    total = sum(r[2] for r in records)
+    # disable=None: a bar on a terminal, silence when piped (keeps --json output clean)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", disable=None) as bar:
+        checked = mf.verify(progress=bar.update)
+    return {"ok": True, "records": len(records), "bytes": checked}
+
+
+@cli.command()
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (stable keys).")
+@click.option("--verify", is_flag=True, help="Check every record's crc32 (reads the whole file).")
+@click.option("--tensors", is_flag=True, help="List every tensor: name, role, shape, quant, offset, bytes, error.")
+@user_errors
+def inspect(file, as_json, verify, tensors):
+    """Describe the .moepack FILE: model shape, quantization, sizes, errors, GPU memory needs."""
+    from formats.reader import MoepackFile
+    from formats.report import render_text, report_for
+
+    with MoepackFile(file) as mf:
+        report = report_for(mf, tensors=tensors)
+        if verify:
+            report["verify"] = _verify(mf)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render_text(report), nl=False)
+
+
+def main() -> None:
+    cli(prog_name="moe-pack")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Checkpoint -> .moepack: the whole `moe-pack quantize` pipeline.
+
+Streaming: records are produced in file order and each source tensor is read, encoded,
+written and dropped before the next is read, so peak memory is a small multiple of the
+largest tensor (the embedding table) whatever the model size. The writer streams records to
+a temporary file and renames it into place only after its header validates; any error or
+Ctrl-C before then removes the temporaries and leaves OUT untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from formats.errors import ConfigError
+from formats.header import QuantizerInfo
+from formats.writer import MoepackWriter
+
+from .info import hqq_version, package_version
+from .recipe import QuantRecipe
+from .source import Checkpoint, open_checkpoint
+from .tensors import ExpertItem, TensorItem, load, plan_records
+from .hqq_codec import encode_tensor
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path
+    records: int
+    file_bytes: int
+    device: str
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda", hint="use --device auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA GPU", hint="use --device cpu (slower) or install a CUDA build of torch")
+    return device
+
+
+def check_output(out: Path) -> None:
+    """Fail before any work (a Hub download, hours of quantizing) if OUT cannot be written."""
+    if out.is_dir():
+        raise ConfigError(f"output {out} is a folder", hint="pass a file name, e.g. -o model.moepack")
+    if not out.parent.is_dir():
+        raise ConfigError(f"output folder {out.parent} does not exist", hint="create it first, or pick another -o path")
+    if not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"output folder {out.parent} is not writable", hint="pick another -o path")
+
+
+def quantizer_info(source: str) -> QuantizerInfo:
+    return QuantizerInfo(name="moe-pack", version=package_version(), method="hqq", method_version=hqq_version(), source=source)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="rec", desc="quantize", disable=not enabled, dynamic_ncols=True)
+
+
+def quantize_checkpoint(
+    src: str,
+    out: str | os.PathLike,
+    recipe: QuantRecipe = QuantRecipe(),
+    *,
+    device: str = "auto",
+    revision: str | None = None,
+    progress: bool = True,
+    download: Callable | None = None,
+) -> QuantizeResult:
+    """Quantize checkpoint `src` (folder or Hub repo id) into the .moepack file `out`."""
+    out = Path(out)
+    check_output(out)
+    dev = resolve_device(device)
+    ckpt: Checkpoint = open_checkpoint(src, revision=revision, download=download, check=recipe.build)
+    file_recipe = recipe.build(ckpt.config)
+    plan = plan_records(ckpt.folder, ckpt.config)
+    with MoepackWriter(out, config=ckpt.config, tokenizer=ckpt.tokenizer, quantizer=quantizer_info(src), recipe=file_recipe) as w, \
+            _progress_bar(len(plan), progress) as bar:
+        for item in plan:
+            bar.set_postfix_str(item.name, refresh=False)
+            if isinstance(item, TensorItem):
+                payload, err = _encode(ckpt.folder, item.ref, file_recipe[item.role], dev)
+                w.add_tensor(item.name, item.role, item.layer, item.shape, payload, rel_error=err)
+            else:
+                _add_expert(w, ckpt.folder, item, file_recipe["experts"], dev)
+            bar.update(1)
+        path = w.finish()
+    return QuantizeResult(path=path, records=len(plan), file_bytes=path.stat().st_size, device=dev)
+
+
+def _encode(folder: Path, ref, spec, device: str) -> tuple[bytes, float]:
+    W = load(folder, ref)  # the only tensor alive: it is dropped when this frame returns
+    return encode_tensor(W, spec, device, ref.label())
+
+
+def _add_expert(w: MoepackWriter, folder: Path, item: ExpertItem, spec, device: str) -> None:
+    payloads, errors = {}, []
+    for name, ref in item.refs:
+        payloads[name], err = _encode(folder, ref, spec, device)
+        errors.append(err)
+    w.add_expert(item.layer, item.expert, payloads, rel_error=tuple(errors))
+

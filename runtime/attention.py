@@ -1,0 +1,55 @@
+"""Grouped-query causal self-attention with rotary embeddings and a preallocated KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache
+from .rope import Rotary
+
+
+def attention_mask(T: int, start_pos: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """allowed[t, s] (True = attend) for queries at start_pos + t over keys 0 .. start_pos + T - 1;
+    None when every key is allowed (a decode step without a sliding window)."""
+    S = start_pos + T
+    if T == 1 and (window is None or S <= window):
+        return None
+    q = torch.arange(start_pos, S, device=device)[:, None]  # [T, 1]
+    k = torch.arange(S, device=device)[None, :]  # [1, S]
+    allowed = k <= q
+    if window is not None:
+        # transformers' sliding-window overlay: key visible iff kv_idx > q_idx - window
+        allowed &= k > q - window
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, layer: int, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module, rotary: Rotary,
+                 num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
+        super().__init__()
+        self.layer = layer
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.rotary = rotary
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.n_rep = num_heads // num_kv_heads
+        self.sliding_window = sliding_window
+
+    def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
+        # x: [T, H]
+        T, D, G, R = x.shape[0], self.head_dim, self.num_kv_heads, self.n_rep
+        q = self.rotary(self.q_proj(x).view(T, self.num_heads, D), start_pos)  # [T, G*R, D]
+        k = self.rotary(self.k_proj(x).view(T, G, D), start_pos)  # [T, G, D]
+        v = self.v_proj(x).view(T, G, D)
+        keys, values = cache.update(self.layer, start_pos, k, v)  # [G, S, D] each
+        # query head h uses kv head h // R: stack the R query heads of a group along the
+        # sequence axis so each kv head is read once, without repeating the cache
+        q = q.view(T, G, R, D).permute(1, 2, 0, 3).reshape(G, R * T, D)  # [G, R*T, D], row = r*T + t
+        mask = attention_mask(T, start_pos, self.sliding_window, x.device)
+        if mask is not None:
+            mask = mask.repeat(R, 1)  # [R*T, S]
+        # 4-D (batch 1): the fused CUDA kernels take only 4-D inputs, 3-D would fall back to math
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)[0]  # [G, R*T, D]
+        out = out.view(G, R, T, D).permute(2, 0, 1, 3).reshape(T, self.num_heads * D)
+        return self.o_proj(out)

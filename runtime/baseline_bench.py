@@ -1,0 +1,153 @@
+"""Baseline decode speed with every expert resident on the compute device:
+`python -m runtime.baseline_bench [--layers 2] [--tiny] [--recipe fp16 --recipe 4/2]`.
+
+Builds a synthetic .moepack (random packed weights, formats.synthetic) with Mixtral-8x7B
+layer shapes but only a few layers, loads it with the default ResidentExperts backend and
+times prefill and greedy decoding. Prints one JSON object per recipe on stdout. Per-token
+time scales with the number of layers plus a fixed part (embedding, final norm, lm_head,
+sampling), so `ms_per_layer` over-counts that fixed part: extrapolate to 32 layers with care.
+--tiny uses a tiny shape so the script runs in seconds on a CPU (the tests use it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from formats.errors import MoepackError
+from formats.header import ModelConfig, Recipe
+from formats.qtensor import QuantSpec
+from formats.synthetic import write_synthetic
+
+from .device import peak_memory, resolve_device, resolve_dtype
+from .loader import load_model
+
+FP16 = QuantSpec(16)
+
+
+def bench_recipe(name: str) -> Recipe:
+    if name == "fp16":
+        attention = experts = FP16
+    elif name == "4/2":  # the paper's recipe: attention 4-bit g64, experts 2-bit g16, 8-bit meta
+        attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(2, 16, 8, 128)
+    elif name == "4/3":
+        attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(3, 64, 8, 128)
+    else:
+        raise MoepackError(f"--recipe {name!r} is not one of fp16, 4/2, 4/3")
+    return Recipe({"embeddings": FP16, "attention": attention, "norms": FP16, "router": FP16,
+                   "experts": experts, "lm_head": FP16})
+
+
+def bench_config(layers: int, tiny: bool) -> ModelConfig:
+    if tiny:
+        shape = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, num_local_experts=4)
+    else:  # Mixtral-8x7B
+        shape = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, num_local_experts=8)
+    return ModelConfig(num_hidden_layers=layers, num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6,
+                       max_position_embeddings=32768, **shape)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new_tokens: int, warmup: int) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    model, file = load_model(path, device, dtype, ctx=prompt_len + warmup + new_tokens + 1)
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, file.config.vocab_size, (prompt_len,), generator=gen).to(device)
+    model(prompt, 0, last_only=True)  # warm-up prefill (allocator, kernels), then the timed one
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(prompt, 0, last_only=True)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    pos, token = prompt_len, logits[-1].argmax()
+    for _ in range(warmup):
+        token = model(token.view(1), pos, last_only=True)[-1].argmax()
+        pos += 1
+    _sync(device)
+    model.experts.reset_stats()
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        token = model(token.view(1), pos, last_only=True)[-1].argmax()  # stays on the device: no host sync
+        pos += 1
+    _sync(device)
+    decode_s = time.perf_counter() - t0
+    kind, peak = peak_memory(device)
+    layers = file.config.num_hidden_layers
+    return {
+        "layers": layers, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "file_bytes": path.stat().st_size, "load_s": round(load_s, 3),
+        "prefill_tokens": prompt_len, "prefill_tok_s": round(prompt_len / prefill_s, 2),
+        "decode_tokens": new_tokens, "decode_tok_s": round(new_tokens / decode_s, 3),
+        "ms_per_token": round(1e3 * decode_s / new_tokens, 3),
+        "ms_per_layer": round(1e3 * decode_s / new_tokens / layers, 3),
+        "peak_memory": {"kind": kind, "bytes": peak}, "backend": model.experts.stats(),
+    }
+
+
+def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: str = "auto", dtype: str = "auto",
+              prompt_len: int = 16, new_tokens: int = 32, warmup: int = 3, workdir: Path | None = None) -> list[dict]:
+    """One result dict per recipe (see the module docstring)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    cfg = bench_config(layers, tiny)
+    results = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for name in recipes:
+            path = Path(tmp) / f"bench-{name.replace('/', '-')}.moepack"
+            t0 = time.perf_counter()
+            write_synthetic(path, cfg, bench_recipe(name), seed=0,
+                            progress=lambda msg: print(f"[{name}] wrote {msg}", file=sys.stderr) if not tiny else None)
+            build_s = time.perf_counter() - t0
+            r = run_one(path, dev, dt, prompt_len, new_tokens, warmup)
+            results.append({"recipe": name, "tiny": tiny, "build_s": round(build_s, 1), **r})
+            path.unlink()
+    return results
+
+
+@click.command(help=__doc__)
+@click.option("--layers", type=click.IntRange(1, 32), default=2, show_default=True)
+@click.option("--tiny", is_flag=True, help="Tiny shapes instead of Mixtral-8x7B's.")
+@click.option("--recipe", "recipes", multiple=True, default=("fp16", "4/2"), show_default=True, help="fp16, 4/2 or 4/3.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--prompt-len", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write the temporary synthetic file (default: the system temp folder).")
+def cli(layers, tiny, recipes, device, dtype, prompt_len, new_tokens, workdir):
+    for r in run_bench(list(recipes), layers, tiny, device, dtype, prompt_len, new_tokens, workdir=workdir):
+        print(json.dumps(r), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="python -m runtime.baseline_bench", standalone_mode=False)
+    except MoepackError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 1
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

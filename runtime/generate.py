@@ -1,0 +1,202 @@
+"""`python -m runtime.generate model.moepack --prompt "..."`: text generation from a .moepack file.
+
+Generated text streams to stdout as it is produced. After each generation one stats line
+goes to stderr (prompt and new tokens, prefill and decode speed, load time, peak GPU
+memory or peak RSS, expert backend statistics); with --json that line is one JSON object
+instead, so stdout carries nothing but the generated text either way. Without --prompt the
+command reads prompts from stdin, one per line, until EOF or an empty line; with --chat
+the conversation accumulates over those prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+import torch
+from tqdm import tqdm
+
+from formats.errors import ConfigError, MoepackError
+from formats.reader import MoepackFile
+
+from .device import peak_memory, resolve_device, resolve_dtype
+from .generation import GenerationStats, Session
+from .loader import default_ctx, load_model
+from .sampling import Sampler, SamplingConfig
+from .tokenizer import StreamDecoder, TextTokenizer
+
+
+def parse_ids(text: str, vocab: int) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--prompt-ids {text!r} is not a list of integers", hint='write e.g. --prompt-ids "1,415,2936"') from None
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ConfigError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def stats_record(stats: GenerationStats, load_s: float, device: torch.device, dtype: torch.dtype, backend: dict) -> dict:
+    kind, peak = peak_memory(device)
+    return {**stats.to_json(), "load_s": round(load_s, 3), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "peak_memory": {"kind": kind, "bytes": peak}, "backend": backend}
+
+
+def stats_line(r: dict) -> str:
+    mem = r["peak_memory"]
+    backend = " ".join(f"{k}={v}" for k, v in r["backend"].items())
+    return (
+        f"stats: prompt {r['prompt_tokens']} tok, new {r['new_tokens']} tok (stop: {r['stop']}), "
+        f"prefill {r['prefill_s']:.3f} s ({r['prefill_tok_s']:.1f} tok/s), decode {r['decode_tok_s']:.2f} tok/s, "
+        f"load {r['load_s']:.2f} s, peak {'GPU memory' if mem['kind'] == 'gpu' else 'RSS'} {mem['bytes'] / 2**20:.1f} MiB"
+        + (f", {backend}" if backend else "")
+    )
+
+
+class Runner:
+    """One loaded model and the state of a (possibly interactive) run."""
+
+    def __init__(self, model, tokenizer: TextTokenizer | None, sampling: SamplingConfig, opts: dict, load_s: float):
+        self.model, self.tokenizer, self.opts, self.load_s = model, tokenizer, opts, load_s
+        self.sampler = Sampler(sampling)
+        self.session = Session(model)
+        self.messages: list[dict] = [{"role": "system", "content": opts["system"]}] if opts["system"] else []
+        self.eos = tuple(tokenizer.eos_ids) if tokenizer else ()
+
+    def prompt_ids(self, text: str) -> list[int]:
+        if self.opts["chat"]:
+            self.messages.append({"role": "user", "content": text})
+            return self.tokenizer.encode_chat(self.messages)
+        return self.tokenizer.encode(text)
+
+    def run(self, ids: list[int]) -> None:
+        out = sys.stdout
+        decoder = StreamDecoder(self.tokenizer) if self.tokenizer else None
+
+        def on_token(t: int) -> None:
+            if t in self.eos:
+                return
+            out.write(decoder.push(t) if decoder else f"{t} ")
+            out.flush()
+
+        if not self.opts["chat"]:
+            self.session.cached = []  # each prompt is a fresh generation
+        self.model.experts.reset_stats()
+        new, stats = self.session.generate(ids, self.sampler, self.opts["max_new_tokens"], self.eos, on_token)
+        if decoder:
+            out.write(decoder.flush())
+        out.write("\n")
+        out.flush()
+        if self.opts["chat"]:
+            reply = self.tokenizer.decode([t for t in new if t not in self.eos])
+            self.messages.append({"role": "assistant", "content": reply})
+        record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats())
+        click.echo(json.dumps(record) if self.opts["json"] else stats_line(record), err=True)
+
+
+def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: bool, dequantize_at_load: bool | None):
+    t0 = time.perf_counter()
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    file = MoepackFile(path)
+    if ctx is None:
+        ctx = default_ctx(file)
+    if not 1 <= ctx <= file.config.max_position_embeddings:
+        raise ConfigError(f"--ctx {ctx} must be in [1, {file.config.max_position_embeddings}] (the model's max_position_embeddings)")
+    if verify:
+        with tqdm(total=file.size - file.data_offset, unit="B", unit_scale=True, desc="verifying", file=sys.stderr, disable=None) as bar:
+            file.verify(bar.update)
+    if dequantize_at_load is None:
+        dequantize_at_load = device.type == "cpu"  # the CPU has no fused kernels: dense is faster there
+    model, _ = load_model(file, device, dtype, ctx=ctx, dequantize_at_load=dequantize_at_load)
+    return model, file, time.perf_counter() - t0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)
+@click.argument("model_path", metavar="MODEL.moepack")
+@click.option("-p", "--prompt", help="Prompt text; without it prompts are read from stdin, one per line.")
+@click.option("--prompt-ids", help="Prompt as token ids (\"1,415,2936\"), for files without a tokenizer.")
+@click.option("-n", "--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables the top-k cut.")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler (default: random).")
+@click.option("--chat", is_flag=True, help="Wrap prompts in the file's chat template; interactive turns accumulate.")
+@click.option("--system", help="System prompt (with --chat).")
+@click.option("--device", "device_name", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", "dtype_name", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
+@click.option("--ctx", type=int, default=None, help="Context length to allocate [default: min(max_position_embeddings, 4096)].")
+@click.option("--verify", is_flag=True, help="Check every record's crc32 before running (non-expert tensors are always checked).")
+@click.option("--json", "as_json", is_flag=True, help="Print the stats line on stderr as one JSON object.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a busy machine).")
+@click.option("--dequantize-at-load/--no-dequantize-at-load", default=None,
+              help="Keep quantized attention/lm_head weights dense [default: on for the CPU, off for CUDA].")
+def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, chat, system,
+        device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load):
+    sampling = SamplingConfig(temperature, top_k, top_p, seed)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads} must be at least 1")
+        torch.set_num_threads(threads)
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if prompt is not None and prompt_ids is not None:
+        raise ConfigError("give --prompt or --prompt-ids, not both")
+    if chat and prompt_ids is not None:
+        raise ConfigError("--chat needs a text prompt, not --prompt-ids")
+    if system is not None and not chat:
+        raise ConfigError("--system only applies with --chat")
+    model, file, load_s = load(model_path, device_name, dtype_name, ctx, verify, dequantize_at_load)
+    tokenizer = None
+    if file.header.tokenizer.tokenizer_json is not None:
+        tokenizer = TextTokenizer(file.header.tokenizer, str(file.path))
+    elif prompt_ids is None:
+        TextTokenizer(file.header.tokenizer, str(file.path))  # raises the "no tokenizer" error
+    if chat and not tokenizer.has_chat_template:
+        raise MoepackError(f"{file.path} has no chat template", hint="run without --chat")
+    runner = Runner(model, tokenizer, sampling, {"chat": chat, "system": system, "max_new_tokens": max_new_tokens, "json": as_json}, load_s)
+    if prompt_ids is not None:
+        runner.run(parse_ids(prompt_ids, file.config.vocab_size))
+    elif prompt is not None:
+        runner.run(runner.prompt_ids(prompt))
+    else:
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                click.echo("> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            runner.run(runner.prompt_ids(line.rstrip("\n")))
+
+
+def fail(message: str, hint: str | None) -> int:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="python -m runtime.generate", standalone_mode=False)
+    except MoepackError as e:
+        return fail(e.message, e.hint)
+    except click.exceptions.Abort:
+        return 130
+    except click.ClickException as e:
+        return fail(e.format_message().splitlines()[0], "see --help")
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        return fail("out of GPU memory", "use a shorter --ctx, or a smaller model / the offloading backend")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

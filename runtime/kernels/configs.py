@@ -1,0 +1,130 @@
+"""Launch configurations of the fused GEMV kernel: a shape heuristic, a table of tuned
+overrides (filled from tools/kernel_bench.py on the target GPU), and the candidate set the
+benchmark sweeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from formats.errors import ConfigError
+from formats.qtensor import QuantSpec
+
+# Below this many programs per SM-wave the GPU idles on narrow matrices (k/v projections,
+# w2): split K instead. H100 SXM has 132 SMs; used when the device cannot be asked.
+DEFAULT_SM_COUNT = 132
+PROGRAMS_PER_SM = 2
+# A split-K slice shorter than this many tiles spends more on its partial-sum traffic than
+# it gains in parallelism.
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLIT_K = 16
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch of the fused GEMV: BLOCK_N output rows x BLOCK_K input columns per tile,
+    K cut into `split_k` slices whose fp32 partials are summed afterwards."""
+
+    block_n: int = 32
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    # read activations permuted to [T, PER, K/PER] (contiguous per code position) instead of
+    # gathering them at stride PER; costs a small copy of x unless the producer wrote it so
+    permute_x: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            if not _pow2(getattr(self, name)):
+                raise ConfigError(f"GemvConfig.{name}={getattr(self, name)} must be a power of two")
+        if self.block_k < 32:
+            raise ConfigError(f"GemvConfig.block_k={self.block_k} must be at least 32 (one 1-bit plane word)")
+        if not 1 <= self.split_k <= 1024:
+            raise ConfigError(f"GemvConfig.split_k={self.split_k} must be in [1, 1024]")
+        if not 1 <= self.num_stages <= 8:
+            raise ConfigError(f"GemvConfig.num_stages={self.num_stages} must be in [1, 8]")
+
+    def for_matrix(self, k: int, spec: QuantSpec) -> "GemvConfig":
+        """This config made valid for a K-column matrix: tiles no wider than the matrix needs
+        and no empty split-K slices. (Groups may span tiles: the kernel works per word.)"""
+        block_k = min(self.block_k, max(_next_pow2(k), 32))
+        tiles = -(-k // block_k)
+        split = max(1, min(self.split_k, tiles))
+        # equal slices of whole tiles; recompute the count so none is empty
+        per_split = -(-tiles // split)
+        split = -(-tiles // per_split)
+        return replace(self, block_k=block_k, split_k=split)
+
+    def short(self) -> str:
+        return f"n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}p{self.num_stages}" + (
+            "" if self.permute_x else "-xs")
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+# (rows, cols, bits, group_size, meta_bits, tokens, gated) -> config; the GPU session pastes
+# the winners of `tools/kernel_bench.py --sweep` here (or calls register_config at start-up).
+TUNED: dict[tuple, GemvConfig] = {}
+
+
+def _key(n: int, k: int, t: int, spec: QuantSpec, gated: bool) -> tuple:
+    return (n, k, spec.bits, spec.group_size, spec.meta_bits, t, gated)
+
+
+def register_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: GemvConfig) -> None:
+    TUNED[_key(n, k, t, spec, gated)] = config
+
+
+def pick_gemv_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool = False,
+                     sm_count: int = DEFAULT_SM_COUNT) -> GemvConfig:
+    """The config for y[t, n] = x[t, k] @ W.T: a tuned entry if there is one, else a heuristic
+    that reads 32 words (128 bytes) of the low bit plane per row per tile and splits K when
+    there are too few row blocks to fill the GPU."""
+    tuned = TUNED.get(_key(n, k, t, spec, gated))
+    if tuned is not None:
+        return tuned.for_matrix(k, spec)
+    plane_bits = 2 if spec.bits == 3 else spec.bits
+    block_k = 1024 // plane_bits
+    # every token multiplies the whole tile again: keep the tile (registers) smaller for more tokens
+    block_n = 32 if t <= 2 else 16 if t <= 8 else 8
+    if gated:
+        block_n = max(8, block_n // 2)  # two matrices per program
+    cfg = GemvConfig(block_n=block_n, block_k=block_k).for_matrix(k, spec)
+    programs = -(-n // block_n)
+    want = PROGRAMS_PER_SM * sm_count
+    tiles = -(-k // cfg.block_k)
+    split = 1
+    if programs < want:
+        split = min(-(-want // programs), max(1, tiles // MIN_TILES_PER_SPLIT), MAX_SPLIT_K)
+    return replace(cfg, split_k=max(1, split)).for_matrix(k, spec)
+
+
+def candidate_configs(n: int, k: int, t: int, spec: QuantSpec, gated: bool = False) -> list[GemvConfig]:
+    """The configs tools/kernel_bench.py --sweep times for one shape: the heuristic's pick and
+    one-knob-at-a-time variations of it plus a few wider tiles (about 20, each a compile on
+    the GPU), deduplicated after being made valid for the shape."""
+    base = pick_gemv_config(n, k, t, spec, gated)
+    variants = [base]
+    variants += [replace(base, block_n=bn) for bn in (8, 16, 32, 64)]
+    variants += [replace(base, block_k=max(32, base.block_k // 2)), replace(base, block_k=base.block_k * 2)]
+    variants += [replace(base, num_warps=w) for w in (2, 8)]
+    variants += [replace(base, num_stages=p) for p in (1, 3, 4)]
+    variants += [replace(base, split_k=s) for s in (1, 2, max(1, base.split_k // 2), base.split_k * 2, base.split_k * 4)]
+    variants += [replace(base, permute_x=False)]
+    variants += [
+        replace(base, block_n=64, num_warps=8),
+        replace(base, block_n=16, block_k=base.block_k * 2, num_warps=8),
+        replace(base, block_n=8, block_k=base.block_k * 2, num_warps=4, num_stages=3),
+        replace(base, block_n=32, block_k=base.block_k * 2, num_warps=8, num_stages=3),
+    ]
+    out: dict[GemvConfig, None] = {}
+    for v in variants:
+        if v.block_n * v.block_k <= 32768:  # larger tiles spill registers at any warp count
+            out[v.for_matrix(k, spec)] = None
+    return list(out)

@@ -1,0 +1,174 @@
+"""y = x @ W.T for a packed matrix W: the fused dequantize-GEMV for a few tokens, the
+dequantize-into-scratch + dense matmul path for many, chosen by the token count."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from formats.errors import ConfigError, LayoutError
+from formats.qtensor import QuantSpec
+
+from .configs import DEFAULT_SM_COUNT, GemvConfig, pick_gemv_config
+from .prefill import prefill_matmul
+
+# More tokens than this: dequantize once and use a dense matmul (tensor cores); the fused
+# GEMV re-multiplies every unpacked weight per token on the CUDA cores.
+PREFILL_THRESHOLD = 16
+FUSED_BITS = (2, 3, 4, 8)
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+@lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_supported(shape: tuple[int, int], spec: QuantSpec) -> bool:
+    """Whether the fused GEMV handles this layout: word loads of every plane need K % 32 == 0,
+    and no word may straddle two groups (group size a multiple or a divisor of the codes per
+    word: every power of two, and e.g. 24 at 4 bits). Others take dequantize + matmul."""
+    if spec.bits not in FUSED_BITS:
+        return False
+    per, g = codes_per_word(spec), spec.group_size
+    return shape[1] % 32 == 0 and (g % per == 0 or per % g == 0)
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised kernel outputs (one place, so tests can hand out poisoned buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _word_view(plane: torch.Tensor) -> torch.Tensor | None:
+    """uint8 [N, B] plane as int32 words [N, B // 4], or None when its bytes are not 4-aligned."""
+    if plane.data_ptr() % 4 or plane.shape[1] % 4 or plane.stride(1) != 1 or plane.stride(0) % 4:
+        return None
+    return plane.view(torch.int32)
+
+
+def _gemv_args(comps: dict[str, torch.Tensor], spec: QuantSpec) -> tuple | None:
+    """The six pointers of one matrix for qgemv_kernel (unused ones repeat a used tensor)."""
+    q = _word_view(comps["q"])
+    qh = _word_view(comps["q_hi"]) if "q_hi" in comps else q
+    if q is None or qh is None:
+        return None
+    s, z = comps["scale"], comps["zero"]
+    return (q, qh, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z))
+
+
+def codes_per_word(spec: QuantSpec) -> int:
+    """Codes per int32 word of the matrix's low bit plane (the kernel's x permutation period)."""
+    return 32 // (2 if spec.bits == 3 else spec.bits)
+
+
+def permute_x(x: torch.Tensor, per: int) -> torch.Tensor:
+    """x [T, K] -> [T, K] ordered (c, w): xp[t, c * K/per + w] = x[t, w * per + c]."""
+    t, k = x.shape
+    return x.view(t, k // per, per).transpose(1, 2).reshape(t, k)
+
+
+def unpermute_x(xp: torch.Tensor, per: int) -> torch.Tensor:
+    t, k = xp.shape
+    return xp.view(t, per, k // per).transpose(1, 2).reshape(t, k)
+
+
+def _check(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec) -> None:
+    if x.shape[-1] != shape[1]:
+        raise LayoutError(f"activations of shape {list(x.shape)} do not match a [{shape[0]}, {shape[1]}] "
+                          f"matrix ({spec.describe()}): the last dimension must be {shape[1]}")
+    if x.dtype not in ACT_DTYPES:
+        raise ConfigError(f"activations of dtype {x.dtype} are not supported by the fused kernels",
+                          hint="use float16, bfloat16 or float32 activations")
+    ref = next(iter(comps.values()))
+    if ref.device != x.device:
+        raise ConfigError(f"packed matrix on {ref.device} but activations on {x.device}",
+                          hint="move the record to the compute device before calling the kernels")
+
+
+def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int, int], spec: QuantSpec,
+         config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1) -> torch.Tensor | None:
+    """x [T, K] times one matrix (-> [T, N]) or, with two matrices (w1, w3 of one expert),
+    silu(x @ A.T) * (x @ B.T) -> [T, N]; in x.dtype. None when the layout needs the fallback.
+
+    x_permuted: x is already in permute_x order for this spec. out_per > 1: return the
+    result in permute_x order for a consumer with that many codes per word (the w2 after a
+    gated w1/w3), which saves that consumer a copy."""
+    from .triton_gemv import qgemv_kernel  # triton is imported only when a kernel runs
+
+    if not gemv_supported(shape, spec):
+        return None
+    args = [_gemv_args(c, spec) for c in mats]
+    if any(a is None for a in args):
+        return None
+    gated = len(mats) == 2
+    n, k = shape
+    t = x.shape[0]
+    cfg = (config or pick_gemv_config(n, k, t, spec, gated, _sm_count(x.device))).for_matrix(k, spec)
+    per = codes_per_word(spec)
+    if cfg.permute_x and not x_permuted:
+        x = permute_x(x, per)
+    elif x_permuted and not cfg.permute_x:
+        x = unpermute_x(x, per)
+    x = x.contiguous()
+    tiles = _cdiv(_cdiv(k, cfg.block_k), cfg.split_k)  # per K slice
+    split = _cdiv(k, tiles * cfg.block_k)
+    partial = split > 1
+    if out_per > 1 and n % out_per:
+        raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
+    if partial:
+        out = _alloc((split, t, n), torch.float32, x.device)
+        out2 = _alloc((split, t, n), torch.float32, x.device) if gated else out
+    else:
+        out = out2 = _alloc((t, n), x.dtype, x.device)
+    b = args[1] if gated else args[0]
+    grid = (_cdiv(n, cfg.block_n), split)
+    qgemv_kernel[grid](
+        x, out, out2, *args[0], *b,
+        n, k, max(spec.meta_group_size, 1), x.stride(0), t * n, n,
+        TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
+        GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not partial:
+        return out
+    y = out.sum(0)  # [T, N] float32
+    if gated:
+        y = F.silu(y) * out2.sum(0)
+    y = y.to(x.dtype)
+    return permute_x(y, out_per) if out_per > 1 else y
+
+
+def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec, *,
+            config: GemvConfig | None = None, prefill_threshold: int = PREFILL_THRESHOLD) -> torch.Tensor:
+    """y = x @ W.T for x [..., K] (float16/bfloat16/float32) and a packed W [N, K] given as
+    its component tensors (runtime.dequant.component_tensors) -> [..., N] in x.dtype.
+
+    Up to `prefill_threshold` tokens run the fused GEMV (`config` overrides its launch
+    parameters); more tokens, or a layout the GEMV does not cover, dequantize into a scratch
+    buffer with a Triton kernel and use a dense matmul."""
+    _check(x, comps, shape, spec)
+    n, k = shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    t = x2.shape[0]
+    if t == 0:
+        return x.new_empty((*lead, n))
+    y = None
+    if spec.quantized and t <= prefill_threshold:
+        y = gemv(x2, [comps], shape, spec, config)
+    if y is None:
+        y = prefill_matmul(x2.contiguous(), comps, shape, spec)
+    return y.view(*lead, n)

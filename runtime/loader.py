@@ -1,0 +1,80 @@
+"""Build a MixtralModel from a .moepack file: non-expert tensors onto the compute device
+(crc-checked, they are small), experts through a pluggable backend."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from formats.reader import MoepackFile
+
+from .attention import Attention
+from .dequant import component_tensors, dequantize
+from .experts import ExpertBackend, host_tensor, resident_experts
+from .model import DecoderLayer, MixtralModel
+from .moe import MoEBlock
+from .qlinear import DenseLinear, make_linear
+from .rmsnorm import RMSNorm
+
+BackendFactory = Callable[[MoepackFile, MixtralModel, torch.device, torch.dtype], ExpertBackend]
+DEFAULT_MAX_CTX = 4096
+
+
+def default_ctx(file: MoepackFile) -> int:
+    return min(file.config.max_position_embeddings, DEFAULT_MAX_CTX)
+
+
+def load_model(
+    path_or_file: str | os.PathLike | MoepackFile,
+    device: torch.device,
+    dtype: torch.dtype,
+    expert_backend_factory: BackendFactory | None = None,
+    *,
+    ctx: int | None = None,
+    dequantize_at_load: bool = False,
+    verify_tensors: bool = True,
+) -> tuple[MixtralModel, MoepackFile]:
+    """The model (KV cache for `ctx` positions, default min(max_position_embeddings, 4096))
+    and the open file. `expert_backend_factory(file, model, device, dtype)` defaults to
+    ResidentExperts; `dequantize_at_load` keeps quantized attention / lm_head weights dense."""
+    file = path_or_file if isinstance(path_or_file, MoepackFile) else MoepackFile(path_or_file)
+    cfg, device = file.config, torch.device(device)
+
+    def raw(name: str) -> torch.Tensor:
+        t = file.header.tensor(name)
+        if verify_tensors:
+            file.verify_tensor(t)
+        return host_tensor(file.tensor_bytes(name)).to(device)
+
+    def dense(name: str) -> torch.Tensor:
+        t = file.header.tensor(name)
+        return dequantize(component_tensors(raw(name), t.shape, t.spec), t.shape, t.spec, dtype)
+
+    def linear(name: str):
+        t = file.header.tensor(name)
+        return make_linear(raw(name), t.shape, t.spec, dtype, dequantize_at_load)
+
+    layers = []
+    for L in range(cfg.num_hidden_layers):
+        p = f"model.layers.{L}."
+        attn = Attention(
+            L, linear(p + "self_attn.q_proj.weight"), linear(p + "self_attn.k_proj.weight"),
+            linear(p + "self_attn.v_proj.weight"), linear(p + "self_attn.o_proj.weight"), rotary=None,
+            num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+            sliding_window=cfg.sliding_window,
+        )
+        layers.append(DecoderLayer(
+            RMSNorm(dense(p + "input_layernorm.weight"), cfg.rms_norm_eps), attn,
+            RMSNorm(dense(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps),
+            MoEBlock(L, dense(p + "block_sparse_moe.gate.weight"), cfg.num_experts_per_tok),
+        ))
+    embed = dense("model.embed_tokens.weight")
+    lm_head = DenseLinear(embed) if cfg.tie_word_embeddings else linear("lm_head.weight")
+    model = MixtralModel(
+        cfg, embed, layers, RMSNorm(dense("model.norm.weight"), cfg.rms_norm_eps), lm_head,
+        ctx if ctx is not None else default_ctx(file), device, dtype,
+    )
+    model.experts = (expert_backend_factory or resident_experts)(file, model, device, dtype)
+    return model, file

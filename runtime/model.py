@@ -1,0 +1,84 @@
+"""Mixtral (batch 1) over weights from a .moepack file: embeddings, decoder layers of
+attention + sparse MoE, final norm and lm_head. Where experts live is the business of the
+expert backend alone."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from formats.errors import ConfigError
+from formats.header import ModelConfig
+
+from .attention import Attention
+from .experts import ExpertBackend
+from .kv_cache import KVCache
+from .moe import MoEBlock
+from .rmsnorm import RMSNorm
+from .rope import Rotary
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, input_norm: RMSNorm, attn: Attention, post_attn_norm: RMSNorm, moe: MoEBlock):
+        super().__init__()
+        self.input_norm, self.attn, self.post_attn_norm, self.moe = input_norm, attn, post_attn_norm, moe
+
+    def forward(self, h: torch.Tensor, start_pos: int, cache: KVCache, experts: ExpertBackend) -> torch.Tensor:
+        # h: [T, H], the residual stream
+        h = h + self.attn(self.input_norm(h), start_pos, cache)
+        return h + self.moe(self.post_attn_norm(h), experts)
+
+
+class MixtralModel(nn.Module):
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: nn.Module, max_ctx: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.embed = nn.Parameter(embed, requires_grad=False)  # [V, H]
+        self.layers = nn.ModuleList(layers)
+        self.norm, self.lm_head = norm, lm_head
+        self.experts: ExpertBackend | None = None
+        self.cache: KVCache | None = None
+        self.allocate_context(max_ctx)
+
+    @property
+    def max_ctx(self) -> int:
+        return self.cache.max_ctx
+
+    def allocate_context(self, max_ctx: int) -> None:
+        """(Re)allocate the KV cache and rotary tables for `max_ctx` positions."""
+        cfg = self.config
+        if not 1 <= max_ctx <= cfg.max_position_embeddings:
+            raise ConfigError(
+                f"context length {max_ctx} must be in [1, {cfg.max_position_embeddings}] (max_position_embeddings)",
+                hint="choose a smaller --ctx",
+            )
+        self.cache = None  # free the old cache before allocating the new one
+        self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_ctx, self.device, self.dtype)
+        rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_ctx, self.device, self.dtype)
+        for layer in self.layers:
+            layer.attn.rotary = rotary
+
+    def router_weights(self, layer: int) -> torch.Tensor:
+        """The router of `layer`: [E, H] in the compute dtype (for speculative prefetch)."""
+        return self.layers[layer].moe.router
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """tokens: [T] int64 at positions start_pos .. start_pos + T - 1 (the KV cache must
+        hold positions 0 .. start_pos - 1). Returns float32 logits [T, V] ([1, V] if last_only)."""
+        if self.experts is None:
+            raise ConfigError("the model has no expert backend", hint="build it with runtime.loader.load_model")
+        T = tokens.shape[0]
+        if T < 1 or start_pos < 0 or start_pos + T > self.max_ctx:
+            raise ConfigError(
+                f"positions {start_pos}..{start_pos + T - 1} do not fit the allocated context of {self.max_ctx} tokens",
+                hint="allocate a longer context (--ctx) or shorten the prompt",
+            )
+        h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
+        for layer in self.layers:
+            h = layer(h, start_pos, self.cache, self.experts)
+        if last_only:
+            h = h[-1:]
+        return self.lm_head(self.norm(h)).float()  # [T, V]

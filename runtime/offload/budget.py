@@ -1,0 +1,212 @@
+"""The GPU memory plan: what a budget must hold besides the experts, and how many fixed-size
+expert slots the rest of it buys. Pure functions of header sizes, so a too-small budget is
+refused before a byte of the model is loaded, and the figures are unit-testable.
+
+The estimate follows the runtime's plain-torch paths: quantized attention / lm_head stay
+packed on the device (runtime.qlinear.QuantLinear) and are dequantized per call, fp16
+tensors (embeddings, norms, routers) are converted to the compute dtype, and an expert is
+dequantized whole (three matrices) before its matmuls (runtime.experts.expert_ffn).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from formats.errors import ConfigError
+from formats.header import Header
+from formats.qtensor import QuantSpec
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+POLICIES = ("layer", "shared", "none")
+
+
+def parse_size(text: str | int, option: str = "--gpu-memory") -> int:
+    """'12GiB', '800MB', '1.5G' (bare K/M/G/T are binary, like GiB), '4096' -> bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = _SIZE.fullmatch(str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"{option} {text!r} is not a size",
+                hint="write a number with an optional unit, like 12GiB, 800MB, 1.5G or 4096 (bytes)",
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size <= 0 or size >= 2**63:
+        raise ConfigError(f"{option} {text!r} must be a positive size below 8 EiB", hint="e.g. 12GiB or 800MB")
+    return int(size)
+
+
+def format_size(n: int | float) -> str:
+    """Bytes as GiB / MiB with two decimals, the units a user passes back to --gpu-memory."""
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f}GiB"
+    if abs(n) >= MiB:
+        return f"{n / MiB:.1f}MiB"
+    if abs(n) >= 1024:
+        return f"{n / 1024:.1f}KiB"
+    return f"{int(n)}B"
+
+
+def _ceil_size(n: int) -> str:
+    """A size string that is never smaller than n (so 'pass this' really works)."""
+    if n >= GiB:
+        return f"{math.ceil(n / GiB * 100) / 100:.2f}GiB"
+    return f"{math.ceil(n / MiB)}MiB"
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _dequant_transient(numel: int, spec: QuantSpec, dtype_bytes: int) -> int:
+    """Peak extra bytes of runtime.dequant.dequantize on one matrix: the unpacked uint8 codes,
+    the float32 codes, (q - z) and (q - z) * s are alive together (the cast to the compute
+    dtype comes after the first two are gone)."""
+    if not spec.quantized:
+        return numel * dtype_bytes
+    return numel * (1 + 4 + 4 + 4)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where a GPU budget goes. All figures in bytes."""
+
+    budget: int
+    non_expert_bytes: int  # weights that stay on the device (attention, embeddings, norms, routers, lm_head)
+    kv_cache_bytes: int
+    workspace_bytes: int  # activations and dequantization temporaries
+    reserve_bytes: int  # CUDA context and allocator slack, outside PyTorch's tensors
+    record_size: int
+    n_slots: int  # expert slots allocated once: [n_slots, record_size] uint8
+    min_slots: int  # top-k per layer: below this a token cannot run
+    total_experts: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes + self.reserve_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.n_slots * self.record_size
+
+    @property
+    def min_budget(self) -> int:
+        return self.fixed_bytes + self.min_slots * self.record_size
+
+    @property
+    def all_resident(self) -> bool:
+        return self.n_slots >= self.total_experts
+
+    def to_json(self) -> dict:
+        return {
+            "budget": self.budget, "non_expert_bytes": self.non_expert_bytes, "kv_cache_bytes": self.kv_cache_bytes,
+            "workspace_bytes": self.workspace_bytes, "reserve_bytes": self.reserve_bytes,
+            "record_size": self.record_size, "n_slots": self.n_slots, "min_slots": self.min_slots,
+            "total_experts": self.total_experts,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"GPU plan {format_size(self.budget)}: non-expert weights {format_size(self.non_expert_bytes)}, "
+            f"KV cache {format_size(self.kv_cache_bytes)}, workspace {format_size(self.workspace_bytes)}, "
+            f"reserve {format_size(self.reserve_bytes)}, {self.n_slots} of {self.total_experts} experts "
+            f"({format_size(self.slot_bytes)}, {format_size(self.record_size)} each)"
+        )
+
+
+def non_expert_bytes(header: Header, dtype_bytes: int, dequantize_at_load: bool = False, context_tokens: int = 0) -> int:
+    """Device bytes of every non-expert tensor as runtime.loader keeps it, plus the rotary
+    cos/sin tables of the allocated context (buffers of the model, like the weights)."""
+    total = 2 * context_tokens * header.config.head_dim * dtype_bytes
+    for t in header.tensors:
+        if t.spec.quantized and not dequantize_at_load:
+            total += t.nbytes
+        else:
+            total += _numel(t.shape) * dtype_bytes
+    return total
+
+
+def kv_cache_bytes(header: Header, context_tokens: int, dtype_bytes: int) -> int:
+    c = header.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context_tokens * dtype_bytes
+
+
+def workspace_bytes(header: Header, context_tokens: int, dtype_bytes: int, prefill_tokens: int) -> int:
+    """Largest transient of one decode/prefill step: an expert dequantized whole (two of its
+    matrices finished while the third is being dequantized), or the biggest non-expert
+    matrix being dequantized, plus the activations of a prefill chunk of `prefill_tokens`."""
+    c = header.config
+    H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
+    spec = header.recipe["experts"]
+    expert = 2 * H * I * dtype_bytes + _dequant_transient(H * I, spec, dtype_bytes)
+    other = max((_dequant_transient(_numel(t.shape), t.spec, dtype_bytes)
+                 for t in header.tensors if t.spec.quantized), default=0)
+    T = max(1, min(prefill_tokens, context_tokens))
+    # residual, normed input, q/k/v/o, two FFN intermediates and the float32 logits of T tokens,
+    # and one layer's attention scores (float32, all heads, T x context)
+    acts = T * (8 * H + 3 * I) * 4 + T * V * 4 + c.num_attention_heads * T * context_tokens * 4
+    return max(expert, other) + acts
+
+
+def plan_memory(
+    header: Header,
+    budget: int,
+    *,
+    context_tokens: int,
+    dtype_bytes: int = 2,
+    prefill_tokens: int = 512,
+    reserve_bytes: int = 0,
+    dequantize_at_load: bool = False,
+    non_expert: int | None = None,
+    option: str = "--gpu-memory",
+    source: str = "the model",
+) -> MemoryPlan:
+    """The plan for `budget` bytes, or a ConfigError naming the smallest budget that works.
+
+    `non_expert` overrides the header estimate (e.g. with what a loaded model really holds)."""
+    c = header.config
+    rs = header.expert_layout.record_size
+    total = c.num_hidden_layers * c.num_local_experts
+    fixed = dict(
+        non_expert_bytes=non_expert if non_expert is not None else non_expert_bytes(header, dtype_bytes, dequantize_at_load, context_tokens),
+        kv_cache_bytes=kv_cache_bytes(header, context_tokens, dtype_bytes),
+        workspace_bytes=workspace_bytes(header, context_tokens, dtype_bytes, prefill_tokens),
+        reserve_bytes=reserve_bytes,
+    )
+    min_slots = c.num_hidden_layers * c.num_experts_per_tok
+    left = budget - sum(fixed.values())
+    n_slots = min(total, max(0, left) // rs)
+    plan = MemoryPlan(budget=budget, record_size=rs, n_slots=n_slots, min_slots=min_slots, total_experts=total, **fixed)
+    if n_slots < min_slots:
+        raise ConfigError(
+            f"{option} {format_size(budget)} is too small for {source}: it needs "
+            f"{format_size(plan.fixed_bytes)} besides the experts (weights {format_size(fixed['non_expert_bytes'])}, "
+            f"KV cache {format_size(fixed['kv_cache_bytes'])} for {context_tokens} tokens, workspace "
+            f"{format_size(fixed['workspace_bytes'])}, reserve {format_size(reserve_bytes)}) plus "
+            f"{min_slots} expert slots of {format_size(rs)} ({c.num_experts_per_tok} per layer); "
+            f"the smallest budget that works is {_ceil_size(plan.min_budget)}",
+            hint=f"pass --gpu-memory {_ceil_size(plan.min_budget)} or more, or allocate a shorter context (--ctx)",
+        )
+    return plan
+
+
+def split_slots(n_slots: int, layers: int) -> list[int]:
+    """Slots per layer for the per-layer policy: as even as possible, the remainder to the
+    first layers."""
+    base, extra = divmod(n_slots, layers)
+    return [base + (1 if L < extra else 0) for L in range(layers)]

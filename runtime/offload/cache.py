@@ -1,0 +1,176 @@
+"""Which expert lives in which GPU slot: pure-Python cache policies (no torch), so they can
+be tested against an independent simulator and reused by the benchmark's simulations.
+
+A key is (layer, expert); a slot is a row of the engine's [n_slots, record_size] tensor.
+Entries can be pinned: a pinned entry is never chosen as a victim. The engine pins what the
+current layer still has to compute and what it has just started to prefetch, so a load can
+never overwrite an expert that is about to be read.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from formats.errors import ConfigError
+
+Key = tuple[int, int]
+
+
+class _LRUPool:
+    """One LRU-ordered set of slots. `entries` maps key -> slot, least recently used first."""
+
+    def __init__(self, slots: list[int]):
+        self.slots = list(slots)
+        self.free = list(reversed(self.slots))  # pop() hands out the lowest slot first
+        self.entries: OrderedDict[Key, int] = OrderedDict()
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        for key in self.entries:
+            if key not in pinned:
+                return key
+        return None
+
+    def insert(self, key: Key, pinned: set[Key]) -> tuple[int, Key | None] | None:
+        if self.free:
+            slot, evicted = self.free.pop(), None
+        else:
+            evicted = self.victim(pinned)
+            if evicted is None:
+                return None
+            slot = self.entries.pop(evicted)
+        self.entries[key] = slot
+        return slot, evicted
+
+    def remove(self, key: Key) -> None:
+        self.free.append(self.entries.pop(key))
+
+
+class ExpertCache:
+    """LRU over expert slots, in pools: one pool per layer ("layer") or one for all ("shared").
+
+    lookup() is a use (it refreshes recency); touch() refreshes without being a use;
+    insert() takes a free slot or evicts the least recently used unpinned entry of the key's
+    pool and returns (slot, evicted key or None), or None when every entry there is pinned.
+    """
+
+    policy = "lru"
+
+    def __init__(self, pools: dict[int | None, list[int]]):
+        self._pools = {k: _LRUPool(v) for k, v in pools.items()}
+        self._where: dict[Key, _LRUPool] = {}
+        self.pinned: set[Key] = set()
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def per_layer(cls, slots_per_layer: list[int]) -> "ExpertCache":
+        pools, start = {}, 0
+        for L, n in enumerate(slots_per_layer):
+            pools[L] = list(range(start, start + n))
+            start += n
+        return cls(pools)
+
+    @classmethod
+    def shared(cls, n_slots: int) -> "ExpertCache":
+        return cls({None: list(range(n_slots))})
+
+    def _pool(self, layer: int) -> _LRUPool:
+        pool = self._pools.get(layer) or self._pools.get(None)
+        if pool is None:
+            raise KeyError(f"no slots for layer {layer}")
+        return pool
+
+    # -- queries ------------------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        return sum(len(p.slots) for p in self._pools.values())
+
+    def capacity(self, layer: int) -> int:
+        return len(self._pool(layer).slots)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._where
+
+    def slot_of(self, key: Key) -> int | None:
+        pool = self._where.get(key)
+        return None if pool is None else pool.entries[key]
+
+    def keys(self) -> list[Key]:
+        """All cached keys, least recently used first within each pool."""
+        return [k for p in self._pools.values() for k in p.entries]
+
+    def evictable(self, layer: int) -> int:
+        """How many inserts into `layer`'s pool can succeed right now."""
+        pool = self._pool(layer)
+        return len(pool.free) + sum(1 for k in pool.entries if k not in self.pinned)
+
+    # -- updates ------------------------------------------------------------------------
+    def lookup(self, key: Key) -> int | None:
+        """The key's slot (and it becomes most recently used), or None on a miss."""
+        pool = self._where.get(key)
+        if pool is None:
+            return None
+        pool.entries.move_to_end(key)
+        return pool.entries[key]
+
+    def touch(self, key: Key) -> bool:
+        return self.lookup(key) is not None
+
+    def insert(self, key: Key) -> tuple[int, Key | None] | None:
+        if key in self._where:
+            raise ValueError(f"expert {key} is already cached")
+        pool = self._pool(key[0])
+        got = pool.insert(key, self.pinned)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted is not None:
+            del self._where[evicted]
+        self._where[key] = pool
+        return slot, evicted
+
+    def discard(self, key: Key) -> None:
+        pool = self._where.pop(key, None)
+        if pool is not None:
+            pool.remove(key)
+        self.pinned.discard(key)
+
+    def pin(self, key: Key) -> None:
+        if key not in self._where:
+            raise ValueError(f"expert {key} is not cached and cannot be pinned")
+        self.pinned.add(key)
+
+    def unpin(self, key: Key) -> None:
+        self.pinned.discard(key)
+
+    def unpin_all(self) -> None:
+        self.pinned.clear()
+
+
+class NoCache(ExpertCache):
+    """The 'no cache' baseline: every use is a miss and loads the expert again (into one of
+    the layer's slots), like the reference paper's 'no cache, no prefetch' row."""
+
+    policy = "none"
+
+    def lookup(self, key: Key) -> int | None:
+        if key in self._where and key not in self.pinned:
+            self.discard(key)
+        return None
+
+    def touch(self, key: Key) -> bool:
+        return False
+
+
+def make_cache(policy: str, n_slots: int, layers: int, top_k: int) -> ExpertCache:
+    """The cache for `policy` over `n_slots` slots ("none" keeps only top_k per layer)."""
+    from .budget import split_slots
+
+    if n_slots < layers * top_k:
+        raise ConfigError(f"{n_slots} expert slots cannot hold {top_k} experts for each of {layers} layers")
+    if policy == "layer":
+        return ExpertCache.per_layer(split_slots(n_slots, layers))
+    if policy == "shared":
+        return ExpertCache.shared(n_slots)
+    if policy == "none":
+        return NoCache.per_layer([top_k] * layers)
+    raise ConfigError(f"--cache-policy {policy!r} is not one of layer, shared, none")

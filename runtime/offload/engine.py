@@ -1,0 +1,259 @@
+"""OffloadedExperts: the expert backend that runs Mixtral with only part of its experts on the
+GPU. Expert records live in the host tier (runtime.offload.host); a fixed set of device
+slots holds the cached ones (runtime.offload.cache); each layer's schedule
+(runtime.offload.schedule) is executed here with copies on a dedicated stream
+(runtime.offload.streams).
+
+Per layer call the host synchronises once: the routing decision (this layer's top-k and the
+speculative guesses for the next layers, fetched together in one .tolist()). Everything
+else is ordered by events, so the host runs ahead of the GPU and the copy stream works
+while the compute stream runs experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from formats.errors import ConfigError
+from formats.reader import MoepackFile
+
+from ..experts import expert_ffn
+from .cache import ExpertCache, Key, make_cache
+from .host import HostStore, PendingRead
+from .schedule import Compute, Load, Planner
+from .streams import NULL_EVENT, CopyEngine
+
+
+class RoutingOverride(Protocol):
+    """Replaces the routers' decisions (benchmark traces); the model's weights are kept."""
+
+    def route(self, layer: int, n_tokens: int) -> list[list[int]]:
+        """[T][k] experts of each token at `layer`."""
+        ...
+
+    def guess(self, layer: int, target: int, n_tokens: int, n: int) -> list[list[int]]:
+        """[T][n] the prefetcher's ranked guesses for `target`, made while at `layer`."""
+        ...
+
+
+class OffloadedExperts:
+    """ExpertBackend over `n_slots` device slots (see runtime.experts.ExpertBackend)."""
+
+    def __init__(
+        self,
+        file: MoepackFile,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        n_slots: int,
+        policy: str = "layer",
+        prefetch: int | None = None,
+        prefetch_layers: int = 1,
+        router_weights: Callable[[int], torch.Tensor] | None = None,
+        host: HostStore | None = None,
+        host_resident: list[Key] | None = None,
+        staging: int = 8,
+        io_threads: int = 4,
+        progress: bool = True,
+    ):
+        cfg = file.config
+        self.file, self.layout = file, file.header.expert_layout
+        self.device, self.dtype = torch.device(device), dtype
+        self.layers, self.num_experts, self.top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+        if prefetch is None:
+            prefetch = 0 if policy == "none" else self.top_k
+        if policy == "none" and prefetch:
+            raise ConfigError("--prefetch needs a cache: --cache-policy none loads every expert on every use",
+                              hint="use --cache-policy layer or shared, or --prefetch 0")
+        if not 0 <= prefetch <= self.num_experts:
+            raise ConfigError(f"--prefetch {prefetch} must be in [0, {self.num_experts}] (experts per layer)")
+        if prefetch_layers < 1:
+            raise ConfigError(f"--prefetch-layers {prefetch_layers} must be at least 1")
+        if prefetch and router_weights is None:
+            raise ConfigError("speculative prefetch needs the model's routers", hint="pass router_weights, or --prefetch 0")
+        n_slots = min(n_slots, self.layers * self.num_experts)
+        self.cache: ExpertCache = make_cache(policy, n_slots, self.layers, self.top_k)
+        self.policy = policy
+        self.prefetch, self.prefetch_layers = prefetch, prefetch_layers
+        self.planner = Planner(self.cache, prefetch)
+        self.routing: RoutingOverride | None = None
+        self._router_weights = router_weights
+        self._routers: dict[int, torch.Tensor] = {}
+
+        self._own_host = host is None  # a host tier passed in is shared: close() leaves it open
+        self.host = host or HostStore(file, resident=host_resident, pin=self.device.type == "cuda",
+                                      staging=staging, io_threads=io_threads, progress=progress)
+        self.copier = CopyEngine(self.device)
+        # allocated once; rows are reused by every expert that passes through the cache
+        self.slots = torch.empty((self.cache.n_slots, self.layout.record_size), dtype=torch.uint8, device=self.device)
+        self._ready = [NULL_EVENT] * self.cache.n_slots  # copy into the slot done
+        self._free = [NULL_EVENT] * self.cache.n_slots  # compute that last read the slot done
+        self._pending: dict[int, PendingRead] = {}  # slot -> on-demand read whose copy is not issued yet
+        self.reset_stats()
+
+    # -- ExpertBackend ----------------------------------------------------------------------
+    def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        # x: [T, H], topk_idx / topk_w: [T, k]
+        T, k = topk_idx.shape
+        self._issue_finished_reads()
+        routes, guesses = self._decide(layer, x, topk_idx)
+        needed, positions = _by_need(routes, k)
+        ops = self.planner.plan(layer, needed, guesses)
+        self.calls += 1
+        self.tokens += T
+
+        if T > 1:
+            # token positions (t * k + j) of every needed expert, in one small async upload
+            flat_pos = _upload([p for e in needed for p in positions[e]], self.device)
+            starts = dict(zip(needed, itertools.accumulate((len(positions[e]) for e in needed), initial=0)))
+        out = None
+        for op in ops:
+            if isinstance(op, Load):
+                self._load(op)
+                continue
+            e = op.key[1]
+            record = self._record_for(op)
+            if T == 1:
+                j = positions[e][0]  # which of the token's k choices this expert is
+                y = expert_ffn(record, self.layout, x, self.dtype) * topk_w[:, j:j + 1]  # [1, H]
+                out = y if out is None else out + y
+            else:
+                pos = flat_pos[starts[e]:starts[e] + len(positions[e])]
+                tok = torch.div(pos, k, rounding_mode="floor")
+                y = expert_ffn(record, self.layout, x.index_select(0, tok), self.dtype)  # [n, H]
+                w = topk_w.reshape(-1).index_select(0, pos).unsqueeze(1)  # [n, 1]
+                out = torch.zeros_like(x) if out is None else out
+                out.index_add_(0, tok, y * w)
+            self._free[op.slot] = self.copier.mark_used()  # the slot may be overwritten after this
+            self.expert_tokens += len(positions[e])
+        return out if out is not None else torch.zeros_like(x)
+
+    def stats(self) -> dict:
+        d = {"backend": "offload", "policy": self.policy, "slots": self.cache.n_slots,
+             "prefetch": self.prefetch, "prefetch_layers": self.prefetch_layers,
+             "layer_calls": self.calls, "tokens": self.tokens, "expert_tokens": self.expert_tokens,
+             "read_wait_s": self.read_wait_s}
+        d.update(self.planner.stats.to_json())
+        d.update(self.copier.stats())
+        d.update(self.host.stats())
+        return d
+
+    def reset_stats(self) -> None:
+        self.planner.reset_stats()
+        self.copier.reset_stats()
+        self.host.reset_stats()
+        self.calls = self.tokens = self.expert_tokens = 0
+        self.read_wait_s = 0.0
+
+    def close(self) -> None:
+        """Finish in-flight work; give back staging buffers, and the host tier if this backend made it."""
+        for slot in list(self._pending):
+            self.host.release(self._pending.pop(slot))
+        self.copier.synchronize()
+        if self._own_host:
+            self.host.close()
+
+    # -- routing --------------------------------------------------------------------------
+    def _targets(self, layer: int) -> list[int]:
+        if not self.prefetch:
+            return []
+        return [t for t in range(layer + 1, layer + 1 + self.prefetch_layers) if t < self.layers]
+
+    def _router(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        w = self._routers.get(layer)
+        if w is None or w.dtype != dtype:
+            w = self._routers[layer] = self._router_weights(layer).to(device=self.device, dtype=dtype)
+        return w
+
+    def _decide(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor) -> tuple[list[list[int]], list]:
+        """(this layer's routes [T][k], [(target, ranked guesses)]) with one host sync."""
+        T, k = topk_idx.shape
+        targets = self._targets(layer)
+        if self.routing is not None:
+            routes = self.routing.route(layer, T)
+            guesses = [(t, _rank(self.routing.guess(layer, t, T, self.prefetch))) for t in targets]
+            return routes, guesses
+        parts = [topk_idx.reshape(-1)]
+        for t in targets:
+            # the paper's speculative guess: layer t's router applied to layer `layer`'s input
+            logits = torch.nn.functional.linear(x, self._router(t, x.dtype))  # [T, E]
+            parts.append(torch.topk(logits, self.prefetch, dim=-1).indices.reshape(-1))
+        flat = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()  # the one sync
+        routes = [flat[t * k:(t + 1) * k] for t in range(T)]
+        guesses, at, n = [], T * k, self.prefetch
+        for t in targets:
+            rows = [flat[at + i * n: at + (i + 1) * n] for i in range(T)]
+            guesses.append((t, _rank(rows)))
+            at += T * n
+        return routes, guesses
+
+    # -- loads ----------------------------------------------------------------------------
+    def _load(self, op: Load) -> None:
+        slot = op.slot
+        old = self._pending.pop(slot, None)
+        if old is not None:  # a streamed expert evicted before its copy was issued: drop it
+            self.host.release(old)
+        src = self.host.view(op.key)
+        if src is not None:
+            self._ready[slot] = self.copier.copy(self.slots[slot], src, after=self._free[slot])
+            return
+        while not self.host.has_free_staging():
+            self._issue_oldest_read()
+        self._pending[slot] = self.host.read_async(op.key)
+
+    def _issue_read(self, slot: int) -> None:
+        pending = self._pending.pop(slot)
+        t = time.perf_counter()
+        buf = self.host.staged(pending)
+        self.read_wait_s += time.perf_counter() - t
+        ev = self.copier.copy(self.slots[slot], buf, after=self._free[slot])
+        self._ready[slot] = ev
+        self.host.release(pending, after=ev)
+
+    def _issue_oldest_read(self) -> None:
+        self._issue_read(next(iter(self._pending)))
+
+    def _issue_finished_reads(self) -> None:
+        for slot in [s for s, p in self._pending.items() if p.future.done()]:
+            self._issue_read(slot)
+
+    def _record_for(self, op: Compute) -> torch.Tensor:
+        """The slot's record, once the compute stream is ordered after the copy into it."""
+        if op.slot in self._pending:
+            self._issue_read(op.slot)
+        self.copier.wait(self._ready[op.slot])
+        return self.slots[op.slot]
+
+
+def _by_need(routes: list[list[int]], k: int) -> tuple[list[int], dict[int, list[int]]]:
+    """Distinct experts, most tokens first (ties: first seen), and each one's flat positions t*k+j."""
+    positions: dict[int, list[int]] = {}
+    for t, row in enumerate(routes):
+        for j, e in enumerate(row):
+            positions.setdefault(int(e), []).append(t * k + j)
+    order = sorted(positions, key=lambda e: -len(positions[e]))  # stable: keeps first-seen order on ties
+    return order, positions
+
+
+def _rank(rows: Sequence[Sequence[int]]) -> list[int]:
+    """Guesses of all tokens ranked by how many tokens guessed them (then by rank in a row)."""
+    if len(rows) == 1:
+        return [int(e) for e in rows[0]]
+    score: dict[int, tuple[int, int]] = {}
+    for row in rows:
+        for r, e in enumerate(row):
+            c, best = score.get(int(e), (0, r))
+            score[int(e)] = (c + 1, min(best, r))
+    return sorted(score, key=lambda e: (-score[e][0], score[e][1], e))
+
+
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor on `device` without a blocking copy (pinned source, async upload)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

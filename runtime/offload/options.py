@@ -1,0 +1,177 @@
+"""The offloading options of `runtime.generate` (and the benchmark), and the backend factory
+they build for runtime.loader.load_model.
+
+generate.py adds them with the `offload_options` decorator, turns the parsed values into an
+OffloadOptions with `OffloadOptions.from_cli(**kwargs)`, calls `preflight(...)` before
+loading anything (a too-small --gpu-memory fails there, naming the smallest budget that
+works), and passes `make_backend_factory(...)` to load_model (None: keep every expert resident).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import click
+import torch
+
+from formats.errors import ConfigError
+from formats.reader import MoepackFile
+
+from .budget import GiB, MiB, POLICIES, MemoryPlan, parse_size, plan_memory
+from .host import plan_host
+
+CUDA_RESERVE = 512 * MiB  # CUDA context + allocator slack, outside PyTorch's tensors
+DEFAULT_MARGIN = 1 * GiB  # left free when --gpu-memory is not given
+DEFAULT_STAGING = 8
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    gpu_memory: int | None = None  # bytes; None: free GPU memory less a margin
+    host_memory: int | None = None  # bytes; None: every expert in RAM
+    prefetch: int | None = None  # experts guessed per future layer; None: top-k (0 with policy "none")
+    prefetch_layers: int = 1
+    cache_policy: str = "layer"
+    expert_slots: int | None = None  # exact slot count instead of one derived from the budget
+    io_threads: int = 4
+    staging: int = DEFAULT_STAGING
+    offload: bool | None = None  # None: offload only when an option asks for it or the GPU is too small
+
+    def __post_init__(self) -> None:
+        if self.cache_policy not in POLICIES:
+            raise ConfigError(f"--cache-policy {self.cache_policy!r} is not one of {', '.join(POLICIES)}")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ConfigError(f"--prefetch {self.prefetch} must be >= 0", hint="0 disables speculative prefetch")
+        if self.prefetch_layers < 1:
+            raise ConfigError(f"--prefetch-layers {self.prefetch_layers} must be at least 1")
+        if self.expert_slots is not None and self.expert_slots < 1:
+            raise ConfigError(f"--expert-slots {self.expert_slots} must be at least 1")
+        if self.io_threads < 1:
+            raise ConfigError(f"--io-threads {self.io_threads} must be at least 1")
+        if self.staging < 1:
+            raise ConfigError(f"staging buffers ({self.staging}) must be at least 1")
+
+    @classmethod
+    def from_cli(cls, gpu_memory: str | None = None, host_memory: str | None = None, prefetch: int | None = None,
+                 prefetch_layers: int = 1, cache_policy: str = "layer", expert_slots: int | None = None,
+                 io_threads: int = 4, offload: bool | None = None, **_other) -> "OffloadOptions":
+        """From the values click parsed (other keyword arguments of the command are ignored)."""
+        return cls(
+            gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory"),
+            host_memory=None if host_memory is None else parse_size(host_memory, "--host-memory"),
+            prefetch=prefetch, prefetch_layers=prefetch_layers, cache_policy=cache_policy,
+            expert_slots=expert_slots, io_threads=io_threads, offload=offload,
+        )
+
+    @property
+    def requested(self) -> bool:
+        """Did the user ask for offloading explicitly?"""
+        if self.offload is not None:
+            return self.offload
+        return any(v is not None for v in (self.gpu_memory, self.host_memory, self.expert_slots, self.prefetch)) \
+            or self.cache_policy != "layer" or self.prefetch_layers != 1
+
+
+OPTION_NAMES = ("gpu_memory", "host_memory", "prefetch", "prefetch_layers", "cache_policy", "expert_slots", "io_threads", "offload")
+
+
+def offload_options(f: Callable) -> Callable:
+    """click decorator adding the offloading options to a command."""
+    opts = [
+        click.option("--offload/--no-offload", "offload", default=None,
+                     help="Stream experts through a GPU cache [default: when an option below is given, or the GPU is too small]."),
+        click.option("--gpu-memory", metavar="SIZE", help="GPU memory for weights, KV cache, workspace and expert cache "
+                     "(12GiB, 800MB, 1.5G) [default: free GPU memory less 1 GiB]."),
+        click.option("--host-memory", metavar="SIZE", help="RAM for expert records; the rest are read from the file on "
+                     "demand [default: all experts in RAM]."),
+        click.option("--prefetch", type=int, default=None, metavar="N",
+                     help="Experts guessed and prefetched per next layer [default: top-k; 0 disables]."),
+        click.option("--prefetch-layers", type=int, default=1, show_default=True, help="How many layers ahead to prefetch."),
+        click.option("--cache-policy", type=click.Choice(POLICIES), default="layer", show_default=True,
+                     help="layer: LRU per layer; shared: one LRU pool for all layers; none: load every expert on every use."),
+        click.option("--expert-slots", type=int, default=None, metavar="N", help="Exact number of GPU expert slots (overrides the budget's count)."),
+        click.option("--io-threads", type=int, default=4, show_default=True, help="Threads reading streamed experts from the file."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _budget(opts: OffloadOptions, device: torch.device) -> tuple[int, int]:
+    """(budget, reserve) in bytes for `device`."""
+    if opts.gpu_memory is not None:
+        return opts.gpu_memory, CUDA_RESERVE if device.type == "cuda" else 0
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # free memory already excludes the CUDA context; keep a margin for everything else
+        return max(0, free - DEFAULT_MARGIN), 0
+    return 2**62, 0  # the CPU: no device budget unless one is given
+
+
+def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dtype: torch.dtype, ctx: int,
+              dequantize_at_load: bool = False) -> MemoryPlan | None:
+    """The GPU plan, checked before anything is loaded; None when every expert stays resident."""
+    if opts.offload is False:
+        return None
+    device = torch.device(device)
+    budget, reserve = _budget(opts, device)
+    plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=_dtype_bytes(dtype), reserve_bytes=reserve,
+                       dequantize_at_load=dequantize_at_load, source=str(file.path),
+                       option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory")
+    _check_slots(opts, plan)
+    plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
+    if not opts.requested and plan.all_resident:
+        return None
+    return plan
+
+
+def _check_slots(opts: OffloadOptions, plan: MemoryPlan) -> None:
+    if opts.expert_slots is not None and opts.expert_slots < plan.min_slots:
+        raise ConfigError(f"--expert-slots {opts.expert_slots} is below the {plan.min_slots} slots a token needs (top-k per layer)",
+                          hint=f"pass --expert-slots {plan.min_slots} or more")
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Device bytes of a loaded model's parameters and buffers (KV cache excluded)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = True):
+    """A load_model expert_backend_factory building OffloadedExperts for `opts`. The slot count
+    is re-planned with the bytes the loaded model really holds."""
+
+    def factory(file: MoepackFile, model, device: torch.device, dtype: torch.dtype):
+        from .engine import OffloadedExperts
+
+        device = torch.device(device)
+        budget, reserve = _budget(opts, device) if opts.gpu_memory is not None or device.type != "cuda" else (None, 0)
+        if budget is None:
+            # the model is loaded now: the default budget is what is still free, plus what it took
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = max(0, free - DEFAULT_MARGIN) + torch.cuda.memory_allocated(device)
+        plan = plan_memory(file.header, budget, context_tokens=getattr(model, "max_ctx", ctx), dtype_bytes=_dtype_bytes(dtype),
+                           reserve_bytes=reserve, non_expert=model_bytes(model), source=str(file.path))
+        _check_slots(opts, plan)
+        n_slots = opts.expert_slots if opts.expert_slots is not None else plan.n_slots
+        resident = plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
+        backend = OffloadedExperts(
+            file, device, dtype, n_slots=n_slots, policy=opts.cache_policy, prefetch=opts.prefetch,
+            prefetch_layers=opts.prefetch_layers, router_weights=model.router_weights, host_resident=resident,
+            staging=opts.staging, io_threads=opts.io_threads, progress=progress,
+        )
+        backend.plan = replace(plan, n_slots=backend.cache.n_slots)
+        return backend
+
+    return factory
+

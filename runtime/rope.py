@@ -1,0 +1,28 @@
+"""Rotary position embeddings (the rotate-half convention of Mixtral / Llama), with the
+cos/sin tables precomputed once for the whole allocated context."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float, max_ctx: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        # computed in float32 then cast, as transformers does, so both round the same way
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        pos = torch.arange(max_ctx, dtype=torch.float32, device=device)
+        freqs = pos[:, None] * inv_freq[None, :]  # [ctx, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [ctx, D]
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        # x: [T, heads, D] at positions start_pos .. start_pos + T - 1
+        T = x.shape[0]
+        cos = self.cos[start_pos : start_pos + T, None, :]  # [T, 1, D]
+        sin = self.sin[start_pos : start_pos + T, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin

@@ -1,0 +1,82 @@
+"""`python -m runtime.bench --tiny` end to end on the CPU, and the fast synthetic writer it uses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from formats.reader import MoepackFile
+from runtime.bench import bench_config, bench_recipe, main
+from runtime.offload.synthfile import write_bench_file
+
+
+def test_bench_tiny_end_to_end(tmp_path, capsys):
+    out, md = tmp_path / "bench.json", tmp_path / "BENCH.md"
+    args = ["--tiny", "--layers", "3", "--slots-per-layer", "2", "--tokens", "3", "--warmup", "1", "--prompt-len", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--write-md", str(md)]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["layers"] == 3 and r["expert_bits"] == 2 and r["calibrated_h2d_gbps"] > 0
+    runs = {(x["routing"], x["variant"]): x for x in r["runs"]}
+    assert set(runs) == {(a, b) for a in ("trace", "model") for b in ("naive", "lru", "prefetch")}
+    rs = r["record_size"]
+    for (routing, variant), x in runs.items():
+        s = x["stats"]
+        assert x["tokens"] == 3 and x["slots"] == 6 and x["tok_s"] > 0
+        assert s["uses"] == 3 * 3 * 2  # decode only: tokens x layers x top-k
+        assert s["bytes_copied"] == s["loads"] * rs
+        assert x["mb_per_token"] == pytest.approx(s["bytes_copied"] / 3 / 1e6)
+        assert x["bound_tok_s"] == pytest.approx(r["calibrated_h2d_gbps"] * 1e9 / (s["bytes_copied"] / 3))
+        if variant == "naive":
+            assert x["hit_rate"] == 0 and s["loads"] == s["uses"]
+        if variant != "prefetch":
+            assert s["prefetched"] == 0
+    assert runs[("trace", "prefetch")]["stats"]["prefetched"] > 0
+    text = md.read_text()
+    assert "tiny shapes, 3 layers" in text and "--slots-per-layer 2" in text and "| trace | prefetch |" in text
+    assert "| trace | prefetch |" in capsys.readouterr().out
+    cached = next((tmp_path / "cache").iterdir())
+    mtime = cached.stat().st_mtime_ns
+    assert main(args[:-4] + ["--routing", "trace", "--variant", "lru"]) == 0  # reuses the cached file
+    assert cached.stat().st_mtime_ns == mtime
+
+
+def test_bench_refuses_a_budget_below_the_minimum(tmp_path, capsys):
+    rc = main(["--tiny", "--layers", "2", "--gpu-memory", "64KiB", "--cache-dir", str(tmp_path), "--tokens", "1"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "error: --gpu-memory 64.0KiB is too small" in err
+    assert "loaded" not in err  # refused before loading anything
+    assert "smallest budget that works" in err and "hint:" in err
+
+
+def test_bench_simulation(capsys):
+    assert main(["--simulate", "--layers", "4", "--tokens", "40", "--json", "-"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    sim = json.loads(lines[-1])["simulation"]
+    assert len(sim) == 6 * 2 * 2
+    lru = [x["hit_rate"] for x in sim if x["policy"] == "layer" and x["prefetch"] == 0]
+    assert lru == sorted(lru) and lru[-1] > lru[0]  # more slots, more hits
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_fast_synthetic_file_is_valid_and_plausible(tmp_path, bits):
+    cfg = bench_config(2, tiny=True)
+    counts = tuple(tuple(range(1, 9)) for _ in range(2))
+    path = write_bench_file(tmp_path / "b.moepack", cfg, bench_recipe(bits), seed=3, expert_counts=counts, progress=False)
+    f = MoepackFile(path)
+    assert f.verify() == sum(n for _, _, n, _ in f.records())  # every crc32 is honest
+    assert f.header.expert_counts == counts
+    w = f.expert_arrays(1, 5)
+    assert w["w1"].shape == (128, 64) and w["w2"].shape == (64, 128)
+    for name, m in w.items():
+        target = 1 / np.sqrt(m.shape[1])
+        assert abs(m.std() / target - 1) < 0.2 and abs(m.mean()) < 0.2 * target, name
+    q = f.tensor_array("model.layers.0.self_attn.q_proj.weight")
+    assert abs(q.std() * np.sqrt(64) - 1) < 0.2
+    assert np.all(f.tensor_array("model.norm.weight") == 1)
+    assert bytes(f.expert_bytes(0, 0)) != bytes(f.expert_bytes(0, 1))  # records differ
+    again = write_bench_file(tmp_path / "c.moepack", cfg, bench_recipe(bits), seed=3, expert_counts=counts, progress=False)
+    assert again.read_bytes() == path.read_bytes()  # deterministic for a seed

@@ -1,0 +1,264 @@
+"""The pure cache policies and the per-layer schedule, checked against an independent,
+deliberately plain LRU simulator on hypothesis-generated routing traces."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from formats.errors import ConfigError
+from runtime.offload.cache import ExpertCache, NoCache, make_cache
+from runtime.offload.schedule import Compute, Load, Planner, simulate
+
+
+# -- the reference: lists, no OrderedDict, no pools, no shared code with the planner --------------
+class RefLRU:
+    """LRU sets of (layer, expert), one per pool; index 0 is the least recently used."""
+
+    def __init__(self, capacity: dict, shared: bool):
+        self.cap, self.shared = capacity, shared
+        self.lists = {p: [] for p in capacity}
+
+    def pool(self, layer):
+        return None if self.shared else layer
+
+    def has(self, key):
+        return key in self.lists[self.pool(key[0])]
+
+    def use(self, key):
+        lst = self.lists[self.pool(key[0])]
+        lst.remove(key)
+        lst.append(key)
+
+    def add(self, key, pinned):
+        """Insert; returns (ok, evicted)."""
+        lst = self.lists[self.pool(key[0])]
+        evicted = None
+        if len(lst) >= self.cap[self.pool(key[0])]:
+            victims = [k for k in lst if k not in pinned]
+            if not victims:
+                return False, None
+            evicted = victims[0]
+            lst.remove(evicted)
+        lst.append(key)
+        return True, evicted
+
+
+def reference_stats(ref: RefLRU, steps, prefetch: int, no_cache: bool = False) -> dict:
+    s = dict(uses=0, hits=0, misses=0, loads=0, prefetched=0, prefetch_used=0, evictions=0)
+    outstanding = set()
+    for layer, needed, guesses in steps:
+        keys = [(layer, e) for e in needed]
+        pinned = set()
+        misses = []
+        for k in keys:
+            if not no_cache and ref.has(k):
+                ref.use(k)
+                s["hits"] += 1
+                pinned.add(k)
+                if k in outstanding:
+                    s["prefetch_used"] += 1
+            else:
+                if no_cache and ref.has(k):
+                    ref.lists[ref.pool(layer)].remove(k)
+                misses.append(k)
+        s["uses"] += len(keys)
+        s["misses"] += len(misses)
+        outstanding = {k for k in outstanding if k[0] != layer}
+        for k in misses:
+            ok, ev = ref.add(k, pinned)
+            assert ok, "decode traces never need waves"
+            pinned.add(k)
+            s["loads"] += 1
+            if ev is not None:
+                s["evictions"] += 1
+                outstanding.discard(ev)
+        for target, ranked in guesses:
+            for e in ranked[:prefetch]:
+                k = (target, e)
+                if ref.has(k):
+                    ref.use(k)
+                    pinned.add(k)
+                    continue
+                ok, ev = ref.add(k, pinned)
+                if not ok:
+                    break
+                pinned.add(k)
+                outstanding.add(k)
+                s["loads"] += 1
+                s["prefetched"] += 1
+                if ev is not None:
+                    s["evictions"] += 1
+                    outstanding.discard(ev)
+    return s
+
+
+@st.composite
+def traces(draw):
+    layers = draw(st.integers(1, 4))
+    experts = draw(st.integers(2, 8))
+    k = draw(st.integers(1, min(2, experts)))
+    prefetch = draw(st.integers(0, experts))
+    ahead = draw(st.integers(1, 2))
+    tokens = draw(st.integers(1, 12))
+    # skewed draws so some experts repeat often (a uniform trace rarely hits)
+    expert = st.one_of(st.integers(0, min(2, experts - 1)), st.integers(0, experts - 1))
+    steps = []
+    for _ in range(tokens):
+        for layer in range(layers):
+            needed = draw(st.lists(expert, min_size=k, max_size=k, unique=True))
+            guesses = []
+            if prefetch:
+                for t in range(layer + 1, min(layer + 1 + ahead, layers)):
+                    guesses.append((t, draw(st.lists(expert, min_size=prefetch, max_size=prefetch, unique=True))))
+            steps.append((layer, needed, guesses))
+    return layers, experts, k, prefetch, steps
+
+
+def _planner_stats(p: Planner) -> dict:
+    d = p.stats.to_json()
+    return {k: d[k] for k in ("uses", "hits", "misses", "loads", "prefetched", "prefetch_used", "evictions")}
+
+
+@settings(max_examples=80, deadline=None)
+@given(traces(), st.data())
+def test_per_layer_lru_matches_reference(trace, data):
+    layers, experts, k, prefetch, steps = trace
+    caps = [data.draw(st.integers(k, experts)) for _ in range(layers)]
+    planner = Planner(ExpertCache.per_layer(caps), prefetch)
+    simulate(planner, steps)
+    ref = RefLRU({L: c for L, c in enumerate(caps)}, shared=False)
+    assert _planner_stats(planner) == reference_stats(ref, steps, prefetch)
+
+
+@settings(max_examples=80, deadline=None)
+@given(traces(), st.data())
+def test_shared_lru_matches_reference(trace, data):
+    layers, experts, k, prefetch, steps = trace
+    n = data.draw(st.integers(layers * k, layers * experts))
+    planner = Planner(ExpertCache.shared(n), prefetch)
+    simulate(planner, steps)
+    ref = RefLRU({None: n}, shared=True)
+    assert _planner_stats(planner) == reference_stats(ref, steps, prefetch)
+
+
+@settings(max_examples=60, deadline=None)
+@given(traces())
+def test_no_cache_misses_every_use(trace):
+    layers, experts, k, _, steps = trace
+    steps = [(L, needed, []) for L, needed, _ in steps]
+    planner = Planner(NoCache.per_layer([k] * layers), 0)
+    st_ = simulate(planner, steps)
+    assert st_.hits == 0 and st_.loads == st_.uses == sum(len(n) for _, n, _ in steps)
+    assert _planner_stats(planner) == reference_stats(RefLRU({L: k for L in range(layers)}, False), steps, 0, no_cache=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_schedule_never_reads_an_overwritten_slot(data):
+    """Prefill-sized needs (more experts than slots) run in waves; replaying the ops on a
+    slot table, every Compute finds its own expert in its slot, and every needed expert is
+    computed exactly once."""
+    layers = data.draw(st.integers(1, 3))
+    experts = data.draw(st.integers(2, 8))
+    shared = data.draw(st.booleans())
+    k = data.draw(st.integers(1, min(2, experts)))
+    prefetch = data.draw(st.integers(0, experts))
+    cache = ExpertCache.shared(data.draw(st.integers(layers * k, layers * experts))) if shared else \
+        ExpertCache.per_layer([data.draw(st.integers(k, experts)) for _ in range(layers)])
+    planner = Planner(cache, prefetch)
+    table: dict[int, tuple] = {}
+    for _ in range(data.draw(st.integers(1, 6))):
+        for layer in range(layers):
+            needed = data.draw(st.lists(st.integers(0, experts - 1), min_size=1, max_size=experts, unique=True))
+            target = layer + 1
+            guesses = [(target, data.draw(st.lists(st.integers(0, experts - 1), max_size=experts, unique=True)))] if target < layers else []
+            ops = planner.plan(layer, needed, guesses)
+            computed = []
+            for op in ops:
+                if isinstance(op, Load):
+                    if op.evicted is not None:
+                        assert table.get(op.slot) == op.evicted
+                    table[op.slot] = op.key
+                else:
+                    assert table.get(op.slot) == op.key, f"{op} reads a slot holding {table.get(op.slot)}"
+                    computed.append(op.key[1])
+            assert sorted(computed) == sorted(needed)
+            # the cache's view agrees with the replayed slot table
+            for key in cache.keys():
+                assert table[cache.slot_of(key)] == key
+            assert not cache.pinned
+
+
+def test_lru_evicts_least_recently_used():
+    c = ExpertCache.per_layer([3])
+    for e in (0, 1, 2):
+        c.insert((0, e))
+    c.lookup((0, 0))  # 1 is now the least recently used
+    slot, evicted = c.insert((0, 3))
+    assert evicted == (0, 1) and slot == 1
+    assert c.keys() == [(0, 2), (0, 0), (0, 3)]
+
+
+def test_pinned_entries_are_never_evicted():
+    c = ExpertCache.per_layer([2])
+    c.insert((0, 0))
+    c.insert((0, 1))
+    c.pin((0, 0))
+    assert c.insert((0, 2)) == (1, (0, 1))
+    c.pin((0, 2))
+    assert c.insert((0, 3)) is None  # everything pinned: the insert is refused, nothing changes
+    assert sorted(c.keys()) == [(0, 0), (0, 2)]
+    c.unpin_all()
+    assert c.insert((0, 3))[1] == (0, 0)
+
+
+def test_per_layer_pools_are_separate_and_shared_pool_is_global():
+    c = ExpertCache.per_layer([1, 1])
+    c.insert((0, 0))
+    assert c.insert((1, 0)) == (1, None)  # layer 1 has its own slot
+    assert c.insert((0, 1)) == (0, (0, 0))
+    s = ExpertCache.shared(2)
+    s.insert((0, 0))
+    s.insert((1, 0))
+    assert s.insert((1, 1)) == (0, (0, 0))  # the oldest entry of any layer
+
+
+def test_prefetch_loads_enter_the_cache_and_count_when_used():
+    p = Planner(ExpertCache.per_layer([2, 2]), prefetch=2)
+    ops = p.plan(0, [0, 1], [(1, [5, 6])])
+    loads = [op for op in ops if isinstance(op, Load)]
+    assert [(op.key, op.prefetch) for op in loads] == [((0, 0), False), ((0, 1), False), ((1, 5), True), ((1, 6), True)]
+    # prefetch loads are issued before the layer's computes, after its own loads
+    assert isinstance(ops[4], Compute)
+    ops = p.plan(1, [5, 7])  # one right guess, one wrong
+    assert [op.hit for op in ops if isinstance(op, Compute)] == [True, False]
+    assert (p.stats.prefetched, p.stats.prefetch_used) == (2, 1)
+    assert p.stats.prefetch_precision == 0.5
+    assert p.stats.prefetch_recall == 1 / 4
+    assert p.stats.prefetch_wasted == 1
+
+
+def test_prefetch_never_evicts_what_the_current_layer_needs():
+    # shared pool of 2: layer 0 needs both slots, so the guess for layer 1 must wait
+    p = Planner(ExpertCache.shared(2), prefetch=1)
+    ops = p.plan(0, [0, 1], [(1, [3])])
+    assert not any(isinstance(op, Load) and op.prefetch for op in ops)
+    assert sorted(p.cache.keys()) == [(0, 0), (0, 1)]
+
+
+def test_guessed_expert_already_cached_is_kept():
+    p = Planner(ExpertCache.per_layer([1, 2]), prefetch=2)
+    p.plan(1, [4, 5])
+    p.plan(0, [0], [(1, [5, 6])])  # 5 is cached: touched, so 6 evicts 4 rather than 5
+    assert sorted(p.cache.keys()) == [(0, 0), (1, 5), (1, 6)]
+
+
+def test_make_cache_validates():
+    with pytest.raises(ConfigError, match="cannot hold 2 experts"):
+        make_cache("layer", 3, 2, 2)
+    with pytest.raises(ConfigError, match="cache-policy"):
+        make_cache("fifo", 8, 2, 2)
+    assert make_cache("none", 100, 2, 2).n_slots == 4  # no cache: top-k slots per layer are all it uses
+    assert [make_cache("layer", 7, 3, 2).capacity(L) for L in range(3)] == [3, 2, 2]

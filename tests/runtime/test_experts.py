@@ -1,0 +1,93 @@
+"""Expert FFNs, the resident backend, and the model's independence from where experts live."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from formats import MoepackFile
+from runtime.experts import ExpertBackend, ResidentExperts, expert_ffn
+from runtime.loader import load_model
+from runtime.moe import route
+
+
+def test_expert_ffn_matches_numpy_decoding(file42):
+    f = MoepackFile(file42)
+    rec = torch.from_numpy(np.array(f.expert_bytes(1, 2)))
+    x = torch.randn(5, f.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    w = {k: torch.from_numpy(v) for k, v in f.expert_arrays(1, 2).items()}
+    ref = F.linear(F.silu(x @ w["w1"].T) * (x @ w["w3"].T), w["w2"])
+    got = expert_ffn(rec, f.header.expert_layout, x, torch.float32)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert expert_ffn(rec, f.header.expert_layout, x.double(), torch.float32).dtype == torch.float64
+
+
+def test_resident_backend_equals_per_token_loop(file42):
+    f = MoepackFile(file42)
+    cfg = f.config
+    backend = ResidentExperts(f, torch.device("cpu"), torch.float32)
+    assert isinstance(backend, ExpertBackend)
+    assert backend.records.shape == (cfg.num_hidden_layers * cfg.num_local_experts, f.header.expert_layout.record_size)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, cfg.hidden_size, generator=g)
+    idx, w = route(x, torch.randn(cfg.num_local_experts, cfg.hidden_size, generator=g), cfg.num_experts_per_tok)
+    got = backend.forward(1, x, idx, w)
+    ref = torch.zeros_like(x)
+    for t in range(9):
+        for j in range(cfg.num_experts_per_tok):
+            rec = torch.from_numpy(np.array(f.expert_bytes(1, int(idx[t, j]))))
+            ref[t] += w[t, j] * expert_ffn(rec, f.header.expert_layout, x[t : t + 1], torch.float32)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    s = backend.stats()
+    assert s["expert_tokens"] == 9 * cfg.num_experts_per_tok and s["expert_evals"] == len(torch.unique(idx))
+    backend.reset_stats()
+    assert backend.stats()["expert_evals"] == 0
+
+
+def test_route_is_softmax_topk_renormalise():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    router = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.5, 0.5]])
+    idx, w = route(x, router, 2)
+    p = torch.softmax(x @ router.T, -1)
+    assert idx.tolist() == [[2, 0], [1, 3]] and idx.dtype == torch.int64
+    torch.testing.assert_close(w[0], p[0, [2, 0]] / p[0, [2, 0]].sum())
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))
+
+
+class RecordingBackend:
+    """Wraps the resident backend and remembers what the model asked of it."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def forward(self, layer, x, topk_idx, topk_w):
+        self.calls.append((layer, x.clone(), topk_idx.clone()))
+        return self.inner.forward(layer, x, topk_idx, topk_w)
+
+    def stats(self):
+        return {"calls": len(self.calls)}
+
+    def reset_stats(self):
+        self.calls.clear()
+
+
+def test_custom_backend_factory(file42):
+    made = []
+
+    def factory(file, model, device, dtype):
+        assert model.router_weights(0).shape == (file.config.num_local_experts, file.config.hidden_size)
+        made.append(RecordingBackend(ResidentExperts(file, device, dtype)))
+        return made[-1]
+
+    model, file = load_model(file42, torch.device("cpu"), torch.float32, expert_backend_factory=factory, ctx=32)
+    plain, _ = load_model(file42, torch.device("cpu"), torch.float32, ctx=32)
+    tokens = torch.tensor([1, 5, 9, 200])
+    torch.testing.assert_close(model(tokens, 0), plain(tokens, 0))
+    calls = made[0].calls
+    assert [c[0] for c in calls] == list(range(file.config.num_hidden_layers))
+    for layer, x, idx in calls:
+        assert x.shape == (4, file.config.hidden_size) and idx.shape == (4, 2)
+        # x is the router input: routing it with router_weights(layer) gives the same experts
+        assert torch.equal(route(x, model.router_weights(layer), 2)[0], idx)
+    assert model.experts.stats() == {"calls": file.config.num_hidden_layers}

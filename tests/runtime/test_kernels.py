@@ -1,0 +1,357 @@
+"""Fused Triton kernels (runtime/kernels) against the format's reference decoder.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors in float32
+(relative error < 1e-5); with CUDA the same cases run compiled, with float16 activations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from formats.errors import ConfigError, LayoutError
+from formats.header import ExpertLayout, MatrixLayout
+from formats.qtensor import QuantSpec, component_views, decode_matrix, encode_matrix
+from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up
+from formats.writer import pack_expert
+from runtime.dequant import component_tensors
+
+CUDA = torch.cuda.is_available()
+ROOT = Path(__file__).resolve().parents[2]
+
+# @triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when triton and the
+# kernel modules are imported, and triton reads it again while launching. Set it for the
+# import and (fixture below) for each test of this module only, so the rest of the session
+# (other test modules whose runtime paths consult runtime.kernels.use_fused) keeps the plain
+# CPU path.
+_saved = os.environ.get("TRITON_INTERPRET")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime.kernels import triton_dequant, triton_gemv
+
+    if not CUDA and not isinstance(triton_gemv.qgemv_kernel, InterpretedFunction):
+        triton_gemv = importlib.reload(triton_gemv)  # imported earlier without the interpreter
+        triton_dequant = importlib.reload(triton_dequant)
+finally:
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+from runtime.kernels import (  # noqa: E402
+    GemvConfig,
+    dequantize_into,
+    fused_expert_ffn,
+    gemv_supported,
+    qmatmul,
+    release_scratch,
+    use_fused,
+)
+from runtime.kernels import dispatch, prefill, qgemv  # noqa: E402
+from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="kernels are compiled for CUDA in this session")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
+# (activation dtype, relative tolerance) per device: float32 under the interpreter, float16 on the GPU
+ACT = {"cpu": (torch.float32, 1e-5), "cuda": (torch.float16, 3e-3)}
+
+
+# ------------------------------------------------------------------ helpers
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def packed(shape, spec, seed):
+    """(bytes, reference W float32 [N, K]) of a random matrix encoded by formats.qtensor."""
+    rng = np.random.default_rng(seed)
+    n, k = shape
+    groups = n * k // spec.group_size
+    q = rng.integers(0, 1 << spec.bits, size=shape)
+    data = encode_matrix(spec, q=q, scale=rng.uniform(0.01, 0.1, groups),
+                         zero=rng.uniform(0, (1 << spec.bits) - 1, groups))
+    return data, decode_matrix(component_views(data, shape, spec), shape, spec)
+
+
+def on_device(data: bytes, device: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double().cpu(), ref.double().cpu()
+    return float((y - ref).norm() / ref.norm())
+
+
+def reference_matmul(x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
+    return x.double().cpu() @ torch.from_numpy(w).double().T
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every kernel output and the prefill scratch start as NaN: a value the kernel forgets
+    to write shows up as NaN in the result."""
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(qgemv, "_alloc", nan_alloc)
+    release_scratch()
+    for device in ("cuda",) if CUDA else ("cpu",):
+        for dtype in (torch.float16, torch.float32):
+            prefill.scratch(torch.device(device), dtype, 1 << 16).fill_(float("nan"))
+    yield
+    release_scratch()
+
+
+# every weight width x meta kind x group size, each on one of a few shapes and launch configs
+# (the product of all of them would take minutes in the interpreter)
+SHAPES = [(37, 256, 1), (5, 128, 2), (70, 128, 5), (16, 256, 8), (33, 384, 1)]
+CONFIGS = [
+    None,  # the shape heuristic
+    GemvConfig(block_n=64, block_k=512),  # one program, K tail masked inside the tile
+    GemvConfig(block_n=16, block_k=128, split_k=2),  # split-K partial sums
+    GemvConfig(block_n=32, block_k=32, split_k=3, num_warps=2),  # uneven split-K, smallest tile
+    GemvConfig(block_n=16, block_k=128, permute_x=False),  # activations gathered at stride PER
+]
+META_GROUPS = [128, 256, 24, 1]
+CASES = []
+for i, (bits, meta, g) in enumerate((b, m, g) for b in (2, 3, 4, 8) for m in (8, 16) for g in (8, 16, 32, 64, 128)):
+    n, k, t = SHAPES[i % len(SHAPES)]
+    k = max(k, 128) if g == 128 else k
+    spec = QuantSpec(bits, g, meta, META_GROUPS[i % len(META_GROUPS)] if meta == 8 else 0)
+    config = CONFIGS[(i + i // len(SHAPES)) % len(CONFIGS)]  # vary which shape meets which config
+    CASES.append(pytest.param(spec, (n, k), t, config, id=f"b{bits}-m{meta}-g{g}-{n}x{k}-T{t}"))
+
+
+# ------------------------------------------------------------------ fused GEMV
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,shape,tokens,config", CASES)
+def test_gemv_matches_reference(device, spec, shape, tokens, config, poison):
+    dtype, tol = ACT[device]
+    data, w = packed(shape, spec, seed=spec.bits * 1000 + spec.group_size + shape[0])
+    comps = component_tensors(on_device(data, device), shape, spec)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(device, dtype)
+    assert gemv_supported(shape, spec)
+    y = qgemv.gemv(x, [comps], shape, spec, config)
+    assert y is not None and y.shape == (tokens, shape[0]) and y.dtype == dtype
+    assert rel_err(y, reference_matmul(x, w)) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, 8, 128), QuantSpec(3, 64, 16), QuantSpec(8, 8, 8, 256)])
+@pytest.mark.parametrize("config", [None, GemvConfig(block_n=16, block_k=64, split_k=2)])
+def test_gated_gemv(device, spec, config, poison):
+    """silu(A x) * B x from one launch (or split-K partials) equals the two products."""
+    dtype, tol = ACT[device]
+    shape = (48, 128)
+    (da, wa), (db, wb) = packed(shape, spec, 1), packed(shape, spec, 2)
+    ca, cb = (component_tensors(on_device(d, device), shape, spec) for d in (da, db))
+    x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    y = qgemv.gemv(x, [ca, cb], shape, spec, config)
+    ref = torch.nn.functional.silu(reference_matmul(x, wa)) * reference_matmul(x, wb)
+    assert rel_err(y, ref) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qmatmul_paths(device, poison):
+    """Leading dimensions, the prefill path past the threshold, and layouts the GEMV does not
+    cover (K % 32 != 0, a group of 24 codes straddling 16-code words) all give W x."""
+    dtype, tol = ACT[device]
+    gen = torch.Generator().manual_seed(0)
+    for shape, spec, lead in [
+        ((40, 128), QuantSpec(4, 32, 8, 128), (2, 3)),  # fused, [2, 3, K]
+        ((40, 128), QuantSpec(4, 32, 8, 128), (20,)),  # 20 tokens > threshold: dequantize + matmul
+        ((21, 48), QuantSpec(2, 16, 8, 128), (2,)),  # K % 32 != 0
+        ((9, 96), QuantSpec(3, 24, 16), (1,)),  # group size 24
+    ]:
+        data, w = packed(shape, spec, 3)
+        comps = component_tensors(on_device(data, device), shape, spec)
+        x = torch.randn(*lead, shape[1], generator=gen).to(device, dtype)
+        y = qmatmul(x, comps, shape, spec)
+        assert y.shape == (*lead, shape[0]) and y.dtype == dtype
+        ref = reference_matmul(x.reshape(-1, shape[1]), w).reshape(*lead, shape[0])
+        assert rel_err(y, ref) < tol, (shape, spec, lead)
+    assert not gemv_supported((21, 48), QuantSpec(2, 16, 8, 128))
+    assert not gemv_supported((9, 96), QuantSpec(3, 24, 16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,shape", [
+    (QuantSpec(4, 24, 8, 5), (11, 96)),  # 8 codes per word, 3 words per group
+    (QuantSpec(2, 48, 16), (6, 96)),  # 16 codes per word, 3 words per group
+    (QuantSpec(8, 40, 8, 128), (7, 160)),  # 4 codes per word, 10 words per group
+])
+def test_gemv_group_sizes_not_powers_of_two(device, spec, shape, poison):
+    """Groups that are whole words but not a power of two still take the fused GEMV, with
+    groups spanning tiles (block_k 32)."""
+    dtype, tol = ACT[device]
+    assert gemv_supported(shape, spec)
+    data, w = packed(shape, spec, 6)
+    comps = component_tensors(on_device(data, device), shape, spec)
+    x = torch.randn(2, shape[1], generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    y = qgemv.gemv(x, [comps], shape, spec, GemvConfig(block_n=8, block_k=32, split_k=2))
+    assert rel_err(y, reference_matmul(x, w)) < tol
+
+
+def test_qmatmul_fp16_and_bf16_activations(poison):
+    """Half-precision activations are accepted and the output keeps their dtype."""
+    device = "cuda" if CUDA else "cpu"
+    shape, spec = (24, 64), QuantSpec(2, 16, 8, 128)
+    data, w = packed(shape, spec, 4)
+    comps = component_tensors(on_device(data, device), shape, spec)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        y = qmatmul(x, comps, shape, spec)
+        assert y.dtype == dtype
+        assert rel_err(y, reference_matmul(x, w)) < 1e-2
+
+
+# ------------------------------------------------------------------ dequantize kernel
+
+DEQUANT_CASES = [pytest.param(p.values[0], (p.values[1][0], p.values[1][1]), id=p.id.rsplit("-T", 1)[0]) for p in CASES]
+DEQUANT_CASES += [
+    pytest.param(QuantSpec(2, 8, 8, 16), (3, 24), id="K24"),
+    pytest.param(QuantSpec(3, 8, 16), (5, 40), id="K40-3bit"),
+    pytest.param(QuantSpec(3, 24, 8, 7), (7, 96), id="g24"),
+    pytest.param(QuantSpec(4, 16, 16), (4, 48), id="K48"),
+    pytest.param(QuantSpec(8, 40, 8, 3), (6, 120), id="g40-8bit"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,shape", DEQUANT_CASES)
+def test_dequantize_kernel_is_exact(device, spec, shape):
+    data, w = packed(shape, spec, 5)
+    comps = component_tensors(on_device(data, device), shape, spec)
+    out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    dequantize_into(comps, shape, spec, out)
+    if device == "cpu":
+        assert np.array_equal(out.numpy(), w)  # same float32 operations as the reference
+    else:  # the GPU may fuse step * code + min into one rounding
+        assert torch.allclose(out.cpu(), torch.from_numpy(w), rtol=1e-6, atol=1e-6)
+    half = torch.full(shape, float("nan"), dtype=torch.float16, device=device)
+    dequantize_into(comps, shape, spec, half)
+    assert torch.allclose(half.cpu().float(), torch.from_numpy(w).half().float(), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------ one expert
+
+def make_expert(hidden: int, inter: int, spec: QuantSpec, seed: int):
+    """(layout, record bytes, {name: reference W}) of one random expert."""
+    mats, offset, data, ref = [], 0, {}, {}
+    for i, (name, shape) in enumerate((("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter)))):
+        mats.append(MatrixLayout(name, shape, spec, offset))
+        offset = align_up(offset + mats[-1].nbytes, COMPONENT_ALIGNMENT)
+        data[name], ref[name] = packed(shape, spec, seed + i)
+    layout = ExpertLayout(align_up(offset, ALIGNMENT), tuple(mats))
+    return layout, pack_expert(layout, data), ref
+
+
+def reference_expert(x: torch.Tensor, ref: dict) -> torch.Tensor:
+    h = torch.nn.functional.silu(reference_matmul(x, ref["w1"])) * reference_matmul(x, ref["w3"])
+    return h @ torch.from_numpy(ref["w2"]).double().T
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,hidden,inter,tokens,configs", [
+    (QuantSpec(2, 16, 8, 128), 64, 128, 1, None),
+    (QuantSpec(3, 64, 8, 128), 64, 128, 3, {"w13": GemvConfig(16, 64, split_k=2)}),  # gated split-K
+    (QuantSpec(8, 32, 16), 64, 128, 2, {"w2": GemvConfig(16, 64, split_k=2, permute_x=False)}),  # h not permuted
+    (QuantSpec(4, 32, 16), 64, 128, 20, None),  # prefill: dequantize + matmul
+    (QuantSpec(2, 24, 8, 128), 96, 192, 2, None),  # group 24: the dequantize fallback
+])
+def test_fused_expert_ffn(device, spec, hidden, inter, tokens, configs, poison):
+    dtype, tol = ACT[device]
+    layout, record, ref = make_expert(hidden, inter, spec, seed=10)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    y = fused_expert_ffn(on_device(record, device), layout, x, configs=configs)
+    assert y.shape == (tokens, hidden) and y.dtype == dtype
+    # float16 on the GPU rounds the intermediate as well: allow a few roundings more
+    assert rel_err(y, reference_expert(x, ref)) < (tol if device == "cpu" else 1e-2)
+
+
+# ------------------------------------------------------------------ dispatch, configs, errors
+
+def test_use_fused_only_on_cuda_or_interpreter(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not use_fused(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_fused(x)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert not use_fused(x)
+    assert not use_fused(torch.zeros(2, device="meta"))
+
+
+def test_package_import_does_not_import_triton():
+    code = "import sys, runtime.kernels; assert 'triton' not in sys.modules, 'triton imported eagerly'"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+def test_config_heuristic_splits_narrow_matrices():
+    spec = QuantSpec(2, 16, 8, 128)
+    wide = pick_gemv_config(14336, 4096, 1, spec, gated=True)
+    narrow = pick_gemv_config(1024, 4096, 1, QuantSpec(4, 64, 8, 256))
+    assert wide.split_k == 1 and narrow.split_k > 1
+    cands = candidate_configs(4096, 14336, 1, spec)
+    assert len(cands) == len(set(cands)) >= 10 and all(c.block_k % 32 == 0 for c in cands)
+    # made valid for a shape: no tile wider than the matrix, no empty split-K slices
+    cfg = GemvConfig(block_n=16, block_k=1024, split_k=64).for_matrix(96, QuantSpec(4, 32, 8, 256))
+    assert cfg.block_k == 128 and cfg.split_k == 1
+    assert GemvConfig(block_k=32, split_k=3).for_matrix(128, spec).split_k == 2  # 4 tiles: 2 + 2
+
+
+def test_errors_are_moepack_errors():
+    shape, spec = (8, 64), QuantSpec(4, 32, 8, 128)
+    data, _ = packed(shape, spec, 0)
+    comps = component_tensors(on_device(data, "cpu"), shape, spec)
+    with pytest.raises(LayoutError, match="last dimension must be 64"):
+        qmatmul(torch.zeros(1, 32), comps, shape, spec)
+    with pytest.raises(ConfigError, match="dtype torch.int32"):
+        qmatmul(torch.zeros(1, 64, dtype=torch.int32), comps, shape, spec)
+    with pytest.raises(ConfigError, match="activations on meta"):
+        qmatmul(torch.zeros(1, 64, device="meta"), comps, shape, spec)
+    with pytest.raises(ConfigError, match="block_n=12"):
+        GemvConfig(block_n=12)
+    with pytest.raises(ConfigError, match=r"\[8, 64\]"):
+        dequantize_into(comps, shape, spec, torch.empty(8, 32))
+
+
+# ------------------------------------------------------------------ benchmark script
+
+def test_kernel_bench_tiny(tmp_path, monkeypatch):
+    """tools/kernel_bench.py --tiny --sweep runs and reports sane numbers (one weight width,
+    one sweep config per shape: the interpreter is slow)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import kernel_bench
+
+    monkeypatch.setattr(kernel_bench, "EXPERT_SPECS", {"2-bit g16": kernel_bench.EXPERT_SPECS["2-bit g16"]})
+    monkeypatch.setattr(kernel_bench, "candidate_configs", lambda *a, **k: candidate_configs(*a, **k)[:1])
+    out = tmp_path / "bench.json"
+    assert kernel_bench.main(["--tiny", "--tokens", "1", "--sweep", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    paths = {(r["case"], r["path"]) for r in doc["rows"]}
+    assert {("expert 2-bit g16", "fused"), ("expert 2-bit g16", "dequant+mm"), ("expert 2-bit g16", "plain"),
+            ("attention 4-bit g64", "fused")} <= paths
+    for r in doc["rows"]:
+        assert r["us"] > 0 and r["bytes_read"] > 0
+        if r["rel_err"] is not None:
+            assert r["rel_err"] < 1e-2, r
+    assert doc["sweep"] and all(c["results"][0]["us"] > 0 for c in doc["sweep"])

@@ -1,0 +1,133 @@
+"""The offloading engine on a real GPU: copy stream, events, pinned memory. Skipped without CUDA.
+
+Copies are made artificially slow (a spin kernel ahead of each copy on the copy stream) and
+so is compute (a spin kernel before each expert), so a missing "ready" wait reads a slot
+before its copy lands and a missing "free" wait overwrites a slot before compute has read
+it: either shows up as wrong logits."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from formats.reader import MoepackFile
+from runtime.loader import load_model
+from runtime.offload.engine import OffloadedExperts
+from runtime.offload.host import choose_resident
+from runtime.offload.options import OffloadOptions, make_backend_factory
+from runtime.offload.streams import CopyEngine
+from runtime.offload.traces import SyntheticRouting, reference_params
+
+from .test_offload_engine import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy
+from .test_offload_helpers import tiny_file
+
+pytestmark = pytest.mark.cuda
+SPIN = 2_000_000  # GPU clock cycles (~1 ms): far longer than a tiny expert's copy or compute
+
+
+class SlowCopies(CopyEngine):
+    def copy(self, dst, src, after=None):
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(SPIN)
+        return super().copy(dst, src, after)
+
+
+class SlowCompute(OffloadedExperts):
+    def _record_for(self, op):
+        record = super()._record_for(op)
+        torch.cuda._sleep(SPIN)  # on the compute stream, after its wait, before the expert reads the slot
+        return record
+
+
+@pytest.fixture(scope="module")
+def cuda_tiny(tmp_path_factory):
+    path = tiny_file(tmp_path_factory.mktemp("offload-cuda"), LAYERS, EXPERTS)
+    model, _ = load_model(path, "cuda", torch.float32, ctx=CTX)
+    return path, greedy(model, PROMPT.cuda())
+
+
+def cuda_offloaded(path, cls=OffloadedExperts, slow_copies=False, **kw):
+    def factory(file, model, device, dtype):
+        opts = dict(n_slots=2 * LAYERS, router_weights=model.router_weights, progress=False)
+        opts.update(kw)
+        backend = cls(file, device, dtype, **opts)
+        if slow_copies:
+            backend.copier = SlowCopies(device)
+        return backend
+
+    model, _ = load_model(path, "cuda", torch.float32, expert_backend_factory=factory, ctx=CTX)
+    return model
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_slots=2 * LAYERS),
+    dict(n_slots=3 * LAYERS, prefetch=2),
+    dict(n_slots=4 * LAYERS + 1, policy="shared", prefetch=2, prefetch_layers=2),
+    dict(n_slots=2 * LAYERS, policy="none"),
+    dict(n_slots=3 * LAYERS, prefetch=2, resident=9, staging=2),  # streaming from the file
+], ids=["layer2", "layer3-pf", "shared-pf2x2", "none", "stream"])
+@pytest.mark.parametrize("slow", ["copies", "compute"])
+def test_cuda_same_as_resident(cuda_tiny, kw, slow):
+    path, ref = cuda_tiny
+    kw = dict(kw)
+    if "resident" in kw:
+        kw["host_resident"] = choose_resident(MoepackFile(path).header, kw.pop("resident"))
+    model = cuda_offloaded(path, cls=SlowCompute if slow == "compute" else OffloadedExperts,
+                           slow_copies=slow == "copies", **kw)
+    got = greedy(model, PROMPT.cuda())
+    assert_same(ref, got)
+    s = model.experts.stats()
+    assert s["bytes_copied"] > 0 and s["copy_busy_s"] > 0
+    if slow == "copies":
+        assert s["compute_wait_s"] > 0  # the compute stream really waited on copies
+    model.experts.close()
+
+
+def test_cuda_host_tier_is_pinned(cuda_tiny):
+    path, _ = cuda_tiny
+    resident = choose_resident(MoepackFile(path).header, 9)
+    model = cuda_offloaded(path, host_resident=resident, staging=2)
+    host = model.experts.host
+    assert host.pinned and all(t.is_pinned() for t in host.chunks) and all(t.is_pinned() for t in host._staging)
+    assert model.experts.slots.is_cuda
+    model.experts.close()
+
+
+def _offload_syncs(model, steps: int) -> list:
+    pos = PROMPT.numel()
+    model(PROMPT.cuda(), 0)
+    torch.cuda.synchronize()
+    token = torch.tensor([1], device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in range(steps):
+                token = model(token, pos + i, last_only=True)[-1].argmax().view(1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [w for w in caught if "synchroniz" in str(w.message) and "offload" in w.filename.replace("\\", "/")]
+
+
+def test_cuda_decode_syncs_only_for_the_routing_decision(cuda_tiny):
+    path, _ = cuda_tiny
+    model = cuda_offloaded(path, n_slots=3 * LAYERS, prefetch=2)
+    steps = 4
+    syncs = _offload_syncs(model, steps)
+    # exactly one host sync per layer: this layer's top-k and the next layer's guesses, fetched together
+    assert len(syncs) == steps * LAYERS, [(w.filename, w.lineno) for w in syncs]
+    assert len({(w.filename, w.lineno) for w in syncs}) == 1
+    model.experts.routing = SyntheticRouting(reference_params(LAYERS, EXPERTS), 0.8, seed=0)
+    assert _offload_syncs(model, steps) == []  # the trace decides: no sync at all
+    model.experts.close()
+
+
+def test_cuda_default_budget_and_factory(cuda_tiny):
+    path, ref = cuda_tiny
+    factory = make_backend_factory(OffloadOptions(offload=True), ctx=CTX, progress=False)
+    model, _ = load_model(path, "cuda", torch.float32, expert_backend_factory=factory, ctx=CTX)
+    assert model.experts.cache.n_slots == LAYERS * EXPERTS  # a tiny model fits any real GPU
+    assert_same(ref, greedy(model, PROMPT.cuda()))
+    model.experts.close()

@@ -1,0 +1,213 @@
+"""OffloadedExperts gives the all-resident runtime's results under every budget and policy:
+tiny synthetic file, CPU "device" (synchronous copies), greedy tokens equal and logits close."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from formats.errors import ConfigError
+from formats.reader import MoepackFile
+from runtime.loader import load_model
+from runtime.offload.engine import OffloadedExperts
+from runtime.offload.host import HostStore, choose_resident
+from runtime.offload.options import OffloadOptions, make_backend_factory, preflight
+from runtime.offload.streams import NULL_EVENT, CopyEngine
+from runtime.offload.traces import SyntheticRouting, reference_params
+
+from .test_offload_helpers import tiny_file
+
+LAYERS, EXPERTS, CTX = 3, 8, 64
+PROMPT = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 1])
+NEW = 8
+
+
+def greedy(model, prompt: torch.Tensor = PROMPT, new: int = NEW):
+    """(all logits [steps, V] float32, generated tokens)."""
+    out = [model(prompt, 0)]
+    token, pos, tokens = int(out[0][-1].argmax()), prompt.numel(), []
+    for _ in range(new):
+        tokens.append(token)
+        logits = model(torch.tensor([token]), pos, last_only=True)
+        out.append(logits)
+        token, pos = int(logits[-1].argmax()), pos + 1
+    return torch.cat(out), tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tiny_file(tmp_path_factory.mktemp("offload"), LAYERS, EXPERTS)
+    model, _ = load_model(path, "cpu", torch.float32, ctx=CTX)
+    return path, greedy(model)
+
+
+def offloaded(path, **kw):
+    def factory(file, model, device, dtype):
+        opts = dict(n_slots=2 * LAYERS, router_weights=model.router_weights, progress=False)
+        opts.update(kw)
+        return OffloadedExperts(file, device, dtype, **opts)
+
+    model, _ = load_model(path, "cpu", torch.float32, expert_backend_factory=factory, ctx=CTX)
+    return model
+
+
+def assert_same(ref, got):
+    ref_logits, ref_tokens = ref
+    logits, tokens = got
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_slots=2 * LAYERS),  # the minimum: top-k per layer, the prompt runs in waves of 2
+    dict(n_slots=3 * LAYERS, prefetch=2),
+    dict(n_slots=5 * LAYERS, prefetch=1, prefetch_layers=2),
+    dict(n_slots=LAYERS * EXPERTS),  # everything fits
+    dict(n_slots=2 * LAYERS, policy="shared", prefetch=2),
+    dict(n_slots=4 * LAYERS + 1, policy="shared", prefetch=3, prefetch_layers=2),
+    dict(n_slots=2 * LAYERS, policy="none"),
+], ids=["layer2", "layer3-pf", "layer5-pf2x2", "all", "shared2-pf", "shared-pf3x2", "none"])
+def test_same_tokens_and_logits_as_resident(tiny, kw):
+    path, ref = tiny
+    model = offloaded(path, **kw)
+    assert_same(ref, greedy(model))
+    s = model.experts.stats()
+    assert s["uses"] == s["hits"] + s["misses"] > 0
+    assert s["bytes_copied"] == s["loads"] * MoepackFile(path).header.expert_layout.record_size
+    if kw.get("policy") == "none":
+        assert s["hits"] == 0
+    if kw.get("prefetch"):
+        assert s["prefetched"] > 0
+
+
+def test_streaming_from_the_file_when_ram_is_short(tiny):
+    """Only 9 of 24 experts in the host arena; the rest are read on demand through 2 staging
+    buffers (so the ring wraps and buffers are reused many times)."""
+    path, ref = tiny
+    file = MoepackFile(path)
+    resident = choose_resident(file.header, 9)
+    model = offloaded(path, n_slots=3 * LAYERS, prefetch=2, host_resident=resident, staging=2, io_threads=2)
+    assert_same(ref, greedy(model))
+    s = model.experts.stats()
+    assert s["host_resident_experts"] == 9 and s["host_streamed_experts"] == 15
+    assert s["file_reads"] > 0 and s["file_read_bytes"] == s["file_reads"] * file.header.expert_layout.record_size
+    model.experts.close()
+
+
+def test_host_arena_holds_the_file_bytes(tiny):
+    path, _ = tiny
+    file = MoepackFile(path)
+    host = HostStore(file, resident=[(2, 7), (0, 1), (1, 3)], pin=False, staging=1, io_threads=1, progress=False)
+    try:
+        for key in [(2, 7), (0, 1), (1, 3)]:
+            assert bytes(host.view(key).numpy()) == bytes(file.expert_bytes(*key))
+        assert host.view((0, 0)) is None
+        p = host.read_async((0, 0))
+        assert bytes(host.staged(p).numpy()) == bytes(file.expert_bytes(0, 0))
+        host.release(p)
+        assert host.file_reads == 1
+    finally:
+        host.close()
+
+
+class LazyEvent:
+    def __init__(self, engine, index):
+        self.engine, self.index = engine, index
+
+    def query(self):
+        return self.engine.done > self.index
+
+    def synchronize(self):
+        self.engine.run_until(self.index)
+
+    def record(self, stream=None):
+        pass
+
+
+class LazyCopies(CopyEngine):
+    """A copy 'stream' that moves no byte until someone waits on the copy's event (then it
+    runs every earlier copy too, in order): any read of a slot that is not ordered after its
+    copy sees stale bytes, and any staging buffer reused before its copy ran corrupts it."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.queue, self.done, self.lock = [], 0, threading.Lock()
+
+    def copy(self, dst, src, after=None):
+        self.bytes += src.numel()
+        self.copies += 1
+        self.queue.append((dst, src))
+        return LazyEvent(self, len(self.queue) - 1)
+
+    def run_until(self, index):
+        with self.lock:
+            while self.done <= index:
+                dst, src = self.queue[self.done]
+                dst.copy_(src)
+                self.done += 1
+
+    def wait(self, ready):
+        if ready is not NULL_EVENT:
+            ready.synchronize()
+
+
+@pytest.mark.parametrize("resident", [None, 10])
+def test_every_read_waits_for_its_copy(tiny, resident):
+    path, ref = tiny
+    file = MoepackFile(path)
+    keys = None if resident is None else choose_resident(file.header, resident)
+    model = offloaded(path, n_slots=2 * LAYERS + 2, prefetch=2, host_resident=keys, staging=2)
+    lazy = LazyCopies()
+    model.experts.copier = lazy
+    assert_same(ref, greedy(model))
+    assert lazy.copies > 0 and model.experts.stats()["misses"] > 0
+
+
+def test_trace_routing_overrides_the_routers(tiny):
+    path, _ = tiny
+    model = offloaded(path, n_slots=3 * LAYERS, prefetch=2)
+    routing = SyntheticRouting(reference_params(LAYERS, EXPERTS), guess_accuracy=1.0, seed=3)
+    model.experts.routing = routing
+    model(PROMPT, 0)
+    model.experts.reset_stats()
+    steps = 30
+    for pos in range(PROMPT.numel(), PROMPT.numel() + steps):
+        model(torch.tensor([1]), pos)
+    s = model.experts.stats()
+    # perfect guesses: every prefetched expert is used, and only layer 0 (never prefetched) misses
+    assert s["uses"] == steps * LAYERS * 2
+    assert s["prefetch_precision"] == 1.0 and s["prefetched"] > 0
+    assert 0 < s["misses"] <= steps * 2
+
+
+def test_factory_plans_slots_from_the_budget(tiny):
+    path, ref = tiny
+    file = MoepackFile(path)
+    rs = file.header.expert_layout.record_size
+    opts = OffloadOptions(gpu_memory=10**12, prefetch=0)
+    plan = preflight(file, opts, torch.device("cpu"), torch.float32, CTX)
+    assert plan.all_resident
+    small = OffloadOptions(gpu_memory=plan.fixed_bytes + 7 * rs + 100)
+    plan = preflight(file, small, torch.device("cpu"), torch.float32, CTX)
+    assert plan.n_slots == 7
+    factory = make_backend_factory(small, ctx=CTX, progress=False)
+    model, _ = load_model(file, "cpu", torch.float32, expert_backend_factory=factory, ctx=CTX)
+    # the loaded model's real size replaces the header estimate; on the CPU they agree
+    assert model.experts.cache.n_slots == 7
+    assert_same(ref, greedy(model))
+    with pytest.raises(ConfigError, match="smallest budget that works"):
+        preflight(file, OffloadOptions(gpu_memory=plan.fixed_bytes + 5 * rs), torch.device("cpu"), torch.float32, CTX)
+    with pytest.raises(ConfigError, match="--expert-slots 3"):
+        preflight(file, OffloadOptions(expert_slots=3), torch.device("cpu"), torch.float32, CTX)
+    assert preflight(file, OffloadOptions(), torch.device("cpu"), torch.float32, CTX) is None  # nothing asked: resident
+
+
+def test_option_errors(tiny):
+    path, _ = tiny
+    file = MoepackFile(path)
+    with pytest.raises(ConfigError, match="--prefetch needs a cache"):
+        OffloadedExperts(file, "cpu", torch.float32, n_slots=6, policy="none", prefetch=2, progress=False)
+    with pytest.raises(ConfigError, match="--prefetch 9"):
+        OffloadedExperts(file, "cpu", torch.float32, n_slots=6, prefetch=9, router_weights=lambda L: None, progress=False)

@@ -1,0 +1,369 @@
+"""Benchmark of the fused dequantize-matmul kernels (runtime/kernels) against the plain
+dequantize-then-matmul path, on Mixtral-8x7B shapes.
+
+    python tools/kernel_bench.py                  # H100: table of the decode and prefill cases
+    python tools/kernel_bench.py --sweep          # also time candidate launch configs per shape
+    python tools/kernel_bench.py --json out.json  # machine-readable results as well
+    TRITON_INTERPRET=1 python tools/kernel_bench.py --tiny   # CPU smoke run (tiny shapes)
+
+Weights are random bytes with sane scales (the timing does not depend on values); several
+copies are rotated so no measurement reads weights that the previous one left in L2, and
+triton's do_bench also flushes L2 between runs. The memory floor is bytes read / HBM
+bandwidth, the bandwidth measured with a large device-to-device copy (read + write bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from formats.errors import MoepackError  # noqa: E402
+from formats.header import ExpertLayout, MatrixLayout  # noqa: E402
+from formats.qtensor import QuantSpec, matrix_layout  # noqa: E402
+from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up  # noqa: E402
+from runtime.dequant import component_tensors, dequantize  # noqa: E402
+from runtime.experts import expert_ffn  # noqa: E402
+from runtime.kernels import fused_expert_ffn, interpreting, qmatmul, use_fused  # noqa: E402
+from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
+
+L2_BYTES = 50 << 20  # H100 L2
+ROTATE_BYTES = 4 * L2_BYTES  # weight copies rotated per measurement add up to at least this
+
+EXPERT_SPECS = {
+    "2-bit g16": QuantSpec(2, 16, 8, 128),
+    "3-bit g64": QuantSpec(3, 64, 8, 128),
+    "4-bit g64": QuantSpec(4, 64, 8, 256),
+}
+ATTN_SPEC = QuantSpec(4, 64, 8, 256)
+TARGET_US = {"expert 2-bit g16": 50.0, "expert 3-bit g64": 60.0, "attention 4-bit g64": 40.0}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    intermediate: int
+    kv: int  # k/v projection rows (kv heads x head dim)
+    prefill: int
+
+
+MIXTRAL = Shapes(hidden=4096, intermediate=14336, kv=1024, prefill=512)
+TINY = Shapes(hidden=64, intermediate=128, kv=32, prefill=20)
+
+
+@dataclass
+class Row:
+    case: str
+    tokens: int
+    path: str  # "fused" (GEMV kernels), "dequant+mm" (Triton dequantize + dense matmul), "plain" (torch)
+    us: float
+    bytes_read: int
+    floor_us: float
+    floor_frac: float
+    speedup_vs_plain: float | None = None
+    target_us: float | None = None
+    rel_err: float | None = None
+    config: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ random packed weights
+
+def fill_random(buf: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, base: int, gen: torch.Generator) -> None:
+    """Random codes with scales ~0.01-0.05 and zeros inside the code range, written into
+    the packed matrix at `base` of `buf` (uint8, already random bytes)."""
+    comps = component_tensors(buf, shape, spec, base=base)
+    if not spec.quantized:
+        comps["weight"].copy_(torch.randn(shape, generator=gen, device="cpu").mul_(0.02))
+        return
+    top = float((1 << spec.bits) - 1)
+    if spec.meta_bits == 16:
+        comps["scale"].copy_(torch.empty(comps["scale"].shape).uniform_(0.01, 0.05, generator=gen))
+        comps["zero"].copy_(torch.empty(comps["zero"].shape).uniform_(0.0, top, generator=gen))
+    else:
+        comps["scale_meta"].copy_(torch.tensor([0.04 / 255, 0.01]).expand_as(comps["scale_meta"]))
+        comps["zero_meta"].copy_(torch.tensor([top / 255, 0.0]).expand_as(comps["zero_meta"]))
+
+
+def random_matrix(shape: tuple[int, int], spec: QuantSpec, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    nbytes = matrix_layout(shape, spec)[1]
+    buf = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
+    fill_random(buf, shape, spec, 0, gen)
+    return buf.to(device)
+
+
+def expert_layout(hidden: int, intermediate: int, spec: QuantSpec) -> ExpertLayout:
+    """w1, w3 [I, H] and w2 [H, I] back to back, as formats.writer lays out a record."""
+    mats, offset = [], 0
+    for name, shape in (("w1", (intermediate, hidden)), ("w3", (intermediate, hidden)), ("w2", (hidden, intermediate))):
+        mats.append(MatrixLayout(name, shape, spec, offset))
+        offset = align_up(offset + mats[-1].nbytes, COMPONENT_ALIGNMENT)
+    return ExpertLayout(align_up(offset, ALIGNMENT), tuple(mats))
+
+
+def random_record(layout: ExpertLayout, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    buf = torch.randint(0, 256, (layout.record_size,), dtype=torch.uint8, generator=gen)
+    for m in layout.matrices:
+        fill_random(buf, m.shape, m.spec, m.offset, gen)
+    return buf.to(device)
+
+
+def copies_for(nbytes: int, tiny: bool) -> int:
+    return 2 if tiny else max(2, -(-ROTATE_BYTES // max(nbytes, 1)))
+
+
+# ------------------------------------------------------------------ timing
+
+class Timer:
+    def __init__(self, device: torch.device, rep_ms: int, tiny: bool):
+        self.device, self.rep_ms, self.tiny = device, rep_ms, tiny
+
+    def median_us(self, fn) -> float:
+        """Median time of fn() in microseconds (do_bench on CUDA; wall clock under the interpreter)."""
+        if self.device.type == "cuda":
+            import triton.testing
+
+            return 1e3 * triton.testing.do_bench(fn, warmup=max(5, self.rep_ms // 4), rep=self.rep_ms, return_mode="median")
+        if not self.tiny:
+            fn()  # warm-up (the interpreter has nothing to compile: skip it for --tiny)
+        times = []
+        for _ in range(1 if self.tiny else 5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times)
+
+
+def rotating(fn, n: int):
+    """fn(i) called with i = 0, 1, .., n-1, 0, ... on successive calls."""
+    state = {"i": 0}
+
+    def call():
+        i = state["i"]
+        state["i"] = (i + 1) % n
+        return fn(i)
+
+    return call
+
+
+def hbm_bandwidth(device: torch.device, timer: Timer, tiny: bool) -> float:
+    """Bytes per second of a large device-to-device copy, counting read + write."""
+    n = (8 << 20) if tiny else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = timer.median_us(lambda: dst.copy_(src))
+    return 2 * n / (us * 1e-6)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.float(), ref.float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------ cases
+
+def bench_expert(name: str, spec: QuantSpec, shapes: Shapes, device, dtype, timer: Timer, bw: float,
+                 tokens: list[int], gen: torch.Generator, tiny: bool) -> list[Row]:
+    layout = expert_layout(shapes.hidden, shapes.intermediate, spec)
+    wbytes = sum(m.nbytes for m in layout.matrices)
+    copies = copies_for(layout.record_size, tiny)
+    records = [random_record(layout, device, gen) for _ in range(copies)]
+    case, rows = f"expert {name}", []
+    plain_us = {}
+    for t in sorted({1, shapes.prefill}):
+        xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
+        plain_us[t] = timer.median_us(rotating(lambda i: expert_ffn(records[i], layout, xs[i], dtype), copies))
+        rows.append(Row(case, t, "plain", plain_us[t], wbytes, wbytes / bw * 1e6, (wbytes / bw * 1e6) / plain_us[t]))
+    for t in [*tokens, shapes.prefill]:
+        xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
+        ref = expert_ffn(records[0], layout, xs[0], torch.float32)
+        err = rel_err(fused_expert_ffn(records[0], layout, xs[0]), ref)
+        us = timer.median_us(rotating(lambda i: fused_expert_ffn(records[i], layout, xs[i]), copies))
+        floor = wbytes / bw * 1e6
+        path = "dequant+mm" if t == shapes.prefill else "fused"
+        cfg = None
+        if path == "fused":
+            w13 = pick_gemv_config(shapes.intermediate, shapes.hidden, t, spec, gated=True)
+            w2 = pick_gemv_config(shapes.hidden, shapes.intermediate, t, spec)
+            cfg = f"w13 {w13.short()} / w2 {w2.short()}"
+        base = plain_us.get(t)
+        rows.append(Row(case, t, path, us, wbytes, floor, floor / us, base / us if base else None,
+                        TARGET_US.get(case) if t == 1 else None, err, cfg))
+    return rows
+
+
+def attention_shapes(shapes: Shapes) -> dict[str, tuple[int, int]]:
+    h = shapes.hidden
+    return {"q": (h, h), "k": (shapes.kv, h), "v": (shapes.kv, h), "o": (h, h)}
+
+
+def bench_attention(shapes: Shapes, device, dtype, timer: Timer, bw: float, tokens: list[int],
+                    gen: torch.Generator, tiny: bool) -> list[Row]:
+    mats = attention_shapes(shapes)
+    nbytes = sum(matrix_layout(s, ATTN_SPEC)[1] for s in mats.values())
+    copies = copies_for(nbytes, tiny)
+    layers = [{k: component_tensors(random_matrix(s, ATTN_SPEC, device, gen), s, ATTN_SPEC) for k, s in mats.items()}
+              for _ in range(copies)]
+
+    def fused(i, x):
+        return [qmatmul(x, layers[i][k], s, ATTN_SPEC) for k, s in mats.items()]
+
+    def plain(i, x):
+        return [F.linear(x, dequantize(layers[i][k], s, ATTN_SPEC, x.dtype)) for k, s in mats.items()]
+
+    case, rows, floor = "attention 4-bit g64", [], nbytes / bw * 1e6
+    x1 = [torch.randn(1, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
+    plain_us = timer.median_us(rotating(lambda i: plain(i, x1[i]), copies))
+    rows.append(Row(case, 1, "plain", plain_us, nbytes, floor, floor / plain_us))
+    for t in tokens:
+        xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
+        err = max(rel_err(a, F.linear(xs[0].float(), dequantize(layers[0][k], s, ATTN_SPEC, torch.float32)))
+                  for a, (k, s) in zip(fused(0, xs[0]), mats.items()))
+        us = timer.median_us(rotating(lambda i: fused(i, xs[i]), copies))
+        cfg = " ".join(f"{k} {pick_gemv_config(*s, t, ATTN_SPEC).short()}" for k, s in mats.items() if k in "qk")
+        rows.append(Row(case, t, "fused", us, nbytes, floor, floor / us, plain_us / us if t == 1 else None,
+                        TARGET_US[case] if t == 1 else None, err, cfg))
+    return rows
+
+
+def sweep(shapes: Shapes, device, dtype, timer: Timer, bw: float, tokens: list[int], gen: torch.Generator,
+          tiny: bool, only: str = "") -> list[dict]:
+    """Time every candidate config of each GEMV shape; the best per shape comes first."""
+    from runtime.kernels.qgemv import gemv
+
+    cases = []
+    for name, spec in EXPERT_SPECS.items():
+        cases.append((f"w13 {name}", (shapes.intermediate, shapes.hidden), spec, True))
+        cases.append((f"w2 {name}", (shapes.hidden, shapes.intermediate), spec, False))
+    for k, s in attention_shapes(shapes).items():
+        if k in "qk":
+            cases.append((f"attn {k} 4-bit g64", s, ATTN_SPEC, False))
+    out = []
+    for label, shape, spec, gated in cases:
+        if only not in label:
+            continue
+        nbytes = matrix_layout(shape, spec)[1] * (2 if gated else 1)
+        copies = copies_for(nbytes, tiny)
+        mats = [[component_tensors(random_matrix(shape, spec, device, gen), shape, spec) for _ in range(2 if gated else 1)]
+                for _ in range(copies)]
+        for t in tokens:
+            x = torch.randn(t, shape[1], generator=gen).to(device, dtype)
+            results = []
+            for cfg in candidate_configs(shape[0], shape[1], t, spec, gated):
+                try:
+                    us = timer.median_us(rotating(lambda i: gemv(x, mats[i], shape, spec, cfg), copies))
+                except Exception as e:  # a config the compiler rejects (registers, shared memory) is just skipped
+                    results.append({"config": cfg.short(), "error": repr(e)[:200]})
+                    continue
+                results.append({"config": cfg.short(), "us": us, "floor_frac": nbytes / bw * 1e6 / us, **asdict(cfg)})
+            results.sort(key=lambda r: r.get("us", float("inf")))
+            out.append({"case": label, "tokens": t, "shape": list(shape), "gated": gated, "results": results,
+                        "spec": f"QuantSpec({spec.bits}, {spec.group_size}, {spec.meta_bits}, {spec.meta_group_size})"})
+    return out
+
+
+# ------------------------------------------------------------------ output
+
+def print_table(rows: list[Row], bw: float, device: str) -> None:
+    print(f"device: {device}   measured copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
+    head = f"{'case':<22}{'T':>5} {'path':<11}{'median us':>11}{'MB read':>9}{'floor us':>10}{'% floor':>9}" \
+           f"{'vs plain':>9}{'target':>8}{'rel err':>10}  config"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        vs = f"{r.speedup_vs_plain:.1f}x" if r.speedup_vs_plain else ""
+        tgt = f"{r.target_us:.0f}" + (" ok" if r.us <= r.target_us else " !") if r.target_us else ""
+        err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
+        print(f"{r.case:<22}{r.tokens:>5} {r.path:<11}{r.us:>11.1f}{r.bytes_read / 1e6:>9.2f}{r.floor_us:>10.1f}"
+              f"{100 * r.floor_frac:>8.1f}%{vs:>9}{tgt:>8}{err:>10}  {r.config or ''}")
+
+
+def print_sweep(results: list[dict]) -> None:
+    best = []
+    for case in results:
+        ok = [r for r in case["results"] if "us" in r]
+        print(f"\nsweep {case['case']} T={case['tokens']} {case['shape']}: {len(ok)} configs"
+              f" ({len(case['results']) - len(ok)} failed)")
+        for r in ok[:5]:
+            print(f"  {r['config']:<18}{r['us']:>9.1f} us  {100 * r['floor_frac']:5.1f}% of floor")
+        if ok:
+            cfg = {k: ok[0][k] for k in ("block_n", "block_k", "split_k", "num_warps", "num_stages", "permute_x")}
+            args = ", ".join(f"{k}={v}" for k, v in cfg.items())
+            best.append(f"register_config({case['shape'][0]}, {case['shape'][1]}, {case['tokens']}, {case['spec']}, "
+                        f"{case['gated']}, GemvConfig({args}))")
+    if best:
+        print("\n# winners, for runtime/kernels/configs.py (from formats.qtensor import QuantSpec):")
+        print("\n".join(best))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (runs under TRITON_INTERPRET=1 on the CPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
+    p.add_argument("--sweep", action="store_true", help="time candidate GEMV launch configs per shape")
+    p.add_argument("--tokens", default="1,2,4,8", help="decode token counts (default 1,2,4,8)")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case (ms)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", metavar="TEXT", default="",
+                   help="only cases whose name contains TEXT (e.g. '2-bit', 'attention', 'w2')")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        tokens = [int(t) for t in args.tokens.split(",") if t]
+    except ValueError:
+        print(f"error: --tokens {args.tokens!r} is not a comma-separated list of integers", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not use_fused(torch.empty(0, device=device)):
+        print("error: the fused kernels cannot run here (needs a CUDA GPU with triton installed)\n"
+              "hint: on a CPU, run `TRITON_INTERPRET=1 python tools/kernel_bench.py --tiny`", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and not args.tiny:
+        print("error: full Mixtral shapes under the Triton interpreter would take hours\nhint: add --tiny", file=sys.stderr)
+        return 2
+    shapes = TINY if args.tiny else MIXTRAL
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    timer = Timer(device, args.rep_ms, args.tiny)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (triton interpreter)" if interpreting() else "cpu"
+    try:
+        bw = hbm_bandwidth(device, timer, args.tiny)
+        rows = []
+        for label, spec in EXPERT_SPECS.items():
+            if args.only in f"expert {label}":
+                rows += bench_expert(label, spec, shapes, device, dtype, timer, bw, tokens, gen, args.tiny)
+        if args.only in "attention 4-bit g64":
+            rows += bench_attention(shapes, device, dtype, timer, bw, tokens, gen, args.tiny)
+        sweeps = sweep(shapes, device, dtype, timer, bw, tokens[:1], gen, args.tiny, args.only) if args.sweep else []
+    except MoepackError as e:
+        print(f"error: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        return 1
+    print_table(rows, bw, name)
+    if sweeps:
+        print_sweep(sweeps)
+    if args.json:
+        doc = {"device": name, "dtype": args.dtype, "shapes": asdict(shapes), "copy_bandwidth_Bps": bw,
+               "rows": [asdict(r) for r in rows], "sweep": sweeps}
+        text = json.dumps(doc, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
