@@ -18,6 +18,7 @@ from formats.header import ExpertLayout
 from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
+from .kernels import fused_expert_ffn, use_fused
 
 
 def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -30,6 +31,8 @@ def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtyp
 
 def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for x: [T, H] with the expert in `record` (uint8, on x's device)."""
+    if use_fused(x):  # fused dequantize-GEMV (few tokens) or Triton dequantize + matmul (many)
+        return fused_expert_ffn(record, layout, x.to(dtype)).to(x.dtype)
     w = expert_weights(record, layout, dtype)
     h = x.to(dtype)
     h = F.silu(F.linear(h, w["w1"])) * F.linear(h, w["w3"])  # [T, I]

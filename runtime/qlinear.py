@@ -10,6 +10,7 @@ from torch import nn
 from formats.qtensor import QuantSpec
 
 from .dequant import component_tensors, dequantize
+from .kernels import qmatmul, use_fused
 
 
 class DenseLinear(nn.Module):
@@ -37,6 +38,8 @@ class QuantLinear(nn.Module):
         return dequantize(self.comps, self.shape, self.spec, self.dtype)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(x):
+            return qmatmul(x.to(self.dtype), self.comps, self.shape, self.spec)
         return F.linear(x, self.weight())
 
     def extra_repr(self) -> str:

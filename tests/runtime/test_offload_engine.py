@@ -211,3 +211,19 @@ def test_option_errors(tiny):
         OffloadedExperts(file, "cpu", torch.float32, n_slots=6, policy="none", prefetch=2, progress=False)
     with pytest.raises(ConfigError, match="--prefetch 9"):
         OffloadedExperts(file, "cpu", torch.float32, n_slots=6, prefetch=9, router_weights=lambda L: None, progress=False)
+
+
+def test_tiny_checkpoint_file(file42):
+    """The quantized tiny HF checkpoint (4 experts per layer, 2-bit): tight per-layer cache
+    with prefetch, and a shared pool, both match the resident runtime."""
+    ref_model, _ = load_model(file42, "cpu", torch.float32, ctx=CTX)
+    ref = greedy(ref_model)
+    for kw in (dict(policy="layer", prefetch=2), dict(policy="shared", prefetch=1, prefetch_layers=2)):
+        def factory(file, model, device, dtype, kw=kw):
+            L = file.config.num_hidden_layers
+            return OffloadedExperts(file, device, dtype, n_slots=2 * L + 1, router_weights=model.router_weights,
+                                    progress=False, **kw)
+
+        model, _ = load_model(file42, "cpu", torch.float32, expert_backend_factory=factory, ctx=CTX)
+        assert_same(ref, greedy(model))
+        assert model.experts.stats()["misses"] > 0
