@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) -m runtime.bench --variant all --write-md docs/BENCHMARKS.md
+	$(PY) -m runtime.bench --gpu-memory 12GiB --gpu-memory 16GiB --write-md docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(OUT) .cache build *.egg-info

@@ -24,6 +24,7 @@ from formats.reader import MoepackFile
 from .device import peak_memory, resolve_device, resolve_dtype
 from .generation import GenerationStats, Session
 from .loader import default_ctx, load_model
+from .offload.options import OffloadOptions, make_backend_factory, offload_options, preflight
 from .sampling import Sampler, SamplingConfig
 from .tokenizer import StreamDecoder, TextTokenizer
 
@@ -97,7 +98,8 @@ class Runner:
         click.echo(json.dumps(record) if self.opts["json"] else stats_line(record), err=True)
 
 
-def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: bool, dequantize_at_load: bool | None):
+def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: bool, dequantize_at_load: bool | None,
+         offload: OffloadOptions = OffloadOptions()):
     t0 = time.perf_counter()
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
@@ -106,12 +108,15 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
         ctx = default_ctx(file)
     if not 1 <= ctx <= file.config.max_position_embeddings:
         raise ConfigError(f"--ctx {ctx} must be in [1, {file.config.max_position_embeddings}] (the model's max_position_embeddings)")
+    if dequantize_at_load is None:
+        dequantize_at_load = device.type == "cpu"  # the CPU has no fused kernels: dense is faster there
+    # the memory plan is checked before any byte is loaded, so a too-small budget fails fast
+    plan = preflight(file, offload, device, dtype, ctx, dequantize_at_load)
+    factory = make_backend_factory(offload, ctx=ctx) if plan is not None else None
     if verify:
         with tqdm(total=file.size - file.data_offset, unit="B", unit_scale=True, desc="verifying", file=sys.stderr, disable=None) as bar:
             file.verify(bar.update)
-    if dequantize_at_load is None:
-        dequantize_at_load = device.type == "cpu"  # the CPU has no fused kernels: dense is faster there
-    model, _ = load_model(file, device, dtype, ctx=ctx, dequantize_at_load=dequantize_at_load)
+    model, _ = load_model(file, device, dtype, factory, ctx=ctx, dequantize_at_load=dequantize_at_load)
     return model, file, time.perf_counter() - t0
 
 
@@ -135,8 +140,9 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
               help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a busy machine).")
 @click.option("--dequantize-at-load/--no-dequantize-at-load", default=None,
               help="Keep quantized attention/lm_head weights dense [default: on for the CPU, off for CUDA].")
+@offload_options
 def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, chat, system,
-        device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load):
+        device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, **offload):
     sampling = SamplingConfig(temperature, top_k, top_p, seed)
     if threads is not None:
         if threads < 1:
@@ -150,7 +156,8 @@ def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_
         raise ConfigError("--chat needs a text prompt, not --prompt-ids")
     if system is not None and not chat:
         raise ConfigError("--system only applies with --chat")
-    model, file, load_s = load(model_path, device_name, dtype_name, ctx, verify, dequantize_at_load)
+    model, file, load_s = load(model_path, device_name, dtype_name, ctx, verify, dequantize_at_load,
+                               OffloadOptions.from_cli(**offload))
     tokenizer = None
     if file.header.tokenizer.tokenizer_json is not None:
         tokenizer = TextTokenizer(file.header.tokenizer, str(file.path))

@@ -22,6 +22,7 @@ from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
 from ..experts import expert_ffn
+from .budget import MemoryPlan
 from .cache import ExpertCache, Key, make_cache
 from .host import HostStore, PendingRead
 from .schedule import Compute, Load, Planner
@@ -93,6 +94,7 @@ class OffloadedExperts:
         self._ready = [NULL_EVENT] * self.cache.n_slots  # copy into the slot done
         self._free = [NULL_EVENT] * self.cache.n_slots  # compute that last read the slot done
         self._pending: dict[int, PendingRead] = {}  # slot -> on-demand read whose copy is not issued yet
+        self.plan: MemoryPlan | None = None  # set by the options' factory: where the budget went
         self.reset_stats()
 
     # -- ExpertBackend ----------------------------------------------------------------------

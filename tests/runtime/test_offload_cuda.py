@@ -77,7 +77,7 @@ def test_cuda_same_as_resident(cuda_tiny, kw, slow):
     model = cuda_offloaded(path, cls=SlowCompute if slow == "compute" else OffloadedExperts,
                            slow_copies=slow == "copies", **kw)
     got = greedy(model, PROMPT.cuda())
-    assert_same(ref, got)
+    assert_same(ref, got, tol=1e-4)  # atomic index_add_ order differs between runs on CUDA
     s = model.experts.stats()
     assert s["bytes_copied"] > 0 and s["copy_busy_s"] > 0
     if slow == "copies":
@@ -129,5 +129,5 @@ def test_cuda_default_budget_and_factory(cuda_tiny):
     factory = make_backend_factory(OffloadOptions(offload=True), ctx=CTX, progress=False)
     model, _ = load_model(path, "cuda", torch.float32, expert_backend_factory=factory, ctx=CTX)
     assert model.experts.cache.n_slots == LAYERS * EXPERTS  # a tiny model fits any real GPU
-    assert_same(ref, greedy(model, PROMPT.cuda()))
+    assert_same(ref, greedy(model, PROMPT.cuda()), tol=1e-4)
     model.experts.close()

@@ -53,11 +53,11 @@ def offloaded(path, **kw):
     return model
 
 
-def assert_same(ref, got):
+def assert_same(ref, got, tol: float = 1e-5):
     ref_logits, ref_tokens = ref
     logits, tokens = got
     assert tokens == ref_tokens
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("kw", [
