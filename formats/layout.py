@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from .errors import HeaderError, LayoutError
 from .qtensor import QuantSpec, matrix_layout
-from .spec import ALIGNMENT, COMPONENT_ALIGNMENT, EXPERT_MATRICES
+from .spec import ALIGNMENT, COMPONENT_ALIGNMENT
 
 if TYPE_CHECKING:
     from .header import Header, ModelConfig

@@ -40,7 +40,6 @@ def write_synthetic(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     rng = np.random.default_rng(seed)
-    H = config.hidden_size
     quantizer = QuantizerInfo("moe-pack", "synthetic", "random", "-", f"synthetic seed={seed}")
     with MoepackWriter(path, config=config, tokenizer=tokenizer or TokenizerInfo(), quantizer=quantizer, recipe=recipe) as w:
         tensors = expected_tensors(config)

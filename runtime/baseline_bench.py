@@ -25,6 +25,7 @@ from formats.header import ModelConfig, Recipe
 from formats.qtensor import QuantSpec
 from formats.synthetic import write_synthetic
 
+from .cli import run_command
 from .device import peak_memory, resolve_device, resolve_dtype
 from .loader import load_model
 
@@ -136,17 +137,7 @@ def cli(layers, tiny, recipes, device, dtype, prompt_len, new_tokens, workdir):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="python -m runtime.baseline_bench", standalone_mode=False)
-    except MoepackError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return 1
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(cli, "python -m runtime.baseline_bench", argv)
 
 
 if __name__ == "__main__":

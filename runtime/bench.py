@@ -39,6 +39,7 @@ from formats.header import ModelConfig, Recipe
 from formats.qtensor import QuantSpec
 from formats.reader import MoepackFile
 
+from .cli import run_command
 from .device import resolve_device, resolve_dtype
 from .loader import load_model
 from .offload.budget import format_size, parse_size, plan_memory
@@ -372,20 +373,7 @@ def _emit(result: dict, text: str, json_path: str | None, write_md: Path | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="python -m runtime.bench", standalone_mode=False,
-                 obj={"argv": sys.argv[1:] if argv is None else list(argv)})
-    except MoepackError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return 1
-    except click.exceptions.Abort:
-        return 130
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(cli, "python -m runtime.bench", argv, obj={"argv": sys.argv[1:] if argv is None else list(argv)})
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ def unpack_plane(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
     """packed: [rows, nbytes] uint8, codes LSB-first -> [rows, n] uint8 codes."""
     if width == 8:
         return packed[:, :n]
-    per_byte = 8 // width
     shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)  # [per_byte]
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << width) - 1)  # [rows, nbytes, per_byte]
     return codes.reshape(packed.shape[0], -1)[:, :n]

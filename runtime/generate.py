@@ -21,6 +21,7 @@ from tqdm import tqdm
 from formats.errors import ConfigError, MoepackError
 from formats.reader import MoepackFile
 
+from .cli import run_command
 from .device import peak_memory, resolve_device, resolve_dtype
 from .generation import GenerationStats, Session
 from .loader import default_ctx, load_model
@@ -181,28 +182,8 @@ def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_
             runner.run(runner.prompt_ids(line.rstrip("\n")))
 
 
-def fail(message: str, hint: str | None) -> int:
-    click.echo(f"error: {message}", err=True)
-    if hint:
-        click.echo(f"hint: {hint}", err=True)
-    return 1
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="python -m runtime.generate", standalone_mode=False)
-    except MoepackError as e:
-        return fail(e.message, e.hint)
-    except click.exceptions.Abort:
-        return 130
-    except click.ClickException as e:
-        return fail(e.format_message().splitlines()[0], "see --help")
-    except KeyboardInterrupt:
-        click.echo("", err=True)
-        return 130
-    except torch.cuda.OutOfMemoryError:
-        return fail("out of GPU memory", "use a shorter --ctx, or a smaller model / the offloading backend")
-    return 0
+    return run_command(cli, "python -m runtime.generate", argv)
 
 
 if __name__ == "__main__":

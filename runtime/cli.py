@@ -1,0 +1,35 @@
+"""The one way runtime commands end: a MoepackError (or a bad option, an interrupt, an
+out-of-memory) becomes `error: ...` and `hint: ...` on stderr and an exit code, never a
+traceback."""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from formats.errors import MoepackError
+
+
+def fail(message: str, hint: str | None) -> int:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    return 1
+
+
+def run_command(command: click.Command, prog_name: str, argv: list[str] | None = None, **extra) -> int:
+    """Run a click command in non-standalone mode and turn failures into one-line errors."""
+    try:
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False, **extra)
+    except MoepackError as e:
+        return fail(e.message, e.hint)
+    except click.exceptions.Abort:
+        return 130
+    except click.ClickException as e:
+        return fail(e.format_message().splitlines()[0], "see --help")
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        return fail("out of GPU memory", "use a shorter --ctx, a smaller --gpu-memory, or the offloading backend")
+    return 0
