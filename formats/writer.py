@@ -108,6 +108,10 @@ class MoepackWriter:
                         shutil.copyfileobj(src, out, 16 << 20)
                     out.flush()
                     os.fsync(out.fileno())
+                # mkstemp makes the file 0600; give it the mode a plain open() would have
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
                 os.replace(tmp, self.path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
