@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import signal
 import time
 
 import click
@@ -83,7 +84,8 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     """Quantize the Mixtral checkpoint SRC (a local folder or a Hugging Face repo id) with HQQ.
 
     Router, norms and embeddings stay fp16. Per-matrix relative errors are recorded in the
-    file (see `moe-pack inspect`). The same inputs give the same bytes.
+    file (see `moe-pack inspect`). The same inputs give the same bytes on the same device
+    with the same number of torch threads (hqq's early stop sums errors in thread order).
     """
     from .recipe import QuantRecipe
 
@@ -136,7 +138,13 @@ def inspect(file, as_json, verify, tensors):
         click.echo(render_text(report), nl=False)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds through the writer's context manager, which removes its temp files
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cli(prog_name="moe-pack")
 
 

@@ -182,7 +182,7 @@ def run(model_path: Path, text_path: Path, ctx: int, stride: int | None, max_tok
     if ctx > limit:
         raise ConfigError(
             f"--ctx {ctx} is larger than the model's context ({limit} positions, max_position_embeddings)",
-            hint=f"use --ctx {min(limit, 512)} or less",
+            hint=f"use --ctx {limit} or less",
         )
     tok = TextTokenizer(file.header.tokenizer, source=str(model_path))
     bos_id = tok.bos_id if file.header.tokenizer.add_bos_token else None

@@ -5,11 +5,14 @@ Every matrix goes through `Quantizer.quantize(W, nbits, group_size, axis=1, opti
 on the CPU, the call moe-pack's quantizer makes, so the codes are the ones a .moepack file
 holds; `Reference.check_file` proves that on every quantized matrix of a file.
 
-One shortcut, exact by construction and checked by `check_file`: when expert e's w1 (or w3)
-is a row permutation of expert 0's (as in checkpoints made by quantize.gguf_to_mixtral, whose
-experts are the dense FFN with its hidden units shuffled), its quantization is expert 0's
-with the rows permuted, because hqq's axis=1 groups never cross a row. w2 is permuted along
-its columns, across groups, so it is always quantized in full.
+One shortcut, checked by `check_file`: when expert e's w1 (or w3) is a row permutation of
+expert 0's (as in checkpoints made by quantize.gguf_to_mixtral, whose experts are the dense
+FFN with its hidden units shuffled), its quantization is expert 0's with the rows permuted,
+because hqq's axis=1 groups never cross a row. Almost always, that is: hqq's optimizer stops
+when a whole-matrix float mean stops falling, and that mean's summation order follows the row
+order (and torch's thread count), so about one matrix in a thousand stops one iteration
+apart. `requantize` redoes such matrices in full. w2 is permuted along its columns, across
+groups, so it is always quantized in full.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Reference:
         self.role_bytes = dict(self.fp16_bytes)
         self.other_bytes = sum(p.numel() * 2 for p in self.model.parameters()) - sum(self.fp16_bytes.values())
         self.permuted = 0  # matrices whose quantization came from a row permutation
+        self.requantized = 0  # matrices quantized again in full by `requantize`
 
     def _params(self):
         for L, layer in enumerate(self.layers):
@@ -163,6 +167,27 @@ class Reference:
                 self.codes["experts"][(L, e, "w2")] = codes
                 nbytes += nb
         return nbytes
+
+    def requantize(self, keys: list[Key]) -> None:
+        """Quantize the matrices `keys` of the current state in full (no permutation shortcut)."""
+        with torch.no_grad():
+            for key in keys:
+                role = "attention" if isinstance(key, str) else "experts"
+                bits, group = self.current[role]
+                if isinstance(key, str):
+                    W, target = self.orig[key], dict(self._params())[key]
+                else:
+                    L, e, m = key
+                    experts = self.layers[L].mlp.experts
+                    if m == "w2":
+                        W, target = self.orig[f"{L}.down_proj"][e], experts.down_proj[e]
+                    else:
+                        rows = slice(0, self.I) if m == "w1" else slice(self.I, 2 * self.I)
+                        W, target = self.orig[f"{L}.gate_up_proj"][e, rows], experts.gate_up_proj[e, rows]
+                W_r, _, codes = hqq_fp16_meta(W.contiguous(), bits, group)
+                target.copy_(W_r)
+                self.codes[role][key] = codes
+                self.requantized += 1
 
     def check_file(self, mf) -> tuple[int, list]:
         """(matrices compared, keys whose codes differ) between this reference and the

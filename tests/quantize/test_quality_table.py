@@ -148,4 +148,9 @@ def test_reference_measures_what_a_meta16_file_measures(references, tiny_folders
     key = (0, 1, "w2")
     ref.codes["experts"][key] = ref.codes["experts"][key] ^ 1
     assert ref.check_file(MoepackFile(out))[1] == [key]
-    ref.codes["experts"][key] ^= 1
+    # requantize redoes a matrix in full: codes and weights back to hqq's
+    ref.layers[0].mlp.experts.down_proj.data[1].zero_()
+    ref.requantize([key])
+    assert ref.check_file(MoepackFile(out))[1] == []
+    W_r, _, _ = hqq_fp16_meta(ref.orig["0.down_proj"][1].contiguous(), expert_bits, DEFAULT_GROUP_SIZE[expert_bits])
+    assert torch.equal(ref.layers[0].mlp.experts.down_proj[1], W_r)
