@@ -25,8 +25,9 @@ from formats.header import ModelConfig, Recipe
 from formats.qtensor import QuantSpec
 from formats.synthetic import write_synthetic
 
+from .bench import decode
 from .cli import run_command
-from .device import peak_memory, resolve_device, resolve_dtype
+from .device import peak_memory, resolve_device, resolve_dtype, synchronize
 from .loader import load_model
 
 FP16 = QuantSpec(16)
@@ -56,38 +57,22 @@ def bench_config(layers: int, tiny: bool) -> ModelConfig:
                        max_position_embeddings=32768, **shape)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new_tokens: int, warmup: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     model, file = load_model(path, device, dtype, ctx=prompt_len + warmup + new_tokens + 1)
-    _sync(device)
+    synchronize(device)
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, file.config.vocab_size, (prompt_len,), generator=gen).to(device)
     model(prompt, 0, last_only=True)  # warm-up prefill (allocator, kernels), then the timed one
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
-    logits = model(prompt, 0, last_only=True)
-    _sync(device)
+    model(prompt, 0, last_only=True)
+    synchronize(device)
     prefill_s = time.perf_counter() - t0
-    pos, token = prompt_len, logits[-1].argmax()
-    for _ in range(warmup):
-        token = model(token.view(1), pos, last_only=True)[-1].argmax()
-        pos += 1
-    _sync(device)
-    model.experts.reset_stats()
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        token = model(token.view(1), pos, last_only=True)[-1].argmax()  # stays on the device: no host sync
-        pos += 1
-    _sync(device)
-    decode_s = time.perf_counter() - t0
+    decode_s, _ = decode(model, prompt, new_tokens, warmup)
     kind, peak = peak_memory(device)
     layers = file.config.num_hidden_layers
     return {

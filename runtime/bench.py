@@ -40,7 +40,7 @@ from formats.qtensor import QuantSpec
 from formats.reader import MoepackFile
 
 from .cli import run_command
-from .device import resolve_device, resolve_dtype
+from .device import resolve_device, resolve_dtype, synchronize
 from .loader import load_model
 from .offload.budget import format_size, parse_size, plan_memory
 from .offload.cache import ExpertCache
@@ -96,11 +96,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def calibrate_bandwidth(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -> float:
     """Host->device bytes/s of one large copy from pinned memory (memcpy bandwidth on the CPU)."""
     cuda = device.type == "cuda"
@@ -108,7 +103,7 @@ def calibrate_bandwidth(device: torch.device, nbytes: int = 256 << 20, reps: int
     src.fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst.copy_(src, non_blocking=cuda)
-    _sync(device)
+    synchronize(device)
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -146,13 +141,13 @@ def decode(model, prompt: torch.Tensor, tokens: int, warmup: int) -> tuple[float
     for _ in range(warmup):
         token = model(token.view(1), pos, last_only=True)[-1].argmax()
         pos += 1
-    _sync(device)
+    synchronize(device)
     model.experts.reset_stats()
     t0 = time.perf_counter()
     for _ in range(tokens):
         token = model(token.view(1), pos, last_only=True)[-1].argmax()  # stays on the device
         pos += 1
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0, tokens
 
 

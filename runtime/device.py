@@ -44,3 +44,9 @@ def peak_memory(device: torch.device) -> tuple[str, int]:
     import resource
 
     return "rss", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so host clocks time it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

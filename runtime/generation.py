@@ -14,6 +14,7 @@ import torch
 
 from formats.errors import ConfigError
 
+from .device import synchronize
 from .model import MixtralModel
 from .sampling import Sampler
 
@@ -40,11 +41,6 @@ class GenerationStats:
         d = asdict(self)
         d["prefill_tok_s"], d["decode_tok_s"] = round(self.prefill_tok_s, 3), round(self.decode_tok_s, 3)
         return d
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Session:
@@ -95,7 +91,7 @@ class Session:
             new.append(token)
             if on_token:
                 on_token(token)
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
         stats = GenerationStats(len(prompt), len(prompt) - reuse, len(new), t1 - t0, t2 - t1, stop)
         return new, stats
