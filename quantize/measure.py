@@ -76,9 +76,13 @@ def cli() -> None:
               help="Matrices to quantize; the others are extrapolated (w3 from w1: same shape).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def expert(bits_list, matrices, seed, json_out):
-    """Quantize one Mixtral-8x7B-shaped expert (Gaussian weights, std 0.02, fp16) with HQQ on this CPU."""
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where hqq runs (auto: CUDA when present).")
+def expert(bits_list, matrices, seed, json_out, device):
+    """Quantize one Mixtral-8x7B-shaped expert (Gaussian weights, std 0.02, fp16) with HQQ."""
     import torch
+
+    from .convert import resolve_device
 
     from formats.qtensor import component_views, decode_matrix, encode_matrix
     from formats.writer import make_expert_layout
@@ -86,19 +90,20 @@ def expert(bits_list, matrices, seed, json_out):
     from .hqq_codec import hqq_quantize, relative_error
     from .recipe import QuantRecipe
 
+    dev = resolve_device(device)
     names = [m.strip() for m in matrices.split(",") if m.strip()]
     weights = {}
     for i, name in enumerate(names):  # W: [rows, cols] fp16, as in the checkpoint
         g = torch.Generator().manual_seed(seed + i)
         weights[name] = (torch.randn(MIXTRAL_SHAPES[name], generator=g) * 0.02).half()
-    results = {"machine": _machine(), "shapes": {k: list(v) for k, v in MIXTRAL_SHAPES.items()}, "bits": {}}
+    results = {"machine": _machine(), "device": dev, "shapes": {k: list(v) for k, v in MIXTRAL_SHAPES.items()}, "bits": {}}
     for bits in bits_list:
         spec = QuantRecipe(expert_bits=bits).build(MIXTRAL_8X7B)["experts"]
         layout = make_expert_layout(MIXTRAL_8X7B, spec)
         per = {}
         for name, W in weights.items():
             c0, t0 = time.process_time(), time.perf_counter()
-            q, scale, zero = hqq_quantize(W, spec, "cpu")
+            q, scale, zero = hqq_quantize(W, spec, dev)  # returns host arrays: the GPU work is finished
             t1, c1 = time.perf_counter(), time.process_time()
             payload = encode_matrix(spec, q=q, scale=scale, zero=zero)
             t2 = time.perf_counter()
@@ -124,7 +129,7 @@ def expert(bits_list, matrices, seed, json_out):
             "seconds_per_expert": sum(estimate.values()),
             "seconds_per_expert_extrapolated": sorted(set(MIXTRAL_SHAPES) - set(per)),
         }
-    click.echo(f"\nOne Mixtral-8x7B expert ({weights_per_expert:,} weights), HQQ on CPU; machine: {results['machine']}\n")
+    click.echo(f"\nOne Mixtral-8x7B expert ({weights_per_expert:,} weights), HQQ on {dev}; machine: {results['machine']}\n")
     click.echo("| experts | record bytes | MB | bits/weight | rel error w1 / w3 / w2 | s per matrix (hqq + encode + check) | s per expert |")
     click.echo("|---|---|---|---|---|---|---|")
     for bits, r in results["bits"].items():
