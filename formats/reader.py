@@ -132,10 +132,14 @@ class MoepackFile:
         self.verify_record(f"tensor {t.name}", t.offset, t.nbytes, t.crc32)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> int:
-        """Check every record's crc32; `progress(nbytes)` after each. Returns bytes checked."""
-        total = 0
+        """Check every record's crc32 and that the alignment padding between records is zero;
+        `progress(nbytes)` after each record. Returns the record bytes checked."""
+        total = end = 0
         for label, offset, nbytes, crc in self.records():
+            if self.record(end, offset - end).any():
+                raise LayoutError(f"{self.path}: the padding before {label} is not zero")
             self.verify_record(label, offset, nbytes, crc)
+            end = offset + nbytes
             total += nbytes
             if progress:
                 progress(nbytes)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from formats.errors import ChecksumError, HeaderError
+from formats.errors import ChecksumError, HeaderError, LayoutError
 from formats.layout import expected_tensors
 from formats.qtensor import component_views, decode_matrix
 from formats.reader import MoepackFile, open_moepack
@@ -93,6 +93,18 @@ def test_verify_names_a_flipped_byte(written, tmp_path):
     with pytest.raises(ChecksumError) as info:
         MoepackFile(bad).verify()
     check_message(info.value, str(bad), "expert 0.1", "crc32")
+
+
+def test_verify_rejects_nonzero_padding_between_records(written, tmp_path):
+    raw = bytearray(written[0].read_bytes())
+    f = MoepackFile(written[0])
+    t = f.header.tensor("model.layers.0.input_layernorm.weight")  # a small tensor: padding follows it
+    raw[f.data_offset + t.offset + t.nbytes] = 1
+    bad = tmp_path / "padding.moepack"
+    bad.write_bytes(raw)
+    with pytest.raises(LayoutError) as info:
+        MoepackFile(bad).verify()
+    check_message(info.value, str(bad), "padding")
 
 
 def test_unknown_tensor_name(written):
