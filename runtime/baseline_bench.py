@@ -1,7 +1,7 @@
 """Baseline decode speed with every expert resident on the compute device:
 `python -m runtime.baseline_bench [--layers 2] [--tiny] [--recipe fp16 --recipe 4/2]`.
 
-Builds a synthetic .moepack (random packed weights, formats.synthetic) with Mixtral-8x7B
+Builds a synthetic .moepack (random packed bytes, runtime.offload.synthfile) with Mixtral-8x7B
 layer shapes but only a few layers, loads it with the default ResidentExperts backend and
 times prefill and greedy decoding. Prints one JSON object per recipe on stdout. Per-token
 time scales with the number of layers plus a fixed part (embedding, final norm, lm_head,
@@ -23,12 +23,12 @@ import torch
 from formats.errors import MoepackError
 from formats.header import ModelConfig, Recipe
 from formats.qtensor import QuantSpec
-from formats.synthetic import write_synthetic
 
 from .bench import decode
 from .cli import run_command
 from .device import peak_memory, resolve_device, resolve_dtype, synchronize
 from .loader import load_model
+from .offload.synthfile import write_bench_file
 
 FP16 = QuantSpec(16)
 
@@ -97,8 +97,7 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
         for name in recipes:
             path = Path(tmp) / f"bench-{name.replace('/', '-')}.moepack"
             t0 = time.perf_counter()
-            write_synthetic(path, cfg, bench_recipe(name), seed=0,
-                            progress=lambda msg: print(f"[{name}] wrote {msg}", file=sys.stderr) if not tiny else None)
+            write_bench_file(path, cfg, bench_recipe(name), seed=0, progress=not tiny)
             build_s = time.perf_counter() - t0
             r = run_one(path, dev, dt, prompt_len, new_tokens, warmup)
             results.append({"recipe": name, "tiny": tiny, "build_s": round(build_s, 1), **r})

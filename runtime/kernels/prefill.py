@@ -64,6 +64,9 @@ def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec
         n, k, q.shape[1], qh.shape[1], max(spec.meta_group_size, 1), out.stride(0),
         BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
         BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K,
+        # no fused multiply-add: the same roundings as formats.qtensor.decode_matrix, so
+        # prefill sees bit-exact weights on every device (the kernel is bound by its stores)
+        enable_fp_fusion=False,
     )
     return out
 

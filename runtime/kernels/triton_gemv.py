@@ -83,7 +83,7 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
         dot = tl.full([BT, BLOCK_N, BKW], 0.0, tl.float32)
         xs = tl.full([BT, 1, BKW], 0.0, tl.float32)
         for i in tl.static_range(GW):
-            c: tl.constexpr = j * GW + i
+            c = j * GW + i  # a constexpr: j and i come from static_range
             q = (words >> (c * BL)) & MASK  # arithmetic shift is fine: the mask drops the sign bits
             if BITS == 3:
                 q = q | (((hi >> c) & 1) << 2)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Everything that needs the GPU, in one call on the H100 host (budget: DEADLINE seconds, 560):
+#   0. machine facts; hqq from carried wheels (.whl/, see README "GPU checks");
+#   1. the cuda-marked tests;            2. tools/kernel_bench.py (kernels vs floors);
+#   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda;
+#   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch.
+# STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT (at most 8 files).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_all}
+PY=${PY:-python3}
+STAGES=${STAGES:-1 2 3 4 5}
+DEADLINE=${DEADLINE:-560}
+BUDGETS=${BUDGETS:---gpu-memory 12GiB}
+BENCH_FLAGS=${BENCH_FLAGS:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
+log() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/all.log"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,memory.used,pcie.link.gen.current,pcie.link.width.current --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-200
+  free -g | head -2
+} >> "$OUT/all.log" 2>&1
+
+run() {  # name, max seconds, command...
+  local name=$1 max=$2; shift 2
+  local t; t=$(left); (( t > max )) && t=$max
+  if (( t < 20 )); then log "skipped $name: out of time"; return; fi
+  log "start $name (limit $t s)"
+  timeout "$t" "$@" >> "$OUT/all.log" 2>&1
+  log "end $name: exit $?"
+}
+
+has 1 && run pytest_cuda 170 $PY -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors -rs \
+  --junitxml="$OUT/pytest_cuda.xml"
+has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json"
+has 3 && run baseline_bench 70 bash -c "$PY -m runtime.baseline_bench --layers 2 --recipe fp16 --recipe 4/2 --recipe 4/3 \
+  --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
+has 4 && run quantize_gpu 60 $PY -m quantize.measure expert --device cuda --bits 2 --bits 3 --json "$OUT/quantize_gpu.json"
+has 5 && run bench 600 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens 24 --warmup 8 --routing all \
+  --variant all $BUDGETS --cache-dir /tmp/moe-pack-bench --json "$OUT/bench.json" --write-md "$OUT/bench.md" $BENCH_FLAGS
+log "total"
+tail -n 40 "$OUT/all.log"
