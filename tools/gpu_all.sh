@@ -3,7 +3,8 @@
 #   0. machine facts; hqq from carried wheels (.whl/, see README "GPU checks");
 #   1. the cuda-marked tests;            2. tools/kernel_bench.py (kernels vs floors);
 #   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda;
-#   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch.
+#   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch;
+#   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step).
 # STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT (at most 8 files).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -41,10 +42,11 @@ run() {  # name, max seconds, command...
   log "end $name: exit $?"
 }
 
-has 1 && run pytest_cuda 170 $PY -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors -rs \
-  --junitxml="$OUT/pytest_cuda.xml"
-has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json"
-has 3 && run baseline_bench 70 bash -c "$PY -m runtime.baseline_bench --layers 2 --recipe fp16 --recipe 4/2 --recipe 4/3 \
+has 1 && run pytest_cuda ${PYTEST_S:-200} $PY -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors -rfEs \
+  --timeout ${TEST_TIMEOUT:-40} --junitxml="$OUT/pytest_cuda.xml" ${PYTEST_ARGS:-}
+has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json" ${KB_FLAGS:-}
+has 6 && run profile_decode 90 bash -c "$PY tools/profile_decode.py --layers 2 --recipe 4/2 && $PY tools/profile_decode.py --layers 2 --recipe fp16"
+has 3 && run baseline_bench 100 bash -c "$PY -m runtime.baseline_bench --layers 2 ${BASELINE_RECIPES:---recipe 4/2 --recipe fp16} \
   --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
 has 4 && run quantize_gpu 60 $PY -m quantize.measure expert --device cuda --bits 2 --bits 3 --json "$OUT/quantize_gpu.json"
 has 5 && run bench 600 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens 24 --warmup 8 --routing all \

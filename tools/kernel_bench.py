@@ -124,15 +124,26 @@ def copies_for(nbytes: int, tiny: bool) -> int:
 # ------------------------------------------------------------------ timing
 
 class Timer:
-    def __init__(self, device: torch.device, rep_ms: int, tiny: bool):
-        self.device, self.rep_ms, self.tiny = device, rep_ms, tiny
+    """graph=True: time CUDA-graph replays of the call instead of eager calls. An eager call's
+    time includes its Python and launch overhead whenever that exceeds the GPU time (the GPU
+    idles between launches); a replay launches the same kernels with none of it, so the two
+    columns split a case into kernel time and overhead."""
+
+    def __init__(self, device: torch.device, rep_ms: int, tiny: bool, graph: bool = False):
+        self.device, self.rep_ms, self.tiny, self.graph = device, rep_ms, tiny, graph
 
     def median_us(self, fn) -> float:
         """Median time of fn() in microseconds (do_bench on CUDA; wall clock under the interpreter)."""
         if self.device.type == "cuda":
             import triton.testing
 
-            return 1e3 * triton.testing.do_bench(fn, warmup=max(5, self.rep_ms // 4), rep=self.rep_ms, return_mode="median")
+            calls = getattr(fn, "calls", 1)
+            if self.graph:
+                fn = self._graph(fn, calls)
+                if fn is None:
+                    return float("nan")
+            us = 1e3 * triton.testing.do_bench(fn, warmup=max(5, self.rep_ms // 4), rep=self.rep_ms, return_mode="median")
+            return us / calls if self.graph else us
         if not self.tiny:
             fn()  # warm-up (the interpreter has nothing to compile: skip it for --tiny)
         times = []
@@ -141,6 +152,27 @@ class Timer:
             fn()
             times.append(time.perf_counter() - t0)
         return 1e6 * statistics.median(times)
+
+
+    def _graph(self, fn, calls: int):
+        """A callable replaying `calls` successive calls of fn captured in one CUDA graph (one
+        pass over every rotated copy), or None when fn cannot be captured (a host sync)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2 * calls):  # compile and allocate outside the capture
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(calls):
+                    fn()
+        except RuntimeError as e:
+            print(f"  (not capturable: {str(e).splitlines()[0][:100]})", file=sys.stderr)
+            torch.cuda.synchronize(self.device)
+            return None
+        return g.replay
 
 
 def rotating(fn, n: int):
@@ -152,6 +184,7 @@ def rotating(fn, n: int):
         state["i"] = (i + 1) % n
         return fn(i)
 
+    call.calls = n
     return call
 
 
@@ -274,7 +307,8 @@ def sweep(shapes: Shapes, device, dtype, timer: Timer, bw: float, tokens: list[i
 # ------------------------------------------------------------------ output
 
 def print_table(rows: list[Row], bw: float, device: str) -> None:
-    print(f"device: {device}   measured copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
+    print(f"device: {device}   measured copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)"
+          + ("   [CUDA-graph replays]" if getattr(print_table, "graph", False) else ""))
     head = f"{'case':<22}{'T':>5} {'path':<11}{'median us':>11}{'MB read':>9}{'floor us':>10}{'% floor':>9}" \
            f"{'vs plain':>9}{'target':>8}{'rel err':>10}  config"
     print(head)
@@ -314,6 +348,8 @@ def parse_args(argv):
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case (ms)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graph", action="store_true",
+                   help="time CUDA-graph replays (kernel time without Python/launch overhead)")
     p.add_argument("--only", metavar="TEXT", default="",
                    help="only cases whose name contains TEXT (e.g. '2-bit', 'attention', 'w2')")
     return p.parse_args(argv)
@@ -337,7 +373,7 @@ def main(argv=None) -> int:
     shapes = TINY if args.tiny else MIXTRAL
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(args.seed)
-    timer = Timer(device, args.rep_ms, args.tiny)
+    timer = Timer(device, args.rep_ms, args.tiny, graph=args.graph and device.type == "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (triton interpreter)" if interpreting() else "cpu"
     try:
         bw = hbm_bandwidth(device, timer, args.tiny)
@@ -351,6 +387,7 @@ def main(argv=None) -> int:
     except MoepackError as e:
         print(f"error: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
         return 1
+    print_table.graph = timer.graph
     print_table(rows, bw, name)
     if sweeps:
         print_sweep(sweeps)

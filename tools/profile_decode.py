@@ -1,0 +1,74 @@
+"""Where a resident decode step's time goes: kernels (by name) against Python/launch overhead.
+
+    python tools/profile_decode.py [--layers 2] [--recipe 4/2] [--steps 8]
+
+Builds a synthetic Mixtral-8x7B-shape file (runtime.offload.synthfile), loads it with every
+expert resident, runs greedy decode steps under torch.profiler and prints the GPU time per
+kernel name, the GPU busy time per step and the wall time per step. Wall minus GPU busy is
+what CUDA graphs and fewer launches can win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runtime.baseline_bench import bench_config, bench_recipe  # noqa: E402
+from runtime.device import resolve_device, resolve_dtype, synchronize  # noqa: E402
+from runtime.loader import load_model  # noqa: E402
+from runtime.offload.synthfile import write_bench_file  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--recipe", default="4/2")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    dev = resolve_device(args.device)
+    dt = resolve_dtype("auto", dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_bench_file(Path(tmp) / "p.moepack", bench_config(args.layers, args.tiny),
+                                bench_recipe(args.recipe), progress=False)
+        model, _ = load_model(path, dev, dt, ctx=64 + args.steps)
+        token = model(torch.arange(16, device=dev), 0, last_only=True)[-1].argmax()
+        pos = 16
+        for _ in range(4):
+            token = model(token.view(1), pos, last_only=True)[-1].argmax()
+            pos += 1
+        synchronize(dev)
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                token = model(token.view(1), pos, last_only=True)[-1].argmax()
+                pos += 1
+            synchronize(dev)
+            wall = (time.perf_counter() - t0) / args.steps
+    gpu: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gpu.setdefault(e.name, []).append(e.device_time)  # us
+    busy = sum(sum(v) for v in gpu.values()) / args.steps
+    launches = sum(len(v) for v in gpu.values()) / args.steps
+    print(f"{args.recipe}, {args.layers} layers, {dev}: wall {wall * 1e3:.3f} ms/step, GPU busy {busy / 1e3:.3f} ms/step, "
+          f"{launches:.0f} kernels/step ({launches / args.layers:.0f} per layer)")
+    print(f"{'kernel':<70}{'calls/step':>11}{'us/call':>9}{'us/step':>9}")
+    for name, v in sorted(gpu.items(), key=lambda kv: -sum(kv[1]))[:25]:
+        print(f"{name[:69]:<70}{len(v) / args.steps:>11.1f}{sum(v) / len(v):>9.1f}{sum(v) / args.steps:>9.1f}")
+    if dev.type != "cuda":
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
