@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import KVCache
 from .rope import Rotary
+
+
+# Every backend but cuDNN's: cuDNN builds (and caches) an execution plan per sequence length,
+# so in decode, where the key length grows by one each step, every call built a new plan:
+# 34 ms of host time per call on the H100 host (tools/cpu_overhead.py), 10x the whole layer.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention_mask(T: int, start_pos: int, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -50,6 +57,7 @@ class Attention(nn.Module):
         if mask is not None:
             mask = mask.repeat(R, 1)  # [R*T, S]
         # 4-D (batch 1): the fused CUDA kernels take only 4-D inputs, 3-D would fall back to math
-        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)[0]  # [G, R*T, D]
+        with sdpa_kernel(_SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)[0]  # [G, R*T, D]
         out = out.view(G, R, T, D).permute(2, 0, 1, 3).reshape(T, self.num_heads * D)
         return self.o_proj(out)
