@@ -176,6 +176,22 @@ def tensor_rows(h: "Header") -> list[dict]:
     return sorted(rows, key=lambda r: r["offset"])
 
 
+def routing_section(h: "Header") -> dict | None:
+    """Calibration routing counts (moe-pack calibrate): per layer the counts, each expert's
+    share of the layer's choices, and the share of the k busiest experts (how much a cache
+    of k slots per layer could hold with a static placement)."""
+    if h.expert_counts is None:
+        return None
+    k = h.config.num_experts_per_tok
+    layers = []
+    for counts in h.expert_counts:
+        total = sum(counts)
+        shares = [c / total if total else 0.0 for c in counts]
+        layers.append({"counts": list(counts), "shares": [round(v, 4) for v in shares],
+                       "top_k_share": round(sum(sorted(shares, reverse=True)[:k]), 4)})
+    return {"choices_per_layer": sum(h.expert_counts[0]), "experts_per_token": k, "layers": layers}
+
+
 def build_report(h: "Header", *, file_size: int, data_offset: int, path: str | None = None, tensors: bool = False) -> dict:
     """The whole report as JSON-ready data. Offsets in `tensors` are relative to the data section."""
     report = {
@@ -195,6 +211,7 @@ def build_report(h: "Header", *, file_size: int, data_offset: int, path: str | N
         "errors": errors_section(h),
         "gpu_memory": gpu_memory_section(h),
         "has_expert_counts": h.expert_counts is not None,
+        "expert_routing": routing_section(h),
     }
     if tensors:
         report["tensors"] = tensor_rows(h)
@@ -292,6 +309,17 @@ def render_text(report: dict) -> str:
         rows.append([str(c["experts_per_layer"]), human_bytes(c["expert_bytes"]), human_bytes(c["weights_bytes"]), human_bytes(c["total_bytes"])])
     lines += ["  " + r for r in _table(rows, right={0, 1, 2, 3})]
     lines += ["  assumptions:"] + [f"  - {a}" for a in gpu["assumptions"]]
+    lines += ["", "* expert routing counts (moe-pack calibrate)"]
+    rt = report.get("expert_routing")
+    if rt is None:
+        lines += ["  none recorded (run `moe-pack calibrate FILE TEXT`)"]
+    else:
+        lines += [f"  {rt['choices_per_layer']} choices per layer ({rt['experts_per_token']} per token); "
+                  f"share of each expert, and of the {rt['experts_per_token']} busiest"]
+        rows = [["layer", "shares", "top-k"]]
+        for i, layer in enumerate(rt["layers"]):
+            rows.append([str(i), " ".join(f"{v:.2f}" for v in layer["shares"]), f"{layer['top_k_share']:.2f}"])
+        lines += ["  " + r for r in _table(rows, right={0, 2})]
     if "verify" in report:
         v = report["verify"]
         lines += ["", f"* verify: all {v['records']} records match their crc32 ({human_bytes(v['bytes'])} checked)"]

@@ -21,6 +21,7 @@ from .header import (
 )
 from .layout import expert_shapes
 from .qtensor import QuantSpec, matrix_layout
+from .reader import read_header
 from .spec import ALIGNMENT, COMPONENT_ALIGNMENT, EXPERT_MATRICES, MAGIC, PREFIX, VERSION, align_up, data_offset
 
 
@@ -130,3 +131,47 @@ class MoepackWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _atomic_copy_with_header(path: Path, raw: bytes, old_data_offset: int, data_size: int) -> None:
+    """Write prefix + `raw` + padding + the data section of `path` (read from old_data_offset)
+    to a temporary file beside it, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            out.write(PREFIX.pack(MAGIC, VERSION, 0, len(raw), zlib.crc32(raw), 0))
+            out.write(raw)
+            out.write(bytes(data_offset(len(raw)) - out.tell()))
+            src.seek(old_data_offset)
+            left = data_size
+            while left:
+                chunk = src.read(min(left, 16 << 20))
+                if not chunk:
+                    raise LayoutError(f"{path}: the data section ended {left} bytes early while copying")
+                out.write(chunk)
+                left -= len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rewrite_header(path: str | os.PathLike, header: Header) -> Path:
+    """Replace the header of the file at `path` by `header`, which may differ from the current
+    one only in metadata (today: expert_counts); every record keeps its offset and bytes.
+
+    The file is rewritten atomically (temporary file + rename): a header that grows past its
+    padding moves the data section, and an in-place write interrupted half way would leave a
+    file whose header no longer matches its checksum."""
+    path = Path(path)
+    old, old_offset, _ = read_header(path)
+    same_records = (old.tensors == header.tensors and old.experts == header.experts
+                    and old.expert_layout == header.expert_layout and old.data_size == header.data_size)
+    if not same_records:
+        raise LayoutError(f"{path}: the new header moves or changes records; only metadata may change in place",
+                          hint="write a new file with MoepackWriter instead")
+    _atomic_copy_with_header(path, header.to_bytes(), old_offset, header.data_size)
+    return path

@@ -12,6 +12,7 @@ import functools
 import json
 import signal
 import time
+from pathlib import Path
 
 import click
 
@@ -136,6 +137,28 @@ def inspect(file, as_json, verify, tensors):
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(render_text(report), nl=False)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("text", type=click.Path(path_type=Path))
+@click.option("--max-tokens", type=int, default=8192, show_default=True, help="Route only the first N tokens of TEXT.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per forward window.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def calibrate(file, text, max_tokens, ctx, device, quiet):
+    """Count each expert's routing over TEXT and store the counts in FILE's header."""
+    from runtime.perplexity import read_text
+
+    from .calibrate import calibrate as run_calibration
+
+    t0 = time.perf_counter()
+    counts, n = run_calibration(file, read_text(text), ctx=ctx, max_tokens=max_tokens, device=device,
+                                progress=not quiet)
+    top = max(max(row) / max(sum(row), 1) for row in counts)
+    click.echo(f"wrote expert counts of {n} tokens into {file} (busiest expert takes {top:.0%} of its layer's "
+               f"choices; {time.perf_counter() - t0:.1f} s)")
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -26,7 +26,8 @@ RECIPES = {
     "a4e2": ("--attn-bits", "4", "--expert-bits", "2"),
     "a4e3": ("--attn-bits", "4", "--expert-bits", "3"),
 }
-REPORT_KEYS = ["file", "model", "tokenizer", "quantizer", "roles", "experts", "errors", "gpu_memory", "has_expert_counts"]
+REPORT_KEYS = ["file", "model", "tokenizer", "quantizer", "roles", "experts", "errors", "gpu_memory", "has_expert_counts",
+               "expert_routing"]
 
 
 @pytest.fixture(scope="module", params=list(RECIPES))

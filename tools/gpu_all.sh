@@ -4,7 +4,9 @@
 #   1. the cuda-marked tests;            2. tools/kernel_bench.py (kernels vs floors);
 #   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda;
 #   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch;
-#   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step).
+#   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step);
+#   7. tools/cpu_expert_bench.py (the CPU expert path on the host's cores);
+#   8. runtime.bench at 12GiB with --host-memory 8GiB (experts streamed from the file).
 # STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT (at most 8 files).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +51,10 @@ has 6 && run profile_decode 90 bash -c "$PY tools/profile_decode.py --layers 2 -
 has 3 && run baseline_bench 100 bash -c "$PY -m runtime.baseline_bench --layers 2 ${BASELINE_RECIPES:---recipe 4/2 --recipe fp16} \
   --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
 has 4 && run quantize_gpu 60 $PY -m quantize.measure expert --device cuda --bits 2 --bits 3 --json "$OUT/quantize_gpu.json"
-has 5 && run bench 600 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens 24 --warmup 8 --routing all \
+has 5 && run bench ${BENCH_S:-600} $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens 24 --warmup 8 --routing all \
   --variant all $BUDGETS --cache-dir /tmp/moe-pack-bench --json "$OUT/bench.json" --write-md "$OUT/bench.md" $BENCH_FLAGS
+has 7 && run cpu_expert 60 $PY tools/cpu_expert_bench.py --json "$OUT/cpu_expert.json"
+has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens 16 --warmup 8 --routing trace \
+  --variant all --gpu-memory 12GiB --host-memory 8GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_streaming.json" $BENCH_FLAGS
 log "total"
 tail -n 40 "$OUT/all.log"
