@@ -11,6 +11,7 @@ sampling), so `ms_per_layer` over-counts that fixed part: extrapolate to 32 laye
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from formats.qtensor import QuantSpec
 from .bench import decode
 from .cli import run_command
 from .device import peak_memory, resolve_device, resolve_dtype, synchronize
+from .experts import resident_experts
 from .loader import load_model
 from .offload.synthfile import write_bench_file
 
@@ -57,11 +59,13 @@ def bench_config(layers: int, tiny: bool) -> ModelConfig:
                        max_position_embeddings=32768, **shape)
 
 
-def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new_tokens: int, warmup: int) -> dict:
+def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new_tokens: int, warmup: int,
+            cuda_graphs: bool = False) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    model, file = load_model(path, device, dtype, ctx=prompt_len + warmup + new_tokens + 1)
+    model, file = load_model(path, device, dtype, ctx=prompt_len + warmup + new_tokens + 1,
+                             expert_backend_factory=functools.partial(resident_experts, cuda_graphs=cuda_graphs))
     synchronize(device)
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
@@ -87,7 +91,8 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
 
 
 def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: str = "auto", dtype: str = "auto",
-              prompt_len: int = 16, new_tokens: int = 32, warmup: int = 3, workdir: Path | None = None) -> list[dict]:
+              prompt_len: int = 16, new_tokens: int = 32, warmup: int = 3, workdir: Path | None = None,
+              graphs: str = "both") -> list[dict]:
     """One result dict per recipe (see the module docstring)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -99,8 +104,10 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
             t0 = time.perf_counter()
             write_bench_file(path, cfg, bench_recipe(name), seed=0, progress=not tiny)
             build_s = time.perf_counter() - t0
-            r = run_one(path, dev, dt, prompt_len, new_tokens, warmup)
-            results.append({"recipe": name, "tiny": tiny, "build_s": round(build_s, 1), **r})
+            modes = {"off": [False], "on": [True], "both": [False, True]}[graphs] if dev.type == "cuda" else [False]
+            for g in modes:
+                r = run_one(path, dev, dt, prompt_len, new_tokens, warmup, cuda_graphs=g)
+                results.append({"recipe": name, "tiny": tiny, "build_s": round(build_s, 1), "cuda_graphs": g, **r})
             path.unlink()
     return results
 
@@ -115,8 +122,10 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
 @click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write the temporary synthetic file (default: the system temp folder).")
-def cli(layers, tiny, recipes, device, dtype, prompt_len, new_tokens, workdir):
-    for r in run_bench(list(recipes), layers, tiny, device, dtype, prompt_len, new_tokens, workdir=workdir):
+@click.option("--cuda-graphs", "graphs", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="Decode with expert graphs (runtime.graphs), without, or both (CUDA only).")
+def cli(layers, tiny, recipes, device, dtype, prompt_len, new_tokens, workdir, graphs):
+    for r in run_bench(list(recipes), layers, tiny, device, dtype, prompt_len, new_tokens, workdir=workdir, graphs=graphs):
         print(json.dumps(r), flush=True)
 
 

@@ -153,12 +153,12 @@ def decode(model, prompt: torch.Tensor, tokens: int, warmup: int) -> tuple[float
 
 def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant: str, routing: str, policy: str,
             prefetch_layers: int, guess_accuracy: float, prompt: torch.Tensor, tokens: int, warmup: int,
-            seed: int, bandwidth: float) -> dict:
+            seed: int, bandwidth: float, cuda_graphs: bool | None = None) -> dict:
     device = model.device
     backend = OffloadedExperts(
         file, device, model.dtype, n_slots=n_slots, policy="none" if variant == "naive" else policy,
         prefetch=None if variant == "prefetch" else 0, prefetch_layers=prefetch_layers,
-        router_weights=model.router_weights, host=host, progress=False,
+        router_weights=model.router_weights, host=host, progress=False, cuda_graphs=cuda_graphs,
     )
     if routing == "trace":
         backend.routing = SyntheticRouting(reference_params(model.config.num_hidden_layers, model.config.num_local_experts),
@@ -186,7 +186,7 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         "copied_gbps": s["bytes_copied"] / seconds / 1e9, "copy_stream_gbps": s["copy_gbps"],
         "mb_per_token": per_token / 1e6, "bound_tok_s": bound, "ratio_to_bound": tok_s / bound if per_token else 0.0,
         "compute_wait_s": s["compute_wait_s"], "read_wait_s": s["read_wait_s"], "file_reads": s["file_reads"],
-        "stats": s,
+        "cuda_graphs": s["cuda_graphs"], "stats": s,
     }
     row["gpu_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else "-"
     return row
@@ -233,7 +233,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 RUN_COLUMNS = [
     ("budget", "GPU budget", ""), ("host", "host", ""), ("slots", "slots", "d"), ("routing", "routing", ""),
-    ("variant", "variant", ""), ("tok_s", "tok/s", ".2f"), ("hit_rate", "hit rate", ".3f"),
+    ("variant", "variant", ""), ("cuda_graphs", "graphs", ""), ("tok_s", "tok/s", ".2f"), ("hit_rate", "hit rate", ".3f"),
     ("prefetch_recall", "pf recall", ".3f"), ("prefetch_precision", "pf precision", ".3f"),
     ("copied_gbps", "GB/s copied", ".2f"), ("mb_per_token", "MB/token", ".4g"), ("bound_tok_s", "bound tok/s", ".4g"),
     ("ratio_to_bound", "of bound", ".2f"), ("compute_wait_s", "wait s", ".2f"), ("file_reads", "file reads", "d"),
@@ -269,8 +269,11 @@ SIM_COLUMNS = [
 @click.option("--simulate", is_flag=True, help="Only print trace-driven cache simulations (no model, no device).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), help="Write the results as JSON ('-': stdout).")
 @click.option("--write-md", type=click.Path(dir_okay=False, path_type=Path), help="Append a section with the results to this markdown file.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="Decode replays a captured CUDA graph per expert slot (runtime.graphs); CUDA only.")
 def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, guess_accuracy, variant, cache_policy,
-        prefetch_layers, tokens, warmup, prompt_len, device_name, dtype_name, cache_dir, seed, simulate, json_path, write_md):
+        prefetch_layers, tokens, warmup, prompt_len, device_name, dtype_name, cache_dir, seed, simulate, json_path, write_md,
+        cuda_graphs):
     layers = layers or (4 if tiny else 32)
     if not 0 <= guess_accuracy <= 1:
         raise ConfigError(f"--guess-accuracy {guess_accuracy} must be in [0, 1]")
@@ -331,12 +334,13 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
             for v in variants:
                 row = run_one(model, file, host, n_slots=n_slots, variant=v, routing=r, policy=cache_policy,
                               prefetch_layers=prefetch_layers, guess_accuracy=guess_accuracy, prompt=prompt,
-                              tokens=tokens, warmup=warmup, seed=seed, bandwidth=bandwidth)
+                              tokens=tokens, warmup=warmup, seed=seed, bandwidth=bandwidth,
+                              cuda_graphs=None if cuda_graphs else False)
                 row.update(budget=label, host=host_memory or "all")
                 rows.append(row)
                 if json_path and json_path != "-":  # results so far survive an interrupted sweep
                     Path(json_path).write_text(json.dumps({**result, "runs": rows}, indent=1, default=str) + "\n")
-                _log(f"{label} {r} {v}: {row['tok_s']:.2f} tok/s, hit {row['hit_rate']:.3f}, "
+                _log(f"{label} {r} {v}{' graphs' if row['cuda_graphs'] else ''}: {row['tok_s']:.2f} tok/s, hit {row['hit_rate']:.3f}, "
                      f"{row['mb_per_token']:.4g} MB/token, bound {row['bound_tok_s']:.4g} tok/s")
     host.close()
     result.update(file=str(file.path), layers=cfg.num_hidden_layers, expert_bits=bits, record_size=file.header.expert_layout.record_size,

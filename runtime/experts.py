@@ -18,6 +18,7 @@ from formats.header import ExpertLayout
 from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
+from .graphs import ExpertGraphs, graphs_supported
 from .kernels import fused_expert_ffn, use_fused
 
 
@@ -84,14 +85,24 @@ class ResidentExperts:
     """All expert records on the compute device; each selected expert runs once for all
     the tokens routed to it."""
 
-    def __init__(self, file: MoepackFile, device: torch.device, dtype: torch.dtype, progress: bool = True):
+    def __init__(self, file: MoepackFile, device: torch.device, dtype: torch.dtype, progress: bool = True,
+                 cuda_graphs: bool | None = None):
         self.layout = file.header.expert_layout
         self.num_experts = file.config.num_local_experts
         self.device, self.dtype = torch.device(device), dtype
         self.records = load_records(file, self.device, progress)  # [L * E, record_size]
+        # decode steps replay one captured graph per expert (runtime.graphs); None: on CUDA
+        self.graphs = None
+        if cuda_graphs is None:
+            cuda_graphs = graphs_supported(self.device)
+        if cuda_graphs:
+            self.graphs = ExpertGraphs(self.records, self.layout, dtype, file.config.hidden_size)
+            self.graphs.capture_all()
         self.reset_stats()
 
     def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        if self.graphs is not None and x.shape[0] == 1:
+            return self._decode_graphed(layer, x, topk_idx, topk_w)
         out = torch.zeros_like(x)  # [T, H]
         for e in torch.unique(topk_idx).tolist():
             tok, slot = torch.where(topk_idx == e)  # tokens routed to e, and which of their k choices it is
@@ -101,9 +112,21 @@ class ResidentExperts:
             self._tokens += tok.numel()
         return out
 
+    def _decode_graphed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        # x: [1, H]; topk_idx, topk_w: [1, k]
+        self.graphs.set_input(x)
+        out = None
+        for j, e in enumerate(topk_idx[0].tolist()):  # the one host sync of the layer
+            y = self.graphs.run(layer * self.num_experts + e) * topk_w[:, j:j + 1]  # [1, H]
+            out = y if out is None else out + y
+        self._evals += topk_idx.shape[1]
+        self._tokens += topk_idx.shape[1]
+        return out.to(x.dtype)
+
     def stats(self) -> dict:
         return {
             "backend": "resident",
+            "cuda_graphs": self.graphs is not None and self.graphs.capturing,
             "resident_bytes": self.records.numel(),
             "expert_evals": self._evals,
             "expert_tokens": self._tokens,
@@ -114,6 +137,8 @@ class ResidentExperts:
         self._tokens = 0
 
 
-def resident_experts(file: MoepackFile, model, device: torch.device, dtype: torch.dtype) -> ResidentExperts:
-    """The default `expert_backend_factory` of runtime.loader.load_model."""
-    return ResidentExperts(file, device, dtype)
+def resident_experts(file: MoepackFile, model, device: torch.device, dtype: torch.dtype,
+                     cuda_graphs: bool | None = None) -> ResidentExperts:
+    """The default `expert_backend_factory` of runtime.loader.load_model (functools.partial
+    it to pass cuda_graphs)."""
+    return ResidentExperts(file, device, dtype, cuda_graphs=cuda_graphs)

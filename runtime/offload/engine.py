@@ -22,6 +22,7 @@ from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
 from ..experts import expert_ffn
+from ..graphs import ExpertGraphs, graphs_supported
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, make_cache
 from .host import HostStore, PendingRead
@@ -60,6 +61,7 @@ class OffloadedExperts:
         staging: int = 8,
         io_threads: int = 4,
         progress: bool = True,
+        cuda_graphs: bool | None = None,
     ):
         cfg = file.config
         self.file, self.layout = file, file.header.expert_layout
@@ -91,6 +93,13 @@ class OffloadedExperts:
         self.copier = CopyEngine(self.device)
         # allocated once; rows are reused by every expert that passes through the cache
         self.slots = torch.empty((self.cache.n_slots, self.layout.record_size), dtype=torch.uint8, device=self.device)
+        # decode replays one captured graph per slot (runtime.graphs); None: on CUDA
+        self.graphs = None
+        if cuda_graphs is None:
+            cuda_graphs = graphs_supported(self.device)
+        if cuda_graphs:
+            self.graphs = ExpertGraphs(self.slots, self.layout, dtype, cfg.hidden_size)
+            self.graphs.capture_all()
         self._ready = [NULL_EVENT] * self.cache.n_slots  # copy into the slot done
         self._free = [NULL_EVENT] * self.cache.n_slots  # compute that last read the slot done
         self._pending: dict[int, PendingRead] = {}  # slot -> on-demand read whose copy is not issued yet
@@ -121,7 +130,12 @@ class OffloadedExperts:
             record = self._record_for(op)
             if T == 1:
                 j = positions[e][0]  # which of the token's k choices this expert is
-                y = expert_ffn(record, self.layout, x, self.dtype) * topk_w[:, j:j + 1]  # [1, H]
+                if self.graphs is not None:
+                    if out is None:
+                        self.graphs.set_input(x)
+                    y = self.graphs.run(op.slot).to(x.dtype) * topk_w[:, j:j + 1]  # [1, H]
+                else:
+                    y = expert_ffn(record, self.layout, x, self.dtype) * topk_w[:, j:j + 1]  # [1, H]
                 out = y if out is None else out + y
             else:
                 pos = flat_pos[starts[e]:starts[e] + len(positions[e])]
@@ -138,7 +152,7 @@ class OffloadedExperts:
         d = {"backend": "offload", "policy": self.policy, "slots": self.cache.n_slots,
              "prefetch": self.prefetch, "prefetch_layers": self.prefetch_layers,
              "layer_calls": self.calls, "tokens": self.tokens, "expert_tokens": self.expert_tokens,
-             "read_wait_s": self.read_wait_s}
+             "read_wait_s": self.read_wait_s, "cuda_graphs": self.graphs is not None and self.graphs.capturing}
         d.update(self.planner.stats.to_json())
         d.update(self.copier.stats())
         d.update(self.host.stats())

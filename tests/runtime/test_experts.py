@@ -91,3 +91,22 @@ def test_custom_backend_factory(file42):
         # x is the router input: routing it with router_weights(layer) gives the same experts
         assert torch.equal(route(x, model.router_weights(layer), 2)[0], idx)
     assert model.experts.stats() == {"calls": file.config.num_hidden_layers}
+
+
+def test_resident_graph_interface_matches_the_eager_path(tmp_path):
+    """ResidentExperts(cuda_graphs=True) on the CPU takes the one-token path through
+    runtime.graphs.ExpertGraphs (run eagerly here): same logits as the default path."""
+    import functools
+
+    from runtime.experts import resident_experts
+    from tests.runtime.test_offload_helpers import tiny_file
+
+    path = tiny_file(tmp_path, 2, 4)
+    ref, _ = load_model(path, "cpu", torch.float32, ctx=32)
+    got, _ = load_model(path, "cpu", torch.float32, ctx=32,
+                        expert_backend_factory=functools.partial(resident_experts, cuda_graphs=True))
+    prompt = torch.tensor([3, 7, 11, 19])
+    assert torch.equal(got(prompt, 0), ref(prompt, 0))
+    for pos, tok in enumerate([5, 9, 2], start=4):
+        torch.testing.assert_close(got(torch.tensor([tok]), pos), ref(torch.tensor([tok]), pos), rtol=1e-6, atol=1e-6)
+    assert got.experts.graphs.replays == 3 * 2 * 2  # 3 steps x 2 layers x top-2

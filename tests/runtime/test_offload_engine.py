@@ -227,3 +227,20 @@ def test_tiny_checkpoint_file(file42):
         model, _ = load_model(file42, "cpu", torch.float32, expert_backend_factory=factory, ctx=CTX)
         assert_same(ref, greedy(model))
         assert model.experts.stats()["misses"] > 0
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_slots=2 * LAYERS),
+    dict(n_slots=3 * LAYERS, prefetch=2),
+    dict(n_slots=2 * LAYERS, policy="shared", prefetch=2),
+], ids=["layer2", "layer3-pf", "shared2-pf"])
+def test_graph_interface_same_tokens(tiny, kw):
+    """cuda_graphs=True on the CPU runs runtime.graphs.ExpertGraphs eagerly through the same
+    set_input / run(slot) calls the CUDA graphs replay: the decode path that feeds it (one input
+    per layer, slots refilled under it) must give the resident model's tokens."""
+    path, ref = tiny
+    model = offloaded(path, cuda_graphs=True, **kw)
+    assert_same(ref, greedy(model))
+    g = model.experts.graphs
+    assert g is not None and not g.capturing and g.replays > 0
+    assert model.experts.stats()["cuda_graphs"] is False  # nothing captured on the CPU
