@@ -61,3 +61,22 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)[0]  # [G, R*T, D]
         out = out.view(G, R, T, D).permute(2, 0, 1, 3).reshape(T, self.num_heads * D)
         return self.o_proj(out)
+
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """forward for one token at the device position pos [1] (int64), attending over the
+        whole allocated cache with a mask: shapes and addresses do not depend on the position,
+        so a CUDA graph of it replays at every step. key_pos: arange(max_ctx) on the device."""
+        # x: [1, H]
+        D, G, R = self.head_dim, self.num_kv_heads, self.n_rep
+        q = self.rotary.at(self.q_proj(x).view(1, self.num_heads, D), pos)  # [1, G*R, D]
+        k = self.rotary.at(self.k_proj(x).view(1, G, D), pos)  # [1, G, D]
+        v = self.v_proj(x).view(1, G, D)
+        keys, values = cache.write_at(self.layer, pos, k, v)  # [G, ctx, D] each
+        q = q.view(G, R, D)  # [G, R, D]: the R query heads of kv head g, as in forward with T = 1
+        allowed = key_pos <= pos  # [ctx]
+        if self.sliding_window is not None:
+            allowed &= key_pos > pos - self.sliding_window
+        with sdpa_kernel(_SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(q[None], keys[None], values[None],
+                                                 attn_mask=allowed.expand(R, -1))[0]  # [G, R, D]
+        return self.o_proj(out.reshape(1, self.num_heads * D))

@@ -64,7 +64,7 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    model, file = load_model(path, device, dtype, ctx=prompt_len + warmup + new_tokens + 1,
+    model, file = load_model(path, device, dtype, ctx=prompt_len + warmup + new_tokens + 1, cuda_graphs=cuda_graphs,
                              expert_backend_factory=functools.partial(resident_experts, cuda_graphs=cuda_graphs))
     synchronize(device)
     load_s = time.perf_counter() - t0

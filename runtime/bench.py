@@ -317,7 +317,7 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
     result["calibrated_h2d_gbps"] = bandwidth / 1e9
     t0 = time.perf_counter()
     model, _ = load_model(file, device, dtype, expert_backend_factory=lambda *a: _NoExperts(), ctx=ctx,
-                          dequantize_at_load=False)
+                          dequantize_at_load=False, cuda_graphs=None if cuda_graphs else False)
     host = HostStore(file, resident=resident, pin=device.type == "cuda", progress=not tiny)
     _log(f"loaded non-expert weights and {host.resident_count} experts into host RAM "
          f"({format_size(host.arena_bytes)}, {host.fill_s:.1f} s) in {time.perf_counter() - t0:.1f} s")

@@ -34,3 +34,13 @@ class KVCache:
         cache[0, :, start_pos:end] = k.transpose(0, 1)
         cache[1, :, start_pos:end] = v.transpose(0, 1)
         return cache[0, :, :end], cache[1, :, :end]
+
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token's k, v [1, kv_heads, D] at the device position pos [1] (int64, the
+        caller checked it is < max_ctx); return the whole cache of the layer, keys and values
+        [kv_heads, max_ctx, D] each: positions past pos hold zeros or stale values, which the
+        caller masks out."""
+        cache = self.layers[layer]
+        cache[0].index_copy_(1, pos, k.transpose(0, 1))
+        cache[1].index_copy_(1, pos, v.transpose(0, 1))
+        return cache[0], cache[1]

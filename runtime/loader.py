@@ -13,6 +13,7 @@ from formats.reader import MoepackFile
 from .attention import Attention
 from .dequant import component_tensors, dequantize
 from .experts import ExpertBackend, host_tensor, resident_experts
+from .graphs import graphs_supported
 from .model import DecoderLayer, MixtralModel
 from .moe import MoEBlock
 from .qlinear import DenseLinear, make_linear
@@ -35,10 +36,13 @@ def load_model(
     ctx: int | None = None,
     dequantize_at_load: bool = False,
     verify_tensors: bool = True,
+    cuda_graphs: bool | None = None,
 ) -> tuple[MixtralModel, MoepackFile]:
     """The model (KV cache for `ctx` positions, default min(max_position_embeddings, 4096))
     and the open file. `expert_backend_factory(file, model, device, dtype)` defaults to
-    ResidentExperts; `dequantize_at_load` keeps quantized attention / lm_head weights dense."""
+    ResidentExperts; `dequantize_at_load` keeps quantized attention / lm_head weights dense;
+    `cuda_graphs` (None: on CUDA with triton) makes one-token steps replay a graph per layer
+    (runtime.decode_graphs)."""
     file = path_or_file if isinstance(path_or_file, MoepackFile) else MoepackFile(path_or_file)
     cfg, device = file.config, torch.device(device)
 
@@ -76,5 +80,6 @@ def load_model(
         cfg, embed, layers, RMSNorm(dense("model.norm.weight"), cfg.rms_norm_eps), lm_head,
         ctx if ctx is not None else default_ctx(file), device, dtype,
     )
+    model.use_decode_graphs = graphs_supported(device) if cuda_graphs is None else cuda_graphs
     model.experts = (expert_backend_factory or resident_experts)(file, model, device, dtype)
     return model, file

@@ -12,6 +12,7 @@ from formats.errors import ConfigError
 from formats.header import ModelConfig
 
 from .attention import Attention
+from .decode_graphs import DecodeGraphs
 from .experts import ExpertBackend
 from .kv_cache import KVCache
 from .moe import MoEBlock
@@ -40,6 +41,10 @@ class MixtralModel(nn.Module):
         self.norm, self.lm_head = norm, lm_head
         self.experts: ExpertBackend | None = None
         self.cache: KVCache | None = None
+        # one-token steps replay a CUDA graph per layer (runtime.decode_graphs); the loader
+        # turns this on for CUDA
+        self.use_decode_graphs = False
+        self.decode_graphs: DecodeGraphs | None = None
         self.allocate_context(max_ctx)
 
     @property
@@ -55,10 +60,25 @@ class MixtralModel(nn.Module):
                 hint="choose a smaller --ctx",
             )
         self.cache = None  # free the old cache before allocating the new one
+        self.decode_graphs = None  # captured over the old cache and rotary tables
         self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_ctx, self.device, self.dtype)
         rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_ctx, self.device, self.dtype)
         for layer in self.layers:
             layer.attn.rotary = rotary
+
+    def _decode_step(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """All layers for one token: the dense part of each by graph replay, the experts by the
+        backend in between (it needs the routing decision on the host)."""
+        # h: [1, H]
+        if self.decode_graphs is None:
+            self.decode_graphs = DecodeGraphs(self)
+        g = self.decode_graphs
+        g.begin(h, start_pos)
+        for i, layer in enumerate(self.layers):
+            h_mid, x, topk_idx, topk_w = g.layer(i)
+            y = self.experts.forward(layer.moe.layer, x, topk_idx, topk_w)  # [1, H]
+            torch.add(h_mid, y, out=g.h)  # the residual stream, in place: the next layer's input
+        return g.h
 
     def router_weights(self, layer: int) -> torch.Tensor:
         """The router of `layer`: [E, H] in the compute dtype (for speculative prefetch)."""
@@ -77,8 +97,11 @@ class MixtralModel(nn.Module):
                 hint="allocate a longer context (--ctx) or shorten the prompt",
             )
         h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
-        for layer in self.layers:
-            h = layer(h, start_pos, self.cache, self.experts)
+        if T == 1 and self.use_decode_graphs:
+            h = self._decode_step(h, start_pos)
+        else:
+            for layer in self.layers:
+                h = layer(h, start_pos, self.cache, self.experts)
         if last_only:
             h = h[-1:]
         return self.lm_head(self.norm(h)).float()  # [T, V]

@@ -26,3 +26,13 @@ class Rotary(nn.Module):
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+    def at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """forward for one token whose position is a device tensor pos [1] (int64): the same
+        values, but nothing depends on a host integer, so a CUDA graph can replay it."""
+        # x: [1, heads, D]
+        cos = self.cos.index_select(0, pos)[:, None, :]  # [1, 1, D]
+        sin = self.sin.index_select(0, pos)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin

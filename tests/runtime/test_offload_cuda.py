@@ -135,8 +135,9 @@ def test_cuda_default_budget_and_factory(cuda_tiny):
 
 @pytest.mark.parametrize("backend", ["resident", "offload"])
 def test_cuda_graphs_same_as_eager(cuda_tiny, backend):
-    """Decode steps that replay captured expert graphs (runtime.graphs) give the eager path's
-    tokens and logits, with every expert resident and with slots refilled under the graphs."""
+    """Decode steps that replay captured graphs (the dense part of each layer, runtime.decode_graphs,
+    and each expert, runtime.graphs) give the eager path's tokens and logits, with every expert
+    resident and with slots refilled (slowly) under the graphs."""
     import functools
 
     from runtime.experts import resident_experts
@@ -144,13 +145,16 @@ def test_cuda_graphs_same_as_eager(cuda_tiny, backend):
     path, _ = cuda_tiny
     if backend == "resident":
         def make(graphs):
-            return load_model(path, "cuda", torch.float32, ctx=CTX,
+            return load_model(path, "cuda", torch.float32, ctx=CTX, cuda_graphs=graphs,
                               expert_backend_factory=functools.partial(resident_experts, cuda_graphs=graphs))[0]
     else:
         def make(graphs):
-            return cuda_offloaded(path, cls=SlowCompute, slow_copies=True, n_slots=2 * LAYERS, prefetch=2,
-                                  cuda_graphs=graphs)
+            m = cuda_offloaded(path, cls=SlowCompute, slow_copies=True, n_slots=2 * LAYERS, prefetch=2,
+                               cuda_graphs=graphs)
+            m.use_decode_graphs = graphs
+            return m
     eager, graphed = make(False), make(True)
     assert graphed.experts.stats()["cuda_graphs"] and not eager.experts.stats()["cuda_graphs"]
     assert_same(greedy(eager, PROMPT.cuda()), greedy(graphed, PROMPT.cuda()), tol=1e-4)
     assert graphed.experts.graphs.replays > 0
+    assert graphed.decode_graphs.replays > 0 and graphed.decode_graphs.capturing

@@ -1,0 +1,129 @@
+"""Benchmark of runtime.cpu_expert (one packed Mixtral-8x7B expert at batch 1 on the CPU)
+across thread counts, against the memory-bandwidth floor and llama.cpp's CPU figure.
+
+    python tools/cpu_expert_bench.py                  # 16-core host: threads 1, 2, 4, 8, 16
+    python tools/cpu_expert_bench.py --quick          # small machine: fewer runs
+    python tools/cpu_expert_bench.py --json out.json  # machine-readable results as well
+
+Records are random bytes with sane meta (timing does not depend on values); two copies are
+alternated so a call never finds the previous call's record in the last-level cache. The
+floor is record bytes / the best copy bandwidth measured (numpy's single-threaded copy or a
+numba copy on all threads, read + write bytes counted). llama.cpp's reference (FACTS.md 2b):
+CPU-only decoding at 10.4 tok/s on the 16-core host with 64 expert calls per token, i.e. at
+most 1 / (10.4 * 64) = 1.50 ms per expert call, attention and everything else included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from formats.header import ExpertLayout, MatrixLayout  # noqa: E402
+from formats.qtensor import QuantSpec  # noqa: E402
+from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up  # noqa: E402
+from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn  # noqa: E402
+from runtime.dequant import component_tensors  # noqa: E402
+
+HIDDEN, INTER = 4096, 14336
+SPECS = {"2-bit g16": QuantSpec(2, 16, 8, 128), "3-bit g64": QuantSpec(3, 64, 8, 128)}
+LLAMA_CPP_MS = 1e3 / (10.4 * 64)
+
+
+def expert_layout(spec: QuantSpec) -> ExpertLayout:
+    mats, offset = [], 0
+    for name, shape in (("w1", (INTER, HIDDEN)), ("w3", (INTER, HIDDEN)), ("w2", (HIDDEN, INTER))):
+        mats.append(MatrixLayout(name, shape, spec, offset))
+        offset = align_up(offset + mats[-1].nbytes, COMPONENT_ALIGNMENT)
+    return ExpertLayout(align_up(offset, ALIGNMENT), tuple(mats))
+
+
+def random_record(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor:
+    """Random codes and meta codes, with (step, min) giving scales 0.01-0.05 and zeros inside
+    the code range (as tools/kernel_bench.py's fill_random)."""
+    buf = torch.randint(0, 256, (layout.record_size,), dtype=torch.uint8, generator=gen)
+    for m in layout.matrices:
+        c = component_tensors(buf, m.shape, m.spec, base=m.offset)
+        c["scale_meta"].copy_(torch.tensor([0.04 / 255, 0.01]).expand_as(c["scale_meta"]))
+        c["zero_meta"].copy_(torch.tensor([((1 << m.spec.bits) - 1) / 255, 0.0]).expand_as(c["zero_meta"]))
+    return buf
+
+
+def copy_bandwidth(nbytes: int = 1 << 29) -> dict:
+    """GB/s of a large copy (read + write bytes): numpy (one thread) and numba (all threads)."""
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    out = {}
+    np.copyto(dst, src)
+    out["numpy_copy_gbs"] = 2 * nbytes / min(_timed(lambda: np.copyto(dst, src)) for _ in range(3)) / 1e9
+    try:
+        import numba
+
+        @numba.njit(parallel=True)
+        def pcopy(d, s):
+            n = s.size // 64
+            for i in numba.prange(64):
+                d[i * n:(i + 1) * n] = s[i * n:(i + 1) * n]
+
+        s64, d64 = src.view(np.float64), dst.view(np.float64)
+        pcopy(d64, s64)
+        out["numba_copy_gbs"] = 2 * nbytes / min(_timed(lambda: pcopy(d64, s64)) for _ in range(3)) / 1e9
+    except ImportError:
+        pass
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer runs (a 2-core machine)")
+    ap.add_argument("--runs", type=int, default=None, help="timed runs per case (default 9, --quick 3)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    if not cpu_expert_available():
+        print("numba is not installed: cpu_expert_ffn would fall back to the plain torch path", file=sys.stderr)
+        return 1
+    runs = args.runs or (3 if args.quick else 9)
+    ncpu = os.cpu_count() or 1
+    threads = [t for t in (1, 2, 4, 8, 16) if t <= ncpu]
+    bw = copy_bandwidth(1 << 28 if args.quick else 1 << 29)
+    best_gbs = max(bw.values())
+    gen = torch.Generator().manual_seed(0)
+    x = (0.1 * torch.randn(1, HIDDEN, generator=gen))  # [1, H]
+    rows = []
+    print(f"{ncpu} CPUs; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"{'expert':<10} {'threads':>7} {'ms':>8} {'GB/s':>6} {'floor ms':>8} {'llama.cpp ms':>12}")
+    for name, spec in SPECS.items():
+        layout = expert_layout(spec)
+        records = [random_record(layout, gen) for _ in range(2)]
+        floor_ms = layout.record_size / (best_gbs * 1e9) * 1e3
+        cpu_expert_ffn(records[0], layout, x, threads=max(threads))  # compile or load numba's cache
+        for t in threads:
+            for r in records:  # warm-up at this thread count
+                cpu_expert_ffn(r, layout, x, threads=t)
+            ts = [_timed(lambda: cpu_expert_ffn(records[i % 2], layout, x, threads=t)) for i in range(runs)]
+            ms = statistics.median(ts) * 1e3
+            rows.append({"expert": name, "threads": t, "ms": ms, "record_bytes": layout.record_size,
+                         "gbs": layout.record_size / ms / 1e6, "floor_ms": floor_ms, "llama_cpp_ms": LLAMA_CPP_MS})
+            print(f"{name:<10} {t:>7} {ms:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} {LLAMA_CPP_MS:>12.2f}")
+    print(f"llama.cpp CPU-only: 10.4 tok/s x 64 expert calls on 16 cores -> <= {LLAMA_CPP_MS:.2f} ms per call, everything included")
+    if args.json:
+        args.json.write_text(json.dumps({"cpus": ncpu, "bandwidth": bw, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
