@@ -5,6 +5,7 @@ benchmark sweeps."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from formats.errors import ConfigError
 from formats.qtensor import QuantSpec
@@ -51,17 +52,24 @@ class GemvConfig:
     def for_matrix(self, k: int, spec: QuantSpec) -> "GemvConfig":
         """This config made valid for a K-column matrix: tiles no wider than the matrix needs
         and no empty split-K slices. (Groups may span tiles: the kernel works per word.)"""
-        block_k = min(self.block_k, max(_next_pow2(k), 32))
-        tiles = -(-k // block_k)
-        split = max(1, min(self.split_k, tiles))
-        # equal slices of whole tiles; recompute the count so none is empty
-        per_split = -(-tiles // split)
-        split = -(-tiles // per_split)
-        return replace(self, block_k=block_k, split_k=split)
+        return _for_matrix(self, k, spec)
 
     def short(self) -> str:
         return f"n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}p{self.num_stages}" + (
             "" if self.permute_x else "-xs")
+
+
+# Configs are frozen values: memoize the pure functions of them that run per kernel call
+# (dataclasses.replace and __post_init__ cost tens of microseconds of host time per call).
+@lru_cache(maxsize=1024)
+def _for_matrix(cfg: GemvConfig, k: int, spec: QuantSpec) -> GemvConfig:
+    block_k = min(cfg.block_k, max(_next_pow2(k), 32))
+    tiles = -(-k // block_k)
+    split = max(1, min(cfg.split_k, tiles))
+    # equal slices of whole tiles; recompute the count so none is empty
+    per_split = -(-tiles // split)
+    split = -(-tiles // per_split)
+    return replace(cfg, block_k=block_k, split_k=split)
 
 
 def _next_pow2(v: int) -> int:
@@ -86,9 +94,15 @@ def pick_gemv_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool = Fals
     """The config for y[t, n] = x[t, k] @ W.T: a tuned entry if there is one, else a heuristic
     that reads 32 words (128 bytes) of the low bit plane per row per tile and splits K when
     there are too few row blocks to fill the GPU."""
-    tuned = TUNED.get(_key(n, k, t, spec, gated))
+    # looked up every call (TUNED may change at run time), after a cheap test for the usual empty table
+    tuned = TUNED.get(_key(n, k, t, spec, gated)) if TUNED else None
     if tuned is not None:
         return tuned.for_matrix(k, spec)
+    return _heuristic_config(n, k, t, spec, gated, sm_count)
+
+
+@lru_cache(maxsize=1024)
+def _heuristic_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool, sm_count: int) -> GemvConfig:
     plane_bits = 2 if spec.bits == 3 else spec.bits
     block_k = 1024 // plane_bits
     # every token multiplies the whole tile again: keep the tile (registers) smaller for more tokens

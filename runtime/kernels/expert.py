@@ -4,17 +4,101 @@ into a scratch buffer and dense matmuls."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
 from formats.errors import ConfigError
 from formats.header import ExpertLayout
+from formats.qtensor import QuantSpec
 
-from ..dequant import component_tensors
+from ..dequant import _component_plan, component_tensors, typed_view
 from .configs import GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
-from .qgemv import (PREFILL_THRESHOLD, _check, _sm_count, codes_per_word, gemv, gemv_supported, qmatmul,
-                    unpermute_x)
+from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, _check, _sm_count, codes_per_word, gemv, gemv_supported,
+                    launch_plan, qmatmul, run_gemv, unpermute_x)
+
+# A view of one kernel operand inside the record: (dtype, itemsize, byte offset in the
+# record, shape, strides).
+_View = tuple[torch.dtype, int, int, tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """What the two-launch decode path of one expert layout needs besides the tensors,
+    computed once per layout (a value: never keyed by a record or its address).
+
+    `views` are the distinct kernel operands of w1, w3, w2 (the low bit plane already as
+    int32 words); `args[m]` picks the six pointer arguments of matrix m from them, exactly as
+    qgemv._gemv_args would from component_tensors (unused ones repeat a used tensor)."""
+
+    shape13: tuple[int, int]
+    spec13: QuantSpec
+    shape2: tuple[int, int]
+    spec2: QuantSpec
+    w2_per: int  # codes per word of w2: the order the gated kernel can write h in
+    nbytes: int  # record bytes the three matrices span
+    dtypes: tuple[tuple[torch.dtype, int], ...]  # typed views of the record the operands use
+    views: tuple[_View, ...]
+    args: tuple[tuple[int, ...], ...]
+
+
+@lru_cache(maxsize=64)
+def _decode_plan(layout: ExpertLayout) -> _DecodePlan | None:
+    """The plan, or None when this layout takes the general path (w1 and w3 not alike, a
+    layout the fused GEMV does not cover, or an operand not 4-byte aligned in the record)."""
+    m1, m3, m2 = layout.matrix("w1"), layout.matrix("w3"), layout.matrix("w2")
+    if not (m1.spec == m3.spec and m1.shape == m3.shape and m1.spec.quantized and m2.spec.quantized
+            and gemv_supported(m1.shape, m1.spec) and gemv_supported(m2.shape, m2.spec)):
+        return None
+    views: list[_View] = []
+    args, dtypes, nbytes = [], {}, 0
+    for m in (m1, m3, m2):
+        plan, end = _component_plan(tuple(m.shape), m.spec)
+        nbytes = max(nbytes, m.offset + end)
+        index = {}
+        for name, dtype, itemsize, off, shape, strides in plan:
+            off += m.offset
+            if name in ("q", "q_hi"):  # bit planes: int32 words, as qgemv._word_view
+                if off % 4 or shape[1] % 4:
+                    return None
+                dtype, itemsize, shape, strides = torch.int32, 4, (shape[0], shape[1] // 4), (shape[1] // 4, 1)
+            if off % 4:  # the runtime check below is then one test on the record
+                return None
+            dtypes[dtype] = itemsize
+            index[name] = len(views)
+            views.append((dtype, itemsize, off, shape, strides))
+        q, s, z = index["q"], index["scale"], index["zero"]
+        args.append((q, index.get("q_hi", q), s, index.get("scale_meta", s), z, index.get("zero_meta", z)))
+    return _DecodePlan(tuple(m1.shape), m1.spec, tuple(m2.shape), m2.spec, codes_per_word(m2.spec), nbytes,
+                       tuple(dtypes.items()), tuple(views), tuple(args))
+
+
+def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
+            configs: dict[str, GemvConfig]) -> torch.Tensor | None:
+    """The few-token path with its host work cut to the launches and one as_strided call
+    per operand: the same kernel arguments as the general path below, or None where that
+    path must run (it also raises the errors for bad inputs)."""
+    plan = _decode_plan(layout)
+    if plan is None:
+        return None
+    so = record.storage_offset()
+    if (record.dtype != torch.uint8 or record.dim() != 1 or record.numel() < plan.nbytes or so % 4
+            or record.data_ptr() % 4 or x.shape[1] != plan.shape13[1] or x.dtype not in ACT_DTYPES
+            or record.device != x.device):
+        return None
+    typed = {dtype: typed_view(record, dtype, itemsize) for dtype, itemsize in plan.dtypes}
+    ops = [typed[dtype].as_strided(shape, strides, (so + off) // itemsize)
+           for dtype, itemsize, off, shape, strides in plan.views]
+    a1, a3, a2 = ([ops[i] for i in a] for a in plan.args)
+    t = x.shape[0]
+    # configs resolved per call, not cached in the plan: the TUNED table may change
+    cfg2 = configs.get("w2") or pick_gemv_config(*plan.shape2, t, plan.spec2, sm_count=_sm_count(x.device))
+    out_per = plan.w2_per if cfg2.permute_x else 1
+    h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per))
+    return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1))
 
 
 def fused_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, *,
@@ -26,10 +110,15 @@ def fused_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor
     if x.dim() != 2:
         raise ConfigError(f"fused_expert_ffn takes x of shape [T, H], got {list(x.shape)}")
     configs = configs or {}
+    t = x.shape[0]
+    if 0 < t <= prefill_threshold:
+        y = _decode(record, layout, x, configs)
+        if y is not None:
+            return y
+    # the general path: every layout, the prefill, and the errors
     m1, m3, m2 = layout.matrix("w1"), layout.matrix("w3"), layout.matrix("w2")
     c1, c3, c2 = (component_tensors(record, m.shape, m.spec, base=m.offset) for m in (m1, m3, m2))
     _check(x, c1, m1.shape, m1.spec)
-    t = x.shape[0]
     if t > prefill_threshold:
         # intermediate in x.dtype, as runtime.experts.expert_ffn computes it
         h = F.silu(prefill_matmul(x, c1, m1.shape, m1.spec)) * prefill_matmul(x, c3, m3.shape, m3.spec)

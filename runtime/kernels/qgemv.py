@@ -3,6 +3,7 @@ dequantize-into-scratch + dense matmul path for many, chosen by the token count.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -40,10 +41,15 @@ def gemv_supported(shape: tuple[int, int], spec: QuantSpec) -> bool:
     """Whether the fused GEMV handles this layout: word loads of every plane need K % 32 == 0,
     and no word may straddle two groups (group size a multiple or a divisor of the codes per
     word: every power of two, and e.g. 24 at 4 bits). Others take dequantize + matmul."""
+    return _gemv_supported(shape[1], spec)
+
+
+@lru_cache(maxsize=256)
+def _gemv_supported(k: int, spec: QuantSpec) -> bool:
     if spec.bits not in FUSED_BITS:
         return False
     per, g = codes_per_word(spec), spec.group_size
-    return shape[1] % 32 == 0 and (g % per == 0 or per % g == 0)
+    return k % 32 == 0 and (g % per == 0 or per % g == 0)
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -76,12 +82,16 @@ def codes_per_word(spec: QuantSpec) -> int:
 def permute_x(x: torch.Tensor, per: int) -> torch.Tensor:
     """x [T, K] -> [T, K] ordered (c, w): xp[t, c * K/per + w] = x[t, w * per + c]."""
     t, k = x.shape
-    return x.view(t, k // per, per).transpose(1, 2).reshape(t, k)
+    s0, s1 = x.stride()
+    # the transposed [T, per, K/per] view in one call, then the copy (view + transpose cost
+    # a torch call more of host time)
+    return x.as_strided((t, per, k // per), (s0, s1, per * s1)).reshape(t, k)
 
 
 def unpermute_x(xp: torch.Tensor, per: int) -> torch.Tensor:
     t, k = xp.shape
-    return xp.view(t, per, k // per).transpose(1, 2).reshape(t, k)
+    s0, s1 = xp.stride()
+    return xp.as_strided((t, k // per, per), (s0, s1, k // per * s1)).reshape(t, k)
 
 
 def _check(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec) -> None:
@@ -97,6 +107,91 @@ def _check(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, in
                           hint="move the record to the compute device before calling the kernels")
 
 
+@dataclass(frozen=True)
+class GemvLaunch:
+    """Everything about one qgemv_kernel launch that follows from the matrix shape, spec,
+    token count and config (not from the tensors): computed once per such key (_launch_plan)
+    instead of per call, where its Python (config arithmetic, dataclasses.replace) cost more
+    host time than the launch."""
+
+    n: int
+    k: int
+    gated: bool
+    per: int  # codes per word of the matrix: the x permutation period
+    permute: bool  # x arrives unpermuted and the config reads it permuted
+    unpermute: bool  # x arrives permuted and the config reads it in order
+    partial: bool  # split-K: fp32 partials [split, T, N] summed after the launch
+    out_shape: tuple[int, ...]
+    out_per: int  # permute the result for a consumer with this many codes per word
+    grid: tuple[int, int]
+    ints: tuple[int, int, int]  # n, k, meta group size (the scalars before x's stride)
+    tail: tuple[int, int]  # the scalars after x's stride
+    # the keyword arguments of the launch (constexprs, warps, stages); read-only by convention
+    kwargs: dict = field(hash=False, compare=False)
+
+
+@lru_cache(maxsize=1024)
+def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: GemvConfig,
+                 x_permuted: bool, out_per: int) -> GemvLaunch:
+    cfg = config.for_matrix(k, spec)
+    per = codes_per_word(spec)
+    tiles = _cdiv(_cdiv(k, cfg.block_k), cfg.split_k)  # per K slice
+    split = _cdiv(k, tiles * cfg.block_k)
+    partial = split > 1
+    if out_per > 1 and n % out_per:
+        raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
+    constexprs = dict(
+        TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
+        GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return GemvLaunch(
+        n=n, k=k, gated=gated, per=per, permute=cfg.permute_x and not x_permuted,
+        unpermute=x_permuted and not cfg.permute_x, partial=partial,
+        out_shape=(split, t, n) if partial else (t, n), out_per=out_per,
+        grid=(_cdiv(n, cfg.block_n), split), ints=(n, k, max(spec.meta_group_size, 1)), tail=(t * n, n),
+        kwargs=constexprs,
+    )
+
+
+def launch_plan(x: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, gated: bool,
+                config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1) -> GemvLaunch:
+    """The launch of x [T, K] times a supported `shape` matrix (two with `gated`): keyed by
+    values only (shape, spec, T, config), never by tensors, so it cannot go stale."""
+    n, k = shape
+    t = x.shape[0]
+    if config is None:  # not cached: the TUNED table may change at run time
+        config = pick_gemv_config(n, k, t, spec, gated, _sm_count(x.device))
+    return _launch_plan(n, k, t, spec, gated, config, x_permuted, out_per)
+
+
+def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch) -> torch.Tensor:
+    """Launch qgemv_kernel for x [T, K] and the kernel arguments of one matrix (two when
+    gated, see _gemv_args) as `plan` says; the result as gemv describes it."""
+    from . import triton_gemv  # triton is imported only when a kernel runs
+
+    if plan.permute:
+        x = permute_x(x, plan.per)
+    elif plan.unpermute:
+        x = unpermute_x(x, plan.per)
+    x = x.contiguous()
+    if plan.partial:
+        out = _alloc(plan.out_shape, torch.float32, x.device)
+        out2 = _alloc(plan.out_shape, torch.float32, x.device) if plan.gated else out
+    else:
+        out = out2 = _alloc(plan.out_shape, x.dtype, x.device)
+    b = args[1] if plan.gated else args[0]
+    triton_gemv.qgemv_kernel[plan.grid](x, out, out2, *args[0], *b, *plan.ints, x.stride(0), *plan.tail, **plan.kwargs)
+    if not plan.partial:
+        return out
+    y = out.sum(0)  # [T, N] float32
+    if plan.gated:
+        y = F.silu(y) * out2.sum(0)
+    y = y.to(x.dtype)
+    return permute_x(y, plan.out_per) if plan.out_per > 1 else y
+
+
 def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int, int], spec: QuantSpec,
          config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1) -> torch.Tensor | None:
     """x [T, K] times one matrix (-> [T, N]) or, with two matrices (w1, w3 of one expert),
@@ -105,50 +200,13 @@ def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int,
     x_permuted: x is already in permute_x order for this spec. out_per > 1: return the
     result in permute_x order for a consumer with that many codes per word (the w2 after a
     gated w1/w3), which saves that consumer a copy."""
-    from .triton_gemv import qgemv_kernel  # triton is imported only when a kernel runs
-
     if not gemv_supported(shape, spec):
         return None
     args = [_gemv_args(c, spec) for c in mats]
     if any(a is None for a in args):
         return None
-    gated = len(mats) == 2
-    n, k = shape
-    t = x.shape[0]
-    cfg = (config or pick_gemv_config(n, k, t, spec, gated, _sm_count(x.device))).for_matrix(k, spec)
-    per = codes_per_word(spec)
-    if cfg.permute_x and not x_permuted:
-        x = permute_x(x, per)
-    elif x_permuted and not cfg.permute_x:
-        x = unpermute_x(x, per)
-    x = x.contiguous()
-    tiles = _cdiv(_cdiv(k, cfg.block_k), cfg.split_k)  # per K slice
-    split = _cdiv(k, tiles * cfg.block_k)
-    partial = split > 1
-    if out_per > 1 and n % out_per:
-        raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
-    if partial:
-        out = _alloc((split, t, n), torch.float32, x.device)
-        out2 = _alloc((split, t, n), torch.float32, x.device) if gated else out
-    else:
-        out = out2 = _alloc((t, n), x.dtype, x.device)
-    b = args[1] if gated else args[0]
-    grid = (_cdiv(n, cfg.block_n), split)
-    qgemv_kernel[grid](
-        x, out, out2, *args[0], *b,
-        n, k, max(spec.meta_group_size, 1), x.stride(0), t * n, n,
-        TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
-        GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if not partial:
-        return out
-    y = out.sum(0)  # [T, N] float32
-    if gated:
-        y = F.silu(y) * out2.sum(0)
-    y = y.to(x.dtype)
-    return permute_x(y, out_per) if out_per > 1 else y
+    plan = launch_plan(x, shape, spec, len(mats) == 2, config, x_permuted=x_permuted, out_per=out_per)
+    return run_gemv(x, args, plan)
 
 
 def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec, *,
@@ -161,8 +219,9 @@ def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, i
     buffer with a Triton kernel and use a dense matmul."""
     _check(x, comps, shape, spec)
     n, k = shape
+    flat = x.dim() == 2  # the common case: skip the two reshapes (a torch call each)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x if flat else x.reshape(-1, k)
     t = x2.shape[0]
     if t == 0:
         return x.new_empty((*lead, n))
@@ -171,4 +230,4 @@ def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, i
         y = gemv(x2, [comps], shape, spec, config)
     if y is None:
         y = prefill_matmul(x2.contiguous(), comps, shape, spec)
-    return y.view(*lead, n)
+    return y if flat else y.view(*lead, n)
