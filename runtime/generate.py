@@ -10,6 +10,8 @@ the conversation accumulates over those prompts.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import sys
 import time
@@ -23,6 +25,7 @@ from formats.reader import MoepackFile
 
 from .cli import run_command
 from .device import peak_memory, resolve_device, resolve_dtype
+from .experts import resident_experts
 from .generation import GenerationStats, Session
 from .loader import default_ctx, load_model
 from .offload.options import OffloadOptions, make_backend_factory, offload_options, preflight
@@ -100,7 +103,7 @@ class Runner:
 
 
 def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: bool, dequantize_at_load: bool | None,
-         offload: OffloadOptions = OffloadOptions()):
+         offload: OffloadOptions = OffloadOptions(), cuda_graphs: bool = True):
     t0 = time.perf_counter()
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
@@ -113,11 +116,16 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
         dequantize_at_load = device.type == "cpu"  # the CPU has no fused kernels: dense is faster there
     # the memory plan is checked before any byte is loaded, so a too-small budget fails fast
     plan = preflight(file, offload, device, dtype, ctx, dequantize_at_load)
-    factory = make_backend_factory(offload, ctx=ctx) if plan is not None else None
+    graphs = None if cuda_graphs else False  # None: on wherever they can run (CUDA with triton)
+    if plan is not None:
+        factory = make_backend_factory(offload, ctx=ctx, cuda_graphs=graphs)
+    else:
+        factory = functools.partial(resident_experts, cuda_graphs=graphs)
     if verify:
         with tqdm(total=file.size - file.data_offset, unit="B", unit_scale=True, desc="verifying", file=sys.stderr, disable=None) as bar:
             file.verify(bar.update)
-    model, _ = load_model(file, device, dtype, factory, ctx=ctx, dequantize_at_load=dequantize_at_load)
+    model, _ = load_model(file, device, dtype, factory, ctx=ctx, dequantize_at_load=dequantize_at_load,
+                          cuda_graphs=graphs)
     return model, file, time.perf_counter() - t0
 
 
@@ -141,9 +149,11 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
               help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a busy machine).")
 @click.option("--dequantize-at-load/--no-dequantize-at-load", default=None,
               help="Keep quantized attention/lm_head weights dense [default: on for the CPU, off for CUDA].")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="One-token steps replay captured CUDA graphs (each layer's dense part, each expert); CUDA only.")
 @offload_options
 def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, chat, system,
-        device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, **offload):
+        device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, cuda_graphs, **offload):
     sampling = SamplingConfig(temperature, top_k, top_p, seed)
     if threads is not None:
         if threads < 1:
@@ -158,7 +168,7 @@ def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_
     if system is not None and not chat:
         raise ConfigError("--system only applies with --chat")
     model, file, load_s = load(model_path, device_name, dtype_name, ctx, verify, dequantize_at_load,
-                               OffloadOptions.from_cli(**offload))
+                               OffloadOptions.from_cli(**offload), cuda_graphs)
     tokenizer = None
     if file.header.tokenizer.tokenizer_json is not None:
         tokenizer = TextTokenizer(file.header.tokenizer, str(file.path))

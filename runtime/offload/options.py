@@ -147,9 +147,10 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = True):
+def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = True, cuda_graphs: bool | None = None):
     """A load_model expert_backend_factory building OffloadedExperts for `opts`. The slot count
-    is re-planned with the bytes the loaded model really holds."""
+    is re-planned with the bytes the loaded model really holds. cuda_graphs: see
+    OffloadedExperts (None: on CUDA)."""
 
     def factory(file: MoepackFile, model, device: torch.device, dtype: torch.dtype):
         from .engine import OffloadedExperts
@@ -168,7 +169,7 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
         backend = OffloadedExperts(
             file, device, dtype, n_slots=n_slots, policy=opts.cache_policy, prefetch=opts.prefetch,
             prefetch_layers=opts.prefetch_layers, router_weights=model.router_weights, host_resident=resident,
-            staging=opts.staging, io_threads=opts.io_threads, progress=progress,
+            staging=opts.staging, io_threads=opts.io_threads, progress=progress, cuda_graphs=cuda_graphs,
         )
         backend.plan = replace(plan, n_slots=backend.cache.n_slots)
         return backend
