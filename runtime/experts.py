@@ -30,10 +30,37 @@ def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtyp
     }
 
 
+# More tokens than this on the CPU: dequantize once and use torch's matmul (the numba kernel
+# re-decodes every weight per token)
+CPU_KERNEL_MAX_TOKENS = 4
+
+
+def _cpu_kernel_applies(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
+    """Whether runtime.cpu_expert computes this call: a few tokens, a packed expert in CPU
+    memory, numba installed. (Its own fallback conditions are the negation of this, so the
+    two never call each other in a loop.)"""
+    if x.device.type != "cpu" or record.device.type != "cpu" or x.shape[0] > CPU_KERNEL_MAX_TOKENS:
+        return False
+    if not all(m.spec.quantized for m in layout.matrices):
+        return False
+    from .cpu_expert import cpu_expert_available  # numba itself loads only on the first call
+
+    return cpu_expert_available()
+
+
 def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for x: [T, H] with the expert in `record` (uint8, on x's device)."""
     if use_fused(x):  # fused dequantize-GEMV (few tokens) or Triton dequantize + matmul (many)
         return fused_expert_ffn(record, layout, x.to(dtype)).to(x.dtype)
+    if _cpu_kernel_applies(record, layout, x):  # multi-threaded numba GEMVs on the packed bytes
+        from .cpu_expert import cpu_expert_ffn
+
+        return cpu_expert_ffn(record, layout, x, threads=torch.get_num_threads())
+    return plain_expert_ffn(record, layout, x, dtype)
+
+
+def plain_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """expert_ffn in plain torch: dequantize the three matrices to `dtype`, then matmuls."""
     w = expert_weights(record, layout, dtype)
     h = x.to(dtype)
     h = F.silu(F.linear(h, w["w1"])) * F.linear(h, w["w3"])  # [T, I]
@@ -98,6 +125,11 @@ class ResidentExperts:
         if cuda_graphs:
             self.graphs = ExpertGraphs(self.records, self.layout, dtype, file.config.hidden_size)
             self.graphs.capture_all()
+        x = torch.zeros(1, file.config.hidden_size, dtype=dtype)
+        if len(self.records) and _cpu_kernel_applies(self.records[0], self.layout, x):
+            # import numba and load (or compile) its kernels now, at load time, not inside the
+            # first prefill
+            expert_ffn(self.records[0], self.layout, x, dtype)
         self.reset_stats()
 
     def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
