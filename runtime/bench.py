@@ -8,7 +8,7 @@ GPU budget x routing x variant:
 
 \b
   naive     every layer loads the experts it needs on every token (no cache, no prefetch)
-  lru       LRU expert cache in the budget (--cache-policy)
+  lru       the expert cache in the budget (--cache-policy: per-layer LRU by default, or lfu)
   prefetch  LRU + speculative prefetch of the next layer's experts
 
 Routing `model` uses the model's own (random) routers: nearly uniform, the worst case for a
@@ -43,7 +43,7 @@ from .cli import run_command
 from .device import resolve_device, resolve_dtype, synchronize
 from .loader import load_model
 from .offload.budget import format_size, parse_size, plan_memory
-from .offload.cache import ExpertCache
+from .offload.cache import make_cache
 from .offload.engine import OffloadedExperts
 from .offload.host import HostStore, plan_host
 from .offload.options import CUDA_RESERVE, model_bytes
@@ -212,9 +212,9 @@ def simulate_policies(layers: int, experts: int, tokens: int, guess_accuracy: fl
     params = reference_params(layers, experts)
     rows = []
     for per_layer in range(2, experts):
-        for policy in ("layer", "shared"):
+        for policy in ("layer", "shared", "lfu"):
             for prefetch in (0, 2):
-                cache = ExpertCache.per_layer([per_layer] * layers) if policy == "layer" else ExpertCache.shared(per_layer * layers)
+                cache = make_cache(policy, per_layer * layers, layers, 2)
                 st = simulate(Planner(cache, prefetch), trace_steps(SyntheticRouting(params, guess_accuracy, seed), tokens, prefetch))
                 rows.append({"slots_per_layer": per_layer, "policy": policy, "prefetch": prefetch, "hit_rate": st.hit_rate,
                              "loads_per_token": st.loads / tokens, "prefetch_precision": st.prefetch_precision,
@@ -256,7 +256,8 @@ SIM_COLUMNS = [
 @click.option("--routing", type=click.Choice(["model", "trace", "all"]), default="all", show_default=True)
 @click.option("--guess-accuracy", type=float, default=0.8, show_default=True, help="Trace routing: P(prefetch guess right), per expert.")
 @click.option("--variant", type=click.Choice([*VARIANTS, "all"]), default="all", show_default=True)
-@click.option("--cache-policy", type=click.Choice(["layer", "shared"]), default="layer", show_default=True)
+@click.option("--cache-policy", type=click.Choice(["layer", "shared", "lfu"]), default="layer", show_default=True,
+              help="layer: per-layer LRU; shared: one LRU pool; lfu: per-layer, least used evicted first.")
 @click.option("--prefetch-layers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--tokens", type=click.IntRange(1), default=32, show_default=True, help="Timed decode steps per run.")
 @click.option("--warmup", type=click.IntRange(0), default=8, show_default=True, help="Untimed decode steps first (fill the cache).")

@@ -30,7 +30,7 @@ _UNITS = {
 }
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
-POLICIES = ("layer", "shared", "none")
+POLICIES = ("layer", "shared", "lfu", "none")
 
 
 def parse_size(text: str | int, option: str = "--gpu-memory") -> int:

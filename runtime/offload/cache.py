@@ -146,6 +146,58 @@ class ExpertCache:
         self.pinned.clear()
 
 
+class _LFUPool(_LRUPool):
+    """Evicts the unpinned entry used least often (ties: least recently used)."""
+
+    def __init__(self, slots: list[int], freq: dict[Key, float]):
+        super().__init__(slots)
+        self.freq = freq  # shared by all pools, kept for evicted keys too
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        best, best_f = None, 0.0
+        for key in self.entries:  # least recent first: the first minimum wins ties
+            if key in pinned:
+                continue
+            f = self.freq.get(key, 0.0)
+            if best is None or f < best_f:
+                best, best_f = key, f
+        return best
+
+
+class FrequencyCache(ExpertCache):
+    """Per-key use counts decide the victim: an expert that is used often stays even when it
+    was not used recently. Real Mixtral routing is skewed per layer (FACTS.md section 5:
+    the busiest expert of a layer takes up to a third of its choices), so frequency beats
+    recency when a layer holds 4-5 of its 8 experts (docs/BENCHMARKS.md section 4).
+
+    `prior` seeds the counts, e.g. from the file's calibration counts (moe-pack calibrate),
+    so the first tokens already keep the popular experts."""
+
+    policy = "lfu"
+
+    def __init__(self, pools: dict[int | None, list[int]], prior: dict[Key, float] | None = None):
+        self.freq: dict[Key, float] = dict(prior or {})
+        super().__init__(pools)
+        self._pools = {k: _LFUPool(v, self.freq) for k, v in pools.items()}
+
+    def lookup(self, key: Key) -> int | None:
+        self.freq[key] = self.freq.get(key, 0.0) + 1.0  # every use counts, hit or miss
+        return super().lookup(key)
+
+
+def calibration_prior(expert_counts, weight: float = 16.0) -> dict[Key, float] | None:
+    """Counts for FrequencyCache from a header's expert_counts: each layer's shares scaled to
+    `weight` uses, so observed uses overtake the calibration after a few dozen tokens."""
+    if expert_counts is None:
+        return None
+    prior = {}
+    for layer, row in enumerate(expert_counts):
+        total = sum(row) or 1
+        for e, c in enumerate(row):
+            prior[(layer, e)] = weight * c / total
+    return prior
+
+
 class NoCache(ExpertCache):
     """The 'no cache' baseline: every use is a miss and loads the expert again (into one of
     the layer's slots), like the reference paper's 'no cache, no prefetch' row."""
@@ -161,8 +213,9 @@ class NoCache(ExpertCache):
         return False
 
 
-def make_cache(policy: str, n_slots: int, layers: int, top_k: int) -> ExpertCache:
-    """The cache for `policy` over `n_slots` slots ("none" keeps only top_k per layer)."""
+def make_cache(policy: str, n_slots: int, layers: int, top_k: int, prior: dict[Key, float] | None = None) -> ExpertCache:
+    """The cache for `policy` over `n_slots` slots ("none" keeps only top_k per layer; "lfu"
+    starts from the use counts `prior`)."""
     from .budget import split_slots
 
     if n_slots < layers * top_k:
@@ -171,6 +224,10 @@ def make_cache(policy: str, n_slots: int, layers: int, top_k: int) -> ExpertCach
         return ExpertCache.per_layer(split_slots(n_slots, layers))
     if policy == "shared":
         return ExpertCache.shared(n_slots)
+    if policy == "lfu":
+        cache = FrequencyCache.per_layer(split_slots(n_slots, layers))
+        cache.freq.update(prior or {})
+        return cache
     if policy == "none":
         return NoCache.per_layer([top_k] * layers)
-    raise ConfigError(f"--cache-policy {policy!r} is not one of layer, shared, none")
+    raise ConfigError(f"--cache-policy {policy!r} is not one of layer, shared, lfu, none")

@@ -24,7 +24,7 @@ from formats.reader import MoepackFile
 from ..experts import expert_ffn
 from ..graphs import ExpertGraphs, graphs_supported
 from .budget import MemoryPlan
-from .cache import ExpertCache, Key, make_cache
+from .cache import ExpertCache, Key, calibration_prior, make_cache
 from .host import HostStore, PendingRead
 from .schedule import Compute, Load, Planner
 from .streams import NULL_EVENT, CopyEngine
@@ -79,7 +79,9 @@ class OffloadedExperts:
         if prefetch and router_weights is None:
             raise ConfigError("speculative prefetch needs the model's routers", hint="pass router_weights, or --prefetch 0")
         n_slots = min(n_slots, self.layers * self.num_experts)
-        self.cache: ExpertCache = make_cache(policy, n_slots, self.layers, self.top_k)
+        # "lfu" starts from the file's calibration counts when it has them (moe-pack calibrate)
+        self.cache: ExpertCache = make_cache(policy, n_slots, self.layers, self.top_k,
+                                             prior=calibration_prior(file.header.expert_counts))
         self.policy = policy
         self.prefetch, self.prefetch_layers = prefetch, prefetch_layers
         self.planner = Planner(self.cache, prefetch)

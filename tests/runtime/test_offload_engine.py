@@ -68,7 +68,8 @@ def assert_same(ref, got, tol: float = 1e-5):
     dict(n_slots=2 * LAYERS, policy="shared", prefetch=2),
     dict(n_slots=4 * LAYERS + 1, policy="shared", prefetch=3, prefetch_layers=2),
     dict(n_slots=2 * LAYERS, policy="none"),
-], ids=["layer2", "layer3-pf", "layer5-pf2x2", "all", "shared2-pf", "shared-pf3x2", "none"])
+    dict(n_slots=3 * LAYERS, policy="lfu", prefetch=2),
+], ids=["layer2", "layer3-pf", "layer5-pf2x2", "all", "shared2-pf", "shared-pf3x2", "none", "lfu3-pf"])
 def test_same_tokens_and_logits_as_resident(tiny, kw):
     path, ref = tiny
     model = offloaded(path, **kw)
