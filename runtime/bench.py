@@ -1,5 +1,5 @@
 """Offloading benchmark: `python -m runtime.bench [--gpu-memory 12GiB] [--routing trace|model|all]
-[--variant naive|lru|prefetch|all] [--expert-bits 2|3] [--tiny] [--json FILE] [--write-md docs/BENCHMARKS.md]`.
+[--variant naive|lru|prefetch|hybrid|all ...] [--expert-bits 2|3] [--tiny] [--json FILE] [--write-md docs/BENCHMARKS.md]`.
 
 Builds (once, cached in --cache-dir) a synthetic .moepack file with real Mixtral-8x7B shapes
 (runtime.offload.synthfile), loads the non-expert weights on the device, fills the host
@@ -10,9 +10,11 @@ GPU budget x routing x variant:
   naive     every layer loads the experts it needs on every token (no cache, no prefetch)
   lru       the expert cache in the budget (--cache-policy: per-layer LRU by default, or lfu)
   prefetch  LRU + speculative prefetch of the next layer's experts
+  hybrid    LRU, and each decode step computes some of its missed experts on the CPU from host
+            RAM while the others are copied (runtime.offload.hybrid); not part of "all"
 
-Routing `model` uses the model's own (random) routers: nearly uniform, the worst case for a
-cache. Routing `trace` replaces each layer's choice by a synthetic trace calibrated to real
+Routing `model` uses the model's own (random) routers, meant as the worst case for a cache
+(on a random-weight model they turn out to repeat from token to token). Routing `trace` replaces each layer's choice by a synthetic trace calibrated to real
 Mixtral-8x7B routing (runtime.offload.traces), the prefetcher's guess being right with
 probability --guess-accuracy per expert. The transfer bound is the calibrated pinned
 host->device bandwidth divided by the bytes copied per token. --simulate prints the cache
@@ -53,6 +55,7 @@ from .offload.traces import SyntheticRouting, reference_params, trace_steps
 
 FP16 = QuantSpec(16)
 VARIANTS = ("naive", "lru", "prefetch")
+EXTRA_VARIANTS = ("hybrid",)  # not in "all": LRU + missed experts computed on the CPU when that is faster
 EXPERT_SPECS = {2: QuantSpec(2, 16, 8, 128), 3: QuantSpec(3, 64, 8, 128)}
 
 
@@ -153,12 +156,13 @@ def decode(model, prompt: torch.Tensor, tokens: int, warmup: int) -> tuple[float
 
 def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant: str, routing: str, policy: str,
             prefetch_layers: int, guess_accuracy: float, prompt: torch.Tensor, tokens: int, warmup: int,
-            seed: int, bandwidth: float, cuda_graphs: bool | None = None) -> dict:
+            seed: int, bandwidth: float, cuda_graphs: bool | None = None, cpu_threads: int | None = None) -> dict:
     device = model.device
     backend = OffloadedExperts(
         file, device, model.dtype, n_slots=n_slots, policy="none" if variant == "naive" else policy,
         prefetch=None if variant == "prefetch" else 0, prefetch_layers=prefetch_layers,
         router_weights=model.router_weights, host=host, progress=False, cuda_graphs=cuda_graphs,
+        hybrid=variant == "hybrid", cpu_threads=cpu_threads,
     )
     if routing == "trace":
         backend.routing = SyntheticRouting(reference_params(model.config.num_hidden_layers, model.config.num_local_experts),
@@ -186,7 +190,7 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         "copied_gbps": s["bytes_copied"] / seconds / 1e9, "copy_stream_gbps": s["copy_gbps"],
         "mb_per_token": per_token / 1e6, "bound_tok_s": bound, "ratio_to_bound": tok_s / bound if per_token else 0.0,
         "compute_wait_s": s["compute_wait_s"], "read_wait_s": s["read_wait_s"], "file_reads": s["file_reads"],
-        "cuda_graphs": s["cuda_graphs"], "stats": s,
+        "cuda_graphs": s["cuda_graphs"], "cpu_experts_per_token": s["cpu_experts"] / n, "stats": s,
     }
     row["gpu_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else "-"
     return row
@@ -237,7 +241,7 @@ RUN_COLUMNS = [
     ("prefetch_recall", "pf recall", ".3f"), ("prefetch_precision", "pf precision", ".3f"),
     ("copied_gbps", "GB/s copied", ".2f"), ("mb_per_token", "MB/token", ".4g"), ("bound_tok_s", "bound tok/s", ".4g"),
     ("ratio_to_bound", "of bound", ".2f"), ("compute_wait_s", "wait s", ".2f"), ("file_reads", "file reads", "d"),
-    ("gpu_peak_gib", "peak GiB", ".2f"),
+    ("cpu_experts_per_token", "CPU experts/token", ".1f"), ("gpu_peak_gib", "peak GiB", ".2f"),
 ]
 SIM_COLUMNS = [
     ("slots_per_layer", "slots/layer", "d"), ("policy", "policy", ""), ("prefetch", "prefetch", "d"),
@@ -255,7 +259,9 @@ SIM_COLUMNS = [
 @click.option("--host-memory", metavar="SIZE", help="RAM for expert records; the rest stream from the file.")
 @click.option("--routing", type=click.Choice(["model", "trace", "all"]), default="all", show_default=True)
 @click.option("--guess-accuracy", type=float, default=0.8, show_default=True, help="Trace routing: P(prefetch guess right), per expert.")
-@click.option("--variant", type=click.Choice([*VARIANTS, "all"]), default="all", show_default=True)
+@click.option("--variant", "variant_names", type=click.Choice([*VARIANTS, *EXTRA_VARIANTS, "all"]), multiple=True,
+              help="Repeat for several [default: all = naive, lru, prefetch].")
+@click.option("--cpu-threads", type=click.IntRange(1), default=None, help="Threads of the CPU expert kernel (variant hybrid).")
 @click.option("--cache-policy", type=click.Choice(["layer", "shared", "lfu"]), default="layer", show_default=True,
               help="layer: per-layer LRU; shared: one LRU pool; lfu: per-layer, least used evicted first.")
 @click.option("--prefetch-layers", type=click.IntRange(1), default=1, show_default=True)
@@ -272,7 +278,7 @@ SIM_COLUMNS = [
 @click.option("--write-md", type=click.Path(dir_okay=False, path_type=Path), help="Append a section with the results to this markdown file.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="Decode replays a captured CUDA graph per expert slot (runtime.graphs); CUDA only.")
-def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, guess_accuracy, variant, cache_policy,
+def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, guess_accuracy, variant_names, cpu_threads, cache_policy,
         prefetch_layers, tokens, warmup, prompt_len, device_name, dtype_name, cache_dir, seed, simulate, json_path, write_md,
         cuda_graphs):
     layers = layers or (4 if tiny else 32)
@@ -326,7 +332,9 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
     configs = [(f"{n}/layer", n * cfg.num_hidden_layers) for n in slot_counts]  # (label, n_slots)
     configs += [(b, slots(b, weights)) for b in budgets]
     routings = ["trace", "model"] if routing == "all" else [routing]
-    variants = list(VARIANTS) if variant == "all" else [variant]
+    variants = []
+    for v in variant_names or ("all",):
+        variants += [x for x in (VARIANTS if v == "all" else (v,)) if x not in variants]
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).to(device)
     rows = []
@@ -336,7 +344,7 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
                 row = run_one(model, file, host, n_slots=n_slots, variant=v, routing=r, policy=cache_policy,
                               prefetch_layers=prefetch_layers, guess_accuracy=guess_accuracy, prompt=prompt,
                               tokens=tokens, warmup=warmup, seed=seed, bandwidth=bandwidth,
-                              cuda_graphs=None if cuda_graphs else False)
+                              cuda_graphs=None if cuda_graphs else False, cpu_threads=cpu_threads)
                 row.update(budget=label, host=host_memory or "all")
                 rows.append(row)
                 if json_path and json_path != "-":  # results so far survive an interrupted sweep

@@ -25,6 +25,7 @@ from ..experts import expert_ffn
 from ..graphs import ExpertGraphs, graphs_supported
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, calibration_prior, make_cache
+from .hybrid import CostModel
 from .host import HostStore, PendingRead
 from .schedule import Compute, Load, Planner
 from .streams import NULL_EVENT, CopyEngine
@@ -62,6 +63,8 @@ class OffloadedExperts:
         io_threads: int = 4,
         progress: bool = True,
         cuda_graphs: bool | None = None,
+        hybrid: bool = False,
+        cpu_threads: int | None = None,
     ):
         cfg = file.config
         self.file, self.layout = file, file.header.expert_layout
@@ -106,6 +109,12 @@ class OffloadedExperts:
         self._free = [NULL_EVENT] * self.cache.n_slots  # compute that last read the slot done
         self._pending: dict[int, PendingRead] = {}  # slot -> on-demand read whose copy is not issued yet
         self.plan: MemoryPlan | None = None  # set by the options' factory: where the budget went
+        # hybrid: a decode step may compute some missed experts on the CPU instead of copying them
+        self.cost: CostModel | None = None
+        self.cpu_threads = cpu_threads
+        if hybrid:
+            self.cost = CostModel(self.layout.record_size)
+            self._calibrate_hybrid()
         self.reset_stats()
 
     # -- ExpertBackend ----------------------------------------------------------------------
@@ -115,6 +124,11 @@ class OffloadedExperts:
         self._issue_finished_reads()
         routes, guesses = self._decide(layer, x, topk_idx)
         needed, positions = _by_need(routes, k)
+        on_cpu = self._cpu_choice(layer, needed) if self.cost is not None and T == 1 else []
+        if on_cpu:
+            needed = [e for e in needed if e not in on_cpu]
+            # the token and its weights go to the host now, before the GPU work is queued
+            x_host, w_host = x.float().cpu(), topk_w.float().cpu()
         ops = self.planner.plan(layer, needed, guesses)
         self.calls += 1
         self.tokens += T
@@ -148,13 +162,19 @@ class OffloadedExperts:
                 out.index_add_(0, tok, y * w)
             self._free[op.slot] = self.copier.mark_used()  # the slot may be overwritten after this
             self.expert_tokens += len(positions[e])
+        if on_cpu:  # the GPU works through its queue meanwhile
+            y = self._cpu_compute(layer, on_cpu, positions, x_host, w_host).to(self.device, x.dtype)
+            out = y if out is None else out + y
         return out if out is not None else torch.zeros_like(x)
 
     def stats(self) -> dict:
         d = {"backend": "offload", "policy": self.policy, "slots": self.cache.n_slots,
              "prefetch": self.prefetch, "prefetch_layers": self.prefetch_layers,
              "layer_calls": self.calls, "tokens": self.tokens, "expert_tokens": self.expert_tokens,
-             "read_wait_s": self.read_wait_s, "cuda_graphs": self.graphs is not None and self.graphs.capturing}
+             "read_wait_s": self.read_wait_s, "cuda_graphs": self.graphs is not None and self.graphs.capturing,
+             "hybrid": self.cost is not None, "cpu_experts": self.cpu_experts, "cpu_expert_s": self.cpu_expert_s,
+             "cpu_s_per_expert": None if self.cost is None else self.cost.cpu_s,
+             "copy_s_per_expert": None if self.cost is None else self.cost.copy_s}
         d.update(self.planner.stats.to_json())
         d.update(self.copier.stats())
         d.update(self.host.stats())
@@ -166,6 +186,8 @@ class OffloadedExperts:
         self.host.reset_stats()
         self.calls = self.tokens = self.expert_tokens = 0
         self.read_wait_s = 0.0
+        self.cpu_experts = 0
+        self.cpu_expert_s = 0.0
 
     def close(self) -> None:
         """Finish in-flight work; give back staging buffers, and the host tier if this backend made it."""
@@ -174,6 +196,56 @@ class OffloadedExperts:
         self.copier.synchronize()
         if self._own_host:
             self.host.close()
+
+    # -- hybrid: copy or compute ---------------------------------------------------------
+    def _calibrate_hybrid(self) -> None:
+        """Measure one copy and one CPU expert, so the first split is already informed."""
+        from ..cpu_expert import cpu_expert_ffn
+
+        key = next(((L, e) for L in range(self.layers) for e in range(self.num_experts)
+                    if self.host.view((L, e)) is not None), None)
+        if key is None:
+            return
+        src = self.host.view(key)
+        if self.device.type == "cuda":
+            self.slots[0].copy_(src, non_blocking=True)  # warm-up
+            torch.cuda.synchronize(self.device)
+            t = time.perf_counter()
+            self.slots[0].copy_(src, non_blocking=True)
+            torch.cuda.synchronize(self.device)
+            self.cost.copy_gbps = src.numel() / max(time.perf_counter() - t, 1e-9) / 1e9
+        x = torch.zeros(1, self.file.config.hidden_size)
+        cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)  # loads or compiles the kernel
+        t = time.perf_counter()
+        cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
+        self.cost.cpu_s = time.perf_counter() - t
+
+    def _cpu_choice(self, layer: int, needed: list[int]) -> list[int]:
+        """The missed experts of this decode step to compute on the CPU (see offload.hybrid)."""
+        misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
+        n = self.cost.split(len(misses)) if misses else 0
+        return misses[len(misses) - n:]
+
+    def _cpu_compute(self, layer: int, experts: list[int], positions: dict[int, list[int]],
+                     x_host: torch.Tensor, w_host: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j * expert_j(x) over `experts`, on the CPU from their host records: [1, H] float32."""
+        from ..cpu_expert import cpu_expert_ffn
+
+        t = time.perf_counter()
+        out = None
+        for e in experts:
+            self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
+            y = cpu_expert_ffn(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads)  # [1, H]
+            y = y * w_host[:, positions[e][0]:positions[e][0] + 1]
+            out = y if out is None else out + y
+        dt = time.perf_counter() - t
+        self.cost.observe_cpu(dt / len(experts))
+        self.cpu_experts += len(experts)
+        self.cpu_expert_s += dt
+        self.planner.stats.uses += len(experts)
+        self.planner.stats.misses += len(experts)
+        self.expert_tokens += len(experts)
+        return out
 
     # -- routing --------------------------------------------------------------------------
     def _targets(self, layer: int) -> list[int]:

@@ -37,6 +37,8 @@ class OffloadOptions:
     io_threads: int = 4
     staging: int = DEFAULT_STAGING
     offload: bool | None = None  # None: offload only when an option asks for it or the GPU is too small
+    hybrid: bool = False  # decode may compute missed experts on the CPU instead of copying them
+    cpu_threads: int | None = None  # threads of the CPU expert kernel (None: numba's default)
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -49,19 +51,23 @@ class OffloadOptions:
             raise ConfigError(f"--expert-slots {self.expert_slots} must be at least 1")
         if self.io_threads < 1:
             raise ConfigError(f"--io-threads {self.io_threads} must be at least 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"--cpu-threads {self.cpu_threads} must be at least 1")
         if self.staging < 1:
             raise ConfigError(f"staging buffers ({self.staging}) must be at least 1")
 
     @classmethod
     def from_cli(cls, gpu_memory: str | None = None, host_memory: str | None = None, prefetch: int | None = None,
                  prefetch_layers: int = 1, cache_policy: str = "layer", expert_slots: int | None = None,
-                 io_threads: int = 4, offload: bool | None = None, **_other) -> "OffloadOptions":
+                 io_threads: int = 4, offload: bool | None = None, hybrid: bool = False,
+                 cpu_threads: int | None = None, **_other) -> "OffloadOptions":
         """From the values click parsed (other keyword arguments of the command are ignored)."""
         return cls(
             gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory"),
             host_memory=None if host_memory is None else parse_size(host_memory, "--host-memory"),
             prefetch=prefetch, prefetch_layers=prefetch_layers, cache_policy=cache_policy,
-            expert_slots=expert_slots, io_threads=io_threads, offload=offload,
+            expert_slots=expert_slots, io_threads=io_threads, offload=offload, hybrid=hybrid,
+            cpu_threads=cpu_threads,
         )
 
     @property
@@ -70,10 +76,11 @@ class OffloadOptions:
         if self.offload is not None:
             return self.offload
         return any(v is not None for v in (self.gpu_memory, self.host_memory, self.expert_slots, self.prefetch)) \
-            or self.cache_policy != "layer" or self.prefetch_layers != 1
+            or self.cache_policy != "layer" or self.prefetch_layers != 1 or self.hybrid
 
 
-OPTION_NAMES = ("gpu_memory", "host_memory", "prefetch", "prefetch_layers", "cache_policy", "expert_slots", "io_threads", "offload")
+OPTION_NAMES = ("gpu_memory", "host_memory", "prefetch", "prefetch_layers", "cache_policy", "expert_slots", "io_threads", "offload",
+                "hybrid", "cpu_threads")
 
 
 def offload_options(f: Callable) -> Callable:
@@ -92,6 +99,9 @@ def offload_options(f: Callable) -> Callable:
                      help="layer: LRU per layer; shared: one LRU pool for all layers; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); none: load every expert on every use."),
         click.option("--expert-slots", type=int, default=None, metavar="N", help="Exact number of GPU expert slots (overrides the budget's count)."),
         click.option("--io-threads", type=int, default=4, show_default=True, help="Threads reading streamed experts from the file."),
+        click.option("--hybrid", is_flag=True, help="Decode computes some missed experts on the CPU (from host RAM) while "
+                     "others are copied, split by measured costs (needs numba)."),
+        click.option("--cpu-threads", type=int, default=None, metavar="N", help="Threads of the CPU expert kernel (--hybrid)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -170,6 +180,7 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
             file, device, dtype, n_slots=n_slots, policy=opts.cache_policy, prefetch=opts.prefetch,
             prefetch_layers=opts.prefetch_layers, router_weights=model.router_weights, host_resident=resident,
             staging=opts.staging, io_threads=opts.io_threads, progress=progress, cuda_graphs=cuda_graphs,
+            hybrid=opts.hybrid, cpu_threads=opts.cpu_threads,
         )
         backend.plan = replace(plan, n_slots=backend.cache.n_slots)
         return backend

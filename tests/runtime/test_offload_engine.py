@@ -245,3 +245,28 @@ def test_graph_interface_same_tokens(tiny, kw):
     g = model.experts.graphs
     assert g is not None and not g.capturing and g.replays > 0
     assert model.experts.stats()["cuda_graphs"] is False  # nothing captured on the CPU
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_slots=2 * LAYERS),
+    dict(n_slots=3 * LAYERS, prefetch=2),
+    dict(n_slots=3 * LAYERS, policy="lfu", cuda_graphs=True),
+], ids=["layer2", "layer3-pf", "lfu3-graph-interface"])
+def test_hybrid_same_tokens(tiny, kw):
+    """Missed experts computed on the CPU from their host records (offload.hybrid) instead of
+    copied: the same tokens and logits as the resident model."""
+    path, ref = tiny
+    model = offloaded(path, hybrid=True, cpu_threads=1, **kw)
+    model.experts.cost.cpu_s = 0.0  # the CPU looks free: every eligible miss goes there
+    assert_same(ref, greedy(model))
+    s = model.experts.stats()
+    assert s["hybrid"] and s["cpu_experts"] > 0 and s["cpu_expert_s"] > 0
+    assert s["uses"] == s["hits"] + s["misses"]
+
+
+def test_hybrid_split_follows_the_costs(tiny):
+    path, ref = tiny
+    model = offloaded(path, n_slots=2 * LAYERS, hybrid=True, cpu_threads=1)
+    model.experts.cost.cpu_s, model.experts.cost.smoothing = 1e9, 0.0  # the CPU looks hopeless
+    assert_same(ref, greedy(model))
+    assert model.experts.stats()["cpu_experts"] == 0

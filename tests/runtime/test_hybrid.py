@@ -1,0 +1,35 @@
+"""The copy-or-compute split of offload.hybrid.CostModel."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtime.offload.hybrid import CostModel
+
+
+def test_split_balances_the_two_sides():
+    m = CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=0.0025)  # a copy takes 1.25 ms
+    assert m.split(0) == 0
+    assert m.split(1) == 0  # 1.25 ms copying beats 2.5 ms on the CPU
+    assert m.split(3) == 1  # 2 copies (2.5 ms) beside 1 CPU expert (2.5 ms)
+    assert m.split(6) == 2  # 4 copies (5 ms) beside 2 CPU experts (5 ms)
+    assert m.split(3, copy_backlog_s=0.01) == 3  # the link is busy for 10 ms: all on the CPU
+    assert CostModel(67_000_000, 53.6, cpu_s=1.0).split(20) == 0
+
+
+@given(st.integers(0, 40), st.floats(1e-4, 1e-1), st.floats(1e-4, 1e-1), st.floats(0, 0.05))
+def test_split_is_optimal(n, copy_s, cpu_s, backlog):
+    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s)
+    c = m.split(n, backlog)
+    cost = lambda c: max(backlog + (n - c) * m.copy_s, c * cpu_s)  # noqa: E731
+    assert 0 <= c <= n
+    assert all(cost(c) <= cost(o) + 1e-12 for o in range(n + 1))
+
+
+def test_running_averages():
+    m = CostModel(record_bytes=1, cpu_s=0.010, smoothing=0.5)
+    m.observe_cpu(0.002)
+    assert abs(m.cpu_s - 0.006) < 1e-12
+    m.observe_copy(0)  # no measurement: unchanged
+    assert m.copy_gbps == 25.0
