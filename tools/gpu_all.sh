@@ -6,7 +6,10 @@
 #   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch;
 #   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step);
 #   7. tools/cpu_expert_bench.py (the CPU expert path on the host's cores);
-#   8. runtime.bench at 12GiB with --host-memory 8GiB (experts streamed from the file).
+#   8. runtime.bench at 12GiB with --host-memory 8GiB (experts streamed from the file);
+#   9. what the session of 2026-11-22 built but could not measure: LRU vs LFU vs hybrid at 8, 12
+#      and 16 GiB (trace routing), and 32 layers with every expert resident (decode with CUDA
+#      graphs, 512-token prefill) for issue #6's 200 tok/s and 2958 tok/s.
 # STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT (at most 8 files).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -60,5 +63,13 @@ has 5 && ! grep -q '"tok_s"' "$OUT/bench.json" 2>/dev/null && run bench_eager 90
 has 7 && run cpu_expert 60 $PY tools/cpu_expert_bench.py --json "$OUT/cpu_expert.json"
 has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 --routing trace \
   --variant all --gpu-memory 12GiB --host-memory 8GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_streaming.json" $BENCH_FLAGS
+has 9 && run bench_policies 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
+  --routing trace --variant lru --variant hybrid --gpu-memory 8GiB --gpu-memory 12GiB --gpu-memory 16GiB \
+  --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_lru_hybrid.json" $BENCH_FLAGS
+has 9 && run bench_lfu 150 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
+  --routing trace --variant lru --variant hybrid --cache-policy lfu --gpu-memory 12GiB \
+  --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_lfu.json" $BENCH_FLAGS
+has 9 && run resident_32 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2 --cuda-graphs on \
+  --prompt-len 512 --new-tokens 64 > $OUT/resident_32.jsonl"
 log "total"
 tail -n 40 "$OUT/all.log"
