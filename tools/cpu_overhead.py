@@ -6,24 +6,20 @@ plus per-call host times of the fused kernels' wrappers in the same process.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from runtime.baseline_bench import bench_config, bench_recipe  # noqa: E402
-from runtime.device import resolve_device, resolve_dtype, synchronize  # noqa: E402
+from profile_decode import parse_args, resident_model  # noqa: E402
+from runtime.device import synchronize  # noqa: E402
 from runtime.kernels import fused_expert_ffn  # noqa: E402
-from runtime.loader import load_model  # noqa: E402
-from runtime.offload.synthfile import write_bench_file  # noqa: E402
 
 
 def per_call_us(fn, n: int, dev) -> float:
@@ -37,19 +33,8 @@ def per_call_us(fn, n: int, dev) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--recipe", default="4/2")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    dev = resolve_device(args.device)
-    dt = resolve_dtype("auto", dev)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_bench_file(Path(tmp) / "p.moepack", bench_config(args.layers, args.tiny),
-                                bench_recipe(args.recipe), progress=False)
-        model, file = load_model(path, dev, dt, ctx=64 + 2 * args.steps)
+    args = parse_args(argv, __doc__, 5)
+    model, file, dev = resident_model(args, 64 + 2 * args.steps)
     token = model(torch.arange(16, device=dev), 0, last_only=True)[-1].argmax()
     pos = 16
 
@@ -75,10 +60,11 @@ def main(argv=None) -> int:
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
     print(s.getvalue()[:6000])
-    x = torch.randn(1, model.config.hidden_size, device=dev, dtype=dt)
+    x = torch.randn(1, model.config.hidden_size, device=dev, dtype=model.dtype)
     rec = model.experts.records[0]
     layout = file.header.expert_layout
-    print(f"fused_expert_ffn eager, T=1: {per_call_us(lambda: fused_expert_ffn(rec, layout, x), 50, dev):.1f} us/call")
+    if dev.type == "cuda":  # the fused kernels need a GPU
+        print(f"fused_expert_ffn eager, T=1: {per_call_us(lambda: fused_expert_ffn(rec, layout, x), 50, dev):.1f} us/call")
     q = getattr(getattr(model.layers[0], "attn", None), "q_proj", None)
     if q is not None:
         print(f"attention q projection eager: {per_call_us(lambda: q(x), 50, dev):.1f} us/call")

@@ -26,34 +26,44 @@ from runtime.loader import load_model  # noqa: E402
 from runtime.offload.synthfile import write_bench_file  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv, description: str, steps: int) -> argparse.Namespace:
+    """The options both decode-profiling tools take (tools/cpu_overhead.py imports this)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--recipe", default="4/2")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def resident_model(args: argparse.Namespace, ctx: int):
+    """(model, file, device): a synthetic file of args' shape and recipe, every expert resident."""
     dev = resolve_device(args.device)
-    dt = resolve_dtype("auto", dev)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_bench_file(Path(tmp) / "p.moepack", bench_config(args.layers, args.tiny),
                                 bench_recipe(args.recipe), progress=False)
-        model, _ = load_model(path, dev, dt, ctx=64 + args.steps)
-        token = model(torch.arange(16, device=dev), 0, last_only=True)[-1].argmax()
-        pos = 16
-        for _ in range(4):
+        model, file = load_model(path, dev, resolve_dtype("auto", dev), ctx=ctx)
+    return model, file, dev
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, __doc__, 8)
+    model, _, dev = resident_model(args, 64 + args.steps)
+    token = model(torch.arange(16, device=dev), 0, last_only=True)[-1].argmax()
+    pos = 16
+    for _ in range(4):
+        token = model(token.view(1), pos, last_only=True)[-1].argmax()
+        pos += 1
+    synchronize(dev)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
             token = model(token.view(1), pos, last_only=True)[-1].argmax()
             pos += 1
         synchronize(dev)
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with torch.profiler.profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                token = model(token.view(1), pos, last_only=True)[-1].argmax()
-                pos += 1
-            synchronize(dev)
-            wall = (time.perf_counter() - t0) / args.steps
+        wall = (time.perf_counter() - t0) / args.steps
     gpu: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
