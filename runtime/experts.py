@@ -18,7 +18,7 @@ from formats.header import ExpertLayout
 from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
-from .graphs import ExpertGraphs, graphs_supported
+from .graphs import expert_graphs
 from .kernels import fused_expert_ffn, use_fused
 
 
@@ -37,8 +37,8 @@ CPU_KERNEL_MAX_TOKENS = 4
 
 def _cpu_kernel_applies(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
     """Whether runtime.cpu_expert computes this call: a few tokens, a packed expert in CPU
-    memory, numba installed. (Its own fallback conditions are the negation of this, so the
-    two never call each other in a loop.)"""
+    memory, numba installed. (Its fallback calls plain_expert_ffn, never expert_ffn, so the
+    two cannot call each other in a loop.)"""
     if x.device.type != "cpu" or record.device.type != "cpu" or x.shape[0] > CPU_KERNEL_MAX_TOKENS:
         return False
     if not all(m.spec.quantized for m in layout.matrices):
@@ -119,12 +119,7 @@ class ResidentExperts:
         self.device, self.dtype = torch.device(device), dtype
         self.records = load_records(file, self.device, progress)  # [L * E, record_size]
         # decode steps replay one captured graph per expert (runtime.graphs); None: on CUDA
-        self.graphs = None
-        if cuda_graphs is None:
-            cuda_graphs = graphs_supported(self.device)
-        if cuda_graphs:
-            self.graphs = ExpertGraphs(self.records, self.layout, dtype, file.config.hidden_size)
-            self.graphs.capture_all()
+        self.graphs = expert_graphs(self.records, self.layout, dtype, file.config.hidden_size, cuda_graphs)
         x = torch.zeros(1, file.config.hidden_size, dtype=dtype)
         if len(self.records) and _cpu_kernel_applies(self.records[0], self.layout, x):
             # import numba and load (or compile) its kernels now, at load time, not inside the

@@ -29,6 +29,19 @@ def graphs_supported(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available() and triton_available()
 
 
+def expert_graphs(records: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype, hidden: int,
+                  enabled: bool | None) -> "ExpertGraphs | None":
+    """The backends' decode graphs over `records`, every row captured now; None when disabled.
+    enabled=None: on wherever graphs can run (graphs_supported)."""
+    if enabled is None:
+        enabled = graphs_supported(records.device)
+    if not enabled:
+        return None
+    graphs = ExpertGraphs(records, layout, dtype, hidden)
+    graphs.capture_all()
+    return graphs
+
+
 class ExpertGraphs:
     """set_input(x [1, H]) once per layer, then run(row) -> [1, H] (in `dtype`) per expert:
     the FFN of records[row] applied to x, by graph replay."""

@@ -22,7 +22,7 @@ from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
 from ..experts import expert_ffn
-from ..graphs import ExpertGraphs, graphs_supported
+from ..graphs import expert_graphs
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, calibration_prior, make_cache
 from .hybrid import CostModel
@@ -99,12 +99,7 @@ class OffloadedExperts:
         # allocated once; rows are reused by every expert that passes through the cache
         self.slots = torch.empty((self.cache.n_slots, self.layout.record_size), dtype=torch.uint8, device=self.device)
         # decode replays one captured graph per slot (runtime.graphs); None: on CUDA
-        self.graphs = None
-        if cuda_graphs is None:
-            cuda_graphs = graphs_supported(self.device)
-        if cuda_graphs:
-            self.graphs = ExpertGraphs(self.slots, self.layout, dtype, cfg.hidden_size)
-            self.graphs.capture_all()
+        self.graphs = expert_graphs(self.slots, self.layout, dtype, cfg.hidden_size, cuda_graphs)
         self._ready = [NULL_EVENT] * self.cache.n_slots  # copy into the slot done
         self._free = [NULL_EVENT] * self.cache.n_slots  # compute that last read the slot done
         self._pending: dict[int, PendingRead] = {}  # slot -> on-demand read whose copy is not issued yet
