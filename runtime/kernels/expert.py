@@ -61,10 +61,12 @@ def _decode_plan(layout: ExpertLayout) -> _DecodePlan | None:
         index = {}
         for name, dtype, itemsize, off, shape, strides in plan:
             off += m.offset
-            if name in ("q", "q_hi"):  # bit planes: int32 words, as qgemv._word_view
-                if off % 4 or shape[1] % 4:
+            if name in ("q", "q_hi"):  # bit planes: int32 words / int16 half-words, as words.word_view
+                size = 4 if name == "q" else 2
+                if off % size or shape[1] % size:
                     return None
-                dtype, itemsize, shape, strides = torch.int32, 4, (shape[0], shape[1] // 4), (shape[1] // 4, 1)
+                dtype, itemsize = (torch.int32 if size == 4 else torch.int16), size
+                shape, strides = (shape[0], shape[1] // size), (shape[1] // size, 1)
             if off % 4:  # the runtime check below is then one test on the record
                 return None
             dtypes[dtype] = itemsize

@@ -9,10 +9,14 @@ import torch.nn.functional as F
 from formats.errors import ConfigError
 from formats.qtensor import QuantSpec
 
-# Tile of the dequantize kernel: 4096 weights per program, rows of 256 contiguous outputs
-# (512-byte fp16 stores per row).
+from .words import codes_per_word, high_plane_view, word_layout_ok, word_view
+
+# Tile of the byte-wise dequantize kernel: 4096 weights per program, rows of 256 contiguous
+# outputs (512-byte fp16 stores per row).
 DEQUANT_BLOCK_N = 16
 DEQUANT_BLOCK_K = 256
+# Words per row of a tile of the word-wise kernel (16 rows x 32 words: 8192 weights at 2 bits)
+DEQUANT_BLOCK_W = 32
 
 # One buffer per (device, dtype, stream): kernels on one stream run in order, so the next
 # matrix may overwrite the buffer as soon as the previous matmul is queued; two streams
@@ -44,7 +48,7 @@ def release_scratch() -> None:
 def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec,
                     out: torch.Tensor) -> torch.Tensor:
     """Write W [N, K] of a packed matrix into `out` ([N, K], unit column stride, fp16/bf16/fp32)."""
-    from .triton_dequant import dequant_kernel  # triton is imported only when a kernel runs
+    from .triton_dequant import dequant_kernel, dequant_words_kernel  # triton only when a kernel runs
 
     n, k = shape
     if not spec.quantized:
@@ -58,17 +62,37 @@ def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec
     qh = comps.get("q_hi", q)
     s, z = comps["scale"], comps["zero"]
     sm, zm = comps.get("scale_meta", s), comps.get("zero_meta", z)
+    mg = max(spec.meta_group_size, 1)
+    # no fused multiply-add in either kernel: the same roundings as formats.qtensor.decode_matrix,
+    # so prefill sees bit-exact weights on every device (the kernels are bound by their stores)
+    words = _words(q, qh, shape, spec)
+    if words is not None:
+        per = codes_per_word(spec)
+        grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(k // per, DEQUANT_BLOCK_W))
+        dequant_words_kernel[grid](
+            out, *words, s, sm, z, zm, n, k, out.stride(0),
+            MG=mg, BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+            BLOCK_N=DEQUANT_BLOCK_N, BLOCK_W=DEQUANT_BLOCK_W, enable_fp_fusion=False,
+        )
+        return out
     grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(k, DEQUANT_BLOCK_K))
     dequant_kernel[grid](
         out, q, qh, s, sm, z, zm,
-        n, k, q.shape[1], qh.shape[1], max(spec.meta_group_size, 1), out.stride(0),
-        BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
-        BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K,
-        # no fused multiply-add: the same roundings as formats.qtensor.decode_matrix, so
-        # prefill sees bit-exact weights on every device (the kernel is bound by its stores)
-        enable_fp_fusion=False,
+        n, k, q.shape[1], qh.shape[1], out.stride(0),
+        MG=mg, BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+        BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, enable_fp_fusion=False,
     )
     return out
+
+
+def _words(q: torch.Tensor, qh: torch.Tensor, shape: tuple[int, int], spec: QuantSpec) -> tuple | None:
+    """The low and high planes as int32 words for dequant_words_kernel, or None when the layout
+    needs the byte-wise kernel."""
+    if not word_layout_ok(shape, spec):
+        return None
+    lo = word_view(q)
+    hi = high_plane_view(qh) if spec.bits == 3 else lo
+    return None if lo is None or hi is None else (lo, hi)
 
 
 def _cdiv(a: int, b: int) -> int:

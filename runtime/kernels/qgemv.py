@@ -14,11 +14,11 @@ from formats.qtensor import QuantSpec
 
 from .configs import DEFAULT_SM_COUNT, GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
+from .words import FUSED_BITS, codes_per_word, high_plane_view, word_layout_ok, word_view  # noqa: F401 (re-exported)
 
 # More tokens than this: dequantize once and use a dense matmul (tensor cores); the fused
 # GEMV re-multiplies every unpacked weight per token on the CUDA cores.
 PREFILL_THRESHOLD = 16
-FUSED_BITS = (2, 3, 4, 8)
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -38,18 +38,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def gemv_supported(shape: tuple[int, int], spec: QuantSpec) -> bool:
-    """Whether the fused GEMV handles this layout: word loads of every plane need K % 32 == 0,
-    and no word may straddle two groups (group size a multiple or a divisor of the codes per
-    word: every power of two, and e.g. 24 at 4 bits). Others take dequantize + matmul."""
-    return _gemv_supported(shape[1], spec)
-
-
-@lru_cache(maxsize=256)
-def _gemv_supported(k: int, spec: QuantSpec) -> bool:
-    if spec.bits not in FUSED_BITS:
-        return False
-    per, g = codes_per_word(spec), spec.group_size
-    return k % 32 == 0 and (g % per == 0 or per % g == 0)
+    """Whether the fused GEMV handles this layout (see words.word_layout_ok); others take
+    dequantize + matmul."""
+    return word_layout_ok(shape, spec)
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -57,26 +48,14 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _word_view(plane: torch.Tensor) -> torch.Tensor | None:
-    """uint8 [N, B] plane as int32 words [N, B // 4], or None when its bytes are not 4-aligned."""
-    if plane.data_ptr() % 4 or plane.shape[1] % 4 or plane.stride(1) != 1 or plane.stride(0) % 4:
-        return None
-    return plane.view(torch.int32)
-
-
 def _gemv_args(comps: dict[str, torch.Tensor], spec: QuantSpec) -> tuple | None:
     """The six pointers of one matrix for qgemv_kernel (unused ones repeat a used tensor)."""
-    q = _word_view(comps["q"])
-    qh = _word_view(comps["q_hi"]) if "q_hi" in comps else q
+    q = word_view(comps["q"])
+    qh = high_plane_view(comps["q_hi"]) if "q_hi" in comps else q
     if q is None or qh is None:
         return None
     s, z = comps["scale"], comps["zero"]
     return (q, qh, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z))
-
-
-def codes_per_word(spec: QuantSpec) -> int:
-    """Codes per int32 word of the matrix's low bit plane (the kernel's x permutation period)."""
-    return 32 // (2 if spec.bits == 3 else spec.bits)
 
 
 def permute_x(x: torch.Tensor, per: int) -> torch.Tensor:
@@ -124,7 +103,7 @@ class GemvLaunch:
     out_shape: tuple[int, ...]
     out_per: int  # permute the result for a consumer with this many codes per word
     grid: tuple[int, int]
-    ints: tuple[int, int, int]  # n, k, meta group size (the scalars before x's stride)
+    ints: tuple[int, int]  # n, k (the scalars before x's stride)
     tail: tuple[int, int]  # the scalars after x's stride
     # the keyword arguments of the launch (constexprs, warps, stages); read-only by convention
     kwargs: dict = field(hash=False, compare=False)
@@ -141,7 +120,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
     if out_per > 1 and n % out_per:
         raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
     constexprs = dict(
-        TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+        MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -150,7 +129,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
         n=n, k=k, gated=gated, per=per, permute=cfg.permute_x and not x_permuted,
         unpermute=x_permuted and not cfg.permute_x, partial=partial,
         out_shape=(split, t, n) if partial else (t, n), out_per=out_per,
-        grid=(_cdiv(n, cfg.block_n), split), ints=(n, k, max(spec.meta_group_size, 1)), tail=(t * n, n),
+        grid=(_cdiv(n, cfg.block_n), split), ints=(n, k), tail=(t * n, n),
         kwargs=constexprs,
     )
 

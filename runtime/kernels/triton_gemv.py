@@ -3,15 +3,19 @@ reading the packed planes as int32 words and never materialising W.
 
 Layout (formats/qtensor.py, formats/packing.py): the low plane of width BL holds
 PER = 32 // BL codes per little-endian word, code c at bits BL*c, so word w of row n holds
-columns w*PER .. w*PER + PER - 1. 3-bit codes add a 1-bit plane (32 codes per word) whose
-word w // 2, shifted right by 16 * (w % 2), holds bit 2 of the same columns.
+columns w*PER .. w*PER + PER - 1. 3-bit codes add a 1-bit plane, read as little-endian
+16-bit half-words: half-word w holds bit 2 of the same columns (so it loads at the low
+plane's word index, with no gather and no per-word shift).
 
 A tile is [BLOCK_N rows, BKW words]; every tensor in the inner loop has that shape (plus a
 leading token axis), so nothing is reshaped and nothing is reduced across lanes until the
-program ends. Code c of every word comes out with a constant shift (the loop over c is
-unrolled) and becomes a float by the exponent trick: (q | 0x4B000000) read as float32 is
-2**23 + q exactly, one subtraction away from q (int-to-float converts run at a quarter of
-the FMA rate on sm_90). Per group segment of a word the tile accumulates
+program ends. Code c of every word (the loop over c is unrolled) becomes a float by the exponent trick without being shifted down: each
+half-word of codes is OR-ed once into the bit pattern of 2**23; masking code b of it in
+place (with the exponent bits) reads as the float 2**23 + q * 2**(BL*b), one subtraction
+away from q * 2**(BL*b), and x is scaled by 2**-(BL*b) to match. That is one integer
+instruction per weight (a LOP3) where shift-mask-or took three: the integer pipe, at half
+the FP32 rate on sm_90, bound the kernel (tools/sass_stats.py). Int-to-float converts run
+at a quarter of the FMA rate. Per group segment of a word the tile accumulates
     s * (sum_c q_c * x_c - z * sum_c x_c)
 so scale and zero cost a few operations per word, not per weight.
 
@@ -41,9 +45,11 @@ if _add is None:  # a triton without the private name: same reduction, slow in t
 
 
 @triton.jit
-def _load_meta(codes_ptr, meta_ptr, gidx, gmask, META8: tl.constexpr, MG):
+def _load_meta(codes_ptr, meta_ptr, gidx, gmask, META8: tl.constexpr, MG: tl.constexpr):
     """Scales or zeros of groups `gidx` as float32: f16 values, or u8 codes with a float32
-    (step, min) pair per MG consecutive groups."""
+    (step, min) pair per MG consecutive groups. MG is a compile-time constant: a runtime
+    divisor made `gidx // MG` a full integer division per loaded element (dozens of
+    instructions); a constant one is a shift (powers of two) or a multiply-high."""
     if META8:
         code = tl.load(codes_ptr + gidx, mask=gmask, other=0).to(tl.float32)
         mi = gidx // MG
@@ -56,7 +62,7 @@ def _load_meta(codes_ptr, meta_ptr, gidx, gmask, META8: tl.constexpr, MG):
 
 @triton.jit
 def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
-                 rows, n_mask, k0, K, MG,
+                 rows, n_mask, k0, K, MG: tl.constexpr,
                  T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                  META8: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr, X_PERMUTED: tl.constexpr):
     """acc [BT, BLOCK_N, BKW] += the products of the BKW words starting at column k0."""
@@ -70,9 +76,13 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
     r = rows[:, None]  # [BN, 1]
     m2 = n_mask[:, None] & w_ok[None, :]  # [BN, BKW]
     words = tl.load(q_ptr + r * KW + kw[None, :], mask=m2, other=0)  # [BN, BKW] int32
+    # Each half-word of codes OR-ed into the exponent of 2**23 (0x4B000000): see the loop below
+    lower = (words & 0xFFFF) | 0x4B000000  # codes 0 .. PER/2-1
+    upper = ((words >> 16) & 0xFFFF) | 0x4B000000  # codes PER/2 ..
     if BITS == 3:
-        hi = tl.load(qh_ptr + r * (K // 32) + (kw // 2)[None, :], mask=m2, other=0)
-        hi = hi >> ((kw % 2) * 16)[None, :]  # bit c = bit 2 of this word's code c
+        # int16 [N, K/16]: half-word w holds bit 2 of the codes of low-plane word w
+        hi = tl.load(qh_ptr + r * (K // 16) + kw[None, :], mask=m2, other=0).to(tl.int32)
+        hi = (hi & 0xFFFF) | 0x4B000000  # bit c = bit 2 of code c
     tt = tl.arange(0, BT)[:, None, None]  # [BT, 1, 1]
     x_rows = x_ptr + tt * stride_xt
     x_mask = (tt < T) & w_ok[None, None, :]  # [BT, 1, BKW]
@@ -84,16 +94,23 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
         xs = tl.full([BT, 1, BKW], 0.0, tl.float32)
         for i in tl.static_range(GW):
             c = j * GW + i  # a constexpr: j and i come from static_range
-            q = (words >> (c * BL)) & MASK  # arithmetic shift is fine: the mask drops the sign bits
-            if BITS == 3:
-                q = q | (((hi >> c) & 1) << 2)
-            qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exactly q
             if X_PERMUTED:
                 xo = c * KW + kw
             else:
                 xo = kw * PER + c
             xv = tl.load(x_rows + xo[None, None, :], mask=x_mask, other=0.0).to(tl.float32)  # [BT, 1, BKW]
-            dot += qf[None, :, :] * xv
+            # Code c sits at bit BL*b of `lower` or `upper` (b = c mod PER/2, below bit 16). ANDing
+            # the half-word, whose exponent bits already say 2**23, with the exponent mask and the
+            # code's bit mask leaves the float 2**23 + q * 2**(BL*b) exactly: one LOP3 and one
+            # subtraction per weight, no shift. x is scaled by 2**-(BL*b) instead (exact: a power
+            # of two), once per activation, not per weight.
+            bpos = c % (PER // 2)
+            src = upper if c >= PER // 2 else lower
+            qf = (src & (0x7F800000 | (MASK << (BL * bpos)))).to(tl.float32, bitcast=True) - 8388608.0
+            dot += qf[None, :, :] * (xv * (1.0 / (1 << (BL * bpos))))
+            if BITS == 3:  # bit 2 of code c, from the high plane the same way, weighted 4
+                hf = (hi & (0x7F800000 | (1 << c))).to(tl.float32, bitcast=True) - 8388608.0
+                dot += hf[None, :, :] * (xv * (4.0 / (1 << c)))
             xs += xv
         acc += s * (dot - z * xs)
     return acc
@@ -104,8 +121,8 @@ def qgemv_kernel(
     x_ptr, out_ptr, out2_ptr,
     qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
     qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
-    N, K, MG, stride_xt, stride_os, stride_ot,
-    TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+    N, K, stride_xt, stride_os, stride_ot,
+    MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     META8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr,
 ):

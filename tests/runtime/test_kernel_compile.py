@@ -65,7 +65,7 @@ def _gemv_types(bits: int, meta8: bool, act: str) -> dict[str, str]:
     meta = "*u8" if meta8 else "*fp16"
     t = {"x_ptr": act, "out_ptr": act, "out2_ptr": act}
     for m in "ab":
-        t |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i32", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
+        t |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i16", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
               f"sm{m}_ptr": "*fp32", f"zm{m}_ptr": "*fp32"}
     return t
 
@@ -85,7 +85,7 @@ def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t):
     act = "*fp32" if partial else "*fp16"
     bt = 1 << max(0, (t - 1).bit_length())
     k = _compile(qgemv_kernel, _gemv_types(bits, meta8, act) | {"x_ptr": "*fp16"},
-                 dict(TILES=4, T=t, BT=bt, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=256,
+                 dict(MG=128 if meta8 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=256,
                       X_PERMUTED=permuted, GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else 16))
     assert "ld.global" in k.asm["ptx"]
 
@@ -97,5 +97,17 @@ def test_dequant_compiles_for_sm90(bits, g, meta8):
     meta = "*u8" if meta8 else "*fp16"
     types = {"out_ptr": "*fp16", "q_ptr": "*u8", "qh_ptr": "*u8", "s_ptr": meta, "z_ptr": meta,
              "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
-    k = _compile(dequant_kernel, types, dict(BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=128))
+    k = _compile(dequant_kernel, types, dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=128))
+    assert "st.global" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("bits,g,meta8", [(2, 16, True), (3, 64, True), (4, 64, False), (4, 4, True), (8, 32, True)])
+def test_dequant_words_compiles_for_sm90(bits, g, meta8):
+    from runtime.kernels.triton_dequant import dequant_words_kernel
+
+    meta = "*u8" if meta8 else "*fp16"
+    types = {"out_ptr": "*fp16", "q_ptr": "*i32", "qh_ptr": "*i16", "s_ptr": meta, "z_ptr": meta,
+             "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
+    k = _compile(dequant_words_kernel, types,
+                 dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_W=32))
     assert "st.global" in k.asm["ptx"]

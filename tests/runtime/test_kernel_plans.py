@@ -78,8 +78,8 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
     partial = split > 1
     b = args[1] if gated else args[0]
     grid = (-(-n // cfg.block_n), split)
-    ints = (n, k, max(spec.meta_group_size, 1), x.stride(0), t * n, n)
-    kwargs = dict(TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
+    ints = (n, k, x.stride(0), t * n, n)
+    kwargs = dict(MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
                   META8=spec.meta_bits == 8, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
                   GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)

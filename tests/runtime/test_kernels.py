@@ -247,6 +247,27 @@ def test_dequantize_kernel_is_exact(device, spec, shape):
     assert torch.allclose(half.cpu().float(), torch.from_numpy(w).half().float(), rtol=1e-3, atol=1e-3)
 
 
+def test_dequantize_cases_cover_both_kernels():
+    """The word-wise kernel takes the usual layouts, the byte-wise one the rest: the cases
+    above run both (a change to the dispatch that sent everything one way would go unseen)."""
+    words = [prefill._words(*(lambda c: (c["q"], c.get("q_hi", c["q"])))(
+        component_tensors(on_device(packed(p.values[1], p.values[0], 0)[0], "cpu"), p.values[1], p.values[0])),
+        p.values[1], p.values[0]) is not None for p in DEQUANT_CASES]
+    assert any(words) and not all(words)
+
+
+def test_dequantize_words_need_aligned_planes():
+    """A plane that does not start on a 4-byte boundary cannot be read as words (the caller then
+    takes the byte-wise kernel)."""
+    spec, shape = QuantSpec(2, 16, 8, 128), (8, 64)
+    plane = torch.zeros(8, 20, dtype=torch.uint8)
+    assert prefill._words(plane[:, :16], plane[:, :16], shape, spec) is not None
+    assert prefill._words(plane[:, 1:17], plane[:, :16], shape, spec) is None
+    spec3 = QuantSpec(3, 16, 8, 128)  # its high plane is read as 16-bit half-words
+    assert prefill._words(plane[:, :16], plane[:, 2:10], shape, spec3) is not None
+    assert prefill._words(plane[:, :16], plane[:, 1:9], shape, spec3) is None
+
+
 # ------------------------------------------------------------------ one expert
 
 def make_expert(hidden: int, inter: int, spec: QuantSpec, seed: int):

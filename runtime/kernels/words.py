@@ -1,0 +1,46 @@
+"""The packed planes as the kernels read them: int32 words of PER codes each. Shared by the
+fused GEMV (qgemv.py) and the word-wise dequantize kernel (prefill.py)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from formats.qtensor import QuantSpec
+
+FUSED_BITS = (2, 3, 4, 8)
+
+
+def codes_per_word(spec: QuantSpec) -> int:
+    """Codes per int32 word of the matrix's low bit plane (the kernel's x permutation period)."""
+    return 32 // (2 if spec.bits == 3 else spec.bits)
+
+
+def word_layout_ok(shape: tuple[int, int], spec: QuantSpec) -> bool:
+    """Whether the word kernels handle this layout: word loads of every plane need K % 32 == 0,
+    and no word may straddle two groups (group size a multiple or a divisor of the codes per
+    word: every power of two, and e.g. 24 at 4 bits)."""
+    return _word_layout_ok(shape[1], spec)
+
+
+@lru_cache(maxsize=256)
+def _word_layout_ok(k: int, spec: QuantSpec) -> bool:
+    if spec.bits not in FUSED_BITS:
+        return False
+    per, g = codes_per_word(spec), spec.group_size
+    return k % 32 == 0 and (g % per == 0 or per % g == 0)
+
+
+def word_view(plane: torch.Tensor, itemsize: int = 4) -> torch.Tensor | None:
+    """uint8 [N, B] plane as int32 words [N, B // 4] (itemsize 2: int16 half-words [N, B // 2]),
+    or None when its bytes are not aligned to the item size."""
+    if plane.data_ptr() % itemsize or plane.shape[1] % itemsize or plane.stride(1) != 1 or plane.stride(0) % itemsize:
+        return None
+    return plane.view({4: torch.int32, 2: torch.int16}[itemsize])
+
+
+def high_plane_view(plane: torch.Tensor) -> torch.Tensor | None:
+    """The 1-bit plane of 3-bit codes as int16 [N, B // 2]: element w holds bit 2 of the 16 codes
+    of low-plane word w, so the kernels load it at the low plane's word index (no gather)."""
+    return word_view(plane, 2)

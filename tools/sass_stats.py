@@ -1,0 +1,185 @@
+"""Static instruction profile of the fused GEMV kernel, without a GPU.
+
+Compiles runtime/kernels/triton_gemv.qgemv_kernel ahead of time for sm_90 (triton's bundled
+ptxas) with the launch plan the runtime would use for Mixtral-8x7B shapes, disassembles it
+(triton's bundled cuobjdump) and counts the machine instructions of the main loop per weight,
+split by the pipe that executes them. With the H100's per-SM throughputs (128 FP32 lanes,
+64 INT32 lanes, 4 instruction issues per clock) that gives a lower bound on the kernel time
+for each pipe, to compare with the memory floor: a kernel whose busiest pipe needs longer
+than its bytes take to arrive cannot reach that floor, whatever its launch parameters.
+
+    python tools/sass_stats.py                 # every case, a table
+    python tools/sass_stats.py --case w13-2 --dump /tmp/k.sass
+    python tools/sass_stats.py --json stats.json
+
+Counts are static (one pass through the loop body); the loop runs TILES times per program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from formats.qtensor import QuantSpec, matrix_layout  # noqa: E402
+
+# H100 SXM: SMs, clock (GHz), lanes per SM per clock of each pipe, HBM bandwidth (B/s)
+SMS, CLOCK_GHZ, ISSUE_PER_SM = 132, 1.755, 4
+LANES = {"fp": 128, "int": 64, "mem": 32, "sfu": 16}
+HBM_BPS = 3.0e12
+# SASS opcode -> pipe (the rest counts as "other": control, moves, predicates)
+PIPES = {
+    "fp": ("FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "HADD2", "HFMA2", "HMUL2", "F2FP"),
+    "int": ("LOP3", "SHF", "SGXT", "IMAD", "IADD3", "ISETP", "LEA", "PRMT", "IABS", "IMNMX", "VIADD", "BMSK",
+            "SEL", "I2F", "F2I", "FLO", "POPC", "IDP", "BFE", "BFI", "SHL", "SHR", "IMUL", "LOP"),
+    "mem": ("LDG", "STG", "LDS", "STS", "LDC", "LD", "ST", "LDSM", "LDGSTS", "ATOM", "RED"),
+    "sfu": ("MUFU",),
+}
+EXPERT = (14336, 4096)  # Mixtral-8x7B w1/w3 [I, H]; w2 is [H, I]
+CASES = {
+    "w13-2": (EXPERT, QuantSpec(2, 16, 8, 128), True),
+    "w2-2": (EXPERT[::-1], QuantSpec(2, 16, 8, 128), False),
+    "w13-3": (EXPERT, QuantSpec(3, 64, 8, 128), True),
+    "w2-3": (EXPERT[::-1], QuantSpec(3, 64, 8, 128), False),
+    "attn-q-4": ((4096, 4096), QuantSpec(4, 64, 8, 256), False),
+    "attn-kv-4": ((1024, 4096), QuantSpec(4, 64, 8, 256), False),
+}
+
+
+@dataclass
+class Stats:
+    case: str
+    tokens: int
+    config: str
+    registers: int
+    spill_bytes: int
+    loop_instructions: int
+    weights_per_thread_iteration: int
+    per_weight: dict  # pipe -> instructions per weight per thread
+    mix: dict  # opcode -> count in the loop body
+    bound_us: dict  # pipe -> lower bound on the kernel time (us) from that pipe alone
+    floor_us: float  # packed bytes / HBM bandwidth
+
+
+def _bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_case(name: str, tokens: int):
+    """(compiled kernel, launch plan, bytes read) for one case at `tokens` tokens."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from runtime.kernels.configs import pick_gemv_config
+    from runtime.kernels.qgemv import _launch_plan
+    from runtime.kernels.triton_gemv import qgemv_kernel
+
+    shape, spec, gated = CASES[name]
+    cfg = pick_gemv_config(*shape, tokens, spec, gated)
+    plan = _launch_plan(*shape, tokens, spec, gated, cfg, False, 16 if gated else 1)
+    kw = dict(plan.kwargs)
+    opts = dict(num_warps=kw.pop("num_warps"), num_stages=kw.pop("num_stages"))
+    meta = "*u8" if spec.meta_bits == 8 else "*fp16"
+    out = "*fp32" if plan.partial else "*fp16"
+    types = {"x_ptr": "*fp16", "out_ptr": out, "out2_ptr": out}
+    for m in "ab":
+        types |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i16", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
+                  f"sm{m}_ptr": "*fp32", f"zm{m}_ptr": "*fp32"}
+    sig = {a: types.get(a, "constexpr" if a in kw else "i32") for a in qgemv_kernel.arg_names}
+    kernel = triton.compile(ASTSource(qgemv_kernel, sig, kw), target=GPUTarget("cuda", 90, 32), options=opts)
+    nbytes = matrix_layout(shape, spec)[1] * (2 if gated else 1)
+    return kernel, plan, cfg, nbytes
+
+
+_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]*)?\s*([^;]*);")
+
+
+def _instructions(sass: str) -> list[tuple[int, str, str]]:
+    return [(int(m.group(1), 16), m.group(2), m.group(4)) for m in map(_LINE.match, sass.splitlines()) if m]
+
+
+def _main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """The body of the longest backward branch (the loop over K tiles)."""
+    best: list = []
+    for addr, op, args in ins:
+        if op == "BRA":
+            target = re.search(r"0x([0-9a-f]+)", args)
+            if target and int(target.group(1), 16) < addr:
+                body = [i for i in ins if int(target.group(1), 16) <= i[0] <= addr]
+                best = body if len(body) > len(best) else best
+    return best
+
+
+def profile(name: str, tokens: int, dump: str | None = None) -> Stats:
+    kernel, plan, cfg, nbytes = compile_case(name, tokens)
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_bin("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    if dump:
+        Path(dump).write_text(sass)
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    spill = int(re.search(r"LOCAL:(\d+)", res).group(1))
+    body = _main_loop(_instructions(sass))
+    mix = collections.Counter(op for _, op, _ in body)
+    threads = 32 * plan.kwargs["num_warps"]
+    # weights one thread covers per loop iteration: the tile (two matrices when gated) over the threads
+    weights = cfg.block_n * plan.kwargs["BLOCK_K"] * (2 if plan.gated else 1) // threads
+    pipe_of = {op: p for p, ops in PIPES.items() for op in ops}
+    per_pipe = collections.Counter()
+    for op, n in mix.items():
+        per_pipe[pipe_of.get(op, "other")] += n
+    total_weights = plan.n * plan.k * (2 if plan.gated else 1)
+    bound = {}
+    for pipe, n in per_pipe.items():
+        lanes = LANES.get(pipe)
+        if lanes:
+            bound[pipe] = total_weights * n / weights / (SMS * lanes * CLOCK_GHZ * 1e3)
+    bound["issue"] = total_weights * sum(per_pipe.values()) / weights / (SMS * ISSUE_PER_SM * 32 * CLOCK_GHZ * 1e3)
+    return Stats(name, tokens, cfg.short(), regs, spill, len(body), weights,
+                 {p: round(n / weights, 2) for p, n in sorted(per_pipe.items())}, dict(mix.most_common()),
+                 {p: round(v, 1) for p, v in bound.items()}, round(nbytes / HBM_BPS * 1e6, 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", action="append", choices=sorted(CASES), help="default: all")
+    p.add_argument("--tokens", type=int, action="append", help="default: 1")
+    p.add_argument("--dump", help="write the SASS of the (last) case here")
+    p.add_argument("--mix", action="store_true", help="also print the opcode counts of the loop body")
+    p.add_argument("--json", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    rows = [profile(c, t, args.dump) for c in args.case or list(CASES) for t in args.tokens or [1]]
+    head = f"{'case':<11}{'T':>3} {'config':<17}{'regs':>5}{'spill':>6}{'loop':>6}{'w/thr':>6}" \
+           f"{'int/w':>7}{'fp/w':>6}{'mem/w':>7}{'int us':>8}{'fp us':>7}{'issue us':>9}{'floor us':>9}"
+    print(head)
+    print("-" * len(head))
+    for s in rows:
+        pw, b = s.per_weight, s.bound_us
+        print(f"{s.case:<11}{s.tokens:>3} {s.config:<17}{s.registers:>5}{s.spill_bytes:>6}{s.loop_instructions:>6}"
+              f"{s.weights_per_thread_iteration:>6}{pw.get('int', 0):>7.2f}{pw.get('fp', 0):>6.2f}{pw.get('mem', 0):>7.2f}"
+              f"{b.get('int', 0):>8.1f}{b.get('fp', 0):>7.1f}{b['issue']:>9.1f}{s.floor_us:>9.1f}")
+        if args.mix:
+            print("    " + " ".join(f"{op}:{n}" for op, n in s.mix.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(s) for s in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
