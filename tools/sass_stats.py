@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,7 +76,7 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def compile_case(name: str, tokens: int):
+def compile_case(name: str, tokens: int, config: str | None = None):
     """(compiled kernel, launch plan, bytes read) for one case at `tokens` tokens."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -88,6 +88,8 @@ def compile_case(name: str, tokens: int):
 
     shape, spec, gated = CASES[name]
     cfg = pick_gemv_config(*shape, tokens, spec, gated)
+    if config:
+        cfg = replace(cfg, **parse_config(config)).for_matrix(shape[1], spec)
     plan = _launch_plan(*shape, tokens, spec, gated, cfg, False, 16 if gated else 1)
     kw = dict(plan.kwargs)
     opts = dict(num_warps=kw.pop("num_warps"), num_stages=kw.pop("num_stages"))
@@ -101,6 +103,15 @@ def compile_case(name: str, tokens: int):
     kernel = triton.compile(ASTSource(qgemv_kernel, sig, kw), target=GPUTarget("cuda", 90, 32), options=opts)
     nbytes = matrix_layout(shape, spec)[1] * (2 if gated else 1)
     return kernel, plan, cfg, nbytes
+
+
+def parse_config(text: str) -> dict:
+    """'n64k512s1w4p2' (GemvConfig.short(); any subset of the fields) -> GemvConfig fields."""
+    names = {"n": "block_n", "k": "block_k", "s": "split_k", "w": "num_warps", "p": "num_stages"}
+    fields = {names[k]: int(v) for k, v in re.findall(r"([nkswp])(\d+)", text)}
+    if text.endswith("-xs"):
+        fields["permute_x"] = False
+    return fields
 
 
 _LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]*)?\s*([^;]*);")
@@ -122,8 +133,8 @@ def _main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     return best
 
 
-def profile(name: str, tokens: int, dump: str | None = None) -> Stats:
-    kernel, plan, cfg, nbytes = compile_case(name, tokens)
+def profile(name: str, tokens: int, dump: str | None = None, config: str | None = None) -> Stats:
+    kernel, plan, cfg, nbytes = compile_case(name, tokens, config)
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -159,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--case", action="append", choices=sorted(CASES), help="default: all")
     p.add_argument("--tokens", type=int, action="append", help="default: 1")
+    p.add_argument("--config", action="append",
+                   help="launch config to profile instead of the heuristic's, e.g. n64w8 (repeatable)")
     p.add_argument("--dump", help="write the SASS of the (last) case here")
     p.add_argument("--mix", action="store_true", help="also print the opcode counts of the loop body")
     p.add_argument("--json", help="write the results as JSON here")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    rows = [profile(c, t, args.dump) for c in args.case or list(CASES) for t in args.tokens or [1]]
+    rows = [profile(c, t, args.dump, cfg) for c in args.case or list(CASES) for t in args.tokens or [1]
+            for cfg in args.config or [None]]
     head = f"{'case':<11}{'T':>3} {'config':<17}{'regs':>5}{'spill':>6}{'loop':>6}{'w/thr':>6}" \
            f"{'int/w':>7}{'fp/w':>6}{'mem/w':>7}{'int us':>8}{'fp us':>7}{'issue us':>9}{'floor us':>9}"
     print(head)

@@ -123,6 +123,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
         MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
+        EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return GemvLaunch(

@@ -45,27 +45,39 @@ if _add is None:  # a triton without the private name: same reduction, slow in t
 
 
 @triton.jit
-def _load_meta(codes_ptr, meta_ptr, gidx, gmask, META8: tl.constexpr, MG: tl.constexpr):
+def _ld(ptrs, mask, other, EVEN: tl.constexpr):
+    """tl.load, unmasked when the launch covers the matrix exactly (EVEN): the predicates and
+    their comparisons cost a few integer instructions per loaded element."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _load_meta(codes_ptr, meta_ptr, gidx, gmask, META8: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr = False):
     """Scales or zeros of groups `gidx` as float32: f16 values, or u8 codes with a float32
     (step, min) pair per MG consecutive groups. MG is a compile-time constant: a runtime
     divisor made `gidx // MG` a full integer division per loaded element (dozens of
     instructions); a constant one is a shift (powers of two) or a multiply-high."""
     if META8:
-        code = tl.load(codes_ptr + gidx, mask=gmask, other=0).to(tl.float32)
+        code = _ld(codes_ptr + gidx, gmask, 0, EVEN).to(tl.float32)
         mi = gidx // MG
-        step = tl.load(meta_ptr + 2 * mi, mask=gmask, other=0.0)
-        lo = tl.load(meta_ptr + 2 * mi + 1, mask=gmask, other=0.0)
+        step = _ld(meta_ptr + 2 * mi, gmask, 0.0, EVEN)
+        lo = _ld(meta_ptr + 2 * mi + 1, gmask, 0.0, EVEN)
         return step * code + lo
     else:
-        return tl.load(codes_ptr + gidx, mask=gmask, other=0.0).to(tl.float32)
+        return _ld(codes_ptr + gidx, gmask, 0.0, EVEN).to(tl.float32)
 
 
 @triton.jit
 def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
                  rows, n_mask, k0, K, MG: tl.constexpr,
                  T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                 META8: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr, X_PERMUTED: tl.constexpr):
-    """acc [BT, BLOCK_N, BKW] += the products of the BKW words starting at column k0."""
+                 META8: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr, X_PERMUTED: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """acc [BT, BLOCK_N, BKW] += the products of the BKW words starting at column k0 (EVEN: no
+    row or column of the tile lies outside the matrix)."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // BL
     MASK: tl.constexpr = (1 << BL) - 1
@@ -75,21 +87,21 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
     w_ok = kw < KW
     r = rows[:, None]  # [BN, 1]
     m2 = n_mask[:, None] & w_ok[None, :]  # [BN, BKW]
-    words = tl.load(q_ptr + r * KW + kw[None, :], mask=m2, other=0)  # [BN, BKW] int32
+    words = _ld(q_ptr + r * KW + kw[None, :], m2, 0, EVEN)  # [BN, BKW] int32
     # Each half-word of codes OR-ed into the exponent of 2**23 (0x4B000000): see the loop below
     lower = (words & 0xFFFF) | 0x4B000000  # codes 0 .. PER/2-1
     upper = ((words >> 16) & 0xFFFF) | 0x4B000000  # codes PER/2 ..
     if BITS == 3:
         # int16 [N, K/16]: half-word w holds bit 2 of the codes of low-plane word w
-        hi = tl.load(qh_ptr + r * (K // 16) + kw[None, :], mask=m2, other=0).to(tl.int32)
+        hi = _ld(qh_ptr + r * (K // 16) + kw[None, :], m2, 0, EVEN).to(tl.int32)
         hi = (hi & 0xFFFF) | 0x4B000000  # bit c = bit 2 of code c
     tt = tl.arange(0, BT)[:, None, None]  # [BT, 1, 1]
     x_rows = x_ptr + tt * stride_xt
     x_mask = (tt < T) & w_ok[None, None, :]  # [BT, 1, BKW]
     for j in tl.static_range(PER // GW):
         gidx = r * (K // G) + ((kw * PER + j * GW) // G)[None, :]  # [BN, BKW] row-major group index
-        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG)[None, :, :]  # [1, BN, BKW]
-        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG)[None, :, :]
+        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]  # [1, BN, BKW]
+        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]
         dot = tl.full([BT, BLOCK_N, BKW], 0.0, tl.float32)
         xs = tl.full([BT, 1, BKW], 0.0, tl.float32)
         for i in tl.static_range(GW):
@@ -98,7 +110,7 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
                 xo = c * KW + kw
             else:
                 xo = kw * PER + c
-            xv = tl.load(x_rows + xo[None, None, :], mask=x_mask, other=0.0).to(tl.float32)  # [BT, 1, BKW]
+            xv = _ld(x_rows + xo[None, None, :], x_mask, 0.0, EVEN and T == BT).to(tl.float32)  # [BT, 1, BKW]
             # Code c sits at bit BL*b of `lower` or `upper` (b = c mod PER/2, below bit 16). ANDing
             # the half-word, whose exponent bits already say 2**23, with the exponent mask and the
             # code's bit mask leaves the float 2**23 + q * 2**(BL*b) exactly: one LOP3 and one
@@ -124,7 +136,7 @@ def qgemv_kernel(
     N, K, stride_xt, stride_os, stride_ot,
     MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     META8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
-    GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr,
+    GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), split), each program TILES tiles of BLOCK_K columns. Matrix A
     (and B when GATED, same shape and spec) times x [T, K] (X_PERMUTED: [T, PER, K/PER]).
@@ -145,10 +157,10 @@ def qgemv_kernel(
     for i in range(TILES):
         k0 = k_start + i * BLOCK_K
         acc_a = _tile_update(acc_a, x_ptr, stride_xt, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
-                             rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED)
+                             rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN)
         if GATED:
             acc_b = _tile_update(acc_b, x_ptr, stride_xt, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
-                                 rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED)
+                                 rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN)
 
     ya = tl.reduce(acc_a, 2, _add)  # [BT, BN]: the only cross-lane reduction
     tix = tl.arange(0, BT)[:, None]

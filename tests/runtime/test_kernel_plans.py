@@ -82,6 +82,7 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
     kwargs = dict(MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
                   META8=spec.meta_bits == 8, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
                   GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
+                  EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = (split, t, n) if partial else (t, n)
     return grid, [describe(a) for a in (*args[0], *b)], ints, kwargs, out_shape, x

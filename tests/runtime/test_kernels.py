@@ -140,6 +140,14 @@ for i, (bits, meta, g) in enumerate((b, m, g) for b in (2, 3, 4, 8) for m in (8,
 
 # ------------------------------------------------------------------ fused GEMV
 
+def test_gemv_cases_run_masked_and_unmasked_launches():
+    """EVEN launches (the tile grid covers the matrix exactly) load without masks: the cases
+    below must run both kinds, or a wrong unmasked load could go unseen."""
+    even = [qgemv.launch_plan(torch.zeros(p.values[2], p.values[1][1]), p.values[1], p.values[0], False,
+                              p.values[3]).kwargs["EVEN"] for p in CASES]
+    assert any(even) and not all(even)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec,shape,tokens,config", CASES)
 def test_gemv_matches_reference(device, spec, shape, tokens, config, poison):
