@@ -45,6 +45,11 @@ def load_model(
     (runtime.decode_graphs)."""
     file = path_or_file if isinstance(path_or_file, MoepackFile) else MoepackFile(path_or_file)
     cfg, device = file.config, torch.device(device)
+    if device.type == "cuda":
+        # this GPU's tuned launch configs, before any kernel plan (or captured graph) picks one
+        from .kernels.tuning import ensure_loaded
+
+        ensure_loaded(device)
 
     def raw(name: str) -> torch.Tensor:
         t = file.header.tensor(name)

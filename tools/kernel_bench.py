@@ -35,6 +35,7 @@ from runtime.dequant import component_tensors, dequantize  # noqa: E402
 from runtime.experts import expert_ffn  # noqa: E402
 from runtime.kernels import fused_expert_ffn, interpreting, qmatmul, use_fused  # noqa: E402
 from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
+from runtime.kernels.timing import fill_random, random_matrix, rotating  # noqa: E402,F401 (shared with runtime.tune)
 
 L2_BYTES = 50 << 20  # H100 L2
 ROTATE_BYTES = 4 * L2_BYTES  # weight copies rotated per measurement add up to at least this
@@ -77,29 +78,6 @@ class Row:
 
 
 # ------------------------------------------------------------------ random packed weights
-
-def fill_random(buf: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, base: int, gen: torch.Generator) -> None:
-    """Random codes with scales ~0.01-0.05 and zeros inside the code range, written into
-    the packed matrix at `base` of `buf` (uint8, already random bytes)."""
-    comps = component_tensors(buf, shape, spec, base=base)
-    if not spec.quantized:
-        comps["weight"].copy_(torch.randn(shape, generator=gen, device="cpu").mul_(0.02))
-        return
-    top = float((1 << spec.bits) - 1)
-    if spec.meta_bits == 16:
-        comps["scale"].copy_(torch.empty(comps["scale"].shape).uniform_(0.01, 0.05, generator=gen))
-        comps["zero"].copy_(torch.empty(comps["zero"].shape).uniform_(0.0, top, generator=gen))
-    else:
-        comps["scale_meta"].copy_(torch.tensor([0.04 / 255, 0.01]).expand_as(comps["scale_meta"]))
-        comps["zero_meta"].copy_(torch.tensor([top / 255, 0.0]).expand_as(comps["zero_meta"]))
-
-
-def random_matrix(shape: tuple[int, int], spec: QuantSpec, device: torch.device, gen: torch.Generator) -> torch.Tensor:
-    nbytes = matrix_layout(shape, spec)[1]
-    buf = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
-    fill_random(buf, shape, spec, 0, gen)
-    return buf.to(device)
-
 
 def expert_layout(hidden: int, intermediate: int, spec: QuantSpec) -> ExpertLayout:
     """w1, w3 [I, H] and w2 [H, I] back to back, as formats.writer lays out a record."""
@@ -173,19 +151,6 @@ class Timer:
             torch.cuda.synchronize(self.device)
             return None
         return g.replay
-
-
-def rotating(fn, n: int):
-    """fn(i) called with i = 0, 1, .., n-1, 0, ... on successive calls."""
-    state = {"i": 0}
-
-    def call():
-        i = state["i"]
-        state["i"] = (i + 1) % n
-        return fn(i)
-
-    call.calls = n
-    return call
 
 
 def hbm_bandwidth(device: torch.device, timer: Timer, tiny: bool) -> float:

@@ -14,6 +14,7 @@ from formats.qtensor import QuantSpec
 
 from .configs import DEFAULT_SM_COUNT, GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
+from .tuning import ensure_loaded
 from .words import FUSED_BITS, codes_per_word, high_plane_view, word_layout_ok, word_view  # noqa: F401 (re-exported)
 
 # More tokens than this: dequantize once and use a dense matmul (tensor cores); the fused
@@ -124,6 +125,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
         EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
+        ROW_META=row_meta(k, spec, cfg.block_k),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return GemvLaunch(
@@ -135,6 +137,16 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
     )
 
 
+def row_meta(k: int, spec: QuantSpec, block_k: int) -> bool:
+    """Whether every tile row lies inside one meta group (8-bit meta), so the kernel loads
+    (step, min) once per row and tile instead of per word: tiles hold whole groups
+    (BLOCK_K % G == 0), rows whole tiles (K % BLOCK_K == 0), so every tile starts at a multiple
+    of BLOCK_K / G groups in the flat group index, and meta groups are made of whole tiles
+    (MG % (BLOCK_K / G) == 0)."""
+    g = spec.group_size
+    return spec.meta_bits == 8 and block_k % g == 0 and k % block_k == 0 and spec.meta_group_size % (block_k // g) == 0
+
+
 def launch_plan(x: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, gated: bool,
                 config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1) -> GemvLaunch:
     """The launch of x [T, K] times a supported `shape` matrix (two with `gated`): keyed by
@@ -142,6 +154,8 @@ def launch_plan(x: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, gated:
     n, k = shape
     t = x.shape[0]
     if config is None:  # not cached: the TUNED table may change at run time
+        if x.is_cuda:
+            ensure_loaded(x.device)  # this GPU's tuning cache, once per device (a dict lookup after)
         config = pick_gemv_config(n, k, t, spec, gated, _sm_count(x.device))
     return _launch_plan(n, k, t, spec, gated, config, x_permuted, out_per)
 

@@ -75,9 +75,10 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
                  rows, n_mask, k0, K, MG: tl.constexpr,
                  T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                  META8: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr, X_PERMUTED: tl.constexpr,
-                 EVEN: tl.constexpr):
+                 EVEN: tl.constexpr, ROW_META: tl.constexpr):
     """acc [BT, BLOCK_N, BKW] += the products of the BKW words starting at column k0 (EVEN: no
-    row or column of the tile lies outside the matrix)."""
+    row or column of the tile lies outside the matrix; ROW_META: 8-bit meta whose meta groups
+    never split a tile row, so each row of a tile has one (step, min) pair per plane)."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // BL
     MASK: tl.constexpr = (1 << BL) - 1
@@ -98,10 +99,19 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
     tt = tl.arange(0, BT)[:, None, None]  # [BT, 1, 1]
     x_rows = x_ptr + tt * stride_xt
     x_mask = (tt < T) & w_ok[None, None, :]  # [BT, 1, BKW]
+    if ROW_META:  # the tile's groups share one (step, min) pair per row: load it once per row
+        mi = (r * (K // G) + k0 // G) // MG  # [BN, 1]
+        rmask = n_mask[:, None]
+        s_step, s_min = _ld(sm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(sm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
+        z_step, z_min = _ld(zm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(zm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
     for j in tl.static_range(PER // GW):
         gidx = r * (K // G) + ((kw * PER + j * GW) // G)[None, :]  # [BN, BKW] row-major group index
-        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]  # [1, BN, BKW]
-        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]
+        if ROW_META:
+            s = (s_step * _ld(s_ptr + gidx, m2, 0, EVEN).to(tl.float32) + s_min)[None, :, :]  # [1, BN, BKW]
+            z = (z_step * _ld(z_ptr + gidx, m2, 0, EVEN).to(tl.float32) + z_min)[None, :, :]
+        else:
+            s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]  # [1, BN, BKW]
+            z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]
         dot = tl.full([BT, BLOCK_N, BKW], 0.0, tl.float32)
         xs = tl.full([BT, 1, BKW], 0.0, tl.float32)
         for i in tl.static_range(GW):
@@ -137,6 +147,7 @@ def qgemv_kernel(
     MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     META8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
+    ROW_META: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), split), each program TILES tiles of BLOCK_K columns. Matrix A
     (and B when GATED, same shape and spec) times x [T, K] (X_PERMUTED: [T, PER, K/PER]).
@@ -157,10 +168,12 @@ def qgemv_kernel(
     for i in range(TILES):
         k0 = k_start + i * BLOCK_K
         acc_a = _tile_update(acc_a, x_ptr, stride_xt, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
-                             rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN)
+                             rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN,
+                             ROW_META)
         if GATED:
             acc_b = _tile_update(acc_b, x_ptr, stride_xt, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
-                                 rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN)
+                                 rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN,
+                             ROW_META)
 
     ya = tl.reduce(acc_a, 2, _add)  # [BT, BN]: the only cross-lane reduction
     tix = tl.arange(0, BT)[:, None]

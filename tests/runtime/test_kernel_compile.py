@@ -70,16 +70,16 @@ def _gemv_types(bits: int, meta8: bool, act: str) -> dict[str, str]:
     return t
 
 
-@pytest.mark.parametrize("bits,g,meta8,gated,partial,permuted,t,even", [
-    (2, 16, True, True, False, True, 1, True),
-    (2, 16, True, False, True, True, 1, False),
-    (3, 64, True, True, False, True, 2, True),
-    (3, 64, False, False, False, False, 4, False),
-    (4, 64, True, False, True, True, 8, True),
-    (4, 128, False, True, False, False, 1, False),
-    (8, 64, True, False, False, False, 3, True),
+@pytest.mark.parametrize("bits,g,meta8,gated,partial,permuted,t,even,row_meta", [
+    (2, 16, True, True, False, True, 1, True, True),
+    (2, 16, True, False, True, True, 1, False, False),
+    (3, 64, True, True, False, True, 2, True, True),
+    (3, 64, False, False, False, False, 4, False, False),
+    (4, 64, True, False, True, True, 8, True, False),
+    (4, 128, False, True, False, False, 1, False, False),
+    (8, 64, True, False, False, False, 3, True, True),
 ])
-def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t, even):
+def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t, even, row_meta):
     from runtime.kernels.triton_gemv import qgemv_kernel
 
     act = "*fp32" if partial else "*fp16"
@@ -87,7 +87,7 @@ def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t, ev
     k = _compile(qgemv_kernel, _gemv_types(bits, meta8, act) | {"x_ptr": "*fp16"},
                  dict(MG=128 if meta8 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=256,
                       X_PERMUTED=permuted, GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else 16,
-                      EVEN=even))
+                      EVEN=even, ROW_META=row_meta))
     assert "ld.global" in k.asm["ptx"]
 
 

@@ -83,6 +83,8 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
                   META8=spec.meta_bits == 8, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
                   GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
                   EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
+                  ROW_META=spec.meta_bits == 8 and cfg.block_k % spec.group_size == 0 and k % cfg.block_k == 0
+                  and spec.meta_group_size % (cfg.block_k // spec.group_size) == 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = (split, t, n) if partial else (t, n)
     return grid, [describe(a) for a in (*args[0], *b)], ints, kwargs, out_shape, x

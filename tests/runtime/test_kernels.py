@@ -136,16 +136,24 @@ for i, (bits, meta, g) in enumerate((b, m, g) for b in (2, 3, 4, 8) for m in (8,
     spec = QuantSpec(bits, g, meta, META_GROUPS[i % len(META_GROUPS)] if meta == 8 else 0)
     config = CONFIGS[(i + i // len(SHAPES)) % len(CONFIGS)]  # vary which shape meets which config
     CASES.append(pytest.param(spec, (n, k), t, config, id=f"b{bits}-m{meta}-g{g}-{n}x{k}-T{t}"))
+# launches whose tile rows lie inside one meta group (ROW_META: (step, min) loaded per row)
+for spec, shape, t, config in [
+    (QuantSpec(2, 16, 8, 4), (32, 256), 1, GemvConfig(block_n=16, block_k=64)),
+    (QuantSpec(3, 32, 8, 2), (24, 256), 2, GemvConfig(block_n=8, block_k=64, split_k=2)),
+    (QuantSpec(4, 16, 8, 8), (40, 128), 3, GemvConfig(block_n=16, block_k=128)),
+]:
+    CASES.append(pytest.param(spec, shape, t, config, id=f"rowmeta-b{spec.bits}-{shape[0]}x{shape[1]}-T{t}"))
 
 
 # ------------------------------------------------------------------ fused GEMV
 
-def test_gemv_cases_run_masked_and_unmasked_launches():
+def test_gemv_cases_cover_each_launch_variant():
     """EVEN launches (the tile grid covers the matrix exactly) load without masks: the cases
     below must run both kinds, or a wrong unmasked load could go unseen."""
-    even = [qgemv.launch_plan(torch.zeros(p.values[2], p.values[1][1]), p.values[1], p.values[0], False,
-                              p.values[3]).kwargs["EVEN"] for p in CASES]
-    assert any(even) and not all(even)
+    plans = [qgemv.launch_plan(torch.zeros(p.values[2], p.values[1][1]), p.values[1], p.values[0], False,
+                               p.values[3]).kwargs for p in CASES]
+    for flag in ("EVEN", "ROW_META"):  # ROW_META: one (step, min) load per tile row
+        assert any(kw[flag] for kw in plans) and not all(kw[flag] for kw in plans), flag
 
 
 @pytest.mark.parametrize("device", DEVICES)
