@@ -13,6 +13,8 @@ than its bytes take to arrive cannot reach that floor, whatever its launch param
     python tools/sass_stats.py --json stats.json
 
 Counts are static (one pass through the loop body); the loop runs TILES times per program.
+The deq-* cases profile the prefill path's dequantize kernels (one program per tile, no
+loop: the whole kernel is counted; the floor counts the fp16 writes too).
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ CASES = {
     "w2-3": (EXPERT[::-1], QuantSpec(3, 64, 8, 128), False),
     "attn-q-4": ((4096, 4096), QuantSpec(4, 64, 8, 256), False),
     "attn-kv-4": ((1024, 4096), QuantSpec(4, 64, 8, 256), False),
+}
+# the prefill path: one w1-shape matrix dequantized to fp16 (shape, spec, word-wise kernel?)
+DEQUANT_CASES = {
+    "deq-2-bytes": (EXPERT, QuantSpec(2, 16, 8, 128), False),
+    "deq-2-words": (EXPERT, QuantSpec(2, 16, 8, 128), True),
+    "deq-3-bytes": (EXPERT, QuantSpec(3, 64, 8, 128), False),
+    "deq-3-words": (EXPERT, QuantSpec(3, 64, 8, 128), True),
 }
 
 
@@ -133,8 +142,8 @@ def _main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     return best
 
 
-def profile(name: str, tokens: int, dump: str | None = None, config: str | None = None) -> Stats:
-    kernel, plan, cfg, nbytes = compile_case(name, tokens, config)
+def _sass(kernel, dump: str | None) -> tuple[str, int, int]:
+    """(SASS text, registers, local-memory spill bytes) of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -143,32 +152,76 @@ def profile(name: str, tokens: int, dump: str | None = None, config: str | None 
                              check=True).stdout
     if dump:
         Path(dump).write_text(sass)
-    regs = int(re.search(r"REG:(\d+)", res).group(1))
-    spill = int(re.search(r"LOCAL:(\d+)", res).group(1))
-    body = _main_loop(_instructions(sass))
+    return sass, int(re.search(r"REG:(\d+)", res).group(1)), int(re.search(r"LOCAL:(\d+)", res).group(1))
+
+
+def analyse(name: str, tokens: int, config: str, kernel, weights: int, total_weights: int, nbytes: int,
+            dump: str | None = None) -> Stats:
+    """Stats of `kernel` whose main loop (the whole kernel if it has none) covers `weights`
+    weights per thread, `total_weights` in all, reading and writing `nbytes`."""
+    sass, regs, spill = _sass(kernel, dump)
+    ins = _instructions(sass)
+    body = _main_loop(ins) or ins
     mix = collections.Counter(op for _, op, _ in body)
-    threads = 32 * plan.kwargs["num_warps"]
-    # weights one thread covers per loop iteration: the tile (two matrices when gated) over the threads
-    weights = cfg.block_n * plan.kwargs["BLOCK_K"] * (2 if plan.gated else 1) // threads
     pipe_of = {op: p for p, ops in PIPES.items() for op in ops}
     per_pipe = collections.Counter()
     for op, n in mix.items():
         per_pipe[pipe_of.get(op, "other")] += n
-    total_weights = plan.n * plan.k * (2 if plan.gated else 1)
     bound = {}
     for pipe, n in per_pipe.items():
         lanes = LANES.get(pipe)
         if lanes:
             bound[pipe] = total_weights * n / weights / (SMS * lanes * CLOCK_GHZ * 1e3)
     bound["issue"] = total_weights * sum(per_pipe.values()) / weights / (SMS * ISSUE_PER_SM * 32 * CLOCK_GHZ * 1e3)
-    return Stats(name, tokens, cfg.short(), regs, spill, len(body), weights,
+    return Stats(name, tokens, config, regs, spill, len(body), weights,
                  {p: round(n / weights, 2) for p, n in sorted(per_pipe.items())}, dict(mix.most_common()),
                  {p: round(v, 1) for p, v in bound.items()}, round(nbytes / HBM_BPS * 1e6, 1))
 
 
+def profile(name: str, tokens: int, dump: str | None = None, config: str | None = None) -> Stats:
+    if name in DEQUANT_CASES:
+        return profile_dequant(name, dump)
+    kernel, plan, cfg, nbytes = compile_case(name, tokens, config)
+    threads = 32 * plan.kwargs["num_warps"]
+    # weights one thread covers per loop iteration: the tile (two matrices when gated) over the threads
+    weights = cfg.block_n * plan.kwargs["BLOCK_K"] * (2 if plan.gated else 1) // threads
+    return analyse(name, tokens, cfg.short(), kernel, weights, plan.n * plan.k * (2 if plan.gated else 1), nbytes, dump)
+
+
+def profile_dequant(name: str, dump: str | None = None) -> Stats:
+    """One expert matrix dequantized to fp16 by the prefill path's kernel (`-bytes`: the
+    byte-wise kernel every layout can take; `-words`: the word-wise one)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from runtime.kernels import prefill
+    from runtime.kernels.triton_dequant import dequant_kernel, dequant_words_kernel
+
+    shape, spec, words = DEQUANT_CASES[name]
+    meta = "*u8" if spec.meta_bits == 8 else "*fp16"
+    plane = "*i32" if words else "*u8"
+    types = {"out_ptr": "*fp16", "q_ptr": plane, "qh_ptr": "*i16" if words else "*u8", "s_ptr": meta, "z_ptr": meta,
+             "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
+    const = dict(MG=spec.meta_group_size, BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+                 BLOCK_N=prefill.DEQUANT_BLOCK_N)
+    if words:
+        fn, const = dequant_words_kernel, const | {"BLOCK_W": prefill.DEQUANT_BLOCK_W, "EVEN": True}
+        per_program = prefill.DEQUANT_BLOCK_N * prefill.DEQUANT_BLOCK_W * (16 if spec.bits in (2, 3) else 32 // spec.bits)
+    else:
+        fn, const = dequant_kernel, const | {"BLOCK_K": prefill.DEQUANT_BLOCK_K}
+        per_program = prefill.DEQUANT_BLOCK_N * prefill.DEQUANT_BLOCK_K
+    sig = {a: types.get(a, "constexpr" if a in const else "i32") for a in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=4, enable_fp_fusion=False))
+    n_weights = shape[0] * shape[1]
+    nbytes = matrix_layout(shape, spec)[1] + 2 * n_weights  # packed read + fp16 written
+    return analyse(name, 0, "words" if words else "bytes", kernel, per_program // 128, n_weights, nbytes, dump)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", action="append", choices=sorted(CASES), help="default: all")
+    p.add_argument("--case", action="append", choices=sorted(CASES) + sorted(DEQUANT_CASES), help="default: all")
     p.add_argument("--tokens", type=int, action="append", help="default: 1")
     p.add_argument("--config", action="append",
                    help="launch config to profile instead of the heuristic's, e.g. n64w8 (repeatable)")
@@ -177,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results as JSON here")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    rows = [profile(c, t, args.dump, cfg) for c in args.case or list(CASES) for t in args.tokens or [1]
-            for cfg in args.config or [None]]
+    rows = [profile(c, t, args.dump, cfg) for c in args.case or list(CASES) + list(DEQUANT_CASES)
+            for t in ([0] if c in DEQUANT_CASES else args.tokens or [1]) for cfg in args.config or [None]]
     head = f"{'case':<11}{'T':>3} {'config':<17}{'regs':>5}{'spill':>6}{'loop':>6}{'w/thr':>6}" \
            f"{'int/w':>7}{'fp/w':>6}{'mem/w':>7}{'int us':>8}{'fp us':>7}{'issue us':>9}{'floor us':>9}"
     print(head)

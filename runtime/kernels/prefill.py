@@ -72,7 +72,8 @@ def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec
         dequant_words_kernel[grid](
             out, *words, s, sm, z, zm, n, k, out.stride(0),
             MG=mg, BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
-            BLOCK_N=DEQUANT_BLOCK_N, BLOCK_W=DEQUANT_BLOCK_W, enable_fp_fusion=False,
+            BLOCK_N=DEQUANT_BLOCK_N, BLOCK_W=DEQUANT_BLOCK_W,
+            EVEN=n % DEQUANT_BLOCK_N == 0 and (k // per) % DEQUANT_BLOCK_W == 0, enable_fp_fusion=False,
         )
         return out
     grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(k, DEQUANT_BLOCK_K))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _load_meta
+from .triton_gemv import _ld, _load_meta
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def dequant_words_kernel(
     out_ptr, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
     N, K, stride_on,
     MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN: tl.constexpr = False,
 ):
     """The same weights as dequant_kernel for the layouts the fused GEMV covers (K % 32 == 0,
     groups made of whole words or words made of whole groups, planes as int32 words).
@@ -53,7 +53,8 @@ def dequant_words_kernel(
     PER codes]: one 4-byte load per PER weights instead of one byte load per weight, and
     scales and zeros loaded once per word when a group spans whole words (per weight in
     dequant_kernel, each with an integer division by the meta group size). The innermost
-    axis is PER contiguous outputs, so each thread stores a short vector."""
+    axis is PER contiguous outputs, so each thread stores a short vector. EVEN: the grid covers
+    the matrix exactly, so no load or store needs a mask."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // BL
     MASK: tl.constexpr = (1 << BL) - 1
@@ -61,22 +62,25 @@ def dequant_words_kernel(
     r = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1]
     kw = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]  # [1, BW]
     m2 = (r < N) & (kw < KW)  # [BN, BW]
-    words = tl.load(q_ptr + r * KW + kw, mask=m2, other=0)  # [BN, BW] int32
+    words = _ld(q_ptr + r * KW + kw, m2, 0, EVEN)  # [BN, BW] int32
     c = tl.arange(0, PER)[None, None, :]  # [1, 1, PER] code position in the word
     q = (words[:, :, None] >> (c * BL)) & MASK  # [BN, BW, PER]; the mask drops sign bits
     if BITS == 3:
         # int16 [N, K/16]: half-word w holds bit 2 of the codes of low-plane word w
-        hi = tl.load(qh_ptr + r * (K // 16) + kw, mask=m2, other=0).to(tl.int32)
+        hi = _ld(qh_ptr + r * (K // 16) + kw, m2, 0, EVEN).to(tl.int32)
         q = q | (((hi[:, :, None] >> c) & 1) << 2)
     m3 = m2[:, :, None]  # [BN, BW, 1]
     if G % PER == 0:  # a word lies in one group: one scale and zero per word
         gidx = r * (K // G) + (kw * PER) // G  # [BN, BW]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG)[:, :, None]
-        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG)[:, :, None]
+        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
+        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
     else:  # several groups per word (PER % G == 0)
         gidx = r[:, :, None] * (K // G) + (kw[:, :, None] * PER + c) // G  # [BN, BW, PER]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG)
-        z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG)
+        s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG, EVEN)
+        z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG, EVEN)
     w = (q.to(tl.float32) - z) * s  # [BN, BW, PER]
     cols = kw[:, :, None] * PER + c  # [1, BW, PER]
-    tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty), mask=m3)
+    if EVEN:
+        tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty), mask=m3)

@@ -102,13 +102,14 @@ def test_dequant_compiles_for_sm90(bits, g, meta8):
     assert "st.global" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("bits,g,meta8", [(2, 16, True), (3, 64, True), (4, 64, False), (4, 4, True), (8, 32, True)])
-def test_dequant_words_compiles_for_sm90(bits, g, meta8):
+@pytest.mark.parametrize("bits,g,meta8,even", [(2, 16, True, True), (3, 64, True, False), (4, 64, False, True),
+                                               (4, 4, True, False), (8, 32, True, True)])
+def test_dequant_words_compiles_for_sm90(bits, g, meta8, even):
     from runtime.kernels.triton_dequant import dequant_words_kernel
 
     meta = "*u8" if meta8 else "*fp16"
     types = {"out_ptr": "*fp16", "q_ptr": "*i32", "qh_ptr": "*i16", "s_ptr": meta, "z_ptr": meta,
              "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
     k = _compile(dequant_words_kernel, types,
-                 dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_W=32))
+                 dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_W=32, EVEN=even))
     assert "st.global" in k.asm["ptx"]

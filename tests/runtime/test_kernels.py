@@ -247,6 +247,10 @@ DEQUANT_CASES += [
     pytest.param(QuantSpec(3, 24, 8, 7), (7, 96), id="g24"),
     pytest.param(QuantSpec(4, 16, 16), (4, 48), id="K48"),
     pytest.param(QuantSpec(8, 40, 8, 3), (6, 120), id="g40-8bit"),
+    # the word-wise kernel's grid covering the matrix exactly (EVEN: unmasked loads and stores)
+    pytest.param(QuantSpec(2, 16, 8, 128), (16, 512), id="even-2bit"),
+    pytest.param(QuantSpec(3, 64, 8, 128), (32, 512), id="even-3bit"),
+    pytest.param(QuantSpec(4, 64, 16), (16, 256), id="even-4bit"),
 ]
 
 
