@@ -10,7 +10,11 @@
 #   9. what the session of 2026-11-22 built but could not measure: LRU vs LFU vs hybrid at 8, 12
 #      and 16 GiB (trace routing), and 32 layers with every expert resident (decode with CUDA
 #      graphs, 512-token prefill) for issue #6's 200 tok/s and 2958 tok/s.
-# STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT (at most 8 files).
+#  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
+#      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
+#      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
+# STAGES picks stages (default "1 2 3 4 5"; after the kernel work of the second 2026-11-22
+# session: STAGES="1 10 2 3 9"). Results land in $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -21,6 +25,7 @@ BUDGETS=${BUDGETS:---gpu-memory 12GiB}
 BENCH_FLAGS=${BENCH_FLAGS:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export MOEPACK_CACHE_DIR=${MOEPACK_CACHE_DIR:-$OUT/tuning}
 start=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
 log() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/all.log"; }
@@ -49,6 +54,12 @@ run() {  # name, max seconds, command...
 
 has 1 && run pytest_cuda ${PYTEST_S:-200} $PY -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors -rfEs \
   --timeout ${TEST_TIMEOUT:-40} --junitxml="$OUT/pytest_cuda.xml" ${PYTEST_ARGS:-}
+# the files runtime.bench names mixtral-8x7b-L1-a4-e{bits}-s0.moepack in its cache dir
+has 10 && run tune_files 120 $PY -c "from runtime.bench import bench_file; [bench_file('/tmp/moe-pack-bench', 1, False, b, 0) for b in (2, 3)]"
+for bits in 2 3; do
+  has 10 && run tune_$bits ${TUNE_S:-150} $PY -m runtime.tune /tmp/moe-pack-bench/mixtral-8x7b-L1-a4-e$bits-s0.moepack \
+    --tokens ${TUNE_TOKENS:-1} --rep-ms 20
+done
 has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json" ${KB_FLAGS:-}
 has 6 && run profile_decode 90 bash -c "$PY tools/profile_decode.py --layers 2 --recipe 4/2 && $PY tools/profile_decode.py --layers 2 --recipe fp16"
 has 3 && run baseline_bench ${BASELINE_S:-100} bash -c "$PY -m runtime.baseline_bench --layers 2 ${BASELINE_RECIPES:---recipe 4/2 --recipe fp16} \
