@@ -13,8 +13,10 @@
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
-# STAGES picks stages (default "1 2 3 4 5"; after the kernel work of the second 2026-11-22
-# session: STAGES="1 10 2 3 9"). Results land in $OUT.
+# STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT. After the kernel rework of
+# the second 2026-11-22 session, two calls of at most 600 s: STAGES="10 2 3" (tune, kernels,
+# resident baseline), then copy $OUT/tuning into an ignored folder of the checkout, carry it,
+# and STAGES="1 7 9" with MOEPACK_CACHE_DIR pointing at it (cuda tests, CPU expert, offload).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
