@@ -32,6 +32,7 @@ from .cli import run_command
 from .dequant import component_tensors, dequantize
 from .kernels.configs import DEFAULT_SM_COUNT, GemvConfig, GemvProblem, candidate_configs
 from .kernels.qgemv import PREFILL_THRESHOLD, codes_per_word, gemv, gemv_supported, permute_x, unpermute_x
+from .kernels.qgemv import sm_count as device_sm_count  # `sm_count` names an argument below
 from .kernels.timing import Timer, cuda_graph_timer, random_matrix, rotating, rotation_copies
 from .kernels.tuning import TunedEntry, cache_path, device_name, save_tuned, triton_version
 
@@ -263,13 +264,6 @@ def cuda_device() -> torch.device:
     if not triton_available():
         raise MoepackError("runtime.tune needs triton (the fused kernels are Triton kernels)", hint="pip install triton")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def device_sm_count(device: torch.device) -> int:
-    """The device's SM count: the heuristic config (and so the candidate set) depends on it."""
-    if device.type != "cuda":
-        return DEFAULT_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, help=__doc__)

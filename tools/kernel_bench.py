@@ -35,7 +35,7 @@ from runtime.dequant import component_tensors, dequantize  # noqa: E402
 from runtime.experts import expert_ffn  # noqa: E402
 from runtime.kernels import fused_expert_ffn, interpreting, qmatmul, use_fused  # noqa: E402
 from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
-from runtime.kernels.timing import fill_random, random_matrix, rotating  # noqa: E402,F401 (shared with runtime.tune)
+from runtime.kernels.timing import capture_graph, fill_random, random_matrix, rotating  # noqa: E402,F401 (shared with runtime.tune)
 
 L2_BYTES = 50 << 20  # H100 L2
 ROTATE_BYTES = 4 * L2_BYTES  # weight copies rotated per measurement add up to at least this
@@ -135,17 +135,8 @@ class Timer:
     def _graph(self, fn, calls: int):
         """A callable replaying `calls` successive calls of fn captured in one CUDA graph (one
         pass over every rotated copy), or None when fn cannot be captured (a host sync)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(side):
-                for _ in range(2 * calls):  # compile and allocate outside the capture
-                    fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(calls):
-                    fn()
+            g = capture_graph(fn, calls, self.device)
         except RuntimeError as e:
             print(f"  (not capturable: {str(e).splitlines()[0][:100]})", file=sys.stderr)
             torch.cuda.synchronize(self.device)

@@ -17,7 +17,7 @@ from formats.qtensor import QuantSpec
 from ..dequant import _component_plan, component_tensors, typed_view
 from .configs import GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
-from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, _check, _sm_count, codes_per_word, gemv, gemv_supported,
+from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, _check, sm_count, codes_per_word, gemv, gemv_supported,
                     launch_plan, qmatmul, run_gemv, unpermute_x)
 
 # A view of one kernel operand inside the record: (dtype, itemsize, byte offset in the
@@ -97,7 +97,7 @@ def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
     a1, a3, a2 = ([ops[i] for i in a] for a in plan.args)
     t = x.shape[0]
     # configs resolved per call, not cached in the plan: the TUNED table may change
-    cfg2 = configs.get("w2") or pick_gemv_config(*plan.shape2, t, plan.spec2, sm_count=_sm_count(x.device))
+    cfg2 = configs.get("w2") or pick_gemv_config(*plan.shape2, t, plan.spec2, sm_count=sm_count(x.device))
     out_per = plan.w2_per if cfg2.permute_x else 1
     h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per))
     return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1))
@@ -126,7 +126,7 @@ def fused_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor
         h = F.silu(prefill_matmul(x, c1, m1.shape, m1.spec)) * prefill_matmul(x, c3, m3.shape, m3.spec)
         return prefill_matmul(h, c2, m2.shape, m2.spec)
     w2_fused = m2.spec.quantized and gemv_supported(m2.shape, m2.spec)
-    cfg2 = configs.get("w2") or pick_gemv_config(*m2.shape, t, m2.spec, sm_count=_sm_count(x.device))
+    cfg2 = configs.get("w2") or pick_gemv_config(*m2.shape, t, m2.spec, sm_count=sm_count(x.device))
     # the gated kernel can write h in the order w2's kernel reads it: no copy in between
     out_per = codes_per_word(m2.spec) if w2_fused and cfg2.permute_x else 1
     h = None

@@ -15,7 +15,7 @@ from formats.qtensor import QuantSpec
 from .configs import DEFAULT_SM_COUNT, GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
 from .tuning import ensure_loaded
-from .words import FUSED_BITS, codes_per_word, high_plane_view, word_layout_ok, word_view  # noqa: F401 (re-exported)
+from .words import codes_per_word, high_plane_view, word_layout_ok, word_view
 
 # More tokens than this: dequantize once and use a dense matmul (tensor cores); the fused
 # GEMV re-multiplies every unpacked weight per token on the CUDA cores.
@@ -32,7 +32,8 @@ def _next_pow2(v: int) -> int:
 
 
 @lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The device's SM count (the config heuristic, and so the tuner's candidate set, depend on it)."""
     if device.type != "cuda":
         return DEFAULT_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -156,7 +157,7 @@ def launch_plan(x: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, gated:
     if config is None:  # not cached: the TUNED table may change at run time
         if x.is_cuda:
             ensure_loaded(x.device)  # this GPU's tuning cache, once per device (a dict lookup after)
-        config = pick_gemv_config(n, k, t, spec, gated, _sm_count(x.device))
+        config = pick_gemv_config(n, k, t, spec, gated, sm_count(x.device))
     return _launch_plan(n, k, t, spec, gated, config, x_permuted, out_per)
 
 

@@ -88,16 +88,7 @@ def cuda_graph_timer(device: torch.device, rep_ms: float) -> Timer:
     kernel time, which is what is being tuned."""
 
     def measure(fn: Callable[[], object], calls: int) -> float:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2 * calls):  # compile and allocate outside the capture
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
+        graph = capture_graph(fn, calls, device)
         graph.replay()  # first replay uploads the graph
         torch.cuda.synchronize(device)
         one = _events_ms(graph.replay, 3, device) / 3
@@ -112,6 +103,23 @@ def cuda_graph_timer(device: torch.device, rep_ms: float) -> Timer:
         return 1e3 * ms / calls
 
     return measure
+
+
+def capture_graph(fn: Callable[[], object], calls: int, device: torch.device) -> "torch.cuda.CUDAGraph":
+    """`calls` successive calls of fn (one pass over every rotated copy) captured in one CUDA
+    graph, after 2 * calls warm-up calls on a side stream so that compiling and allocating
+    happen outside the capture. Raises what capture raises (e.g. on a host sync)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2 * calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
 
 
 def _events_ms(fn: Callable[[], object], n: int, device: torch.device) -> float:

@@ -67,7 +67,7 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
     gated = len(mats) == 2
     n, k = shape
     t = x.shape[0]
-    cfg = (config or pick_gemv_config(n, k, t, spec, gated, qgemv._sm_count(x.device))).for_matrix(k, spec)
+    cfg = (config or pick_gemv_config(n, k, t, spec, gated, qgemv.sm_count(x.device))).for_matrix(k, spec)
     per = qgemv.codes_per_word(spec)
     if cfg.permute_x and not x_permuted:
         x = qgemv.permute_x(x, per)

@@ -293,7 +293,7 @@ def test_launch_plan_loads_the_cache_for_cuda_activations(cache, fake_gpu, monke
     save_tuned(GPU, TRITON, ENTRIES)
     seen = []
     monkeypatch.setattr(qgemv, "ensure_loaded", lambda device: seen.append(device) or ensure_loaded(device))
-    monkeypatch.setattr(qgemv, "_sm_count", lambda device: 132)  # no CUDA here to ask
+    monkeypatch.setattr(qgemv, "sm_count", lambda device: 132)  # no CUDA here to ask
     x = torch.zeros(1, 14336)
     qgemv.launch_plan(x, (4096, 14336), EXPERTS, False)
     assert seen == [] and configs.TUNED == {}  # CPU activations: nothing loaded
