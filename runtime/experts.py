@@ -37,13 +37,13 @@ CPU_KERNEL_MAX_TOKENS = 4
 
 def _cpu_kernel_applies(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
     """Whether runtime.cpu_expert computes this call: a few tokens, a packed expert in CPU
-    memory, numba installed. (Its fallback calls plain_expert_ffn, never expert_ffn, so the
-    two cannot call each other in a loop.)"""
+    memory, its compiled kernel built or numba installed. (Its fallback calls plain_expert_ffn,
+    never expert_ffn, so the two cannot call each other in a loop.)"""
     if x.device.type != "cpu" or record.device.type != "cpu" or x.shape[0] > CPU_KERNEL_MAX_TOKENS:
         return False
     if not all(m.spec.quantized for m in layout.matrices):
         return False
-    from .cpu_expert import cpu_expert_available  # numba itself loads only on the first call
+    from .cpu_expert import cpu_expert_available  # the kernels load only on the first call
 
     return cpu_expert_available()
 

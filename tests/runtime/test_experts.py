@@ -10,6 +10,7 @@ from formats import MoepackFile
 from runtime.experts import ExpertBackend, ResidentExperts, expert_ffn
 from runtime.loader import load_model
 from runtime.moe import route
+from tests.runtime.packing_helpers import CPU_KERNEL_TOL
 
 
 def test_expert_ffn_matches_numpy_decoding(file42):
@@ -19,7 +20,7 @@ def test_expert_ffn_matches_numpy_decoding(file42):
     w = {k: torch.from_numpy(v) for k, v in f.expert_arrays(1, 2).items()}
     ref = F.linear(F.silu(x @ w["w1"].T) * (x @ w["w3"].T), w["w2"])
     got = expert_ffn(rec, f.header.expert_layout, x, torch.float32)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=CPU_KERNEL_TOL, atol=CPU_KERNEL_TOL)
     assert expert_ffn(rec, f.header.expert_layout, x.double(), torch.float32).dtype == torch.float64
 
 
@@ -38,7 +39,7 @@ def test_resident_backend_equals_per_token_loop(file42):
         for j in range(cfg.num_experts_per_tok):
             rec = torch.from_numpy(np.array(f.expert_bytes(1, int(idx[t, j]))))
             ref[t] += w[t, j] * expert_ffn(rec, f.header.expert_layout, x[t : t + 1], torch.float32)[0]
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=CPU_KERNEL_TOL, atol=CPU_KERNEL_TOL)
     s = backend.stats()
     assert s["expert_tokens"] == 9 * cfg.num_experts_per_tok and s["expert_evals"] == len(torch.unique(idx))
     backend.reset_stats()

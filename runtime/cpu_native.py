@@ -1,0 +1,145 @@
+"""The compiled CPU kernel (runtime/csrc/qgemv_cpu.c): built at first use with the machine's C
+compiler, cached per user, called through ctypes.
+
+Why a JIT-built C file and not numba or an install-time extension: the kernel's speed comes from
+vpmaddwd (16 int16 products summed in pairs per instruction), which numba's LLVM does not emit
+from Python loops, and building on the machine that runs it lets `-march=native` pick the
+widest vector unit without shipping per-CPU binaries. It needs no Python headers, so it works the
+same from a source checkout, an editable install, a wheel, or the GPU host (Triton needs the same
+compiler there). Without a compiler, or on a layout it does not cover, runtime.cpu_expert falls
+back to the numba kernel, then to plain torch.
+
+    MOEPACK_CPU_KERNEL=numba|torch   skip this kernel (compare paths, or rule it out)
+    CC                                the compiler (default: cc, then gcc, then clang)
+    MOEPACK_CACHE_DIR                 where built libraries go (default ~/.cache/moe-pack)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
+ABI_VERSION = 1
+UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
+
+
+class NativeBuildError(RuntimeError):
+    """The C kernel could not be built or loaded (the caller falls back and says why once)."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOEPACK_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "moe-pack"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc.split()[0]):
+            return cc
+    return None
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code runs only on this CPU model: the cache key includes its flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "|" + "|".join(lines)
+
+
+def _flag_sets() -> list[list[str]]:
+    """Compiler flags to try in order: OpenMP may be missing (macOS clang), -march=native may be
+    refused (some non-x86 compilers); the last set always compiles standard C."""
+    base = ["-O3", "-std=c11", "-shared", "-fPIC"]
+    return [base + ["-march=native", "-fopenmp"], base + ["-march=native"], base + ["-fopenmp"], base]
+
+
+def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
+    """The built library's path, compiling it if this source, compiler and CPU have no build yet."""
+    cc = cc or _compiler()
+    if cc is None:
+        raise NativeBuildError("no C compiler found (set CC, or install gcc/clang)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + cc.encode() + _cpu_fingerprint().encode() + sys.platform.encode()).hexdigest()[:16]
+    out_dir = out_dir or _cache_dir() / "cpu-kernels"
+    lib = out_dir / f"qgemv_cpu-{key}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _flag_sets():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            r = subprocess.run(cc.split() + flags + ["-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+                return lib
+            errors.append(r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"])
+        except (OSError, subprocess.TimeoutExpired) as e:
+            errors.append([str(e)])
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise NativeBuildError(f"{cc} could not compile {SOURCE.name}: {errors[0][0]}")
+
+
+class NativeKernel:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lib = ctypes.CDLL(str(path))
+        if self.lib.moepack_abi_version() != ABI_VERSION:
+            raise NativeBuildError(f"{path} has ABI {self.lib.moepack_abi_version()}, expected {ABI_VERSION}")
+        self.avx2 = bool(self.lib.moepack_has_avx2())
+        f = self.lib.moepack_qgemv
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
+        f.restype = ctypes.c_int
+        self._qgemv = f
+
+    def qgemv(self, q: np.ndarray, qhi: np.ndarray | None, scale: np.ndarray, smeta: np.ndarray, zero: np.ndarray,
+              zmeta: np.ndarray, mg: int, bits: int, group: int, x: np.ndarray, threads: int | None) -> np.ndarray | None:
+        """W x for x [T, K] f32 with W's components as numpy views (q rows of u32 words, qhi rows
+        of u16, u8 scale/zero codes, f32 (step, min) meta); None if the kernel declines the layout."""
+        n = q.shape[0]
+        t, k = x.shape
+        for a in (q, scale, smeta, zero, zmeta, x) + ((qhi,) if qhi is not None else ()):
+            if not a.flags.c_contiguous:
+                raise ValueError("native qgemv needs contiguous components")
+        out = np.empty((t, n), np.float32)
+        rc = self._qgemv(q.ctypes.data, 0 if qhi is None else qhi.ctypes.data, scale.ctypes.data, smeta.ctypes.data,
+                         zero.ctypes.data, zmeta.ctypes.data, mg, bits, group, n, k, x.ctypes.data, t,
+                         out.ctypes.data, int(threads or 0))
+        if rc == UNSUPPORTED:
+            return None
+        if rc != 0:
+            raise MemoryError("native qgemv could not allocate its buffers")
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def native_kernel() -> NativeKernel | None:
+    """The kernel, or None (disabled, no compiler, build failed: the last two warn once)."""
+    if os.environ.get("MOEPACK_CPU_KERNEL", "native") != "native":
+        return None
+    try:
+        return NativeKernel(build())
+    except (NativeBuildError, OSError) as e:
+        warnings.warn(f"moe-pack: CPU kernel not built ({e}); using the slower numba/torch path", stacklevel=2)
+        return None

@@ -1,0 +1,192 @@
+"""runtime.cpu_native: the compiled CPU kernel (runtime/csrc/qgemv_cpu.c) against the exact
+dequantized matrix, on every path inside it (the in-register meta fast path, the per-row decode
+path, the scalar tails), its refusals, and its build and fallback behaviour.
+
+The kernel rounds x to int16 per 32-bit word of codes (scale: the word's largest |x| / 32767)
+and is otherwise exact, so it is checked twice: against dequant(W) @ x^ with x^ that rounding
+done in numpy (tight: float32 summation only), and against dequant(W) @ x (loose: 2^-16 of each
+word's largest |x|)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from formats.qtensor import QuantSpec, component_views
+from runtime import cpu_expert, cpu_native
+from runtime.cpu_expert import cpu_expert_ffn
+from runtime.experts import plain_expert_ffn
+from tests.runtime.test_kernels import make_expert, packed
+
+needs_native = pytest.mark.skipif(cpu_native.native_kernel() is None, reason="no C compiler: the kernel is not built")
+
+
+def components(data: bytes, shape, spec):
+    """Numpy views as runtime.cpu_expert passes them: u32 words, u16 high plane, u8 meta codes."""
+    c = component_views(data, shape, spec)
+    return (c["q"].view(np.uint32), c["q_hi"].view(np.uint16) if "q_hi" in c else None,
+            c["scale"], c["scale_meta"], c["zero"], c["zero_meta"])
+
+
+def quantize_x(x: np.ndarray, cu: int) -> np.ndarray:
+    """x rounded as the kernel rounds it: per word of cu codes, to int16 steps of max|x| / 32767."""
+    t, k = x.shape
+    xw = x.reshape(t, k // cu, cu).astype(np.float64)
+    m = np.abs(xw).max(-1, keepdims=True).astype(np.float32)
+    d = (m / np.float32(32767)).astype(np.float64)
+    inv = np.where(m > 0, np.float32(32767) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    q = np.rint(x.reshape(t, k // cu, cu) * inv)
+    return (q * d).reshape(t, k)
+
+
+def run(data, shape, spec, x, threads=1):
+    q, qhi, s, sm, z, zm = components(data, shape, spec)
+    return cpu_native.native_kernel().qgemv(q, qhi, s, sm, z, zm, spec.meta_group_size, spec.bits,
+                                            spec.group_size, x, threads)
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b))
+
+
+# (spec, N, K): the fast path (meta decoded in registers) at every words-per-group it has
+# (1, 2, 4, 8, 16), and the per-row path: meta groups not a multiple of 8 (5, 12), rows of
+# groups not a multiple of 8, words per group not a power of two (g96 at 2 bits), row tails of
+# fewer than 8 words (K 48)
+CASES = [
+    (QuantSpec(2, 16, 8, 128), 40, 256),  # Mixtral's experts: fast, 1 word per group
+    (QuantSpec(2, 32, 8, 64), 24, 512),
+    (QuantSpec(2, 128, 8, 8), 16, 1024),  # 8 words per group
+    (QuantSpec(2, 256, 8, 16), 8, 1024),  # 16 words per group: several vector steps per group
+    (QuantSpec(3, 64, 8, 128), 40, 512),  # the 3-bit default: fast, 4 words per group
+    (QuantSpec(3, 16, 8, 8), 16, 256),
+    (QuantSpec(4, 64, 8, 256), 24, 512),  # the attention default at 4 bits
+    (QuantSpec(4, 8, 8, 24), 16, 128),  # 4-bit g8: 1 word per group
+    (QuantSpec(2, 16, 8, 5), 24, 256),  # meta groups straddle rows: per-row path
+    (QuantSpec(3, 64, 8, 12), 16, 320),  # 5 groups per row
+    (QuantSpec(2, 96, 8, 128), 16, 384),  # 6 words per group
+    (QuantSpec(2, 16, 8, 128), 24, 48),  # 3 words per row: scalar only
+    (QuantSpec(3, 16, 8, 7), 8, 208),  # 13 words per row: a vector step and a scalar tail
+]
+
+
+@needs_native
+@pytest.mark.parametrize("spec,n,k", CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_matches_dequantized_matrix(spec, n, k, tokens):
+    data, w = packed((n, k), spec, seed=n + k + spec.bits)
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    x[:, :16] *= 50  # a few large activations: each word keeps its own scale
+    y = run(data, (n, k), spec, x)
+    assert y.shape == (tokens, n) and y.dtype == np.float32
+    cu = 8 if spec.bits == 4 else 16
+    assert rel(y, quantize_x(x, cu) @ w.astype(np.float64).T) < 2e-6
+    assert rel(y, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-4
+
+
+@needs_native
+def test_threads_give_the_same_result():
+    spec = QuantSpec(3, 64, 8, 128)
+    data, _ = packed((72, 512), spec, seed=1)
+    x = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
+    assert np.array_equal(run(data, (72, 512), spec, x, threads=1), run(data, (72, 512), spec, x, threads=2))
+
+
+@needs_native
+def test_zero_input_gives_zero():
+    spec = QuantSpec(2, 16, 8, 128)
+    data, _ = packed((16, 256), spec, seed=2)
+    assert not run(data, (16, 256), spec, np.zeros((1, 256), np.float32)).any()
+
+
+@needs_native
+@pytest.mark.parametrize("bits,group", [(8, 64), (2, 8), (2, 24), (4, 4)])
+def test_declines_what_it_does_not_cover(bits, group):
+    """8-bit codes, and groups that are not whole 32-bit words of codes: None, the caller falls back."""
+    native = cpu_native.native_kernel()
+    k = 48 * group
+    words = np.zeros((4, max(1, k * min(bits, 4) // 32)), np.uint32)
+    meta = np.ones((1, 2), np.float32)
+    codes = np.zeros(4 * k // group, np.uint8)
+    x = np.ones((1, k), np.float32)
+    assert native.qgemv(words, None, codes, meta, codes, meta, 8, bits, group, x, 1) is None
+
+
+@needs_native
+@pytest.mark.parametrize("spec,hidden", [(QuantSpec(2, 16, 16), 48), (QuantSpec(8, 64, 8, 64), 64),
+                                         (QuantSpec(2, 24, 8, 128), 48)], ids=lambda v: str(v))
+def test_expert_falls_back_where_the_kernel_declines(spec, hidden, monkeypatch):
+    """fp16 meta, 8-bit codes, a half-word group: numba computes them (or plain torch)."""
+    calls = []
+    real = cpu_expert._numba_matvec
+    monkeypatch.setattr(cpu_expert, "_numba_matvec", lambda *a: calls.append(1) or real(*a))
+    layout, data, _ = make_expert(hidden, 2 * hidden, spec, seed=4)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(0))
+    y = cpu_expert_ffn(record, layout, x)
+    ref = plain_expert_ffn(record, layout, x, torch.float32)
+    assert float((y - ref).norm() / ref.norm()) < 1e-5
+    assert calls == ([1, 1, 1] if cpu_expert._numba() is not None else [])
+
+
+@needs_native
+def test_non_finite_input_falls_back_and_propagates():
+    spec = QuantSpec(2, 16, 8, 128)
+    layout, data, _ = make_expert(64, 128, spec, seed=5)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    x = torch.randn(1, 64)
+    x[0, 3] = float("nan")
+    assert torch.isnan(cpu_expert_ffn(record, layout, x)).all()
+
+
+@needs_native
+def test_expert_uses_the_native_kernel(monkeypatch):
+    """The Mixtral default layout goes through the compiled kernel, not numba."""
+    monkeypatch.setattr(cpu_expert, "_numba_matvec", lambda *a: pytest.fail("numba was used"))
+    layout, data, _ = make_expert(64, 128, QuantSpec(2, 16, 8, 128), seed=6)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    x = 0.1 * torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    ref = plain_expert_ffn(record, layout, x, torch.float32)
+    assert float((cpu_expert_ffn(record, layout, x, threads=2) - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_environment_switch_disables_it(monkeypatch):
+    monkeypatch.setenv("MOEPACK_CPU_KERNEL", "numba")
+    cpu_native.native_kernel.cache_clear()
+    try:
+        assert cpu_native.native_kernel() is None
+    finally:
+        cpu_native.native_kernel.cache_clear()
+
+
+def test_a_broken_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEPACK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exits 1 on every flag set
+    cpu_native.native_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU kernel not built"):
+            assert cpu_native.native_kernel() is None
+        assert not list(tmp_path.rglob("*.so"))  # no partial library left behind
+        layout, data, _ = make_expert(48, 96, QuantSpec(2, 16, 8, 128), seed=7)
+        record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        x = torch.randn(1, 48)
+        ref = plain_expert_ffn(record, layout, x, torch.float32)
+        assert float((cpu_expert_ffn(record, layout, x) - ref).norm() / ref.norm()) < 1e-5
+    finally:
+        cpu_native.native_kernel.cache_clear()
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_compiler", lambda: None)
+    with pytest.raises(cpu_native.NativeBuildError, match="no C compiler"):
+        cpu_native.build()
+
+
+@needs_native
+def test_build_is_cached_per_source_and_cpu(tmp_path):
+    first = cpu_native.build(out_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_native.build(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
