@@ -259,6 +259,12 @@ class OffloadedExperts:
         T, k = topk_idx.shape
         targets = self._targets(layer)
         if self.routing is not None:
+            # Read the model's own choice anyway, then discard it: a real router's decision
+            # exists only once the previous layer has run, and that sync is what keeps copies
+            # from starting early. Without it the host ran ahead through the whole token and
+            # queued every layer's copies at once, an oracle prefetch no real run has (the
+            # trace figures measured before 2026-11-23 include that advantage).
+            topk_idx.reshape(-1).tolist()
             routes = self.routing.route(layer, T)
             guesses = [(t, _rank(self.routing.guess(layer, t, T, self.prefetch))) for t in targets]
             return routes, guesses
