@@ -221,23 +221,32 @@ def _native_matvec(native, c: dict, spec, x: np.ndarray, threads: int | None) ->
                         spec.bits, spec.group_size, x, threads)
 
 
-def _matvec(record: torch.Tensor, m, x: np.ndarray, threads: int | None) -> np.ndarray:
-    """W x for matrix layout `m` of `record`: x [T, K] f32 -> [T, N] f32, by the compiled kernel
-    where it applies, else numba, else dequantize-then-matmul."""
-    c = {k: v.numpy() for k, v in component_tensors(record, m.shape, m.spec, base=m.offset).items()}
+def kernel_matvec(c: dict[str, np.ndarray], spec, x: np.ndarray, threads: int | None = None) -> np.ndarray | None:
+    """W x for a packed matrix given as numpy component views: x [T, K] f32 -> [T, N] f32, by
+    the compiled kernel where it applies, else numba; None when neither is there. `threads`
+    None: torch's thread count (one knob for the whole CPU path, e.g. generate's --threads)."""
+    threads = threads or torch.get_num_threads()
     native = _native()
-    out = None if native is None else _native_matvec(native, c, m.spec, x, threads)
+    out = None if native is None else _native_matvec(native, c, spec, x, threads)
+    if out is None and _numba() is not None:
+        out = _numba_matvec(c, spec, x, threads)
+    return out
+
+
+def _matvec(record: torch.Tensor, m, x: np.ndarray, threads: int | None) -> np.ndarray:
+    """W x for matrix layout `m` of `record`: x [T, K] f32 -> [T, N] f32 (dequantize-then-matmul
+    when no kernel applies)."""
+    c = {k: v.numpy() for k, v in component_tensors(record, m.shape, m.spec, base=m.offset).items()}
+    out = kernel_matvec(c, m.spec, x, threads)
     if out is not None:
         return out
-    if _numba() is not None:
-        return _numba_matvec(c, m.spec, x, threads)
     w = dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec, torch.float32)
     return (torch.from_numpy(x) @ w.T).numpy()
 
 
 def cpu_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for x: [T, H] (float32/16, bfloat16, CPU) with the expert in
-    `record` (uint8, CPU); `threads` kernel threads (None: the kernel's default, all cores)."""
+    `record` (uint8, CPU); `threads` kernel threads (None: torch.get_num_threads())."""
     if not cpu_expert_available() or any(not m.spec.quantized for m in layout.matrices) or record.device.type != "cpu":
         from .experts import plain_expert_ffn  # dequantize, then matmul (not expert_ffn: it dispatches here)
 

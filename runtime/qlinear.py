@@ -1,8 +1,10 @@
-"""Linear layers over weights read from a .moepack file: dense, or packed and dequantized
-on the fly (the plain-torch path; fused kernels replace QuantLinear.forward later)."""
+"""Linear layers over weights read from a .moepack file: dense, or packed and computed on the
+fly (fused Triton kernels on the GPU; for a few tokens on the CPU, runtime.cpu_expert's
+kernels; else dequantize, then matmul)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +42,30 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(x):
             return qmatmul(x.to(self.dtype), self.comps, self.shape, self.spec)
+        if x.device.type == "cpu" and self.raw.device.type == "cpu":
+            y = self._cpu_kernel(x)
+            if y is not None:
+                return y
         return F.linear(x, self.weight())
+
+    def _cpu_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T by runtime.cpu_expert's kernels for a few tokens (a GEMV straight on the packed
+        bytes, the decode case), or None: many tokens amortise one dequantize, and tiny or odd
+        layouts may have no kernel."""
+        from .experts import CPU_KERNEL_MAX_TOKENS
+
+        rows = x.numel() // x.shape[-1]
+        if rows > CPU_KERNEL_MAX_TOKENS or not self.spec.quantized:
+            return None
+        from .cpu_expert import cpu_expert_available, kernel_matvec
+
+        if not cpu_expert_available():
+            return None
+        xs = np.ascontiguousarray(x.detach().reshape(rows, x.shape[-1]).to(torch.float32).numpy())  # [T, K]
+        y = kernel_matvec({k: v.numpy() for k, v in self.comps.items()}, self.spec, xs)
+        if y is None:
+            return None
+        return torch.from_numpy(y).reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{list(self.shape)}, {self.spec.describe()}"

@@ -4,6 +4,10 @@ across thread counts, against the memory-bandwidth floor and llama.cpp's CPU fig
     python tools/cpu_expert_bench.py                  # 16-core host: threads 1, 2, 4, 8, 16
     python tools/cpu_expert_bench.py --quick          # small machine: fewer runs
     python tools/cpu_expert_bench.py --json out.json  # machine-readable results as well
+    MOEPACK_CPU_KERNEL=numba python tools/cpu_expert_bench.py   # the numba kernel instead
+
+Also times one Mixtral attention layer (q, k, v, o at 4-bit) at T=1: packed through
+QuantLinear's CPU kernel against a dense float32 matmul.
 
 Records are random bytes with sane meta (timing does not depend on values); two copies are
 alternated so a call never finds the previous call's record in the last-level cache. The
@@ -81,10 +85,52 @@ def copy_bandwidth(nbytes: int = 1 << 29) -> dict:
     return out
 
 
+ATTENTION = ((4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096))  # q, k, v, o of one Mixtral layer
+
+
+def attention_layer(threads: list[int], runs: int) -> list[dict]:
+    """One layer's q/k/v/o at 4-bit g64 (the attention default) and T=1: packed through
+    QuantLinear's CPU kernel against F.linear on the dequantized float32 weights."""
+    from formats.qtensor import encode_matrix
+    from runtime.qlinear import QuantLinear
+
+    spec, rng = QuantSpec(4, 64, 8, 256), np.random.default_rng(0)
+    mods = []
+    for n, k in ATTENTION:
+        g = n * k // spec.group_size
+        data = encode_matrix(spec, q=rng.integers(0, 16, (n, k)), scale=rng.uniform(0.01, 0.1, g),
+                             zero=rng.uniform(0, 15, g))
+        mods.append(QuantLinear(torch.frombuffer(bytearray(data), dtype=torch.uint8), (n, k), spec, torch.float32))
+    dense = [m.weight().contiguous() for m in mods]
+    x = torch.randn(1, 4096)
+    rows, saved = [], torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            res = {}
+            for name, fn in (("packed_ms", lambda: [m(x) for m in mods]),
+                             ("dense_ms", lambda: [torch.nn.functional.linear(x, w) for w in dense])):
+                fn()
+                res[name] = statistics.median(_timed(fn) for _ in range(runs)) * 1e3
+            rows.append({"case": "attention layer 4-bit g64", "threads": t, **res})
+            print(f"{'attention':<10} {t:>7} packed {res['packed_ms']:.2f} ms, dense float32 {res['dense_ms']:.2f} ms")
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def kernel_name() -> str:
+    """Which CPU kernel served the Mixtral layouts (MOEPACK_CPU_KERNEL picks)."""
+    from runtime.cpu_native import native_kernel
+
+    k = native_kernel()
+    return f"compiled ({k.path.name}, avx2={k.avx2})" if k is not None else "numba"
 
 
 def main(argv=None) -> int:
@@ -104,7 +150,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     x = (0.1 * torch.randn(1, HIDDEN, generator=gen))  # [1, H]
     rows = []
-    print(f"{ncpu} CPUs; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"{ncpu} CPUs; kernel {kernel_name()}; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     print(f"{'expert':<10} {'threads':>7} {'ms':>8} {'GB/s':>6} {'floor ms':>8} {'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
         layout = expert_layout(spec)
@@ -120,8 +166,10 @@ def main(argv=None) -> int:
                          "gbs": layout.record_size / ms / 1e6, "floor_ms": floor_ms, "llama_cpp_ms": LLAMA_CPP_MS})
             print(f"{name:<10} {t:>7} {ms:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} {LLAMA_CPP_MS:>12.2f}")
     print(f"llama.cpp CPU-only: 10.4 tok/s x 64 expert calls on 16 cores -> <= {LLAMA_CPP_MS:.2f} ms per call, everything included")
+    attention = attention_layer(threads, runs)
     if args.json:
-        args.json.write_text(json.dumps({"cpus": ncpu, "bandwidth": bw, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"cpus": ncpu, "bandwidth": bw, "rows": rows, "attention": attention,
+                                         "kernel": kernel_name()}, indent=2))
     return 0
 
 

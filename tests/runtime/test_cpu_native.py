@@ -15,7 +15,7 @@ import torch
 
 from formats.qtensor import QuantSpec, component_views
 from runtime import cpu_expert, cpu_native
-from runtime.cpu_expert import cpu_expert_ffn
+from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn
 from runtime.experts import plain_expert_ffn
 from tests.runtime.test_kernels import make_expert, packed
 
@@ -190,3 +190,37 @@ def test_build_is_cached_per_source_and_cpu(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert cpu_native.build(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
+
+
+@needs_native
+def test_quant_linear_uses_a_kernel_for_a_few_tokens(monkeypatch):
+    """QuantLinear on the CPU: a GEMV on the packed bytes for decode-sized inputs, the
+    dequantize path for a prompt."""
+    from runtime import qlinear
+
+    spec = QuantSpec(4, 64, 8, 256)
+    data, w = packed((48, 256), spec, seed=8)
+    lin = qlinear.QuantLinear(torch.frombuffer(bytearray(data), dtype=torch.uint8), (48, 256), spec, torch.float32)
+    calls = []
+    real = cpu_expert.kernel_matvec
+    monkeypatch.setattr(cpu_expert, "kernel_matvec", lambda *a: calls.append(a[2].shape) or real(*a))
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(0))  # 6 rows: the dequantize path
+    ref = x.double() @ torch.from_numpy(w).double().T
+    assert torch.allclose(lin(x).double(), ref, rtol=1e-5, atol=1e-5) and calls == []
+    y = lin(x[:1, :2])  # 2 rows: the kernel
+    assert calls == [(2, 256)] and y.shape == (1, 2, 48)
+    assert float((y.double() - ref[:1, :2]).norm() / ref[:1, :2].norm()) < 1e-4
+
+
+def test_cpu_default_keeps_large_models_packed(monkeypatch, packed_files):
+    from formats.reader import MoepackFile
+    from runtime import generate
+
+    file = MoepackFile(packed_files["4/2"])
+    cpu = torch.device("cpu")
+    assert generate.dense_on_cpu(file, cpu, torch.float32)  # tiny: dense is faster
+    assert not generate.dense_on_cpu(file, torch.device("cuda"), torch.float16)
+    monkeypatch.setattr(generate, "DENSE_CPU_LIMIT", 0)
+    assert generate.dense_on_cpu(file, cpu, torch.float32) == (not cpu_expert.cpu_expert_available())
+    monkeypatch.setattr(cpu_expert, "cpu_expert_available", lambda: False)
+    assert generate.dense_on_cpu(file, cpu, torch.float32)  # no kernel: dense

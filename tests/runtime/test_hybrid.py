@@ -9,7 +9,7 @@ from runtime.offload.hybrid import CostModel
 
 
 def test_split_balances_the_two_sides():
-    m = CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=0.0025)  # a copy takes 1.25 ms
+    m = CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=0.0025, reuse_weight=0)  # a copy takes 1.25 ms
     assert m.split(0) == 0
     assert m.split(1) == 0  # 1.25 ms copying beats 2.5 ms on the CPU
     assert m.split(3) == 1  # 2 copies (2.5 ms) beside 1 CPU expert (2.5 ms)
@@ -18,11 +18,20 @@ def test_split_balances_the_two_sides():
     assert CostModel(67_000_000, 53.6, cpu_s=1.0).split(20) == 0
 
 
-@given(st.integers(0, 40), st.floats(1e-4, 1e-1), st.floats(1e-4, 1e-1), st.floats(0, 0.05))
-def test_split_is_optimal(n, copy_s, cpu_s, backlog):
-    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s)
+def test_an_uncached_expert_costs_a_share_of_a_copy():
+    """A CPU slightly faster than the link does not take single misses (they would never be
+    cached); one much faster still does."""
+    m = CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=0.0012)  # copy 1.25 ms
+    assert m.split(1) == 0 and m.split(2) == 1
+    assert CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=0.0012, reuse_weight=0).split(1) == 1
+    assert CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=0.0006).split(1) == 1
+
+
+@given(st.integers(0, 40), st.floats(1e-4, 1e-1), st.floats(1e-4, 1e-1), st.floats(0, 0.05), st.floats(0, 1))
+def test_split_is_optimal(n, copy_s, cpu_s, backlog, reuse):
+    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s, reuse_weight=reuse)
     c = m.split(n, backlog)
-    cost = lambda c: max(backlog + (n - c) * m.copy_s, c * cpu_s)  # noqa: E731
+    cost = lambda c: max(backlog + (n - c) * m.copy_s, c * cpu_s) + c * reuse * m.copy_s  # noqa: E731
     assert 0 <= c <= n
     assert all(cost(c) <= cost(o) + 1e-12 for o in range(n + 1))
 

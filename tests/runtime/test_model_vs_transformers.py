@@ -9,7 +9,7 @@ import torch
 from formats import MoepackFile
 from runtime.loader import load_model
 from runtime.qlinear import DenseLinear, QuantLinear
-from tests.runtime.packing_helpers import RECIPE_4_2, reference_model, write_moepack
+from tests.runtime.packing_helpers import CPU_KERNEL_TOL, RECIPE_4_2, reference_model, write_moepack
 from tests.tiny import make_tiny_checkpoint
 
 PROMPT = [1, 17, 250, 33, 100, 5, 77, 200, 4, 9, 18, 300, 64, 2, 123, 45]
@@ -53,7 +53,9 @@ def test_logits_match_transformers(case, dequantize_at_load):
     logits = model(torch.tensor(PROMPT), 0)
     assert logits.dtype == torch.float32 and logits.shape == (len(PROMPT), file.config.vocab_size)
     assert rel_err(logits, ref_logits) < 1e-3
-    torch.testing.assert_close(model(torch.tensor(PROMPT), 0, last_only=True)[0], logits[-1], rtol=1e-5, atol=1e-5)
+    # one row reaches lm_head's CPU kernel (int16 activations), the whole prompt its dequantize path
+    last = model(torch.tensor(PROMPT), 0, last_only=True)[0]
+    torch.testing.assert_close(last, logits[-1], rtol=CPU_KERNEL_TOL, atol=CPU_KERNEL_TOL)
 
 
 def test_greedy_tokens_match_transformers(case):

@@ -1,0 +1,99 @@
+"""Projected decode tok/s of copy-or-compute offloading (issue #7) from measured per-expert
+costs, on routing traces calibrated to Mixtral-8x7B (runtime/offload/traces.py). A model, not
+a measurement: it says which CPU expert time a GPU budget needs, before any GPU time is spent.
+
+    python tools/hybrid_projection.py                         # 8, 12, 16 GiB; CPU expert 0.8-4 ms
+    python tools/hybrid_projection.py --cpu-ms 1.2 --json out.json
+
+Per decode step and layer (real routing: a layer's experts are known only once the layer
+before it has run, so nothing of layer L+1 starts before layer L ends):
+
+    t_layer = g + max(copied * t_copy, on_cpu * t_cpu)
+
+g is the layer's GPU and host time besides missed experts (attention, router, sync, the hit
+experts' GEMVs); t_copy = record bytes / pinned host->GPU bandwidth. `on_cpu` comes from
+runtime.offload.hybrid.CostModel.split, the engine's own rule; CPU-computed experts are not
+cached (as in the engine). The "split" columns are the bound for splitting single experts
+between the two sides (rows of w1/w3, columns of w2): a layer's misses then take
+n * t_copy * t_cpu / (t_copy + t_cpu), and every miss is still cached. Default g = 0.53 ms:
+the H100 host's 16 GiB model-routing LRU run of 2026-11-22 (55.6 tok/s at 0.76 copies per
+token, docs/BENCHMARKS.md section 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runtime.offload.cache import make_cache  # noqa: E402
+from runtime.offload.hybrid import CostModel  # noqa: E402
+from runtime.offload.schedule import Planner  # noqa: E402
+from runtime.offload.traces import SyntheticRouting, reference_params  # noqa: E402
+
+RECORD_BYTES = 67_436_544  # one 2-bit g16 Mixtral-8x7B expert (docs/BENCHMARKS.md section 1)
+BUDGET_SLOTS = {"8GiB": 85, "12GiB": 149, "16GiB": 213}  # the memory plan's slots on the H100 host
+LLAMA_CPP = {"12GiB": 46.7}  # FACTS.md section 2b: -ngl 99 --n-cpu-moe 9, 11.8 GiB
+
+
+def project(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int) -> dict:
+    """tok/s and per-token counts for one budget, policy and CPU expert time (None: copy only)."""
+    layers, experts = 32, 8
+    routing = SyntheticRouting(reference_params(layers, experts), 0.8, seed)
+    cache = make_cache(policy, slots, layers, 2)
+    planner = Planner(cache, 0)
+    cost = CostModel(RECORD_BYTES, copy_gbps=RECORD_BYTES / t_copy / 1e9, cpu_s=t_cpu or 1e9)
+    total = split_total = 0.0
+    copied = computed = 0
+    for _ in range(tokens):
+        for layer in range(layers):
+            needed = routing.route(layer, 1)[0]
+            misses = [e for e in needed if cache.lookup((layer, e)) is None]
+            c = cost.split(len(misses)) if t_cpu else 0
+            on_cpu = misses[len(misses) - c:]
+            planner.plan(layer, [e for e in needed if e not in on_cpu])
+            copied += len(misses) - c
+            computed += c
+            total += g + max((len(misses) - c) * t_copy, c * (t_cpu or 0.0))
+            per_miss = t_copy * t_cpu / (t_copy + t_cpu) if t_cpu else t_copy
+            split_total += g + len(misses) * per_miss
+    return {"slots": slots, "policy": policy, "cpu_ms": None if t_cpu is None else t_cpu * 1e3,
+            "tok_s": tokens / total, "copied_per_token": copied / tokens, "cpu_per_token": computed / tokens,
+            "split_tok_s": tokens / split_total}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-ms", type=float, action="append", help="CPU expert times to project (ms); repeatable")
+    ap.add_argument("--copy-gbps", type=float, default=54.3, help="pinned host->GPU bandwidth (H100 host: 54.3)")
+    ap.add_argument("--gpu-layer-ms", type=float, default=0.53, help="g: per-layer time besides missed experts")
+    ap.add_argument("--policy", action="append", choices=["layer", "lfu"], help="cache policies (default both)")
+    ap.add_argument("--tokens", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    t_copy = RECORD_BYTES / (args.copy_gbps * 1e9)
+    cpus = [None] + [c / 1e3 for c in (args.cpu_ms or [4.0, 2.0, 1.2, 0.8])]
+    rows = []
+    print(f"t_copy {t_copy * 1e3:.2f} ms, g {args.gpu_layer_ms} ms per layer, {args.tokens} tokens of calibrated trace")
+    print(f"{'budget':>6} {'slots':>5} {'policy':>6} {'cpu ms':>6} {'copied':>6} {'on cpu':>6} {'tok/s':>6} {'split':>6}  llama.cpp")
+    for budget, slots in BUDGET_SLOTS.items():
+        for policy in args.policy or ["layer", "lfu"]:
+            for t_cpu in cpus:
+                r = project(slots, policy, t_copy, t_cpu, args.gpu_layer_ms / 1e3, args.tokens, args.seed)
+                r["budget"] = budget
+                rows.append(r)
+                cpu = "-" if t_cpu is None else f"{t_cpu * 1e3:.1f}"
+                split = "-" if t_cpu is None else f"{r['split_tok_s']:.1f}"
+                print(f"{budget:>6} {slots:>5} {policy:>6} {cpu:>6} {r['copied_per_token']:>6.1f} {r['cpu_per_token']:>6.1f} "
+                      f"{r['tok_s']:>6.1f} {split:>6}  {LLAMA_CPP.get(budget, '')}")
+    if args.json:
+        args.json.write_text(json.dumps({"t_copy_ms": t_copy * 1e3, "gpu_layer_ms": args.gpu_layer_ms, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
