@@ -39,30 +39,40 @@ BUDGET_SLOTS = {"8GiB": 85, "12GiB": 149, "16GiB": 213}  # the memory plan's slo
 LLAMA_CPP = {"12GiB": 46.7}  # FACTS.md section 2b: -ngl 99 --n-cpu-moe 9, 11.8 GiB
 
 
-def project(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int) -> dict:
-    """tok/s and per-token counts for one budget, policy and CPU expert time (None: copy only)."""
+def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int,
+              split: bool) -> tuple[float, int, int]:
+    """(seconds, copied, computed) over `tokens` decode steps. split: every miss is shared
+    between the two sides and cached; else the engine's whole-expert rule."""
     layers, experts = 32, 8
-    routing = SyntheticRouting(reference_params(layers, experts), 0.8, seed)
+    routing = SyntheticRouting(reference_params(layers, experts), 0.8, seed)  # same seed, same routes
     cache = make_cache(policy, slots, layers, 2)
     planner = Planner(cache, 0)
     cost = CostModel(RECORD_BYTES, copy_gbps=RECORD_BYTES / t_copy / 1e9, cpu_s=t_cpu or 1e9)
-    total = split_total = 0.0
-    copied = computed = 0
+    per_miss = t_copy * t_cpu / (t_copy + t_cpu) if t_cpu else t_copy
+    total, copied, computed = 0.0, 0, 0
     for _ in range(tokens):
         for layer in range(layers):
             needed = routing.route(layer, 1)[0]
             misses = [e for e in needed if cache.lookup((layer, e)) is None]
-            c = cost.split(len(misses)) if t_cpu else 0
+            c = cost.split(len(misses)) if t_cpu and not split else 0
             on_cpu = misses[len(misses) - c:]
             planner.plan(layer, [e for e in needed if e not in on_cpu])
             copied += len(misses) - c
             computed += c
-            total += g + max((len(misses) - c) * t_copy, c * (t_cpu or 0.0))
-            per_miss = t_copy * t_cpu / (t_copy + t_cpu) if t_cpu else t_copy
-            split_total += g + len(misses) * per_miss
+            if split:
+                total += g + len(misses) * per_miss
+            else:
+                total += g + max((len(misses) - c) * t_copy, c * (t_cpu or 0.0))
+    return total, copied, computed
+
+
+def project(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int) -> dict:
+    """tok/s and per-token counts for one budget, policy and CPU expert time (None: copy only)."""
+    total, copied, computed = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, split=False)
+    split_total = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, split=True)[0] if t_cpu else None
     return {"slots": slots, "policy": policy, "cpu_ms": None if t_cpu is None else t_cpu * 1e3,
             "tok_s": tokens / total, "copied_per_token": copied / tokens, "cpu_per_token": computed / tokens,
-            "split_tok_s": tokens / split_total}
+            "split_tok_s": None if split_total is None else tokens / split_total}
 
 
 def main(argv=None) -> int:
