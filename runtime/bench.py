@@ -11,7 +11,8 @@ GPU budget x routing x variant:
   lru       the expert cache in the budget (--cache-policy: per-layer LRU by default, or lfu)
   prefetch  LRU + speculative prefetch of the next layer's experts
   hybrid    LRU, and each decode step computes some of its missed experts on the CPU from host
-            RAM while the others are copied (runtime.offload.hybrid); not part of "all"
+            RAM (whole, or w1/w3 while w2 alone is copied) while the others are copied
+            (runtime.offload.hybrid); not part of "all"
 
 Routing `model` uses the model's own (random) routers, meant as the worst case for a cache
 (on a random-weight model they turn out to repeat from token to token). Routing `trace` replaces each layer's choice by a synthetic trace calibrated to real
@@ -191,8 +192,9 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         "mb_per_token": per_token / 1e6, "bound_tok_s": bound, "ratio_to_bound": tok_s / bound if per_token else 0.0,
         "compute_wait_s": s["compute_wait_s"], "read_wait_s": s["read_wait_s"], "file_reads": s["file_reads"],
         "cuda_graphs": s["cuda_graphs"], "cpu_experts_per_token": s["cpu_experts"] / n,
+        "split_experts_per_token": s["split_experts"] / n,
         # how busy each resource was over the timed decode (1 - this is its idle share)
-        "copy_busy": s["copy_busy_s"] / seconds, "cpu_busy": s["cpu_expert_s"] / seconds, "stats": s,
+        "copy_busy": s["copy_busy_s"] / seconds, "cpu_busy": (s["cpu_expert_s"] + s["split_cpu_s"]) / seconds, "stats": s,
     }
     row["gpu_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else "-"
     return row
@@ -243,7 +245,8 @@ RUN_COLUMNS = [
     ("prefetch_recall", "pf recall", ".3f"), ("prefetch_precision", "pf precision", ".3f"),
     ("copied_gbps", "GB/s copied", ".2f"), ("mb_per_token", "MB/token", ".4g"), ("bound_tok_s", "bound tok/s", ".4g"),
     ("ratio_to_bound", "of bound", ".2f"), ("compute_wait_s", "wait s", ".2f"), ("file_reads", "file reads", "d"),
-    ("cpu_experts_per_token", "CPU experts/token", ".1f"), ("copy_busy", "copy busy", ".2f"), ("cpu_busy", "CPU busy", ".2f"),
+    ("cpu_experts_per_token", "CPU experts/token", ".1f"), ("split_experts_per_token", "split/token", ".1f"),
+    ("copy_busy", "copy busy", ".2f"), ("cpu_busy", "CPU busy", ".2f"),
     ("gpu_peak_gib", "peak GiB", ".2f"),
 ]
 SIM_COLUMNS = [

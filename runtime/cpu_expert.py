@@ -251,9 +251,15 @@ def cpu_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, 
         from .experts import plain_expert_ffn  # dequantize, then matmul (not expert_ffn: it dispatches here)
 
         return plain_expert_ffn(record, layout, x, torch.float32).to(x.dtype)
+    h = cpu_expert_hidden(record, layout, x, threads).numpy()  # [T, I]
+    y = _matvec(record, layout.matrix("w2"), np.ascontiguousarray(h), threads)  # [T, H]
+    return torch.from_numpy(y).to(x.dtype)
+
+
+def cpu_expert_hidden(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """h = silu(w1 x) * w3 x, float32 [T, I], for x: [T, H] on the CPU: the first two thirds of
+    cpu_expert_ffn (the hybrid engine's split leaves w2 h to the GPU)."""
     xs = np.ascontiguousarray(x.detach().to(torch.float32).numpy())  # [T, H]
     a = torch.from_numpy(_matvec(record, layout.matrix("w1"), xs, threads))  # [T, I]
     b = torch.from_numpy(_matvec(record, layout.matrix("w3"), xs, threads))  # [T, I]
-    h = (torch.nn.functional.silu(a) * b).numpy()  # [T, I]
-    y = _matvec(record, layout.matrix("w2"), np.ascontiguousarray(h), threads)  # [T, H]
-    return torch.from_numpy(y).to(x.dtype)
+    return torch.nn.functional.silu(a) * b

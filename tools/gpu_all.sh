@@ -5,11 +5,13 @@
 #   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda;
 #   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch;
 #   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step);
-#   7. tools/cpu_expert_bench.py (the CPU expert path on the host's cores);
+#   7. the compiled CPU kernel's tests, then tools/cpu_expert_bench.py with it and with numba;
 #   8. runtime.bench at 12GiB with --host-memory 8GiB (experts streamed from the file);
 #   9. what the session of 2026-11-22 built but could not measure: LRU vs LFU vs hybrid at 8, 12
 #      and 16 GiB (trace routing), and 32 layers with every expert resident (decode with CUDA
-#      graphs, 512-token prefill) for issue #6's 200 tok/s and 2958 tok/s.
+#      graphs, 512-token prefill) for issue #6's 200 tok/s and 2958 tok/s; hybrid (whole or
+#      split experts) with 8 CPU threads, trace and model routing. Trace routing waits for
+#      each layer's router since 2026-11-23, so its figures are lower than the day before's.
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -73,7 +75,10 @@ has 5 && run bench ${BENCH_S:-600} $PY -m runtime.bench --layers 32 --expert-bit
 has 5 && ! grep -q '"tok_s"' "$OUT/bench.json" 2>/dev/null && run bench_eager 90 $PY -m runtime.bench --layers 32 \
   --expert-bits 2 --tokens ${TOKENS:-24} --warmup 8 --routing trace --variant all --gpu-memory 12GiB --no-cuda-graphs \
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_eager.json" $BENCH_FLAGS
+# the compiled CPU kernel is built here by the host's compiler (-march=native): check it first
+has 7 && run cpu_native_tests 60 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py tests/runtime/test_cpu_expert.py
 has 7 && run cpu_expert 60 $PY tools/cpu_expert_bench.py --json "$OUT/cpu_expert.json"
+has 7 && run cpu_expert_numba 60 env MOEPACK_CPU_KERNEL=numba $PY tools/cpu_expert_bench.py --runs 5 --json "$OUT/cpu_expert_numba.json"
 has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 --routing trace \
   --variant all --gpu-memory 12GiB --host-memory 8GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_streaming.json" $BENCH_FLAGS
 has 9 && run bench_policies 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
@@ -82,6 +87,9 @@ has 9 && run bench_policies 200 $PY -m runtime.bench --layers 32 --expert-bits 2
 has 9 && run bench_lfu 150 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
   --routing trace --variant lru --variant hybrid --cache-policy lfu --gpu-memory 12GiB \
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_lfu.json" $BENCH_FLAGS
+has 9 && run bench_hybrid_8t 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
+  --routing all --variant hybrid --cache-policy lfu --cpu-threads 8 --gpu-memory 12GiB \
+  --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_hybrid_8t.json" $BENCH_FLAGS
 has 9 && run resident_32 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2 --cuda-graphs on \
   --prompt-len 512 --new-tokens 64 > $OUT/resident_32.jsonl"
 log "total"

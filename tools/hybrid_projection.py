@@ -8,14 +8,17 @@ a measurement: it says which CPU expert time a GPU budget needs, before any GPU 
 Per decode step and layer (real routing: a layer's experts are known only once the layer
 before it has run, so nothing of layer L+1 starts before layer L ends):
 
-    t_layer = g + max(copied * t_copy, on_cpu * t_cpu)
+    t_layer = g + max(link, cpu)
 
 g is the layer's GPU and host time besides missed experts (attention, router, sync, the hit
-experts' GEMVs); t_copy = record bytes / pinned host->GPU bandwidth. `on_cpu` comes from
-runtime.offload.hybrid.CostModel.split, the engine's own rule; CPU-computed experts are not
-cached (as in the engine). The "split" columns are the bound for splitting single experts
-between the two sides (rows of w1/w3, columns of w2): a layer's misses then take
-n * t_copy * t_cpu / (t_copy + t_cpu), and every miss is still cached. Default g = 0.53 ms:
+experts' GEMVs); t_copy = record bytes / pinned host->GPU bandwidth. Three ways to handle the
+misses, each column with its own cache trajectory:
+- whole: runtime.offload.hybrid.CostModel with experts kept whole (copied, or computed on the
+  CPU and not cached);
+- w13: the engine's rule, which may also split an expert: w1/w3 on the CPU while w2 alone
+  (a third of the record) is copied;
+- ideal: every miss shared between the two sides in the best ratio, n * t_copy * t_cpu /
+  (t_copy + t_cpu) per layer, and still cached (a bound: not built). Default g = 0.53 ms:
 the H100 host's 16 GiB model-routing LRU run of 2026-11-22 (55.6 tok/s at 0.76 copies per
 token, docs/BENCHMARKS.md section 4).
 """
@@ -40,39 +43,45 @@ LLAMA_CPP = {"12GiB": 46.7}  # FACTS.md section 2b: -ngl 99 --n-cpu-moe 9, 11.8 
 
 
 def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int,
-              split: bool) -> tuple[float, int, int]:
-    """(seconds, copied, computed) over `tokens` decode steps. split: every miss is shared
-    between the two sides and cached; else the engine's whole-expert rule."""
+              mode: str) -> tuple[float, list[int]]:
+    """(seconds, [copied, split, on CPU]) over `tokens` decode steps. mode "whole": the engine's
+    rule with experts kept whole; "w13": the engine's rule (whole, or w1/w3 on the CPU while w2
+    is copied); "ideal": every miss shared between the two sides in the best ratio, and cached."""
     layers, experts = 32, 8
     routing = SyntheticRouting(reference_params(layers, experts), 0.8, seed)  # same seed, same routes
     cache = make_cache(policy, slots, layers, 2)
     planner = Planner(cache, 0)
     cost = CostModel(RECORD_BYTES, copy_gbps=RECORD_BYTES / t_copy / 1e9, cpu_s=t_cpu or 1e9)
     per_miss = t_copy * t_cpu / (t_copy + t_cpu) if t_cpu else t_copy
-    total, copied, computed = 0.0, 0, 0
+    total, counts = 0.0, [0, 0, 0]
     for _ in range(tokens):
         for layer in range(layers):
             needed = routing.route(layer, 1)[0]
             misses = [e for e in needed if cache.lookup((layer, e)) is None]
-            c = cost.split(len(misses)) if t_cpu and not split else 0
-            on_cpu = misses[len(misses) - c:]
-            planner.plan(layer, [e for e in needed if e not in on_cpu])
-            copied += len(misses) - c
-            computed += c
-            if split:
-                total += g + len(misses) * per_miss
+            n = len(misses)
+            if mode == "ideal" or not t_cpu:
+                a, b, c = n, 0, 0
             else:
-                total += g + max((len(misses) - c) * t_copy, c * (t_cpu or 0.0))
-    return total, copied, computed
+                a, b, c = cost.assign(n, allow_split=mode == "w13")
+            planner.plan(layer, [e for e in needed if e not in misses[a:]])  # split / CPU ones stay uncached
+            for i, v in enumerate((a, b, c)):
+                counts[i] += v
+            if mode == "ideal":
+                total += g + n * per_miss
+            else:
+                f = cost.w2_share
+                total += g + max(a * t_copy + b * f * t_copy, b * (1 - f) * (t_cpu or 0.0) + c * (t_cpu or 0.0))
+    return total, counts
 
 
 def project(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int) -> dict:
-    """tok/s and per-token counts for one budget, policy and CPU expert time (None: copy only)."""
-    total, copied, computed = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, split=False)
-    split_total = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, split=True)[0] if t_cpu else None
-    return {"slots": slots, "policy": policy, "cpu_ms": None if t_cpu is None else t_cpu * 1e3,
-            "tok_s": tokens / total, "copied_per_token": copied / tokens, "cpu_per_token": computed / tokens,
-            "split_tok_s": None if split_total is None else tokens / split_total}
+    """tok/s of the three modes for one budget, policy and CPU expert time (None: copy only)."""
+    row = {"slots": slots, "policy": policy, "cpu_ms": None if t_cpu is None else t_cpu * 1e3}
+    for mode in ("whole", "w13", "ideal") if t_cpu else ("whole",):
+        total, (a, b, c) = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, mode)
+        row[f"{mode}_tok_s"] = tokens / total
+        row[f"{mode}_per_token"] = {"copied": a / tokens, "split": b / tokens, "cpu": c / tokens}
+    return row
 
 
 def main(argv=None) -> int:
@@ -89,7 +98,8 @@ def main(argv=None) -> int:
     cpus = [None] + [c / 1e3 for c in (args.cpu_ms or [4.0, 2.0, 1.2, 0.8])]
     rows = []
     print(f"t_copy {t_copy * 1e3:.2f} ms, g {args.gpu_layer_ms} ms per layer, {args.tokens} tokens of calibrated trace")
-    print(f"{'budget':>6} {'slots':>5} {'policy':>6} {'cpu ms':>6} {'copied':>6} {'on cpu':>6} {'tok/s':>6} {'split':>6}  llama.cpp")
+    print(f"{'budget':>6} {'slots':>5} {'policy':>6} {'cpu ms':>6} {'whole':>6} {'w13':>6} {'ideal':>6}  "
+          f"{'w13: copied/split/cpu per token':<32} llama.cpp")
     for budget, slots in BUDGET_SLOTS.items():
         for policy in args.policy or ["layer", "lfu"]:
             for t_cpu in cpus:
@@ -97,9 +107,12 @@ def main(argv=None) -> int:
                 r["budget"] = budget
                 rows.append(r)
                 cpu = "-" if t_cpu is None else f"{t_cpu * 1e3:.1f}"
-                split = "-" if t_cpu is None else f"{r['split_tok_s']:.1f}"
-                print(f"{budget:>6} {slots:>5} {policy:>6} {cpu:>6} {r['copied_per_token']:>6.1f} {r['cpu_per_token']:>6.1f} "
-                      f"{r['tok_s']:>6.1f} {split:>6}  {LLAMA_CPP.get(budget, '')}")
+                w13 = "-" if t_cpu is None else f"{r['w13_tok_s']:.1f}"
+                ideal = "-" if t_cpu is None else f"{r['ideal_tok_s']:.1f}"
+                pt = r.get("w13_per_token", r["whole_per_token"])
+                counts = f"{pt['copied']:.1f} / {pt['split']:.1f} / {pt['cpu']:.1f}"
+                print(f"{budget:>6} {slots:>5} {policy:>6} {cpu:>6} {r['whole_tok_s']:>6.1f} {w13:>6} {ideal:>6}  "
+                      f"{counts:<32} {LLAMA_CPP.get(budget, '')}")
     if args.json:
         args.json.write_text(json.dumps({"t_copy_ms": t_copy * 1e3, "gpu_layer_ms": args.gpu_layer_ms, "rows": rows}, indent=2))
     return 0

@@ -21,7 +21,7 @@ import torch
 from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
-from ..experts import expert_ffn
+from ..experts import expert_ffn, matrix_matmul
 from ..graphs import expert_graphs
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, calibration_prior, make_cache
@@ -107,8 +107,11 @@ class OffloadedExperts:
         # hybrid: a decode step may compute some missed experts on the CPU instead of copying them
         self.cost: CostModel | None = None
         self.cpu_threads = cpu_threads
+        self._w2_scratch: list[torch.Tensor] = []  # split experts' w2, copied alone (hybrid)
+        self._w2_free: list = []  # compute that last read each scratch buffer done
         if hybrid:
-            self.cost = CostModel(self.layout.record_size)
+            self.cost = CostModel(self.layout.record_size,
+                                  w2_share=self.layout.matrix("w2").nbytes / self.layout.record_size)
             self._calibrate_hybrid()
         self.reset_stats()
 
@@ -119,11 +122,12 @@ class OffloadedExperts:
         self._issue_finished_reads()
         routes, guesses = self._decide(layer, x, topk_idx)
         needed, positions = _by_need(routes, k)
-        on_cpu = self._cpu_choice(layer, needed) if self.cost is not None and T == 1 else []
-        if on_cpu:
-            needed = [e for e in needed if e not in on_cpu]
+        on_split, on_cpu = self._cpu_choice(layer, needed) if self.cost is not None and T == 1 else ([], [])
+        if on_split or on_cpu:
+            needed = [e for e in needed if e not in on_split and e not in on_cpu]
             # the token and its weights go to the host now, before the GPU work is queued
             x_host, w_host = x.float().cpu(), topk_w.float().cpu()
+            w2_ready = [self._copy_w2(layer, e, i) for i, e in enumerate(on_split)]  # the link's first job
         ops = self.planner.plan(layer, needed, guesses)
         self.calls += 1
         self.tokens += T
@@ -157,7 +161,10 @@ class OffloadedExperts:
                 out.index_add_(0, tok, y * w)
             self._free[op.slot] = self.copier.mark_used()  # the slot may be overwritten after this
             self.expert_tokens += len(positions[e])
-        if on_cpu:  # the GPU works through its queue meanwhile
+        if on_split:  # the GPU works through its queue meanwhile; w2 h joins it as each h is ready
+            y = self._split_compute(layer, on_split, w2_ready, positions, x_host, topk_w)
+            out = y if out is None else out + y
+        if on_cpu:
             y = self._cpu_compute(layer, on_cpu, positions, x_host, w_host).to(self.device, x.dtype)
             out = y if out is None else out + y
         return out if out is not None else torch.zeros_like(x)
@@ -168,6 +175,7 @@ class OffloadedExperts:
              "layer_calls": self.calls, "tokens": self.tokens, "expert_tokens": self.expert_tokens,
              "read_wait_s": self.read_wait_s, "cuda_graphs": self.graphs is not None and self.graphs.capturing,
              "hybrid": self.cost is not None, "cpu_experts": self.cpu_experts, "cpu_expert_s": self.cpu_expert_s,
+             "split_experts": self.split_experts, "split_cpu_s": self.split_cpu_s,
              "cpu_s_per_expert": None if self.cost is None else self.cost.cpu_s,
              "copy_s_per_expert": None if self.cost is None else self.cost.copy_s}
         d.update(self.planner.stats.to_json())
@@ -181,8 +189,8 @@ class OffloadedExperts:
         self.host.reset_stats()
         self.calls = self.tokens = self.expert_tokens = 0
         self.read_wait_s = 0.0
-        self.cpu_experts = 0
-        self.cpu_expert_s = 0.0
+        self.cpu_experts = self.split_experts = 0
+        self.cpu_expert_s = self.split_cpu_s = 0.0
 
     def close(self) -> None:
         """Finish in-flight work; give back staging buffers, and the host tier if this backend made it."""
@@ -215,11 +223,50 @@ class OffloadedExperts:
         cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
         self.cost.cpu_s = time.perf_counter() - t
 
-    def _cpu_choice(self, layer: int, needed: list[int]) -> list[int]:
-        """The missed experts of this decode step to compute on the CPU (see offload.hybrid)."""
+    def _cpu_choice(self, layer: int, needed: list[int]) -> tuple[list[int], list[int]]:
+        """(split, on the CPU): the missed experts of this decode step whose w1/w3 the CPU
+        computes while w2 is copied, and those it computes whole (see offload.hybrid). The
+        least needed misses leave the copy path first."""
         misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
-        n = self.cost.split(len(misses)) if misses else 0
-        return misses[len(misses) - n:]
+        if not misses:
+            return [], []
+        a, b, _ = self.cost.assign(len(misses))
+        return misses[a:a + b], misses[a + b:]
+
+    def _copy_w2(self, layer: int, e: int, i: int):
+        """Copy expert e's w2 (the record's last matrix, one contiguous range) into scratch
+        buffer i; returns the copy's event."""
+        m2 = self.layout.matrix("w2")
+        if i == len(self._w2_scratch):  # at most top_k, allocated on first use
+            self._w2_scratch.append(torch.empty(m2.nbytes, dtype=torch.uint8, device=self.device))
+            self._w2_free.append(NULL_EVENT)
+        src = self.host.view((layer, e))[m2.offset:m2.offset + m2.nbytes]
+        return self.copier.copy(self._w2_scratch[i], src, after=self._w2_free[i])
+
+    def _split_compute(self, layer: int, experts: list[int], w2_ready: list, positions: dict[int, list[int]],
+                       x_host: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j * w2_j h_j over `experts`: h_j = silu(w1 x) * w3 x on the CPU from the host
+        record, w2_j h_j on the device from the scratch copy of w2: [1, H] on the device."""
+        from ..cpu_expert import cpu_expert_hidden
+
+        m2 = self.layout.matrix("w2")
+        t = time.perf_counter()
+        out = None
+        for i, e in enumerate(experts):
+            self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
+            h = cpu_expert_hidden(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads)  # [1, I]
+            self.copier.wait(w2_ready[i])
+            j = positions[e][0]
+            y = matrix_matmul(self._w2_scratch[i], m2.shape, m2.spec, h.to(self.device, topk_w.dtype), self.dtype)
+            y = y * topk_w[:, j:j + 1]  # [1, H]
+            self._w2_free[i] = self.copier.mark_used()
+            out = y if out is None else out + y
+        dt = time.perf_counter() - t
+        self.cost.observe_cpu(dt / len(experts) / (1 - self.cost.w2_share))  # as a whole expert's time
+        self.split_experts += len(experts)
+        self.split_cpu_s += dt
+        self._count_uncached(len(experts))
+        return out
 
     def _cpu_compute(self, layer: int, experts: list[int], positions: dict[int, list[int]],
                      x_host: torch.Tensor, w_host: torch.Tensor) -> torch.Tensor:
@@ -237,10 +284,14 @@ class OffloadedExperts:
         self.cost.observe_cpu(dt / len(experts))
         self.cpu_experts += len(experts)
         self.cpu_expert_s += dt
-        self.planner.stats.uses += len(experts)
-        self.planner.stats.misses += len(experts)
-        self.expert_tokens += len(experts)
+        self._count_uncached(len(experts))
         return out
+
+    def _count_uncached(self, n: int) -> None:
+        """Uses and misses of experts the planner never saw (split or computed on the CPU)."""
+        self.planner.stats.uses += n
+        self.planner.stats.misses += n
+        self.expert_tokens += n
 
     # -- routing --------------------------------------------------------------------------
     def _targets(self, layer: int) -> list[int]:

@@ -42,3 +42,23 @@ def test_running_averages():
     assert abs(m.cpu_s - 0.006) < 1e-12
     m.observe_copy(0)  # no measurement: unchanged
     assert m.copy_gbps == 25.0
+
+
+def test_assign_splits_single_misses_when_the_cpu_keeps_up():
+    """One miss, CPU as fast as the link: w1/w3 on the CPU beside w2's copy (2/3 of either)
+    beats copying it whole; a hopeless CPU copies everything; a free CPU takes everything."""
+    m = CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=0.00125)
+    assert m.assign(1) == (0, 1, 0)
+    assert m.assign(1, allow_split=False) == (1, 0, 0)
+    assert CostModel(67_000_000, 53.6, cpu_s=1.0).assign(5) == (5, 0, 0)
+    assert CostModel(67_000_000, 53.6, cpu_s=0.0).assign(3) == (0, 0, 3)
+
+
+@given(st.integers(0, 8), st.floats(1e-4, 1e-1), st.floats(1e-4, 1e-1), st.floats(0, 0.05), st.floats(0, 1),
+       st.floats(0.05, 0.95))
+def test_assign_is_optimal(n, copy_s, cpu_s, backlog, reuse, share):
+    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s, reuse_weight=reuse, w2_share=share)
+    a, b, c = m.assign(n, backlog)
+    assert min(a, b, c) >= 0 and a + b + c == n
+    best = min(m.cost(x, y, n - x - y, backlog) for x in range(n + 1) for y in range(n - x + 1))
+    assert m.cost(a, b, c, backlog) <= best + 1e-12

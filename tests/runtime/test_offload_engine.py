@@ -289,6 +289,26 @@ def test_hybrid_same_tokens(tiny, kw):
     assert s["uses"] == s["hits"] + s["misses"]
 
 
+@pytest.mark.parametrize("kw", [dict(n_slots=2 * LAYERS), dict(n_slots=3 * LAYERS, policy="lfu", cuda_graphs=True)],
+                         ids=["layer2", "lfu3-graph-interface"])
+def test_hybrid_split_experts_same_tokens(tiny, kw):
+    """A CPU as fast as the link: single misses are split (w1/w3 on the CPU, w2 copied alone
+    and applied on the device); the same tokens and logits as the resident model."""
+    path, ref = tiny
+    model = offloaded(path, hybrid=True, cpu_threads=1, **kw)
+    cost = model.experts.cost
+    cost.smoothing, cost.cpu_s = 0.0, cost.copy_s
+    assert cost.assign(1) == (0, 1, 0)
+    copies_before = model.experts.copier.copies
+    assert_same(ref, greedy(model))
+    s = model.experts.stats()
+    assert s["split_experts"] > 0 and s["split_cpu_s"] > 0
+    assert s["uses"] == s["hits"] + s["misses"]
+    assert model.experts.copier.copies > copies_before  # the w2 copies went through the copy engine
+    m2 = model.experts.layout.matrix("w2")
+    assert all(b.numel() == m2.nbytes for b in model.experts._w2_scratch) and len(model.experts._w2_scratch) <= 2
+
+
 def test_hybrid_split_follows_the_costs(tiny):
     path, ref = tiny
     model = offloaded(path, n_slots=2 * LAYERS, hybrid=True, cpu_threads=1)
