@@ -98,6 +98,8 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
     dt = resolve_dtype(dtype, dev)
     cfg = bench_config(layers, tiny)
     results = []
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)  # a fresh folder is fine: the files are temporary
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for name in recipes:
             path = Path(tmp) / f"bench-{name.replace('/', '-')}.moepack"

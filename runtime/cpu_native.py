@@ -133,13 +133,50 @@ class NativeKernel:
         return out
 
 
+# (spec, rows, cols) of the load-time check: each code width on the in-register meta path,
+# and the per-row path with a scalar tail
+_CHECKS = (((2, 16, 8, 128), 16, 256), ((3, 64, 8, 128), 16, 512), ((4, 64, 8, 256), 8, 512), ((2, 16, 8, 5), 8, 208))
+
+
+def self_check(kernel: NativeKernel) -> str | None:
+    """None if the kernel matches the format's reference decode on small random matrices, else
+    what went wrong. The build is -march=native from source, so a compiler or CPU this project
+    never ran on gets checked before its results are used (a few milliseconds)."""
+    from formats.qtensor import QuantSpec, component_views, decode_matrix, encode_matrix
+
+    rng = np.random.default_rng(0)
+    for args, n, k in _CHECKS:
+        spec = QuantSpec(*args)
+        groups = n * k // spec.group_size
+        data = encode_matrix(spec, q=rng.integers(0, 1 << spec.bits, (n, k)), scale=rng.uniform(0.01, 0.1, groups),
+                             zero=rng.uniform(0, (1 << spec.bits) - 1, groups))
+        c = component_views(data, (n, k), spec)
+        w = decode_matrix(c, (n, k), spec).astype(np.float64)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        y = kernel.qgemv(c["q"].view(np.uint32), c["q_hi"].view(np.uint16) if "q_hi" in c else None, c["scale"],
+                         c["scale_meta"], c["zero"], c["zero_meta"], spec.meta_group_size, spec.bits,
+                         spec.group_size, x, 2)
+        ref = x.astype(np.float64) @ w.T
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) if y is not None else float("inf")
+        if not err < 1e-4:  # x's int16 rounding gives ~2e-5
+            return f"{spec.describe()} {n}x{k}: relative error {err:.2g}"
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def native_kernel() -> NativeKernel | None:
-    """The kernel, or None (disabled, no compiler, build failed: the last two warn once)."""
+    """The kernel, or None (disabled, no compiler, build failed, wrong results: the last three
+    warn once)."""
     if os.environ.get("MOEPACK_CPU_KERNEL", "native") != "native":
         return None
     try:
-        return NativeKernel(build())
+        kernel = NativeKernel(build())
     except (NativeBuildError, OSError) as e:
         warnings.warn(f"moe-pack: CPU kernel not built ({e}); using the slower numba/torch path", stacklevel=2)
         return None
+    problem = self_check(kernel)
+    if problem is not None:
+        warnings.warn(f"moe-pack: the CPU kernel built at {kernel.path} gives wrong results on this machine "
+                      f"({problem}); using the slower numba/torch path", stacklevel=2)
+        return None
+    return kernel

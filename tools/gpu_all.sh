@@ -12,6 +12,8 @@
 #      graphs, 512-token prefill) for issue #6's 200 tok/s and 2958 tok/s; hybrid (whole or
 #      split experts) with 8 CPU threads, trace and model routing. Trace routing waits for
 #      each layer's router since 2026-11-23, so its figures are lower than the day before's.
+#  11. CPU-only decode of 32 Mixtral-shape layers (4-bit attention packed, 2-bit experts) on
+#      the host's cores, against llama.cpp's CPU-only figure (FACTS.md 2b);
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -92,5 +94,8 @@ has 9 && run bench_hybrid_8t 120 $PY -m runtime.bench --layers 32 --expert-bits 
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_hybrid_8t.json" $BENCH_FLAGS
 has 9 && run resident_32 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2 --cuda-graphs on \
   --prompt-len 512 --new-tokens 64 > $OUT/resident_32.jsonl"
+# CPU only, every expert in host RAM: moe-pack's CPU path against llama.cpp's CPU-only 10.4 tok/s
+has 11 && run cpu_only_32 240 bash -c "$PY -m runtime.baseline_bench --device cpu --layers 32 --recipe 4/2 \
+  --prompt-len 16 --new-tokens 16 --workdir /tmp/moe-pack-cpu > $OUT/cpu_only_32.jsonl"
 log "total"
 tail -n 40 "$OUT/all.log"

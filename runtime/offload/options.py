@@ -123,6 +123,14 @@ def _budget(opts: OffloadOptions, device: torch.device) -> tuple[int, int]:
     return 2**62, 0  # the CPU: no device budget unless one is given
 
 
+def _hybrid_bytes(file: MoepackFile, opts: OffloadOptions) -> int:
+    """Device bytes --hybrid adds: a scratch buffer per expert a token can split (each holds one
+    w2, copied alone while the CPU computes w1/w3; runtime.offload.hybrid)."""
+    if not opts.hybrid:
+        return 0
+    return file.config.num_experts_per_tok * file.header.expert_layout.matrix("w2").nbytes
+
+
 def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dtype: torch.dtype, ctx: int,
               dequantize_at_load: bool = False) -> MemoryPlan | None:
     """The GPU plan, checked before anything is loaded; None when every expert stays resident."""
@@ -130,6 +138,7 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
         return None
     device = torch.device(device)
     budget, reserve = _budget(opts, device)
+    reserve += _hybrid_bytes(file, opts)
     plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=_dtype_bytes(dtype), reserve_bytes=reserve,
                        dequantize_at_load=dequantize_at_load, source=str(file.path),
                        option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory")
@@ -172,7 +181,8 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
             free, _ = torch.cuda.mem_get_info(device)
             budget = max(0, free - DEFAULT_MARGIN) + torch.cuda.memory_allocated(device)
         plan = plan_memory(file.header, budget, context_tokens=getattr(model, "max_ctx", ctx), dtype_bytes=_dtype_bytes(dtype),
-                           reserve_bytes=reserve, non_expert=model_bytes(model), source=str(file.path))
+                           reserve_bytes=reserve + _hybrid_bytes(file, opts), non_expert=model_bytes(model),
+                           source=str(file.path))
         _check_slots(opts, plan)
         n_slots = opts.expert_slots if opts.expert_slots is not None else plan.n_slots
         resident = plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)

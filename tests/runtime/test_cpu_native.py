@@ -204,7 +204,7 @@ def test_quant_linear_uses_a_kernel_for_a_few_tokens(monkeypatch):
     calls = []
     real = cpu_expert.kernel_matvec
     monkeypatch.setattr(cpu_expert, "kernel_matvec", lambda *a: calls.append(a[2].shape) or real(*a))
-    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(0))  # 6 rows: the dequantize path
+    x = torch.randn(5, 16, 256, generator=torch.Generator().manual_seed(0))  # 80 rows: the dequantize path
     ref = x.double() @ torch.from_numpy(w).double().T
     assert torch.allclose(lin(x).double(), ref, rtol=1e-5, atol=1e-5) and calls == []
     y = lin(x[:1, :2])  # 2 rows: the kernel
@@ -224,3 +224,19 @@ def test_cpu_default_keeps_large_models_packed(monkeypatch, packed_files):
     assert generate.dense_on_cpu(file, cpu, torch.float32) == (not cpu_expert.cpu_expert_available())
     monkeypatch.setattr(cpu_expert, "cpu_expert_available", lambda: False)
     assert generate.dense_on_cpu(file, cpu, torch.float32)  # no kernel: dense
+
+
+@needs_native
+def test_a_kernel_with_wrong_results_is_not_used(monkeypatch):
+    """The load-time self-check: a build that computes garbage (a compiler or CPU quirk) is
+    refused with a warning, and the numba/torch path takes over."""
+    real = cpu_native.NativeKernel.qgemv
+    monkeypatch.setattr(cpu_native.NativeKernel, "qgemv", lambda self, *a: 1.001 * real(self, *a))
+    cpu_native.native_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="wrong results"):
+            assert cpu_native.native_kernel() is None
+    finally:
+        monkeypatch.undo()
+        cpu_native.native_kernel.cache_clear()
+    assert cpu_native.native_kernel() is not None

@@ -315,3 +315,15 @@ def test_hybrid_split_follows_the_costs(tiny):
     model.experts.cost.cpu_s, model.experts.cost.smoothing = 1e9, 0.0  # the CPU looks hopeless
     assert_same(ref, greedy(model))
     assert model.experts.stats()["cpu_experts"] == 0
+
+
+def test_hybrid_reserves_its_scratch_in_the_plan(tiny):
+    """--hybrid's w2 scratch buffers (top_k of them) come out of the budget like any tensor."""
+    path, _ = tiny
+    file = MoepackFile(path)
+    w2 = file.header.expert_layout.matrix("w2").nbytes
+    base = OffloadOptions(gpu_memory=10**9, expert_slots=None)
+    hyb = OffloadOptions(gpu_memory=10**9, hybrid=True)
+    a = preflight(file, base, torch.device("cpu"), torch.float32, CTX)
+    b = preflight(file, hyb, torch.device("cpu"), torch.float32, CTX)
+    assert b.reserve_bytes - a.reserve_bytes == file.config.num_experts_per_tok * w2
