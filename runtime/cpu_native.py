@@ -29,9 +29,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -112,6 +113,42 @@ class NativeKernel:
         f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
         f.restype = ctypes.c_int
         self._qgemv = f
+        e = self.lib.moepack_expert
+        e.argtypes = [p, p, p, i64, p, p, ctypes.c_int]
+        e.restype = ctypes.c_int
+        self._expert = e
+
+    def gemv(self, buf: torch.Tensor, desc: tuple[int, ...], x: torch.Tensor, threads: int | None) -> torch.Tensor | None:
+        """x @ W.T for the matrix `desc` (matrix_descriptor) inside `buf` (uint8, CPU,
+        contiguous), x [T, K] float32 contiguous -> [T, N] float32; None if declined."""
+        q, qh, sc, sm, z, zm, mg, group, n, k, bits = desc
+        p = buf.data_ptr()
+        out = torch.empty((x.shape[0], n), dtype=torch.float32)
+        rc = self._qgemv(p + q, None if qh < 0 else p + qh, p + sc, p + sm, p + z, p + zm, mg, bits, group, n, k,
+                         x.data_ptr(), x.shape[0], out.data_ptr(), int(threads or 0))
+        if rc == UNSUPPORTED:
+            return None
+        if rc != 0:
+            raise MemoryError("native qgemv could not allocate its buffers")
+        return out
+
+    def expert(self, record: torch.Tensor, desc: torch.Tensor, x: torch.Tensor, inter: int, hidden: int | None,
+               threads: int | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One expert straight from `record` (uint8, CPU, contiguous) in one call: (h, y) with
+        h = silu(w1 x) * w3 x [T, I] and y = w2 h [T, H] (hidden None: h only, y None), for x
+        [T, H] float32 contiguous. desc: expert_descriptor(layout). None if the kernel declines
+        the layout. Torch tensors and data_ptr() throughout: numpy's .ctypes costs microseconds
+        per array, and this call is on the decode path."""
+        t = x.shape[0]
+        h = torch.empty((t, inter), dtype=torch.float32)
+        y = torch.empty((t, hidden), dtype=torch.float32) if hidden is not None else None
+        rc = self._expert(record.data_ptr(), desc.data_ptr(), x.data_ptr(), t, h.data_ptr(),
+                          None if y is None else y.data_ptr(), int(threads or 0))
+        if rc == UNSUPPORTED:
+            return None
+        if rc != 0:
+            raise MemoryError("native expert kernel could not allocate its buffers")
+        return h, y
 
     def qgemv(self, q: np.ndarray, qhi: np.ndarray | None, scale: np.ndarray, smeta: np.ndarray, zero: np.ndarray,
               zmeta: np.ndarray, mg: int, bits: int, group: int, x: np.ndarray, threads: int | None) -> np.ndarray | None:
@@ -161,6 +198,46 @@ def self_check(kernel: NativeKernel) -> str | None:
         if not err < 1e-4:  # x's int16 rounding gives ~2e-5
             return f"{spec.describe()} {n}x{k}: relative error {err:.2g}"
     return None
+
+
+_DESCRIPTORS: dict = {}
+
+
+def expert_descriptor(layout) -> torch.Tensor | None:
+    """Cached _descriptor(layout), keyed by identity (hashing the layout costs more than the
+    lookup is worth on the decode path; layouts live as long as their file)."""
+    key = id(layout)
+    hit = _DESCRIPTORS.get(key)
+    if hit is None or hit[0] is not layout:
+        hit = _DESCRIPTORS[key] = (layout, _descriptor(layout))
+    return hit[1]
+
+
+def _descriptor(layout) -> torch.Tensor | None:
+    """int64 [33]: matrix_descriptor of w1, w3 and w2 (moepack_expert's `desc`); None where a
+    matrix is outside the compiled kernel."""
+    rows = [matrix_descriptor(tuple(m.shape), m.spec, m.offset) for m in (layout.matrix(n) for n in ("w1", "w3", "w2"))]
+    if any(r is None for r in rows):
+        return None
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1)
+
+
+def matrix_descriptor(shape: tuple[int, int], spec, base: int = 0) -> tuple[int, ...] | None:
+    """The 11 numbers moepack_* need for one matrix whose components start at byte `base`: the
+    byte offsets of q, q_hi (-1: none), scale, scale_meta, zero, zero_meta, then mg, group, N, K,
+    bits. None outside the compiled kernel (fp16 meta, 8-bit codes, a group that is not whole
+    words, misaligned planes)."""
+    from .dequant import _component_plan
+
+    cu = 32 // (4 if spec.bits == 4 else 2)
+    if not spec.quantized or spec.meta_bits != 8 or spec.bits not in (2, 3, 4) or spec.group_size % cu:
+        return None
+    plan, _ = _component_plan(tuple(shape), spec)
+    off = {c[0]: base + c[3] for c in plan}
+    if off["q"] % 4 or off.get("q_hi", 0) % 2 or off["scale_meta"] % 4 or off["zero_meta"] % 4:
+        return None
+    return (off["q"], off.get("q_hi", -1), off["scale"], off["scale_meta"], off["zero"], off["zero_meta"],
+            spec.meta_group_size, spec.group_size, shape[0], shape[1], spec.bits)
 
 
 @functools.lru_cache(maxsize=1)

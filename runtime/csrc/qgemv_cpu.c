@@ -42,7 +42,7 @@
 #define MP_UNSUPPORTED 1
 #define MP_NOMEM 2
 
-int moepack_abi_version(void) { return 1; }
+int moepack_abi_version(void) { return 2; }
 
 int moepack_has_avx2(void) {
 #ifdef MP_AVX2
@@ -269,6 +269,149 @@ static float row_dot(const uint32_t *qn, const uint16_t *hn, int bits, int w, in
 #endif
 }
 
+/* One packed matrix: component addresses and geometry (FORMAT.md "Quantized matrices"). */
+typedef struct {
+    const uint32_t *q;    /* low plane as u32 words [N][K/CU] */
+    const uint16_t *qhi;  /* 3-bit: high plane as u16 [N][K/CU]; else NULL */
+    const uint8_t *scale, *zero;  /* u8 codes per group */
+    const float *smeta, *zmeta;   /* (step, min) f32 pairs per mg groups */
+    int64_t mg, group, N, K;
+    int bits;
+} mp_mat;
+
+typedef struct {
+    int w, cu, fast, wl;
+    int64_t U, Up, gpr, wpg, h;
+} mp_geo;
+
+/* x of T tokens rounded for one geometry: pairs xp [T][Up/8][H][8] int32, then per token
+ * d [U], X [U], Xg [gpr] f32 */
+typedef struct {
+    int32_t *xp;
+    float *dX;
+} mp_xq;
+
+static int geometry(const mp_mat *m, mp_geo *g) {
+    if (m->bits != 2 && m->bits != 3 && m->bits != 4) return MP_UNSUPPORTED;
+    g->w = m->bits == 4 ? 4 : 2;
+    g->cu = 32 / g->w;
+    if (m->K <= 0 || m->N <= 0 || m->mg <= 0 || m->group % g->cu || m->K % m->group) return MP_UNSUPPORTED;
+    if (m->bits == 3 && m->qhi == NULL) return MP_UNSUPPORTED;
+    g->U = m->K / g->cu;
+    g->Up = (g->U + 7) / 8 * 8;
+    g->gpr = m->K / m->group;
+    g->wpg = m->group / g->cu;
+    g->h = g->cu / 2;
+    g->fast = fast_path(g->gpr, m->mg, g->wpg);
+    g->wl = log2i(g->wpg);
+    return MP_OK;
+}
+
+static int xq_alloc(const mp_geo *g, int64_t T, mp_xq *q) {
+    q->xp = (int32_t *)aligned_alloc(32, sizeof(int32_t) * (size_t)(T * g->h * g->Up));
+    q->dX = (float *)malloc(sizeof(float) * (size_t)(T * (2 * g->U + g->gpr)));
+    return q->xp && q->dX ? MP_OK : MP_NOMEM;
+}
+
+static void xq_free(mp_xq *q) {
+    free(q->xp);
+    free(q->dX);
+}
+
+#define XP(g, q, t) ((q)->xp + (t) * (g)->h * (g)->Up)
+#define XD(g, q, t) ((q)->dX + (t) * (2 * (g)->U + (g)->gpr))
+#define XW(g, q, t) (XD(g, q, t) + (g)->U)
+#define XG(g, q, t) (XD(g, q, t) + 2 * (g)->U)
+
+/* Round x [T][K] into q. Called by every thread of a parallel region (orphaned worksharing;
+ * each loop ends in a barrier) or outside one (then serially). */
+static void xq_fill(const mp_geo *g, const float *x, int64_t K, int64_t T, mp_xq *q) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t tj = 0; tj < T * g->U; tj++) {
+        const int64_t t = tj / g->U;
+        quantize_x_word(x + t * K, g->cu, g->U, tj % g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t));
+    }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t tg = 0; tg < T * g->gpr; tg++) {  /* x summed per group: the zero-point term */
+        const int64_t t = tg / g->gpr, gi = tg % g->gpr;
+        float sum = 0.0f;
+        for (int64_t r = 0; r < g->wpg; r++) sum += XW(g, q, t)[gi * g->wpg + r];
+        XG(g, q, t)[gi] = sum;
+    }
+}
+
+/* Row n of m times token t of q. sw/zw: this thread's [U] buffers (the per-row path only). */
+static float row_value(const mp_mat *m, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t, float *sw,
+                       float *zw, int decoded) {
+    const uint32_t *qn = m->q + n * g->U;
+    const uint16_t *hn = m->bits == 3 ? m->qhi + n * g->U : NULL;
+#ifdef MP_AVX2
+    if (g->fast) {
+        const int64_t gpr = g->gpr, mg = m->mg;
+        const int wl = g->wl;
+        const int32_t *xp = XP(g, q, t);
+        const float *d = XD(g, q, t), *xg = XG(g, q, t);
+#define FAST(B, W, WL) row_fast(qn, hn, B, W, gpr, WL, n * gpr, m->scale, m->smeta, m->zero, m->zmeta, mg, xp, g->U, d, xg)
+        /* the quantizer's defaults get a build with WPG constant (loops unrolled) */
+        if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0) : wl == 3 ? FAST(2, 2, 3) : FAST(2, 2, wl);
+        if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2) : wl == 1 ? FAST(3, 2, 1) : FAST(3, 2, wl);
+        return wl == 3 ? FAST(4, 4, 3) : wl == 2 ? FAST(4, 4, 2) : FAST(4, 4, wl);
+#undef FAST
+    }
+#endif
+    if (!decoded) decode_row_meta(n, g->gpr, g->wpg, m->scale, m->smeta, m->zero, m->zmeta, m->mg, sw, zw);
+    return row_dot(qn, hn, m->bits, g->w, g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t), sw, zw);
+}
+
+static inline float silu(float a) { return a / (1.0f + expf(-a)); }
+
+/* out[t][n] = (A x_t)[n], or silu(A x_t)[n] * (B x_t)[n] when B is given (same geometry as A).
+ * Inside a parallel region (orphaned worksharing). Returns nonzero if a buffer failed. */
+static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp_xq *q, int64_t T, float *out) {
+    float *buf = g->fast ? NULL : (float *)malloc(sizeof(float) * (size_t)(4 * g->U));
+    const int failed = !g->fast && !buf;
+    const int64_t N = a->N;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)  /* a descheduled thread does not hold the call: 3-bit on 2 threads with a busy core 8.9 ms, 15.1 static */
+#endif
+    for (int64_t n = 0; n < N; n++) {
+        if (failed) continue;
+        for (int64_t t = 0; t < T; t++) {
+            const float ya = row_value(a, g, q, n, t, buf, buf ? buf + g->U : NULL, t > 0);
+            if (b == NULL) {
+                out[t * N + n] = ya;
+            } else {
+                const float yb = row_value(b, g, q, n, t, buf ? buf + 2 * g->U : NULL, buf ? buf + 3 * g->U : NULL, t > 0);
+                out[t * N + n] = silu(ya) * yb;
+            }
+        }
+    }
+    free(buf);
+    return failed;
+}
+
+static mp_mat matrix_at(const uint8_t *base, const int64_t *d) {
+    /* d: byte offsets of q, q_hi (-1: none), scale, scale_meta, zero, zero_meta; then mg,
+     * group, N, K, bits */
+    mp_mat m;
+    m.q = (const uint32_t *)(base + d[0]);
+    m.qhi = d[1] >= 0 ? (const uint16_t *)(base + d[1]) : NULL;
+    m.scale = base + d[2];
+    m.smeta = (const float *)(base + d[3]);
+    m.zero = base + d[4];
+    m.zmeta = (const float *)(base + d[5]);
+    m.mg = d[6];
+    m.group = d[7];
+    m.N = d[8];
+    m.K = d[9];
+    m.bits = (int)d[10];
+    return m;
+}
+
 /* out[t, n] = sum_k W[n, k] x[t, k] for an N x K matrix of `bits`-bit codes (2, 3 or 4) in
  * groups of `group` columns with 8-bit meta (scale/zero codes per group; (step, min) float32
  * pairs per `mg` groups). q: low plane as u32 words [N][K/CU]; qhi: 3-bit high plane as u16
@@ -277,86 +420,62 @@ static float row_dot(const uint32_t *qn, const uint16_t *hn, int bits, int w, in
 int moepack_qgemv(const uint32_t *q, const uint16_t *qhi, const uint8_t *scale, const float *smeta,
                   const uint8_t *zero, const float *zmeta, int64_t mg, int bits, int64_t group, int64_t N,
                   int64_t K, const float *x, int64_t T, float *out, int threads) {
-    if (bits != 2 && bits != 3 && bits != 4) return MP_UNSUPPORTED;
-    const int w = bits == 4 ? 4 : 2, cu = 32 / w;
-    if (K <= 0 || N <= 0 || T <= 0 || mg <= 0 || group % cu || K % group) return MP_UNSUPPORTED;
-    if (bits == 3 && qhi == NULL) return MP_UNSUPPORTED;
-    const int64_t U = K / cu, Up = (U + 7) / 8 * 8, gpr = K / group, wpg = group / cu, h = cu / 2;
-    const int fast = fast_path(gpr, mg, wpg), wl = log2i(wpg);
-    /* per token t: pairs xp [H][U] int32; d [U], X [U], Xg [gpr] f32 */
-    int32_t *xp = (int32_t *)aligned_alloc(32, sizeof(int32_t) * (size_t)(T * h * Up));
-    float *dX = (float *)malloc(sizeof(float) * (size_t)(T * (2 * U + gpr)));
-    if (!xp || !dX) {
-        free(xp);
-        free(dX);
+    const mp_mat m = {q, qhi, scale, zero, smeta, zmeta, mg, group, N, K, bits};
+    mp_geo g;
+    mp_xq xq;
+    if (T <= 0 || geometry(&m, &g) != MP_OK) return MP_UNSUPPORTED;
+    if (xq_alloc(&g, T, &xq) != MP_OK) {
+        xq_free(&xq);
         return MP_NOMEM;
     }
-#define XP(t) (xp + (t) * h * Up)
-#define D(t) (dX + (t) * (2 * U + gpr))
-#define XW(t) (D(t) + U)
-#define XG(t) (D(t) + 2 * U)
     int failed = 0;
 #ifdef _OPENMP
-    const int nt = threads > 0 ? threads : omp_get_max_threads();
-#pragma omp parallel num_threads(nt) reduction(| : failed)
+#pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads()) reduction(| : failed)
 #endif
     {
+        xq_fill(&g, x, K, T, &xq);
+        failed |= gemv_rows(&m, NULL, &g, &xq, T, out);
+    }
+    (void)threads;
+    xq_free(&xq);
+    return failed ? MP_NOMEM : MP_OK;
+}
+
+/* One expert from its record: h = silu(w1 x) * w3 x [T][I], then y = w2 h [T][H] unless y is
+ * NULL (the hybrid engine's split stops at h). desc: 11 int64 per matrix (see matrix_at), for
+ * w1, w3, w2. One parallel region for all of it: x is rounded once for w1 and w3, each row of
+ * w1 and w3 is finished into h at once, and the team never leaves between the matrices. */
+int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, int64_t T, float *h, float *y,
+                   int threads) {
+    const mp_mat m1 = matrix_at(record, desc), m3 = matrix_at(record, desc + 11), m2 = matrix_at(record, desc + 22);
+    mp_geo g13, g2;
+    if (T <= 0 || geometry(&m1, &g13) != MP_OK || geometry(&m2, &g2) != MP_OK) return MP_UNSUPPORTED;
+    if (m3.bits != m1.bits || m3.group != m1.group || m3.mg != m1.mg || m3.N != m1.N || m3.K != m1.K ||
+        m2.K != m1.N || (m3.bits == 3 && m3.qhi == NULL))
+        return MP_UNSUPPORTED;
+    for (int64_t i = 0; i < T * m1.K; i++)  /* int16 rounding needs finite x; the caller falls back */
+        if (!isfinite(x[i])) return MP_UNSUPPORTED;
+    mp_xq x13, x2;
+    const int ok = xq_alloc(&g13, T, &x13) == MP_OK && (y == NULL || xq_alloc(&g2, T, &x2) == MP_OK);
+    if (!ok) {
+        xq_free(&x13);
+        if (y != NULL) xq_free(&x2);
+        return MP_NOMEM;
+    }
+    int failed = 0;
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads()) reduction(| : failed)
 #endif
-        for (int64_t tj = 0; tj < T * U; tj++) quantize_x_word(x + (tj / U) * K, cu, U, tj % U, XP(tj / U), D(tj / U), XW(tj / U));
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t tg = 0; tg < T * gpr; tg++) {  /* x summed per group: the zero-point term */
-            const int64_t t = tg / gpr, g = tg % gpr;
-            float sum = 0.0f;
-            for (int64_t r = 0; r < wpg; r++) sum += XW(t)[g * wpg + r];
-            XG(t)[g] = sum;
-        }
-        float *sw = fast ? NULL : (float *)malloc(sizeof(float) * (size_t)(2 * U));
-        if (!fast && !sw) {
-            failed = 1;
-        } else {
-            float *zw = fast ? NULL : sw + U;
-#ifdef _OPENMP
-#pragma omp for schedule(static, 16)
-#endif
-            for (int64_t n = 0; n < N; n++) {
-                const uint32_t *qn = q + n * U;
-                const uint16_t *hn = bits == 3 ? qhi + n * U : NULL;
-#ifdef MP_AVX2
-                if (fast) {
-                    for (int64_t t = 0; t < T; t++) {
-                        const float *xg = XG(t);
-                        float y;
-#define FAST(B, W, WL) row_fast(qn, hn, B, W, gpr, WL, n * gpr, scale, smeta, zero, zmeta, mg, XP(t), U, D(t), xg)
-                        /* the quantizer's defaults get a build with WPG constant (loops unrolled) */
-                        if (bits == 2)
-                            y = wl == 0 ? FAST(2, 2, 0) : wl == 3 ? FAST(2, 2, 3) : FAST(2, 2, wl);
-                        else if (bits == 3)
-                            y = wl == 2 ? FAST(3, 2, 2) : wl == 1 ? FAST(3, 2, 1) : FAST(3, 2, wl);
-                        else
-                            y = wl == 3 ? FAST(4, 4, 3) : wl == 2 ? FAST(4, 4, 2) : FAST(4, 4, wl);
-#undef FAST
-                        out[t * N + n] = y;
-                    }
-                    continue;
-                }
-#endif
-                decode_row_meta(n, gpr, wpg, scale, smeta, zero, zmeta, mg, sw, zw);
-                for (int64_t t = 0; t < T; t++) out[t * N + n] = row_dot(qn, hn, bits, w, U, XP(t), D(t), XW(t), sw, zw);
-            }
-            free(sw);
+    {
+        xq_fill(&g13, x, m1.K, T, &x13);
+        failed |= gemv_rows(&m1, &m3, &g13, &x13, T, h);
+        if (y != NULL) {
+            xq_fill(&g2, h, m2.K, T, &x2);
+            failed |= gemv_rows(&m2, NULL, &g2, &x2, T, y);
         }
     }
-#undef XP
-#undef D
-#undef XW
-#undef XG
     (void)threads;
-    (void)wl;
-    free(xp);
-    free(dX);
+    xq_free(&x13);
+    if (y != NULL) xq_free(&x2);
     return failed ? MP_NOMEM : MP_OK;
 }

@@ -202,14 +202,20 @@ def test_quant_linear_uses_a_kernel_for_a_few_tokens(monkeypatch):
     data, w = packed((48, 256), spec, seed=8)
     lin = qlinear.QuantLinear(torch.frombuffer(bytearray(data), dtype=torch.uint8), (48, 256), spec, torch.float32)
     calls = []
-    real = cpu_expert.kernel_matvec
-    monkeypatch.setattr(cpu_expert, "kernel_matvec", lambda *a: calls.append(a[2].shape) or real(*a))
+    real = cpu_native.NativeKernel.gemv
+    monkeypatch.setattr(cpu_native.NativeKernel, "gemv",
+                        lambda self, buf, d, x, t: calls.append(tuple(x.shape)) or real(self, buf, d, x, t))
     x = torch.randn(5, 16, 256, generator=torch.Generator().manual_seed(0))  # 80 rows: the dequantize path
     ref = x.double() @ torch.from_numpy(w).double().T
     assert torch.allclose(lin(x).double(), ref, rtol=1e-5, atol=1e-5) and calls == []
-    y = lin(x[:1, :2])  # 2 rows: the kernel
+    y = lin(x[:1, :2])  # 2 rows: the compiled kernel on the raw bytes
     assert calls == [(2, 256)] and y.shape == (1, 2, 48)
     assert float((y.double() - ref[:1, :2]).norm() / ref[:1, :2].norm()) < 1e-4
+    # without the compiled kernel, numba through component views
+    monkeypatch.setattr(cpu_expert, "_native", lambda: None)
+    if cpu_expert._numba() is not None:
+        y = lin(x[:1, :2])
+        assert len(calls) == 1 and float((y.double() - ref[:1, :2]).norm() / ref[:1, :2].norm()) < 1e-5
 
 
 def test_cpu_default_keeps_large_models_packed(monkeypatch, packed_files):
@@ -240,3 +246,37 @@ def test_a_kernel_with_wrong_results_is_not_used(monkeypatch):
         monkeypatch.undo()
         cpu_native.native_kernel.cache_clear()
     assert cpu_native.native_kernel() is not None
+
+
+@needs_native
+@pytest.mark.parametrize("spec,hidden,inter", [(QuantSpec(2, 16, 8, 128), 64, 128), (QuantSpec(3, 64, 8, 128), 128, 192),
+                                               (QuantSpec(4, 32, 8, 24), 64, 96), (QuantSpec(2, 16, 8, 5), 48, 80)],
+                         ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_one_call_expert(spec, hidden, inter, tokens, monkeypatch):
+    """moepack_expert (w1, w3, silu-gate and w2 in one call, x rounded once for w1 and w3)
+    against the exact expert, and its first two thirds (the split's h) against silu(w1 x) * w3 x."""
+    from runtime.cpu_expert import cpu_expert_hidden
+
+    layout, data, ref = make_expert(hidden, inter, spec, seed=9)
+    assert cpu_native.expert_descriptor(layout) is not None
+    monkeypatch.setattr(cpu_expert, "_matvec", lambda *a: pytest.fail("the per-matrix path ran"))
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    x = 0.1 * torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens))
+    h_ref = torch.nn.functional.silu(x.double() @ torch.from_numpy(ref["w1"]).double().T) * (
+        x.double() @ torch.from_numpy(ref["w3"]).double().T)
+    y_ref = h_ref @ torch.from_numpy(ref["w2"]).double().T
+    h = cpu_expert_hidden(record, layout, x, threads=2)
+    y = cpu_expert_ffn(record, layout, x, threads=2)
+    assert h.shape == (tokens, inter) and y.shape == (tokens, hidden)
+    assert float((h.double() - h_ref).norm() / h_ref.norm()) < 1e-4
+    assert float((y.double() - y_ref).norm() / y_ref.norm()) < 1e-4
+    assert torch.equal(y, cpu_expert_ffn(record, layout, x, threads=1))  # rows split over threads: same sums
+
+
+@needs_native
+def test_descriptor_declines_what_the_kernel_cannot_take():
+    layout, _, _ = make_expert(48, 96, QuantSpec(2, 16, 16), seed=1)  # fp16 meta
+    assert cpu_native.expert_descriptor(layout) is None
+    layout, _, _ = make_expert(64, 128, QuantSpec(8, 64, 8, 64), seed=1)  # 8-bit codes
+    assert cpu_native.expert_descriptor(layout) is None
