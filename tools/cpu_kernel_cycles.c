@@ -1,0 +1,55 @@
+/* Cycles per 128 weights of runtime/csrc/qgemv_cpu.c on one core, for one Mixtral-shape
+ * matrix (N x 4096, random codes): the figure docs/BENCHMARKS.md section 7 quotes.
+ *
+ *   cc -O3 -march=native -fopenmp tools/cpu_kernel_cycles.c -o /tmp/cyc -lm
+ *   /tmp/cyc BITS GROUP [ROWS [GHZ]]     # e.g. /tmp/cyc 2 16; /tmp/cyc 3 64 14336 3.34
+ *
+ * GHZ is the core clock used to turn time into cycles (dev-cpu: 3.34, from a dependent-add
+ * loop); ROWS 2048 keeps the matrix in cache, 14336 (default) streams it from memory. */
+#include "../runtime/csrc/qgemv_cpu.c"  /* the kernel itself, flags as runtime/cpu_native.py builds it */
+#include <stdio.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec a;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    return a.tv_sec + a.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    const int bits = argc > 1 ? atoi(argv[1]) : 2;
+    const int64_t group = argc > 2 ? atoi(argv[2]) : 16, N = argc > 3 ? atoi(argv[3]) : 14336, K = 4096, mg = 128;
+    const double ghz = argc > 4 ? atof(argv[4]) : 3.34;
+    const int cu = bits == 4 ? 8 : 16;
+    const int64_t U = K / cu, gpr = K / group, M = (N * gpr + mg - 1) / mg;
+    uint32_t *q = malloc(N * U * 4);
+    uint16_t *qh = malloc(N * U * 2);
+    uint8_t *sc = malloc(N * gpr), *zc = malloc(N * gpr);
+    float *sm = malloc(M * 8), *zm = malloc(M * 8), *x = malloc(K * 4), *out = malloc(N * 4);
+    srand(1);
+    for (int64_t i = 0; i < N * U; i++) {
+        q[i] = (uint32_t)rand() * 2654435761u;
+        qh[i] = (uint16_t)rand();
+    }
+    for (int64_t i = 0; i < N * gpr; i++) {
+        sc[i] = (uint8_t)rand();
+        zc[i] = (uint8_t)rand();
+    }
+    for (int64_t i = 0; i < M; i++) {
+        sm[2 * i] = 0.04f / 255;
+        sm[2 * i + 1] = 0.01f;
+        zm[2 * i] = 3.0f / 255;
+        zm[2 * i + 1] = 0;
+    }
+    for (int i = 0; i < K; i++) x[i] = rand() / (float)RAND_MAX - 0.5f;
+    double best = 1e9;
+    for (int r = 0; r < 9; r++) {
+        const double t = now();
+        if (moepack_qgemv(q, qh, sc, sm, zc, zm, mg, bits, group, N, K, x, 1, out, 1) != 0) return 1;
+        const double dt = now() - t;
+        if (dt < best) best = dt;
+    }
+    printf("%d-bit g%ld, %ld x %ld, 1 thread: %.3f ms, %.1f cycles per 128 weights at %.2f GHz\n", bits, (long)group,
+           (long)N, (long)K, best * 1e3, best * ghz * 1e9 / (N * K / 128.0), ghz);
+    return 0;
+}
