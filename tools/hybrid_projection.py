@@ -18,7 +18,8 @@ misses, each column with its own cache trajectory:
 - w13: the engine's rule, which may also split an expert: w1/w3 on the CPU while w2 alone
   (a third of the record) is copied;
 - ideal: every miss shared between the two sides in the best ratio, n * t_copy * t_cpu /
-  (t_copy + t_cpu) per layer, and still cached (a bound: not built). Default g = 0.53 ms:
+  (t_copy + t_cpu) per layer, and every miss cached (not built). Not a strict bound: at small
+  budgets caching every miss can evict popular experts that the w13 rule leaves in place. Default g = 0.53 ms:
 the H100 host's 16 GiB model-routing LRU run of 2026-11-22 (55.6 tok/s at 0.76 copies per
 token, docs/BENCHMARKS.md section 4).
 """
