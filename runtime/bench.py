@@ -49,7 +49,7 @@ from .offload.budget import format_size, parse_size, plan_memory
 from .offload.cache import make_cache
 from .offload.engine import OffloadedExperts
 from .offload.host import HostStore, plan_host
-from .offload.options import CUDA_RESERVE, model_bytes
+from .offload.options import CUDA_RESERVE, fused_kernels, model_bytes
 from .offload.schedule import Planner, simulate
 from .offload.synthfile import write_bench_file
 from .offload.traces import SyntheticRouting, reference_params, trace_steps
@@ -314,7 +314,8 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
 
     def slots(budget: str, weights: int | None) -> int:
         plan = plan_memory(file.header, parse_size(budget), context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
-                           non_expert=weights, prefill_tokens=prompt_len, source=str(file.path))
+                           non_expert=weights, prefill_tokens=prompt_len, fused=fused_kernels(device),
+                           source=str(file.path))
         if weights is not None:
             _log(plan.describe())
         return plan.n_slots

@@ -2,10 +2,10 @@
 expert slots the rest of it buys. Pure functions of header sizes, so a too-small budget is
 refused before a byte of the model is loaded, and the figures are unit-testable.
 
-The estimate follows the runtime's plain-torch paths: quantized attention / lm_head stay
-packed on the device (runtime.qlinear.QuantLinear) and are dequantized per call, fp16
-tensors (embeddings, norms, routers) are converted to the compute dtype, and an expert is
-dequantized whole (three matrices) before its matmuls (runtime.experts.expert_ffn).
+The estimate follows the runtime's paths: quantized attention / lm_head stay packed on the
+device (runtime.qlinear.QuantLinear), fp16 tensors (embeddings, norms, routers) are converted
+to the compute dtype; the transient workspace depends on whether the fused kernels run
+(workspace_bytes).
 """
 
 from __future__ import annotations
@@ -146,17 +146,28 @@ def kv_cache_bytes(header: Header, context_tokens: int, dtype_bytes: int) -> int
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context_tokens * dtype_bytes
 
 
-def workspace_bytes(header: Header, context_tokens: int, dtype_bytes: int, prefill_tokens: int) -> int:
-    """Largest transient of one decode/prefill step: an expert dequantized whole (two of its
-    matrices finished while the third is being dequantized), or the biggest non-expert
-    matrix being dequantized, plus the activations of a prefill chunk of `prefill_tokens`."""
+def workspace_bytes(header: Header, context_tokens: int, dtype_bytes: int, prefill_tokens: int,
+                    fused: bool = False) -> int:
+    """Largest transient of one decode/prefill step, plus the activations of a prefill chunk of
+    `prefill_tokens`. The plain-torch path (fused False) dequantizes an expert whole (two of its
+    matrices finished while the third is being dequantized, with float32 temporaries) or the
+    biggest non-expert matrix. The fused kernels (CUDA with Triton, runtime.kernels) never
+    materialise a matrix to decode, and a prefill dequantizes one matrix at a time into one
+    reused scratch buffer (runtime.kernels.prefill.scratch) in the compute dtype, then keeps a
+    token chunk's w1 out, w3 out and their product: for Mixtral-8x7B at 2 bytes that is 0.27 GB
+    (the lm_head's scratch) where the plain path needs 1.0 GB."""
     c = header.config
     H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
-    spec = header.recipe["experts"]
-    expert = 2 * H * I * dtype_bytes + _dequant_transient(H * I, spec, dtype_bytes)
-    other = max((_dequant_transient(_numel(t.shape), t.spec, dtype_bytes)
-                 for t in header.tensors if t.spec.quantized), default=0)
     T = max(1, min(prefill_tokens, context_tokens))
+    if fused:
+        numels = [H * I] + [_numel(t.shape) for t in header.tensors if t.spec.quantized]
+        expert = max(numels) * dtype_bytes + 3 * T * I * dtype_bytes
+        other = 0
+    else:
+        spec = header.recipe["experts"]
+        expert = 2 * H * I * dtype_bytes + _dequant_transient(H * I, spec, dtype_bytes)
+        other = max((_dequant_transient(_numel(t.shape), t.spec, dtype_bytes)
+                     for t in header.tensors if t.spec.quantized), default=0)
     # residual, normed input, q/k/v/o, two FFN intermediates and the float32 logits of T tokens,
     # and one layer's attention scores (float32, all heads, T x context)
     acts = T * (8 * H + 3 * I) * 4 + T * V * 4 + c.num_attention_heads * T * context_tokens * 4
@@ -172,20 +183,22 @@ def plan_memory(
     prefill_tokens: int = 512,
     reserve_bytes: int = 0,
     dequantize_at_load: bool = False,
+    fused: bool = False,
     non_expert: int | None = None,
     option: str = "--gpu-memory",
     source: str = "the model",
 ) -> MemoryPlan:
     """The plan for `budget` bytes, or a ConfigError naming the smallest budget that works.
 
-    `non_expert` overrides the header estimate (e.g. with what a loaded model really holds)."""
+    `non_expert` overrides the header estimate (e.g. with what a loaded model really holds);
+    `fused`: the device runs the fused kernels (see workspace_bytes)."""
     c = header.config
     rs = header.expert_layout.record_size
     total = c.num_hidden_layers * c.num_local_experts
     fixed = dict(
         non_expert_bytes=non_expert if non_expert is not None else non_expert_bytes(header, dtype_bytes, dequantize_at_load, context_tokens),
         kv_cache_bytes=kv_cache_bytes(header, context_tokens, dtype_bytes),
-        workspace_bytes=workspace_bytes(header, context_tokens, dtype_bytes, prefill_tokens),
+        workspace_bytes=workspace_bytes(header, context_tokens, dtype_bytes, prefill_tokens, fused),
         reserve_bytes=reserve_bytes,
     )
     min_slots = c.num_hidden_layers * c.num_experts_per_tok

@@ -123,6 +123,14 @@ def _budget(opts: OffloadOptions, device: torch.device) -> tuple[int, int]:
     return 2**62, 0  # the CPU: no device budget unless one is given
 
 
+def fused_kernels(device: torch.device) -> bool:
+    """Whether the model on `device` runs the fused kernels (CUDA with Triton): the memory plan's
+    workspace is then a prefill scratch, not the plain path's float32 dequantization."""
+    from ..kernels import triton_available
+
+    return torch.device(device).type == "cuda" and triton_available()
+
+
 def _hybrid_bytes(file: MoepackFile, opts: OffloadOptions) -> int:
     """Device bytes --hybrid adds: a scratch buffer per expert a token can split (each holds one
     w2, copied alone while the CPU computes w1/w3; runtime.offload.hybrid)."""
@@ -140,7 +148,7 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
     budget, reserve = _budget(opts, device)
     reserve += _hybrid_bytes(file, opts)
     plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=_dtype_bytes(dtype), reserve_bytes=reserve,
-                       dequantize_at_load=dequantize_at_load, source=str(file.path),
+                       dequantize_at_load=dequantize_at_load, fused=fused_kernels(device), source=str(file.path),
                        option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory")
     _check_slots(opts, plan)
     plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
@@ -182,7 +190,7 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
             budget = max(0, free - DEFAULT_MARGIN) + torch.cuda.memory_allocated(device)
         plan = plan_memory(file.header, budget, context_tokens=getattr(model, "max_ctx", ctx), dtype_bytes=_dtype_bytes(dtype),
                            reserve_bytes=reserve + _hybrid_bytes(file, opts), non_expert=model_bytes(model),
-                           source=str(file.path))
+                           fused=fused_kernels(device), source=str(file.path))
         _check_slots(opts, plan)
         n_slots = opts.expert_slots if opts.expert_slots is not None else plan.n_slots
         resident = plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
