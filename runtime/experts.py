@@ -157,8 +157,10 @@ class ResidentExperts:
         self.graphs.set_input(x)
         out = None
         for j, e in enumerate(topk_idx[0].tolist()):  # the one host sync of the layer
-            y = self.graphs.run(layer * self.num_experts + e) * topk_w[:, j:j + 1]  # [1, H]
-            out = y if out is None else out + y
+            y, w = self.graphs.run(layer * self.num_experts + e), topk_w[:, j:j + 1]  # [1, H], [1, 1]
+            # one launch per expert after the first (multiply-add in place): host time, not GPU
+            # time, bounds a graphed decode step
+            out = y * w if out is None else out.addcmul_(y, w)
         self._evals += topk_idx.shape[1]
         self._tokens += topk_idx.shape[1]
         return out.to(x.dtype)

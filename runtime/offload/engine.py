@@ -148,10 +148,11 @@ class OffloadedExperts:
                 if self.graphs is not None:
                     if out is None:
                         self.graphs.set_input(x)
-                    y = self.graphs.run(op.slot).to(x.dtype) * topk_w[:, j:j + 1]  # [1, H]
+                    y = self.graphs.run(op.slot).to(x.dtype)  # [1, H]
                 else:
-                    y = expert_ffn(record, self.layout, x, self.dtype) * topk_w[:, j:j + 1]  # [1, H]
-                out = y if out is None else out + y
+                    y = expert_ffn(record, self.layout, x, self.dtype)  # [1, H]
+                w = topk_w[:, j:j + 1]  # [1, 1]
+                out = y * w if out is None else out.addcmul_(y, w)  # one launch per expert after the first
             else:
                 pos = flat_pos[starts[e]:starts[e] + len(positions[e])]
                 tok = torch.div(pos, k, rounding_mode="floor")
