@@ -17,10 +17,12 @@
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
-# STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT. After the kernel rework of
-# the second 2026-11-22 session, two calls of at most 600 s: STAGES="10 2 3" (tune, kernels,
-# resident baseline), then copy $OUT/tuning into an ignored folder of the checkout, carry it,
-# and STAGES="1 7 9" with MOEPACK_CACHE_DIR pointing at it (cuda tests, CPU expert, offload).
+# STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT. Calls of at most 600 s, in
+# this order (the 2026-11-23 plan; 30 minutes of device time hold about three): STAGES="10 2 3"
+# (tune, kernels, resident baseline); then copy $OUT/tuning into an ignored folder of the
+# checkout, carry it, and STAGES="1 7" then STAGES="9" with MOEPACK_CACHE_DIR pointing at it
+# (cuda tests and the CPU kernel; offload, hybrid and 32 resident layers); STAGES="11" (CPU
+# only, 32 layers) if time is left.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
