@@ -137,7 +137,9 @@ class OffloadedExperts:
             flat_pos = _upload([p for e in needed for p in positions[e]], self.device)
             starts = dict(zip(needed, itertools.accumulate((len(positions[e]) for e in needed), initial=0)))
         out = None
-        for op in ops:
+        reload = _reloaded_after(ops)  # op indices whose slot a later load of this layer overwrites
+        deferred = []  # slots whose "free" event can wait for the end of the layer
+        for i, op in enumerate(ops):
             if isinstance(op, Load):
                 self._load(op)
                 continue
@@ -160,8 +162,15 @@ class OffloadedExperts:
                 w = topk_w.reshape(-1).index_select(0, pos).unsqueeze(1)  # [n, 1]
                 out = torch.zeros_like(x) if out is None else out
                 out.index_add_(0, tok, y * w)
-            self._free[op.slot] = self.copier.mark_used()  # the slot may be overwritten after this
+            if i in reload:  # a wave: the next load into this slot must wait for this compute
+                self._free[op.slot] = self.copier.mark_used()
+            else:
+                deferred.append(op.slot)
             self.expert_tokens += len(positions[e])
+        if deferred:  # one event for the layer's other slots (each event costs host time)
+            ev = self.copier.mark_used()
+            for slot in deferred:
+                self._free[slot] = ev
         if on_split:  # the GPU works through its queue meanwhile; w2 h joins it as each h is ready
             y = self._split_compute(layer, on_split, w2_ready, positions, x_host, topk_w)
             out = y if out is None else out + y
@@ -370,6 +379,20 @@ class OffloadedExperts:
             self._issue_read(op.slot)
         self.copier.wait(self._ready[op.slot])
         return self.slots[op.slot]
+
+
+def _reloaded_after(ops: list) -> set[int]:
+    """Indices of the Compute ops whose slot a later Load of the same plan fills again (waves,
+    when a layer needs more experts than it has free slots)."""
+    later: set[int] = set()
+    out = set()
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
+        if isinstance(op, Load):
+            later.add(op.slot)
+        elif op.slot in later:
+            out.add(i)
+    return out
 
 
 def _by_need(routes: list[list[int]], k: int) -> tuple[list[int], dict[int, list[int]]]:

@@ -327,3 +327,15 @@ def test_hybrid_reserves_its_scratch_in_the_plan(tiny):
     a = preflight(file, base, torch.device("cpu"), torch.float32, CTX)
     b = preflight(file, hyb, torch.device("cpu"), torch.float32, CTX)
     assert b.reserve_bytes - a.reserve_bytes == file.config.num_experts_per_tok * w2
+
+
+def test_free_events_per_compute_only_where_a_wave_reuses_the_slot():
+    """A compute's slot gets its own "free" event only when a later load of the same layer
+    overwrites it; the others share one event at the end of the layer."""
+    from runtime.offload.engine import _reloaded_after
+    from runtime.offload.schedule import Compute, Load
+
+    ops = [Load((0, 1), 0, None, False), Load((0, 2), 1, None, False), Compute((0, 1), 0, False),
+           Load((0, 3), 0, (0, 1), False), Compute((0, 2), 1, False), Compute((0, 3), 0, False)]
+    assert _reloaded_after(ops) == {2}
+    assert _reloaded_after([Compute((0, 1), 0, True), Compute((0, 2), 1, True)]) == set()
