@@ -84,20 +84,20 @@ static void decode_row_meta(int64_t n, int64_t gpr, int64_t wpg, const uint8_t *
  * the file). */
 static void quantize_x_word(const float *x, int cu, int64_t U, int64_t j, int32_t *xp, float *d, float *X) {
     const int h = cu / 2;
-    {
-        const float *xs = x + (int64_t)cu * j;
-        float m = 0.0f;
-        for (int i = 0; i < cu; i++) m = fmaxf(m, fabsf(xs[i]));
-        const float dj = m / 32767.0f, inv = m > 0.0f ? 32767.0f / m : 0.0f;
-        int32_t sum = 0;
-        for (int p = 0; p < h; p++) {
-            const int32_t lo = (int32_t)lrintf(xs[p] * inv), hi = (int32_t)lrintf(xs[h + p] * inv);
-            sum += lo + hi;
-            xp[XPI(h, p, j)] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
-        }
-        d[j] = dj;
-        X[j] = dj * (float)sum;
+    const float *xs = x + (int64_t)cu * j;
+    float m = 0.0f;
+    for (int i = 0; i < cu; i++) m = fmaxf(m, fabsf(xs[i]));
+    /* a word of (near-)zeros rounds to zeros: 32767 / m would overflow for a subnormal m */
+    const float inv = m > 1e-30f ? 32767.0f / m : 0.0f, dj = inv > 0.0f ? m / 32767.0f : 0.0f;
+    int32_t sum = 0;
+    for (int p = 0; p < h; p++) {
+        const int32_t lo = (int32_t)lrintf(xs[p] * inv), hi = (int32_t)lrintf(xs[h + p] * inv);
+        sum += lo + hi;
+        xp[XPI(h, p, j)] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
     }
+    d[j] = dj;
+    X[j] = dj * (float)sum;
+    (void)U;
 }
 
 /* sum over words [j0, j1) of row n, portable C (the tail of the AVX2 loop, or all of it). */

@@ -303,3 +303,19 @@ def test_any_geometry_matches_the_rounded_reference(bits, words_per_group, group
     # float32 sums: the error scales with the sum of |terms|, not with |result| (a row whose
     # terms cancel can end near zero); a wrong group, scale or lane is off by whole terms
     assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(xq) @ np.abs(w.astype(np.float64)).T) + 1e-9)
+
+
+@needs_native
+def test_tiny_and_zero_words_round_to_zero():
+    """A word of subnormal activations (32767 / max would overflow) contributes nothing,
+    like a word of zeros, and its neighbours are unaffected."""
+    spec = QuantSpec(2, 16, 8, 128)
+    data, w = packed((8, 64), spec, seed=3)
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    x[0, :16] = 1e-40  # one word of subnormals
+    x[0, 16:32] = 0.0
+    y = run(data, (8, 64), spec, x)
+    xr = x.astype(np.float64).copy()
+    xr[0, :32] = 0.0
+    ref = quantize_x(xr.astype(np.float32), 16) @ w.astype(np.float64).T
+    assert np.isfinite(y).all() and np.allclose(y, ref, rtol=1e-5, atol=1e-5)
