@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -117,6 +117,20 @@ class NativeKernel:
         e.argtypes = [p, p, p, i64, p, p, ctypes.c_int]
         e.restype = ctypes.c_int
         self._expert = e
+        h = self.lib.moepack_gemv_f16
+        h.argtypes = [p, p, i64, i64, i64, p, ctypes.c_int]
+        h.restype = ctypes.c_int
+        self._gemv_f16 = h
+
+    def gemv_f16(self, w: torch.Tensor, x: torch.Tensor, threads: int | None) -> torch.Tensor:
+        """x @ W.T for W [N, K] float16 (contiguous, CPU) and x [T, K] float32 contiguous:
+        [T, N] float32, the weights widened in registers."""
+        n, k = w.shape
+        out = torch.empty((x.shape[0], n), dtype=torch.float32)
+        rc = self._gemv_f16(w.data_ptr(), x.data_ptr(), n, k, x.shape[0], out.data_ptr(), int(threads or 0))
+        if rc != 0:
+            raise ValueError(f"moepack_gemv_f16 refused a [{n}, {k}] matrix")
+        return out
 
     def gemv(self, buf: torch.Tensor, desc: tuple[int, ...], x: torch.Tensor, threads: int | None) -> torch.Tensor | None:
         """x @ W.T for the matrix `desc` (matrix_descriptor) inside `buf` (uint8, CPU,

@@ -82,9 +82,46 @@ class QuantLinear(nn.Module):
         return f"{list(self.shape)}, {self.spec.describe()}"
 
 
+class HalfLinear(nn.Module):
+    """y = x @ W.T on the CPU with W [out, in] kept in the file's fp16: for a few tokens the
+    compiled kernel widens it in registers (float32 arithmetic, so the float32 matmul's result
+    up to summation order) from half the bytes of a float32 copy; more tokens widen it per call.
+    Mixtral's fp16 lm_head is 262 MB instead of 524 MB read per token."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight16", weight.contiguous(), persistent=False)  # [out, in] float16
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu_expert import _native
+        from .experts import CPU_KERNEL_MAX_TOKENS
+
+        rows = x.numel() // x.shape[-1]
+        native = _native() if x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_TOKENS else None
+        if native is None:
+            return F.linear(x, self.weight16.to(x.dtype))
+        xs = x.detach().reshape(rows, x.shape[-1]).to(torch.float32).contiguous()
+        y = native.gemv_f16(self.weight16, xs, torch.get_num_threads())
+        return y.reshape(*x.shape[:-1], self.weight16.shape[0]).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{list(self.weight16.shape)}, float16 kept"
+
+
+HALF_CPU_LIMIT = 256 << 20  # widened bytes above which a CPU fp16 matrix stays fp16 (HalfLinear)
+
+
 def make_linear(raw: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype,
                 dequantize_at_load: bool) -> nn.Module:
     """raw: the tensor's record bytes (uint8, on the compute device)."""
     if spec.quantized and not dequantize_at_load:
         return QuantLinear(raw, shape, spec, dtype)
-    return DenseLinear(dequantize(component_tensors(raw, shape, spec), shape, spec, dtype))
+    comps = component_tensors(raw, shape, spec)
+    if (not spec.quantized and raw.device.type == "cpu" and dtype == torch.float32
+            and shape[0] * shape[1] * 4 > HALF_CPU_LIMIT and comps["weight"].dtype == torch.float16):
+        from .cpu_expert import _native
+
+        if _native() is not None:
+            return HalfLinear(comps["weight"], dtype)
+    return DenseLinear(dequantize(comps, shape, spec, dtype))

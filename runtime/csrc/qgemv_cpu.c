@@ -42,7 +42,7 @@
 #define MP_UNSUPPORTED 1
 #define MP_NOMEM 2
 
-int moepack_abi_version(void) { return 2; }
+int moepack_abi_version(void) { return 3; }
 
 int moepack_has_avx2(void) {
 #ifdef MP_AVX2
@@ -478,4 +478,60 @@ int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, i
     xq_free(&x13);
     if (y != NULL) xq_free(&x2);
     return failed ? MP_NOMEM : MP_OK;
+}
+
+/* IEEE binary16 bits -> float (portable: the F16C path below converts 8 at a time). */
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0x1Fu) {
+        bits = sign | 0x7F800000u | (man << 13);  /* inf, nan */
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  /* subnormal: normalise */
+        int e = -1;
+        uint32_t m = man;
+        do {
+            e++;
+            m <<= 1;
+        } while (!(m & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* out[t][n] = sum_k W[n][k] x[t][k] for W [N][K] in IEEE fp16 (a file's fp16 tensor, e.g. the
+ * lm_head) and x float32: the weights are widened in registers, the arithmetic is float32, so
+ * the result is the float32 matmul's up to summation order, from half the bytes. */
+int moepack_gemv_f16(const uint16_t *w, const float *x, int64_t N, int64_t K, int64_t T, float *out, int threads) {
+    if (N <= 0 || K <= 0 || T <= 0) return MP_UNSUPPORTED;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads > 0 ? threads : omp_get_max_threads())
+#endif
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *wn = w + n * K;
+        for (int64_t t = 0; t < T; t++) {
+            const float *xt = x + t * K;
+            float acc = 0.0f;
+            int64_t k = 0;
+#if defined(MP_AVX2) && defined(__F16C__)
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (; k + 16 <= K; k += 16) {
+                const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wn + k)));
+                const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wn + k + 8)));
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt + k), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + k + 8), a1);
+            }
+            acc = hsum8(_mm256_add_ps(a0, a1));
+#endif
+            for (; k < K; k++) acc += half_to_float(wn[k]) * xt[k];
+            out[t * N + n] = acc;
+        }
+    }
+    (void)threads;
+    return MP_OK;
 }

@@ -319,3 +319,49 @@ def test_tiny_and_zero_words_round_to_zero():
     xr[0, :32] = 0.0
     ref = quantize_x(xr.astype(np.float32), 16) @ w.astype(np.float64).T
     assert np.isfinite(y).all() and np.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_half_linear_keeps_fp16_and_computes_in_float32():
+    from runtime.qlinear import HalfLinear
+
+    w = torch.randn(40, 100).half()
+    w[0, :3] = torch.tensor([6e-8, -6e-8, 0.0]).half()  # fp16 subnormals and zero
+    lin = HalfLinear(w, torch.float32)
+    x = torch.randn(3, 100)
+    ref = x.double() @ w.double().T
+    y = lin(x)
+    assert y.dtype == torch.float32 and float((y.double() - ref).norm() / ref.norm()) < 1e-6
+    many = torch.randn(70, 100)  # more rows than the kernel takes: widened per call
+    assert torch.allclose(lin(many), many @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_large_fp16_matrices_stay_fp16_on_the_cpu(monkeypatch, packed_files):
+    """With the size limit at 0, the tiny 4/3 file's fp16 lm_head loads as HalfLinear and the
+    model's logits do not move."""
+    from runtime import qlinear
+    from runtime.loader import load_model
+
+    path = packed_files["4/3"]
+    ref, _ = load_model(path, "cpu", torch.float32, ctx=32)
+    monkeypatch.setattr(qlinear, "HALF_CPU_LIMIT", 0)
+    got, _ = load_model(path, "cpu", torch.float32, ctx=32)
+    assert isinstance(got.lm_head, qlinear.HalfLinear) and not isinstance(ref.lm_head, qlinear.HalfLinear)
+    tokens = torch.tensor([1, 5, 9])
+    a, b = ref(tokens, 0, last_only=True), got(tokens, 0, last_only=True)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_build_without_vector_extensions(monkeypatch, tmp_path):
+    """The C file built with neither -march=native nor OpenMP (a compiler that refuses both):
+    the scalar paths pass the same self-check and compute fp16 matrices the same."""
+    if cpu_native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(cpu_native, "_flag_sets", lambda: [["-O2", "-std=c11", "-shared", "-fPIC"]])
+    kernel = cpu_native.NativeKernel(cpu_native.build(out_dir=tmp_path))
+    assert not kernel.avx2
+    assert cpu_native.self_check(kernel) is None
+    w = torch.randn(12, 37).half()
+    x = torch.randn(2, 37)
+    assert torch.allclose(kernel.gemv_f16(w, x, 1), x @ w.float().T, rtol=1e-5, atol=1e-5)
