@@ -208,40 +208,37 @@ def _numba_matvec(c: dict, spec, x: np.ndarray, threads: int | None) -> np.ndarr
     return out
 
 
-def _native_matvec(native, c: dict, spec, x: np.ndarray, threads: int | None) -> np.ndarray | None:
-    """W x by the compiled kernel, or None where it declines: fp16 meta, 8-bit codes, a group
-    that is not whole 32-bit words of codes, or a non-finite x (its int16 scaling needs finite
-    values; the float kernels propagate inf and nan as the reference does)."""
-    cu = 32 // (4 if spec.bits == 4 else 2)
-    if spec.meta_bits != 8 or spec.bits not in (2, 3, 4) or spec.group_size % cu or not np.isfinite(x).all():
-        return None
-    q = c["q"].view(np.uint32)  # [N, K/CU] words: rows are whole words since K is a multiple of the group
-    qhi = c["q_hi"].view(np.uint16) if "q_hi" in c else None  # [N, K/CU]: 16 high bits per low word
-    return native.qgemv(q, qhi, c["scale"], c["scale_meta"], c["zero"], c["zero_meta"], spec.meta_group_size,
-                        spec.bits, spec.group_size, x, threads)
-
-
-def kernel_matvec(c: dict[str, np.ndarray], spec, x: np.ndarray, threads: int | None = None) -> np.ndarray | None:
-    """W x for a packed matrix given as numpy component views: x [T, K] f32 -> [T, N] f32, by
-    the compiled kernel where it applies, else numba; None when neither is there. `threads`
-    None: torch's thread count (one knob for the whole CPU path, e.g. generate's --threads)."""
+def packed_matvec(buf: torch.Tensor, shape: tuple[int, int], spec, base: int, x: torch.Tensor,
+                  threads: int | None = None) -> torch.Tensor | None:
+    """x @ W.T for the packed matrix whose components start at byte `base` of `buf` (uint8,
+    CPU): x [T, K] float32 contiguous -> [T, N] float32, by the compiled kernel where it takes
+    the layout and x (finite), else numba; None when neither is there. `threads` None: torch's
+    thread count (one knob for the whole CPU path, e.g. generate's --threads)."""
     threads = threads or torch.get_num_threads()
     native = _native()
-    out = None if native is None else _native_matvec(native, c, spec, x, threads)
-    if out is None and _numba() is not None:
-        out = _numba_matvec(c, spec, x, threads)
-    return out
+    if native is not None and buf.is_contiguous():
+        from .cpu_native import matrix_descriptor
+
+        desc = matrix_descriptor(tuple(shape), spec, base)
+        if desc is not None:
+            y = native.gemv(buf, desc, x, threads)
+            if y is not None:
+                return y
+    if _numba() is None:
+        return None
+    c = {k: v.numpy() for k, v in component_tensors(buf, shape, spec, base=base).items()}
+    return torch.from_numpy(_numba_matvec(c, spec, x.numpy(), threads))
 
 
 def _matvec(record: torch.Tensor, m, x: np.ndarray, threads: int | None) -> np.ndarray:
     """W x for matrix layout `m` of `record`: x [T, K] f32 -> [T, N] f32 (dequantize-then-matmul
     when no kernel applies)."""
-    c = {k: v.numpy() for k, v in component_tensors(record, m.shape, m.spec, base=m.offset).items()}
-    out = kernel_matvec(c, m.spec, x, threads)
+    xt = torch.from_numpy(x)
+    out = packed_matvec(record, m.shape, m.spec, m.offset, xt, threads)
     if out is not None:
-        return out
+        return out.numpy()
     w = dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec, torch.float32)
-    return (torch.from_numpy(x) @ w.T).numpy()
+    return (xt @ w.T).numpy()
 
 
 def cpu_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:

@@ -134,7 +134,8 @@ class NativeKernel:
 
     def gemv(self, buf: torch.Tensor, desc: tuple[int, ...], x: torch.Tensor, threads: int | None) -> torch.Tensor | None:
         """x @ W.T for the matrix `desc` (matrix_descriptor) inside `buf` (uint8, CPU,
-        contiguous), x [T, K] float32 contiguous -> [T, N] float32; None if declined."""
+        contiguous), x [T, K] float32 contiguous -> [T, N] float32; None if declined (a layout
+        the kernel does not take, or a non-finite x)."""
         q, qh, sc, sm, z, zm, mg, group, n, k, bits = desc
         p = buf.data_ptr()
         out = torch.empty((x.shape[0], n), dtype=torch.float32)
@@ -164,25 +165,6 @@ class NativeKernel:
             raise MemoryError("native expert kernel could not allocate its buffers")
         return h, y
 
-    def qgemv(self, q: np.ndarray, qhi: np.ndarray | None, scale: np.ndarray, smeta: np.ndarray, zero: np.ndarray,
-              zmeta: np.ndarray, mg: int, bits: int, group: int, x: np.ndarray, threads: int | None) -> np.ndarray | None:
-        """W x for x [T, K] f32 with W's components as numpy views (q rows of u32 words, qhi rows
-        of u16, u8 scale/zero codes, f32 (step, min) meta); None if the kernel declines the layout."""
-        n = q.shape[0]
-        t, k = x.shape
-        for a in (q, scale, smeta, zero, zmeta, x) + ((qhi,) if qhi is not None else ()):
-            if not a.flags.c_contiguous:
-                raise ValueError("native qgemv needs contiguous components")
-        out = np.empty((t, n), np.float32)
-        rc = self._qgemv(q.ctypes.data, 0 if qhi is None else qhi.ctypes.data, scale.ctypes.data, smeta.ctypes.data,
-                         zero.ctypes.data, zmeta.ctypes.data, mg, bits, group, n, k, x.ctypes.data, t,
-                         out.ctypes.data, int(threads or 0))
-        if rc == UNSUPPORTED:
-            return None
-        if rc != 0:
-            raise MemoryError("native qgemv could not allocate its buffers")
-        return out
-
 
 # (spec, rows, cols) of the load-time check: each code width on the in-register meta path,
 # and the per-row path with a scalar tail
@@ -201,12 +183,11 @@ def self_check(kernel: NativeKernel) -> str | None:
         groups = n * k // spec.group_size
         data = encode_matrix(spec, q=rng.integers(0, 1 << spec.bits, (n, k)), scale=rng.uniform(0.01, 0.1, groups),
                              zero=rng.uniform(0, (1 << spec.bits) - 1, groups))
-        c = component_views(data, (n, k), spec)
-        w = decode_matrix(c, (n, k), spec).astype(np.float64)
+        w = decode_matrix(component_views(data, (n, k), spec), (n, k), spec).astype(np.float64)
         x = rng.standard_normal((2, k)).astype(np.float32)
-        y = kernel.qgemv(c["q"].view(np.uint32), c["q_hi"].view(np.uint16) if "q_hi" in c else None, c["scale"],
-                         c["scale_meta"], c["zero"], c["zero_meta"], spec.meta_group_size, spec.bits,
-                         spec.group_size, x, 2)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        y = kernel.gemv(buf, matrix_descriptor((n, k), spec), torch.from_numpy(x), 2)
+        y = None if y is None else y.numpy()
         ref = x.astype(np.float64) @ w.T
         err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) if y is not None else float("inf")
         if not err < 1e-4:  # x's int16 rounding gives ~2e-5
@@ -236,6 +217,7 @@ def _descriptor(layout) -> torch.Tensor | None:
     return torch.tensor(rows, dtype=torch.int64).reshape(-1)
 
 
+@functools.lru_cache(maxsize=1024)
 def matrix_descriptor(shape: tuple[int, int], spec, base: int = 0) -> tuple[int, ...] | None:
     """The 11 numbers moepack_* need for one matrix whose components start at byte `base`: the
     byte offsets of q, q_hi (-1: none), scale, scale_meta, zero, zero_meta, then mg, group, N, K,

@@ -19,7 +19,7 @@ from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
 from .graphs import expert_graphs
-from .kernels import fused_expert_ffn, qmatmul, use_fused
+from .kernels import fused_expert_ffn, use_fused
 
 
 def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -59,17 +59,6 @@ def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtyp
 
         return cpu_expert_ffn(record, layout, x, threads=torch.get_num_threads())
     return plain_expert_ffn(record, layout, x, dtype)
-
-
-def matrix_matmul(buf: torch.Tensor, shape: tuple[int, int], spec, x: torch.Tensor, dtype: torch.dtype,
-                  base: int = 0) -> torch.Tensor:
-    """x @ W.T for one packed matrix whose components start at byte `base` of `buf` (uint8, on
-    x's device): the fused kernels where they run, else dequantize-then-matmul. The hybrid
-    engine's split computes w2 h with it from a scratch buffer holding only w2."""
-    comps = component_tensors(buf, shape, spec, base=base)
-    if use_fused(x):
-        return qmatmul(x.to(dtype), comps, shape, spec).to(x.dtype)
-    return F.linear(x.to(dtype), dequantize(comps, shape, spec, dtype)).to(x.dtype)
 
 
 def plain_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

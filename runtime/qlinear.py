@@ -34,7 +34,6 @@ class QuantLinear(nn.Module):
         self.shape, self.spec, self.dtype = tuple(shape), spec, dtype
         self.register_buffer("raw", raw, persistent=False)  # uint8 [nbytes]
         self.comps = component_tensors(raw, self.shape, spec)
-        self._desc: tuple | None = None  # (runtime.cpu_native.matrix_descriptor,) once computed
 
     def weight(self) -> torch.Tensor:
         return dequantize(self.comps, self.shape, self.spec, self.dtype)  # [out, in]
@@ -57,26 +56,13 @@ class QuantLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if rows > CPU_KERNEL_MAX_TOKENS or not self.spec.quantized:
             return None
-        from .cpu_expert import _native, cpu_expert_available, kernel_matvec
+        from .cpu_expert import packed_matvec
 
-        if not cpu_expert_available():
-            return None
         xs = x.detach().reshape(rows, x.shape[-1]).to(torch.float32).contiguous()  # [T, K]
-        native = _native()
-        if native is not None and self.raw.is_contiguous():
-            # the compiled kernel straight on the raw bytes: no views, a few us per call
-            from .cpu_native import matrix_descriptor
-
-            if self._desc is None:
-                self._desc = (matrix_descriptor(self.shape, self.spec),)
-            if self._desc[0] is not None:
-                y = native.gemv(self.raw, self._desc[0], xs, torch.get_num_threads())
-                if y is not None:
-                    return y.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
-        y = kernel_matvec({k: v.numpy() for k, v in self.comps.items()}, self.spec, xs.numpy())
+        y = packed_matvec(self.raw, self.shape, self.spec, 0, xs)  # straight on the raw bytes
         if y is None:
             return None
-        return torch.from_numpy(y).reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{list(self.shape)}, {self.spec.describe()}"

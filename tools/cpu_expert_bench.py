@@ -30,36 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from formats.header import ExpertLayout, MatrixLayout  # noqa: E402
+import kernel_bench as kb  # noqa: E402  (the same random records as the GPU kernel bench)
+
 from formats.qtensor import QuantSpec  # noqa: E402
-from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up  # noqa: E402
 from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn  # noqa: E402
-from runtime.dequant import component_tensors  # noqa: E402
 
 HIDDEN, INTER = 4096, 14336
 SPECS = {"2-bit g16": QuantSpec(2, 16, 8, 128), "3-bit g64": QuantSpec(3, 64, 8, 128)}
 LLAMA_CPP_MS = 1e3 / (10.4 * 64)
-
-
-def expert_layout(spec: QuantSpec) -> ExpertLayout:
-    mats, offset = [], 0
-    for name, shape in (("w1", (INTER, HIDDEN)), ("w3", (INTER, HIDDEN)), ("w2", (HIDDEN, INTER))):
-        mats.append(MatrixLayout(name, shape, spec, offset))
-        offset = align_up(offset + mats[-1].nbytes, COMPONENT_ALIGNMENT)
-    return ExpertLayout(align_up(offset, ALIGNMENT), tuple(mats))
-
-
-def random_record(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor:
-    """Random codes and meta codes, with (step, min) giving scales 0.01-0.05 and zeros inside
-    the code range (as tools/kernel_bench.py's fill_random)."""
-    buf = torch.randint(0, 256, (layout.record_size,), dtype=torch.uint8, generator=gen)
-    for m in layout.matrices:
-        c = component_tensors(buf, m.shape, m.spec, base=m.offset)
-        c["scale_meta"].copy_(torch.tensor([0.04 / 255, 0.01]).expand_as(c["scale_meta"]))
-        c["zero_meta"].copy_(torch.tensor([((1 << m.spec.bits) - 1) / 255, 0.0]).expand_as(c["zero_meta"]))
-    return buf
 
 
 def copy_bandwidth(nbytes: int = 1 << 29) -> dict:
@@ -153,8 +134,8 @@ def main(argv=None) -> int:
     print(f"{ncpu} CPUs; kernel {kernel_name()}; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     print(f"{'expert':<10} {'threads':>7} {'ms':>8} {'GB/s':>6} {'floor ms':>8} {'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
-        layout = expert_layout(spec)
-        records = [random_record(layout, gen) for _ in range(2)]
+        layout = kb.expert_layout(HIDDEN, INTER, spec)
+        records = [kb.random_record(layout, torch.device("cpu"), gen) for _ in range(2)]
         floor_ms = layout.record_size / (best_gbs * 1e9) * 1e3
         cpu_expert_ffn(records[0], layout, x, threads=max(threads))  # compile or load numba's cache
         for t in threads:

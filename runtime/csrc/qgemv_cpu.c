@@ -369,6 +369,14 @@ static float row_value(const mp_mat *m, const mp_geo *g, const mp_xq *q, int64_t
 
 static inline float silu(float a) { return a / (1.0f + expf(-a)); }
 
+/* int16 rounding needs a finite x: both entry points decline otherwise (the caller falls back
+ * to a float kernel, which propagates inf and nan as the reference does). */
+static int all_finite(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
 /* out[t][n] = (A x_t)[n], or silu(A x_t)[n] * (B x_t)[n] when B is given (same geometry as A).
  * Inside a parallel region (orphaned worksharing). Returns nonzero if a buffer failed. */
 static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp_xq *q, int64_t T, float *out) {
@@ -423,7 +431,7 @@ int moepack_qgemv(const uint32_t *q, const uint16_t *qhi, const uint8_t *scale, 
     const mp_mat m = {q, qhi, scale, zero, smeta, zmeta, mg, group, N, K, bits};
     mp_geo g;
     mp_xq xq;
-    if (T <= 0 || geometry(&m, &g) != MP_OK) return MP_UNSUPPORTED;
+    if (T <= 0 || geometry(&m, &g) != MP_OK || !all_finite(x, T * K)) return MP_UNSUPPORTED;
     if (xq_alloc(&g, T, &xq) != MP_OK) {
         xq_free(&xq);
         return MP_NOMEM;
@@ -453,8 +461,7 @@ int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, i
     if (m3.bits != m1.bits || m3.group != m1.group || m3.mg != m1.mg || m3.N != m1.N || m3.K != m1.K ||
         m2.K != m1.N || (m3.bits == 3 && m3.qhi == NULL))
         return MP_UNSUPPORTED;
-    for (int64_t i = 0; i < T * m1.K; i++)  /* int16 rounding needs finite x; the caller falls back */
-        if (!isfinite(x[i])) return MP_UNSUPPORTED;
+    if (!all_finite(x, T * m1.K)) return MP_UNSUPPORTED;
     mp_xq x13, x2;
     const int ok = xq_alloc(&g13, T, &x13) == MP_OK && (y == NULL || xq_alloc(&g2, T, &x2) == MP_OK);
     if (!ok) {

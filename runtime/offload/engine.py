@@ -21,8 +21,9 @@ import torch
 from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
-from ..experts import expert_ffn, matrix_matmul
+from ..experts import expert_ffn
 from ..graphs import expert_graphs
+from ..qlinear import QuantLinear
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, calibration_prior, make_cache
 from .hybrid import CostModel
@@ -107,7 +108,7 @@ class OffloadedExperts:
         # hybrid: a decode step may compute some missed experts on the CPU instead of copying them
         self.cost: CostModel | None = None
         self.cpu_threads = cpu_threads
-        self._w2_scratch: list[torch.Tensor] = []  # split experts' w2, copied alone (hybrid)
+        self._w2_scratch: list[QuantLinear] = []  # split experts' w2, copied alone into .raw (hybrid)
         self._w2_free: list = []  # compute that last read each scratch buffer done
         if hybrid:
             self.cost = CostModel(self.layout.record_size,
@@ -248,10 +249,11 @@ class OffloadedExperts:
         buffer i; returns the copy's event."""
         m2 = self.layout.matrix("w2")
         if i == len(self._w2_scratch):  # at most top_k, allocated on first use
-            self._w2_scratch.append(torch.empty(m2.nbytes, dtype=torch.uint8, device=self.device))
+            buf = torch.empty(m2.nbytes, dtype=torch.uint8, device=self.device)
+            self._w2_scratch.append(QuantLinear(buf, m2.shape, m2.spec, self.dtype))  # w2 h, any device
             self._w2_free.append(NULL_EVENT)
         src = self.host.view((layer, e))[m2.offset:m2.offset + m2.nbytes]
-        return self.copier.copy(self._w2_scratch[i], src, after=self._w2_free[i])
+        return self.copier.copy(self._w2_scratch[i].raw, src, after=self._w2_free[i])
 
     def _split_compute(self, layer: int, experts: list[int], w2_ready: list, positions: dict[int, list[int]],
                        x_host: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
@@ -259,7 +261,6 @@ class OffloadedExperts:
         record, w2_j h_j on the device from the scratch copy of w2: [1, H] on the device."""
         from ..cpu_expert import cpu_expert_hidden
 
-        m2 = self.layout.matrix("w2")
         t = time.perf_counter()
         out = None
         for i, e in enumerate(experts):
@@ -267,8 +268,7 @@ class OffloadedExperts:
             h = cpu_expert_hidden(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads)  # [1, I]
             self.copier.wait(w2_ready[i])
             j = positions[e][0]
-            y = matrix_matmul(self._w2_scratch[i], m2.shape, m2.spec, h.to(self.device, topk_w.dtype), self.dtype)
-            y = y * topk_w[:, j:j + 1]  # [1, H]
+            y = self._w2_scratch[i](h.to(self.device, topk_w.dtype)) * topk_w[:, j:j + 1]  # [1, H]
             self._w2_free[i] = self.copier.mark_used()
             out = y if out is None else out + y
         dt = time.perf_counter() - t

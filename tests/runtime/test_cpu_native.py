@@ -24,13 +24,6 @@ from tests.runtime.test_kernels import make_expert, packed
 needs_native = pytest.mark.skipif(cpu_native.native_kernel() is None, reason="no C compiler: the kernel is not built")
 
 
-def components(data: bytes, shape, spec):
-    """Numpy views as runtime.cpu_expert passes them: u32 words, u16 high plane, u8 meta codes."""
-    c = component_views(data, shape, spec)
-    return (c["q"].view(np.uint32), c["q_hi"].view(np.uint16) if "q_hi" in c else None,
-            c["scale"], c["scale_meta"], c["zero"], c["zero_meta"])
-
-
 def quantize_x(x: np.ndarray, cu: int) -> np.ndarray:
     """x rounded as the kernel rounds it: per word of cu codes, to int16 steps of max|x| / 32767."""
     t, k = x.shape
@@ -43,9 +36,10 @@ def quantize_x(x: np.ndarray, cu: int) -> np.ndarray:
 
 
 def run(data, shape, spec, x, threads=1):
-    q, qhi, s, sm, z, zm = components(data, shape, spec)
-    return cpu_native.native_kernel().qgemv(q, qhi, s, sm, z, zm, spec.meta_group_size, spec.bits,
-                                            spec.group_size, x, threads)
+    """The compiled kernel on a packed matrix's bytes, as runtime.cpu_expert calls it."""
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    y = cpu_native.native_kernel().gemv(buf, cpu_native.matrix_descriptor(shape, spec), torch.from_numpy(x), threads)
+    return None if y is None else y.numpy()
 
 
 def rel(a, b) -> float:
@@ -109,11 +103,10 @@ def test_declines_what_it_does_not_cover(bits, group):
     """8-bit codes, and groups that are not whole 32-bit words of codes: None, the caller falls back."""
     native = cpu_native.native_kernel()
     k = 48 * group
-    words = np.zeros((4, max(1, k * min(bits, 4) // 32)), np.uint32)
-    meta = np.ones((1, 2), np.float32)
-    codes = np.zeros(4 * k // group, np.uint8)
-    x = np.ones((1, k), np.float32)
-    assert native.qgemv(words, None, codes, meta, codes, meta, 8, bits, group, x, 1) is None
+    if group % 8 == 0:  # a valid spec: the descriptor already says no (group 4 is no spec at all)
+        assert cpu_native.matrix_descriptor((4, k), QuantSpec(bits, group, 8, 8)) is None
+    buf = torch.zeros(1 << 16, dtype=torch.uint8)  # the C side refuses the same geometry on its own
+    assert native.gemv(buf, (0, -1, 0, 0, 0, 0, 8, group, 4, k, bits), torch.ones(1, k), 1) is None
 
 
 @needs_native
@@ -204,6 +197,7 @@ def test_quant_linear_uses_a_kernel_for_a_few_tokens(monkeypatch):
     data, w = packed((48, 256), spec, seed=8)
     lin = qlinear.QuantLinear(torch.frombuffer(bytearray(data), dtype=torch.uint8), (48, 256), spec, torch.float32)
     calls = []
+    cpu_native.native_kernel()  # loaded (and self-checked) before the spy goes in
     real = cpu_native.NativeKernel.gemv
     monkeypatch.setattr(cpu_native.NativeKernel, "gemv",
                         lambda self, buf, d, x, t: calls.append(tuple(x.shape)) or real(self, buf, d, x, t))
@@ -238,8 +232,8 @@ def test_cpu_default_keeps_large_models_packed(monkeypatch, packed_files):
 def test_a_kernel_with_wrong_results_is_not_used(monkeypatch):
     """The load-time self-check: a build that computes garbage (a compiler or CPU quirk) is
     refused with a warning, and the numba/torch path takes over."""
-    real = cpu_native.NativeKernel.qgemv
-    monkeypatch.setattr(cpu_native.NativeKernel, "qgemv", lambda self, *a: 1.001 * real(self, *a))
+    real = cpu_native.NativeKernel.gemv
+    monkeypatch.setattr(cpu_native.NativeKernel, "gemv", lambda self, *a: 1.001 * real(self, *a))
     cpu_native.native_kernel.cache_clear()
     try:
         with pytest.warns(UserWarning, match="wrong results"):
@@ -365,3 +359,17 @@ def test_portable_build_without_vector_extensions(monkeypatch, tmp_path):
     w = torch.randn(12, 37).half()
     x = torch.randn(2, 37)
     assert torch.allclose(kernel.gemv_f16(w, x, 1), x @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_quant_linear_propagates_non_finite_input():
+    """The compiled kernel declines a non-finite x (its int16 rounding needs finite values) and
+    the float path propagates it, as for experts."""
+    from runtime import qlinear
+
+    spec = QuantSpec(4, 64, 8, 256)
+    data, _ = packed((48, 256), spec, seed=8)
+    lin = qlinear.QuantLinear(torch.frombuffer(bytearray(data), dtype=torch.uint8), (48, 256), spec, torch.float32)
+    x = torch.randn(1, 256)
+    x[0, 7] = float("nan")
+    assert torch.isnan(lin(x)).all()

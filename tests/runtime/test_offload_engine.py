@@ -306,7 +306,7 @@ def test_hybrid_split_experts_same_tokens(tiny, kw):
     assert s["uses"] == s["hits"] + s["misses"]
     assert model.experts.copier.copies > copies_before  # the w2 copies went through the copy engine
     m2 = model.experts.layout.matrix("w2")
-    assert all(b.numel() == m2.nbytes for b in model.experts._w2_scratch) and len(model.experts._w2_scratch) <= 2
+    assert all(b.raw.numel() == m2.nbytes for b in model.experts._w2_scratch) and len(model.experts._w2_scratch) <= 2
 
 
 def test_hybrid_split_follows_the_costs(tiny):
