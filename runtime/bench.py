@@ -10,8 +10,8 @@ GPU budget x routing x variant:
   naive     every layer loads the experts it needs on every token (no cache, no prefetch)
   lru       the expert cache in the budget (--cache-policy: per-layer LRU by default, or lfu)
   prefetch  LRU + speculative prefetch of the next layer's experts
-  hybrid    LRU, and each decode step computes some of its missed experts on the CPU from host
-            RAM (whole, or w1/w3 while w2 alone is copied) while the others are copied
+  hybrid    prefetch, and each decode step computes some of its missed experts on the CPU from
+            host RAM (whole, or w1/w3 while w2 alone is copied) while the others are copied
             (runtime.offload.hybrid); not part of "all"
 
 Routing `model` uses the model's own (random) routers, meant as the worst case for a cache
@@ -56,7 +56,7 @@ from .offload.traces import SyntheticRouting, reference_params, trace_steps
 
 FP16 = QuantSpec(16)
 VARIANTS = ("naive", "lru", "prefetch")
-EXTRA_VARIANTS = ("hybrid",)  # not in "all": LRU + missed experts computed on the CPU when that is faster
+EXTRA_VARIANTS = ("hybrid",)  # not in "all": prefetch + missed experts computed on the CPU when that is faster
 EXPERT_SPECS = {2: QuantSpec(2, 16, 8, 128), 3: QuantSpec(3, 64, 8, 128)}
 
 
@@ -161,7 +161,7 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
     device = model.device
     backend = OffloadedExperts(
         file, device, model.dtype, n_slots=n_slots, policy="none" if variant == "naive" else policy,
-        prefetch=None if variant == "prefetch" else 0, prefetch_layers=prefetch_layers,
+        prefetch=None if variant in ("prefetch", "hybrid") else 0, prefetch_layers=prefetch_layers,
         router_weights=model.router_weights, host=host, progress=False, cuda_graphs=cuda_graphs,
         hybrid=variant == "hybrid", cpu_threads=cpu_threads,
     )

@@ -76,6 +76,11 @@ def cpu_expert_available() -> bool:
     return _native() is not None or _numba() is not None
 
 
+def cpu_kernel_name() -> str:
+    """Which kernel serves cpu_expert_ffn here: 'native', 'numba' or 'torch' (for statistics)."""
+    return "native" if _native() is not None else "numba" if _numba() is not None else "torch"
+
+
 def _geometry(bits: int, group: int) -> tuple[int, int, int, int]:
     """(W, CU, UB, HB): bits per code in the low plane (3-bit: its 2-bit plane), codes per
     unit, bytes per unit of the low plane and of the 3-bit high plane (1 bit per code)."""

@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer runs (a 2-core machine)")
     ap.add_argument("--runs", type=int, default=None, help="timed runs per case (default 9, --quick 3)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--pool-mib", type=int, default=1024,
+                    help="rotate the timed calls over copies of the record totalling this much (default 1024: "
+                         "more than a server's L3, so every call reads DRAM as in decode; 0: two records)")
     args = ap.parse_args(argv)
     if not cpu_expert_available():
         print("numba is not installed: cpu_expert_ffn would fall back to the plain torch path", file=sys.stderr)
@@ -131,19 +134,24 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     x = (0.1 * torch.randn(1, HIDDEN, generator=gen))  # [1, H]
     rows = []
-    print(f"{ncpu} CPUs; kernel {kernel_name()}; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"{ncpu} CPUs; kernel {kernel_name()}; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     print(f"{'expert':<10} {'threads':>7} {'ms':>8} {'GB/s':>6} {'floor ms':>8} {'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
         layout = kb.expert_layout(HIDDEN, INTER, spec)
-        records = [kb.random_record(layout, torch.device("cpu"), gen) for _ in range(2)]
+        # rotate over more bytes than any L3 holds: in decode each expert comes cold from DRAM,
+        # and two records (134 MB) may sit in a large server L3 (copies: the cache cares about
+        # addresses, not contents)
+        first = kb.random_record(layout, torch.device("cpu"), gen)
+        n_rec = max(2, -(-(args.pool_mib << 20) // layout.record_size))
+        records = [first] + [first.clone() for _ in range(n_rec - 1)]
         floor_ms = layout.record_size / (best_gbs * 1e9) * 1e3
         cpu_expert_ffn(records[0], layout, x, threads=max(threads))  # compile or load numba's cache
         for t in threads:
-            for r in records:  # warm-up at this thread count
-                cpu_expert_ffn(r, layout, x, threads=t)
-            ts = [_timed(lambda: cpu_expert_ffn(records[i % 2], layout, x, threads=t)) for i in range(runs)]
+            cpu_expert_ffn(records[-1], layout, x, threads=t)  # warm-up at this thread count
+            ts = [_timed(lambda: cpu_expert_ffn(records[i % len(records)], layout, x, threads=t)) for i in range(runs)]
             ms = statistics.median(ts) * 1e3
             rows.append({"expert": name, "threads": t, "ms": ms, "record_bytes": layout.record_size,
+                         "pool_bytes": len(records) * layout.record_size,
                          "gbs": layout.record_size / ms / 1e6, "floor_ms": floor_ms, "llama_cpp_ms": LLAMA_CPP_MS})
             print(f"{name:<10} {t:>7} {ms:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} {LLAMA_CPP_MS:>12.2f}")
     print(f"llama.cpp CPU-only: 10.4 tok/s x 64 expert calls on 16 cores -> <= {LLAMA_CPP_MS:.2f} ms per call, everything included")

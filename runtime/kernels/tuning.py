@@ -36,6 +36,9 @@ VERSION = 1
 CACHE_FILE = "gemv-tuning.json"
 CACHE_DIR_ENV = "MOEPACK_CACHE_DIR"
 NO_TUNING_ENV = "MOEPACK_NO_TUNING"
+# Same format as the user's cache, shipped with the package; measured by `python -m runtime.tune`
+# (docs/BENCHMARKS.md section 8: an H100 80GB HBM3 under triton 3.6.0, 2026-11-23)
+BUILTIN_PATH = Path(__file__).resolve().parent / "data" / "gemv-tuning-builtin.json"
 REFRESH_HINT = "delete it or re-run `python -m runtime.tune MODEL.moepack`"
 
 _DOC_FIELDS = ("devices", "format", "version")
@@ -307,10 +310,17 @@ def _load_for(device: torch.device) -> int:
     version = triton_version()
     if version is None:
         return 0
-    tuned = load_tuned(device_name(device), version)
+    tuned = tuned_for(device_name(device), version)
     for p, config in tuned.items():
         register_config(p.n, p.k, p.tokens, p.spec, p.gated, config)
     return len(tuned)
+
+
+def tuned_for(device_name: str, triton_version: str, path: str | os.PathLike | None = None) -> dict[GemvProblem, GemvConfig]:
+    """The configs this (device, triton) pair runs with: the package's built-in measurements
+    (BUILTIN_PATH: configs runtime.tune found on GPUs the project was measured on, so such a
+    GPU is fast without tuning), overridden per problem by the user's own cache."""
+    return {**load_tuned(device_name, triton_version, BUILTIN_PATH), **load_tuned(device_name, triton_version, path)}
 
 
 def device_name(device: torch.device) -> str:

@@ -31,6 +31,18 @@ from .host import HostStore, PendingRead
 from .schedule import Compute, Load, Planner
 from .streams import NULL_EVENT, CopyEngine
 
+CPU_CALIBRATION_CALLS = 5  # timed CPU expert calls at start-up (hybrid); the median is kept
+CPU_OBSERVATIONS_KEPT = 256  # the latest CPU expert times kept for the statistics
+
+
+def _summary_ms(seconds: list[float]) -> dict | None:
+    """count, min, median, max in milliseconds; None for no values."""
+    if not seconds:
+        return None
+    v = sorted(seconds)
+    return {"n": len(v), "min": round(1e3 * v[0], 3), "median": round(1e3 * v[len(v) // 2], 3),
+            "max": round(1e3 * v[-1], 3)}
+
 
 class RoutingOverride(Protocol):
     """Replaces the routers' decisions (benchmark traces); the model's weights are kept."""
@@ -110,6 +122,8 @@ class OffloadedExperts:
         self.cpu_threads = cpu_threads
         self._w2_scratch: list[QuantLinear] = []  # split experts' w2, copied alone into .raw (hybrid)
         self._w2_free: list = []  # compute that last read each scratch buffer done
+        self.cpu_calibration: dict | None = None  # which CPU kernel served, and its timed calls
+        self.cpu_observed: list[float] = []  # CPU expert times in decode, warm-up included (never reset)
         if hybrid:
             self.cost = CostModel(self.layout.record_size,
                                   w2_share=self.layout.matrix("w2").nbytes / self.layout.record_size)
@@ -188,7 +202,8 @@ class OffloadedExperts:
              "hybrid": self.cost is not None, "cpu_experts": self.cpu_experts, "cpu_expert_s": self.cpu_expert_s,
              "split_experts": self.split_experts, "split_cpu_s": self.split_cpu_s,
              "cpu_s_per_expert": None if self.cost is None else self.cost.cpu_s,
-             "copy_s_per_expert": None if self.cost is None else self.cost.copy_s}
+             "copy_s_per_expert": None if self.cost is None else self.cost.copy_s,
+             "cpu_calibration": self.cpu_calibration, "cpu_observed_ms": _summary_ms(self.cpu_observed)}
         d.update(self.planner.stats.to_json())
         d.update(self.copier.stats())
         d.update(self.host.stats())
@@ -213,8 +228,12 @@ class OffloadedExperts:
 
     # -- hybrid: copy or compute ---------------------------------------------------------
     def _calibrate_hybrid(self) -> None:
-        """Measure one copy and one CPU expert, so the first split is already informed."""
-        from ..cpu_expert import cpu_expert_ffn
+        """Measure one copy and one CPU expert, so the first split is already informed. The CPU
+        figure is the median of several calls on a random token: the first decision rests on
+        it, and an expert computed on the CPU is the only later measurement, so one slow
+        outlier here (a busy core, a thread pool starting) would keep the CPU idle for the
+        whole run. Zeros would flatter the kernel (it skips words of zero activations)."""
+        from ..cpu_expert import cpu_expert_ffn, cpu_kernel_name
 
         key = next(((L, e) for L in range(self.layers) for e in range(self.num_experts)
                     if self.host.view((L, e)) is not None), None)
@@ -228,11 +247,26 @@ class OffloadedExperts:
             self.slots[0].copy_(src, non_blocking=True)
             torch.cuda.synchronize(self.device)
             self.cost.copy_gbps = src.numel() / max(time.perf_counter() - t, 1e-9) / 1e9
-        x = torch.zeros(1, self.file.config.hidden_size)
-        cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)  # loads or compiles the kernel
-        t = time.perf_counter()
-        cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
-        self.cost.cpu_s = time.perf_counter() - t
+        # the split's scratch buffers for w2 (top_k, counted in the memory plan), each run once
+        # now: the first call of a GEMV shape compiles its kernel (seconds), which must not
+        # land in a decode step, nor in the CPU's measured time
+        m2 = self.layout.matrix("w2")
+        for _ in range(self.top_k):
+            buf = torch.zeros(m2.nbytes, dtype=torch.uint8, device=self.device)
+            self._w2_scratch.append(QuantLinear(buf, m2.shape, m2.spec, self.dtype))  # w2 h, any device
+            self._w2_free.append(NULL_EVENT)
+        self._w2_scratch[0](torch.zeros(1, m2.shape[1], dtype=self.dtype, device=self.device))
+        x = torch.randn(1, self.file.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        for _ in range(2):  # loads or compiles the kernel, starts its threads
+            cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
+        samples = []
+        for _ in range(CPU_CALIBRATION_CALLS):
+            t = time.perf_counter()
+            cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
+            samples.append(time.perf_counter() - t)
+        self.cost.cpu_s = sorted(samples)[len(samples) // 2]
+        self.cpu_calibration = {"kernel": cpu_kernel_name(), "threads": self.cpu_threads,
+                                "samples_ms": [round(1e3 * v, 3) for v in samples]}
 
     def _cpu_choice(self, layer: int, needed: list[int]) -> tuple[list[int], list[int]]:
         """(split, on the CPU): the missed experts of this decode step whose w1/w3 the CPU
@@ -248,10 +282,6 @@ class OffloadedExperts:
         """Copy expert e's w2 (the record's last matrix, one contiguous range) into scratch
         buffer i; returns the copy's event."""
         m2 = self.layout.matrix("w2")
-        if i == len(self._w2_scratch):  # at most top_k, allocated on first use
-            buf = torch.empty(m2.nbytes, dtype=torch.uint8, device=self.device)
-            self._w2_scratch.append(QuantLinear(buf, m2.shape, m2.spec, self.dtype))  # w2 h, any device
-            self._w2_free.append(NULL_EVENT)
         src = self.host.view((layer, e))[m2.offset:m2.offset + m2.nbytes]
         return self.copier.copy(self._w2_scratch[i].raw, src, after=self._w2_free[i])
 
@@ -261,18 +291,18 @@ class OffloadedExperts:
         record, w2_j h_j on the device from the scratch copy of w2: [1, H] on the device."""
         from ..cpu_expert import cpu_expert_hidden
 
-        t = time.perf_counter()
-        out = None
+        out, dt = None, 0.0
         for i, e in enumerate(experts):
             self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
+            t = time.perf_counter()
             h = cpu_expert_hidden(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads)  # [1, I]
+            dt += time.perf_counter() - t  # the CPU's part only: waiting for the copy is the link's
             self.copier.wait(w2_ready[i])
             j = positions[e][0]
             y = self._w2_scratch[i](h.to(self.device, topk_w.dtype)) * topk_w[:, j:j + 1]  # [1, H]
             self._w2_free[i] = self.copier.mark_used()
             out = y if out is None else out + y
-        dt = time.perf_counter() - t
-        self.cost.observe_cpu(dt / len(experts) / (1 - self.cost.w2_share))  # as a whole expert's time
+        self._observe_cpu(dt / len(experts) / (1 - self.cost.w2_share))  # as a whole expert's time
         self.split_experts += len(experts)
         self.split_cpu_s += dt
         self._count_uncached(len(experts))
@@ -291,11 +321,18 @@ class OffloadedExperts:
             y = y * w_host[:, positions[e][0]:positions[e][0] + 1]
             out = y if out is None else out + y
         dt = time.perf_counter() - t
-        self.cost.observe_cpu(dt / len(experts))
+        self._observe_cpu(dt / len(experts))
         self.cpu_experts += len(experts)
         self.cpu_expert_s += dt
         self._count_uncached(len(experts))
         return out
+
+    def _observe_cpu(self, seconds: float) -> None:
+        """Feed one CPU expert time to the cost model, and keep it for the statistics: the
+        model's running figure alone cannot tell a steady 3 ms from one stalled call."""
+        self.cost.observe_cpu(seconds)
+        self.cpu_observed.append(seconds)
+        del self.cpu_observed[:-CPU_OBSERVATIONS_KEPT]
 
     def _count_uncached(self, n: int) -> None:
         """Uses and misses of experts the planner never saw (split or computed on the CPU)."""

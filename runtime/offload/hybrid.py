@@ -30,6 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+OUTLIER_FACTOR = 4.0  # cap of one CPU observation, as a multiple of the current estimate
+
+
 @dataclass
 class CostModel:
     record_bytes: int
@@ -68,6 +71,11 @@ class CostModel:
         return self.assign(n_misses, copy_backlog_s, allow_split=False)[2]
 
     def observe_cpu(self, seconds: float) -> None:
+        """A new CPU expert time. One observation moves the estimate at most OUTLIER_FACTOR-fold:
+        the CPU is measured only when it is used, so one stalled call (the machine busy, a
+        page fault storm) that multiplied the estimate would keep the CPU idle for good; a
+        lasting slowdown still gets through, geometrically."""
+        seconds = min(seconds, OUTLIER_FACTOR * self.cpu_s)
         self.cpu_s += self.smoothing * (seconds - self.cpu_s)
 
     def observe_copy(self, gbps: float) -> None:

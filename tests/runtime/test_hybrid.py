@@ -62,3 +62,22 @@ def test_assign_is_optimal(n, copy_s, cpu_s, backlog, reuse, share):
     assert min(a, b, c) >= 0 and a + b + c == n
     best = min(m.cost(x, y, n - x - y, backlog) for x in range(n + 1) for y in range(n - x + 1))
     assert m.cost(a, b, c, backlog) <= best + 1e-12
+
+
+def test_one_stalled_cpu_call_cannot_shut_the_cpu_out():
+    """The CPU is measured only when it is used: an outlier that multiplied the estimate would
+    stop every later CPU choice (seen on the H100 host, where a first call that compiled a GPU
+    kernel was timed as CPU work). One observation moves the estimate at most OUTLIER_FACTOR-fold;
+    a lasting slowdown still gets through."""
+    from runtime.offload.hybrid import OUTLIER_FACTOR
+
+    m = CostModel(record_bytes=64 << 20, copy_gbps=50.0, cpu_s=0.0005)
+    assert m.assign(1, allow_split=False) == (0, 0, 1)  # a 0.5 ms CPU beats a 1.3 ms copy
+    m.observe_cpu(1.3)  # one call stalled for seconds
+    assert m.cpu_s <= 0.0005 * (1 + m.smoothing * (OUTLIER_FACTOR - 1)) + 1e-12
+    for _ in range(10):
+        m.observe_cpu(0.0005)
+    assert m.assign(1, allow_split=False) == (0, 0, 1)  # the CPU is back in use
+    for _ in range(40):
+        m.observe_cpu(1.3)  # the CPU really is slow now
+    assert m.cpu_s > 1.0 and m.assign(1, allow_split=False) == (1, 0, 0)

@@ -51,6 +51,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.delenv("MOEPACK_NO_TUNING", raising=False)
     monkeypatch.setattr(configs, "TUNED", {})
     monkeypatch.setattr(tuning, "_LOADED", {})
+    monkeypatch.setattr(tuning, "BUILTIN_PATH", tmp_path / "no-builtin.json")
 
 
 @pytest.fixture
@@ -505,3 +506,36 @@ def test_measure_case_runs_the_real_kernel_under_the_interpreter(tiny_file):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ built-in measurements
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_builtin_configs_are_valid_and_cover_mixtral_decode(monkeypatch):
+    """The shipped file parses without a warning, and holds the T=1 problems of a Mixtral
+    layer (both gated expert GEMVs and w2 at 2 and 3 bits, q/o and k/v) for the GPU it was
+    measured on."""
+    monkeypatch.setattr(tuning, "BUILTIN_PATH", Path(tuning.__file__).resolve().parent / "data" / "gemv-tuning-builtin.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuned = tuning.tuned_for(H100, "3.6.0")
+    shapes = {(p.n, p.k, p.spec.bits, p.gated, p.tokens) for p in tuned}
+    assert {(14336, 4096, 2, True, 1), (4096, 14336, 2, False, 1), (14336, 4096, 3, True, 1),
+            (4096, 14336, 3, False, 1), (4096, 4096, 4, False, 1), (1024, 4096, 4, False, 1)} <= shapes
+    assert tuning.tuned_for(H100, "3.0.0") == {}  # measured under one triton: not used under another
+
+
+def test_user_cache_overrides_the_builtin(cache, tmp_path, monkeypatch):
+    builtin = tmp_path / "builtin.json"
+    monkeypatch.setenv("MOEPACK_CACHE_DIR", str(tmp_path / "b"))
+    save_tuned(GPU, TRITON, ENTRIES)  # into tmp_path/b: becomes the built-in file below
+    (tmp_path / "b" / "gemv-tuning.json").rename(builtin)
+    monkeypatch.setattr(tuning, "BUILTIN_PATH", builtin)
+    monkeypatch.setenv("MOEPACK_CACHE_DIR", str(cache.parent))
+    assert tuning.tuned_for(GPU, TRITON) == {e.problem: e.config for e in ENTRIES}  # no user cache
+    mine = TunedEntry(W2, GemvConfig(block_n=8, split_k=8), 1.0)
+    save_tuned(GPU, TRITON, [mine])
+    tuned = tuning.tuned_for(GPU, TRITON)
+    assert tuned[W2] == mine.config and tuned[W13] == ENTRIES[1].config and len(tuned) == 3
