@@ -24,6 +24,27 @@ def test_expert_ffn_matches_numpy_decoding(file42):
     assert expert_ffn(rec, f.header.expert_layout, x.double(), torch.float32).dtype == torch.float64
 
 
+def test_cpu_resident_records_are_the_file_map(file42):
+    """On the CPU the resident backend reads experts straight from the memory-mapped file: no
+    copy (the CPU-only Mixtral run's RSS was twice the file), the bytes of each record, and no
+    warning about the map being read-only."""
+    import warnings
+
+    f = MoepackFile(file42)
+    cfg, rs = f.config, f.header.expert_layout.record_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend = ResidentExperts(f, torch.device("cpu"), torch.float32)
+    base = f._map.ctypes.data  # the map's first byte
+    for i in (0, len(backend.records) - 1):
+        layer, e = divmod(i, cfg.num_local_experts)
+        row = backend.records[i]
+        assert row.is_contiguous() and row.numel() == rs
+        assert row.data_ptr() == base + f.data_offset + f.header.expert(layer, e).offset  # a view, not a copy
+        assert np.array_equal(row.numpy(), f.expert_bytes(layer, e))
+    assert backend.stats()["resident_bytes"] == cfg.num_hidden_layers * cfg.num_local_experts * rs
+
+
 def test_resident_backend_equals_per_token_loop(file42):
     f = MoepackFile(file42)
     cfg = f.config
