@@ -155,9 +155,21 @@ def decode(model, prompt: torch.Tensor, tokens: int, warmup: int) -> tuple[float
     return time.perf_counter() - t0, tokens
 
 
+def prefill(model, prompt: torch.Tensor) -> tuple[float, dict]:
+    """One prompt at position 0 with the cache as decode left it (a new prompt in a running
+    session): (seconds, the backend's statistics of that pass)."""
+    synchronize(model.device)
+    model.experts.reset_stats()
+    t0 = time.perf_counter()
+    model(prompt, 0, last_only=True)
+    synchronize(model.device)
+    return time.perf_counter() - t0, model.experts.stats()
+
+
 def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant: str, routing: str, policy: str,
             prefetch_layers: int, guess_accuracy: float, prompt: torch.Tensor, tokens: int, warmup: int,
-            seed: int, bandwidth: float, cuda_graphs: bool | None = None, cpu_threads: int | None = None) -> dict:
+            seed: int, bandwidth: float, cuda_graphs: bool | None = None, cpu_threads: int | None = None,
+            long_prompt: torch.Tensor | None = None) -> dict:
     device = model.device
     backend = OffloadedExperts(
         file, device, model.dtype, n_slots=n_slots, policy="none" if variant == "naive" else policy,
@@ -174,6 +186,7 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
     try:
         seconds, n = decode(model, prompt, tokens, warmup)
         s = backend.stats()
+        pf = prefill(model, long_prompt) if long_prompt is not None else None
     finally:
         model.experts = _NoExperts()
         backend.close()
@@ -197,6 +210,11 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         "copy_busy": s["copy_busy_s"] / seconds, "cpu_busy": (s["cpu_expert_s"] + s["split_cpu_s"]) / seconds, "stats": s,
     }
     row["gpu_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else "-"
+    row["prefill_tok_s"], row["prefill_mb"] = "-", "-"
+    if pf is not None:  # the prompt pass: each needed expert loaded once and run for all its tokens
+        row["prefill_tok_s"] = long_prompt.numel() / pf[0]
+        row["prefill_mb"] = pf[1]["bytes_copied"] / 1e6
+        row["prefill_stats"] = pf[1]
     return row
 
 
@@ -247,7 +265,7 @@ RUN_COLUMNS = [
     ("ratio_to_bound", "of bound", ".2f"), ("compute_wait_s", "wait s", ".2f"), ("file_reads", "file reads", "d"),
     ("cpu_experts_per_token", "CPU experts/token", ".1f"), ("split_experts_per_token", "split/token", ".1f"),
     ("copy_busy", "copy busy", ".2f"), ("cpu_busy", "CPU busy", ".2f"),
-    ("gpu_peak_gib", "peak GiB", ".2f"),
+    ("gpu_peak_gib", "peak GiB", ".2f"), ("prefill_tok_s", "prefill tok/s", ".4g"), ("prefill_mb", "prefill MB", ".4g"),
 ]
 SIM_COLUMNS = [
     ("slots_per_layer", "slots/layer", "d"), ("policy", "policy", ""), ("prefetch", "prefetch", "d"),
@@ -274,6 +292,8 @@ SIM_COLUMNS = [
 @click.option("--tokens", type=click.IntRange(1), default=32, show_default=True, help="Timed decode steps per run.")
 @click.option("--warmup", type=click.IntRange(0), default=8, show_default=True, help="Untimed decode steps first (fill the cache).")
 @click.option("--prompt-len", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--prefill-len", type=click.IntRange(0), default=0, show_default=True,
+              help="Also time one prompt of this many tokens after each run's decode (0: off; issue #7 uses 512).")
 @click.option("--device", "device_name", default="auto", show_default=True)
 @click.option("--dtype", "dtype_name", default="auto", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("~/.cache/moe-pack/bench"),
@@ -285,7 +305,7 @@ SIM_COLUMNS = [
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="Decode replays a captured CUDA graph per expert slot (runtime.graphs); CUDA only.")
 def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, guess_accuracy, variant_names, cpu_threads, cache_policy,
-        prefetch_layers, tokens, warmup, prompt_len, device_name, dtype_name, cache_dir, seed, simulate, json_path, write_md,
+        prefetch_layers, tokens, warmup, prompt_len, prefill_len, device_name, dtype_name, cache_dir, seed, simulate, json_path, write_md,
         cuda_graphs):
     layers = layers or (4 if tiny else 32)
     if not 0 <= guess_accuracy <= 1:
@@ -306,7 +326,7 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
     bits = int(expert_bits)
     file = bench_file(cache_dir, layers, tiny, bits, seed)
     cfg = file.config
-    ctx = prompt_len + warmup + tokens + 1
+    ctx = max(prompt_len + warmup + tokens + 1, prefill_len)
     host_bytes = None if host_memory is None else parse_size(host_memory, "--host-memory")
     resident = plan_host(file.header, host_bytes, pinned=device.type == "cuda", staging=8)
     reserve = CUDA_RESERVE if device.type == "cuda" else 0
@@ -314,7 +334,7 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
 
     def slots(budget: str, weights: int | None) -> int:
         plan = plan_memory(file.header, parse_size(budget), context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
-                           non_expert=weights, prefill_tokens=prompt_len, fused=fused_kernels(device),
+                           non_expert=weights, prefill_tokens=max(prompt_len, prefill_len), fused=fused_kernels(device),
                            source=str(file.path))
         if weights is not None:
             _log(plan.describe())
@@ -344,6 +364,7 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
         variants += [x for x in (VARIANTS if v == "all" else (v,)) if x not in variants]
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).to(device)
+    long_prompt = torch.randint(0, cfg.vocab_size, (prefill_len,), generator=gen).to(device) if prefill_len else None
     rows = []
     for label, n_slots in configs:
         for r in routings:
@@ -351,7 +372,8 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
                 row = run_one(model, file, host, n_slots=n_slots, variant=v, routing=r, policy=cache_policy,
                               prefetch_layers=prefetch_layers, guess_accuracy=guess_accuracy, prompt=prompt,
                               tokens=tokens, warmup=warmup, seed=seed, bandwidth=bandwidth,
-                              cuda_graphs=None if cuda_graphs else False, cpu_threads=cpu_threads)
+                              cuda_graphs=None if cuda_graphs else False, cpu_threads=cpu_threads,
+                              long_prompt=long_prompt)
                 row.update(budget=label, host=host_memory or "all")
                 rows.append(row)
                 if json_path and json_path != "-":  # results so far survive an interrupted sweep

@@ -92,7 +92,8 @@ has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 
 has 9 && run resident_32 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2 --cuda-graphs on \
   --prompt-len 512 --new-tokens 64 > $OUT/resident_32.jsonl"
 has 9 && run bench_policies 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
-  --routing trace --variant lru --variant hybrid --gpu-memory 8GiB --gpu-memory 12GiB --gpu-memory 16GiB \
+  --routing trace --variant lru --variant prefetch --variant hybrid --gpu-memory 8GiB --gpu-memory 12GiB --gpu-memory 16GiB \
+  --prefill-len 512 \
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_lru_hybrid.json" $BENCH_FLAGS
 has 9 && run bench_lfu 150 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
   --routing trace --variant lru --variant hybrid --cache-policy lfu --gpu-memory 12GiB \

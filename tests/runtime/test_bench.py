@@ -43,6 +43,25 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert cached.stat().st_mtime_ns == mtime
 
 
+def test_bench_times_a_long_prompt_after_decode(tmp_path):
+    """--prefill-len: one prompt of that many tokens after each run's decode, with the cache as
+    decode left it; its copies are counted apart from decode's (issue #7's 512-token figure)."""
+    out = tmp_path / "bench.json"
+    args = ["--tiny", "--layers", "2", "--slots-per-layer", "2", "--tokens", "2", "--warmup", "1", "--prompt-len", "3",
+            "--prefill-len", "20", "--routing", "trace", "--variant", "naive", "--variant", "lru",
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    rs = r["record_size"]
+    for x in r["runs"]:
+        pf = x["prefill_stats"]
+        assert x["prefill_tok_s"] > 0 and pf["tokens"] == 20 * 2  # 20 tokens through 2 layers
+        assert x["prefill_mb"] == pytest.approx(pf["bytes_copied"] / 1e6) and pf["bytes_copied"] == pf["loads"] * rs
+        assert pf["loads"] >= 2  # two slots per layer: most of the prompt's experts must come over
+        assert x["stats"]["uses"] == 2 * 2 * 2  # decode's statistics exclude the prompt pass
+    assert main(args[:-2] + ["--prefill-len", "0"]) == 0  # off: a dash in the table
+
+
 def test_bench_refuses_a_budget_below_the_minimum(tmp_path, capsys):
     rc = main(["--tiny", "--layers", "2", "--gpu-memory", "64KiB", "--cache-dir", str(tmp_path), "--tokens", "1"])
     assert rc == 1
