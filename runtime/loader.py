@@ -16,7 +16,7 @@ from .experts import ExpertBackend, host_tensor, resident_experts
 from .graphs import graphs_supported
 from .model import DecoderLayer, MixtralModel
 from .moe import MoEBlock
-from .qlinear import DenseLinear, make_linear
+from .qlinear import HalfLinear, make_linear
 from .rmsnorm import RMSNorm
 
 BackendFactory = Callable[[MoepackFile, MixtralModel, torch.device, torch.dtype], ExpertBackend]
@@ -79,8 +79,16 @@ def load_model(
             RMSNorm(dense(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps),
             MoEBlock(L, dense(p + "block_sparse_moe.gate.weight"), cfg.num_experts_per_tok),
         ))
-    embed = dense("model.embed_tokens.weight")
-    lm_head = DenseLinear(embed) if cfg.tie_word_embeddings else linear("lm_head.weight")
+    if cfg.tie_word_embeddings:
+        # one matrix for both, never packed (the embedding gathers rows): dense, or on the CPU a
+        # large fp16 one kept fp16 (qlinear.HalfLinear), whose rows the embedding widens, bit
+        # for bit what a dense copy would hold
+        t = file.header.tensor("model.embed_tokens.weight")
+        lm_head = make_linear(raw("model.embed_tokens.weight"), t.shape, t.spec, dtype, dequantize_at_load=True)
+        embed = lm_head.weight16 if isinstance(lm_head, HalfLinear) else lm_head.weight
+    else:
+        embed = dense("model.embed_tokens.weight")
+        lm_head = linear("lm_head.weight")
     model = MixtralModel(
         cfg, embed, layers, RMSNorm(dense("model.norm.weight"), cfg.rms_norm_eps), lm_head,
         ctx if ctx is not None else default_ctx(file), device, dtype,

@@ -96,7 +96,7 @@ class MixtralModel(nn.Module):
                 f"positions {start_pos}..{start_pos + T - 1} do not fit the allocated context of {self.max_ctx} tokens",
                 hint="allocate a longer context (--ctx) or shorten the prompt",
             )
-        h = F.embedding(tokens.to(self.device), self.embed)  # [T, H]
+        h = F.embedding(tokens.to(self.device), self.embed).to(self.dtype)  # [T, H] (embed may be kept fp16)
         if T == 1 and self.use_decode_graphs:
             h = self._decode_step(h, start_pos)
         else:

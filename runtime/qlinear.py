@@ -95,7 +95,12 @@ class HalfLinear(nn.Module):
         return f"{list(self.weight16.shape)}, float16 kept"
 
 
-HALF_CPU_LIMIT = 256 << 20  # widened bytes above which a CPU fp16 matrix stays fp16 (HalfLinear)
+# Widened (float32) bytes above which a CPU fp16 matrix stays fp16 (HalfLinear). One row at a
+# time, the C GEMV over half the bytes wins from ~8 MB up (dev-cpu, 2 threads, 2026-11-23:
+# [2048, 1024] 0.14 vs 0.24 ms, [4096, 1024] 0.24 vs 0.98, SmolLM2's [49152, 576] lm_head
+# 3.2 vs 10.2); at 16 rows the two tie at 16 MB and dense wins below. Decode and the prompt's
+# last row (generate's lm_head) are one row.
+HALF_CPU_LIMIT = 16 << 20
 
 
 def make_linear(raw: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype,

@@ -91,3 +91,30 @@ def test_sliding_window_and_tied_embeddings(tmp_path):
         ref_logits = ref(torch.tensor([PROMPT])).logits[0]
     assert rel_err(model(torch.tensor(PROMPT), 0), ref_logits) < 1e-3
     assert runtime_greedy(model, PROMPT, 12) == reference_greedy(ref, PROMPT, 12)
+    assert model.lm_head.weight.data_ptr() == model.embed.data_ptr()  # one matrix for both
+
+
+def test_tied_embeddings_kept_fp16_on_the_cpu(tmp_path, monkeypatch):
+    """A tied fp16 embedding over qlinear.HALF_CPU_LIMIT: one fp16 matrix serves the lm_head
+    (the C GEMV, when a compiler is there) and the embedding (rows widened): the logits of the
+    dense load to float32 rounding, hence its tokens, and transformers' logits. (Greedy tokens
+    against transformers would test this seed's near-ties, which the dense load flips too.)"""
+    from runtime import qlinear
+    from runtime.cpu_expert import _native
+
+    if _native() is None:
+        pytest.skip("no compiled CPU kernel here")
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=3, shards=1, tie_word_embeddings=True)
+    file = MoepackFile(write_moepack(ckpt, tmp_path / "tied.moepack", RECIPE_4_2))
+    ref = reference_model(ckpt, file)
+    dense, _ = load_model(file, torch.device("cpu"), torch.float32, ctx=64)
+    monkeypatch.setattr(qlinear, "HALF_CPU_LIMIT", 0)
+    model, _ = load_model(file, torch.device("cpu"), torch.float32, ctx=64)
+    assert isinstance(model.lm_head, qlinear.HalfLinear) and model.embed.dtype == torch.float16
+    assert model.lm_head.weight16.data_ptr() == model.embed.data_ptr()
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([PROMPT])).logits[0]
+    logits = model(torch.tensor(PROMPT), 0)
+    assert rel_err(logits, ref_logits) < 1e-3
+    torch.testing.assert_close(logits, dense(torch.tensor(PROMPT), 0), rtol=1e-5, atol=1e-5)
+    assert runtime_greedy(model, PROMPT, 12) == runtime_greedy(dense, PROMPT, 12)
