@@ -165,8 +165,6 @@ class ResidentExperts:
 
     def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
-            if self.graphs is not None:
-                return self._decode_graphed(layer, x, topk_idx, topk_w)
             return self._decode_one(layer, x, topk_idx, topk_w)
         out = torch.zeros_like(x)  # [T, H]
         for e in torch.unique(topk_idx).tolist():
@@ -178,25 +176,20 @@ class ResidentExperts:
         return out
 
     def _decode_one(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        """One token without graphs (the CPU): its k experts in turn. The general path's
-        unique / where / index_add cost ~60 us of host time per layer on dev-cpu, a tenth of a
-        small model's decode step."""
+        """One token: its k experts in turn, by graph replay where graphs were captured. The
+        general path's unique / where / index_add cost ~60 us of host time per layer on
+        dev-cpu, a tenth of a small model's decode step."""
         # x: [1, H]; topk_idx, topk_w: [1, k]
-        out = None
-        for j, e in enumerate(topk_idx[0].tolist()):
-            y = expert_ffn(self.records[layer * self.num_experts + e], self.layout, x, self.dtype)  # [1, H]
-            w = topk_w[:, j:j + 1]  # [1, 1]
-            out = y * w if out is None else out.addcmul_(y, w)
-        self._evals += topk_idx.shape[1]
-        self._tokens += topk_idx.shape[1]
-        return out
-
-    def _decode_graphed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        # x: [1, H]; topk_idx, topk_w: [1, k]
-        self.graphs.set_input(x)
+        if self.graphs is not None:
+            self.graphs.set_input(x)
         out = None
         for j, e in enumerate(topk_idx[0].tolist()):  # the one host sync of the layer
-            y, w = self.graphs.run(layer * self.num_experts + e), topk_w[:, j:j + 1]  # [1, H], [1, 1]
+            row = layer * self.num_experts + e
+            if self.graphs is not None:
+                y = self.graphs.run(row)  # [1, H]
+            else:
+                y = expert_ffn(self.records[row], self.layout, x, self.dtype)  # [1, H]
+            w = topk_w[:, j:j + 1]  # [1, 1]
             # one launch per expert after the first (multiply-add in place): host time, not GPU
             # time, bounds a graphed decode step
             out = y * w if out is None else out.addcmul_(y, w)

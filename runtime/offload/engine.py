@@ -12,9 +12,10 @@ while the compute stream runs experts.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -35,7 +36,7 @@ CPU_CALIBRATION_CALLS = 5  # timed CPU expert calls at start-up (hybrid); the me
 CPU_OBSERVATIONS_KEPT = 256  # the latest CPU expert times kept for the statistics
 
 
-def _summary_ms(seconds: list[float]) -> dict | None:
+def _summary_ms(seconds: Iterable[float]) -> dict | None:
     """count, min, median, max in milliseconds; None for no values."""
     if not seconds:
         return None
@@ -123,10 +124,12 @@ class OffloadedExperts:
         self._w2_scratch: list[QuantLinear] = []  # split experts' w2, copied alone into .raw (hybrid)
         self._w2_free: list = []  # compute that last read each scratch buffer done
         self.cpu_calibration: dict | None = None  # which CPU kernel served, and its timed calls
-        self.cpu_observed: list[float] = []  # CPU expert times in decode, warm-up included (never reset)
+        # the latest CPU expert times in decode, warm-up included (never reset)
+        self.cpu_observed: collections.deque[float] = collections.deque(maxlen=CPU_OBSERVATIONS_KEPT)
         if hybrid:
             self.cost = CostModel(self.layout.record_size,
                                   w2_share=self.layout.matrix("w2").nbytes / self.layout.record_size)
+            self._make_w2_scratch()
             self._calibrate_hybrid()
         self.reset_stats()
 
@@ -227,6 +230,17 @@ class OffloadedExperts:
             self.host.close()
 
     # -- hybrid: copy or compute ---------------------------------------------------------
+    def _make_w2_scratch(self) -> None:
+        """The split's scratch buffers for w2 (top_k, counted in the memory plan), one of them
+        run once now: the first call of a GEMV shape compiles its kernel (seconds), which must
+        land neither in a decode step nor in the CPU's measured time."""
+        m2 = self.layout.matrix("w2")
+        for _ in range(self.top_k):
+            buf = torch.zeros(m2.nbytes, dtype=torch.uint8, device=self.device)
+            self._w2_scratch.append(QuantLinear(buf, m2.shape, m2.spec, self.dtype))  # w2 h, any device
+            self._w2_free.append(NULL_EVENT)
+        self._w2_scratch[0](torch.zeros(1, m2.shape[1], dtype=self.dtype, device=self.device))
+
     def _calibrate_hybrid(self) -> None:
         """Measure one copy and one CPU expert, so the first split is already informed. The CPU
         figure is the median of several calls on a random token: the first decision rests on
@@ -247,15 +261,6 @@ class OffloadedExperts:
             self.slots[0].copy_(src, non_blocking=True)
             torch.cuda.synchronize(self.device)
             self.cost.copy_gbps = src.numel() / max(time.perf_counter() - t, 1e-9) / 1e9
-        # the split's scratch buffers for w2 (top_k, counted in the memory plan), each run once
-        # now: the first call of a GEMV shape compiles its kernel (seconds), which must not
-        # land in a decode step, nor in the CPU's measured time
-        m2 = self.layout.matrix("w2")
-        for _ in range(self.top_k):
-            buf = torch.zeros(m2.nbytes, dtype=torch.uint8, device=self.device)
-            self._w2_scratch.append(QuantLinear(buf, m2.shape, m2.spec, self.dtype))  # w2 h, any device
-            self._w2_free.append(NULL_EVENT)
-        self._w2_scratch[0](torch.zeros(1, m2.shape[1], dtype=self.dtype, device=self.device))
         x = torch.randn(1, self.file.config.hidden_size, generator=torch.Generator().manual_seed(0))
         for _ in range(2):  # loads or compiles the kernel, starts its threads
             cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
@@ -332,7 +337,6 @@ class OffloadedExperts:
         model's running figure alone cannot tell a steady 3 ms from one stalled call."""
         self.cost.observe_cpu(seconds)
         self.cpu_observed.append(seconds)
-        del self.cpu_observed[:-CPU_OBSERVATIONS_KEPT]
 
     def _count_uncached(self, n: int) -> None:
         """Uses and misses of experts the planner never saw (split or computed on the CPU)."""
