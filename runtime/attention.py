@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import KVCache
+from .qlinear import concat_rows
 from .rope import Rotary
 
 
@@ -32,23 +33,64 @@ def attention_mask(T: int, start_pos: int, window: int | None, device: torch.dev
     return allowed
 
 
+class DevicePosition:
+    """One token's position as a device tensor pos [1] (int64) and what attention derives from
+    it: the rotary rows and the mask over the whole allocated cache (per sliding window).
+    Built once per step and shared by every layer (runtime.step_graph), that is ~6 small
+    kernels per layer fewer; key_pos: arange(max_ctx) on the device."""
+
+    def __init__(self, pos: torch.Tensor, key_pos: torch.Tensor, rotary: Rotary):
+        self.pos, self.key_pos = pos, key_pos
+        self.cos, self.sin = rotary.rows(pos)  # [1, 1, D] each
+        self._allowed: dict[int | None, torch.Tensor] = {}
+
+    def allowed(self, window: int | None) -> torch.Tensor:
+        """allowed[s] (True = attend) over the cache's max_ctx keys."""
+        m = self._allowed.get(window)
+        if m is None:
+            m = self.key_pos <= self.pos  # [ctx]
+            if window is not None:
+                m &= self.key_pos > self.pos - window
+            self._allowed[window] = m
+        return m
+
+
 class Attention(nn.Module):
     def __init__(self, layer: int, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module, rotary: Rotary,
                  num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
         super().__init__()
         self.layer = layer
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+        self.qkv_proj: nn.Module | None = None  # q, k and v stacked (fuse_qkv)
         self.rotary = rotary
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.n_rep = num_heads // num_kv_heads
         self.sliding_window = sliding_window
 
+    def fuse_qkv(self) -> bool:
+        """Compute q, k and v with one stacked projection where the three stack
+        (qlinear.concat_rows); the separate ones are dropped. True if fused."""
+        qkv = concat_rows([self.q_proj, self.k_proj, self.v_proj])
+        if qkv is None:
+            return False
+        self.qkv_proj = qkv
+        self.q_proj = self.k_proj = self.v_proj = None
+        return True
+
+    def _qkv(self, x: torch.Tensor, rotate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> q [T, heads, D], k and v [T, kv_heads, D], q and k through `rotate`
+        (stacked: one pass over q's and k's heads together, views of one result)."""
+        T, D, G, H = x.shape[0], self.head_dim, self.num_kv_heads, self.num_heads
+        if self.qkv_proj is None:
+            return rotate(self.q_proj(x).view(T, H, D)), rotate(self.k_proj(x).view(T, G, D)), self.v_proj(x).view(T, G, D)
+        y = self.qkv_proj(x)  # [T, (H + 2G) * D]
+        qk = rotate(y[:, : (H + G) * D].view(T, H + G, D))
+        return qk[:, :H], qk[:, H:], y[:, (H + G) * D:].view(T, G, D)
+
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
         # x: [T, H]
         T, D, G, R = x.shape[0], self.head_dim, self.num_kv_heads, self.n_rep
-        q = self.rotary(self.q_proj(x).view(T, self.num_heads, D), start_pos)  # [T, G*R, D]
-        k = self.rotary(self.k_proj(x).view(T, G, D), start_pos)  # [T, G, D]
-        v = self.v_proj(x).view(T, G, D)
+        q, k, v = self._qkv(x, lambda t: self.rotary(t, start_pos))  # [T, G*R, D], [T, G, D], [T, G, D]
         keys, values = cache.update(self.layer, start_pos, k, v)  # [G, S, D] each
         # query head h uses kv head h // R: stack the R query heads of a group along the
         # sequence axis so each kv head is read once, without repeating the cache
@@ -62,21 +104,16 @@ class Attention(nn.Module):
         out = out.view(G, R, T, D).permute(2, 0, 1, 3).reshape(T, self.num_heads * D)
         return self.o_proj(out)
 
-    def forward_at(self, x: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """forward for one token at the device position pos [1] (int64), attending over the
-        whole allocated cache with a mask: shapes and addresses do not depend on the position,
-        so a CUDA graph of it replays at every step. key_pos: arange(max_ctx) on the device."""
+    def forward_at(self, x: torch.Tensor, at: DevicePosition, cache: KVCache) -> torch.Tensor:
+        """forward for one token at the device position `at`, attending over the whole
+        allocated cache with a mask: shapes and addresses do not depend on the position, so a
+        CUDA graph of it replays at every step."""
         # x: [1, H]
         D, G, R = self.head_dim, self.num_kv_heads, self.n_rep
-        q = self.rotary.at(self.q_proj(x).view(1, self.num_heads, D), pos)  # [1, G*R, D]
-        k = self.rotary.at(self.k_proj(x).view(1, G, D), pos)  # [1, G, D]
-        v = self.v_proj(x).view(1, G, D)
-        keys, values = cache.write_at(self.layer, pos, k, v)  # [G, ctx, D] each
-        q = q.view(G, R, D)  # [G, R, D]: the R query heads of kv head g, as in forward with T = 1
-        allowed = key_pos <= pos  # [ctx]
-        if self.sliding_window is not None:
-            allowed &= key_pos > pos - self.sliding_window
+        q, k, v = self._qkv(x, lambda t: Rotary.apply(t, at.cos, at.sin))  # [1, G*R, D], [1, G, D], [1, G, D]
+        keys, values = cache.write_at(self.layer, at.pos, k, v)  # [G, ctx, D] each
+        q = q.reshape(G, R, D)  # the R query heads of kv head g, as in forward with T = 1
         with sdpa_kernel(_SDPA_BACKENDS):
             out = F.scaled_dot_product_attention(q[None], keys[None], values[None],
-                                                 attn_mask=allowed.expand(R, -1))[0]  # [G, R, D]
+                                                 attn_mask=at.allowed(self.sliding_window).expand(R, -1))[0]  # [G, R, D]
         return self.o_proj(out.reshape(1, self.num_heads * D))

@@ -59,13 +59,32 @@ def bench_config(layers: int, tiny: bool) -> ModelConfig:
                        max_position_embeddings=32768, **shape)
 
 
+# --cuda-graphs mode -> (graphs, device routing): off, eager with the host reading each layer's
+# router choice; layers, a graph per layer and per expert (the host still reads the choice);
+# step, the whole step as one graph with the experts found on the device (runtime.step_graph);
+# on, graphs with the best routing the backend offers
+GRAPH_MODES = {"off": (False, False), "layers": (True, False), "step": (True, True), "on": (True, None)}
+GRAPH_CHOICES = {"off": ["off"], "on": ["on"], "layers": ["layers"], "step": ["step"], "both": ["off", "on"],
+                 "all": ["off", "layers", "step"]}
+
+
+def graph_modes(choices: list[str] | str) -> list[str]:
+    """--cuda-graphs values (each a mode or an alias: both, all) -> the modes, in order, once each."""
+    out: dict[str, None] = {}
+    for c in [choices] if isinstance(choices, str) else choices:
+        out.update(dict.fromkeys(GRAPH_CHOICES[c]))
+    return list(out)
+
+
 def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new_tokens: int, warmup: int,
-            cuda_graphs: bool = False) -> dict:
+            graphs: str = "off") -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    cuda_graphs, routing = GRAPH_MODES[graphs]
     t0 = time.perf_counter()
+    factory = functools.partial(resident_experts, cuda_graphs=cuda_graphs, device_routing=routing)
     model, file = load_model(path, device, dtype, ctx=prompt_len + warmup + new_tokens + 1, cuda_graphs=cuda_graphs,
-                             expert_backend_factory=functools.partial(resident_experts, cuda_graphs=cuda_graphs))
+                             expert_backend_factory=factory)
     synchronize(device)
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
@@ -92,7 +111,7 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
 
 def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: str = "auto", dtype: str = "auto",
               prompt_len: int = 16, new_tokens: int = 32, warmup: int = 3, workdir: Path | None = None,
-              graphs: str = "both") -> list[dict]:
+              graphs: list[str] | str = "both") -> list[dict]:
     """One result dict per recipe (see the module docstring)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -106,9 +125,9 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
             t0 = time.perf_counter()
             write_bench_file(path, cfg, bench_recipe(name), seed=0, progress=not tiny)
             build_s = time.perf_counter() - t0
-            modes = {"off": [False], "on": [True], "both": [False, True]}[graphs] if dev.type == "cuda" else [False]
+            modes = graph_modes(graphs) if dev.type == "cuda" else ["off"]
             for g in modes:
-                r = run_one(path, dev, dt, prompt_len, new_tokens, warmup, cuda_graphs=g)
+                r = run_one(path, dev, dt, prompt_len, new_tokens, warmup, graphs=g)
                 results.append({"recipe": name, "tiny": tiny, "build_s": round(build_s, 1), "cuda_graphs": g, **r})
             path.unlink()
     return results
@@ -124,10 +143,14 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
 @click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write the temporary synthetic file (default: the system temp folder).")
-@click.option("--cuda-graphs", "graphs", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
-              help="Decode with expert graphs (runtime.graphs), without, or both (CUDA only).")
+@click.option("--cuda-graphs", "graphs", type=click.Choice(list(GRAPH_CHOICES)), multiple=True, default=("both",),
+              show_default=True,
+              help="CUDA only, repeatable. off: eager, the host reads each layer's routing; layers: a graph per "
+                   "layer and per expert; step: the whole step as one graph, experts chosen on the device; on: the "
+                   "best the backend offers; both: off and on; all: off, layers and step.")
 def cli(layers, tiny, recipes, device, dtype, prompt_len, new_tokens, workdir, graphs):
-    for r in run_bench(list(recipes), layers, tiny, device, dtype, prompt_len, new_tokens, workdir=workdir, graphs=graphs):
+    for r in run_bench(list(recipes), layers, tiny, device, dtype, prompt_len, new_tokens, workdir=workdir,
+                       graphs=list(graphs)):
         print(json.dumps(r), flush=True)
 
 

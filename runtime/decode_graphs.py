@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import torch
 
+from .attention import DevicePosition
 from .moe import route
 
 
-def segment(layer, h: torch.Tensor, pos: torch.Tensor, key_pos: torch.Tensor, cache) -> tuple[torch.Tensor, ...]:
+def segment(layer, h: torch.Tensor, at: DevicePosition, cache) -> tuple[torch.Tensor, ...]:
     """(h_mid, x, topk_idx, topk_w) of DecoderLayer `layer` for one token: h_mid = h + attention,
     x = post-attention norm of h_mid (the experts' input), and the router's choice for x."""
     # h: [1, H]
-    h_mid = h + layer.attn.forward_at(layer.input_norm(h), pos, key_pos, cache)
+    h_mid = h + layer.attn.forward_at(layer.input_norm(h), at, cache)
     x = layer.post_attn_norm(h_mid)
     topk_idx, topk_w = route(x, layer.moe.router, layer.moe.top_k)
     return h_mid, x, topk_idx, topk_w
@@ -55,9 +56,8 @@ class DecodeGraphs:
     def layer(self, i: int) -> tuple[torch.Tensor, ...]:
         """Run layer i's segment on self.h at self.pos: (h_mid, x, topk_idx, topk_w), valid
         until layer i runs again (next step)."""
-        layer, cache = self.model.layers[i], self.model.cache
         if not self.capturing:  # the CPU: the same code, eagerly (what the tests check)
-            return segment(layer, self.h, self.pos, self.key_pos, cache)
+            return self._segment(i)
         g = self.graphs[i]
         if g is None:
             g = self._capture(i)
@@ -65,17 +65,23 @@ class DecodeGraphs:
         self.replays += 1
         return self.outs[i]
 
+    def _segment(self, i: int) -> tuple[torch.Tensor, ...]:
+        # each layer's graph derives the position's rotary rows and mask itself (a graph per
+        # layer replays alone); the whole-step graph shares them (runtime.step_graph)
+        layer = self.model.layers[i]
+        at = DevicePosition(self.pos, self.key_pos, layer.attn.rotary)
+        return segment(layer, self.h, at, self.model.cache)
+
     def _capture(self, i: int) -> torch.cuda.CUDAGraph:
-        layer, cache = self.model.layers[i], self.model.cache
         cur = torch.cuda.current_stream(self.h.device)
         side = torch.cuda.Stream(self.h.device)
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            segment(layer, self.h, self.pos, self.key_pos, cache)
+            self._segment(i)
         cur.wait_stream(side)
         g = torch.cuda.CUDAGraph()
         # thread_local: the offloading host tier's reader threads may use CUDA meanwhile
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-            self.outs[i] = segment(layer, self.h, self.pos, self.key_pos, cache)
+            self.outs[i] = self._segment(i)
         self.graphs[i] = g
         return g

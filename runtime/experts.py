@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from formats.errors import ConfigError
 from formats.header import ExpertLayout
 from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
 from .graphs import expert_graphs
-from .kernels import fused_expert_ffn, use_fused
+from .kernels import fused_expert_ffn, indexed_expert_ffn, indexed_supported, interpreting, use_fused
 
 
 def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -143,20 +144,35 @@ def load_records(file: MoepackFile, device: torch.device, progress: bool = True)
 
 class ResidentExperts:
     """All expert records on the compute device; each selected expert runs once for all
-    the tokens routed to it."""
+    the tokens routed to it.
+
+    On CUDA one token's experts are found on the device (`routes_on_device`): the kernels
+    read the router's choice from device memory (kernels.indexed_expert_ffn), so nothing
+    waits for the host and the model can capture its whole decode step in one CUDA graph
+    (runtime.step_graph). Otherwise the host reads the choice and replays a graph per
+    expert (runtime.graphs)."""
 
     def __init__(self, file: MoepackFile, device: torch.device, dtype: torch.dtype, progress: bool = True,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, device_routing: bool | None = None):
         self.layout = file.header.expert_layout
         self.num_experts = file.config.num_local_experts
         self.device, self.dtype = torch.device(device), dtype
-        if self.device.type == "cpu":
+        # the CPU maps the file; device routing there is for tests under the Triton interpreter
+        if self.device.type == "cpu" and not (device_routing and interpreting()):
             self.records = MappedRecords(file)  # [L * E] rows of record_size, views of the map
         else:
             self.records = load_records(file, self.device, progress)  # [L * E, record_size]
-        # decode steps replay one captured graph per expert (runtime.graphs); None: on CUDA
-        self.graphs = expert_graphs(self.records, self.layout, dtype, file.config.hidden_size, cuda_graphs)
         x = torch.zeros(1, file.config.hidden_size, dtype=dtype)
+        probe = x.to(self.device)
+        can_route = (isinstance(self.records, torch.Tensor) and use_fused(probe)
+                     and indexed_supported(self.records, self.layout, probe))
+        if device_routing and not can_route:
+            raise ConfigError("device routing needs the experts on a CUDA device with the fused kernels and "
+                              "a layout they cover", hint="leave device_routing unset to choose automatically")
+        self.routes_on_device = can_route if device_routing is None else device_routing
+        # host routing: decode steps replay one captured graph per expert (runtime.graphs); None: on CUDA
+        self.graphs = None if self.routes_on_device else expert_graphs(
+            self.records, self.layout, dtype, file.config.hidden_size, cuda_graphs)
         if len(self.records) and _cpu_kernel_applies(self.records[0], self.layout, x):
             # import numba and load (or compile) its kernels now, at load time, not inside the
             # first prefill
@@ -165,6 +181,9 @@ class ResidentExperts:
 
     def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
+            if self.routes_on_device:
+                self.count(topk_idx.shape[1])
+                return self.forward_routed(layer, x, topk_idx, topk_w)
             return self._decode_one(layer, x, topk_idx, topk_w)
         out = torch.zeros_like(x)  # [T, H]
         for e in torch.unique(topk_idx).tolist():
@@ -174,6 +193,19 @@ class ResidentExperts:
             self._evals += 1
             self._tokens += tok.numel()
         return out
+
+    def forward_routed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """One token (x [1, H]) with its experts chosen on the device: no host sync, so a
+        CUDA graph may capture it (only when routes_on_device). Not counted in the stats:
+        the caller counts (a replayed graph runs no Python)."""
+        # topk_idx, topk_w: [1, k] -> the k record rows of this layer and their weights
+        sel = topk_idx[0] + layer * self.num_experts
+        return indexed_expert_ffn(self.records, sel, topk_w[0], self.layout, x.to(self.dtype)).to(x.dtype)
+
+    def count(self, experts: int) -> None:
+        """Count `experts` one-token expert calls."""
+        self._evals += experts
+        self._tokens += experts
 
     def _decode_one(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """One token: its k experts in turn, by graph replay where graphs were captured. The
@@ -193,14 +225,14 @@ class ResidentExperts:
             # one launch per expert after the first (multiply-add in place): host time, not GPU
             # time, bounds a graphed decode step
             out = y * w if out is None else out.addcmul_(y, w)
-        self._evals += topk_idx.shape[1]
-        self._tokens += topk_idx.shape[1]
+        self.count(topk_idx.shape[1])
         return out.to(x.dtype)
 
     def stats(self) -> dict:
         return {
             "backend": "resident",
-            "cuda_graphs": self.graphs is not None and self.graphs.capturing,
+            "cuda_graphs": self.graphs is not None and self.graphs.capturing,  # per-expert graphs
+            "routes_on_device": self.routes_on_device,
             "resident_bytes": self.records.numel(),
             "expert_evals": self._evals,
             "expert_tokens": self._tokens,
@@ -212,7 +244,7 @@ class ResidentExperts:
 
 
 def resident_experts(file: MoepackFile, model, device: torch.device, dtype: torch.dtype,
-                     cuda_graphs: bool | None = None) -> ResidentExperts:
+                     cuda_graphs: bool | None = None, device_routing: bool | None = None) -> ResidentExperts:
     """The default `expert_backend_factory` of runtime.loader.load_model (functools.partial
-    it to pass cuda_graphs)."""
-    return ResidentExperts(file, device, dtype, cuda_graphs=cuda_graphs)
+    it to pass cuda_graphs or device_routing)."""
+    return ResidentExperts(file, device, dtype, cuda_graphs=cuda_graphs, device_routing=device_routing)

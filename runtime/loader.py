@@ -37,12 +37,14 @@ def load_model(
     dequantize_at_load: bool = False,
     verify_tensors: bool = True,
     cuda_graphs: bool | None = None,
+    fuse_qkv: bool = True,
 ) -> tuple[MixtralModel, MoepackFile]:
     """The model (KV cache for `ctx` positions, default min(max_position_embeddings, 4096))
     and the open file. `expert_backend_factory(file, model, device, dtype)` defaults to
     ResidentExperts; `dequantize_at_load` keeps quantized attention / lm_head weights dense;
-    `cuda_graphs` (None: on CUDA with triton) makes one-token steps replay a graph per layer
-    (runtime.decode_graphs)."""
+    `cuda_graphs` (None: on CUDA with triton) makes one-token steps replay CUDA graphs
+    (runtime.step_graph, runtime.decode_graphs); `fuse_qkv` stacks each layer's q, k and v
+    projections into one where their layouts allow (Attention.fuse_qkv)."""
     file = path_or_file if isinstance(path_or_file, MoepackFile) else MoepackFile(path_or_file)
     cfg, device = file.config, torch.device(device)
     if device.type == "cuda":
@@ -74,6 +76,8 @@ def load_model(
             num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
             sliding_window=cfg.sliding_window,
         )
+        if fuse_qkv:
+            attn.fuse_qkv()
         layers.append(DecoderLayer(
             RMSNorm(dense(p + "input_layernorm.weight"), cfg.rms_norm_eps), attn,
             RMSNorm(dense(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps),

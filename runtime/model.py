@@ -18,6 +18,7 @@ from .kv_cache import KVCache
 from .moe import MoEBlock
 from .rmsnorm import RMSNorm
 from .rope import Rotary
+from .step_graph import StepGraph, step_graph_applies
 
 
 class DecoderLayer(nn.Module):
@@ -41,10 +42,12 @@ class MixtralModel(nn.Module):
         self.norm, self.lm_head = norm, lm_head
         self.experts: ExpertBackend | None = None
         self.cache: KVCache | None = None
-        # one-token steps replay a CUDA graph per layer (runtime.decode_graphs); the loader
+        # one-token steps replay one CUDA graph (runtime.step_graph) when the expert backend
+        # routes on the device, else a graph per layer (runtime.decode_graphs); the loader
         # turns this on for CUDA
         self.use_decode_graphs = False
         self.decode_graphs: DecodeGraphs | None = None
+        self.step_graph: StepGraph | None = None
         self.allocate_context(max_ctx)
 
     @property
@@ -61,6 +64,7 @@ class MixtralModel(nn.Module):
             )
         self.cache = None  # free the old cache before allocating the new one
         self.decode_graphs = None  # captured over the old cache and rotary tables
+        self.step_graph = None
         self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_ctx, self.device, self.dtype)
         rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_ctx, self.device, self.dtype)
         for layer in self.layers:
@@ -96,6 +100,10 @@ class MixtralModel(nn.Module):
                 f"positions {start_pos}..{start_pos + T - 1} do not fit the allocated context of {self.max_ctx} tokens",
                 hint="allocate a longer context (--ctx) or shorten the prompt",
             )
+        if T == 1 and self.use_decode_graphs and step_graph_applies(self):
+            if self.step_graph is None or self.step_graph.experts is not self.experts:  # captured over these
+                self.step_graph = StepGraph(self)
+            return self.step_graph.step(tokens, start_pos)  # [1, V]
         h = F.embedding(tokens.to(self.device), self.embed).to(self.dtype)  # [T, H] (embed may be kept fp16)
         if T == 1 and self.use_decode_graphs:
             h = self._decode_step(h, start_pos)

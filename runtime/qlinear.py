@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formats.qtensor import QuantSpec
+from formats.qtensor import QuantSpec, matrix_layout
 
 from .dequant import component_tensors, dequantize
 from .kernels import qmatmul, use_fused
@@ -116,3 +116,42 @@ def make_linear(raw: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dtyp
         if _native() is not None:
             return HalfLinear(comps["weight"], dtype)
     return DenseLinear(dequantize(comps, shape, spec, dtype))
+
+
+def rows_concatenable(shapes: list[tuple[int, ...]], spec: QuantSpec) -> bool:
+    """Whether matrices of `shapes` (same columns), all in `spec`, stack along their rows into
+    one matrix of that spec by concatenating each component: every component is row-major
+    (bit planes [rows, bytes], scales and zeros in row-major group order), so it does unless
+    8-bit meta groups straddle two matrices (a matrix's group count not a multiple of the
+    meta group size)."""
+    if len(shapes) < 2 or any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
+        return False
+    if not spec.quantized:
+        return True
+    if shapes[0][1] % spec.group_size:
+        return False
+    return spec.meta_bits != 8 or all(s[0] * s[1] // spec.group_size % spec.meta_group_size == 0 for s in shapes)
+
+
+def concat_rows(linears: list[nn.Module]) -> nn.Module | None:
+    """One linear layer computing the given ones' outputs side by side (y = [y_1 | y_2 | ...]),
+    or None when they do not stack (rows_concatenable) or are of different kinds. Why: one
+    launch instead of three for a layer's q, k and v projections (each a latency-bound GEMV
+    at decode, with its own activation permutation and split-K sum on the GPU)."""
+    if all(isinstance(m, DenseLinear) for m in linears):
+        if not rows_concatenable([tuple(m.weight.shape) for m in linears], QuantSpec(16)):
+            return None
+        return DenseLinear(torch.cat([m.weight for m in linears]))
+    if not all(isinstance(m, QuantLinear) for m in linears):
+        return None
+    first = linears[0]
+    if any(m.spec != first.spec or m.dtype != first.dtype or m.raw.device != first.raw.device for m in linears):
+        return None
+    if not rows_concatenable([m.shape for m in linears], first.spec):
+        return None
+    shape = (sum(m.shape[0] for m in linears), first.shape[1])
+    raw = torch.zeros(matrix_layout(shape, first.spec)[1], dtype=torch.uint8, device=first.raw.device)
+    comps = component_tensors(raw, shape, first.spec)
+    for name, c in comps.items():
+        c.view(-1).copy_(torch.cat([m.comps[name].reshape(-1) for m in linears]))
+    return QuantLinear(raw, shape, first.spec, first.dtype)

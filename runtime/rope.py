@@ -29,10 +29,13 @@ class Rotary(nn.Module):
         sin = self.sin_signed[start_pos : start_pos + T, None, :]
         return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
-    def at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """forward for one token whose position is a device tensor pos [1] (int64): the same
-        values, but nothing depends on a host integer, so a CUDA graph can replay it."""
-        # x: [1, heads, D]
-        cos = self.cos.index_select(0, pos)[:, None, :]  # [1, 1, D]
-        sin = self.sin_signed.index_select(0, pos)[:, None, :]
+    def rows(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [1, 1, D] of the device position pos [1] (int64): nothing depends on a
+        host integer, so a CUDA graph can replay it; computed once per step and shared by
+        every layer's q and k (attention.DevicePosition)."""
+        return self.cos.index_select(0, pos)[:, None, :], self.sin_signed.index_select(0, pos)[:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """forward with the rows of `rows`: x [1, heads, D]."""
         return x * cos + x.roll(x.shape[-1] // 2, -1) * sin

@@ -30,6 +30,7 @@ from formats.reader import MoepackFile
 
 from .cli import run_command
 from .dequant import component_tensors, dequantize
+from .qlinear import rows_concatenable
 from .kernels.configs import DEFAULT_SM_COUNT, GemvConfig, GemvProblem, candidate_configs
 from .kernels.qgemv import PREFILL_THRESHOLD, codes_per_word, gemv, gemv_supported, permute_x, unpermute_x
 from .kernels.qgemv import sm_count as device_sm_count  # `sm_count` names an argument below
@@ -103,10 +104,15 @@ def collect_cases(header: Header, tokens: tuple[int, ...]) -> list[TuneCase]:
     of the matrices, then by tokens (deduplicated by shape, spec, tokens and gated; `uses`
     merged; where two uses launch one problem differently, the first one's way is timed)."""
     launches: list[tuple[str, tuple[int, int], QuantSpec, bool, int, bool]] = []
+    stacked = _stacked_qkv(header)  # the loader stacks q, k and v (Attention.fuse_qkv): one launch
     for t in header.tensors:
         short = t.name.split(".")[-2] if t.name.endswith("_proj.weight") else t.name.removesuffix(".weight")
+        if stacked is not None and short in ATTENTION[:3]:
+            continue
         if short in ATTENTION or t.name == "lm_head.weight":
             launches.append((short, t.shape, t.spec, False, 1, False))
+    if stacked is not None:
+        launches.insert(0, ("q+k+v", *stacked, False, 1, False))
     m1, m3, m2 = (header.expert_layout.matrix(n) for n in ("w1", "w3", "w2"))
     w2_fused = _fused(m2.shape, m2.spec)
     if m1.spec == m3.spec and m1.shape == m3.shape:
@@ -127,6 +133,19 @@ def collect_cases(header: Header, tokens: tuple[int, ...]) -> list[TuneCase]:
             else:
                 cases[p] = TuneCase(p, (use,), out_per, follows)
     return list(cases.values())
+
+
+def _stacked_qkv(header: Header) -> tuple[tuple[int, int], QuantSpec] | None:
+    """(shape, spec) of layer 0's stacked q, k, v projection, or None where they do not stack
+    (every layer has the same shapes and recipe)."""
+    try:
+        qkv = [header.tensor(f"model.layers.0.self_attn.{n}.weight") for n in ATTENTION[:3]]
+    except MoepackError:
+        return None
+    shapes = [tuple(t.shape) for t in qkv]
+    if any(t.spec != qkv[0].spec for t in qkv) or not rows_concatenable(shapes, qkv[0].spec):
+        return None
+    return (sum(s[0] for s in shapes), shapes[0][1]), qkv[0].spec
 
 
 def _fused(shape: tuple[int, ...], spec: QuantSpec) -> bool:

@@ -22,9 +22,11 @@
 # and PYTEST_ARGS=tests/runtime/test_offload_cuda.py (232 s), then single bench commands; each
 # call started a fresh machine in ~30 s. The tuned configs now ship with the package
 # (runtime/kernels/data/), so stage 10 is needed only after a kernel or triton change. Next
-# time: STAGES="1 2 3" (tests, kernels, resident), then STAGES="7 9" (the CPU kernel over a
-# 1 GiB record pool plus tools/cpu_diag.py; offload and hybrid, whose JSON now carries the CPU
-# calibration samples and every observed CPU expert time: cpu_calibration, cpu_observed_ms).
+# time: STAGES="1 2 3 6" (tests, including the one-graph step and the indexed kernel on CUDA;
+# kernels with the "indexed x2" and "fused qkv+o" rows; resident off / layers / step; the
+# profile of step vs layers), then STAGES="9" (32 layers resident, layers vs step graphs, then
+# offload and hybrid), then STAGES="7" (the CPU kernel over a 1 GiB record pool plus
+# tools/cpu_diag.py). A stacked q+k+v (6144x4096) has no tuned entry yet: STAGES="10" tunes it.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -71,9 +73,10 @@ for bits in 2 3; do
     --tokens ${TUNE_TOKENS:-1} --rep-ms 20
 done
 has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json" ${KB_FLAGS:-}
-has 6 && run profile_decode 90 bash -c "$PY tools/profile_decode.py --layers 2 --recipe 4/2 && $PY tools/profile_decode.py --layers 2 --recipe fp16"
+has 6 && run profile_decode 120 bash -c "$PY tools/profile_decode.py --layers 2 --recipe 4/2 --cuda-graphs step \
+  && $PY tools/profile_decode.py --layers 2 --recipe 4/2 --cuda-graphs layers && $PY tools/profile_decode.py --layers 2 --recipe fp16"
 has 3 && run baseline_bench ${BASELINE_S:-100} bash -c "$PY -m runtime.baseline_bench --layers 2 ${BASELINE_RECIPES:---recipe 4/2 --recipe fp16} \
-  --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
+  --cuda-graphs all --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
 has 4 && run quantize_gpu 60 $PY -m quantize.measure expert --device cuda --bits 2 --bits 3 --json "$OUT/quantize_gpu.json"
 has 5 && run bench ${BENCH_S:-600} $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-24} --warmup 8 \
   --routing all --variant all $BUDGETS --cache-dir /tmp/moe-pack-bench --json "$OUT/bench.json" --write-md "$OUT/bench.md" $BENCH_FLAGS
@@ -89,7 +92,7 @@ has 7 && run cpu_expert_numba 60 env MOEPACK_CPU_KERNEL=numba $PY tools/cpu_expe
 has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 --routing trace \
   --variant all --gpu-memory 12GiB --host-memory 8GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_streaming.json" $BENCH_FLAGS
 # issue #6's 200 tok/s and 2958 tok/s first: the offload runs below can be cut by the deadline
-has 9 && run resident_32 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2 --cuda-graphs on \
+has 9 && run resident_32 200 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2 --cuda-graphs layers --cuda-graphs step \
   --prompt-len 512 --new-tokens 64 > $OUT/resident_32.jsonl"
 has 9 && run bench_policies 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
   --routing trace --variant lru --variant prefetch --variant hybrid --gpu-memory 8GiB --gpu-memory 12GiB --gpu-memory 16GiB \

@@ -33,7 +33,14 @@ from formats.qtensor import QuantSpec, matrix_layout  # noqa: E402
 from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up  # noqa: E402
 from runtime.dequant import component_tensors, dequantize  # noqa: E402
 from runtime.experts import expert_ffn  # noqa: E402
-from runtime.kernels import fused_expert_ffn, interpreting, qmatmul, use_fused  # noqa: E402
+from runtime.kernels import (  # noqa: E402
+    fused_expert_ffn,
+    indexed_expert_ffn,
+    indexed_supported,
+    interpreting,
+    qmatmul,
+    use_fused,
+)
 from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
 from runtime.kernels.timing import capture_graph, fill_random, random_matrix, rotating  # noqa: E402,F401 (shared with runtime.tune)
 
@@ -187,7 +194,29 @@ def bench_expert(name: str, spec: QuantSpec, shapes: Shapes, device, dtype, time
         base = plain_us.get(t)
         rows.append(Row(case, t, path, us, wbytes, floor, floor / us, base / us if base else None,
                         TARGET_US.get(case) if t == 1 else None, err, cfg))
+    rows += bench_indexed(case, layout, records, shapes, device, dtype, timer, bw, gen)
     return rows
+
+
+def bench_indexed(case: str, layout: ExpertLayout, records: list[torch.Tensor], shapes: Shapes, device, dtype,
+                  timer: Timer, bw: float, gen: torch.Generator, k: int = 2) -> list[Row]:
+    """A token's k experts chosen on the device (kernels.indexed_expert_ffn: two launches for
+    all k, what a resident decode step runs): the time per expert, so it compares with the
+    one-expert row and its target."""
+    if not indexed_supported(torch.stack(records[:1]), layout, torch.zeros(1, shapes.hidden, dtype=dtype, device=device)):
+        return []
+    buf = torch.stack(records)  # [copies, record_size]: each call reads k distinct copies, none in L2
+    n = buf.shape[0]
+    sels = [torch.tensor([(k * i + j) % n for j in range(k)], device=device) for i in range(n)]
+    w = torch.full((k,), 1.0 / k, dtype=dtype, device=device)
+    x = torch.randn(1, shapes.hidden, generator=gen).to(device, dtype)
+    ref = sum(expert_ffn(records[int(r)], layout, x, torch.float32) for r in sels[0].tolist()) / k
+    err = rel_err(indexed_expert_ffn(buf, sels[0], w, layout, x), ref)
+    us = timer.median_us(rotating(lambda i: indexed_expert_ffn(buf, sels[i], w, layout, x), n)) / k
+    wbytes = sum(m.nbytes for m in layout.matrices)
+    floor = wbytes / bw * 1e6
+    return [Row(case, 1, f"indexed x{k}", us, wbytes, floor, floor / us, None, TARGET_US.get(case), err,
+                f"{k} experts per launch, time per expert")]
 
 
 def attention_shapes(shapes: Shapes) -> dict[str, tuple[int, int]]:
@@ -209,10 +238,21 @@ def bench_attention(shapes: Shapes, device, dtype, timer: Timer, bw: float, toke
     def plain(i, x):
         return [F.linear(x, dequantize(layers[i][k], s, ATTN_SPEC, x.dtype)) for k, s in mats.items()]
 
+    # q, k and v stacked into one matrix as the loader does (Attention.fuse_qkv), then o
+    qkv_shape = (shapes.hidden + 2 * shapes.kv, shapes.hidden)
+    stacked = [component_tensors(random_matrix(qkv_shape, ATTN_SPEC, device, gen), qkv_shape, ATTN_SPEC)
+               for _ in range(copies)]
+
+    def fused_qkv(i, x):
+        return [qmatmul(x, stacked[i], qkv_shape, ATTN_SPEC), qmatmul(x, layers[i]["o"], mats["o"], ATTN_SPEC)]
+
     case, rows, floor = "attention 4-bit g64", [], nbytes / bw * 1e6
     x1 = [torch.randn(1, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
     plain_us = timer.median_us(rotating(lambda i: plain(i, x1[i]), copies))
     rows.append(Row(case, 1, "plain", plain_us, nbytes, floor, floor / plain_us))
+    us = timer.median_us(rotating(lambda i: fused_qkv(i, x1[i]), copies))
+    cfg = f"qkv {pick_gemv_config(*qkv_shape, 1, ATTN_SPEC).short()} o {pick_gemv_config(*mats['o'], 1, ATTN_SPEC).short()}"
+    rows.append(Row(case, 1, "fused qkv+o", us, nbytes, floor, floor / us, plain_us / us, TARGET_US[case], None, cfg))
     for t in tokens:
         xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
         err = max(rel_err(a, F.linear(xs[0].float(), dequantize(layers[0][k], s, ATTN_SPEC, torch.float32)))

@@ -11,6 +11,7 @@ what CUDA graphs and fewer launches can win.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -20,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.baseline_bench import bench_config, bench_recipe  # noqa: E402
+from runtime.baseline_bench import GRAPH_MODES, bench_config, bench_recipe  # noqa: E402
+from runtime.experts import resident_experts  # noqa: E402
 from runtime.device import resolve_device, resolve_dtype, synchronize  # noqa: E402
 from runtime.loader import load_model  # noqa: E402
 from runtime.offload.synthfile import write_bench_file  # noqa: E402
@@ -34,6 +36,9 @@ def parse_args(argv, description: str, steps: int) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cuda-graphs", default="on", choices=sorted(GRAPH_MODES),
+                   help="off, layers (a graph per layer and expert), step (one graph per step, experts chosen on "
+                        "the device) or on (the best the backend offers); see runtime.baseline_bench")
     return p.parse_args(argv)
 
 
@@ -43,7 +48,10 @@ def resident_model(args: argparse.Namespace, ctx: int):
     with tempfile.TemporaryDirectory() as tmp:
         path = write_bench_file(Path(tmp) / "p.moepack", bench_config(args.layers, args.tiny),
                                 bench_recipe(args.recipe), progress=False)
-        model, file = load_model(path, dev, resolve_dtype("auto", dev), ctx=ctx)
+        graphs, routing = GRAPH_MODES[getattr(args, "cuda_graphs", "on")]
+        model, file = load_model(path, dev, resolve_dtype("auto", dev), ctx=ctx, cuda_graphs=graphs and None,
+                                 expert_backend_factory=functools.partial(resident_experts, cuda_graphs=graphs and None,
+                                                                          device_routing=routing))
     return model, file, dev
 
 

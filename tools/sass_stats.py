@@ -104,7 +104,7 @@ def compile_case(name: str, tokens: int, config: str | None = None):
     opts = dict(num_warps=kw.pop("num_warps"), num_stages=kw.pop("num_stages"))
     meta = "*u8" if spec.meta_bits == 8 else "*fp16"
     out = "*fp32" if plan.partial else "*fp16"
-    types = {"x_ptr": "*fp16", "out_ptr": out, "out2_ptr": out}
+    types = {"x_ptr": "*fp16", "out_ptr": out, "out2_ptr": out, "sel_ptr": "*i64", "w_ptr": "*fp16"}
     for m in "ab":
         types |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i16", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
                   f"sm{m}_ptr": "*fp32", f"zm{m}_ptr": "*fp32"}

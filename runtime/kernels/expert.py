@@ -17,8 +17,8 @@ from formats.qtensor import QuantSpec
 from ..dequant import _component_plan, component_tensors, typed_view
 from .configs import GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
-from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, _check, sm_count, codes_per_word, gemv, gemv_supported,
-                    launch_plan, qmatmul, run_gemv, unpermute_x)
+from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, Index, _check, codes_per_word, gemv, gemv_supported, launch_plan,
+                    qmatmul, run_gemv, sm_count, unpermute_x)
 
 # A view of one kernel operand inside the record: (dtype, itemsize, byte offset in the
 # record, shape, strides).
@@ -78,29 +78,73 @@ def _decode_plan(layout: ExpertLayout) -> _DecodePlan | None:
                        tuple(dtypes.items()), tuple(views), tuple(args))
 
 
+def _operands(record: torch.Tensor, plan: _DecodePlan) -> tuple[list, list, list]:
+    """The six kernel pointer arguments of w1, w3 and w2 inside `record` (one as_strided
+    call per operand)."""
+    so = record.storage_offset()
+    typed = {dtype: typed_view(record, dtype, itemsize) for dtype, itemsize in plan.dtypes}
+    ops = [typed[dtype].as_strided(shape, strides, (so + off) // itemsize)
+           for dtype, itemsize, off, shape, strides in plan.views]
+    a1, a3, a2 = ([ops[i] for i in a] for a in plan.args)
+    return a1, a3, a2
+
+
+def _usable(record: torch.Tensor, plan: _DecodePlan, x: torch.Tensor) -> bool:
+    """Whether the planned views fit `record` and x suits the kernels (else the general
+    path runs, and raises the errors for bad inputs)."""
+    return (record.dtype == torch.uint8 and record.dim() == 1 and record.numel() >= plan.nbytes
+            and record.storage_offset() % 4 == 0 and record.data_ptr() % 4 == 0 and x.shape[-1] == plan.shape13[1]
+            and x.dtype in ACT_DTYPES and record.device == x.device)
+
+
+def _w2_config(plan: _DecodePlan, t: int, x: torch.Tensor, configs: dict[str, GemvConfig]) -> GemvConfig:
+    # resolved per call, not cached in the plan: the TUNED table may change
+    return configs.get("w2") or pick_gemv_config(*plan.shape2, t, plan.spec2, sm_count=sm_count(x.device))
+
+
 def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
             configs: dict[str, GemvConfig]) -> torch.Tensor | None:
     """The few-token path with its host work cut to the launches and one as_strided call
     per operand: the same kernel arguments as the general path below, or None where that
     path must run (it also raises the errors for bad inputs)."""
     plan = _decode_plan(layout)
-    if plan is None:
+    if plan is None or x.dim() != 2 or not _usable(record, plan, x):
         return None
-    so = record.storage_offset()
-    if (record.dtype != torch.uint8 or record.dim() != 1 or record.numel() < plan.nbytes or so % 4
-            or record.data_ptr() % 4 or x.shape[1] != plan.shape13[1] or x.dtype not in ACT_DTYPES
-            or record.device != x.device):
-        return None
-    typed = {dtype: typed_view(record, dtype, itemsize) for dtype, itemsize in plan.dtypes}
-    ops = [typed[dtype].as_strided(shape, strides, (so + off) // itemsize)
-           for dtype, itemsize, off, shape, strides in plan.views]
-    a1, a3, a2 = ([ops[i] for i in a] for a in plan.args)
-    t = x.shape[0]
-    # configs resolved per call, not cached in the plan: the TUNED table may change
-    cfg2 = configs.get("w2") or pick_gemv_config(*plan.shape2, t, plan.spec2, sm_count=sm_count(x.device))
+    a1, a3, a2 = _operands(record, plan)
+    cfg2 = _w2_config(plan, x.shape[0], x, configs)
     out_per = plan.w2_per if cfg2.permute_x else 1
     h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per))
     return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1))
+
+
+def indexed_supported(records: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
+    """Whether indexed_expert_ffn can run the experts of `records` ([rows, record_size] uint8,
+    contiguous) for activations like x."""
+    plan = _decode_plan(layout)
+    return (plan is not None and records.dim() == 2 and records.is_contiguous() and records.shape[0] > 0
+            and records.shape[1] % 4 == 0 and _usable(records[0], plan, x))
+
+
+def indexed_expert_ffn(records: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, layout: ExpertLayout,
+                       x: torch.Tensor, configs: dict[str, GemvConfig] | None = None) -> torch.Tensor:
+    """sum over e of w[e] * FFN of records[sel[e]] applied to x: one token's MoE output with
+    its experts chosen on the device (sel [E] int64 rows of `records` [rows, record_size]
+    uint8, w [E] router weights, x [T, H]) -> [T, H] in x.dtype. Two launches over all E
+    experts and one sum; nothing waits for the host, so a CUDA graph can hold the whole step.
+    The caller checks indexed_supported first."""
+    configs = configs or {}
+    plan = _decode_plan(layout)
+    a1, a3, a2 = _operands(records[0], plan)
+    e, t = sel.shape[0], x.shape[0]
+    index = Index(sel, w, records.stride(0))
+    cfg2 = _w2_config(plan, t, x, configs)
+    out_per = plan.w2_per if cfg2.permute_x else 1
+    # h [E, T, I], each expert's gated intermediate already times its router weight (w2 is
+    # linear, so its output carries the weight), in the order w2's kernel reads it
+    h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per,
+                                          experts=e), index)
+    return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1,
+                                         experts=e), index)
 
 
 def fused_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, *,

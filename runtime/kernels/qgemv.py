@@ -104,21 +104,24 @@ class GemvLaunch:
     partial: bool  # split-K: fp32 partials [split, T, N] summed after the launch
     out_shape: tuple[int, ...]
     out_per: int  # permute the result for a consumer with this many codes per word
-    grid: tuple[int, int]
-    ints: tuple[int, int]  # n, k (the scalars before x's stride)
-    tail: tuple[int, int]  # the scalars after x's stride
+    grid: tuple[int, ...]
+    ints: tuple[int, int]  # n, k (the scalars before the record stride)
+    tail: tuple[int, int, int]  # the output strides: per K slice, per expert, per token
+    experts: int  # > 0: an indexed launch over this many experts (see run_gemv)
     # the keyword arguments of the launch (constexprs, warps, stages); read-only by convention
     kwargs: dict = field(hash=False, compare=False)
 
 
 @lru_cache(maxsize=1024)
 def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: GemvConfig,
-                 x_permuted: bool, out_per: int) -> GemvLaunch:
+                 x_permuted: bool, out_per: int, experts: int = 0) -> GemvLaunch:
     cfg = config.for_matrix(k, spec)
     per = codes_per_word(spec)
     tiles = _cdiv(_cdiv(k, cfg.block_k), cfg.split_k)  # per K slice
     split = _cdiv(k, tiles * cfg.block_k)
-    partial = split > 1
+    # an indexed w2 (not gated) sums its experts' outputs afterwards: in fp32, as partials
+    partial = split > 1 or (experts > 0 and not gated)
+    e = max(experts, 1)
     if out_per > 1 and n % out_per:
         raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
     constexprs = dict(
@@ -126,15 +129,15 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
         EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
-        ROW_META=row_meta(k, spec, cfg.block_k),
+        ROW_META=row_meta(k, spec, cfg.block_k), INDEXED=experts > 0, SCALED=experts > 0 and gated and not partial,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return GemvLaunch(
         n=n, k=k, gated=gated, per=per, permute=cfg.permute_x and not x_permuted,
         unpermute=x_permuted and not cfg.permute_x, partial=partial,
-        out_shape=(split, t, n) if partial else (t, n), out_per=out_per,
-        grid=(_cdiv(n, cfg.block_n), split), ints=(n, k), tail=(t * n, n),
-        kwargs=constexprs,
+        out_shape=((split,) if partial else ()) + ((experts,) if experts else ()) + (t, n), out_per=out_per,
+        grid=(_cdiv(n, cfg.block_n), split) + ((experts,) if experts else ()), ints=(n, k),
+        tail=(e * t * n, t * n, n), experts=experts, kwargs=constexprs,
     )
 
 
@@ -149,23 +152,44 @@ def row_meta(k: int, spec: QuantSpec, block_k: int) -> bool:
 
 
 def launch_plan(x: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, gated: bool,
-                config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1) -> GemvLaunch:
-    """The launch of x [T, K] times a supported `shape` matrix (two with `gated`): keyed by
-    values only (shape, spec, T, config), never by tensors, so it cannot go stale."""
+                config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1,
+                experts: int = 0) -> GemvLaunch:
+    """The launch of x [T, K] (indexed: [T, K] or [experts, T, K]) times a supported `shape`
+    matrix (two with `gated`): keyed by values only (shape, spec, T, config, experts), never
+    by tensors, so it cannot go stale."""
     n, k = shape
-    t = x.shape[0]
+    t = x.shape[-2]
     if config is None:  # not cached: the TUNED table may change at run time
         if x.is_cuda:
             ensure_loaded(x.device)  # this GPU's tuning cache, once per device (a dict lookup after)
         config = pick_gemv_config(n, k, t, spec, gated, sm_count(x.device))
-    return _launch_plan(n, k, t, spec, gated, config, x_permuted, out_per)
+    return _launch_plan(n, k, t, spec, gated, config, x_permuted, out_per, experts)
 
 
-def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch) -> torch.Tensor:
+@dataclass(frozen=True)
+class Index:
+    """Which records an indexed launch multiplies (see run_gemv): `sel` [E] int64 row numbers
+    of a buffer of records `rs` bytes apart, on the device (chosen there: no host sync), and
+    `w` [E] their router weights; the operand arguments are those of the buffer's row 0."""
+
+    sel: torch.Tensor
+    w: torch.Tensor
+    rs: int
+
+
+def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index | None = None) -> torch.Tensor:
     """Launch qgemv_kernel for x [T, K] and the kernel arguments of one matrix (two when
-    gated, see _gemv_args) as `plan` says; the result as gemv describes it."""
+    gated, see _gemv_args) as `plan` says; the result as gemv describes it.
+
+    Indexed (plan.experts = E, `index` given), for the E experts of one token chosen on the
+    device: gated, x [T, K] is shared and the result is [E, T, N], expert e's
+    silu(A x) * B x times w[e]; not gated, x is [E, T, K] (one input per expert) and the
+    result [T, N] is the sum over the experts."""
     from . import triton_gemv  # triton is imported only when a kernel runs
 
+    lead = x.shape[:-1]
+    if x.dim() == 3:  # [E, T, K]: the permutation works per row
+        x = x.reshape(-1, x.shape[-1])
     if plan.permute:
         x = permute_x(x, plan.per)
     elif plan.unpermute:
@@ -177,14 +201,26 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch) -> torch.Tens
     else:
         out = out2 = _alloc(plan.out_shape, x.dtype, x.device)
     b = args[1] if plan.gated else args[0]
-    triton_gemv.qgemv_kernel[plan.grid](x, out, out2, *args[0], *b, *plan.ints, x.stride(0), *plan.tail, **plan.kwargs)
+    if index is None:
+        sel, w, rs, stride_xe = x, x, 0, 0  # unused pointers: any tensor
+    else:
+        sel, w, rs = index.sel, index.w, index.rs
+        stride_xe = 0 if len(lead) == 1 else lead[-1] * x.stride(0)
+    triton_gemv.qgemv_kernel[plan.grid](x, out, out2, *args[0], *b, sel, w, *plan.ints, rs, x.stride(0), stride_xe,
+                                        *plan.tail, **plan.kwargs)
     if not plan.partial:
         return out
-    y = out.sum(0)  # [T, N] float32
+    if plan.experts and not plan.gated:
+        return out.sum((0, 1)).to(x.dtype)  # [T, N]: every slice of every expert
+    y = out.sum(0)  # [T, N] float32 ([E, T, N] indexed)
     if plan.gated:
         y = F.silu(y) * out2.sum(0)
+        if plan.experts:
+            y = y * index.w.view(-1, 1, 1)
     y = y.to(x.dtype)
-    return permute_x(y, plan.out_per) if plan.out_per > 1 else y
+    if plan.out_per > 1:
+        y = permute_x(y.reshape(-1, y.shape[-1]), plan.out_per).view(y.shape)
+    return y
 
 
 def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int, int], spec: QuantSpec,

@@ -139,25 +139,56 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
 
 
 @triton.jit
+def _row(ptr, row, RS):
+    """ptr, an operand of the expert record in row 0 of a [rows, RS bytes] buffer, moved to
+    the same operand of record `row` (int64: the buffer may span more than 2**31 bytes).
+    Every operand's offset in a record is a multiple of its item size (FORMAT.md), and RS of
+    4096 (record_size), so the element offset is exact."""
+    ESIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    return ptr + row * (RS // ESIZE)
+
+
+@triton.jit
 def qgemv_kernel(
     x_ptr, out_ptr, out2_ptr,
     qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
     qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
-    N, K, stride_xt, stride_os, stride_ot,
+    sel_ptr, w_ptr,
+    N, K, RS, stride_xt, stride_xe, stride_os, stride_oe, stride_ot,
     MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     META8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
-    ROW_META: tl.constexpr = False,
+    ROW_META: tl.constexpr = False, INDEXED: tl.constexpr = False, SCALED: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), split), each program TILES tiles of BLOCK_K columns. Matrix A
     (and B when GATED, same shape and spec) times x [T, K] (X_PERMUTED: [T, PER, K/PER]).
     PARTIAL: write fp32 partial sums of this K slice to out[slice] (and B's to out2[slice]);
     else write A x (or silu(A x) * B x when GATED) to out [T, N], permuted for a consumer
-    with OUT_PER codes per word when OUT_PER > 1 (out[t, (n % OUT_PER) * N/OUT_PER + n / OUT_PER])."""
+    with OUT_PER codes per word when OUT_PER > 1 (out[t, (n % OUT_PER) * N/OUT_PER + n / OUT_PER]).
+
+    INDEXED: a third grid axis over experts, the matrices of program e being those of record
+    row sel[e] of a buffer of records RS bytes apart (the operand pointers are those of row 0),
+    its input x + e * stride_xe and its output out + e * stride_oe: the experts of a token
+    chosen on the device, with no host round trip to learn which (a whole decode step can then
+    be one CUDA graph). SCALED (not PARTIAL): the result of program e times w[e], the router
+    weight, which a linear consumer (w2) then carries into the expert's output."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     BKW: tl.constexpr = BLOCK_K * BL // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if INDEXED:
+        pid_e = tl.program_id(2)
+        row = tl.load(sel_ptr + pid_e).to(tl.int64)
+        qa_ptr, qha_ptr = _row(qa_ptr, row, RS), _row(qha_ptr, row, RS)
+        sa_ptr, sma_ptr = _row(sa_ptr, row, RS), _row(sma_ptr, row, RS)
+        za_ptr, zma_ptr = _row(za_ptr, row, RS), _row(zma_ptr, row, RS)
+        if GATED:
+            qb_ptr, qhb_ptr = _row(qb_ptr, row, RS), _row(qhb_ptr, row, RS)
+            sb_ptr, smb_ptr = _row(sb_ptr, row, RS), _row(smb_ptr, row, RS)
+            zb_ptr, zmb_ptr = _row(zb_ptr, row, RS), _row(zmb_ptr, row, RS)
+        x_ptr += pid_e * stride_xe
+        out_ptr += pid_e * stride_oe
+        out2_ptr += pid_e * stride_oe
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rows < N
     acc_a = tl.full([BT, BLOCK_N, BKW], 0.0, tl.float32)
@@ -189,6 +220,8 @@ def qgemv_kernel(
             # silu(A x) * B x in float32; exp of -|a| cannot overflow
             e = tl.exp(-tl.abs(ya))
             y = ya * tl.where(ya >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) * tl.reduce(acc_b, 2, _add)
+        if SCALED:
+            y = y * tl.load(w_ptr + pid_e).to(tl.float32)
         if OUT_PER > 1:
             cols = (rows % OUT_PER) * (N // OUT_PER) + rows // OUT_PER
         else:

@@ -63,23 +63,26 @@ def _compile(fn, types: dict[str, str], constexprs: dict):
 
 def _gemv_types(bits: int, meta8: bool, act: str) -> dict[str, str]:
     meta = "*u8" if meta8 else "*fp16"
-    t = {"x_ptr": act, "out_ptr": act, "out2_ptr": act}
+    t = {"x_ptr": act, "out_ptr": act, "out2_ptr": act, "sel_ptr": "*i64", "w_ptr": "*fp16"}
     for m in "ab":
         t |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i16", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
               f"sm{m}_ptr": "*fp32", f"zm{m}_ptr": "*fp32"}
     return t
 
 
-@pytest.mark.parametrize("bits,g,meta8,gated,partial,permuted,t,even,row_meta", [
-    (2, 16, True, True, False, True, 1, True, True),
-    (2, 16, True, False, True, True, 1, False, False),
-    (3, 64, True, True, False, True, 2, True, True),
-    (3, 64, False, False, False, False, 4, False, False),
-    (4, 64, True, False, True, True, 8, True, False),
-    (4, 128, False, True, False, False, 1, False, False),
-    (8, 64, True, False, False, False, 3, True, True),
+@pytest.mark.parametrize("bits,g,meta8,gated,partial,permuted,t,even,row_meta,indexed", [
+    (2, 16, True, True, False, True, 1, True, True, False),
+    (2, 16, True, False, True, True, 1, False, False, False),
+    (3, 64, True, True, False, True, 2, True, True, False),
+    (3, 64, False, False, False, False, 4, False, False, False),
+    (4, 64, True, False, True, True, 8, True, False, False),
+    (4, 128, False, True, False, False, 1, False, False, False),
+    (8, 64, True, False, False, False, 3, True, True, False),
+    (2, 16, True, True, False, True, 1, True, True, True),  # indexed w1/w3, scaled by the router weight
+    (3, 64, True, True, True, True, 1, True, True, True),  # indexed gated split-K
+    (2, 16, True, False, True, True, 1, True, True, True),  # indexed w2: partials summed over experts
 ])
-def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t, even, row_meta):
+def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t, even, row_meta, indexed):
     from runtime.kernels.triton_gemv import qgemv_kernel
 
     act = "*fp32" if partial else "*fp16"
@@ -87,7 +90,7 @@ def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t, ev
     k = _compile(qgemv_kernel, _gemv_types(bits, meta8, act) | {"x_ptr": "*fp16"},
                  dict(MG=128 if meta8 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=256,
                       X_PERMUTED=permuted, GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else 16,
-                      EVEN=even, ROW_META=row_meta))
+                      EVEN=even, ROW_META=row_meta, INDEXED=indexed, SCALED=indexed and gated and not partial))
     assert "ld.global" in k.asm["ptx"]
 
 

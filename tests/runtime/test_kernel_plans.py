@@ -48,8 +48,10 @@ def describe(v):
 
 def described(calls):
     """The launches as comparable values: the activations and outputs (fresh tensors each
-    call) by layout only, the packed operands by address too."""
-    return [(grid, [describe(a)[:4] for a in args[:3]] + [describe(a) for a in args[3:]], kwargs)
+    call) and the index pointers (unused, not indexed: the activations again) by layout only,
+    the packed operands by address too."""
+    return [(grid, [describe(a)[:4] for a in args[:3]] + [describe(a) for a in args[3:15]]
+             + [describe(a)[:4] for a in args[15:17]] + [describe(a) for a in args[17:]], kwargs)
             for grid, args, kwargs in calls]
 
 
@@ -78,13 +80,13 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
     partial = split > 1
     b = args[1] if gated else args[0]
     grid = (-(-n // cfg.block_n), split)
-    ints = (n, k, x.stride(0), t * n, n)
+    ints = (n, k, 0, x.stride(0), 0, t * n, t * n, n)  # not indexed: no record stride, one expert
     kwargs = dict(MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
                   META8=spec.meta_bits == 8, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
                   GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
                   EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
                   ROW_META=spec.meta_bits == 8 and cfg.block_k % spec.group_size == 0 and k % cfg.block_k == 0
-                  and spec.meta_group_size % (cfg.block_k // spec.group_size) == 0,
+                  and spec.meta_group_size % (cfg.block_k // spec.group_size) == 0, INDEXED=False, SCALED=False,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = (split, t, n) if partial else (t, n)
     return grid, [describe(a) for a in (*args[0], *b)], ints, kwargs, out_shape, x
@@ -96,7 +98,7 @@ def check_launch(call, ref, t):
     assert grid == rgrid and kwargs == rkwargs
     got = [describe(a) for a in args]
     assert got[3:15] == rptrs  # the packed matrices
-    assert got[15:] == list(rints)
+    assert got[17:] == list(rints)  # after the index's two (unused) pointers
     x, out, out2 = args[:3]
     assert torch.equal(x, xr) and x.is_contiguous() and x.stride() == xr.stride()
     assert tuple(out.shape) == out_shape and tuple(out2.shape) == out_shape

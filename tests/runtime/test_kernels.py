@@ -6,7 +6,6 @@ Without CUDA the kernels run under the Triton interpreter on CPU tensors in floa
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -24,31 +23,12 @@ from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up
 from formats.writer import pack_expert
 from runtime.dequant import component_tensors
 
+from .interpreter import interpreted_kernels, use_interpreter
+
 CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 
-# @triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when triton and the
-# kernel modules are imported, and triton reads it again while launching. Set it for the
-# import and (fixture below) for each test of this module only, so the rest of the session
-# (other test modules whose runtime paths consult runtime.kernels.use_fused) keeps the plain
-# CPU path.
-_saved = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from runtime.kernels import triton_dequant, triton_gemv
-
-    if not CUDA and not isinstance(triton_gemv.qgemv_kernel, InterpretedFunction):
-        triton_gemv = importlib.reload(triton_gemv)  # imported earlier without the interpreter
-        triton_dequant = importlib.reload(triton_dequant)
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+triton_gemv, triton_dequant = interpreted_kernels()  # interpreted without CUDA (tests/runtime/interpreter.py)
 
 from runtime.kernels import (  # noqa: E402
     GemvConfig,
@@ -74,8 +54,7 @@ ACT = {"cpu": (torch.float32, 1e-5), "cuda": (torch.float16, 3e-3)}
 
 @pytest.fixture(autouse=True)
 def _interpreter(monkeypatch):
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter(monkeypatch)
 
 
 def packed(shape, spec, seed):
@@ -326,6 +305,48 @@ def test_fused_expert_ffn(device, spec, hidden, inter, tokens, configs, poison):
     assert rel_err(y, reference_expert(x, ref)) < (tol if device == "cpu" else 1e-2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,tokens,configs", [
+    (QuantSpec(2, 16, 8, 128), 1, None),
+    (QuantSpec(3, 64, 8, 128), 1, {"w13": GemvConfig(16, 64, split_k=2)}),  # gated split-K: scaled after
+    (QuantSpec(4, 32, 16), 2, {"w2": GemvConfig(16, 64, split_k=2, permute_x=False)}),  # h not permuted
+    (QuantSpec(2, 16, 8, 128), 1, {"w2": GemvConfig(16, 128, split_k=1)}),  # w2 without split: partials anyway
+])
+def test_indexed_expert_ffn_is_the_weighted_sum_of_the_chosen_experts(device, spec, tokens, configs, poison):
+    """Experts chosen on the device: each program finds its record from sel, and the result
+    is sum_e w[e] * FFN_sel[e](x), whatever rows sel names (repeated, in any order)."""
+    from runtime.kernels import indexed_expert_ffn, indexed_supported
+
+    dtype, tol = ACT[device]
+    hidden, inter = 64, 128
+    experts = [make_expert(hidden, inter, spec, seed=20 + 3 * i) for i in range(4)]
+    layout = experts[0][0]
+    records = torch.stack([on_device(rec, device) for _, rec, _ in experts])  # [4, record_size]
+    x = (0.1 * torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(3))).to(device, dtype)
+    assert indexed_supported(records, layout, x)
+    for rows, weights in (([2, 0], [0.7, 0.3]), ([3, 3], [0.5, 0.5]), ([1, 3, 0], [0.2, 0.5, 0.3])):
+        sel = torch.tensor(rows, dtype=torch.int64, device=device)
+        w = torch.tensor(weights, dtype=dtype, device=device)
+        y = indexed_expert_ffn(records, sel, w, layout, x, configs)
+        assert y.shape == (tokens, hidden) and y.dtype == dtype
+        ref = sum(wt * reference_expert(x, experts[r][2]) for r, wt in zip(rows, weights))
+        assert rel_err(y, ref) < (tol if device == "cpu" else 1e-2), (rows, weights)
+
+
+def test_indexed_expert_ffn_needs_whole_aligned_records():
+    from runtime.kernels import indexed_supported
+
+    spec = QuantSpec(2, 16, 8, 128)
+    layout, rec, _ = make_expert(64, 128, spec, seed=1)
+    records = torch.stack([on_device(rec, "cpu")] * 2)
+    x = torch.zeros(1, 64)
+    assert indexed_supported(records, layout, x)
+    assert not indexed_supported(records[:, : layout.record_size // 2], layout, x)  # rows too short, not contiguous
+    assert not indexed_supported(records[:0], layout, x)  # no rows
+    assert not indexed_supported(records, layout, torch.zeros(1, 32))  # x of the wrong width
+    assert not indexed_supported(records, layout, x.to(torch.int32))
+
+
 # ------------------------------------------------------------------ dispatch, configs, errors
 
 def test_use_fused_only_on_cuda_or_interpreter(monkeypatch):
@@ -389,7 +410,8 @@ def test_kernel_bench_tiny(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     paths = {(r["case"], r["path"]) for r in doc["rows"]}
     assert {("expert 2-bit g16", "fused"), ("expert 2-bit g16", "dequant+mm"), ("expert 2-bit g16", "plain"),
-            ("attention 4-bit g64", "fused")} <= paths
+            ("expert 2-bit g16", "indexed x2"), ("attention 4-bit g64", "fused"),
+            ("attention 4-bit g64", "fused qkv+o")} <= paths
     for r in doc["rows"]:
         assert r["us"] > 0 and r["bytes_read"] > 0
         if r["rel_err"] is not None:

@@ -351,6 +351,18 @@ def test_collect_cases(tiny_file, tmp_path):
     assert [c.uses for c in plain] == [("q_proj", "o_proj"), ("k_proj", "v_proj"), ("w1+w3",), ("w2",)]
 
 
+def test_collect_cases_times_the_stacked_qkv_the_loader_launches(tmp_path):
+    """With 16-bit meta the tiny q, k, v stack (runtime.qlinear.rows_concatenable): the
+    decode path launches one q+k+v GEMV and no separate q, k or v."""
+    attn = QuantSpec(4, 64, 16)
+    recipe = Recipe({"embeddings": FP16, "attention": attn, "norms": FP16, "router": FP16, "experts": EXPERTS,
+                     "lm_head": FP16})
+    path = write_synthetic(tmp_path / "stacked.moepack", tiny_config(layers=2, experts=4), recipe, seed=0)
+    cases = tune.collect_cases(MoepackFile(path).header, (1,))
+    assert [(c.uses, c.problem.n, c.problem.k) for c in cases] == [
+        (("q+k+v",), 128, 64), (("o_proj",), 64, 64), (("w1+w3",), 128, 64), (("w2",), 64, 128)]
+
+
 def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "runtime.tune", *args], cwd=ROOT, env=env, capture_output=True,

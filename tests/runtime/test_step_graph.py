@@ -1,0 +1,103 @@
+"""A whole decode step with the experts chosen on the device (runtime.step_graph,
+ResidentExperts.routes_on_device). On the CPU the kernels run under the Triton interpreter
+and the step runs eagerly; it must give the tokens and logits of host routing. (CUDA graph
+capture itself is checked by tests/runtime/test_cuda.py.)"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from formats.errors import ConfigError
+from runtime.experts import resident_experts
+from runtime.loader import load_model
+
+from .interpreter import interpreted_kernels, use_interpreter
+from .test_offload_engine import CTX, assert_same, greedy
+from .test_offload_helpers import tiny_file
+
+interpreted_kernels()
+LAYERS = 2
+PROMPT = torch.tensor([5, 17])  # short: the interpreter runs every expert the prompt routes to
+NEW = 3
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    use_interpreter(monkeypatch)
+    if not torch.cuda.is_available():
+        # one program per tiny matrix: the interpreter runs programs one after another, at
+        # seconds per launch with the heuristic's narrow tiles
+        from runtime.kernels import configs
+
+        def whole_matrix(n, k, t, spec, gated=False, sm_count=0):
+            return configs.GemvConfig(block_n=1 << (n - 1).bit_length(), block_k=max(32, 1 << (k - 1).bit_length()))
+
+        monkeypatch.setattr(configs, "_heuristic_config", whole_matrix)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return tiny_file(tmp_path_factory.mktemp("step-graph"), LAYERS, 8)
+
+
+def _load(path, graphs: bool, routing: bool | None):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    factory = functools.partial(resident_experts, device_routing=routing)
+    # dense attention and lm_head: only the experts run the (slow, interpreted) kernels
+    return load_model(path, dev, dtype, ctx=CTX, cuda_graphs=graphs, expert_backend_factory=factory,
+                      dequantize_at_load=True)
+
+
+def _model(path, graphs: bool, routing: bool | None):
+    return _load(path, graphs, routing)[0]
+
+
+def test_device_routed_step_matches_host_routing(tiny_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET", raising=False)  # the reference: host routing on the plain CPU path
+        ref = _model(tiny_path, False, False)
+        want = greedy(ref, PROMPT, NEW)
+    got = _model(tiny_path, True, True)
+    assert got.experts.routes_on_device and not ref.experts.routes_on_device
+    assert_same(want, greedy(got, PROMPT, NEW), tol=1e-3 if ref.device.type == "cpu" else 2e-2)
+    assert got.step_graph is not None and got.decode_graphs is None  # the one-graph step, not per layer
+    # without graphs the one-token forward also routes on the device (no host sync), eagerly
+    eager = _model(tiny_path, False, True)
+    assert_same(want, greedy(eager, PROMPT, NEW), tol=1e-3 if ref.device.type == "cpu" else 2e-2)
+    assert eager.step_graph is None
+
+
+def test_each_step_counts_its_expert_calls(tiny_path):
+    m = _model(tiny_path, True, True)
+    for pos in range(2):
+        m(torch.tensor([7]), pos)
+    k = m.config.num_experts_per_tok
+    assert m.experts.stats()["expert_evals"] == 2 * LAYERS * k
+    assert m.experts.stats()["routes_on_device"] is True
+
+
+def test_new_context_or_backend_drops_the_step_graph(tiny_path):
+    m, file = _load(tiny_path, True, True)
+    m(torch.tensor([7]), 0)
+    assert m.step_graph is not None
+    m.allocate_context(CTX + 8)
+    assert m.step_graph is None
+    m(torch.tensor([7]), 0)
+    assert m.step_graph.key_pos.numel() == CTX + 8
+    graph = m.step_graph
+    m.experts = resident_experts(file, m, m.device, m.dtype, device_routing=True)
+    m(torch.tensor([7]), 0)
+    assert m.step_graph is not graph and m.step_graph.experts is m.experts
+
+
+def test_device_routing_needs_the_kernels(tiny_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the kernels run on CUDA")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="device routing needs"):
+        _model(tiny_path, True, True)
+    assert not _model(tiny_path, True, None).experts.routes_on_device  # auto: host routing on the CPU
