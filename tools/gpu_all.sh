@@ -74,7 +74,7 @@ for bits in 2 3; do
 done
 has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json" ${KB_FLAGS:-}
 has 6 && run profile_decode 120 bash -c "$PY tools/profile_decode.py --layers 2 --recipe 4/2 --cuda-graphs step \
-  && $PY tools/profile_decode.py --layers 2 --recipe 4/2 --cuda-graphs layers && $PY tools/profile_decode.py --layers 2 --recipe fp16"
+  && $PY tools/profile_decode.py --layers 2 --recipe 4/2 --cuda-graphs layers && $PY tools/profile_decode.py --layers 2 --recipe 4/2 --prefill 512"
 has 3 && run baseline_bench ${BASELINE_S:-100} bash -c "$PY -m runtime.baseline_bench --layers 2 ${BASELINE_RECIPES:---recipe 4/2 --recipe fp16} \
   --cuda-graphs all --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
 has 4 && run quantize_gpu 60 $PY -m quantize.measure expert --device cuda --bits 2 --bits 3 --json "$OUT/quantize_gpu.json"

@@ -101,3 +101,18 @@ def test_device_routing_needs_the_kernels(tiny_path, monkeypatch):
     with pytest.raises(ConfigError, match="device routing needs"):
         _model(tiny_path, True, True)
     assert not _model(tiny_path, True, None).experts.routes_on_device  # auto: host routing on the CPU
+
+
+def test_count_decode_ops_tool(monkeypatch, capsys):
+    """tools/count_decode_ops.py: the step graph's layer dispatches fewer ops than a per-layer
+    graph's (the rotary rows and the mask are shared by the layers)."""
+    import re
+    from pathlib import Path
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "tools"))
+    import count_decode_ops
+
+    assert count_decode_ops.main() == 0
+    per_layer, per_step = (int(n) for n in re.findall(r": (\d+) non-view ops", capsys.readouterr().out))
+    assert 0 < per_step < per_layer
