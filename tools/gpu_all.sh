@@ -94,6 +94,9 @@ has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 
 # issue #6's 200 tok/s and 2958 tok/s first: the offload runs below can be cut by the deadline
 has 9 && run resident_32 200 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2 --cuda-graphs layers --cuda-graphs step \
   --prompt-len 512 --new-tokens 64 > $OUT/resident_32.jsonl"
+# the prefill's fused dequantize-GEMM (opt-in until measured) against the line above
+has 9 && run resident_32_fused_gemm 120 bash -c "MOEPACK_PREFILL=fused $PY -m runtime.baseline_bench --layers 32 --recipe 4/2 \
+  --cuda-graphs step --prompt-len 512 --new-tokens 16 > $OUT/resident_32_fused_gemm.jsonl"
 has 9 && run bench_policies 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
   --routing trace --variant lru --variant prefetch --variant hybrid --gpu-memory 8GiB --gpu-memory 12GiB --gpu-memory 16GiB \
   --prefill-len 512 \

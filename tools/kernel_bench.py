@@ -15,7 +15,9 @@ bandwidth, the bandwidth measured with a large device-to-device copy (read + wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,6 +44,7 @@ from runtime.kernels import (  # noqa: E402
     use_fused,
 )
 from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
+from runtime.kernels.prefill import PREFILL_ENV  # noqa: E402
 from runtime.kernels.timing import capture_graph, fill_random, random_matrix, rotating  # noqa: E402,F401 (shared with runtime.tune)
 
 L2_BYTES = 50 << 20  # H100 L2
@@ -195,7 +198,41 @@ def bench_expert(name: str, spec: QuantSpec, shapes: Shapes, device, dtype, time
         rows.append(Row(case, t, path, us, wbytes, floor, floor / us, base / us if base else None,
                         TARGET_US.get(case) if t == 1 else None, err, cfg))
     rows += bench_indexed(case, layout, records, shapes, device, dtype, timer, bw, gen)
+    rows += bench_prefill_paths(case, layout, records, shapes, device, dtype, timer, bw, gen)
     return rows
+
+
+def bench_prefill_paths(case: str, layout: ExpertLayout, records: list[torch.Tensor], shapes: Shapes, device, dtype,
+                        timer: Timer, bw: float, gen: torch.Generator) -> list[Row]:
+    """The many-token path both ways (kernels/prefill.py): W dequantized into scratch + a dense
+    matmul, against the fused dequantize-GEMM (MOEPACK_PREFILL=fused), at a 512-token prompt's
+    tokens per expert (512 * 2 / 8 = 128) and at the whole prompt."""
+    wbytes = sum(m.nbytes for m in layout.matrices)
+    rows = []
+    for t in sorted({shapes.prefill // 4, shapes.prefill}):
+        xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(len(records))]
+        ref = expert_ffn(records[0], layout, xs[0], torch.float32)
+        for mode, path in (("dequant", "dequant+mm"), ("fused", "fused gemm")):
+            with prefill_env(mode):
+                err = rel_err(fused_expert_ffn(records[0], layout, xs[0]), ref)
+                us = timer.median_us(rotating(lambda i: fused_expert_ffn(records[i], layout, xs[i]), len(records)))
+            floor = wbytes / bw * 1e6
+            rows.append(Row(case, t, path, us, wbytes, floor, floor / us, None, None, err,
+                            f"{t / us * 1e6:.0f} tokens/s through one expert"))
+    return rows
+
+
+@contextlib.contextmanager
+def prefill_env(mode: str):
+    old = os.environ.get(PREFILL_ENV)
+    os.environ[PREFILL_ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(PREFILL_ENV, None)
+        else:
+            os.environ[PREFILL_ENV] = old
 
 
 def bench_indexed(case: str, layout: ExpertLayout, records: list[torch.Tensor], shapes: Shapes, device, dtype,

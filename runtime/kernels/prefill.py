@@ -3,6 +3,8 @@ reusable dense scratch buffer, then one dense matmul (tensor cores on the GPU)."
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -107,12 +109,62 @@ def dequantize_triton(comps: dict[str, torch.Tensor], shape: tuple[int, int], sp
     return dequantize_into(comps, shape, spec, torch.empty(shape, dtype=dtype, device=ref.device))
 
 
+# Which many-token path prefill_matmul takes: "dequant" (W into the scratch buffer, then a dense
+# matmul) or "fused" (triton_gemm: W decoded tile by tile in registers, never written). The
+# fused kernel reads ~10x fewer bytes per weight but re-decodes W per tile of tokens; it stays
+# opt-in until the H100 says which wins (tools/kernel_bench.py times both).
+PREFILL_ENV = "MOEPACK_PREFILL"
+PREFILL_MODES = ("dequant", "fused")
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the fused GEMM: 64 is a multiple of every width's codes per word
+GEMM_CONFIG = (64, 64, 64, 4, 2)
+
+
+def prefill_mode() -> str:
+    mode = os.environ.get(PREFILL_ENV, "") or "dequant"
+    if mode not in PREFILL_MODES:
+        raise ConfigError(f"{PREFILL_ENV}={mode!r} is not one of {', '.join(PREFILL_MODES)}",
+                          hint=f"unset {PREFILL_ENV}, or set it to dequant or fused")
+    return mode
+
+
+def fused_gemm(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec,
+               config: tuple[int, int, int, int, int] = GEMM_CONFIG) -> torch.Tensor | None:
+    """x [T, K] @ W.T -> [T, N] in x.dtype by the fused dequantize-GEMM, or None for a layout
+    the word kernels do not cover."""
+    from .triton_gemm import qgemm_kernel  # triton only when a kernel runs
+
+    n, k = shape
+    if not spec.quantized:
+        return None
+    words = _words(comps["q"], comps.get("q_hi", comps["q"]), shape, spec)
+    if words is None or x.dim() != 2 or x.stride(1) != 1:
+        return None
+    bm, bn, bk, warps, stages = config
+    if bk % codes_per_word(spec):
+        return None
+    t = x.shape[0]
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    s, z = comps["scale"], comps["zero"]
+    qgemm_kernel[(_cdiv(t, bm), _cdiv(n, bn))](
+        x, out, *words, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z),
+        t, n, k, x.stride(0), out.stride(0),
+        MG=max(spec.meta_group_size, 1), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_TILES=_cdiv(k, bk), IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
 def prefill_matmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int],
                    spec: QuantSpec) -> torch.Tensor:
-    """x [T, K] @ W.T -> [T, N] in x.dtype, W dequantized into the scratch buffer."""
+    """x [T, K] @ W.T -> [T, N] in x.dtype: W dequantized into the scratch buffer and a dense
+    matmul, or (MOEPACK_PREFILL=fused) the fused dequantize-GEMM."""
     n, k = shape
     if not spec.quantized:
         return F.linear(x, comps["weight"].to(x.dtype))
+    if prefill_mode() == "fused":
+        y = fused_gemm(x, comps, shape, spec)
+        if y is not None:
+            return y
     w = scratch(x.device, x.dtype, n * k).view(n, k)
     dequantize_into(comps, shape, spec, w)
     return F.linear(x, w)

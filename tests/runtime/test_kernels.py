@@ -246,6 +246,46 @@ def test_dequantize_kernel_is_exact(device, spec, shape):
     assert torch.allclose(half.cpu().float(), torch.from_numpy(w).half().float(), rtol=1e-3, atol=1e-3)
 
 
+# the fused dequantize-GEMM (prefill): every width, meta kind, a per-code group case, and
+# shapes whose M, N and K tails the tiles do not cover
+GEMM_CASES = [
+    (QuantSpec(2, 16, 8, 128), (70, 256), 37),
+    (QuantSpec(2, 8, 8, 16), (33, 128), 65),  # groups of 8: two per word, scales per code
+    (QuantSpec(3, 64, 8, 128), (64, 192), 20),
+    (QuantSpec(3, 32, 16), (40, 96), 17),
+    (QuantSpec(4, 64, 8, 256), (96, 320), 64),
+    (QuantSpec(4, 16, 16), (20, 64), 3),
+    (QuantSpec(8, 32, 8, 24), (24, 160), 18),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,shape,tokens", GEMM_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_fused_gemm_matches_dequantize_and_matmul(device, spec, shape, tokens, monkeypatch):
+    """qgemm_kernel decodes the same weights as the dense path (rounded to x's dtype) and
+    multiplies them; MOEPACK_PREFILL=fused sends prefill_matmul there."""
+    dtype, tol = ACT[device]
+    data, w = packed(shape, spec, 7)
+    comps = component_tensors(on_device(data, device), shape, spec)
+    x = (0.1 * torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(4))).to(device, dtype)
+    ref = reference_matmul(x, torch.from_numpy(w).to(dtype).float().numpy())  # W as the dense path rounds it
+    y = prefill.fused_gemm(x, comps, shape, spec, config=(16, 16, 64, 4, 1))
+    assert y.shape == (tokens, shape[0]) and y.dtype == dtype
+    assert rel_err(y, ref) < (tol if device == "cpu" else 2e-3)
+    monkeypatch.setenv(prefill.PREFILL_ENV, "fused")
+    calls = []
+    monkeypatch.setattr(prefill, "fused_gemm", lambda *a, **k: calls.append(1) or y)
+    assert prefill.prefill_matmul(x, comps, shape, spec) is y and calls
+
+
+def test_prefill_mode_is_validated(monkeypatch):
+    monkeypatch.setenv(prefill.PREFILL_ENV, "fast")
+    with pytest.raises(ConfigError, match="MOEPACK_PREFILL='fast'"):
+        prefill.prefill_mode()
+    monkeypatch.setenv(prefill.PREFILL_ENV, "")
+    assert prefill.prefill_mode() == "dequant"
+
+
 def test_dequantize_cases_cover_both_kernels():
     """The word-wise kernel takes the usual layouts, the byte-wise one the rest: the cases
     above run both (a change to the dispatch that sent everything one way would go unseen)."""
@@ -410,7 +450,7 @@ def test_kernel_bench_tiny(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     paths = {(r["case"], r["path"]) for r in doc["rows"]}
     assert {("expert 2-bit g16", "fused"), ("expert 2-bit g16", "dequant+mm"), ("expert 2-bit g16", "plain"),
-            ("expert 2-bit g16", "indexed x2"), ("attention 4-bit g64", "fused"),
+            ("expert 2-bit g16", "indexed x2"), ("expert 2-bit g16", "fused gemm"), ("attention 4-bit g64", "fused"),
             ("attention 4-bit g64", "fused qkv+o")} <= paths
     for r in doc["rows"]:
         assert r["us"] > 0 and r["bytes_read"] > 0
