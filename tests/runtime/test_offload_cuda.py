@@ -154,20 +154,21 @@ def test_cuda_default_budget_and_factory(cuda_tiny):
     model.experts.close()
 
 
-@pytest.mark.parametrize("backend", ["resident", "offload"])
+@pytest.mark.parametrize("backend", ["resident", "resident-step", "offload"])
 def test_cuda_graphs_same_as_eager(cuda_tiny, backend):
-    """Decode steps that replay captured graphs (the dense part of each layer, runtime.decode_graphs,
-    and each expert, runtime.graphs) give the eager path's tokens and logits, with every expert
-    resident and with slots refilled (slowly) under the graphs."""
+    """Decode steps that replay captured graphs give the eager path's tokens and logits: with
+    the host reading the routing, the dense part of each layer (runtime.decode_graphs) and each
+    expert (runtime.graphs), with every expert resident and with slots refilled (slowly) under
+    the graphs; with the experts chosen on the device, the whole step (runtime.step_graph)."""
     import functools
 
     from runtime.experts import resident_experts
 
     path, _ = cuda_tiny
-    if backend == "resident":
+    if backend.startswith("resident"):
         def make(graphs):
-            return load_model(path, "cuda", torch.float32, ctx=CTX, cuda_graphs=graphs,
-                              expert_backend_factory=functools.partial(resident_experts, cuda_graphs=graphs))[0]
+            factory = functools.partial(resident_experts, cuda_graphs=graphs, device_routing=backend == "resident-step")
+            return load_model(path, "cuda", torch.float32, ctx=CTX, cuda_graphs=graphs, expert_backend_factory=factory)[0]
     else:
         def make(graphs):
             m = cuda_offloaded(path, cls=SlowCompute, slow_copies=True, n_slots=2 * LAYERS, prefetch=2,
@@ -175,7 +176,10 @@ def test_cuda_graphs_same_as_eager(cuda_tiny, backend):
             m.use_decode_graphs = graphs
             return m
     eager, graphed = make(False), make(True)
-    assert graphed.experts.stats()["cuda_graphs"] and not eager.experts.stats()["cuda_graphs"]
     assert_same(greedy(eager, PROMPT.cuda()), greedy(graphed, PROMPT.cuda()), tol=1e-4)
+    if backend == "resident-step":
+        assert graphed.step_graph is not None and graphed.step_graph.replays > 0 and graphed.decode_graphs is None
+        return
+    assert graphed.experts.stats()["cuda_graphs"] and not eager.experts.stats()["cuda_graphs"]
     assert graphed.experts.graphs.replays > 0
     assert graphed.decode_graphs.replays > 0 and graphed.decode_graphs.capturing
