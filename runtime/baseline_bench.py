@@ -27,7 +27,7 @@ from formats.qtensor import QuantSpec
 
 from .bench import decode
 from .cli import run_command
-from .device import peak_memory, resolve_device, resolve_dtype, synchronize
+from .device import cuda_memory_breakdown, peak_memory, resolve_device, resolve_dtype, synchronize
 from .experts import resident_experts
 from .loader import load_model
 from .offload.synthfile import write_bench_file
@@ -105,7 +105,8 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
         "decode_tokens": new_tokens, "decode_tok_s": round(new_tokens / decode_s, 3),
         "ms_per_token": round(1e3 * decode_s / new_tokens, 3),
         "ms_per_layer": round(1e3 * decode_s / new_tokens / layers, 3),
-        "peak_memory": {"kind": kind, "bytes": peak}, "backend": model.experts.stats(),
+        "peak_memory": {"kind": kind, "bytes": peak}, "gpu_memory": cuda_memory_breakdown(device),
+        "backend": model.experts.stats(),
     }
 
 

@@ -43,7 +43,7 @@ from formats.qtensor import QuantSpec
 from formats.reader import MoepackFile
 
 from .cli import run_command
-from .device import resolve_device, resolve_dtype, synchronize
+from .device import cuda_memory_breakdown, resolve_device, resolve_dtype, synchronize
 from .loader import load_model
 from .offload.budget import format_size, parse_size, plan_memory
 from .offload.cache import make_cache
@@ -183,10 +183,13 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
     model.experts = backend
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    memory = {"after_setup": cuda_memory_breakdown(device)}  # slots, per-slot graphs, the model
     try:
         seconds, n = decode(model, prompt, tokens, warmup)
         s = backend.stats()
+        memory["after_decode"] = cuda_memory_breakdown(device)
         pf = prefill(model, long_prompt) if long_prompt is not None else None
+        memory["after_prefill"] = cuda_memory_breakdown(device) if pf is not None else None
     finally:
         model.experts = _NoExperts()
         backend.close()
@@ -210,6 +213,7 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         "copy_busy": s["copy_busy_s"] / seconds, "cpu_busy": (s["cpu_expert_s"] + s["split_cpu_s"]) / seconds, "stats": s,
     }
     row["gpu_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else "-"
+    row["gpu_memory"] = memory  # JSON only: where the reserved bytes sit (device.cuda_memory_breakdown)
     row["prefill_tok_s"], row["prefill_mb"] = "-", "-"
     if pf is not None:  # the prompt pass: each needed expert loaded once and run for all its tokens
         row["prefill_tok_s"] = long_prompt.numel() / pf[0]

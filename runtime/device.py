@@ -50,3 +50,31 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so host clocks time it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cuda_memory_breakdown(device: torch.device) -> dict | None:
+    """Where the caching allocator's memory sits on a CUDA device (None elsewhere): reserved and
+    allocated bytes of the default pool and of the CUDA graphs' private pools (capture keeps a
+    pool's segments for replay), and the allocator's peaks. What a memory plan that under-counts
+    is missing (docs/BENCHMARKS.md section 8: ~0.95 GiB)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    pools: dict[str, dict[str, int]] = {}
+    for seg in torch.cuda.memory_snapshot():
+        if seg.get("device", index) != index:
+            continue
+        pool = "default" if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) else "graph pools"
+        p = pools.setdefault(pool, {"segments": 0, "reserved": 0, "allocated": 0, "largest_segment": 0})
+        p["segments"] += 1
+        p["reserved"] += int(seg["total_size"])
+        p["allocated"] += int(seg["allocated_size"])
+        p["largest_segment"] = max(p["largest_segment"], int(seg["total_size"]))
+    stats = torch.cuda.memory_stats(device)
+    return {
+        "pools": pools,
+        "reserved_peak": int(stats.get("reserved_bytes.all.peak", 0)),
+        "allocated_peak": int(stats.get("allocated_bytes.all.peak", 0)),
+        "requested_peak": int(stats.get("requested_bytes.all.peak", 0)),  # before the allocator's rounding
+        "inactive_split": int(stats.get("inactive_split_bytes.all.current", 0)),  # free bytes inside used segments
+    }
