@@ -185,14 +185,32 @@ class ResidentExperts:
                 self.count(topk_idx.shape[1])
                 return self.forward_routed(layer, x, topk_idx, topk_w)
             return self._decode_one(layer, x, topk_idx, topk_w)
-        out = torch.zeros_like(x)  # [T, H]
-        for e in torch.unique(topk_idx).tolist():
-            tok, slot = torch.where(topk_idx == e)  # tokens routed to e, and which of their k choices it is
-            y = expert_ffn(self.records[layer * self.num_experts + e], self.layout, x[tok], self.dtype)
-            out.index_add_(0, tok, y * topk_w[tok, slot, None])
-            self._evals += 1
-            self._tokens += tok.numel()
-        return out
+        return self._prefill(layer, x, topk_idx, topk_w)
+
+    def _prefill(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        """Many tokens: the (token, choice) pairs grouped by expert with one sort and one host
+        sync per layer (the group sizes), each expert run once on its rows. A sync per expert
+        (torch.where) had kept the host from queueing ahead of the GPU."""
+        # x: [T, H]; topk_idx, topk_w: [T, k]
+        t, k = topk_idx.shape
+        flat = topk_idx.reshape(-1)  # [T*k], pair p = token p // k, choice p % k
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order within one
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync
+        xs = x[order // k]  # [T*k, H]: each pair's token
+        ys, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                ys.append(expert_ffn(self.records[layer * self.num_experts + e], self.layout, xs[start:start + n],
+                                     self.dtype))
+                start += n
+                self._evals += 1
+                self._tokens += n
+        y = torch.cat(ys) * topk_w.reshape(-1)[order, None]  # [T*k, H], weighted
+        # back to pair order, then each token's k choices summed: deterministic (an index_add
+        # with repeated tokens runs atomics on CUDA, in no fixed order)
+        pairs = torch.empty_like(y)
+        pairs[order] = y
+        return pairs.view(t, k, -1).sum(1)
 
     def forward_routed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """One token (x [1, H]) with its experts chosen on the device: no host sync, so a
