@@ -21,7 +21,9 @@ from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
 from .graphs import expert_graphs
-from .kernels import fused_expert_ffn, indexed_expert_ffn, indexed_supported, interpreting, use_fused
+from .kernels import (PREFILL_THRESHOLD, fused_expert_ffn, grouped_expert_ffn, indexed_expert_ffn, indexed_supported,
+                      interpreting, use_fused)
+from .kernels.prefill import prefill_mode
 
 
 def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -195,22 +197,37 @@ class ResidentExperts:
         t, k = topk_idx.shape
         flat = topk_idx.reshape(-1)  # [T*k], pair p = token p // k, choice p % k
         order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in token order within one
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
         xs = x[order // k]  # [T*k, H]: each pair's token
-        ys, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                ys.append(expert_ffn(self.records[layer * self.num_experts + e], self.layout, xs[start:start + n],
-                                     self.dtype))
-                start += n
-                self._evals += 1
-                self._tokens += n
-        y = torch.cat(ys) * topk_w.reshape(-1)[order, None]  # [T*k, H], weighted
+        if self._grouped(xs):
+            # every expert of the layer in two launches, the group offsets on the device: no sync
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            y = grouped_expert_ffn(self.records, layer * self.num_experts, offsets, xs.to(self.dtype), self.layout,
+                                   max_rows=t).to(x.dtype)
+            self._pending_counts.append(counts)  # read when stats() is
+            self._tokens += t * k
+        else:
+            ys, start = [], 0
+            for e, n in enumerate(counts.tolist()):  # the one host sync
+                if n:
+                    ys.append(expert_ffn(self.records[layer * self.num_experts + e], self.layout, xs[start:start + n],
+                                         self.dtype))
+                    start += n
+                    self._evals += 1
+                    self._tokens += n
+            y = torch.cat(ys)
+        y = y * topk_w.reshape(-1)[order, None]  # [T*k, H], weighted
         # back to pair order, then each token's k choices summed: deterministic (an index_add
         # with repeated tokens runs atomics on CUDA, in no fixed order)
         pairs = torch.empty_like(y)
         pairs[order] = y
         return pairs.view(t, k, -1).sum(1)
+
+    def _grouped(self, xs: torch.Tensor) -> bool:
+        """Whether a prompt's experts run grouped (kernels.grouped_expert_ffn): the fused
+        prefill is chosen (MOEPACK_PREFILL=fused) and the records are one device buffer the
+        kernels read (the same condition as device routing)."""
+        return self.routes_on_device and prefill_mode() == "fused" and xs.shape[0] > PREFILL_THRESHOLD
 
     def forward_routed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         """One token (x [1, H]) with its experts chosen on the device: no host sync, so a
@@ -247,6 +264,9 @@ class ResidentExperts:
         return out.to(x.dtype)
 
     def stats(self) -> dict:
+        if self._pending_counts:  # grouped prompts: how many experts had rows (one sync, here)
+            self._evals += int(sum((c > 0).sum() for c in self._pending_counts))
+            self._pending_counts.clear()
         return {
             "backend": "resident",
             "cuda_graphs": self.graphs is not None and self.graphs.capturing,  # per-expert graphs
@@ -259,6 +279,7 @@ class ResidentExperts:
     def reset_stats(self) -> None:
         self._evals = 0
         self._tokens = 0
+        self._pending_counts: list[torch.Tensor] = []
 
 
 def resident_experts(file: MoepackFile, model, device: torch.device, dtype: torch.dtype,

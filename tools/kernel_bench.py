@@ -37,6 +37,7 @@ from runtime.dequant import component_tensors, dequantize  # noqa: E402
 from runtime.experts import expert_ffn  # noqa: E402
 from runtime.kernels import (  # noqa: E402
     fused_expert_ffn,
+    grouped_expert_ffn,
     indexed_expert_ffn,
     indexed_supported,
     interpreting,
@@ -219,6 +220,20 @@ def bench_prefill_paths(case: str, layout: ExpertLayout, records: list[torch.Ten
             floor = wbytes / bw * 1e6
             rows.append(Row(case, t, path, us, wbytes, floor, floor / us, None, None, err,
                             f"{t / us * 1e6:.0f} tokens/s through one expert"))
+    # a layer's experts grouped (ResidentExperts under MOEPACK_PREFILL=fused): every expert's
+    # rows in two launches, time per expert
+    t = shapes.prefill // 4
+    buf = torch.stack(records)
+    e = min(8, buf.shape[0])
+    if indexed_supported(buf, layout, torch.zeros(1, shapes.hidden, dtype=dtype, device=device)):
+        xs = torch.randn(e * t, shapes.hidden, generator=gen).to(device, dtype)
+        offsets = torch.arange(0, (e + 1) * t, t, device=device)
+        ref = expert_ffn(records[1], layout, xs[t:2 * t], torch.float32)
+        err = rel_err(grouped_expert_ffn(buf, 0, offsets, xs, layout, t)[t:2 * t], ref)
+        us = timer.median_us(lambda: grouped_expert_ffn(buf, 0, offsets, xs, layout, t)) / e
+        floor = wbytes / bw * 1e6
+        rows.append(Row(case, t, f"grouped x{e}", us, wbytes, floor, floor / us, None, None, err,
+                        f"{e} experts of {t} rows per launch, time per expert"))
     return rows
 
 

@@ -147,6 +147,33 @@ def indexed_expert_ffn(records: torch.Tensor, sel: torch.Tensor, w: torch.Tensor
                                          experts=e), index)
 
 
+def grouped_expert_ffn(records: torch.Tensor, row0: int, offsets: torch.Tensor, xs: torch.Tensor,
+                       layout: ExpertLayout, max_rows: int) -> torch.Tensor:
+    """A layer's experts over a prompt in two launches (kernels/triton_gemm.py, GROUPED): rows
+    offsets[e] .. offsets[e+1] of xs [R, H] (sorted by expert) go through the FFN of record
+    row0 + e of `records` [rows, record_size]; max_rows bounds any expert's row count (the
+    prompt's tokens). offsets [E + 1] int64 stays on the device: nothing waits for the host.
+    -> [R, H] in xs.dtype. The caller checks indexed_supported first."""
+    from .prefill import GEMM_CONFIG, gemm_constexprs
+    from .triton_gemm import qgemm_kernel  # triton only when a kernel runs
+
+    plan = _decode_plan(layout)
+    a1, a3, a2 = _operands(records[0], plan)
+    e = offsets.numel() - 1
+    bm, bn = GEMM_CONFIG[:2]
+    rs = records.stride(0)
+    (i, h), (n2, _) = plan.shape13, plan.shape2
+    mid = torch.empty((xs.shape[0], i), dtype=xs.dtype, device=xs.device)  # silu(w1 x) * w3 x
+    qgemm_kernel[(-(-max_rows // bm), -(-i // bn), e)](
+        xs, mid, *a1, *a3, offsets, row0, rs, max_rows, i, h, xs.stride(0), mid.stride(0),
+        GATED=True, GROUPED=True, **gemm_constexprs(plan.shape13, plan.spec13, xs.dtype))
+    out = torch.empty((xs.shape[0], n2), dtype=xs.dtype, device=xs.device)
+    qgemm_kernel[(-(-max_rows // bm), -(-n2 // bn), e)](
+        mid, out, *a2, *a2, offsets, row0, rs, max_rows, n2, i, mid.stride(0), out.stride(0),
+        GROUPED=True, **gemm_constexprs(plan.shape2, plan.spec2, xs.dtype))
+    return out
+
+
 def fused_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, *,
                      prefill_threshold: int = PREFILL_THRESHOLD,
                      configs: dict[str, GemvConfig] | None = None) -> torch.Tensor:

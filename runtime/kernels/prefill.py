@@ -139,19 +139,27 @@ def fused_gemm(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int
     words = _words(comps["q"], comps.get("q_hi", comps["q"]), shape, spec)
     if words is None or x.dim() != 2 or x.stride(1) != 1:
         return None
-    bm, bn, bk, warps, stages = config
+    bm, bn, bk = config[:3]
     if bk % codes_per_word(spec):
         return None
     t = x.shape[0]
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     s, z = comps["scale"], comps["zero"]
+    args = (*words, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z))
     qgemm_kernel[(_cdiv(t, bm), _cdiv(n, bn))](
-        x, out, *words, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z),
-        t, n, k, x.stride(0), out.stride(0),
-        MG=max(spec.meta_group_size, 1), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_TILES=_cdiv(k, bk), IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        x, out, *args, *args, x, 0, 0, t, n, k, x.stride(0), out.stride(0),
+        **gemm_constexprs(shape, spec, x.dtype, config),
     )
     return out
+
+
+def gemm_constexprs(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype,
+                    config: tuple[int, int, int, int, int] = GEMM_CONFIG) -> dict:
+    """qgemm_kernel's compile-time arguments for a [N, K] matrix of `spec` and x of `dtype`."""
+    bm, bn, bk, warps, stages = config
+    return dict(MG=max(spec.meta_group_size, 1), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_TILES=_cdiv(shape[1], bk), IEEE=dtype == torch.float32,
+                num_warps=warps, num_stages=stages)
 
 
 def prefill_matmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int],

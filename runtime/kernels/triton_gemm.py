@@ -9,6 +9,12 @@ dense path multiplies) and feeds it to tl.dot against a [BLOCK_M, BLOCK_K] tile 
 program re-decodes its W tiles, so the win needs few M tiles per matrix: a prompt's tokens per
 expert, not a batch of thousands.
 
+GATED: two matrices of one shape (an expert's w1 and w3), silu(x A^T) * (x B^T) written.
+GROUPED: a third grid axis over a layer's experts, for the rows of x sorted by expert: program
+e multiplies rows offs[e] .. offs[e+1] by the matrices of record row ROW0 + e of a buffer of
+records RS bytes apart (operand pointers: those of row 0), so a layer's experts are one launch
+per matrix kind with nothing read back to the host (the offsets are computed on the device).
+
 Layouts: those of the word kernels (runtime/kernels/words.py): K % 32 == 0, groups of whole
 words or words of whole groups.
 """
@@ -18,57 +24,103 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _load_meta
+from .triton_gemv import _load_meta, _row
 
 
 @triton.jit
-def qgemm_kernel(
-    x_ptr, out_ptr, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
-    M, N, K, stride_xm, stride_om,
-    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
-    IEEE: tl.constexpr = False,
-):
-    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); x [M, K] and out [M, N] with unit column
-    stride; BLOCK_K a multiple of the codes per word, K_TILES = cdiv(K, BLOCK_K) (a constant
-    trip count: a runtime one breaks the Triton interpreter under numpy >= 2.4). IEEE: float32 x multiplied in full
-    float32 (as torch's matmul does by default), not tf32."""
+def _decode_tile(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw0, N, K, dtype: tl.constexpr,
+                 MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[r, kw0 * PER : kw0 * PER + BLOCK_K] as `dtype` [BLOCK_N, BLOCK_K] (r: [BLOCK_N, 1] rows;
+    zeros outside the matrix)."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // BL
     MASK: tl.constexpr = (1 << BL) - 1
     BW: tl.constexpr = BLOCK_K // PER  # words per row of a tile
     KW = K // PER
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    c = tl.arange(0, PER)[None, None, :]  # [1, 1, PER] code position in a word
+    kw = (kw0 + tl.arange(0, BW))[None, :]  # [1, BW]
+    m2 = (r < N) & (kw < KW)  # [BN, BW]
+    words = tl.load(q_ptr + r * KW + kw, mask=m2, other=0)  # [BN, BW] int32
+    q = (words[:, :, None] >> (c * BL)) & MASK  # [BN, BW, PER]
+    if BITS == 3:
+        hi = tl.load(qh_ptr + r * (K // 16) + kw, mask=m2, other=0).to(tl.int32)
+        q = q | (((hi[:, :, None] >> c) & 1) << 2)
+    if G % PER == 0:  # a word lies in one group
+        gidx = r * (K // G) + (kw * PER) // G  # [BN, BW]
+        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG)[:, :, None]
+        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG)[:, :, None]
+    else:  # several groups per word
+        gidx = r[:, :, None] * (K // G) + (kw[:, :, None] * PER + c) // G  # [BN, BW, PER]
+        m3 = m2[:, :, None]
+        s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG)
+        z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG)
+    w = ((q.to(tl.float32) - z) * s).to(dtype)  # [BN, BW, PER], as the dense path rounds
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))  # column kw * PER + c
+
+
+@triton.jit
+def qgemm_kernel(
+    x_ptr, out_ptr,
+    qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
+    qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
+    offs_ptr, ROW0, RS,
+    M, N, K, stride_xm, stride_om,
+    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+    IEEE: tl.constexpr = False, GATED: tl.constexpr = False, GROUPED: tl.constexpr = False,
+):
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) (GROUPED: M is the most rows one expert has,
+    and a third axis runs the experts); x [rows, K] and out [rows, N] with unit column stride;
+    BLOCK_K a multiple of the codes per word, K_TILES = cdiv(K, BLOCK_K) (a constant trip
+    count: a runtime one breaks the Triton interpreter under numpy >= 2.4). IEEE: float32 x
+    multiplied in full float32 (as torch's matmul does by default), not tf32."""
+    PER: tl.constexpr = 32 // (2 if BITS == 3 else BITS)
+    BW: tl.constexpr = BLOCK_K // PER
+    if GROUPED:
+        e = tl.program_id(2)
+        lo = tl.load(offs_ptr + e)
+        hi = tl.load(offs_ptr + e + 1)
+        row = ROW0 + e.to(tl.int64)
+        qa_ptr, qha_ptr = _row(qa_ptr, row, RS), _row(qha_ptr, row, RS)
+        sa_ptr, sma_ptr = _row(sa_ptr, row, RS), _row(sma_ptr, row, RS)
+        za_ptr, zma_ptr = _row(za_ptr, row, RS), _row(zma_ptr, row, RS)
+        if GATED:
+            qb_ptr, qhb_ptr = _row(qb_ptr, row, RS), _row(qhb_ptr, row, RS)
+            sb_ptr, smb_ptr = _row(sb_ptr, row, RS), _row(smb_ptr, row, RS)
+            zb_ptr, zmb_ptr = _row(zb_ptr, row, RS), _row(zmb_ptr, row, RS)
+    else:
+        lo = 0
+        hi = M
+    rm = lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     r = rn[:, None]  # [BN, 1]
-    c = tl.arange(0, PER)[None, None, :]  # [1, 1, PER] code position in a word
-    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    for i in range(K_TILES):
-        kw0 = i * BW
-        kw = (kw0 + tl.arange(0, BW))[None, :]  # [1, BW]
-        m2 = (r < N) & (kw < KW)  # [BN, BW]
-        words = tl.load(q_ptr + r * KW + kw, mask=m2, other=0)  # [BN, BW] int32
-        q = (words[:, :, None] >> (c * BL)) & MASK  # [BN, BW, PER]
-        if BITS == 3:
-            hi = tl.load(qh_ptr + r * (K // 16) + kw, mask=m2, other=0).to(tl.int32)
-            q = q | (((hi[:, :, None] >> c) & 1) << 2)
-        if G % PER == 0:  # a word lies in one group
-            gidx = r * (K // G) + (kw * PER) // G  # [BN, BW]
-            s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG)[:, :, None]
-            z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG)[:, :, None]
-        else:  # several groups per word
-            gidx = r[:, :, None] * (K // G) + (kw[:, :, None] * PER + c) // G  # [BN, BW, PER]
-            m3 = m2[:, :, None]
-            s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG)
-            z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG)
-        w = ((q.to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty)  # [BN, BW, PER], as the dense path rounds
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))  # column kw * PER + c
-        cols = kw0 * PER + tl.arange(0, BLOCK_K)  # [BK]
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
-                     mask=(rm[:, None] < M) & (cols[None, :] < K), other=0.0)  # [BM, BK]
-        if IEEE:
-            acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(w), acc)
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
+    m_ok = rm < hi  # an expert with fewer rows leaves the tail programs nothing to do
+    acc_a = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    acc_b = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    if tl.max(m_ok.to(tl.int32), 0) > 0:
+        for i in range(K_TILES):
+            kw0 = i * BW
+            cols = kw0 * PER + tl.arange(0, BLOCK_K)  # [BK]
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
+                         mask=m_ok[:, None] & (cols[None, :] < K), other=0.0)  # [BM, BK]
+            wa = _decode_tile(qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr, r, kw0, N, K, x_ptr.dtype.element_ty,
+                              MG, BITS, G, META8, BLOCK_N, BLOCK_K)
+            if IEEE:
+                acc_a = tl.dot(xt, tl.trans(wa), acc_a, input_precision="ieee")
+            else:
+                acc_a = tl.dot(xt, tl.trans(wa), acc_a)
+            if GATED:
+                wb = _decode_tile(qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr, r, kw0, N, K,
+                                  x_ptr.dtype.element_ty, MG, BITS, G, META8, BLOCK_N, BLOCK_K)
+                if IEEE:
+                    acc_b = tl.dot(xt, tl.trans(wb), acc_b, input_precision="ieee")
+                else:
+                    acc_b = tl.dot(xt, tl.trans(wb), acc_b)
+        y = acc_a
+        if GATED:
+            # silu(A x) * B x in float32; exp of -|a| cannot overflow
+            ex = tl.exp(-tl.abs(acc_a))
+            y = acc_a * tl.where(acc_a >= 0, 1.0 / (1.0 + ex), ex / (1.0 + ex)) * acc_b
+        omask = m_ok[:, None] & (rn[None, :] < N)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=omask)

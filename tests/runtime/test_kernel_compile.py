@@ -118,14 +118,14 @@ def test_dequant_words_compiles_for_sm90(bits, g, meta8, even):
     assert "st.global" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("bits,g,meta8", [(2, 16, True), (3, 64, True), (4, 64, False), (2, 8, True)])
-def test_qgemm_compiles_for_sm90_with_tensor_cores(bits, g, meta8):
+@pytest.mark.parametrize("bits,g,meta8,gated,grouped", [
+    (2, 16, True, False, False), (3, 64, True, False, False), (4, 64, False, False, False), (2, 8, True, False, False),
+    (2, 16, True, True, True), (3, 64, True, True, True), (2, 16, True, False, True),  # a layer's experts grouped
+])
+def test_qgemm_compiles_for_sm90_with_tensor_cores(bits, g, meta8, gated, grouped):
     from runtime.kernels.triton_gemm import qgemm_kernel
 
-    meta = "*u8" if meta8 else "*fp16"
-    types = {"x_ptr": "*fp16", "out_ptr": "*fp16", "q_ptr": "*i32", "qh_ptr": "*i16", "s_ptr": meta, "z_ptr": meta,
-             "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
+    types = _gemv_types(bits, meta8, "*fp16") | {"offs_ptr": "*i64"}
     k = _compile(qgemm_kernel, types, dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_M=64, BLOCK_N=64,
-                                           BLOCK_K=64, K_TILES=64))
-    ptx = k.asm["ptx"]
-    assert "mma" in ptx  # tl.dot on the tensor cores (mma.sync or wgmma)
+                                           BLOCK_K=64, K_TILES=64, GATED=gated, GROUPED=grouped))
+    assert "mma" in k.asm["ptx"]  # tl.dot on the tensor cores (mma.sync or wgmma)

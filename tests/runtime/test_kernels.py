@@ -373,6 +373,30 @@ def test_indexed_expert_ffn_is_the_weighted_sum_of_the_chosen_experts(device, sp
         assert rel_err(y, ref) < (tol if device == "cpu" else 1e-2), (rows, weights)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, 8, 128), QuantSpec(3, 64, 8, 128), QuantSpec(4, 32, 16)],
+                         ids=lambda s: s.describe().replace(" ", "_"))
+def test_grouped_expert_ffn_runs_each_block_through_its_expert(device, spec):
+    """A prompt's rows sorted by expert, one launch per matrix kind for all experts: each
+    block (empty ones included) comes out as its expert's FFN; row0 selects the layer."""
+    from runtime.kernels import grouped_expert_ffn
+
+    dtype, tol = ACT[device]
+    hidden, inter = 64, 128
+    experts = [make_expert(hidden, inter, spec, seed=40 + 3 * i) for i in range(6)]
+    layout = experts[0][0]
+    records = torch.stack([on_device(rec, device) for _, rec, _ in experts])  # [6, record_size]
+    counts = [3, 0, 70, 2]  # the 70-row block spans two M tiles; expert 1 has none
+    xs = (0.1 * torch.randn(sum(counts), hidden, generator=torch.Generator().manual_seed(5))).to(device, dtype)
+    offsets = torch.tensor([0, *np.cumsum(counts)], dtype=torch.int64, device=device)
+    y = grouped_expert_ffn(records, 2, offsets, xs, layout, max_rows=max(counts))  # experts 2 .. 5
+    assert y.shape == xs.shape and y.dtype == dtype
+    for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if hi > lo:
+            ref = reference_expert(xs[lo:hi], experts[2 + e][2])
+            assert rel_err(y[lo:hi], ref) < (tol if device == "cpu" else 1e-2), e
+
+
 def test_indexed_expert_ffn_needs_whole_aligned_records():
     from runtime.kernels import indexed_supported
 
@@ -450,8 +474,10 @@ def test_kernel_bench_tiny(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     paths = {(r["case"], r["path"]) for r in doc["rows"]}
     assert {("expert 2-bit g16", "fused"), ("expert 2-bit g16", "dequant+mm"), ("expert 2-bit g16", "plain"),
-            ("expert 2-bit g16", "indexed x2"), ("expert 2-bit g16", "fused gemm"), ("attention 4-bit g64", "fused"),
+            ("expert 2-bit g16", "indexed x2"), ("expert 2-bit g16", "fused gemm"),
+            ("attention 4-bit g64", "fused"),
             ("attention 4-bit g64", "fused qkv+o")} <= paths
+    assert ("expert 2-bit g16", "grouped x2") in paths  # --tiny rotates two records: two experts grouped
     for r in doc["rows"]:
         assert r["us"] > 0 and r["bytes_read"] > 0
         if r["rel_err"] is not None:

@@ -116,3 +116,26 @@ def test_count_decode_ops_tool(monkeypatch, capsys):
     assert count_decode_ops.main() == 0
     per_layer, per_step = (int(n) for n in re.findall(r": (\d+) non-view ops", capsys.readouterr().out))
     assert 0 < per_step < per_layer
+
+
+def test_grouped_prompt_matches_the_per_expert_path(tiny_path, monkeypatch):
+    """MOEPACK_PREFILL=fused with the experts on one device buffer: a prompt's experts run
+    grouped (two launches per layer, no host sync); the logits are those of the per-expert
+    path, and the stats still count each expert that had tokens."""
+    prompt = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 11])  # 20 (token, choice) pairs > 16
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET", raising=False)
+        ref = _model(tiny_path, False, False)
+        want = ref(prompt, 0)
+        want_evals = ref.experts.stats()["expert_evals"]
+    monkeypatch.setenv("MOEPACK_PREFILL", "fused")
+    got = _model(tiny_path, False, True)
+    calls = []
+    import runtime.experts as experts_mod
+
+    real = experts_mod.grouped_expert_ffn
+    monkeypatch.setattr(experts_mod, "grouped_expert_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.testing.assert_close(got(prompt, 0), want, rtol=1e-3, atol=1e-3)
+    assert len(calls) == LAYERS
+    s = got.experts.stats()
+    assert s["expert_evals"] == want_evals and s["expert_tokens"] == LAYERS * prompt.numel() * got.config.num_experts_per_tok
