@@ -92,13 +92,14 @@ def qgemm_kernel(
     else:
         lo = 0
         hi = M
-    rm = lo + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m0 = lo + tl.program_id(0) * BLOCK_M  # the tile's first row
+    rm = m0 + tl.arange(0, BLOCK_M)  # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     r = rn[:, None]  # [BN, 1]
     m_ok = rm < hi  # an expert with fewer rows leaves the tail programs nothing to do
     acc_a = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     acc_b = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    if tl.max(m_ok.to(tl.int32), 0) > 0:
+    if m0 < hi:  # (no tl.max: a jit function of its own, which interpreted kernels cannot call)
         for i in range(K_TILES):
             kw0 = i * BW
             cols = kw0 * PER + tl.arange(0, BLOCK_K)  # [BK]

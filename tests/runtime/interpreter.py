@@ -20,7 +20,8 @@ CUDA = torch.cuda.is_available()
 
 
 def interpreted_kernels():
-    """(triton_gemv, triton_dequant), interpreted when there is no CUDA; skips without triton."""
+    """(triton_gemv, triton_dequant, triton_gemm), interpreted when there is no CUDA; skips
+    without triton."""
     saved = os.environ.get("TRITON_INTERPRET")
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -28,12 +29,15 @@ def interpreted_kernels():
         pytest.importorskip("triton")
         from triton.runtime.interpreter import InterpretedFunction
 
-        from runtime.kernels import triton_dequant, triton_gemv
+        from runtime.kernels import triton_dequant, triton_gemm, triton_gemv
 
-        if not CUDA and not isinstance(triton_gemv.qgemv_kernel, InterpretedFunction):
-            triton_gemv = importlib.reload(triton_gemv)  # imported earlier without the interpreter
-            triton_dequant = importlib.reload(triton_dequant)
-        return triton_gemv, triton_dequant
+        mods = [triton_gemv, triton_dequant, triton_gemm]
+        if not CUDA and not all(isinstance(m, InterpretedFunction) for m in (
+                triton_gemv.qgemv_kernel, triton_dequant.dequant_kernel, triton_gemm.qgemm_kernel)):
+            # imported earlier without the interpreter; triton_gemv first: the others import
+            # its helpers, and must see the interpreted ones
+            mods = [importlib.reload(m) for m in mods]
+        return tuple(mods)
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)

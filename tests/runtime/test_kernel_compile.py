@@ -27,9 +27,10 @@ def _fresh_process() -> bool:
     from triton.runtime.jit import JITFunction
 
     from runtime.kernels.triton_dequant import dequant_kernel
+    from runtime.kernels.triton_gemm import qgemm_kernel
     from runtime.kernels.triton_gemv import qgemv_kernel
 
-    return isinstance(qgemv_kernel, JITFunction) and isinstance(dequant_kernel, JITFunction)
+    return all(isinstance(k, JITFunction) for k in (qgemv_kernel, dequant_kernel, qgemm_kernel))
 
 
 @pytest.fixture(scope="module", autouse=True)
