@@ -135,7 +135,8 @@ def test_grouped_prompt_matches_the_per_expert_path(tiny_path, monkeypatch):
 
     real = experts_mod.grouped_expert_ffn
     monkeypatch.setattr(experts_mod, "grouped_expert_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
-    torch.testing.assert_close(got(prompt, 0), want, rtol=1e-3, atol=1e-3)
+    tol = 1e-3 if got.device.type == "cpu" else 2e-2  # float16 on CUDA
+    torch.testing.assert_close(got(prompt, 0), want, rtol=tol, atol=tol)
     assert len(calls) == LAYERS
     s = got.experts.stats()
     assert s["expert_evals"] == want_evals and s["expert_tokens"] == LAYERS * prompt.numel() * got.config.num_experts_per_tok
