@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _load_meta, _row
+from .triton_gemv import _load_meta, _to_record
 
 
 @triton.jit
@@ -82,13 +82,8 @@ def qgemm_kernel(
         lo = tl.load(offs_ptr + e)
         hi = tl.load(offs_ptr + e + 1)
         row = ROW0 + e.to(tl.int64)
-        qa_ptr, qha_ptr = _row(qa_ptr, row, RS), _row(qha_ptr, row, RS)
-        sa_ptr, sma_ptr = _row(sa_ptr, row, RS), _row(sma_ptr, row, RS)
-        za_ptr, zma_ptr = _row(za_ptr, row, RS), _row(zma_ptr, row, RS)
-        if GATED:
-            qb_ptr, qhb_ptr = _row(qb_ptr, row, RS), _row(qhb_ptr, row, RS)
-            sb_ptr, smb_ptr = _row(sb_ptr, row, RS), _row(smb_ptr, row, RS)
-            zb_ptr, zmb_ptr = _row(zb_ptr, row, RS), _row(zmb_ptr, row, RS)
+        qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr = _to_record(
+            row, RS, GATED, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr)
     else:
         lo = 0
         hi = M

@@ -149,6 +149,17 @@ def _row(ptr, row, RS):
 
 
 @triton.jit
+def _to_record(row, RS, GATED: tl.constexpr, qa, qha, sa, sma, za, zma, qb, qhb, sb, smb, zb, zmb):
+    """The six operand pointers of matrix A (and B when GATED) moved from record 0 to `row`."""
+    qa, qha, sa, sma, za, zma = _row(qa, row, RS), _row(qha, row, RS), _row(sa, row, RS), _row(sma, row, RS), \
+        _row(za, row, RS), _row(zma, row, RS)
+    if GATED:
+        qb, qhb, sb, smb, zb, zmb = _row(qb, row, RS), _row(qhb, row, RS), _row(sb, row, RS), _row(smb, row, RS), \
+            _row(zb, row, RS), _row(zmb, row, RS)
+    return qa, qha, sa, sma, za, zma, qb, qhb, sb, smb, zb, zmb
+
+
+@triton.jit
 def qgemv_kernel(
     x_ptr, out_ptr, out2_ptr,
     qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
@@ -179,13 +190,8 @@ def qgemv_kernel(
     if INDEXED:
         pid_e = tl.program_id(2)
         row = tl.load(sel_ptr + pid_e).to(tl.int64)
-        qa_ptr, qha_ptr = _row(qa_ptr, row, RS), _row(qha_ptr, row, RS)
-        sa_ptr, sma_ptr = _row(sa_ptr, row, RS), _row(sma_ptr, row, RS)
-        za_ptr, zma_ptr = _row(za_ptr, row, RS), _row(zma_ptr, row, RS)
-        if GATED:
-            qb_ptr, qhb_ptr = _row(qb_ptr, row, RS), _row(qhb_ptr, row, RS)
-            sb_ptr, smb_ptr = _row(sb_ptr, row, RS), _row(smb_ptr, row, RS)
-            zb_ptr, zmb_ptr = _row(zb_ptr, row, RS), _row(zmb_ptr, row, RS)
+        qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr = _to_record(
+            row, RS, GATED, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr)
         x_ptr += pid_e * stride_xe
         out_ptr += pid_e * stride_oe
         out2_ptr += pid_e * stride_oe
