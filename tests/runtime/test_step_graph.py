@@ -43,8 +43,14 @@ def tiny_path(tmp_path_factory):
     return tiny_file(tmp_path_factory.mktemp("step-graph"), LAYERS, 8)
 
 
-def _load(path, graphs: bool, routing: bool | None):
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+# on the CPU under the interpreter, on CUDA compiled (and then in `pytest -m cuda`)
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="kernels are compiled for CUDA here")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
+
+
+def _load(path, graphs: bool, routing: bool | None, dev: str = "cpu"):
     dtype = torch.float16 if dev == "cuda" else torch.float32
     factory = functools.partial(resident_experts, device_routing=routing)
     # dense attention and lm_head: only the experts run the (slow, interpreted) kernels
@@ -52,27 +58,29 @@ def _load(path, graphs: bool, routing: bool | None):
                       dequantize_at_load=True)
 
 
-def _model(path, graphs: bool, routing: bool | None):
-    return _load(path, graphs, routing)[0]
+def _model(path, graphs: bool, routing: bool | None, dev: str = "cpu"):
+    return _load(path, graphs, routing, dev)[0]
 
 
-def test_device_routed_step_matches_host_routing(tiny_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_routed_step_matches_host_routing(tiny_path, monkeypatch, device):
     with monkeypatch.context() as m:
         m.delenv("TRITON_INTERPRET", raising=False)  # the reference: host routing on the plain CPU path
-        ref = _model(tiny_path, False, False)
+        ref = _model(tiny_path, False, False, device)
         want = greedy(ref, PROMPT, NEW)
-    got = _model(tiny_path, True, True)
+    got = _model(tiny_path, True, True, device)
     assert got.experts.routes_on_device and not ref.experts.routes_on_device
     assert_same(want, greedy(got, PROMPT, NEW), tol=1e-3 if ref.device.type == "cpu" else 2e-2)
     assert got.step_graph is not None and got.decode_graphs is None  # the one-graph step, not per layer
     # without graphs the one-token forward also routes on the device (no host sync), eagerly
-    eager = _model(tiny_path, False, True)
+    eager = _model(tiny_path, False, True, device)
     assert_same(want, greedy(eager, PROMPT, NEW), tol=1e-3 if ref.device.type == "cpu" else 2e-2)
     assert eager.step_graph is None
 
 
-def test_each_step_counts_its_expert_calls(tiny_path):
-    m = _model(tiny_path, True, True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_step_counts_its_expert_calls(tiny_path, device):
+    m = _model(tiny_path, True, True, device)
     for pos in range(2):
         m(torch.tensor([7]), pos)
     k = m.config.num_experts_per_tok
@@ -80,8 +88,9 @@ def test_each_step_counts_its_expert_calls(tiny_path):
     assert m.experts.stats()["routes_on_device"] is True
 
 
-def test_new_context_or_backend_drops_the_step_graph(tiny_path):
-    m, file = _load(tiny_path, True, True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_new_context_or_backend_drops_the_step_graph(tiny_path, device):
+    m, file = _load(tiny_path, True, True, device)
     m(torch.tensor([7]), 0)
     assert m.step_graph is not None
     m.allocate_context(CTX + 8)
@@ -118,18 +127,19 @@ def test_count_decode_ops_tool(monkeypatch, capsys):
     assert 0 < per_step < per_layer
 
 
-def test_grouped_prompt_matches_the_per_expert_path(tiny_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_prompt_matches_the_per_expert_path(tiny_path, monkeypatch, device):
     """MOEPACK_PREFILL=fused with the experts on one device buffer: a prompt's experts run
     grouped (two launches per layer, no host sync); the logits are those of the per-expert
     path, and the stats still count each expert that had tokens."""
     prompt = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 11])  # 20 (token, choice) pairs > 16
     with monkeypatch.context() as m:
         m.delenv("TRITON_INTERPRET", raising=False)
-        ref = _model(tiny_path, False, False)
+        ref = _model(tiny_path, False, False, device)
         want = ref(prompt, 0)
         want_evals = ref.experts.stats()["expert_evals"]
     monkeypatch.setenv("MOEPACK_PREFILL", "fused")
-    got = _model(tiny_path, False, True)
+    got = _model(tiny_path, False, True, device)
     calls = []
     import runtime.experts as experts_mod
 
