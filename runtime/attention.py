@@ -35,9 +35,10 @@ def attention_mask(T: int, start_pos: int, window: int | None, device: torch.dev
 
 class DevicePosition:
     """One token's position as a device tensor pos [1] (int64) and what attention derives from
-    it: the rotary rows and the mask over the whole allocated cache (per sliding window).
+    it: the rotary rows and the mask over the cache positions attended (per sliding window).
     Built once per step and shared by every layer (runtime.step_graph), that is ~6 small
-    kernels per layer fewer; key_pos: arange(max_ctx) on the device."""
+    kernels per layer fewer; key_pos: arange(n) on the device, the first n positions of the
+    cache attended over (n > pos)."""
 
     def __init__(self, pos: torch.Tensor, key_pos: torch.Tensor, rotary: Rotary):
         self.pos, self.key_pos = pos, key_pos
@@ -105,13 +106,15 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
     def forward_at(self, x: torch.Tensor, at: DevicePosition, cache: KVCache) -> torch.Tensor:
-        """forward for one token at the device position `at`, attending over the whole
-        allocated cache with a mask: shapes and addresses do not depend on the position, so a
-        CUDA graph of it replays at every step."""
+        """forward for one token at the device position `at`, attending over the first
+        at.key_pos.numel() cache positions with a mask: shapes and addresses do not depend on
+        the position, so a CUDA graph of it replays at every step that attends as many."""
         # x: [1, H]
         D, G, R = self.head_dim, self.num_kv_heads, self.n_rep
         q, k, v = self._qkv(x, lambda t: Rotary.apply(t, at.cos, at.sin))  # [1, G*R, D], [1, G, D], [1, G, D]
         keys, values = cache.write_at(self.layer, at.pos, k, v)  # [G, ctx, D] each
+        n = at.key_pos.numel()  # the positions attended over (runtime.step_graph.key_bucket)
+        keys, values = keys[:, :n], values[:, :n]
         q = q.reshape(G, R, D)  # the R query heads of kv head g, as in forward with T = 1
         with sdpa_kernel(_SDPA_BACKENDS):
             out = F.scaled_dot_product_attention(q[None], keys[None], values[None],

@@ -31,8 +31,21 @@ def step_graph_applies(model) -> bool:
     return bool(getattr(model.experts, "routes_on_device", False))
 
 
+# The smallest number of cache positions a step attends over (the buckets double from here).
+MIN_KEYS = 256
+
+
+def key_bucket(pos: int, max_ctx: int) -> int:
+    """How many cache positions a step at `pos` attends over: the next power of two above
+    pos, at least MIN_KEYS, at most the allocated context. Attending over the whole cache
+    (a mask hides the positions not written yet) would read all of it at every step: ~16 MB
+    of keys and values per Mixtral layer at the default 4096, whatever the position."""
+    return min(max(MIN_KEYS, 1 << pos.bit_length()), max_ctx)
+
+
 class StepGraph:
-    """step(token [1] int64, position) -> float32 logits [1, V] of the whole model."""
+    """step(token [1] int64, position) -> float32 logits [1, V] of the whole model: one graph
+    per key bucket (key_bucket), captured when a step first reaches it."""
 
     def __init__(self, model):
         dev = model.device
@@ -41,14 +54,17 @@ class StepGraph:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.key_pos = torch.arange(model.max_ctx, device=dev)
         self.capturing = dev.type == "cuda"
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None  # the graph's output, overwritten by each replay
+        # bucket -> (graph, its logits output, overwritten by each replay); the graphs share one
+        # memory pool: they never run at the same time
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capturing else None
         self.replays = 0
 
-    def _body(self) -> torch.Tensor:
+    def _body(self, keys: int) -> torch.Tensor:
         m = self.model
         h = F.embedding(self.token, m.embed).to(m.dtype)  # [1, H]
-        at = DevicePosition(self.pos, self.key_pos, m.layers[0].attn.rotary)  # one rotary table for all layers
+        # one rotary table for all layers, and attention over the first `keys` cache positions
+        at = DevicePosition(self.pos, self.key_pos[:keys], m.layers[0].attn.rotary)
         for layer in m.layers:
             h_mid, x, topk_idx, topk_w = segment(layer, h, at, m.cache)
             h = h_mid + self.experts.forward_routed(layer.moe.layer, x, topk_idx, topk_w)
@@ -60,23 +76,25 @@ class StepGraph:
         self.pos.fill_(start_pos)
         # counted here, not by forward_routed: a replayed graph runs no Python
         self.experts.count(len(self.model.layers) * self.model.config.num_experts_per_tok)
+        keys = key_bucket(start_pos, self.key_pos.numel())
         if not self.capturing:
-            return self._body()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+            return self._body(keys)
+        if keys not in self.graphs:
+            self.graphs[keys] = self._capture(keys)
+        graph, logits = self.graphs[keys]
+        graph.replay()
         self.replays += 1
-        return self.logits.clone()  # callers may keep logits past the next step
+        return logits.clone()  # callers may keep logits past the next step
 
-    def _capture(self) -> None:
+    def _capture(self, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         dev = self.token.device
         cur = torch.cuda.current_stream(dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            self._body()
+            self._body(keys)
         cur.wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, capture_error_mode="thread_local"):
-            self.logits = self._body()
-        self.graph = g
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+            logits = self._body(keys)
+        return g, logits

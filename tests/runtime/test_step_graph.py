@@ -150,3 +150,29 @@ def test_grouped_prompt_matches_the_per_expert_path(tiny_path, monkeypatch, devi
     assert len(calls) == LAYERS
     s = got.experts.stats()
     assert s["expert_evals"] == want_evals and s["expert_tokens"] == LAYERS * prompt.numel() * got.config.num_experts_per_tok
+
+
+def test_key_buckets():
+    from runtime.step_graph import MIN_KEYS, key_bucket
+
+    assert key_bucket(0, 4096) == MIN_KEYS == 256
+    assert [key_bucket(p, 4096) for p in (255, 256, 511, 512, 3000, 4095)] == [256, 512, 512, 1024, 4096, 4096]
+    assert key_bucket(100, 64) == 64  # never past the allocated context
+    for p in range(0, 5000, 7):
+        assert key_bucket(p, 8192) > p  # the position itself is always attended
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_across_key_buckets_match_host_routing(tiny_path, monkeypatch, device):
+    """Steps attend over the next power of two of cache positions (one graph per bucket): the
+    same tokens and logits as attending over everything, across bucket boundaries."""
+    import runtime.step_graph as sg
+
+    monkeypatch.setattr(sg, "MIN_KEYS", 2)  # buckets 2, 4, 8, 16 inside the tiny context
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET", raising=False)
+        want = greedy(_model(tiny_path, False, False, device), PROMPT, 6)  # positions 2 .. 7
+    got = _model(tiny_path, True, True, device)
+    assert_same(want, greedy(got, PROMPT, 6), tol=1e-3 if device == "cpu" else 2e-2)
+    if device == "cuda":
+        assert sorted(got.step_graph.graphs) == [4, 8]
