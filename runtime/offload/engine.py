@@ -280,7 +280,10 @@ class OffloadedExperts:
         misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
         if not misses:
             return [], []
-        a, b, _ = self.cost.assign(len(misses))
+        # the link's queue (prefetches for this and later layers) delays a copy issued now; the CPU
+        # takes more misses the busier the link is
+        backlog = self.copier.pending_bytes() / (self.cost.copy_gbps * 1e9)
+        a, b, _ = self.cost.assign(len(misses), backlog)
         return misses[a:a + b], misses[a + b:]
 
     def _copy_w2(self, layer: int, e: int, i: int):

@@ -89,6 +89,17 @@ class CopyEngine:
             self.fold()
         return end
 
+    def pending_bytes(self) -> int:
+        """Bytes of issued copies that have not finished: the link's queue. Copies finish in
+        issue order on the one copy stream, so the newest unfinished ones are counted back to
+        the first finished one (a few event queries, not one per copy)."""
+        n = 0
+        for _, end, nbytes in reversed(self._copies):
+            if end.query():
+                break
+            n += nbytes
+        return n
+
     def wait(self, ready) -> None:
         """Make the current (compute) stream wait for a copy, timing the stall if any."""
         if not self.cuda or ready is NULL_EVENT or ready.query():

@@ -345,3 +345,32 @@ def test_free_events_per_compute_only_where_a_wave_reuses_the_slot():
            Load((0, 3), 0, (0, 1), False), Compute((0, 2), 1, False), Compute((0, 3), 0, False)]
     assert _reloaded_after(ops) == {2}
     assert _reloaded_after([Compute((0, 1), 0, True), Compute((0, 2), 1, True)]) == set()
+
+
+def test_copy_engine_pending_bytes_counts_the_unfinished_copies():
+    class Event:
+        def __init__(self, done: bool):
+            self.done = done
+
+        def query(self) -> bool:
+            return self.done
+
+    eng = CopyEngine(torch.device("cpu"))
+    assert eng.pending_bytes() == 0
+    # copies finish in issue order on one stream: the newest unfinished ones are the queue
+    eng._copies.extend([(None, Event(True), 10), (None, Event(False), 20), (None, Event(False), 40)])
+    assert eng.pending_bytes() == 60
+
+
+def test_hybrid_counts_the_links_queue(tiny, monkeypatch):
+    """A CPU at half a copy's speed loses a single miss to an idle link, and wins it when four
+    copies (prefetches) are queued on the link ahead of it."""
+    path, _ = tiny
+    model = offloaded(path, n_slots=2 * LAYERS, hybrid=True, cpu_threads=1)
+    eng = model.experts
+    eng.cost.smoothing, eng.cost.cpu_s = 0.0, 2 * eng.cost.copy_s
+    miss = next(e for e in range(EXPERTS) if (0, e) not in eng.cache)
+    assert eng._cpu_choice(0, [miss]) == ([], [])
+    monkeypatch.setattr(eng.copier, "pending_bytes", lambda: 4 * eng.layout.record_size)
+    split, whole = eng._cpu_choice(0, [miss])
+    assert split + whole == [miss]
