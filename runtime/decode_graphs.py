@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .attention import DevicePosition
+from .graphs import capture
 from .moe import route
 
 
@@ -73,15 +74,6 @@ class DecodeGraphs:
         return segment(layer, self.h, at, self.model.cache)
 
     def _capture(self, i: int) -> torch.cuda.CUDAGraph:
-        cur = torch.cuda.current_stream(self.h.device)
-        side = torch.cuda.Stream(self.h.device)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            self._segment(i)
-        cur.wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        # thread_local: the offloading host tier's reader threads may use CUDA meanwhile
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-            self.outs[i] = self._segment(i)
+        g, self.outs[i] = capture(lambda: self._segment(i), self.h.device, self.pool)
         self.graphs[i] = g
         return g

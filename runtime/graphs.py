@@ -22,6 +22,23 @@ from formats.header import ExpertLayout
 from .kernels import fused_expert_ffn
 
 
+def capture(fn, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, fn's output) of fn() captured in `pool`, after one eager run on a side stream
+    (as torch's graph docs require: it compiles the kernels and settles the allocator). The
+    output is overwritten by every replay."""
+    cur = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        fn()
+    cur.wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    # thread_local: the offloading host tier's reader threads may use CUDA meanwhile
+    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+        out = fn()
+    return g, out
+
+
 def graphs_supported(device: torch.device) -> bool:
     """Whether expert graphs can run here: a CUDA device and the Triton kernels."""
     from .kernels import triton_available

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .attention import DevicePosition
 from .decode_graphs import segment
+from .graphs import capture
 
 
 def step_graph_applies(model) -> bool:
@@ -87,14 +88,4 @@ class StepGraph:
         return logits.clone()  # callers may keep logits past the next step
 
     def _capture(self, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        dev = self.token.device
-        cur = torch.cuda.current_stream(dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            self._body(keys)
-        cur.wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self._body(keys)
-        return g, logits
+        return capture(lambda: self._body(keys), self.token.device, self.pool)
