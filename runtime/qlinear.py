@@ -10,8 +10,10 @@ from torch import nn
 
 from formats.qtensor import QuantSpec, matrix_layout
 
+from .cpu_expert import packed_matvec
 from .dequant import component_tensors, dequantize
-from .kernels import qmatmul, use_fused
+from .experts import CPU_KERNEL_MAX_TOKENS
+from .kernels import interpreting, qmatmul, use_fused
 
 
 class DenseLinear(nn.Module):
@@ -39,30 +41,32 @@ class QuantLinear(nn.Module):
         return dequantize(self.comps, self.shape, self.spec, self.dtype)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fused(x):
-            return qmatmul(x.to(self.dtype), self.comps, self.shape, self.spec)
-        if x.device.type == "cpu" and self.raw.device.type == "cpu":
+        # the CPU test first, with cheap tests: a small model's decode makes ~120 of these calls
+        # per token, and each torch call costs microseconds of host time
+        if x.is_cpu and self.raw.is_cpu and not interpreting():
             y = self._cpu_kernel(x)
-            if y is not None:
-                return y
+            return y if y is not None else F.linear(x, self.weight())
+        if use_fused(x):  # CUDA, or the CPU under the Triton interpreter
+            return qmatmul(x.to(self.dtype), self.comps, self.shape, self.spec)
         return F.linear(x, self.weight())
 
     def _cpu_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         """x @ W.T by runtime.cpu_expert's kernels for a few tokens (a GEMV straight on the packed
         bytes, the decode case), or None: many tokens amortise one dequantize, and tiny or odd
         layouts may have no kernel."""
-        from .experts import CPU_KERNEL_MAX_TOKENS
-
-        rows = x.numel() // x.shape[-1]
+        k = x.shape[-1]
+        rows = x.numel() // k
         if rows > CPU_KERNEL_MAX_TOKENS or not self.spec.quantized:
             return None
-        from .cpu_expert import packed_matvec
-
-        xs = x.detach().reshape(rows, x.shape[-1]).to(torch.float32).contiguous()  # [T, K]
+        xs = x if x.dim() == 2 else x.reshape(rows, k)  # [T, K]
+        if xs.dtype != torch.float32 or not xs.is_contiguous() or xs.requires_grad:
+            xs = xs.detach().to(torch.float32).contiguous()
         y = packed_matvec(self.raw, self.shape, self.spec, 0, xs)  # straight on the raw bytes
         if y is None:
             return None
-        return y.reshape(*x.shape[:-1], self.shape[0]).to(x.dtype)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.shape[0])
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{list(self.shape)}, {self.spec.describe()}"
