@@ -46,7 +46,7 @@ class DevicePosition:
         self._allowed: dict[int | None, torch.Tensor] = {}
 
     def allowed(self, window: int | None) -> torch.Tensor:
-        """allowed[s] (True = attend) over the cache's max_ctx keys."""
+        """allowed[s] (True = attend) over the key positions key_pos."""
         m = self._allowed.get(window)
         if m is None:
             m = self.key_pos <= self.pos  # [ctx]

@@ -10,6 +10,7 @@ from torch import nn
 
 from formats.qtensor import QuantSpec, matrix_layout
 
+from . import cpu_expert  # its _native looked up at each call: tests switch kernels
 from .cpu_expert import packed_matvec
 from .dequant import component_tensors, dequantize
 from .experts import CPU_KERNEL_MAX_TOKENS
@@ -25,6 +26,21 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the CPU kernels take it: [T, K] float32, contiguous (no copy when it is)."""
+    xs = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if xs.dtype != torch.float32 or not xs.is_contiguous() or xs.requires_grad:
+        xs = xs.detach().to(torch.float32).contiguous()
+    return xs
+
+
+def _from_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A CPU kernel's [T, N] float32 result in x's leading shape and dtype."""
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -54,19 +70,10 @@ class QuantLinear(nn.Module):
         """x @ W.T by runtime.cpu_expert's kernels for a few tokens (a GEMV straight on the packed
         bytes, the decode case), or None: many tokens amortise one dequantize, and tiny or odd
         layouts may have no kernel."""
-        k = x.shape[-1]
-        rows = x.numel() // k
-        if rows > CPU_KERNEL_MAX_TOKENS or not self.spec.quantized:
+        if x.numel() // x.shape[-1] > CPU_KERNEL_MAX_TOKENS or not self.spec.quantized:
             return None
-        xs = x if x.dim() == 2 else x.reshape(rows, k)  # [T, K]
-        if xs.dtype != torch.float32 or not xs.is_contiguous() or xs.requires_grad:
-            xs = xs.detach().to(torch.float32).contiguous()
-        y = packed_matvec(self.raw, self.shape, self.spec, 0, xs)  # straight on the raw bytes
-        if y is None:
-            return None
-        if x.dim() != 2:
-            y = y.reshape(*x.shape[:-1], self.shape[0])
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        y = packed_matvec(self.raw, self.shape, self.spec, 0, _as_rows(x))  # straight on the raw bytes
+        return None if y is None else _from_rows(y, x)
 
     def extra_repr(self) -> str:
         return f"{list(self.shape)}, {self.spec.describe()}"
@@ -84,16 +91,10 @@ class HalfLinear(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .cpu_expert import _native
-        from .experts import CPU_KERNEL_MAX_TOKENS
-
-        rows = x.numel() // x.shape[-1]
-        native = _native() if x.device.type == "cpu" and rows <= CPU_KERNEL_MAX_TOKENS else None
+        native = cpu_expert._native() if x.is_cpu and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_TOKENS else None
         if native is None:
             return F.linear(x, self.weight16.to(x.dtype))
-        xs = x.detach().reshape(rows, x.shape[-1]).to(torch.float32).contiguous()
-        y = native.gemv_f16(self.weight16, xs, torch.get_num_threads())
-        return y.reshape(*x.shape[:-1], self.weight16.shape[0]).to(x.dtype)
+        return _from_rows(native.gemv_f16(self.weight16, _as_rows(x), torch.get_num_threads()), x)
 
     def extra_repr(self) -> str:
         return f"{list(self.weight16.shape)}, float16 kept"
@@ -114,11 +115,9 @@ def make_linear(raw: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dtyp
         return QuantLinear(raw, shape, spec, dtype)
     comps = component_tensors(raw, shape, spec)
     if (not spec.quantized and raw.device.type == "cpu" and dtype == torch.float32
-            and shape[0] * shape[1] * 4 > HALF_CPU_LIMIT and comps["weight"].dtype == torch.float16):
-        from .cpu_expert import _native
-
-        if _native() is not None:
-            return HalfLinear(comps["weight"], dtype)
+            and shape[0] * shape[1] * 4 > HALF_CPU_LIMIT and comps["weight"].dtype == torch.float16
+            and cpu_expert._native() is not None):
+        return HalfLinear(comps["weight"], dtype)
     return DenseLinear(dequantize(comps, shape, spec, dtype))
 
 

@@ -97,9 +97,20 @@ def _usable(record: torch.Tensor, plan: _DecodePlan, x: torch.Tensor) -> bool:
             and x.dtype in ACT_DTYPES and record.device == x.device)
 
 
-def _w2_config(plan: _DecodePlan, t: int, x: torch.Tensor, configs: dict[str, GemvConfig]) -> GemvConfig:
+def _launches(plan: _DecodePlan, ops: tuple[list, list, list], x: torch.Tensor, configs: dict[str, GemvConfig],
+              index: Index | None = None) -> torch.Tensor:
+    """The two launches of the few-token path: w1 and w3 with the gate, writing h in the order
+    w2's kernel reads it (no copy in between), then w2. Indexed (`index`): over the token's
+    experts, see qgemv.run_gemv."""
+    a1, a3, a2 = ops
+    experts = 0 if index is None else index.sel.shape[0]
     # resolved per call, not cached in the plan: the TUNED table may change
-    return configs.get("w2") or pick_gemv_config(*plan.shape2, t, plan.spec2, sm_count=sm_count(x.device))
+    cfg2 = configs.get("w2") or pick_gemv_config(*plan.shape2, x.shape[0], plan.spec2, sm_count=sm_count(x.device))
+    out_per = plan.w2_per if cfg2.permute_x else 1
+    h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per,
+                                          experts=experts), index)
+    return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1,
+                                         experts=experts), index)
 
 
 def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
@@ -110,11 +121,7 @@ def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
     plan = _decode_plan(layout)
     if plan is None or x.dim() != 2 or not _usable(record, plan, x):
         return None
-    a1, a3, a2 = _operands(record, plan)
-    cfg2 = _w2_config(plan, x.shape[0], x, configs)
-    out_per = plan.w2_per if cfg2.permute_x else 1
-    h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per))
-    return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1))
+    return _launches(plan, _operands(record, plan), x, configs)
 
 
 def indexed_supported(records: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
@@ -131,20 +138,10 @@ def indexed_expert_ffn(records: torch.Tensor, sel: torch.Tensor, w: torch.Tensor
     its experts chosen on the device (sel [E] int64 rows of `records` [rows, record_size]
     uint8, w [E] router weights, x [T, H]) -> [T, H] in x.dtype. Two launches over all E
     experts and one sum; nothing waits for the host, so a CUDA graph can hold the whole step.
-    The caller checks indexed_supported first."""
-    configs = configs or {}
+    Each expert's gated intermediate is multiplied by its router weight (w2 is linear, so its
+    output carries the weight). The caller checks indexed_supported first."""
     plan = _decode_plan(layout)
-    a1, a3, a2 = _operands(records[0], plan)
-    e, t = sel.shape[0], x.shape[0]
-    index = Index(sel, w, records.stride(0))
-    cfg2 = _w2_config(plan, t, x, configs)
-    out_per = plan.w2_per if cfg2.permute_x else 1
-    # h [E, T, I], each expert's gated intermediate already times its router weight (w2 is
-    # linear, so its output carries the weight), in the order w2's kernel reads it
-    h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per,
-                                          experts=e), index)
-    return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1,
-                                         experts=e), index)
+    return _launches(plan, _operands(records[0], plan), x, configs or {}, Index(sel, w, records.stride(0)))
 
 
 def grouped_expert_ffn(records: torch.Tensor, row0: int, offsets: torch.Tensor, xs: torch.Tensor,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from formats.errors import ConfigError
 from formats.qtensor import QuantSpec
 
-from .words import codes_per_word, high_plane_view, word_layout_ok, word_view
+from .words import codes_per_word, high_plane_view, operand_args, word_layout_ok, word_view
 
 # Tile of the byte-wise dequantize kernel: 4096 weights per program, rows of 256 contiguous
 # outputs (512-byte fp16 stores per row).
@@ -134,18 +134,14 @@ def fused_gemm(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int
     from .triton_gemm import qgemm_kernel  # triton only when a kernel runs
 
     n, k = shape
-    if not spec.quantized:
-        return None
-    words = _words(comps["q"], comps.get("q_hi", comps["q"]), shape, spec)
-    if words is None or x.dim() != 2 or x.stride(1) != 1:
-        return None
     bm, bn, bk = config[:3]
-    if bk % codes_per_word(spec):
+    if not spec.quantized or not word_layout_ok(shape, spec) or bk % codes_per_word(spec):
+        return None
+    args = operand_args(comps)
+    if args is None or x.dim() != 2 or x.stride(1) != 1:
         return None
     t = x.shape[0]
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
-    s, z = comps["scale"], comps["zero"]
-    args = (*words, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z))
     qgemm_kernel[(_cdiv(t, bm), _cdiv(n, bn))](
         x, out, *args, *args, x, 0, 0, t, n, k, x.stride(0), out.stride(0),
         **gemm_constexprs(shape, spec, x.dtype, config),

@@ -15,7 +15,7 @@ from formats.qtensor import QuantSpec
 from .configs import DEFAULT_SM_COUNT, GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
 from .tuning import ensure_loaded
-from .words import codes_per_word, high_plane_view, word_layout_ok, word_view
+from .words import codes_per_word, operand_args, word_layout_ok
 
 # More tokens than this: dequantize once and use a dense matmul (tensor cores); the fused
 # GEMV re-multiplies every unpacked weight per token on the CUDA cores.
@@ -48,16 +48,6 @@ def gemv_supported(shape: tuple[int, int], spec: QuantSpec) -> bool:
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised kernel outputs (one place, so tests can hand out poisoned buffers)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _gemv_args(comps: dict[str, torch.Tensor], spec: QuantSpec) -> tuple | None:
-    """The six pointers of one matrix for qgemv_kernel (unused ones repeat a used tensor)."""
-    q = word_view(comps["q"])
-    qh = high_plane_view(comps["q_hi"]) if "q_hi" in comps else q
-    if q is None or qh is None:
-        return None
-    s, z = comps["scale"], comps["zero"]
-    return (q, qh, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z))
 
 
 def permute_x(x: torch.Tensor, per: int) -> torch.Tensor:
@@ -179,7 +169,7 @@ class Index:
 
 def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index | None = None) -> torch.Tensor:
     """Launch qgemv_kernel for x [T, K] and the kernel arguments of one matrix (two when
-    gated, see _gemv_args) as `plan` says; the result as gemv describes it.
+    gated, see words.operand_args) as `plan` says; the result as gemv describes it.
 
     Indexed (plan.experts = E, `index` given), for the E experts of one token chosen on the
     device: gated, x [T, K] is shared and the result is [E, T, N], expert e's
@@ -233,7 +223,7 @@ def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int,
     gated w1/w3), which saves that consumer a copy."""
     if not gemv_supported(shape, spec):
         return None
-    args = [_gemv_args(c, spec) for c in mats]
+    args = [operand_args(c) for c in mats]
     if any(a is None for a in args):
         return None
     plan = launch_plan(x, shape, spec, len(mats) == 2, config, x_permuted=x_permuted, out_per=out_per)

@@ -40,6 +40,36 @@ def dequant_kernel(
 
 
 @triton.jit
+def _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K,
+                  MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr, EVEN: tl.constexpr):
+    """W at rows r [BN, 1] and low-plane words kw [1, BW] as float32 [BN, BW, PER] (code c of
+    word kw is column kw * PER + c), with decode_matrix's arithmetic; zeros outside the matrix.
+    Shared by dequant_words_kernel and the fused GEMM (triton_gemm.py)."""
+    BL: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // BL
+    MASK: tl.constexpr = (1 << BL) - 1
+    KW = K // PER  # words per row of the low plane
+    m2 = (r < N) & (kw < KW)  # [BN, BW]
+    words = _ld(q_ptr + r * KW + kw, m2, 0, EVEN)  # [BN, BW] int32
+    c = tl.arange(0, PER)[None, None, :]  # [1, 1, PER] code position in the word
+    q = (words[:, :, None] >> (c * BL)) & MASK  # [BN, BW, PER]; the mask drops sign bits
+    if BITS == 3:
+        # int16 [N, K/16]: half-word w holds bit 2 of the codes of low-plane word w
+        hi = _ld(qh_ptr + r * (K // 16) + kw, m2, 0, EVEN).to(tl.int32)
+        q = q | (((hi[:, :, None] >> c) & 1) << 2)
+    if G % PER == 0:  # a word lies in one group: one scale and zero per word
+        gidx = r * (K // G) + (kw * PER) // G  # [BN, BW]
+        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
+        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
+    else:  # several groups per word (PER % G == 0)
+        gidx = r[:, :, None] * (K // G) + (kw[:, :, None] * PER + c) // G  # [BN, BW, PER]
+        m3 = m2[:, :, None]
+        s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG, EVEN)
+        z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG, EVEN)
+    return (q.to(tl.float32) - z) * s
+
+
+@triton.jit
 def dequant_words_kernel(
     out_ptr, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
     N, K, stride_on,
@@ -55,32 +85,13 @@ def dequant_words_kernel(
     dequant_kernel, each with an integer division by the meta group size). The innermost
     axis is PER contiguous outputs, so each thread stores a short vector. EVEN: the grid covers
     the matrix exactly, so no load or store needs a mask."""
-    BL: tl.constexpr = 2 if BITS == 3 else BITS
-    PER: tl.constexpr = 32 // BL
-    MASK: tl.constexpr = (1 << BL) - 1
-    KW = K // PER  # words per row of the low plane
+    PER: tl.constexpr = 32 // (2 if BITS == 3 else BITS)
     r = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1]
     kw = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]  # [1, BW]
-    m2 = (r < N) & (kw < KW)  # [BN, BW]
-    words = _ld(q_ptr + r * KW + kw, m2, 0, EVEN)  # [BN, BW] int32
-    c = tl.arange(0, PER)[None, None, :]  # [1, 1, PER] code position in the word
-    q = (words[:, :, None] >> (c * BL)) & MASK  # [BN, BW, PER]; the mask drops sign bits
-    if BITS == 3:
-        # int16 [N, K/16]: half-word w holds bit 2 of the codes of low-plane word w
-        hi = _ld(qh_ptr + r * (K // 16) + kw, m2, 0, EVEN).to(tl.int32)
-        q = q | (((hi[:, :, None] >> c) & 1) << 2)
-    m3 = m2[:, :, None]  # [BN, BW, 1]
-    if G % PER == 0:  # a word lies in one group: one scale and zero per word
-        gidx = r * (K // G) + (kw * PER) // G  # [BN, BW]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
-        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
-    else:  # several groups per word (PER % G == 0)
-        gidx = r[:, :, None] * (K // G) + (kw[:, :, None] * PER + c) // G  # [BN, BW, PER]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG, EVEN)
-        z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG, EVEN)
-    w = (q.to(tl.float32) - z) * s  # [BN, BW, PER]
-    cols = kw[:, :, None] * PER + c  # [1, BW, PER]
+    w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, META8, EVEN)
+    cols = kw[:, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, BW, PER]
     if EVEN:
         tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty))
     else:
+        m3 = ((r < N) & (kw < K // PER))[:, :, None]
         tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty), mask=m3)

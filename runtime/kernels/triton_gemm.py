@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _load_meta, _to_record
+from .triton_dequant import _decode_words
+from .triton_gemv import _to_record
 
 
 @triton.jit
@@ -32,31 +33,11 @@ def _decode_tile(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw0, N, K, dtyp
                  MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[r, kw0 * PER : kw0 * PER + BLOCK_K] as `dtype` [BLOCK_N, BLOCK_K] (r: [BLOCK_N, 1] rows;
-    zeros outside the matrix)."""
-    BL: tl.constexpr = 2 if BITS == 3 else BITS
-    PER: tl.constexpr = 32 // BL
-    MASK: tl.constexpr = (1 << BL) - 1
-    BW: tl.constexpr = BLOCK_K // PER  # words per row of a tile
-    KW = K // PER
-    c = tl.arange(0, PER)[None, None, :]  # [1, 1, PER] code position in a word
+    zeros outside the matrix), rounded as the dense path rounds it."""
+    BW: tl.constexpr = BLOCK_K // (32 // (2 if BITS == 3 else BITS))  # words per row of a tile
     kw = (kw0 + tl.arange(0, BW))[None, :]  # [1, BW]
-    m2 = (r < N) & (kw < KW)  # [BN, BW]
-    words = tl.load(q_ptr + r * KW + kw, mask=m2, other=0)  # [BN, BW] int32
-    q = (words[:, :, None] >> (c * BL)) & MASK  # [BN, BW, PER]
-    if BITS == 3:
-        hi = tl.load(qh_ptr + r * (K // 16) + kw, mask=m2, other=0).to(tl.int32)
-        q = q | (((hi[:, :, None] >> c) & 1) << 2)
-    if G % PER == 0:  # a word lies in one group
-        gidx = r * (K // G) + (kw * PER) // G  # [BN, BW]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG)[:, :, None]
-        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG)[:, :, None]
-    else:  # several groups per word
-        gidx = r[:, :, None] * (K // G) + (kw[:, :, None] * PER + c) // G  # [BN, BW, PER]
-        m3 = m2[:, :, None]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG)
-        z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG)
-    w = ((q.to(tl.float32) - z) * s).to(dtype)  # [BN, BW, PER], as the dense path rounds
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))  # column kw * PER + c
+    w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, META8, False)
+    return tl.reshape(w.to(dtype), (BLOCK_N, BLOCK_K))  # column kw * PER + c
 
 
 @triton.jit

@@ -44,3 +44,15 @@ def high_plane_view(plane: torch.Tensor) -> torch.Tensor | None:
     """The 1-bit plane of 3-bit codes as int16 [N, B // 2]: element w holds bit 2 of the 16 codes
     of low-plane word w, so the kernels load it at the low plane's word index (no gather)."""
     return word_view(plane, 2)
+
+
+def operand_args(comps: dict[str, torch.Tensor]) -> tuple | None:
+    """The six pointer arguments of one packed matrix for the word kernels (qgemv_kernel,
+    qgemm_kernel): low plane as words, high plane as half-words, scale, scale meta, zero,
+    zero meta (unused ones repeat a used tensor); None when a plane is not word aligned."""
+    q = word_view(comps["q"])
+    qh = high_plane_view(comps["q_hi"]) if "q_hi" in comps else q
+    if q is None or qh is None:
+        return None
+    s, z = comps["scale"], comps["zero"]
+    return (q, qh, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z))

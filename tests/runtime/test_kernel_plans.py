@@ -14,7 +14,7 @@ from formats.header import ExpertLayout, MatrixLayout
 from formats.qtensor import QuantSpec, matrix_layout
 from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up
 from runtime.dequant import TORCH_DTYPES, component_tensors
-from runtime.kernels import configs, expert, qgemv
+from runtime.kernels import configs, expert, qgemv, words
 from runtime.kernels.configs import GemvConfig, pick_gemv_config, register_config
 
 pytest.importorskip("triton")
@@ -65,7 +65,7 @@ def slow_component_tensors(buf, shape, spec, base=0):
 def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out_per=1):
     """The arguments qgemv.gemv launched with before its plans were memoized (the same
     arithmetic, evaluated on every call)."""
-    args = [qgemv._gemv_args(c, spec) for c in mats]
+    args = [words.operand_args(c) for c in mats]
     gated = len(mats) == 2
     n, k = shape
     t = x.shape[0]
