@@ -340,6 +340,13 @@ class Header:
             "experts": {(e.layer, e.expert): e for e in self.experts},
         })
 
+    @property
+    def format_version(self) -> int:
+        """The lowest format version that stores this header (what the writer puts in the prefix)."""
+        from .spec import required_version
+
+        return required_version(self.recipe.specs.values())
+
     def tensor(self, name: str) -> TensorEntry:
         try:
             return self._index["tensors"][name]

@@ -78,7 +78,7 @@ def expert_shapes(cfg: "ModelConfig") -> dict[str, tuple[int, int]]:
 def _check_recipe(h: "Header") -> None:
     for role in FP16_ONLY_ROLES:
         if h.recipe[role] != QuantSpec(16):
-            raise HeaderError(f"recipe.{role} must be 16 (fp16) in format version 1")
+            raise HeaderError(f"recipe.{role} must be 16 (fp16) in format versions 1 and 2")
 
 
 def _check_tensors(h: "Header") -> None:

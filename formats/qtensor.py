@@ -7,9 +7,10 @@ has a scale s_i and a zero z_i, and
 
     W[r, c] = (q[r, c] - z_i) * s_i            (float32 arithmetic)
 
-With meta_bits 8 the scales (and, separately, the zeros) are themselves quantized in
+With meta_bits 8 or 4 the scales (and, separately, the zeros) are themselves quantized in
 meta groups of `meta_group_size` consecutive groups: s_i = step_m * code_i + min_m with
-m = i // meta_group_size, step and min stored as float32.
+m = i // meta_group_size, step and min stored as float32. 8-bit codes are one byte per group;
+4-bit codes are packed two per byte, group 2j in the low nibble of byte j (format version 2).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import ConfigError, LayoutError, SourceError
-from .packing import pack_codes, packed_length, plane_widths, unpack_codes
+from .packing import pack_codes, pack_plane, packed_length, plane_widths, unpack_codes, unpack_plane
 from .spec import COMPONENT_ALIGNMENT, align_up
 
 WEIGHT_BITS = (2, 3, 4, 8, 16)
-META_BITS = (8, 16)
+META_BITS = (4, 8, 16)
+CODED_META_BITS = (4, 8)  # scale/zero stored as codes + (step, min) per meta group
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,8 @@ class QuantSpec:
         if self.group_size < 8 or self.group_size % 8:
             raise ConfigError(f"group size {self.group_size} must be a positive multiple of 8")
         if self.meta_bits not in META_BITS:
-            raise ConfigError(f"meta bits {self.meta_bits} not supported (choose 8 or 16)")
-        if self.meta_bits == 8 and self.meta_group_size < 1:
+            raise ConfigError(f"meta bits {self.meta_bits} not supported (choose 4, 8 or 16)")
+        if self.meta_bits in CODED_META_BITS and self.meta_group_size < 1:
             raise ConfigError(f"meta group size {self.meta_group_size} must be positive")
         if self.meta_bits == 16 and self.meta_group_size != 0:
             raise ConfigError("16-bit meta takes no meta group size")
@@ -56,6 +58,11 @@ class QuantSpec:
     @property
     def quantized(self) -> bool:
         return self.bits != 16
+
+    @property
+    def coded_meta(self) -> bool:
+        """Scale and zero stored as codes with a (step, min) pair per meta group."""
+        return self.quantized and self.meta_bits in CODED_META_BITS
 
     def to_json(self) -> dict:
         if not self.quantized:
@@ -70,7 +77,7 @@ class QuantSpec:
     def describe(self) -> str:
         if not self.quantized:
             return "fp16"
-        meta = "fp16 meta" if self.meta_bits == 16 else f"8-bit meta g{self.meta_group_size}"
+        meta = "fp16 meta" if self.meta_bits == 16 else f"{self.meta_bits}-bit meta g{self.meta_group_size}"
         return f"{self.bits}-bit g{self.group_size}, {meta}"
 
 
@@ -111,10 +118,11 @@ def _component_shapes(shape: tuple[int, ...], spec: QuantSpec) -> list[tuple[str
     if spec.meta_bits == 16:
         return planes + [("scale", "f16", (n_groups,)), ("zero", "f16", (n_groups,))]
     n_meta = -(-n_groups // spec.meta_group_size)
+    n_codes = packed_length(n_groups, spec.meta_bits)
     return planes + [
-        ("scale", "u8", (n_groups,)),
+        ("scale", "u8", (n_codes,)),
         ("scale_meta", "f32", (n_meta, 2)),
-        ("zero", "u8", (n_groups,)),
+        ("zero", "u8", (n_codes,)),
         ("zero_meta", "f32", (n_meta, 2)),
     ]
 
@@ -135,8 +143,10 @@ def _matrix_layout(shape: tuple[int, ...], spec: QuantSpec) -> tuple[tuple[Compo
     return tuple(comps), end
 
 
-def quantize_meta(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Affine 8-bit quantization of `values` [n] in groups of `group`: (codes u8 [n], meta f32 [M, 2])."""
+def quantize_meta(values: np.ndarray, group: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Affine `bits`-bit quantization of `values` [n] in groups of `group`: (codes u8 [n], one
+    code per element, not yet packed; meta f32 [M, 2])."""
+    top = np.float32((1 << bits) - 1)
     v = np.asarray(values, dtype=np.float32).reshape(-1)
     n = v.size
     m = -(-n // group)
@@ -144,15 +154,29 @@ def quantize_meta(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarra
     lo = padded.min(axis=1)
     # a range past float32 (or a NaN) leaves a non-finite step: encode_matrix refuses it
     with np.errstate(over="ignore", invalid="ignore"):
-        step = ((padded.max(axis=1) - lo) / np.float32(255)).astype(np.float32)
+        step = ((padded.max(axis=1) - lo) / top).astype(np.float32)
         safe = np.where(step > 0, step, np.float32(1))
-        codes = np.nan_to_num(np.clip(np.rint((padded - lo[:, None]) / safe[:, None]), 0, 255)).astype(np.uint8)
+        codes = np.nan_to_num(np.clip(np.rint((padded - lo[:, None]) / safe[:, None]), 0, top)).astype(np.uint8)
     return codes.reshape(-1)[:n], np.stack([step, lo], axis=1).astype(np.float32)
 
 
 def dequantize_meta(codes: np.ndarray, meta: np.ndarray, group: int) -> np.ndarray:
+    """Unpacked codes [n] (one per element) -> float32 [n]: step * code + min per meta group."""
     idx = np.arange(codes.size) // group
     return meta[idx, 0] * codes.astype(np.float32) + meta[idx, 1]
+
+
+def meta_codes(stored: np.ndarray, n_groups: int, meta_bits: int) -> np.ndarray:
+    """The stored `scale` or `zero` component -> one u8 code per group [n_groups]."""
+    return unpack_plane(stored, meta_bits, n_groups)
+
+
+def encode_meta(values: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stored codes, (step, min) pairs, the values they decode to) for per-group scales or zeros."""
+    codes, meta = quantize_meta(values, spec.meta_group_size, spec.meta_bits)
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite meta is refused by encode_matrix
+        decoded = dequantize_meta(codes, meta, spec.meta_group_size)
+    return pack_plane(codes, spec.meta_bits), meta, decoded
 
 
 def encode_matrix(
@@ -183,8 +207,8 @@ def encode_matrix(
             with np.errstate(over="ignore"):
                 arrays["scale"], arrays["zero"] = scale.astype("<f2"), zero.astype("<f2")
         else:
-            arrays["scale"], arrays["scale_meta"] = quantize_meta(scale, spec.meta_group_size)
-            arrays["zero"], arrays["zero_meta"] = quantize_meta(zero, spec.meta_group_size)
+            arrays["scale"], arrays["scale_meta"], _ = encode_meta(scale, spec)
+            arrays["zero"], arrays["zero_meta"], _ = encode_meta(zero, spec)
     comps, size = matrix_layout(shape, spec)
     out = bytearray(size)
     for c in comps:
@@ -220,8 +244,9 @@ def decode_matrix(views: dict[str, np.ndarray], shape: tuple[int, ...], spec: Qu
     if spec.meta_bits == 16:
         s, z = views["scale"].astype(np.float32), views["zero"].astype(np.float32)
     else:
-        s = dequantize_meta(views["scale"], views["scale_meta"], spec.meta_group_size)
-        z = dequantize_meta(views["zero"], views["zero_meta"], spec.meta_group_size)
+        n_groups = rows * cols // spec.group_size
+        s = dequantize_meta(meta_codes(views["scale"], n_groups, spec.meta_bits), views["scale_meta"], spec.meta_group_size)
+        z = dequantize_meta(meta_codes(views["zero"], n_groups, spec.meta_bits), views["zero_meta"], spec.meta_group_size)
     g = spec.group_size
     q = q.reshape(rows, cols // g, g)
     w = (q - z.reshape(rows, -1, 1)) * s.reshape(rows, -1, 1)

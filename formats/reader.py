@@ -17,7 +17,7 @@ from .errors import (
 )
 from .header import Header, TensorEntry
 from .qtensor import component_views, decode_matrix
-from .spec import HEADER_MAX_BYTES, MAGIC, PREFIX, PREFIX_SIZE, VERSION, data_offset
+from .spec import HEADER_MAX_BYTES, MAGIC, PREFIX, PREFIX_SIZE, VERSIONS, data_offset
 
 
 def read_header(path: Path) -> tuple[Header, int, int]:
@@ -33,10 +33,11 @@ def read_header(path: Path) -> tuple[Header, int, int]:
         if len(prefix) < PREFIX_SIZE:
             raise TruncatedFileError(f"file is {size} bytes, shorter than the {PREFIX_SIZE}-byte prefix")
         _, version, flags, header_len, header_crc, reserved = PREFIX.unpack(prefix)
-        if version != VERSION:
-            raise UnsupportedVersionError(f"format version {version} is not supported (this reader knows {VERSION})")
+        if version not in VERSIONS:
+            known = " and ".join(str(v) for v in VERSIONS)
+            raise UnsupportedVersionError(f"format version {version} is not supported (this reader knows {known})")
         if flags or reserved:
-            raise HeaderError(f"prefix flags={flags} reserved={reserved} must be 0 in version {VERSION}")
+            raise HeaderError(f"prefix flags={flags} reserved={reserved} must be 0 in version {version}")
         if header_len > HEADER_MAX_BYTES:
             raise HeaderError(f"header length {header_len} exceeds the {HEADER_MAX_BYTES}-byte cap")
         if PREFIX_SIZE + header_len > size:
@@ -45,6 +46,9 @@ def read_header(path: Path) -> tuple[Header, int, int]:
         if zlib.crc32(raw) != header_crc:
             raise ChecksumError("header crc32 does not match its bytes")
         header = _parse_header(raw)
+        if header.format_version > version:
+            raise HeaderError(f"the recipe uses 4-bit meta, which format version {version} does not define "
+                              f"(it needs version {header.format_version})")
         start = data_offset(header_len)
         if size < start + header.data_size:
             raise TruncatedFileError(f"file is {size} bytes but its data section ends at byte {start + header.data_size}")

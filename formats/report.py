@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING
 
 from .layout import expert_shapes
-from .spec import ALIGNMENT, EXPERT_MATRICES, PREFIX_SIZE, ROLES, VERSION
+from .spec import ALIGNMENT, EXPERT_MATRICES, PREFIX_SIZE, ROLES
 
 if TYPE_CHECKING:
     from .header import Header
@@ -197,7 +197,7 @@ def build_report(h: "Header", *, file_size: int, data_offset: int, path: str | N
     report = {
         "file": {
             "path": path,
-            "format_version": VERSION,
+            "format_version": h.format_version,
             "size_bytes": file_size,
             "header_bytes": data_offset - PREFIX_SIZE,  # JSON header plus its padding to the data section
             "data_offset": data_offset,

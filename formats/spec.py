@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 
 MAGIC = b"MOEPACK\x00"
-VERSION = 1
+VERSION = 2  # the newest version this package reads and writes
+VERSIONS = (1, 2)  # every version it reads
 # magic (8s), version (u32), flags (u32), header_len (u64), header_crc32 (u32), reserved (u32)
 PREFIX = struct.Struct("<8sIIQII")
 PREFIX_SIZE = PREFIX.size  # 32
@@ -24,3 +25,9 @@ def align_up(n: int, alignment: int) -> int:
 
 def data_offset(header_len: int) -> int:
     return align_up(PREFIX_SIZE + header_len, ALIGNMENT)
+
+
+def required_version(specs) -> int:
+    """The lowest format version that can store quantization specs `specs`: writers write it, so
+    a file that uses nothing newer stays readable by older readers (FORMAT.md "Versioning")."""
+    return 2 if any(getattr(s, "meta_bits", 0) == 4 for s in specs) else 1

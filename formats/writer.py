@@ -22,7 +22,7 @@ from .header import (
 from .layout import expert_shapes
 from .qtensor import QuantSpec, matrix_layout
 from .reader import read_header
-from .spec import ALIGNMENT, COMPONENT_ALIGNMENT, EXPERT_MATRICES, MAGIC, PREFIX, VERSION, align_up, data_offset
+from .spec import ALIGNMENT, COMPONENT_ALIGNMENT, EXPERT_MATRICES, MAGIC, PREFIX, align_up, data_offset
 
 
 def make_expert_layout(config: ModelConfig, spec: QuantSpec) -> ExpertLayout:
@@ -102,7 +102,7 @@ class MoepackWriter:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as out:
-                    out.write(PREFIX.pack(MAGIC, VERSION, 0, len(raw), zlib.crc32(raw), 0))
+                    out.write(PREFIX.pack(MAGIC, header.format_version, 0, len(raw), zlib.crc32(raw), 0))
                     out.write(raw)
                     out.write(bytes(data_offset(len(raw)) - out.tell()))
                     with open(self._data_path, "rb") as src:
@@ -133,13 +133,13 @@ class MoepackWriter:
             self.abort()
 
 
-def _atomic_copy_with_header(path: Path, raw: bytes, old_data_offset: int, data_size: int) -> None:
+def _atomic_copy_with_header(path: Path, raw: bytes, version: int, old_data_offset: int, data_size: int) -> None:
     """Write prefix + `raw` + padding + the data section of `path` (read from old_data_offset)
     to a temporary file beside it, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-            out.write(PREFIX.pack(MAGIC, VERSION, 0, len(raw), zlib.crc32(raw), 0))
+            out.write(PREFIX.pack(MAGIC, version, 0, len(raw), zlib.crc32(raw), 0))
             out.write(raw)
             out.write(bytes(data_offset(len(raw)) - out.tell()))
             src.seek(old_data_offset)
@@ -173,5 +173,5 @@ def rewrite_header(path: str | os.PathLike, header: Header) -> Path:
     if not same_records:
         raise LayoutError(f"{path}: the new header moves or changes records; only metadata may change in place",
                           hint="write a new file with MoepackWriter instead")
-    _atomic_copy_with_header(path, header.to_bytes(), old_offset, header.data_size)
+    _atomic_copy_with_header(path, header.to_bytes(), header.format_version, old_offset, header.data_size)
     return path

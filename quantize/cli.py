@@ -73,15 +73,18 @@ def cli() -> None:
 @click.option("--expert-group-size", type=int, default=None, help="Weights per scale/zero for experts [default: 16 at 2 bits, else 64].")
 @click.option("--lm-head-group-size", type=int, default=None, help="Weights per scale/zero for lm_head [default: 16 at 2 bits, else 64].")
 @click.option("--meta-bits", type=int, default=8, show_default=True,
-              help="Bits of the stored scales/zeros: 8 (quantized, smaller) or 16 (hqq's own fp16).")
-@click.option("--meta-group-size", type=int, default=None, help="Groups per 8-bit meta group [default: 128 at 2/3 bits, 256 at 4/8 bits].")
+              help="Bits of the stored scales/zeros: 8 (quantized, smaller), 16 (hqq's own fp16) or 4.")
+@click.option("--expert-meta-bits", type=int, default=None,
+              help="Scale/zero bits of the experts alone [default: 4 for 2/3-bit experts (2.56 bits/weight at 2 bits, "
+                   "format version 2), else --meta-bits]. 8 gives the reference system's recipe (3.06 bits/weight).")
+@click.option("--meta-group-size", type=int, default=None, help="Groups per 4/8-bit meta group [default: 128 at 2/3 bits, 256 at 4/8 bits].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where HQQ runs; auto = cuda when available. CPU and CUDA results differ slightly (hqq optimizes in fp16 on CUDA).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, expert_group_size, lm_head_group_size,
-             meta_bits, meta_group_size, device, revision, quiet):
+             meta_bits, expert_meta_bits, meta_group_size, device, revision, quiet):
     """Quantize the Mixtral checkpoint SRC (a local folder or a Hugging Face repo id) with HQQ.
 
     Router, norms and embeddings stay fp16. Per-matrix relative errors are recorded in the
@@ -93,7 +96,7 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     recipe = QuantRecipe(
         attn_bits=attn_bits, expert_bits=expert_bits, lm_head_bits=lm_head_bits, attn_group_size=attn_group_size,
         expert_group_size=expert_group_size, lm_head_group_size=lm_head_group_size, meta_bits=meta_bits,
-        meta_group_size=meta_group_size,
+        expert_meta_bits=expert_meta_bits, meta_group_size=meta_group_size,
     )
     from .convert import quantize_checkpoint  # imports torch: only now that the options are valid
 

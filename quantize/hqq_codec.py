@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from formats.errors import MoepackError, SourceError
-from formats.qtensor import QuantSpec, component_views, decode_matrix, encode_matrix
+from formats.qtensor import QuantSpec, component_views, decode_matrix, encode_matrix, encode_meta
 
 
 def hqq_quantize(W: torch.Tensor, spec: QuantSpec, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -29,6 +29,33 @@ def hqq_quantize(W: torch.Tensor, spec: QuantSpec, device: str) -> tuple[np.ndar
     scale = meta["scale"].reshape(-1).to("cpu", torch.float32).numpy()
     zero = meta["zero"].reshape(-1).to("cpu", torch.float32).numpy()
     return q, scale, zero
+
+
+def refit_codes(W: torch.Tensor, spec: QuantSpec, q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                device: str) -> np.ndarray:
+    """HQQ's codes `q` re-rounded to the scale and zero the file will hold: clip(round(W / s + z)).
+
+    HQQ fits its codes to float16 scale/zero. Storing those as 4- or 8-bit codes moves them a
+    little, and every weight's nearest code moves with them. Re-rounding makes each code the
+    nearest to what the runtime decodes: 4-bit meta then costs ~1% relative weight error over
+    fp16 meta instead of ~1.5% (BENCHMARKS.md section 10). With 8-bit meta the gain is below
+    1e-4, so those files keep hqq's codes exactly. Groups whose stored scale decodes to
+    0 keep HQQ's codes (every code decodes alike there).
+    """
+    rows, cols = W.shape
+    g = spec.group_size
+    s_hat = torch.from_numpy(encode_meta(scale, spec)[2]).to(device).view(rows, -1, 1)  # [rows, groups, 1]
+    z_hat = torch.from_numpy(encode_meta(zero, spec)[2]).to(device).view(rows, -1, 1)
+    out = q.copy()
+    step = max(1, _CHUNK // cols)
+    for i in range(0, rows, step):  # row chunks: no second full-size float32 copy of W
+        w = W[i : i + step].to(device, torch.float32).view(-1, cols // g, g)  # [r, groups, g]
+        s, z = s_hat[i : i + step], z_hat[i : i + step]
+        new = torch.round(w / torch.where(s == 0, 1.0, s) + z).clamp_(0, (1 << spec.bits) - 1)
+        keep = (s == 0).expand_as(new).reshape(-1, cols).cpu().numpy()
+        chunk = new.view(-1, cols).to("cpu", torch.uint8).numpy()
+        out[i : i + step] = np.where(keep, out[i : i + step], chunk)
+    return out
 
 
 _CHUNK = 1 << 22  # elements per chunk: error sums never hold a second full-size float32 copy
@@ -88,6 +115,8 @@ def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str) -> 
         return _encode(label, spec, weight=w16_np), relative_error(W, w16_np)
     try:
         q, scale, zero = hqq_quantize(W, spec, device)
+        if spec.meta_bits == 4:  # 8-bit meta moves the weights too little to pay (0.3021 both ways)
+            q = refit_codes(W, spec, q, scale, zero, device)
     except torch.OutOfMemoryError:
         raise MoepackError(f"out of GPU memory quantizing {label}", hint="close other GPU programs, or use --device cpu") from None
     payload = _encode(label, spec, q=q, scale=scale, zero=zero)

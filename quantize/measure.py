@@ -4,6 +4,7 @@ and the peak memory of quantizing a checkpoint far larger than any one tensor.
     python -m quantize.measure expert --bits 2 --bits 3 --bits 4   # one 8x7B-shaped expert per width
     python -m quantize.measure make-checkpoint /tmp/ckpt-1g         # a ~1.2 GB random Mixtral checkpoint
     python -m quantize.measure memory /tmp/ckpt-1g -o /tmp/m.moepack
+    python -m quantize.measure meta [--checkpoint DIR --tensor NAME ...]  # error of 16/8/4-bit meta
 
 Each prints a markdown table; --json FILE also writes the raw figures.
 """
@@ -140,6 +141,47 @@ def expert(bits_list, matrices, seed, json_out, device):
         extra = f" (extrapolated {', '.join(r['seconds_per_expert_extrapolated'])})" if r["seconds_per_expert_extrapolated"] else ""
         click.echo(f"| {r['spec']} | {r['record_bytes']:,} | {r['record_bytes'] / MB:.2f} | {r['bits_per_weight']:.4f} | {errs} | {secs} | {r['seconds_per_expert']:.1f}{extra} |")
     _dump(results, json_out)
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A local Hugging Face folder whose --tensor matrices are measured too.")
+@click.option("--tensor", "tensors", multiple=True, help="A 2-D tensor of --checkpoint (repeatable).")
+@click.option("--spec", "specs", multiple=True, default=("2,16,128", "3,64,128", "4,64,256"), show_default=True,
+              help="bits,group_size,meta_group_size: each is measured with fp16, 8-bit and 4-bit meta.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def meta(checkpoint, tensors, specs, json_out):
+    """Relative weight error of fp16, 8-bit and 4-bit scale/zero (the stored bytes decoded, as
+    `moe-pack quantize` records it) on a Gaussian [1024, 4096] matrix and checkpoint tensors."""
+    import torch
+
+    from formats.qtensor import QuantSpec
+
+    from safetensors import safe_open
+
+    from .hqq_codec import encode_tensor
+
+    mats = {"gaussian 1024x4096": (torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).half()}
+    if tensors and checkpoint is None:
+        raise click.UsageError("--tensor needs --checkpoint")
+    if tensors:
+        folder = Path(checkpoint)
+        index = folder / "model.safetensors.index.json"
+        shards = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+        for name in tensors:
+            with safe_open(folder / shards.get(name, "model.safetensors"), "pt") as f:
+                mats[name] = f.get_tensor(name)
+    rows = []
+    for text in specs:
+        bits, group, mg = (int(v) for v in text.split(","))
+        for name, W in mats.items():
+            errs = {mb: encode_tensor(W, QuantSpec(bits, group, mb, 0 if mb == 16 else mg), "cpu", name)[1]
+                    for mb in (16, 8, 4)}
+            rows.append({"matrix": name, "bits": bits, "group_size": group, "meta_group_size": mg,
+                         "rel_error": {str(k): v for k, v in errs.items()}})
+            click.echo(f"| {name} | {bits}-bit g{group}, meta g{mg} | {errs[16]:.4f} | {errs[8]:.4f} | {errs[4]:.4f} "
+                       f"| {100 * (errs[4] / errs[16] - 1):+.1f}% |")
+    _dump({"machine": _machine(), "rows": rows}, json_out)
 
 
 @cli.command("make-checkpoint")

@@ -14,6 +14,11 @@ from formats.qtensor import META_BITS, WEIGHT_BITS, QuantSpec
 
 # HQQ settings of the reference system (FACTS.md section 2): small groups at 2 bits, where a
 # group's range matters most; 8-bit scale/zero in groups of 128 (2/3-bit) or 256 (4/8-bit).
+# Experts at 2 and 3 bits store scale/zero as 4-bit codes instead (format version 2): 16% fewer
+# bytes per 2-bit expert for +1% weight error and no perplexity cost measured; at 4 bits the
+# same codes cost +10% weight error on real attention (BENCHMARKS.md section 10), so 4/8-bit
+# roles keep 8-bit codes.
+DEFAULT_EXPERT_META_BITS = {2: 4, 3: 4}
 DEFAULT_GROUP_SIZE = {2: 16, 3: 64, 4: 64, 8: 64}
 DEFAULT_META_GROUP_SIZE = {2: 128, 3: 128, 4: 256, 8: 256}
 
@@ -28,6 +33,7 @@ class RoleOption:
     group_option: str  # e.g. "--attn-group-size"
     bits: int
     group_size: int | None = None  # None: the default for `bits`
+    meta_bits: int = 8
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class QuantRecipe:
     expert_group_size: int | None = None
     lm_head_group_size: int | None = None
     meta_bits: int = 8
+    expert_meta_bits: int | None = None  # None: DEFAULT_EXPERT_META_BITS when meta_bits is 8, else meta_bits
     meta_group_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -60,13 +67,14 @@ class QuantRecipe:
                     f"{role.group_option} {role.group_size} must be a positive multiple of 8",
                     hint="typical values are 16, 32, 64 or 128",
                 )
-        if self.meta_bits not in META_BITS:
-            raise ConfigError(
-                f"--meta-bits {self.meta_bits} is not supported",
-                hint="choose 8 (quantized scale/zero, smaller) or 16 (hqq's float16 scale/zero)",
-            )
+        for option, value in (("--meta-bits", self.meta_bits), ("--expert-meta-bits", self.expert_meta_bits)):
+            if value is not None and value not in META_BITS:
+                raise ConfigError(
+                    f"{option} {value} is not supported",
+                    hint="choose 8 (quantized scale/zero, smaller), 16 (hqq's float16 scale/zero) or 4 (smallest)",
+                )
         if self.meta_group_size is not None:
-            if self.meta_bits == 16:
+            if self.meta_bits == 16 and self.expert_meta_bits in (None, 16):
                 raise ConfigError(
                     f"--meta-group-size {self.meta_group_size} has no effect with --meta-bits 16",
                     hint="drop --meta-group-size, or use --meta-bits 8",
@@ -75,10 +83,13 @@ class QuantRecipe:
                 raise ConfigError(f"--meta-group-size {self.meta_group_size} must be positive", hint="the default is 128 or 256")
 
     def _roles(self) -> tuple[RoleOption, ...]:
+        expert_meta = self.expert_meta_bits
+        if expert_meta is None:
+            expert_meta = DEFAULT_EXPERT_META_BITS.get(self.expert_bits, 8) if self.meta_bits == 8 else self.meta_bits
         return (
-            RoleOption("--attn-bits", "--attn-group-size", self.attn_bits, self.attn_group_size),
-            RoleOption("--expert-bits", "--expert-group-size", self.expert_bits, self.expert_group_size),
-            RoleOption("--lm-head-bits", "--lm-head-group-size", self.lm_head_bits, self.lm_head_group_size),
+            RoleOption("--attn-bits", "--attn-group-size", self.attn_bits, self.attn_group_size, self.meta_bits),
+            RoleOption("--expert-bits", "--expert-group-size", self.expert_bits, self.expert_group_size, expert_meta),
+            RoleOption("--lm-head-bits", "--lm-head-group-size", self.lm_head_bits, self.lm_head_group_size, self.meta_bits),
         )
 
     def _spec(self, role: RoleOption, dims: dict[str, int]) -> QuantSpec:
@@ -94,10 +105,10 @@ class QuantRecipe:
                     hint=f"choose a group size that divides {' and '.join(f'{k} {v}' for k, v in dims.items())}"
                     + (f", e.g. {divisors[-1]}" if divisors else ""),
                 )
-        if self.meta_bits == 16:
+        if role.meta_bits == 16:
             return QuantSpec(role.bits, g, 16, 0)
         mg = self.meta_group_size if self.meta_group_size is not None else DEFAULT_META_GROUP_SIZE[role.bits]
-        return QuantSpec(role.bits, g, 8, mg)
+        return QuantSpec(role.bits, g, role.meta_bits, mg)
 
     def build(self, config: ModelConfig) -> Recipe:
         """The per-role recipe for `config`. Router, norms and embeddings stay float16 (format v1)."""

@@ -42,8 +42,10 @@ def bench_recipe(name: str) -> Recipe:
         attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(2, 16, 8, 128)
     elif name == "4/3":
         attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(3, 64, 8, 128)
+    elif name in ("4/2m4", "4/3m4"):  # experts with 4-bit meta codes (format version 2)
+        attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(int(name[2]), 16 if name[2] == "2" else 64, 4, 128)
     else:
-        raise MoepackError(f"--recipe {name!r} is not one of fp16, 4/2, 4/3")
+        raise MoepackError(f"--recipe {name!r} is not one of fp16, 4/2, 4/3, 4/2m4, 4/3m4")
     return Recipe({"embeddings": FP16, "attention": attention, "norms": FP16, "router": FP16,
                    "experts": experts, "lm_head": FP16})
 
@@ -137,7 +139,7 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
 @click.command(help=__doc__)
 @click.option("--layers", type=click.IntRange(1, 32), default=2, show_default=True)
 @click.option("--tiny", is_flag=True, help="Tiny shapes instead of Mixtral-8x7B's.")
-@click.option("--recipe", "recipes", multiple=True, default=("fp16", "4/2"), show_default=True, help="fp16, 4/2 or 4/3.")
+@click.option("--recipe", "recipes", multiple=True, default=("fp16", "4/2"), show_default=True, help="fp16, 4/2, 4/3, 4/2m4 or 4/3m4 (m4: the experts' scale/zero as 4-bit codes).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--prompt-len", type=click.IntRange(1), default=16, show_default=True)

@@ -1,5 +1,5 @@
 """Offloading benchmark: `python -m runtime.bench [--gpu-memory 12GiB] [--routing trace|model|all]
-[--variant naive|lru|prefetch|hybrid|all ...] [--expert-bits 2|3] [--tiny] [--json FILE] [--write-md docs/BENCHMARKS.md]`.
+[--variant naive|lru|prefetch|hybrid|all ...] [--expert-bits 2|3] [--expert-meta-bits 8|4] [--tiny] [--json FILE] [--write-md docs/BENCHMARKS.md]`.
 
 Builds (once, cached in --cache-dir) a synthetic .moepack file with real Mixtral-8x7B shapes
 (runtime.offload.synthfile), loads the non-expert weights on the device, fills the host
@@ -32,6 +32,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -71,15 +72,19 @@ def bench_config(layers: int, tiny: bool) -> ModelConfig:
                        rope_theta=1e6, max_position_embeddings=32768, **shape)
 
 
-def bench_recipe(expert_bits: int) -> Recipe:
-    """The reference paper's recipe: attention 4-bit g64, experts 2-bit g16 (or 3-bit g64), 8-bit meta."""
+def bench_recipe(expert_bits: int, expert_meta_bits: int = 8) -> Recipe:
+    """The reference paper's recipe: attention 4-bit g64, experts 2-bit g16 (or 3-bit g64), 8-bit
+    meta; experts with 4-bit meta codes (format version 2) if asked."""
+    experts = replace(EXPERT_SPECS[expert_bits], meta_bits=expert_meta_bits)
     return Recipe({"embeddings": FP16, "attention": QuantSpec(4, 64, 8, 256), "norms": FP16, "router": FP16,
-                   "experts": EXPERT_SPECS[expert_bits], "lm_head": FP16})
+                   "experts": experts, "lm_head": FP16})
 
 
-def bench_file(cache_dir: Path, layers: int, tiny: bool, expert_bits: int, seed: int) -> MoepackFile:
+def bench_file(cache_dir: Path, layers: int, tiny: bool, expert_bits: int, seed: int,
+               expert_meta_bits: int = 8) -> MoepackFile:
     """The cached synthetic file for this configuration, written on first use."""
-    name = f"{'tiny' if tiny else 'mixtral-8x7b'}-L{layers}-a4-e{expert_bits}-s{seed}.moepack"
+    meta = "" if expert_meta_bits == 8 else f"m{expert_meta_bits}"
+    name = f"{'tiny' if tiny else 'mixtral-8x7b'}-L{layers}-a4-e{expert_bits}{meta}-s{seed}.moepack"
     path = Path(cache_dir).expanduser() / name
     if path.exists():
         try:
@@ -91,7 +96,8 @@ def bench_file(cache_dir: Path, layers: int, tiny: bool, expert_bits: int, seed:
     params = reference_params(layers, cfg.num_local_experts)
     counts = tuple(tuple(int(round(v * 119_000)) for v in row) for row in params.popularity)  # ~59.5k tokens x top-2
     t0 = time.perf_counter()
-    write_bench_file(path, cfg, bench_recipe(expert_bits), seed=seed, expert_counts=counts, progress=not tiny)
+    write_bench_file(path, cfg, bench_recipe(expert_bits, expert_meta_bits), seed=seed, expert_counts=counts,
+                     progress=not tiny)
     _log(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s")
     return MoepackFile(path)
 
@@ -282,6 +288,8 @@ SIM_COLUMNS = [
 @click.option("--tiny", is_flag=True, help="Tiny shapes (hidden 64): runs on a CPU in seconds.")
 @click.option("--layers", type=click.IntRange(1, 32), default=None, help="Layers [default: 32; 4 with --tiny].")
 @click.option("--expert-bits", type=click.Choice(["2", "3"]), default="2", show_default=True)
+@click.option("--expert-meta-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="Scale/zero codes of the experts: 4 is 16% fewer bytes per 2-bit expert (format version 2).")
 @click.option("--gpu-memory", "budgets", multiple=True, metavar="SIZE", help="GPU budget; repeat for a sweep [default: 12GiB].")
 @click.option("--slots-per-layer", "slot_counts", multiple=True, type=click.IntRange(1), help="Budget given as expert slots per layer instead.")
 @click.option("--host-memory", metavar="SIZE", help="RAM for expert records; the rest stream from the file.")
@@ -308,7 +316,7 @@ SIM_COLUMNS = [
 @click.option("--write-md", type=click.Path(dir_okay=False, path_type=Path), help="Append a section with the results to this markdown file.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="Decode replays a captured CUDA graph per expert slot (runtime.graphs); CUDA only.")
-def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, guess_accuracy, variant_names, cpu_threads, cache_policy,
+def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_memory, routing, guess_accuracy, variant_names, cpu_threads, cache_policy,
         prefetch_layers, tokens, warmup, prompt_len, prefill_len, device_name, dtype_name, cache_dir, seed, simulate, json_path, write_md,
         cuda_graphs):
     layers = layers or (4 if tiny else 32)
@@ -328,7 +336,7 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
     if device.type == "cuda" and dtype == torch.float32:
         _log("note: float32 on CUDA doubles the workspace; float16 is the default")
     bits = int(expert_bits)
-    file = bench_file(cache_dir, layers, tiny, bits, seed)
+    file = bench_file(cache_dir, layers, tiny, bits, seed, int(expert_meta_bits))
     cfg = file.config
     ctx = max(prompt_len + warmup + tokens + 1, prefill_len)
     host_bytes = None if host_memory is None else parse_size(host_memory, "--host-memory")
@@ -385,7 +393,8 @@ def cli(tiny, layers, expert_bits, budgets, slot_counts, host_memory, routing, g
                 _log(f"{label} {r} {v}{' graphs' if row['cuda_graphs'] else ''}: {row['tok_s']:.2f} tok/s, hit {row['hit_rate']:.3f}, "
                      f"{row['mb_per_token']:.4g} MB/token, bound {row['bound_tok_s']:.4g} tok/s")
     host.close()
-    result.update(file=str(file.path), layers=cfg.num_hidden_layers, expert_bits=bits, record_size=file.header.expert_layout.record_size,
+    result.update(file=str(file.path), layers=cfg.num_hidden_layers, expert_bits=bits,
+                  expert_meta_bits=int(expert_meta_bits), record_size=file.header.expert_layout.record_size,
                   device=str(device), dtype=str(dtype).removeprefix("torch."), guess_accuracy=guess_accuracy, runs=rows)
     title = (f"Offloading, {'tiny' if tiny else 'Mixtral-8x7B'} shapes, {cfg.num_hidden_layers} layers, experts {bits}-bit, "
              f"pinned H2D {bandwidth / 1e9:.1f} GB/s")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -110,7 +110,7 @@ class NativeKernel:
         self.avx2 = bool(self.lib.moepack_has_avx2())
         f = self.lib.moepack_qgemv
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
+        f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
         f.restype = ctypes.c_int
         self._qgemv = f
         e = self.lib.moepack_expert
@@ -136,10 +136,10 @@ class NativeKernel:
         """x @ W.T for the matrix `desc` (matrix_descriptor) inside `buf` (uint8, CPU,
         contiguous), x [T, K] float32 contiguous -> [T, N] float32; None if declined (a layout
         the kernel does not take, or a non-finite x)."""
-        q, qh, sc, sm, z, zm, mg, group, n, k, bits = desc
+        q, qh, sc, sm, z, zm, mg, group, n, k, bits, mb = desc
         p = buf.data_ptr()
         out = torch.empty((x.shape[0], n), dtype=torch.float32)
-        rc = self._qgemv(p + q, None if qh < 0 else p + qh, p + sc, p + sm, p + z, p + zm, mg, bits, group, n, k,
+        rc = self._qgemv(p + q, None if qh < 0 else p + qh, p + sc, p + sm, p + z, p + zm, mg, mb, bits, group, n, k,
                          x.data_ptr(), x.shape[0], out.data_ptr(), int(threads or 0))
         if rc == UNSUPPORTED:
             return None
@@ -168,7 +168,8 @@ class NativeKernel:
 
 # (spec, rows, cols) of the load-time check: each code width on the in-register meta path,
 # and the per-row path with a scalar tail
-_CHECKS = (((2, 16, 8, 128), 16, 256), ((3, 64, 8, 128), 16, 512), ((4, 64, 8, 256), 8, 512), ((2, 16, 8, 5), 8, 208))
+_CHECKS = (((2, 16, 8, 128), 16, 256), ((3, 64, 8, 128), 16, 512), ((4, 64, 8, 256), 8, 512), ((2, 16, 8, 5), 8, 208),
+           ((2, 16, 4, 128), 16, 256), ((3, 64, 4, 128), 16, 512), ((2, 16, 4, 5), 8, 208))
 
 
 def self_check(kernel: NativeKernel) -> str | None:
@@ -209,7 +210,7 @@ def expert_descriptor(layout) -> torch.Tensor | None:
 
 
 def _descriptor(layout) -> torch.Tensor | None:
-    """int64 [33]: matrix_descriptor of w1, w3 and w2 (moepack_expert's `desc`); None where a
+    """int64 [36]: matrix_descriptor of w1, w3 and w2 (moepack_expert's `desc`); None where a
     matrix is outside the compiled kernel."""
     rows = [matrix_descriptor(tuple(m.shape), m.spec, m.offset) for m in (layout.matrix(n) for n in ("w1", "w3", "w2"))]
     if any(r is None for r in rows):
@@ -219,21 +220,21 @@ def _descriptor(layout) -> torch.Tensor | None:
 
 @functools.lru_cache(maxsize=1024)
 def matrix_descriptor(shape: tuple[int, int], spec, base: int = 0) -> tuple[int, ...] | None:
-    """The 11 numbers moepack_* need for one matrix whose components start at byte `base`: the
+    """The 12 numbers moepack_* need for one matrix whose components start at byte `base`: the
     byte offsets of q, q_hi (-1: none), scale, scale_meta, zero, zero_meta, then mg, group, N, K,
-    bits. None outside the compiled kernel (fp16 meta, 8-bit codes, a group that is not whole
-    words, misaligned planes)."""
+    bits, meta bits. None outside the compiled kernel (fp16 meta, 8-bit codes, a group that is
+    not whole words, misaligned planes)."""
     from .dequant import _component_plan
 
     cu = 32 // (4 if spec.bits == 4 else 2)
-    if not spec.quantized or spec.meta_bits != 8 or spec.bits not in (2, 3, 4) or spec.group_size % cu:
+    if not spec.coded_meta or spec.bits not in (2, 3, 4) or spec.group_size % cu:
         return None
     plan, _ = _component_plan(tuple(shape), spec)
     off = {c[0]: base + c[3] for c in plan}
     if off["q"] % 4 or off.get("q_hi", 0) % 2 or off["scale_meta"] % 4 or off["zero_meta"] % 4:
         return None
     return (off["q"], off.get("q_hi", -1), off["scale"], off["scale_meta"], off["zero"], off["zero_meta"],
-            spec.meta_group_size, spec.group_size, shape[0], shape[1], spec.bits)
+            spec.meta_group_size, spec.group_size, shape[0], shape[1], spec.bits, spec.meta_bits)
 
 
 @functools.lru_cache(maxsize=1)

@@ -98,8 +98,15 @@ def unpack_codes(comps: dict[str, torch.Tensor], bits: int, cols: int) -> torch.
     return q
 
 
+def meta_codes(stored: torch.Tensor, n_groups: int, meta_bits: int) -> torch.Tensor:
+    """A `scale` or `zero` component (4-bit codes two per byte, or 8-bit codes) -> u8 [n_groups]."""
+    if meta_bits == 8:
+        return stored
+    return unpack_plane(stored.view(1, -1), meta_bits, n_groups).view(-1)
+
+
 def dequantize_meta(codes: torch.Tensor, meta: torch.Tensor, group: int) -> torch.Tensor:
-    """8-bit affine meta codes [n] with (step, min) float32 per `group` codes -> float32 [n]."""
+    """Affine meta codes [n] (one per element) with (step, min) float32 per `group` codes -> float32 [n]."""
     n = codes.numel()
     per = meta.repeat_interleave(group, dim=0)[:n]  # [n, 2]
     # two separately rounded float32 ops, exactly as the numpy reference (no fused multiply-add)
@@ -116,7 +123,8 @@ def dequantize(comps: dict[str, torch.Tensor], shape: tuple[int, ...], spec: Qua
     if spec.meta_bits == 16:
         s, z = comps["scale"].to(torch.float32), comps["zero"].to(torch.float32)
     else:
-        s = dequantize_meta(comps["scale"], comps["scale_meta"], spec.meta_group_size)
-        z = dequantize_meta(comps["zero"], comps["zero_meta"], spec.meta_group_size)
+        n_groups = rows * cols // g
+        s = dequantize_meta(meta_codes(comps["scale"], n_groups, spec.meta_bits), comps["scale_meta"], spec.meta_group_size)
+        z = dequantize_meta(meta_codes(comps["zero"], n_groups, spec.meta_bits), comps["zero_meta"], spec.meta_group_size)
     w = (q - z.view(rows, -1, 1)) * s.view(rows, -1, 1)  # [rows, groups, g]
     return w.view(rows, cols).to(dtype)

@@ -125,15 +125,18 @@ def rows_concatenable(shapes: list[tuple[int, ...]], spec: QuantSpec) -> bool:
     """Whether matrices of `shapes` (same columns), all in `spec`, stack along their rows into
     one matrix of that spec by concatenating each component: every component is row-major
     (bit planes [rows, bytes], scales and zeros in row-major group order), so it does unless
-    8-bit meta groups straddle two matrices (a matrix's group count not a multiple of the
-    meta group size)."""
+    4/8-bit meta groups straddle two matrices (a matrix's group count not a multiple of the
+    meta group size) or a 4-bit meta byte would (an odd group count)."""
     if len(shapes) < 2 or any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
         return False
     if not spec.quantized:
         return True
     if shapes[0][1] % spec.group_size:
         return False
-    return spec.meta_bits != 8 or all(s[0] * s[1] // spec.group_size % spec.meta_group_size == 0 for s in shapes)
+    if not spec.coded_meta:
+        return True
+    groups = [s[0] * s[1] // spec.group_size for s in shapes]
+    return all(g % spec.meta_group_size == 0 and g * spec.meta_bits % 8 == 0 for g in groups)
 
 
 def concat_rows(linears: list[nn.Module]) -> nn.Module | None:

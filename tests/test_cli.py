@@ -25,6 +25,7 @@ RECIPES = {
     "a16e16": ("--attn-bits", "16", "--expert-bits", "16"),
     "a4e2": ("--attn-bits", "4", "--expert-bits", "2"),
     "a4e3": ("--attn-bits", "4", "--expert-bits", "3"),
+    "a4e2m8": ("--attn-bits", "4", "--expert-bits", "2", "--expert-meta-bits", "8"),  # the paper's recipe: version 1
 }
 REPORT_KEYS = ["file", "model", "tokenizer", "quantizer", "roles", "experts", "errors", "gpu_memory", "has_expert_counts",
                "expert_routing"]
@@ -37,6 +38,7 @@ def recipe_file(request, tmp_path_factory, tiny_checkpoint):
 
 
 def _bits(name: str) -> tuple[int, int]:
+    name = name.split("m")[0]
     return int(name[1 : name.index("e")]), int(name[name.index("e") + 1 :])
 
 
@@ -51,8 +53,10 @@ def test_inspect_text(recipe_file):
                    "rope theta         1e+06", "chat template: present", "method hqq", "* GPU memory estimate",
                    "assumptions:", "record), "):
         assert needle in text, needle
-    want_experts = "fp16" if experts == 16 else f"{experts}-bit g{16 if experts == 2 else 64}, 8-bit meta g128"
+    meta = 8 if name.endswith("m8") else 4  # 2/3-bit experts: 4-bit meta by default
+    want_experts = "fp16" if experts == 16 else f"{experts}-bit g{16 if experts == 2 else 64}, {meta}-bit meta g128"
     assert f"experts     {want_experts}" in text
+    assert f"format version {2 if meta == 4 and experts != 16 else 1}," in text
     want_attn = "fp16" if attn == 16 else "4-bit g64, 8-bit meta g256"
     assert f"attention   {want_attn}" in text
 
@@ -67,6 +71,9 @@ def test_inspect_json(recipe_file):
     assert rep["file"]["size_bytes"] == path.stat().st_size
     assert rep["model"]["layers"] == 2 and rep["model"]["experts"] == 4 and rep["model"]["rope_theta"] == 1e6
     assert rep["roles"]["experts"]["quant"]["bits"] == experts
+    assert rep["file"]["format_version"] == (1 if name.endswith("m8") or experts == 16 else 2)
+    if experts != 16:
+        assert rep["roles"]["experts"]["quant"]["meta_bits"] == (8 if name.endswith("m8") else 4)
     assert rep["roles"]["attention"]["quant"]["bits"] == attn
     assert rep["roles"]["attention"]["tensors"] == 8 and rep["roles"]["norms"]["tensors"] == 5
     ex = rep["experts"]
@@ -199,7 +206,8 @@ def test_error_missing_shard(tmp_path, tiny_checkpoint):
     (("--attn-bits", "4", "--attn-group-size", "48"), ("--attn-group-size 48", "hidden size")),
     (("--expert-bits", "5"), ("--expert-bits 5", "not supported")),
     (("--attn-bits", "1"), ("--attn-bits 1",)),
-    (("--meta-bits", "4"), ("--meta-bits 4",)),
+    (("--meta-bits", "6"), ("--meta-bits 6",)),
+    (("--expert-meta-bits", "32"), ("--expert-meta-bits 32",)),
     (("--expert-group-size", "12"), ("--expert-group-size 12", "multiple of 8")),
     (("--device", "cuda"), ("--device cuda",)),
 ])

@@ -39,7 +39,8 @@ from formats.qtensor import QuantSpec  # noqa: E402
 from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn  # noqa: E402
 
 HIDDEN, INTER = 4096, 14336
-SPECS = {"2-bit g16": QuantSpec(2, 16, 8, 128), "3-bit g64": QuantSpec(3, 64, 8, 128)}
+SPECS = {"2-bit g16": QuantSpec(2, 16, 8, 128), "3-bit g64": QuantSpec(3, 64, 8, 128),
+         "2-bit g16 m4": QuantSpec(2, 16, 4, 128)}  # 4-bit meta codes: 16% fewer bytes to read
 LLAMA_CPP_MS = 1e3 / (10.4 * 64)
 
 

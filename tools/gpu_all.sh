@@ -14,6 +14,8 @@
 #      each layer's router since 2026-11-23, so its figures are lower than the day before's.
 #  11. CPU-only decode of 32 Mixtral-shape layers (4-bit attention packed, 2-bit experts) on
 #      the host's cores, against llama.cpp's CPU-only figure (FACTS.md 2b);
+#  12. experts with 4-bit meta codes (format version 2, 16% fewer bytes per expert): 32 layers
+#      resident (step graph, 512-token prefill), then LRU / LFU + hybrid at 8, 12, 16 GiB;
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -27,6 +29,8 @@
 # profile of step vs layers), then STAGES="9" (32 layers resident, layers vs step graphs, then
 # offload and hybrid), then STAGES="7" (the CPU kernel over a 1 GiB record pool plus
 # tools/cpu_diag.py). A stacked q+k+v (6144x4096) has no tuned entry yet: STAGES="10" tunes it.
+# Since the third session of 2026-11-23: STAGES="12" (4-bit meta experts), after "9" for the
+# 8-bit figures beside them; stage 2's kernel table has "m4" rows.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -110,5 +114,11 @@ has 9 && run bench_hybrid_8t 120 $PY -m runtime.bench --layers 32 --expert-bits 
 # CPU only, every expert in host RAM: moe-pack's CPU path against llama.cpp's CPU-only 10.4 tok/s
 has 11 && run cpu_only_32 240 bash -c "$PY -m runtime.baseline_bench --device cpu --layers 32 --recipe 4/2 \
   --prompt-len 16 --new-tokens 16 --workdir /tmp/moe-pack-cpu > $OUT/cpu_only_32.jsonl"
+# experts with 4-bit meta codes: fewer bytes per expert, so more slots per budget and shorter copies
+has 12 && run resident_32_m4 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step \
+  --prompt-len 512 --new-tokens 64 > $OUT/resident_32_m4.jsonl"
+has 12 && run bench_m4 300 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 --tokens ${TOKENS:-16} \
+  --warmup 8 --routing trace --variant lru --variant hybrid --cache-policy lfu --gpu-memory 8GiB --gpu-memory 12GiB \
+  --gpu-memory 16GiB --prefill-len 512 --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_m4.json" $BENCH_FLAGS
 log "total"
 tail -n 40 "$OUT/all.log"

@@ -38,13 +38,25 @@ from runtime.offload.hybrid import CostModel  # noqa: E402
 from runtime.offload.schedule import Planner  # noqa: E402
 from runtime.offload.traces import SyntheticRouting, reference_params  # noqa: E402
 
-RECORD_BYTES = 67_436_544  # one 2-bit g16 Mixtral-8x7B expert (docs/BENCHMARKS.md section 1)
-BUDGET_SLOTS = {"8GiB": 85, "12GiB": 149, "16GiB": 213}  # the memory plan's slots on the H100 host
+BUDGETS_GIB = (8, 12, 16)
 LLAMA_CPP = {"12GiB": 46.7}  # FACTS.md section 2b: -ngl 99 --n-cpu-moe 9, 11.8 GiB
 
 
+def geometry(expert_meta_bits: int) -> tuple[int, dict[str, int]]:
+    """(bytes of one 2-bit g16 Mixtral-8x7B expert, {budget: expert slots}) from the format's
+    layout and the runtime's memory plan (fused kernels, 4096-token context, 512 MiB reserve)."""
+    from runtime.bench import bench_config, bench_recipe
+    from runtime.offload.budget import plan_memory
+    from runtime.offload.synthfile import synthetic_header
+
+    h = synthetic_header(bench_config(32, False), bench_recipe(2, expert_meta_bits))
+    slots = {f"{b}GiB": plan_memory(h, b << 30, context_tokens=4096, dtype_bytes=2, reserve_bytes=512 << 20,
+                                    fused=True).n_slots for b in BUDGETS_GIB}
+    return h.expert_layout.record_size, slots
+
+
 def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int,
-              mode: str) -> tuple[float, list[int]]:
+              mode: str, record_bytes: int) -> tuple[float, list[int]]:
     """(seconds, [copied, split, on CPU]) over `tokens` decode steps. mode "whole": the engine's
     rule with experts kept whole; "w13": the engine's rule (whole, or w1/w3 on the CPU while w2
     is copied); "ideal": every miss shared between the two sides in the best ratio, and cached."""
@@ -52,7 +64,7 @@ def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: fl
     routing = SyntheticRouting(reference_params(layers, experts), 0.8, seed)  # same seed, same routes
     cache = make_cache(policy, slots, layers, 2)
     planner = Planner(cache, 0)
-    cost = CostModel(RECORD_BYTES, copy_gbps=RECORD_BYTES / t_copy / 1e9, cpu_s=t_cpu or 1e9)
+    cost = CostModel(record_bytes, copy_gbps=record_bytes / t_copy / 1e9, cpu_s=t_cpu or 1e9)
     per_miss = t_copy * t_cpu / (t_copy + t_cpu) if t_cpu else t_copy
     total, counts = 0.0, [0, 0, 0]
     for _ in range(tokens):
@@ -75,11 +87,12 @@ def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: fl
     return total, counts
 
 
-def project(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int) -> dict:
+def project(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int,
+            record_bytes: int) -> dict:
     """tok/s of the three modes for one budget, policy and CPU expert time (None: copy only)."""
     row = {"slots": slots, "policy": policy, "cpu_ms": None if t_cpu is None else t_cpu * 1e3}
     for mode in ("whole", "w13", "ideal") if t_cpu else ("whole",):
-        total, (a, b, c) = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, mode)
+        total, (a, b, c) = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, mode, record_bytes)
         row[f"{mode}_tok_s"] = tokens / total
         row[f"{mode}_per_token"] = {"copied": a / tokens, "split": b / tokens, "cpu": c / tokens}
     return row
@@ -93,18 +106,22 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", action="append", choices=["layer", "lfu"], help="cache policies (default both)")
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--expert-meta-bits", type=int, choices=[8, 4], default=8,
+                    help="the experts' scale/zero codes: 4 is 16%% fewer bytes per expert (format version 2)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    t_copy = RECORD_BYTES / (args.copy_gbps * 1e9)
+    record_bytes, budget_slots = geometry(args.expert_meta_bits)
+    t_copy = record_bytes / (args.copy_gbps * 1e9)
     cpus = [None] + [c / 1e3 for c in (args.cpu_ms or [4.0, 2.0, 1.2, 0.8])]
     rows = []
-    print(f"t_copy {t_copy * 1e3:.2f} ms, g {args.gpu_layer_ms} ms per layer, {args.tokens} tokens of calibrated trace")
+    print(f"expert {record_bytes:,} bytes, t_copy {t_copy * 1e3:.2f} ms, g {args.gpu_layer_ms} ms per layer, "
+          f"{args.tokens} tokens of calibrated trace")
     print(f"{'budget':>6} {'slots':>5} {'policy':>6} {'cpu ms':>6} {'whole':>6} {'w13':>6} {'ideal':>6}  "
           f"{'w13: copied/split/cpu per token':<32} llama.cpp")
-    for budget, slots in BUDGET_SLOTS.items():
+    for budget, slots in budget_slots.items():
         for policy in args.policy or ["layer", "lfu"]:
             for t_cpu in cpus:
-                r = project(slots, policy, t_copy, t_cpu, args.gpu_layer_ms / 1e3, args.tokens, args.seed)
+                r = project(slots, policy, t_copy, t_cpu, args.gpu_layer_ms / 1e3, args.tokens, args.seed, record_bytes)
                 r["budget"] = budget
                 rows.append(r)
                 cpu = "-" if t_cpu is None else f"{t_cpu * 1e3:.1f}"
@@ -115,7 +132,8 @@ def main(argv=None) -> int:
                 print(f"{budget:>6} {slots:>5} {policy:>6} {cpu:>6} {r['whole_tok_s']:>6.1f} {w13:>6} {ideal:>6}  "
                       f"{counts:<32} {LLAMA_CPP.get(budget, '')}")
     if args.json:
-        args.json.write_text(json.dumps({"t_copy_ms": t_copy * 1e3, "gpu_layer_ms": args.gpu_layer_ms, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"record_bytes": record_bytes, "t_copy_ms": t_copy * 1e3,
+                                         "gpu_layer_ms": args.gpu_layer_ms, "rows": rows}, indent=2))
     return 0
 
 

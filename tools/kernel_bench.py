@@ -55,9 +55,12 @@ EXPERT_SPECS = {
     "2-bit g16": QuantSpec(2, 16, 8, 128),
     "3-bit g64": QuantSpec(3, 64, 8, 128),
     "4-bit g64": QuantSpec(4, 64, 8, 256),
+    "2-bit g16 m4": QuantSpec(2, 16, 4, 128),  # 4-bit meta codes (format version 2): 16% fewer bytes
+    "3-bit g64 m4": QuantSpec(3, 64, 4, 128),
 }
 ATTN_SPEC = QuantSpec(4, 64, 8, 256)
-TARGET_US = {"expert 2-bit g16": 50.0, "expert 3-bit g64": 60.0, "attention 4-bit g64": 40.0}
+TARGET_US = {"expert 2-bit g16": 50.0, "expert 3-bit g64": 60.0, "attention 4-bit g64": 40.0,
+             "expert 2-bit g16 m4": 50.0, "expert 3-bit g64 m4": 60.0}
 
 
 @dataclass(frozen=True)

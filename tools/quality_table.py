@@ -90,7 +90,8 @@ class Config:
     def recipe(self):
         from quantize.recipe import QuantRecipe
 
-        return QuantRecipe(attn_bits=self.attn_bits, expert_bits=self.expert_bits)
+        # 8-bit meta: this table checks that the file holds hqq's own codes (4-bit meta re-rounds them)
+        return QuantRecipe(attn_bits=self.attn_bits, expert_bits=self.expert_bits, expert_meta_bits=8)
 
     def group(self, bits: int) -> int | None:
         from quantize.recipe import DEFAULT_GROUP_SIZE

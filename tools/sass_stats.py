@@ -203,7 +203,7 @@ def profile_dequant(name: str, dump: str | None = None) -> Stats:
     plane = "*i32" if words else "*u8"
     types = {"out_ptr": "*fp16", "q_ptr": plane, "qh_ptr": "*i16" if words else "*u8", "s_ptr": meta, "z_ptr": meta,
              "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
-    const = dict(MG=spec.meta_group_size, BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+    const = dict(MG=spec.meta_group_size, BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
                  BLOCK_N=prefill.DEQUANT_BLOCK_N)
     if words:
         fn, const = dequant_words_kernel, const | {"BLOCK_W": prefill.DEQUANT_BLOCK_W, "EVEN": True}

@@ -42,7 +42,7 @@
 #define MP_UNSUPPORTED 1
 #define MP_NOMEM 2
 
-int moepack_abi_version(void) { return 3; }
+int moepack_abi_version(void) { return 4; }
 
 int moepack_has_avx2(void) {
 #ifdef MP_AVX2
@@ -52,24 +52,29 @@ int moepack_has_avx2(void) {
 #endif
 }
 
+/* The meta code of group i: a byte (8-bit meta) or a nibble, group 2j low in byte j (4-bit). */
+static inline int meta_code(const uint8_t *codes, int64_t i, int mb) {
+    return mb == 8 ? codes[i] : (codes[i >> 1] >> (4 * (i & 1))) & 15;
+}
+
 /* One row's (scale, zero) per word: the groups decoded, then repeated WPG = group/CU times. */
 static void decode_row_meta(int64_t n, int64_t gpr, int64_t wpg, const uint8_t *scale, const float *smeta,
-                            const uint8_t *zero, const float *zmeta, int64_t mg, float *sw, float *zw) {
+                            const uint8_t *zero, const float *zmeta, int64_t mg, int mb, float *sw, float *zw) {
     int64_t i0 = n * gpr;
     for (int64_t g = 0; g < gpr;) {  /* one pass per meta group the row overlaps */
         int64_t m = (i0 + g) / mg;
         int64_t e = (m + 1) * mg - i0;
         if (e > gpr) e = gpr;
         const float ss = smeta[2 * m], sm = smeta[2 * m + 1], zs = zmeta[2 * m], zm = zmeta[2 * m + 1];
-        const uint8_t *sc = scale + i0, *zc = zero + i0;
-        if (wpg == 1) {
+        if (wpg == 1 && mb == 8) {
+            const uint8_t *sc = scale + i0, *zc = zero + i0;
             for (int64_t k = g; k < e; k++) {  /* vectorizes: u8 -> f32, one FMA */
                 sw[k] = ss * (float)sc[k] + sm;
                 zw[k] = zs * (float)zc[k] + zm;
             }
         } else {
             for (int64_t k = g; k < e; k++) {
-                const float s = ss * (float)sc[k] + sm, z = zs * (float)zc[k] + zm;
+                const float s = ss * (float)meta_code(scale, i0 + k, mb) + sm, z = zs * (float)meta_code(zero, i0 + k, mb) + zm;
                 for (int64_t r = 0; r < wpg; r++) {
                     sw[k * wpg + r] = s;
                     zw[k * wpg + r] = z;
@@ -175,6 +180,21 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
 }
 
 
+#ifdef MP_AVX2
+/* The codes of groups i .. i+7 as 8 int32 lanes. 4-bit: i is a multiple of 8 (the fast path's
+ * blocks), so they are the 8 nibbles of one little-endian u32, group i + k at bits 4k: broadcast,
+ * shift each lane's nibble to the top, shift it down (no mask constant held in a register).
+ * 2-bit g16 on one dev-cpu core: 20.1 cycles per 128 weights against 17.5 with byte codes
+ * (tools/cpu_kernel_cycles.c); an unpack of nibble pairs took 20.4, a mask 20.3. */
+static inline __attribute__((always_inline)) __m256i meta_codes8(const uint8_t *codes, int64_t i, const int mb) {
+    if (mb == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
+    int32_t eight;
+    memcpy(&eight, codes + (i >> 1), 4);
+    const __m256i top = _mm256_sllv_epi32(_mm256_set1_epi32(eight), _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
+    return _mm256_srli_epi32(top, 28);
+}
+#endif
+
 /* The fast path: meta decoded in registers, 8 groups at a time, inside the word loop, instead of
  * a per-row decode pass (that pass cost 25-45% of the time). Needs gpr and mg multiples of 8
  * (an 8-group block never straddles a meta group) and WPG = 2^wpg_log2 words per group: the
@@ -184,7 +204,7 @@ static inline __attribute__((always_inline)) float row_fast(const uint32_t *qn, 
                                                             const int w, int64_t gpr, int wpg_log2, int64_t i0,
                                                             const uint8_t *scale, const float *smeta,
                                                             const uint8_t *zero, const float *zmeta, int64_t mg,
-                                                            const int32_t *xp, int64_t U, const float *d,
+                                                            const int mb, const int32_t *xp, int64_t U, const float *d,
                                                             const float *Xg) {
     const int h = 16 / w;
     const uint32_t m = (1u << w) - 1u;
@@ -193,7 +213,6 @@ static inline __attribute__((always_inline)) float row_fast(const uint32_t *qn, 
     const __m256i hibit = _mm256_set1_epi32(0x00040004);
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 acc = _mm256_setzero_ps(), accz = _mm256_setzero_ps();
-    const uint8_t *sc = scale + i0, *zc = zero + i0;
     for (int64_t g0 = 0; g0 < gpr;) {
         const int64_t mi = (i0 + g0) / mg;
         int64_t e = (mi + 1) * mg - i0;
@@ -201,10 +220,8 @@ static inline __attribute__((always_inline)) float row_fast(const uint32_t *qn, 
         const __m256 ss = _mm256_set1_ps(smeta[2 * mi]), sm = _mm256_set1_ps(smeta[2 * mi + 1]);
         const __m256 zs = _mm256_set1_ps(zmeta[2 * mi]), zm = _mm256_set1_ps(zmeta[2 * mi + 1]);
         for (int64_t gb = g0; gb < e; gb += 8) {
-            const __m256 s8 = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + gb)))), ss, sm);
-            const __m256 z8 = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zc + gb)))), zs, zm);
+            const __m256 s8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(meta_codes8(scale, i0 + gb, mb)), ss, sm);
+            const __m256 z8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(meta_codes8(zero, i0 + gb, mb)), zs, zm);
             accz = _mm256_fmadd_ps(_mm256_mul_ps(s8, z8), _mm256_loadu_ps(Xg + gb), accz);
             for (int64_t r = 0; r < wpg; r++) {
                 const int64_t j = gb * wpg + 8 * r;
@@ -273,10 +290,10 @@ static float row_dot(const uint32_t *qn, const uint16_t *hn, int bits, int w, in
 typedef struct {
     const uint32_t *q;    /* low plane as u32 words [N][K/CU] */
     const uint16_t *qhi;  /* 3-bit: high plane as u16 [N][K/CU]; else NULL */
-    const uint8_t *scale, *zero;  /* u8 codes per group */
+    const uint8_t *scale, *zero;  /* codes per group: u8 (mb 8) or nibbles, group 2j low in byte j (mb 4) */
     const float *smeta, *zmeta;   /* (step, min) f32 pairs per mg groups */
     int64_t mg, group, N, K;
-    int bits;
+    int bits, mb;
 } mp_mat;
 
 typedef struct {
@@ -297,6 +314,7 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     g->cu = 32 / g->w;
     if (m->K <= 0 || m->N <= 0 || m->mg <= 0 || m->group % g->cu || m->K % m->group) return MP_UNSUPPORTED;
     if (m->bits == 3 && m->qhi == NULL) return MP_UNSUPPORTED;
+    if (m->mb != 8 && m->mb != 4) return MP_UNSUPPORTED;
     g->U = m->K / g->cu;
     g->Up = (g->U + 7) / 8 * 8;
     g->gpr = m->K / m->group;
@@ -355,15 +373,21 @@ static float row_value(const mp_mat *m, const mp_geo *g, const mp_xq *q, int64_t
         const int wl = g->wl;
         const int32_t *xp = XP(g, q, t);
         const float *d = XD(g, q, t), *xg = XG(g, q, t);
-#define FAST(B, W, WL) row_fast(qn, hn, B, W, gpr, WL, n * gpr, m->scale, m->smeta, m->zero, m->zmeta, mg, xp, g->U, d, xg)
-        /* the quantizer's defaults get a build with WPG constant (loops unrolled) */
-        if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0) : wl == 3 ? FAST(2, 2, 3) : FAST(2, 2, wl);
-        if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2) : wl == 1 ? FAST(3, 2, 1) : FAST(3, 2, wl);
-        return wl == 3 ? FAST(4, 4, 3) : wl == 2 ? FAST(4, 4, 2) : FAST(4, 4, wl);
+#define FAST(B, W, WL, MB) row_fast(qn, hn, B, W, gpr, WL, n * gpr, m->scale, m->smeta, m->zero, m->zmeta, mg, MB, xp, g->U, d, xg)
+        /* the quantizer's defaults get a build with WPG and the meta width constant (loops
+         * unrolled, no branch on the meta width per block) */
+        if (m->mb == 4) {
+            if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 4) : FAST(2, 2, wl, 4);
+            if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 4) : FAST(3, 2, wl, 4);
+            return FAST(4, 4, wl, 4);
+        }
+        if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 8) : wl == 3 ? FAST(2, 2, 3, 8) : FAST(2, 2, wl, 8);
+        if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 8) : wl == 1 ? FAST(3, 2, 1, 8) : FAST(3, 2, wl, 8);
+        return wl == 3 ? FAST(4, 4, 3, 8) : wl == 2 ? FAST(4, 4, 2, 8) : FAST(4, 4, wl, 8);
 #undef FAST
     }
 #endif
-    if (!decoded) decode_row_meta(n, g->gpr, g->wpg, m->scale, m->smeta, m->zero, m->zmeta, m->mg, sw, zw);
+    if (!decoded) decode_row_meta(n, g->gpr, g->wpg, m->scale, m->smeta, m->zero, m->zmeta, m->mg, m->mb, sw, zw);
     return row_dot(qn, hn, m->bits, g->w, g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t), sw, zw);
 }
 
@@ -404,7 +428,7 @@ static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp
 
 static mp_mat matrix_at(const uint8_t *base, const int64_t *d) {
     /* d: byte offsets of q, q_hi (-1: none), scale, scale_meta, zero, zero_meta; then mg,
-     * group, N, K, bits */
+     * group, N, K, bits, meta bits */
     mp_mat m;
     m.q = (const uint32_t *)(base + d[0]);
     m.qhi = d[1] >= 0 ? (const uint16_t *)(base + d[1]) : NULL;
@@ -417,6 +441,7 @@ static mp_mat matrix_at(const uint8_t *base, const int64_t *d) {
     m.N = d[8];
     m.K = d[9];
     m.bits = (int)d[10];
+    m.mb = (int)d[11];
     return m;
 }
 
@@ -426,9 +451,9 @@ static mp_mat matrix_at(const uint8_t *base, const int64_t *d) {
  * [N][K/CU] (else unused, may be NULL). threads <= 0: OpenMP's default.
  * Returns MP_UNSUPPORTED for a geometry this kernel does not handle (the caller falls back). */
 int moepack_qgemv(const uint32_t *q, const uint16_t *qhi, const uint8_t *scale, const float *smeta,
-                  const uint8_t *zero, const float *zmeta, int64_t mg, int bits, int64_t group, int64_t N,
+                  const uint8_t *zero, const float *zmeta, int64_t mg, int mb, int bits, int64_t group, int64_t N,
                   int64_t K, const float *x, int64_t T, float *out, int threads) {
-    const mp_mat m = {q, qhi, scale, zero, smeta, zmeta, mg, group, N, K, bits};
+    const mp_mat m = {q, qhi, scale, zero, smeta, zmeta, mg, group, N, K, bits, mb};
     mp_geo g;
     mp_xq xq;
     if (T <= 0 || geometry(&m, &g) != MP_OK || !all_finite(x, T * K)) return MP_UNSUPPORTED;
@@ -450,12 +475,12 @@ int moepack_qgemv(const uint32_t *q, const uint16_t *qhi, const uint8_t *scale, 
 }
 
 /* One expert from its record: h = silu(w1 x) * w3 x [T][I], then y = w2 h [T][H] unless y is
- * NULL (the hybrid engine's split stops at h). desc: 11 int64 per matrix (see matrix_at), for
+ * NULL (the hybrid engine's split stops at h). desc: 12 int64 per matrix (see matrix_at), for
  * w1, w3, w2. One parallel region for all of it: x is rounded once for w1 and w3, each row of
  * w1 and w3 is finished into h at once, and the team never leaves between the matrices. */
 int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, int64_t T, float *h, float *y,
                    int threads) {
-    const mp_mat m1 = matrix_at(record, desc), m3 = matrix_at(record, desc + 11), m2 = matrix_at(record, desc + 22);
+    const mp_mat m1 = matrix_at(record, desc), m3 = matrix_at(record, desc + 12), m2 = matrix_at(record, desc + 24);
     mp_geo g13, g2;
     if (T <= 0 || geometry(&m1, &g13) != MP_OK || geometry(&m2, &g2) != MP_OK) return MP_UNSUPPORTED;
     if (m3.bits != m1.bits || m3.group != m1.group || m3.mg != m1.mg || m3.N != m1.N || m3.K != m1.K ||

@@ -117,6 +117,10 @@ def pick_gemv_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool = Fals
     there are too few row blocks to fill the GPU."""
     # looked up every call (TUNED may change at run time), after a cheap test for the usual empty table
     tuned = TUNED.get(_key(n, k, t, spec, gated)) if TUNED else None
+    if tuned is None and TUNED and spec.meta_bits == 4:
+        # 4-bit meta codes change the loads of 1/g of the bytes, not the tile: borrow the 8-bit
+        # meta entry of the same problem until one is tuned for 4 bits
+        tuned = TUNED.get(_key(n, k, t, replace(spec, meta_bits=8), gated))
     if tuned is not None:
         return tuned.for_matrix(k, spec)
     return _heuristic_config(n, k, t, spec, gated, sm_count)

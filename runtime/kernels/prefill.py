@@ -73,7 +73,7 @@ def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec
         grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(k // per, DEQUANT_BLOCK_W))
         dequant_words_kernel[grid](
             out, *words, s, sm, z, zm, n, k, out.stride(0),
-            MG=mg, BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+            MG=mg, BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
             BLOCK_N=DEQUANT_BLOCK_N, BLOCK_W=DEQUANT_BLOCK_W,
             EVEN=n % DEQUANT_BLOCK_N == 0 and (k // per) % DEQUANT_BLOCK_W == 0, enable_fp_fusion=False,
         )
@@ -82,7 +82,7 @@ def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec
     dequant_kernel[grid](
         out, q, qh, s, sm, z, zm,
         n, k, q.shape[1], qh.shape[1], out.stride(0),
-        MG=mg, BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+        MG=mg, BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
         BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, enable_fp_fusion=False,
     )
     return out
@@ -153,7 +153,7 @@ def gemm_constexprs(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype,
                     config: tuple[int, int, int, int, int] = GEMM_CONFIG) -> dict:
     """qgemm_kernel's compile-time arguments for a [N, K] matrix of `spec` and x of `dtype`."""
     bm, bn, bk, warps, stages = config
-    return dict(MG=max(spec.meta_group_size, 1), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+    return dict(MG=max(spec.meta_group_size, 1), BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_TILES=_cdiv(shape[1], bk), IEEE=dtype == torch.float32,
                 num_warps=warps, num_stages=stages)
 

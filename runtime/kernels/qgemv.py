@@ -115,7 +115,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
     if out_per > 1 and n % out_per:
         raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
     constexprs = dict(
-        MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, META8=spec.meta_bits == 8,
+        MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
         EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
@@ -132,13 +132,13 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
 
 
 def row_meta(k: int, spec: QuantSpec, block_k: int) -> bool:
-    """Whether every tile row lies inside one meta group (8-bit meta), so the kernel loads
+    """Whether every tile row lies inside one meta group (4- or 8-bit meta), so the kernel loads
     (step, min) once per row and tile instead of per word: tiles hold whole groups
     (BLOCK_K % G == 0), rows whole tiles (K % BLOCK_K == 0), so every tile starts at a multiple
     of BLOCK_K / G groups in the flat group index, and meta groups are made of whole tiles
     (MG % (BLOCK_K / G) == 0)."""
     g = spec.group_size
-    return spec.meta_bits == 8 and block_k % g == 0 and k % block_k == 0 and spec.meta_group_size % (block_k // g) == 0
+    return spec.coded_meta and block_k % g == 0 and k % block_k == 0 and spec.meta_group_size % (block_k // g) == 0
 
 
 def launch_plan(x: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, gated: bool,

@@ -41,8 +41,9 @@ def fill_random(buf: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, base
         comps["scale"].copy_(torch.empty(comps["scale"].shape).uniform_(0.01, 0.05, generator=gen))
         comps["zero"].copy_(torch.empty(comps["zero"].shape).uniform_(0.0, top, generator=gen))
     else:
-        comps["scale_meta"].copy_(torch.tensor([0.04 / 255, 0.01]).expand_as(comps["scale_meta"]))
-        comps["zero_meta"].copy_(torch.tensor([top / 255, 0.0]).expand_as(comps["zero_meta"]))
+        codes = float((1 << spec.meta_bits) - 1)
+        comps["scale_meta"].copy_(torch.tensor([0.04 / codes, 0.01]).expand_as(comps["scale_meta"]))
+        comps["zero_meta"].copy_(torch.tensor([top / codes, 0.0]).expand_as(comps["zero_meta"]))
 
 
 def random_matrix(shape: tuple[int, int], spec: QuantSpec, device: torch.device, gen: torch.Generator) -> torch.Tensor:

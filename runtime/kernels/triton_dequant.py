@@ -18,7 +18,7 @@ from .triton_gemv import _ld, _load_meta
 def dequant_kernel(
     out_ptr, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
     N, K, RB_LO, RB_HI, stride_on,
-    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
+    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)); RB_LO / RB_HI: bytes per row of each plane."""
@@ -33,15 +33,15 @@ def dequant_kernel(
         hb = tl.load(qh_ptr + rows * RB_HI + cols // 8, mask=m, other=0).to(tl.int32)
         q = q | (((hb >> (cols % 8)) & 1) << 2)
     gidx = rows * (K // G) + cols // G
-    s = _load_meta(s_ptr, sm_ptr, gidx, m, META8, MG)
-    z = _load_meta(z_ptr, zm_ptr, gidx, m, META8, MG)
+    s = _load_meta(s_ptr, sm_ptr, gidx, m, MB, MG)
+    z = _load_meta(z_ptr, zm_ptr, gidx, m, MB, MG)
     w = (q.to(tl.float32) - z) * s
     tl.store(out_ptr + rows * stride_on + cols, w.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K,
-                  MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr, EVEN: tl.constexpr):
+                  MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MB: tl.constexpr, EVEN: tl.constexpr):
     """W at rows r [BN, 1] and low-plane words kw [1, BW] as float32 [BN, BW, PER] (code c of
     word kw is column kw * PER + c), with decode_matrix's arithmetic; zeros outside the matrix.
     Shared by dequant_words_kernel and the fused GEMM (triton_gemm.py)."""
@@ -59,13 +59,13 @@ def _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K,
         q = q | (((hi[:, :, None] >> c) & 1) << 2)
     if G % PER == 0:  # a word lies in one group: one scale and zero per word
         gidx = r * (K // G) + (kw * PER) // G  # [BN, BW]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
-        z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[:, :, None]
+        s = _load_meta(s_ptr, sm_ptr, gidx, m2, MB, MG, EVEN)[:, :, None]
+        z = _load_meta(z_ptr, zm_ptr, gidx, m2, MB, MG, EVEN)[:, :, None]
     else:  # several groups per word (PER % G == 0)
         gidx = r[:, :, None] * (K // G) + (kw[:, :, None] * PER + c) // G  # [BN, BW, PER]
         m3 = m2[:, :, None]
-        s = _load_meta(s_ptr, sm_ptr, gidx, m3, META8, MG, EVEN)
-        z = _load_meta(z_ptr, zm_ptr, gidx, m3, META8, MG, EVEN)
+        s = _load_meta(s_ptr, sm_ptr, gidx, m3, MB, MG, EVEN)
+        z = _load_meta(z_ptr, zm_ptr, gidx, m3, MB, MG, EVEN)
     return (q.to(tl.float32) - z) * s
 
 
@@ -73,7 +73,7 @@ def _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K,
 def dequant_words_kernel(
     out_ptr, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
     N, K, stride_on,
-    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
+    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN: tl.constexpr = False,
 ):
     """The same weights as dequant_kernel for the layouts the fused GEMV covers (K % 32 == 0,
@@ -88,7 +88,7 @@ def dequant_words_kernel(
     PER: tl.constexpr = 32 // (2 if BITS == 3 else BITS)
     r = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1]
     kw = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]  # [1, BW]
-    w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, META8, EVEN)
+    w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, MB, EVEN)
     cols = kw[:, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, BW, PER]
     if EVEN:
         tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty))

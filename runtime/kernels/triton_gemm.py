@@ -30,13 +30,13 @@ from .triton_gemv import _to_record
 
 @triton.jit
 def _decode_tile(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw0, N, K, dtype: tl.constexpr,
-                 MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
+                 MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MB: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[r, kw0 * PER : kw0 * PER + BLOCK_K] as `dtype` [BLOCK_N, BLOCK_K] (r: [BLOCK_N, 1] rows;
     zeros outside the matrix), rounded as the dense path rounds it."""
     BW: tl.constexpr = BLOCK_K // (32 // (2 if BITS == 3 else BITS))  # words per row of a tile
     kw = (kw0 + tl.arange(0, BW))[None, :]  # [1, BW]
-    w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, META8, False)
+    w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, MB, False)
     return tl.reshape(w.to(dtype), (BLOCK_N, BLOCK_K))  # column kw * PER + c
 
 
@@ -47,7 +47,7 @@ def qgemm_kernel(
     qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
     offs_ptr, ROW0, RS,
     M, N, K, stride_xm, stride_om,
-    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, META8: tl.constexpr,
+    MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
     IEEE: tl.constexpr = False, GATED: tl.constexpr = False, GROUPED: tl.constexpr = False,
 ):
@@ -82,14 +82,14 @@ def qgemm_kernel(
             xt = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
                          mask=m_ok[:, None] & (cols[None, :] < K), other=0.0)  # [BM, BK]
             wa = _decode_tile(qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr, r, kw0, N, K, x_ptr.dtype.element_ty,
-                              MG, BITS, G, META8, BLOCK_N, BLOCK_K)
+                              MG, BITS, G, MB, BLOCK_N, BLOCK_K)
             if IEEE:
                 acc_a = tl.dot(xt, tl.trans(wa), acc_a, input_precision="ieee")
             else:
                 acc_a = tl.dot(xt, tl.trans(wa), acc_a)
             if GATED:
                 wb = _decode_tile(qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr, r, kw0, N, K,
-                                  x_ptr.dtype.element_ty, MG, BITS, G, META8, BLOCK_N, BLOCK_K)
+                                  x_ptr.dtype.element_ty, MG, BITS, G, MB, BLOCK_N, BLOCK_K)
                 if IEEE:
                     acc_b = tl.dot(xt, tl.trans(wb), acc_b, input_precision="ieee")
                 else:

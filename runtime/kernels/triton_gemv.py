@@ -55,13 +55,24 @@ def _ld(ptrs, mask, other, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _load_meta(codes_ptr, meta_ptr, gidx, gmask, META8: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr = False):
-    """Scales or zeros of groups `gidx` as float32: f16 values, or u8 codes with a float32
-    (step, min) pair per MG consecutive groups. MG is a compile-time constant: a runtime
-    divisor made `gidx // MG` a full integer division per loaded element (dozens of
+def _meta_code(codes_ptr, gidx, gmask, MB: tl.constexpr, EVEN: tl.constexpr = False):
+    """The scale or zero code of groups `gidx` as float32: a byte (MB 8), or a nibble (MB 4:
+    group 2j in the low half of byte j)."""
+    if MB == 4:
+        byte = _ld(codes_ptr + (gidx >> 1), gmask, 0, EVEN).to(tl.int32)
+        return ((byte >> ((gidx & 1) * 4)) & 15).to(tl.float32)
+    else:
+        return _ld(codes_ptr + gidx, gmask, 0, EVEN).to(tl.float32)
+
+
+@triton.jit
+def _load_meta(codes_ptr, meta_ptr, gidx, gmask, MB: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr = False):
+    """Scales or zeros of groups `gidx` as float32: f16 values (MB 16), or 8- or 4-bit codes
+    with a float32 (step, min) pair per MG consecutive groups. MG is a compile-time constant: a
+    runtime divisor made `gidx // MG` a full integer division per loaded element (dozens of
     instructions); a constant one is a shift (powers of two) or a multiply-high."""
-    if META8:
-        code = _ld(codes_ptr + gidx, gmask, 0, EVEN).to(tl.float32)
+    if MB != 16:
+        code = _meta_code(codes_ptr, gidx, gmask, MB, EVEN)
         mi = gidx // MG
         step = _ld(meta_ptr + 2 * mi, gmask, 0.0, EVEN)
         lo = _ld(meta_ptr + 2 * mi + 1, gmask, 0.0, EVEN)
@@ -74,7 +85,7 @@ def _load_meta(codes_ptr, meta_ptr, gidx, gmask, META8: tl.constexpr, MG: tl.con
 def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
                  rows, n_mask, k0, K, MG: tl.constexpr,
                  T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                 META8: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr, X_PERMUTED: tl.constexpr,
+                 MB: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr, X_PERMUTED: tl.constexpr,
                  EVEN: tl.constexpr, ROW_META: tl.constexpr):
     """acc [BT, BLOCK_N, BKW] += the products of the BKW words starting at column k0 (EVEN: no
     row or column of the tile lies outside the matrix; ROW_META: 8-bit meta whose meta groups
@@ -107,11 +118,11 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
     for j in tl.static_range(PER // GW):
         gidx = r * (K // G) + ((kw * PER + j * GW) // G)[None, :]  # [BN, BKW] row-major group index
         if ROW_META:
-            s = (s_step * _ld(s_ptr + gidx, m2, 0, EVEN).to(tl.float32) + s_min)[None, :, :]  # [1, BN, BKW]
-            z = (z_step * _ld(z_ptr + gidx, m2, 0, EVEN).to(tl.float32) + z_min)[None, :, :]
+            s = (s_step * _meta_code(s_ptr, gidx, m2, MB, EVEN) + s_min)[None, :, :]  # [1, BN, BKW]
+            z = (z_step * _meta_code(z_ptr, gidx, m2, MB, EVEN) + z_min)[None, :, :]
         else:
-            s = _load_meta(s_ptr, sm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]  # [1, BN, BKW]
-            z = _load_meta(z_ptr, zm_ptr, gidx, m2, META8, MG, EVEN)[None, :, :]
+            s = _load_meta(s_ptr, sm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]  # [1, BN, BKW]
+            z = _load_meta(z_ptr, zm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]
         dot = tl.full([BT, BLOCK_N, BKW], 0.0, tl.float32)
         xs = tl.full([BT, 1, BKW], 0.0, tl.float32)
         for i in tl.static_range(GW):
@@ -167,7 +178,7 @@ def qgemv_kernel(
     sel_ptr, w_ptr,
     N, K, RS, stride_xt, stride_xe, stride_os, stride_oe, stride_ot,
     MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-    META8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
+    MB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
     ROW_META: tl.constexpr = False, INDEXED: tl.constexpr = False, SCALED: tl.constexpr = False,
 ):
@@ -205,11 +216,11 @@ def qgemv_kernel(
     for i in range(TILES):
         k0 = k_start + i * BLOCK_K
         acc_a = _tile_update(acc_a, x_ptr, stride_xt, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
-                             rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN,
+                             rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, X_PERMUTED, EVEN,
                              ROW_META)
         if GATED:
             acc_b = _tile_update(acc_b, x_ptr, stride_xt, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
-                                 rows, n_mask, k0, K, MG, T, BT, BITS, G, META8, BLOCK_N, BKW, X_PERMUTED, EVEN,
+                                 rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, X_PERMUTED, EVEN,
                              ROW_META)
 
     ya = tl.reduce(acc_a, 2, _add)  # [BT, BN]: the only cross-lane reduction

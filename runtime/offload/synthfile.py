@@ -23,7 +23,7 @@ from tqdm import tqdm
 from formats.header import ExpertEntry, Header, ModelConfig, QuantizerInfo, Recipe, TensorEntry, TokenizerInfo
 from formats.layout import expected_tensors
 from formats.qtensor import QuantSpec, matrix_layout
-from formats.spec import ALIGNMENT, MAGIC, PREFIX, VERSION, align_up, data_offset
+from formats.spec import ALIGNMENT, MAGIC, PREFIX, align_up, data_offset
 from formats.writer import make_expert_layout
 
 POOL_BYTES = 256 << 20
@@ -62,6 +62,7 @@ def matrix_pieces(pools: _Pools, rng: np.random.Generator, shape: tuple[int, ...
     comps, size = matrix_layout(tuple(shape), spec)
     out, pos = [], 0
     levels = (1 << spec.bits) - 1 if spec.quantized else 0
+    top = (1 << spec.meta_bits) - 1 if spec.coded_meta else 1  # the largest scale / zero code
     # q uniform on 0..levels and zero uniform on levels/2 +- 0.5: E[(q - z)^2] = (levels^2 + 2 levels + 1) / 12
     s_mean = std / np.sqrt((levels * levels + 2 * levels + 1) / 12) if spec.quantized else 0.0
     for c in comps:
@@ -71,11 +72,11 @@ def matrix_pieces(pools: _Pools, rng: np.random.Generator, shape: tuple[int, ...
         if c.name == "weight":
             a = np.ones(n, "<f2") if ones else (pools.gauss(rng, n) * np.float32(std)).astype("<f2")
         elif c.dtype == "u8":
-            a = pools.u8(rng, n)  # code planes and 8-bit scale / zero codes
+            a = pools.u8(rng, n)  # code planes and 4/8-bit scale / zero codes (random bytes either way)
         elif c.name == "scale_meta":
-            a = _meta(c.shape[0], 0.5 * s_mean / 255, 0.75 * s_mean)
+            a = _meta(c.shape[0], 0.5 * s_mean / top, 0.75 * s_mean)
         elif c.name == "zero_meta":
-            a = _meta(c.shape[0], 1.0 / 255, levels / 2 - 0.5)
+            a = _meta(c.shape[0], 1.0 / top, levels / 2 - 0.5)
         elif c.name == "scale":  # fp16 meta
             a = (np.float32(s_mean) * (0.75 + 0.5 * pools.u8(rng, n) / np.float32(255))).astype("<f2")
         else:  # fp16 zero
@@ -188,12 +189,13 @@ def write_bench_file(path: str | os.PathLike, config: ModelConfig, recipe: Recip
         for n in pool.map(crc, tensors_first):
             bar.update(n)
 
-    raw = _header(config, recipe, records, data_size, expert_counts, seed).to_bytes()
+    header = _header(config, recipe, records, data_size, expert_counts, seed)
+    raw = header.to_bytes()
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb", buffering=0) as out:
-            out.write(PREFIX.pack(MAGIC, VERSION, 0, len(raw), zlib.crc32(raw), 0))
+            out.write(PREFIX.pack(MAGIC, header.format_version, 0, len(raw), zlib.crc32(raw), 0))
             out.write(raw)
             out.write(bytes(data_offset(len(raw)) - out.tell()))
             pos = 0

@@ -19,7 +19,7 @@ from formats.errors import MoepackError
 from formats.header import ModelConfig, QuantizerInfo, Recipe, TokenizerInfo
 from formats.qtensor import QuantSpec
 from formats.reader import MoepackFile
-from formats.spec import ALIGNMENT, MAGIC, PREFIX, PREFIX_SIZE, VERSION, align_up
+from formats.spec import ALIGNMENT, MAGIC, PREFIX, PREFIX_SIZE, align_up
 
 FP16 = QuantSpec(16)
 
@@ -37,6 +37,9 @@ RECIPE = Recipe({
     "embeddings": FP16, "attention": QuantSpec(4, 16, 8, 4), "norms": FP16, "router": FP16,
     "experts": QuantSpec(2, 16, 8, 4), "lm_head": QuantSpec(3, 16, 16, 0),
 })
+
+# Format version 2's one addition: 4-bit meta codes (here on attention and experts).
+RECIPE_V2 = Recipe({**RECIPE.specs, "attention": QuantSpec(4, 16, 4, 4), "experts": QuantSpec(2, 16, 4, 3)})
 
 QUANTIZER = QuantizerInfo("moe-pack", "test", "none", "-", "tests")
 TOKENIZER = TokenizerInfo(
@@ -62,7 +65,7 @@ def assemble(
     data: bytes,
     *,
     magic: bytes = MAGIC,
-    version: int = VERSION,
+    version: int | None = None,
     flags: int = 0,
     header_len: int | None = None,
     crc: int | None = None,
@@ -73,6 +76,8 @@ def assemble(
     """prefix + header + padding to the next 4096 boundary + data + tail; the prefix is
     correct for the header given unless a field is overridden."""
     raw = canonical(header) if isinstance(header, dict) else header
+    if version is None:  # the version the writer would put there
+        version = 2 if b'"meta_bits":4' in raw else 1  # canonical JSON: no spaces
     pad_len = align_up(PREFIX_SIZE + len(raw), ALIGNMENT) - PREFIX_SIZE - len(raw)
     if padding is None:
         padding = bytes(pad_len)

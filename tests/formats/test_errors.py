@@ -13,7 +13,9 @@ from formats.header import components_to_json
 from formats.qtensor import QuantSpec, matrix_layout
 from formats.reader import MoepackFile
 from formats.spec import ALIGNMENT, HEADER_MAX_BYTES
-from tests.formats.helpers import assemble, canonical, check_message, open_error
+from formats.spec import PREFIX
+from formats.synthetic import write_synthetic
+from tests.formats.helpers import RECIPE_V2, TINY, assemble, canonical, check_message, open_error, split
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 NORM = "model.layers.0.input_layernorm.weight"
@@ -49,8 +51,21 @@ def test_not_a_moepack_file_at_all(tmp_path):
     open_error(put(tmp_path, b"{\"hello\": 1}\n"), BadMagicError, "magic")
 
 
-def test_unsupported_version(tmp_path, tiny):
-    open_error(broken(tmp_path, tiny, lambda h, d: None, version=2), UnsupportedVersionError, "version 2")
+@pytest.mark.parametrize("version", [0, 3])
+def test_unsupported_version(tmp_path, tiny, version):
+    open_error(broken(tmp_path, tiny, lambda h, d: None, version=version), UnsupportedVersionError, f"version {version}")
+
+
+def test_version_2_reads_a_file_without_version_2_features(tmp_path, tiny):
+    assert MoepackFile(broken(tmp_path, tiny, lambda h, d: None, version=2)).header == MoepackFile(tiny.path).header
+
+
+def test_4bit_meta_needs_version_2(tmp_path):
+    path = write_synthetic(tmp_path / "v2.moepack", TINY, RECIPE_V2, seed=3)
+    assert PREFIX.unpack_from(path.read_bytes())[1] == 2
+    assert MoepackFile(path).header.recipe["experts"].meta_bits == 4
+    header, data = split(path.read_bytes())
+    open_error(put(tmp_path, assemble(header, data, version=1)), HeaderError, "4-bit meta", "version 1")
 
 
 @pytest.mark.parametrize("field", ["flags", "reserved"])

@@ -9,7 +9,7 @@ import numpy as np
 
 from formats.header import ModelConfig
 from formats.qtensor import QuantSpec, component_views, decode_matrix, encode_matrix, matrix_layout
-from formats.spec import HEADER_MAX_BYTES, MAGIC, PREFIX
+from formats.spec import HEADER_MAX_BYTES, MAGIC, PREFIX, VERSIONS
 from formats.writer import make_expert_layout
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
@@ -28,7 +28,8 @@ MIXTRAL = ModelConfig(
     rope_theta=1e6, max_position_embeddings=32768,
 )
 EXPERT_SPECS = [
-    QuantSpec(16), QuantSpec(2, 16, 8, 128), QuantSpec(2, 16, 16), QuantSpec(3, 64, 8, 128), QuantSpec(3, 64, 16),
+    QuantSpec(16), QuantSpec(2, 16, 8, 128), QuantSpec(2, 16, 4, 128), QuantSpec(2, 16, 16), QuantSpec(3, 64, 8, 128),
+    QuantSpec(3, 64, 4, 128), QuantSpec(3, 64, 16),
     QuantSpec(4, 64, 8, 256), QuantSpec(4, 64, 16),
 ]
 
@@ -67,6 +68,7 @@ def test_doc_exists_and_states_the_constants():
     text = DOC.read_text()
     assert MAGIC == b"MOEPACK\x00" and "`MOEPACK\\0`" in text
     assert PREFIX.format == "<8sIIQII" and PREFIX.size == 32
+    assert VERSIONS == (1, 2) and "# The `.moepack` format, versions 1 and 2" in text
     assert f"{HEADER_MAX_BYTES:,}" in text
 
 

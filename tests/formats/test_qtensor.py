@@ -15,7 +15,7 @@ from formats.spec import COMPONENT_ALIGNMENT
 SPECS = [
     QuantSpec(bits, group, meta, meta_group)
     for bits in (2, 3, 4, 8)
-    for group, meta, meta_group in ((8, 16, 0), (16, 8, 1), (8, 8, 3), (24, 8, 128))
+    for group, meta, meta_group in ((8, 16, 0), (16, 8, 1), (8, 8, 3), (24, 8, 128), (8, 4, 1), (16, 4, 3), (24, 4, 128))
 ] + [QuantSpec(16)]
 
 F32 = np.float32
@@ -37,9 +37,10 @@ def unpack_reference(buf: bytes, comps: dict, rows: int, cols: int, bits: int) -
     return q
 
 
-def meta8_reference(values: np.ndarray, group: int) -> np.ndarray:
+def meta_reference(values: np.ndarray, group: int, bits: int = 8) -> np.ndarray:
     """s_hat = step * code + min in float32, from quantize_meta's codes and (step, min)."""
-    codes, meta = quantize_meta(values, group)
+    codes, meta = quantize_meta(values, group, bits)
+    assert codes.max(initial=0) < (1 << bits)
     assert codes.dtype == np.uint8 and meta.dtype == np.float32 and meta.shape == (-(-len(values) // group), 2)
     m = np.arange(len(values)) // group
     return (meta[m, 0] * codes.astype(F32) + meta[m, 1]).astype(F32)
@@ -79,7 +80,15 @@ def test_decode_is_the_formula(spec, data):
     if spec.meta_bits == 16:
         s_hat, z_hat = scale.astype(np.float16).astype(F32), zero.astype(np.float16).astype(F32)
     else:
-        s_hat, z_hat = meta8_reference(scale, spec.meta_group_size), meta8_reference(zero, spec.meta_group_size)
+        s_hat = meta_reference(scale, spec.meta_group_size, spec.meta_bits)
+        z_hat = meta_reference(zero, spec.meta_group_size, spec.meta_bits)
+        for name, values in (("scale", scale), ("zero", zero)):  # codes read by FORMAT.md's rule
+            c = by_name[name]
+            stored = np.frombuffer(buf, np.uint8, count=c.nbytes, offset=c.offset)
+            per = 8 // spec.meta_bits
+            codes = [(int(stored[i // per]) >> (i % per * spec.meta_bits)) & ((1 << spec.meta_bits) - 1)
+                     for i in range(len(values))]
+            np.testing.assert_array_equal(codes, quantize_meta(values, spec.meta_group_size, spec.meta_bits)[0])
     g = np.arange(rows * cols).reshape(rows, cols) // spec.group_size  # row-major groups along the columns
     want = (q.astype(F32) - z_hat[g]) * s_hat[g]
     got = decode_matrix(component_views(buf, q.shape, spec), q.shape, spec)
@@ -90,16 +99,17 @@ def test_decode_is_the_formula(spec, data):
 BIG = float(np.float32(1e37))  # a meta group's max - min must stay inside float32
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @settings(max_examples=200, deadline=None)
 @given(
     values=st.lists(st.floats(-BIG, BIG, width=32) | st.floats(-4, 4, width=32), min_size=1, max_size=300),
     group=st.integers(1, 130),
 )
-def test_meta8_error_bound(values, group):
+def test_meta_error_bound(bits, values, group):
     """Each reconstructed value is within half a step of the original (plus float32 rounding)."""
     v = np.array(values, F32)
-    codes, meta = quantize_meta(v, group)
-    s_hat = meta8_reference(v, group)
+    codes, meta = quantize_meta(v, group, bits)
+    s_hat = meta_reference(v, group, bits)
     m = np.arange(len(v)) // group
     step = meta[m, 0].astype(np.float64)
     # float32 rounding: of step itself (times up to 255 codes; large when step is subnormal)
@@ -169,11 +179,30 @@ def test_meta_and_code_shapes_of_a_mixtral_expert_matrix():
     assert nbytes == 22_478_848
 
 
+def test_4bit_meta_packs_two_codes_per_byte():
+    comps, nbytes = matrix_layout((14336, 4096), QuantSpec(2, 16, 4, 128))
+    assert {c.name: (c.dtype, c.shape) for c in comps} == {
+        "q": ("u8", (14336, 1024)), "scale": ("u8", (1835008,)), "scale_meta": ("f32", (28672, 2)),
+        "zero": ("u8", (1835008,)), "zero_meta": ("f32", (28672, 2)),
+    }
+    assert nbytes == 18_808_832  # 2.56 bits per weight, against 3.06 with 8-bit meta
+
+
+def test_4bit_meta_of_an_odd_group_count_leaves_the_last_high_nibble_zero():
+    spec = QuantSpec(2, 8, 4, 2)
+    scale = np.array([1.0, 2.0, 3.0], F32)  # meta groups [1, 2] and [3]: codes 0, 15 and 0
+    buf = encode_matrix(spec, q=np.zeros((3, 8), np.uint8), scale=scale, zero=np.ones(3, F32))
+    c = {c.name: c for c in matrix_layout((3, 8), spec)[0]}["scale"]
+    stored = np.frombuffer(buf, np.uint8, count=c.nbytes, offset=c.offset)
+    assert stored.shape == (2,) and stored[1] >> 4 == 0 and stored[0] == 0xF0 and stored[1] == 0x00
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(bits=5, group_size=16, meta_bits=8, meta_group_size=4), "bits=5"),
     (dict(bits=2, group_size=12, meta_bits=8, meta_group_size=4), "group size 12"),
     (dict(bits=2, group_size=0, meta_bits=8, meta_group_size=4), "group size 0"),
-    (dict(bits=2, group_size=16, meta_bits=4, meta_group_size=4), "meta bits 4"),
+    (dict(bits=2, group_size=16, meta_bits=5, meta_group_size=4), "meta bits 5"),
+    (dict(bits=2, group_size=16, meta_bits=4, meta_group_size=0), "meta group size 0"),
     (dict(bits=2, group_size=16, meta_bits=8, meta_group_size=0), "meta group size 0"),
     (dict(bits=2, group_size=16, meta_bits=16, meta_group_size=4), "16-bit meta"),
     (dict(bits=16, group_size=16), "16-bit"),

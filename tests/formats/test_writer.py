@@ -12,7 +12,7 @@ from formats.header import Header
 from formats.layout import expected_tensors
 from formats.qtensor import matrix_layout
 from formats.reader import MoepackFile
-from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, MAGIC, PREFIX, PREFIX_SIZE, VERSION
+from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, MAGIC, PREFIX, PREFIX_SIZE
 from formats.synthetic import random_matrix_bytes, write_synthetic
 from formats.writer import MoepackWriter, make_expert_layout
 from tests.formats.helpers import QUANTIZER, RECIPE, TINY, TOKENIZER
@@ -133,7 +133,7 @@ def test_file_order_padding_and_crcs(tiny):
     f = MoepackFile(tiny.path)
     h = f.header
     magic, version, flags, header_len, crc, reserved = PREFIX.unpack_from(tiny.raw)
-    assert (magic, version, flags, reserved) == (MAGIC, VERSION, 0, 0)
+    assert (magic, version, flags, reserved) == (MAGIC, 1, 0, 0)  # nothing here needs version 2
     assert crc == zlib.crc32(tiny.raw[PREFIX_SIZE : PREFIX_SIZE + header_len])
     data = np.frombuffer(tiny.data, np.uint8)
     covered = np.zeros(len(data), bool)

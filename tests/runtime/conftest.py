@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.packing_helpers import RECIPE_4_2, RECIPE_4_3, RECIPE_16, write_moepack
+from tests.runtime.packing_helpers import RECIPE_4_2, RECIPE_4_2_M4, RECIPE_4_3, RECIPE_16, write_moepack
 
-RECIPES = {"16": RECIPE_16, "4/2": RECIPE_4_2, "4/3": RECIPE_4_3}
+RECIPES = {"16": RECIPE_16, "4/2": RECIPE_4_2, "4/3": RECIPE_4_3, "4/2m4": RECIPE_4_2_M4}
 
 
 @pytest.fixture(scope="session")
 def packed_files(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """recipe name ("16", "4/2", "4/3") -> .moepack of the tiny checkpoint."""
+    """recipe name ("16", "4/2", "4/3", "4/2m4") -> .moepack of the tiny checkpoint."""
     out = tmp_path_factory.mktemp("packed")
     return {name: write_moepack(tiny_checkpoint, out / f"tiny-{name.replace('/', '-')}.moepack", r) for name, r in RECIPES.items()}
 

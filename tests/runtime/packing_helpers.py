@@ -34,6 +34,8 @@ def recipe(attention: QuantSpec = FP16, experts: QuantSpec = FP16, lm_head: Quan
 RECIPE_16 = recipe()
 RECIPE_4_2 = recipe(QuantSpec(4, 64, 8, 256), QuantSpec(2, 16, 8, 128))
 RECIPE_4_3 = recipe(QuantSpec(4, 64, 16), QuantSpec(3, 64, 8, 128), lm_head=FP16)
+# experts with 4-bit meta codes (format version 2)
+RECIPE_4_2_M4 = recipe(QuantSpec(4, 64, 8, 256), QuantSpec(2, 16, 4, 128))
 
 
 def checkpoint_config(folder: Path) -> ModelConfig:

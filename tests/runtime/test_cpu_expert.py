@@ -52,6 +52,8 @@ CASES = [
     (QuantSpec(8, 64, 8, 256), 64, 128),
     (QuantSpec(8, 128, 16), 128, 384),
     (QuantSpec(2, 24, 8, 7), 48, 72),  # a group size that is not a power of two
+    (QuantSpec(2, 16, 4, 128), 48, 80),  # 4-bit meta codes (format version 2)
+    (QuantSpec(3, 16, 4, 5), 48, 112),
 ]
 
 

@@ -64,6 +64,13 @@ CASES = [
     (QuantSpec(2, 96, 8, 128), 16, 384),  # 6 words per group
     (QuantSpec(2, 16, 8, 128), 24, 48),  # 3 words per row: scalar only
     (QuantSpec(3, 16, 8, 7), 8, 208),  # 13 words per row: a vector step and a scalar tail
+    # 4-bit meta codes (format version 2): nibbles expanded in registers, and per group
+    (QuantSpec(2, 16, 4, 128), 40, 256),
+    (QuantSpec(3, 64, 4, 128), 40, 512),
+    (QuantSpec(4, 64, 4, 256), 24, 512),
+    (QuantSpec(2, 16, 4, 5), 24, 256),  # per-row path, odd meta groups
+    (QuantSpec(3, 16, 4, 7), 8, 208),  # 13 groups per row: rows start on odd groups
+    (QuantSpec(2, 96, 4, 128), 16, 384),
 ]
 
 
@@ -106,7 +113,14 @@ def test_declines_what_it_does_not_cover(bits, group):
     if group % 8 == 0:  # a valid spec: the descriptor already says no (group 4 is no spec at all)
         assert cpu_native.matrix_descriptor((4, k), QuantSpec(bits, group, 8, 8)) is None
     buf = torch.zeros(1 << 16, dtype=torch.uint8)  # the C side refuses the same geometry on its own
-    assert native.gemv(buf, (0, -1, 0, 0, 0, 0, 8, group, 4, k, bits), torch.ones(1, k), 1) is None
+    assert native.gemv(buf, (0, -1, 0, 0, 0, 0, 8, group, 4, k, bits, 8), torch.ones(1, k), 1) is None
+
+
+@needs_native
+@pytest.mark.parametrize("meta_bits", [16, 2, 0])
+def test_declines_meta_codes_it_does_not_read(meta_bits):
+    buf = torch.zeros(1 << 16, dtype=torch.uint8)
+    assert cpu_native.native_kernel().gemv(buf, (0, -1, 0, 0, 0, 0, 8, 16, 4, 256, 2, meta_bits), torch.ones(1, 256), 1) is None
 
 
 @needs_native
@@ -246,7 +260,8 @@ def test_a_kernel_with_wrong_results_is_not_used(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("spec,hidden,inter", [(QuantSpec(2, 16, 8, 128), 64, 128), (QuantSpec(3, 64, 8, 128), 128, 192),
-                                               (QuantSpec(4, 32, 8, 24), 64, 96), (QuantSpec(2, 16, 8, 5), 48, 80)],
+                                               (QuantSpec(4, 32, 8, 24), 64, 96), (QuantSpec(2, 16, 8, 5), 48, 80),
+                                               (QuantSpec(2, 16, 4, 128), 64, 128), (QuantSpec(3, 64, 4, 7), 128, 192)],
                          ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_one_call_expert(spec, hidden, inter, tokens, monkeypatch):
@@ -282,12 +297,12 @@ def test_descriptor_declines_what_the_kernel_cannot_take():
 @settings(max_examples=60, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4]), words_per_group=st.sampled_from([1, 2, 3, 4, 8]),
        groups=st.integers(1, 20), rows=st.integers(1, 40), mg=st.integers(1, 300), tokens=st.integers(1, 4),
-       seed=st.integers(0, 2**16))
-def test_any_geometry_matches_the_rounded_reference(bits, words_per_group, groups, rows, mg, tokens, seed):
+       seed=st.integers(0, 2**16), meta_bits=st.sampled_from([8, 4]))
+def test_any_geometry_matches_the_rounded_reference(bits, words_per_group, groups, rows, mg, tokens, seed, meta_bits):
     """Random shapes, group sizes and meta group sizes: every path (in-register meta, per-row
     decode, scalar tails) against dequant(W) @ x^ with the kernel's own rounding of x."""
     cu = 8 if bits == 4 else 16
-    spec = QuantSpec(bits, cu * words_per_group, 8, mg)
+    spec = QuantSpec(bits, cu * words_per_group, meta_bits, mg)
     k = spec.group_size * groups
     data, w = packed((rows, k), spec, seed=seed)
     x = np.random.default_rng(seed).standard_normal((tokens, k)).astype(np.float32)

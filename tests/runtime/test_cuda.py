@@ -13,7 +13,7 @@ PROMPT = [1, 17, 250, 33, 100, 5, 77, 200, 4, 9, 18, 300, 64, 2, 123, 45]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["16", "4/2", "4/3"])
+@pytest.mark.parametrize("name", ["16", "4/2", "4/3", "4/2m4"])
 @pytest.mark.parametrize("dequantize_at_load", [False, True])
 def test_cuda_float16_matches_transformers(packed_files, tiny_checkpoint, name, dequantize_at_load):
     file = MoepackFile(packed_files[name])

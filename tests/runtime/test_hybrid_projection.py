@@ -23,7 +23,7 @@ def test_projection_runs_and_orders_the_modes(tmp_path, capsys):
     assert tool.main(["--tokens", "40", "--policy", "lfu", "--cpu-ms", "1.2", "--gpu-layer-ms", "0.16",
                       "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["budget"] for r in rows} == set(tool.BUDGET_SLOTS)
+    assert {r["budget"] for r in rows} == {"8GiB", "12GiB", "16GiB"}
     for r in rows:
         if r["cpu_ms"] is None:  # copy only: one mode, nothing on the CPU
             assert r["whole_per_token"]["cpu"] == r["whole_per_token"]["split"] == 0
@@ -36,8 +36,16 @@ def test_projection_runs_and_orders_the_modes(tmp_path, capsys):
 
 def test_a_hopeless_cpu_changes_nothing():
     tool = _tool()
-    t_copy = tool.RECORD_BYTES / 54.3e9
-    copy = tool.project(149, "lfu", t_copy, None, 0.16e-3, 30, 0)
-    slow = tool.project(149, "lfu", t_copy, 1.0, 0.16e-3, 30, 0)  # a second per CPU expert
+    record = 67_436_544
+    t_copy = record / 54.3e9
+    copy = tool.project(149, "lfu", t_copy, None, 0.16e-3, 30, 0, record)
+    slow = tool.project(149, "lfu", t_copy, 1.0, 0.16e-3, 30, 0, record)  # a second per CPU expert
     assert abs(slow["w13_tok_s"] - copy["whole_tok_s"]) < 1e-9
     assert slow["w13_per_token"]["split"] == slow["w13_per_token"]["cpu"] == 0
+
+
+def test_4bit_meta_experts_are_smaller_and_get_more_slots():
+    tool = _tool()
+    (b8, s8), (b4, s4) = tool.geometry(8), tool.geometry(4)
+    assert (b8, b4) == (67_436_544, 56_426_496)
+    assert all(s4[k] > s8[k] for k in s8) and s8["12GiB"] == 147 and s4["12GiB"] == 175

@@ -62,8 +62,8 @@ def _compile(fn, types: dict[str, str], constexprs: dict):
         raise
 
 
-def _gemv_types(bits: int, meta8: bool, act: str) -> dict[str, str]:
-    meta = "*u8" if meta8 else "*fp16"
+def _gemv_types(bits: int, mb: int, act: str) -> dict[str, str]:
+    meta = "*u8" if mb != 16 else "*fp16"
     t = {"x_ptr": act, "out_ptr": act, "out2_ptr": act, "sel_ptr": "*i64", "w_ptr": "*fp16"}
     for m in "ab":
         t |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i16", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
@@ -71,62 +71,66 @@ def _gemv_types(bits: int, meta8: bool, act: str) -> dict[str, str]:
     return t
 
 
-@pytest.mark.parametrize("bits,g,meta8,gated,partial,permuted,t,even,row_meta,indexed", [
-    (2, 16, True, True, False, True, 1, True, True, False),
-    (2, 16, True, False, True, True, 1, False, False, False),
-    (3, 64, True, True, False, True, 2, True, True, False),
-    (3, 64, False, False, False, False, 4, False, False, False),
-    (4, 64, True, False, True, True, 8, True, False, False),
-    (4, 128, False, True, False, False, 1, False, False, False),
-    (8, 64, True, False, False, False, 3, True, True, False),
-    (2, 16, True, True, False, True, 1, True, True, True),  # indexed w1/w3, scaled by the router weight
-    (3, 64, True, True, True, True, 1, True, True, True),  # indexed gated split-K
-    (2, 16, True, False, True, True, 1, True, True, True),  # indexed w2: partials summed over experts
+@pytest.mark.parametrize("bits,g,mb,gated,partial,permuted,t,even,row_meta,indexed", [
+    (2, 16, 8, True, False, True, 1, True, True, False),
+    (2, 16, 8, False, True, True, 1, False, False, False),
+    (3, 64, 8, True, False, True, 2, True, True, False),
+    (3, 64, 16, False, False, False, 4, False, False, False),
+    (4, 64, 8, False, True, True, 8, True, False, False),
+    (4, 128, 16, True, False, False, 1, False, False, False),
+    (8, 64, 8, False, False, False, 3, True, True, False),
+    (2, 16, 8, True, False, True, 1, True, True, True),  # indexed w1/w3, scaled by the router weight
+    (3, 64, 8, True, True, True, 1, True, True, True),  # indexed gated split-K
+    (2, 16, 8, False, True, True, 1, True, True, True),  # indexed w2: partials summed over experts
+    (2, 16, 4, True, False, True, 1, True, True, True),  # 4-bit meta codes (format version 2)
+    (3, 64, 4, True, True, True, 1, True, False, True),
+    (2, 16, 4, False, True, True, 1, False, False, False),
 ])
-def test_qgemv_compiles_for_sm90(bits, g, meta8, gated, partial, permuted, t, even, row_meta, indexed):
+def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even, row_meta, indexed):
     from runtime.kernels.triton_gemv import qgemv_kernel
 
     act = "*fp32" if partial else "*fp16"
     bt = 1 << max(0, (t - 1).bit_length())
-    k = _compile(qgemv_kernel, _gemv_types(bits, meta8, act) | {"x_ptr": "*fp16"},
-                 dict(MG=128 if meta8 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=256,
+    k = _compile(qgemv_kernel, _gemv_types(bits, mb, act) | {"x_ptr": "*fp16"},
+                 dict(MG=128 if mb != 16 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_K=256,
                       X_PERMUTED=permuted, GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else 16,
                       EVEN=even, ROW_META=row_meta, INDEXED=indexed, SCALED=indexed and gated and not partial))
     assert "ld.global" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("bits,g,meta8", [(2, 16, True), (3, 64, True), (4, 64, False), (8, 40, True)])
-def test_dequant_compiles_for_sm90(bits, g, meta8):
+@pytest.mark.parametrize("bits,g,mb", [(2, 16, 8), (3, 64, 8), (4, 64, 16), (8, 40, 8), (2, 16, 4)])
+def test_dequant_compiles_for_sm90(bits, g, mb):
     from runtime.kernels.triton_dequant import dequant_kernel
 
-    meta = "*u8" if meta8 else "*fp16"
+    meta = "*u8" if mb != 16 else "*fp16"
     types = {"out_ptr": "*fp16", "q_ptr": "*u8", "qh_ptr": "*u8", "s_ptr": meta, "z_ptr": meta,
              "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
-    k = _compile(dequant_kernel, types, dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_K=128))
+    k = _compile(dequant_kernel, types, dict(MG=128 if mb != 16 else 1, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_K=128))
     assert "st.global" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("bits,g,meta8,even", [(2, 16, True, True), (3, 64, True, False), (4, 64, False, True),
-                                               (4, 4, True, False), (8, 32, True, True)])
-def test_dequant_words_compiles_for_sm90(bits, g, meta8, even):
+@pytest.mark.parametrize("bits,g,mb,even", [(2, 16, 8, True), (3, 64, 8, False), (4, 64, 16, True),
+                                               (4, 4, 8, False), (8, 32, 8, True), (2, 16, 4, True), (4, 4, 4, False)])
+def test_dequant_words_compiles_for_sm90(bits, g, mb, even):
     from runtime.kernels.triton_dequant import dequant_words_kernel
 
-    meta = "*u8" if meta8 else "*fp16"
+    meta = "*u8" if mb != 16 else "*fp16"
     types = {"out_ptr": "*fp16", "q_ptr": "*i32", "qh_ptr": "*i16", "s_ptr": meta, "z_ptr": meta,
              "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
     k = _compile(dequant_words_kernel, types,
-                 dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_N=16, BLOCK_W=32, EVEN=even))
+                 dict(MG=128 if mb != 16 else 1, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_W=32, EVEN=even))
     assert "st.global" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("bits,g,meta8,gated,grouped", [
-    (2, 16, True, False, False), (3, 64, True, False, False), (4, 64, False, False, False), (2, 8, True, False, False),
-    (2, 16, True, True, True), (3, 64, True, True, True), (2, 16, True, False, True),  # a layer's experts grouped
+@pytest.mark.parametrize("bits,g,mb,gated,grouped", [
+    (2, 16, 8, False, False), (3, 64, 8, False, False), (4, 64, 16, False, False), (2, 8, 8, False, False),
+    (2, 16, 8, True, True), (3, 64, 8, True, True), (2, 16, 8, False, True),  # a layer's experts grouped
+    (2, 16, 4, True, True), (3, 64, 4, False, False),
 ])
-def test_qgemm_compiles_for_sm90_with_tensor_cores(bits, g, meta8, gated, grouped):
+def test_qgemm_compiles_for_sm90_with_tensor_cores(bits, g, mb, gated, grouped):
     from runtime.kernels.triton_gemm import qgemm_kernel
 
-    types = _gemv_types(bits, meta8, "*fp16") | {"offs_ptr": "*i64"}
-    k = _compile(qgemm_kernel, types, dict(MG=128 if meta8 else 1, BITS=bits, G=g, META8=meta8, BLOCK_M=64, BLOCK_N=64,
+    types = _gemv_types(bits, mb, "*fp16") | {"offs_ptr": "*i64"}
+    k = _compile(qgemm_kernel, types, dict(MG=128 if mb != 16 else 1, BITS=bits, G=g, MB=mb, BLOCK_M=64, BLOCK_N=64,
                                            BLOCK_K=64, K_TILES=64, GATED=gated, GROUPED=grouped))
     assert "mma" in k.asm["ptx"]  # tl.dot on the tensor cores (mma.sync or wgmma)

@@ -82,10 +82,10 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
     grid = (-(-n // cfg.block_n), split)
     ints = (n, k, 0, x.stride(0), 0, t * n, t * n, n)  # not indexed: no record stride, one expert
     kwargs = dict(MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
-                  META8=spec.meta_bits == 8, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
+                  MB=spec.meta_bits, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
                   GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
                   EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
-                  ROW_META=spec.meta_bits == 8 and cfg.block_k % spec.group_size == 0 and k % cfg.block_k == 0
+                  ROW_META=spec.coded_meta and cfg.block_k % spec.group_size == 0 and k % cfg.block_k == 0
                   and spec.meta_group_size % (cfg.block_k // spec.group_size) == 0, INDEXED=False, SCALED=False,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = (split, t, n) if partial else (t, n)
@@ -176,6 +176,17 @@ def test_registered_config_is_seen_after_cached_picks(monkeypatch):
     tuned = GemvConfig(block_n=64, block_k=256, split_k=2, num_warps=8)
     register_config(4096, 14336, 1, spec, False, tuned)
     assert pick_gemv_config(4096, 14336, 1, spec) == tuned.for_matrix(14336, spec) != before
+
+
+def test_4bit_meta_borrows_the_8bit_meta_tuning(monkeypatch):
+    monkeypatch.setattr(configs, "TUNED", {})
+    spec8, spec4 = QuantSpec(2, 16, 8, 128), QuantSpec(2, 16, 4, 128)
+    tuned = GemvConfig(block_n=64, block_k=256, split_k=2, num_warps=8)
+    register_config(4096, 14336, 1, spec8, False, tuned)
+    assert pick_gemv_config(4096, 14336, 1, spec4) == tuned.for_matrix(14336, spec4)
+    own = GemvConfig(block_n=16, block_k=512)
+    register_config(4096, 14336, 1, spec4, False, own)
+    assert pick_gemv_config(4096, 14336, 1, spec4) == own.for_matrix(14336, spec4)
 
 
 def test_for_matrix_memo_matches_arithmetic():

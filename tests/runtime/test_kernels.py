@@ -122,6 +122,17 @@ for spec, shape, t, config in [
     (QuantSpec(4, 16, 8, 8), (40, 128), 3, GemvConfig(block_n=16, block_k=128)),
 ]:
     CASES.append(pytest.param(spec, shape, t, config, id=f"rowmeta-b{spec.bits}-{shape[0]}x{shape[1]}-T{t}"))
+# 4-bit meta codes (format version 2), two per byte: each width once, odd group counts per row
+# (rows starting on a high nibble), meta groups of 1 and odd sizes, and a ROW_META launch
+for spec, shape, t, config in [
+    (QuantSpec(2, 16, 4, 128), (37, 256), 1, None),
+    (QuantSpec(3, 32, 4, 24), (5, 128), 2, CONFIGS[2]),
+    (QuantSpec(4, 8, 4, 1), (70, 128), 5, CONFIGS[3]),
+    (QuantSpec(8, 64, 4, 256), (16, 256), 8, CONFIGS[4]),
+    (QuantSpec(2, 128, 4, 5), (33, 384), 1, CONFIGS[1]),  # 3 groups per row
+    (QuantSpec(2, 16, 4, 4), (32, 256), 1, GemvConfig(block_n=16, block_k=64)),  # ROW_META
+]:
+    CASES.append(pytest.param(spec, shape, t, config, id=f"m4-b{spec.bits}-g{spec.group_size}-{shape[0]}x{shape[1]}-T{t}"))
 
 
 # ------------------------------------------------------------------ fused GEMV
@@ -230,6 +241,8 @@ DEQUANT_CASES += [
     pytest.param(QuantSpec(2, 16, 8, 128), (16, 512), id="even-2bit"),
     pytest.param(QuantSpec(3, 64, 8, 128), (32, 512), id="even-3bit"),
     pytest.param(QuantSpec(4, 64, 16), (16, 256), id="even-4bit"),
+    pytest.param(QuantSpec(3, 64, 4, 128), (32, 512), id="even-3bit-m4"),
+    pytest.param(QuantSpec(2, 8, 4, 16), (3, 24), id="K24-m4"),
 ]
 
 
@@ -256,6 +269,8 @@ GEMM_CASES = [
     (QuantSpec(4, 64, 8, 256), (96, 320), 64),
     (QuantSpec(4, 16, 16), (20, 64), 3),
     (QuantSpec(8, 32, 8, 24), (24, 160), 18),
+    (QuantSpec(2, 16, 4, 128), (70, 256), 37),  # 4-bit meta codes
+    (QuantSpec(2, 8, 4, 3), (33, 128), 65),
 ]
 
 
@@ -351,6 +366,7 @@ def test_fused_expert_ffn(device, spec, hidden, inter, tokens, configs, poison):
     (QuantSpec(3, 64, 8, 128), 1, {"w13": GemvConfig(16, 64, split_k=2)}),  # gated split-K: scaled after
     (QuantSpec(4, 32, 16), 2, {"w2": GemvConfig(16, 64, split_k=2, permute_x=False)}),  # h not permuted
     (QuantSpec(2, 16, 8, 128), 1, {"w2": GemvConfig(16, 128, split_k=1)}),  # w2 without split: partials anyway
+    (QuantSpec(2, 16, 4, 128), 1, None),  # 4-bit meta codes
 ])
 def test_indexed_expert_ffn_is_the_weighted_sum_of_the_chosen_experts(device, spec, tokens, configs, poison):
     """Experts chosen on the device: each program finds its record from sel, and the result
@@ -374,8 +390,8 @@ def test_indexed_expert_ffn_is_the_weighted_sum_of_the_chosen_experts(device, sp
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("spec", [QuantSpec(2, 16, 8, 128), QuantSpec(3, 64, 8, 128), QuantSpec(4, 32, 16)],
-                         ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, 8, 128), QuantSpec(3, 64, 8, 128), QuantSpec(4, 32, 16),
+                                  QuantSpec(2, 16, 4, 128)], ids=lambda s: s.describe().replace(" ", "_"))
 def test_grouped_expert_ffn_runs_each_block_through_its_expert(device, spec):
     """A prompt's rows sorted by expert, one launch per matrix kind for all experts: each
     block (empty ones included) comes out as its expert's FFN; row0 selects the layer."""

@@ -35,7 +35,7 @@ def runtime_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module", params=["16", "4/2", "4/3"])
+@pytest.fixture(scope="module", params=["16", "4/2", "4/3", "4/2m4"])
 def case(request, packed_files, tiny_checkpoint):
     file = MoepackFile(packed_files[request.param])
     ref = reference_model(tiny_checkpoint, file)
@@ -50,7 +50,7 @@ def test_logits_match_transformers(case, dequantize_at_load):
     model, _ = load_model(file, torch.device("cpu"), torch.float32, ctx=64, dequantize_at_load=dequantize_at_load)
     # q, k and v stacked where their layouts allow (Attention.fuse_qkv): not the tiny 4/2 file,
     # whose 8-bit meta groups straddle the tiny q and k
-    assert all((layer.attn.qkv_proj is None) == (name == "4/2" and not dequantize_at_load) for layer in model.layers)
+    assert all((layer.attn.qkv_proj is None) == (name.startswith("4/2") and not dequantize_at_load) for layer in model.layers)
     kinds = {type(layer.attn.qkv_proj or layer.attn.q_proj) for layer in model.layers}
     assert kinds == {QuantLinear if name != "16" and not dequantize_at_load else DenseLinear}
     logits = model(torch.tensor(PROMPT), 0)
