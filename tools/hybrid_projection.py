@@ -70,13 +70,17 @@ def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: fl
     for _ in range(tokens):
         for layer in range(layers):
             needed = routing.route(layer, 1)[0]
-            misses = [e for e in needed if cache.lookup((layer, e)) is None]
+            misses = [e for e in needed if (layer, e) not in cache]
             n = len(misses)
             if mode == "ideal" or not t_cpu:
                 a, b, c = n, 0, 0
-            else:
-                a, b, c = cost.assign(n, allow_split=mode == "w13")
-            planner.plan(layer, [e for e in needed if e not in misses[a:]])  # split / CPU ones stay uncached
+            else:  # the engine's rule (OffloadedExperts._cpu_choice): least worth caching leave first
+                value = {e: cache.reuse_value((layer, e)) for e in misses}
+                misses.sort(key=lambda e: -value[e])
+                a, b, c = cost.assign(n, allow_split=mode == "w13", values=[value[e] for e in misses])
+            for e in misses[a:]:  # split / CPU ones stay uncached; the engine counts their use
+                cache.lookup((layer, e))
+            planner.plan(layer, [e for e in needed if e not in misses[a:]])
             for i, v in enumerate((a, b, c)):
                 counts[i] += v
             if mode == "ideal":

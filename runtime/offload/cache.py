@@ -98,6 +98,13 @@ class ExpertCache:
         """All cached keys, least recently used first within each pool."""
         return [k for p in self._pools.values() for k in p.entries]
 
+    def reuse_value(self, key: Key) -> float:
+        """What caching the missed `key` now is worth later, in copies (offload.hybrid's reuse
+        charge for computing it on the CPU instead): a whole copy while its pool has a free
+        slot (every later use hits); otherwise UNKNOWN_REUSE, since recency says nothing about
+        whether the key or its victim will be needed first."""
+        return 1.0 if self._pool(key[0]).free else UNKNOWN_REUSE
+
     def evictable(self, layer: int) -> int:
         """How many inserts into `layer`'s pool can succeed right now."""
         pool = self._pool(layer)
@@ -146,6 +153,12 @@ class ExpertCache:
         self.pinned.clear()
 
 
+# the reuse charge when a cache cannot tell (LRU with a full pool): tools/hybrid_projection.py,
+# 16 GiB, LFU, t_cpu 1.2 ms against t_copy 1.24 ms: 55.7 tok/s projected with no charge, 67.2
+# with a quarter copy, against 66.0 copying only (docs/BENCHMARKS.md section 7)
+UNKNOWN_REUSE = 0.25
+
+
 class _LFUPool(_LRUPool):
     """Evicts the unpinned entry used least often (ties: least recently used)."""
 
@@ -184,6 +197,20 @@ class FrequencyCache(ExpertCache):
         self.freq[key] = self.freq.get(key, 0.0) + 1.0  # every use counts, hit or miss
         return super().lookup(key)
 
+    def reuse_value(self, key: Key) -> float:
+        """Admission by frequency: caching `key` evicts the pool's least used entry, so it is
+        worth what the key is used more often than that victim, as a share of the key's own
+        uses (0 when the key is the colder one: copying it would push out a warmer expert, and
+        the CPU should take it). With a free slot, a whole copy."""
+        pool = self._pool(key[0])
+        if pool.free:
+            return 1.0
+        victim = pool.victim(self.pinned)
+        if victim is None:
+            return 0.0  # nothing can leave: the copy would not be cached either
+        fk, fv = self.freq.get(key, 0.0), self.freq.get(victim, 0.0)
+        return max(0.0, (fk - fv) / fk) if fk > 0 else 0.0
+
 
 def calibration_prior(expert_counts, weight: float = 16.0) -> dict[Key, float] | None:
     """Counts for FrequencyCache from a header's expert_counts: each layer's shares scaled to
@@ -211,6 +238,9 @@ class NoCache(ExpertCache):
 
     def touch(self, key: Key) -> bool:
         return False
+
+    def reuse_value(self, key: Key) -> float:
+        return 0.0  # nothing is kept for a later use
 
 
 def make_cache(policy: str, n_slots: int, layers: int, top_k: int, prior: dict[Key, float] | None = None) -> ExpertCache:

@@ -276,14 +276,16 @@ class OffloadedExperts:
     def _cpu_choice(self, layer: int, needed: list[int]) -> tuple[list[int], list[int]]:
         """(split, on the CPU): the missed experts of this decode step whose w1/w3 the CPU
         computes while w2 is copied, and those it computes whole (see offload.hybrid). The
-        least needed misses leave the copy path first."""
+        misses least worth caching leave the copy path first (ties: the least needed)."""
         misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
         if not misses:
             return [], []
         # the link's queue (prefetches for this and later layers) delays a copy issued now; the CPU
         # takes more misses the busier the link is
         backlog = self.copier.pending_bytes() / (self.cost.copy_gbps * 1e9)
-        a, b, _ = self.cost.assign(len(misses), backlog)
+        value = {e: self.cache.reuse_value((layer, e)) for e in misses}
+        misses.sort(key=lambda e: -value[e])  # stable: ties keep the order of need
+        a, b, _ = self.cost.assign(len(misses), backlog, values=[value[e] for e in misses])
         return misses[a:a + b], misses[a + b:]
 
     def _copy_w2(self, layer: int, e: int, i: int):

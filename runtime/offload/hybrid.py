@@ -13,16 +13,23 @@ misses and most layers have 0 or 1: for a single miss only the split uses both r
 tools/hybrid_projection.py projects, at 12 GiB with LFU and a 1.2 ms CPU expert, 36 tok/s for
 whole-expert copy-or-compute and 46 with the split (docs/BENCHMARKS.md section 7).
 
-For n misses the model picks (copied a, split b, on the CPU c), a + b + c = n, minimising
+For n misses, ordered by what caching each is worth (most first), the model picks (copied a,
+split b, on the CPU c), a + b + c = n: the first a are copied, the rest split or computed,
+minimising
 
-    max(copy_backlog + a t_copy + b f t_copy,  b (1 - f) t_cpu + c t_cpu)  +  (b + c) reuse_weight t_copy
+    max(copy_backlog + a t_copy + b f t_copy,  b (1 - f) t_cpu + c t_cpu)  +  t_copy sum(v_i, i >= a)
 
 with f = w2's share of the record, t_copy = record bytes / measured copy bandwidth and t_cpu
 the measured time of one CPU expert (running averages, so the choice follows the machine and
-its load). The last term is what an uncached expert costs later: the next token that needs it
-misses again. Without it a CPU a little faster than a copy took every single miss and the
-cache stopped learning (16 GiB, LFU, t_cpu 1.2 ms against t_copy 1.24 ms: 55.7 tok/s projected
-against 66.0 copying only, 67.2 with reuse_weight 0.25).
+its load). The last term is what the uncached experts cost later: v_i, in copies, is the
+cache's reuse value of miss i (ExpertCache.reuse_value). Without it a CPU a little faster than
+a copy took every single miss and the cache stopped learning. With one fixed value for every
+miss (a quarter copy, until 2026-11-23) the best charge depended on the budget: a nearly
+complete cache wants a whole copy (16 GiB, 4-bit meta, t_cpu 1.0 ms: 74.7 tok/s projected at a
+quarter, 127.6 at one), a small one wants little (8 GiB: 39.4 at a quarter, 24.9 at one). The
+LFU cache now answers per expert: a whole copy while a slot is free, else how much more often
+the expert is used than the entry it would evict, and nothing for one colder than that entry,
+whose copy would push a warmer expert out.
 """
 
 from __future__ import annotations
@@ -39,28 +46,38 @@ class CostModel:
     copy_gbps: float = 25.0  # until measured: a PCIe 4 x16 link
     cpu_s: float = 0.010  # one CPU expert, until measured
     smoothing: float = 0.2  # weight of a new measurement in the running averages
-    reuse_weight: float = 0.25  # future cost of an uncached (CPU-computed) expert, in copies
+    reuse_weight: float = 0.25  # future cost of an uncached expert, in copies, when the caller gives no values
     w2_share: float = 1 / 3  # f: w2's share of the record's bytes and of an expert's arithmetic
 
     @property
     def copy_s(self) -> float:
         return self.record_bytes / (self.copy_gbps * 1e9)
 
-    def cost(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0) -> float:
-        """The objective above for one assignment (seconds)."""
+    def cost(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0,
+             uncached_value: float | None = None) -> float:
+        """The objective above for one assignment (seconds). uncached_value: the summed reuse
+        values of the misses left uncached (default: reuse_weight each)."""
         f = self.w2_share
         link = copy_backlog_s + copied * self.copy_s + split * f * self.copy_s
         cpu = split * (1 - f) * self.cpu_s + on_cpu * self.cpu_s
-        return max(link, cpu) + (split + on_cpu) * self.reuse_weight * self.copy_s
+        if uncached_value is None:
+            uncached_value = (split + on_cpu) * self.reuse_weight
+        return max(link, cpu) + uncached_value * self.copy_s
 
-    def assign(self, n_misses: int, copy_backlog_s: float = 0.0, allow_split: bool = True) -> tuple[int, int, int]:
-        """(copied, split, on_cpu) for `n_misses`. Ties prefer copies, then splits: a copied
-        expert stays cached, and a split keeps the CPU's share of the work smallest."""
+    def assign(self, n_misses: int, copy_backlog_s: float = 0.0, allow_split: bool = True,
+               values: list[float] | None = None) -> tuple[int, int, int]:
+        """(copied, split, on_cpu) for `n_misses`: the first `copied` misses are copied, the next
+        `split` split, the rest computed on the CPU. values: each miss's reuse value in copies,
+        in decreasing order (default: reuse_weight each). Ties prefer copies, then splits: a
+        copied expert stays cached, and a split keeps the CPU's share of the work smallest."""
+        if values is None:
+            values = [self.reuse_weight] * n_misses
+        tail = [sum(values[a:]) for a in range(n_misses + 1)]  # value left uncached when the first a are copied
         best, best_t = (n_misses, 0, 0), None
         for a in range(n_misses, -1, -1):
             for b in range(n_misses - a + 1 if allow_split else 1):
                 c = n_misses - a - b
-                t = self.cost(a, b, c, copy_backlog_s)
+                t = self.cost(a, b, c, copy_backlog_s, tail[a])
                 if best_t is None or t < best_t - 1e-12:
                     best, best_t = (a, b, c), t
         return best

@@ -329,3 +329,25 @@ def test_lfu_beats_lru_on_the_reference_trace():
             steps = trace_steps(SyntheticRouting(params, 0.8, seed=1), 400, 0)
             rates[policy] = simulate(Planner(make_cache(policy, per_layer * 8, 8, 2), 0), steps).hit_rate
         assert rates["lfu"] > rates["layer"] + 0.02, rates
+
+
+def test_reuse_value_is_frequency_admission():
+    """LFU: a whole copy while a slot is free; else the share of its uses by which the key
+    beats the entry it would evict; nothing for a key colder than that entry. LRU cannot tell
+    (UNKNOWN_REUSE once full); the no-cache baseline keeps nothing."""
+    from runtime.offload.cache import UNKNOWN_REUSE
+
+    c = FrequencyCache({0: [0, 1]}, prior={(0, 0): 4.0, (0, 1): 2.0, (0, 2): 8.0, (0, 3): 1.0})
+    assert c.reuse_value((0, 2)) == 1.0
+    c.insert((0, 0))
+    c.insert((0, 1))
+    assert c.reuse_value((0, 2)) == pytest.approx((8 - 2) / 8)  # would evict (0, 1), used twice
+    assert c.reuse_value((0, 3)) == 0.0  # colder than both: a copy would push out a warmer one
+    c.pin((0, 0))
+    c.pin((0, 1))
+    assert c.reuse_value((0, 2)) == 0.0  # nothing can leave
+    lru = ExpertCache.per_layer([1])
+    assert lru.reuse_value((0, 5)) == 1.0
+    lru.insert((0, 4))
+    assert lru.reuse_value((0, 5)) == UNKNOWN_REUSE
+    assert NoCache.per_layer([2]).reuse_value((0, 1)) == 0.0

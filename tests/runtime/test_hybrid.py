@@ -64,6 +64,29 @@ def test_assign_is_optimal(n, copy_s, cpu_s, backlog, reuse, share):
     assert m.cost(a, b, c, backlog) <= best + 1e-12
 
 
+@given(st.lists(st.floats(0, 1), max_size=6), st.floats(1e-4, 1e-1), st.floats(1e-4, 1e-1), st.floats(0, 0.05),
+       st.floats(0.05, 0.95))
+def test_assign_with_reuse_values_is_optimal(values, copy_s, cpu_s, backlog, share):
+    """Per-miss reuse values (sorted, most first): the copied misses are a prefix, and no
+    prefix split of the rest does better."""
+    values = sorted(values, reverse=True)
+    n = len(values)
+    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s, w2_share=share)
+    a, b, c = m.assign(n, backlog, values=values)
+    assert min(a, b, c) >= 0 and a + b + c == n
+    best = min(m.cost(x, y, n - x - y, backlog, sum(values[x:])) for x in range(n + 1) for y in range(n - x + 1))
+    assert m.cost(a, b, c, backlog, sum(values[a:])) <= best + 1e-12
+
+
+def test_a_miss_worth_nothing_cached_goes_to_the_cpu():
+    """Two misses, a CPU as fast as a copy: the one the cache would keep is copied and the one
+    colder than everything cached (value 0) computed; two worth keeping are both copied."""
+    m = CostModel(record_bytes=67_000_000, copy_gbps=53.6, cpu_s=67_000_000 / 53.6e9)
+    assert m.assign(2, allow_split=False, values=[1.0, 0.0]) == (1, 0, 1)
+    assert m.assign(2, allow_split=False, values=[1.0, 1.0]) == (2, 0, 0)
+    assert m.assign(2, allow_split=False, values=[0.0, 0.0]) == (1, 0, 1)
+
+
 def test_one_stalled_cpu_call_cannot_shut_the_cpu_out():
     """The CPU is measured only when it is used: an outlier that multiplied the estimate would
     stop every later CPU choice (seen on the H100 host, where a first call that compiled a GPU

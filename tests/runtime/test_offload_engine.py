@@ -11,6 +11,7 @@ import torch
 from formats.errors import ConfigError
 from formats.reader import MoepackFile
 from runtime.loader import load_model
+from runtime.offload.cache import UNKNOWN_REUSE
 from runtime.offload.engine import OffloadedExperts
 from runtime.offload.host import HostStore, choose_resident
 from runtime.offload.options import OffloadOptions, make_backend_factory, preflight
@@ -347,6 +348,17 @@ def test_free_events_per_compute_only_where_a_wave_reuses_the_slot():
     assert _reloaded_after([Compute((0, 1), 0, True), Compute((0, 2), 1, True)]) == set()
 
 
+def test_a_free_slot_keeps_a_miss_on_the_link(tiny, monkeypatch):
+    """With a free slot a miss is worth a whole copy later: behind the same four queued copies,
+    the CPU at half a copy's speed only ties, and the tie goes to the copy (it stays cached)."""
+    path, _ = tiny
+    eng = offloaded(path, n_slots=2 * LAYERS, hybrid=True, cpu_threads=1).experts
+    eng.cost.smoothing, eng.cost.cpu_s = 0.0, 2 * eng.cost.copy_s
+    assert eng.cache.reuse_value((0, 0)) == 1.0
+    monkeypatch.setattr(eng.copier, "pending_bytes", lambda: 4 * eng.layout.record_size)
+    assert eng._cpu_choice(0, [0]) == ([], [])
+
+
 def test_copy_engine_pending_bytes_counts_the_unfinished_copies():
     class Event:
         def __init__(self, done: bool):
@@ -364,12 +376,16 @@ def test_copy_engine_pending_bytes_counts_the_unfinished_copies():
 
 def test_hybrid_counts_the_links_queue(tiny, monkeypatch):
     """A CPU at half a copy's speed loses a single miss to an idle link, and wins it when four
-    copies (prefetches) are queued on the link ahead of it."""
+    copies (prefetches) are queued on the link ahead of it (layer 0's slots full, so caching
+    the miss is worth the LRU cache's UNKNOWN_REUSE)."""
     path, _ = tiny
     model = offloaded(path, n_slots=2 * LAYERS, hybrid=True, cpu_threads=1)
     eng = model.experts
     eng.cost.smoothing, eng.cost.cpu_s = 0.0, 2 * eng.cost.copy_s
+    for e in range(2):
+        eng.cache.insert((0, e))
     miss = next(e for e in range(EXPERTS) if (0, e) not in eng.cache)
+    assert eng.cache.reuse_value((0, miss)) == UNKNOWN_REUSE
     assert eng._cpu_choice(0, [miss]) == ([], [])
     monkeypatch.setattr(eng.copier, "pending_bytes", lambda: 4 * eng.layout.record_size)
     split, whole = eng._cpu_choice(0, [miss])
