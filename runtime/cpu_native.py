@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -108,6 +108,7 @@ class NativeKernel:
         if self.lib.moepack_abi_version() != ABI_VERSION:
             raise NativeBuildError(f"{path} has ABI {self.lib.moepack_abi_version()}, expected {ABI_VERSION}")
         self.avx2 = bool(self.lib.moepack_has_avx2())
+        self.vnni = bool(self.lib.moepack_has_vnni())  # the word loop's dot products as vpdpwssd
         f = self.lib.moepack_qgemv
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]

@@ -32,6 +32,20 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define MP_AVX2 1
+/* acc + the pairwise int16 products of a and b summed per int32 lane: one vpdpwssd where the
+ * CPU has VNNI (Intel since Ice Lake, AMD since Zen 4; the H100 host's Xeon has AVX-512), else
+ * vpmaddwd then vpaddd. Same sums: codes < 16 times |x| <= 32767 cannot reach vpmaddwd's one
+ * wrapping case. The word loop is ~4 instructions per pair of products, so one fewer is ~20%. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MP_DOT(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
+#define MP_VNNI 1
+#elif defined(__AVXVNNI__)
+#define MP_DOT(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
+#define MP_VNNI 1
+#else
+#define MP_DOT(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
+#define MP_VNNI 0
+#endif
 #endif
 
 /* x's int16 pairs are stored in blocks of 8 words: [U/8][H][8], so the 8 words of one vector
@@ -42,7 +56,15 @@
 #define MP_UNSUPPORTED 1
 #define MP_NOMEM 2
 
-int moepack_abi_version(void) { return 4; }
+int moepack_abi_version(void) { return 5; }
+
+int moepack_has_vnni(void) {
+#ifdef MP_AVX2
+    return MP_VNNI;
+#else
+    return 0;
+#endif
+}
 
 int moepack_has_avx2(void) {
 #ifdef MP_AVX2
@@ -164,9 +186,9 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
             if (bits == 3) v = _mm256_or_si256(v, _mm256_and_si256(_mm256_srli_epi32(hs, p), hibit));
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + XPI(h, p, j)));
             if (p & 1)
-                dot1 = _mm256_add_epi32(dot1, _mm256_madd_epi16(v, xv));
+                dot1 = MP_DOT(dot1, v, xv);
             else
-                dot0 = _mm256_add_epi32(dot0, _mm256_madd_epi16(v, xv));
+                dot0 = MP_DOT(dot0, v, xv);
         }
         const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot0, dot1));
         const __m256 zx = _mm256_mul_ps(_mm256_loadu_ps(zw + j), _mm256_loadu_ps(X + j));
@@ -241,9 +263,9 @@ static inline __attribute__((always_inline)) float row_fast(const uint32_t *qn, 
                     if (bits == 3) v = _mm256_or_si256(v, _mm256_and_si256(_mm256_srli_epi32(hs, p), hibit));
                     const __m256i xv = _mm256_load_si256((const __m256i *)(xb + 8 * p));
                     if (p & 1)
-                        dot1 = _mm256_add_epi32(dot1, _mm256_madd_epi16(v, xv));
+                        dot1 = MP_DOT(dot1, v, xv);
                     else
-                        dot0 = _mm256_add_epi32(dot0, _mm256_madd_epi16(v, xv));
+                        dot0 = MP_DOT(dot0, v, xv);
                 }
                 const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot0, dot1)), _mm256_loadu_ps(d + j));
                 __m256 sl = s8;

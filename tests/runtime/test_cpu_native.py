@@ -362,6 +362,27 @@ def test_large_fp16_matrices_stay_fp16_on_the_cpu(monkeypatch, packed_files):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512vnni"],
+                                   ["-mavx2", "-mfma", "-mavxvnni"]], ids=["avx512-vnni", "avx-vnni"])
+def test_vnni_builds_use_vpdpwssd(tmp_path, flags):
+    """The VNNI dot products (the H100 host's Xeon has AVX-512) compile to vpdpwssd. Compiled
+    only: this CPU may lack them, and where they run the load-time self-check compares them
+    with the format's reference decode before any result is used."""
+    import subprocess
+
+    cc = cpu_native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    asm = tmp_path / "k.s"
+    r = subprocess.run(cc.split() + ["-O3", "-std=c11", "-fopenmp", "-S", *flags, "-o", str(asm), str(cpu_native.SOURCE)],
+                       capture_output=True, text=True)
+    if r.returncode != 0 and "unrecognized" in r.stderr + r.stdout:
+        pytest.skip(f"{cc} does not know {flags[-1]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = asm.read_text()
+    assert "vpdpwssd" in text and "vpmaddwd" not in text  # every int16 dot product of the kernel
+
+
 def test_portable_build_without_vector_extensions(monkeypatch, tmp_path):
     """The C file built with neither -march=native nor OpenMP (a compiler that refuses both):
     the scalar paths pass the same self-check and compute fp16 matrices the same."""
