@@ -30,4 +30,4 @@ def data_offset(header_len: int) -> int:
 def required_version(specs) -> int:
     """The lowest format version that can store quantization specs `specs`: writers write it, so
     a file that uses nothing newer stays readable by older readers (FORMAT.md "Versioning")."""
-    return 2 if any(getattr(s, "meta_bits", 0) == 4 for s in specs) else 1
+    return 2 if any(s.meta_bits == 4 for s in specs) else 1

@@ -157,20 +157,17 @@ def meta(checkpoint, tensors, specs, json_out):
 
     from formats.qtensor import QuantSpec
 
-    from safetensors import safe_open
-
     from .hqq_codec import encode_tensor
+    from .tensors import ShardIndex, load
 
     mats = {"gaussian 1024x4096": (torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).half()}
     if tensors and checkpoint is None:
         raise click.UsageError("--tensor needs --checkpoint")
     if tensors:
         folder = Path(checkpoint)
-        index = folder / "model.safetensors.index.json"
-        shards = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+        index = ShardIndex(folder)
         for name in tensors:
-            with safe_open(folder / shards.get(name, "model.safetensors"), "pt") as f:
-                mats[name] = f.get_tensor(name)
+            mats[name] = load(folder, index.ref(name))
     rows = []
     for text in specs:
         bits, group, mg = (int(v) for v in text.split(","))

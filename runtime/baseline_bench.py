@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -36,18 +37,17 @@ FP16 = QuantSpec(16)
 
 
 def bench_recipe(name: str) -> Recipe:
+    attention = QuantSpec(4, 64, 8, 256)
+    experts = {"4/2": QuantSpec(2, 16, 8, 128), "4/3": QuantSpec(3, 64, 8, 128)}  # the paper's recipes, 8-bit meta
+    experts |= {f"{k}m4": replace(v, meta_bits=4) for k, v in experts.items()}  # 4-bit meta codes (format version 2)
     if name == "fp16":
-        attention = experts = FP16
-    elif name == "4/2":  # the paper's recipe: attention 4-bit g64, experts 2-bit g16, 8-bit meta
-        attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(2, 16, 8, 128)
-    elif name == "4/3":
-        attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(3, 64, 8, 128)
-    elif name in ("4/2m4", "4/3m4"):  # experts with 4-bit meta codes (format version 2)
-        attention, experts = QuantSpec(4, 64, 8, 256), QuantSpec(int(name[2]), 16 if name[2] == "2" else 64, 4, 128)
+        attention = expert = FP16
+    elif name in experts:
+        expert = experts[name]
     else:
-        raise MoepackError(f"--recipe {name!r} is not one of fp16, 4/2, 4/3, 4/2m4, 4/3m4")
+        raise MoepackError(f"--recipe {name!r} is not one of fp16, {', '.join(experts)}")
     return Recipe({"embeddings": FP16, "attention": attention, "norms": FP16, "router": FP16,
-                   "experts": experts, "lm_head": FP16})
+                   "experts": expert, "lm_head": FP16})
 
 
 def bench_config(layers: int, tiny: bool) -> ModelConfig:

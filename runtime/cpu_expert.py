@@ -201,9 +201,11 @@ def _numba_matvec(c: dict, spec, x: np.ndarray, threads: int | None) -> np.ndarr
     _, _, ub, hb = _geometry(spec.bits, spec.group_size)
     q = c["q"].view(_UNIT_DTYPES[ub])  # [N, K/CU] units (rows are whole units: K is a multiple of G)
     qhi = c["q_hi"].view(_UNIT_DTYPES[hb]) if "q_hi" in c else q  # an unused stand-in otherwise
-    if spec.coded_meta:  # 4-bit codes unpacked to one byte each (the compiled kernel reads them packed)
-        n_groups = q.shape[0] * x.shape[1] // spec.group_size
-        scale, zero = (meta_codes(c[k], n_groups, spec.meta_bits) for k in ("scale", "zero"))
+    if spec.coded_meta:
+        scale, zero = c["scale"], c["zero"]
+        if spec.meta_bits == 4:  # unpacked to a byte per group (the compiled kernel reads nibbles)
+            n_groups = q.shape[0] * x.shape[1] // spec.group_size
+            scale, zero = meta_codes(scale, n_groups, 4), meta_codes(zero, n_groups, 4)
         smeta, zmeta, mg = c["scale_meta"], c["zero_meta"], spec.meta_group_size
     else:  # widen fp16 meta once (rare layout; the 8-bit meta default needs no copy)
         scale, zero = c["scale"].astype(np.float32), c["zero"].astype(np.float32)
