@@ -16,6 +16,9 @@
 #      the host's cores, against llama.cpp's CPU-only figure (FACTS.md 2b);
 #  12. experts with 4-bit meta codes (format version 2, 16% fewer bytes per expert): 32 layers
 #      resident (step graph, 512-token prefill), then LRU / LFU + hybrid at 8, 12, 16 GiB;
+#  13. int16 activations (dp2a, GemvConfig.int_x) against the float path, both on the heuristic
+#      configs (MOEPACK_NO_TUNING=1), so only the activation path differs: the kernel table,
+#      then 32 layers resident with 4-bit-meta 2-bit experts, each path;
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -31,6 +34,12 @@
 # tools/cpu_diag.py). A stacked q+k+v (6144x4096) has no tuned entry yet: STAGES="10" tunes it.
 # Since the third session of 2026-11-23: STAGES="12" (4-bit meta experts), after "9" for the
 # 8-bit figures beside them; stage 2's kernel table has "m4" rows.
+# Since the fifth session of 2026-11-23: int16 activations with dp2a for 2-bit codes (the
+# heuristic's default; the built-in tuned table predates it and keeps the float path on the
+# H100 for the Mixtral shapes). First call: STAGES="1 13 2" (the cuda tests include dp2a
+# against its emulation, bit for bit); then STAGES="10" re-tunes with both paths among the
+# candidates (copy $OUT/tuning/gemv-tuning.json to runtime/kernels/data/ if it wins), then
+# "12" and "9" run on the new table.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -73,7 +82,7 @@ has 1 && run pytest_cuda ${PYTEST_S:-200} $PY -m pytest -m cuda -v -p no:cachepr
 # the files runtime.bench names mixtral-8x7b-L1-a4-e{bits}-s0.moepack in its cache dir
 has 10 && run tune_files 120 $PY -c "from runtime.bench import bench_file; [bench_file('/tmp/moe-pack-bench', 1, False, b, 0) for b in (2, 3)]"
 for bits in 2 3; do
-  has 10 && run tune_$bits ${TUNE_S:-150} $PY -m runtime.tune /tmp/moe-pack-bench/mixtral-8x7b-L1-a4-e$bits-s0.moepack \
+  has 10 && run tune_$bits ${TUNE_S:-240} $PY -m runtime.tune /tmp/moe-pack-bench/mixtral-8x7b-L1-a4-e$bits-s0.moepack \
     --tokens ${TUNE_TOKENS:-1} --rep-ms 20
 done
 has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json" ${KB_FLAGS:-}
@@ -120,5 +129,13 @@ has 12 && run resident_32_m4 150 bash -c "$PY -m runtime.baseline_bench --layers
 has 12 && run bench_m4 300 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 --tokens ${TOKENS:-16} \
   --warmup 8 --routing trace --variant lru --variant hybrid --cache-policy lfu --gpu-memory 8GiB --gpu-memory 12GiB \
   --gpu-memory 16GiB --prefill-len 512 --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_m4.json" $BENCH_FLAGS
+# int16 activations against the float path: heuristic configs for both (no tuned table)
+has 13 && run kernel_bench_untuned 120 env MOEPACK_NO_TUNING=1 $PY tools/kernel_bench.py \
+  --json "$OUT/kernel_bench_untuned.json" ${KB_FLAGS:-}
+for path in int float; do
+  has 13 && run resident_32_$path 150 bash -c "MOEPACK_NO_TUNING=1 MOEPACK_GEMV_INT=$([ $path = int ] && echo 1 || echo 0) \
+    $PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 64 \
+    > $OUT/resident_32_$path.jsonl"
+done
 log "total"
 tail -n 40 "$OUT/all.log"

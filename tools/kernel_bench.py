@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from runtime.kernels import (  # noqa: E402
 )
 from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
 from runtime.kernels.prefill import PREFILL_ENV  # noqa: E402
+from runtime.kernels.words import int_x_ok  # noqa: E402
 from runtime.kernels.timing import capture_graph, fill_random, random_matrix, rotating  # noqa: E402,F401 (shared with runtime.tune)
 
 L2_BYTES = 50 << 20  # H100 L2
@@ -201,7 +202,21 @@ def bench_expert(name: str, spec: QuantSpec, shapes: Shapes, device, dtype, time
         base = plain_us.get(t)
         rows.append(Row(case, t, path, us, wbytes, floor, floor / us, base / us if base else None,
                         TARGET_US.get(case) if t == 1 else None, err, cfg))
+        if path == "fused" and int_x_ok(shapes.hidden, spec):
+            # the other activation path than the one picked (tuned table or heuristic), side by side
+            alt = {"w13": replace(w13, int_x=not w13.int_x), "w2": replace(w2, int_x=not w13.int_x)}
+            err = rel_err(fused_expert_ffn(records[0], layout, xs[0], configs=alt), ref)
+            us = timer.median_us(rotating(lambda i: fused_expert_ffn(records[i], layout, xs[i], configs=alt), copies))
+            rows.append(Row(case, t, "fused " + ("int16-x" if alt["w13"].int_x else "float-x"), us, wbytes, floor,
+                            floor / us, base / us if base else None, TARGET_US.get(case) if t == 1 else None, err,
+                            f"w13 {alt['w13'].short()} / w2 {alt['w2'].short()}"))
     rows += bench_indexed(case, layout, records, shapes, device, dtype, timer, bw, gen)
+    if int_x_ok(shapes.hidden, spec):
+        flip = not pick_gemv_config(shapes.intermediate, shapes.hidden, 1, spec, gated=True).int_x
+        alt = {"w13": replace(pick_gemv_config(shapes.intermediate, shapes.hidden, 1, spec, gated=True), int_x=flip),
+               "w2": replace(pick_gemv_config(shapes.hidden, shapes.intermediate, 1, spec), int_x=flip)}
+        rows += bench_indexed(case, layout, records, shapes, device, dtype, timer, bw, gen, configs=alt,
+                              label=" int16-x" if flip else " float-x")
     rows += bench_prefill_paths(case, layout, records, shapes, device, dtype, timer, bw, gen)
     return rows
 
@@ -254,7 +269,8 @@ def prefill_env(mode: str):
 
 
 def bench_indexed(case: str, layout: ExpertLayout, records: list[torch.Tensor], shapes: Shapes, device, dtype,
-                  timer: Timer, bw: float, gen: torch.Generator, k: int = 2) -> list[Row]:
+                  timer: Timer, bw: float, gen: torch.Generator, k: int = 2, configs: dict | None = None,
+                  label: str = "") -> list[Row]:
     """A token's k experts chosen on the device (kernels.indexed_expert_ffn: two launches for
     all k, what a resident decode step runs): the time per expert, so it compares with the
     one-expert row and its target."""
@@ -266,11 +282,11 @@ def bench_indexed(case: str, layout: ExpertLayout, records: list[torch.Tensor], 
     w = torch.full((k,), 1.0 / k, dtype=dtype, device=device)
     x = torch.randn(1, shapes.hidden, generator=gen).to(device, dtype)
     ref = sum(expert_ffn(records[int(r)], layout, x, torch.float32) for r in sels[0].tolist()) / k
-    err = rel_err(indexed_expert_ffn(buf, sels[0], w, layout, x), ref)
-    us = timer.median_us(rotating(lambda i: indexed_expert_ffn(buf, sels[i], w, layout, x), n)) / k
+    err = rel_err(indexed_expert_ffn(buf, sels[0], w, layout, x, configs), ref)
+    us = timer.median_us(rotating(lambda i: indexed_expert_ffn(buf, sels[i], w, layout, x, configs), n)) / k
     wbytes = sum(m.nbytes for m in layout.matrices)
     floor = wbytes / bw * 1e6
-    return [Row(case, 1, f"indexed x{k}", us, wbytes, floor, floor / us, None, TARGET_US.get(case), err,
+    return [Row(case, 1, f"indexed x{k}{label}", us, wbytes, floor, floor / us, None, TARGET_US.get(case), err,
                 f"{k} experts per launch, time per expert")]
 
 
@@ -308,6 +324,17 @@ def bench_attention(shapes: Shapes, device, dtype, timer: Timer, bw: float, toke
     us = timer.median_us(rotating(lambda i: fused_qkv(i, x1[i]), copies))
     cfg = f"qkv {pick_gemv_config(*qkv_shape, 1, ATTN_SPEC).short()} o {pick_gemv_config(*mats['o'], 1, ATTN_SPEC).short()}"
     rows.append(Row(case, 1, "fused qkv+o", us, nbytes, floor, floor / us, plain_us / us, TARGET_US[case], None, cfg))
+    if int_x_ok(shapes.hidden, ATTN_SPEC):  # the other activation path, side by side
+        cq, co = pick_gemv_config(*qkv_shape, 1, ATTN_SPEC), pick_gemv_config(*mats["o"], 1, ATTN_SPEC)
+        cq, co = replace(cq, int_x=not cq.int_x), replace(co, int_x=not cq.int_x)
+
+        def fused_qkv_alt(i, x):
+            return [qmatmul(x, stacked[i], qkv_shape, ATTN_SPEC, config=cq),
+                    qmatmul(x, layers[i]["o"], mats["o"], ATTN_SPEC, config=co)]
+
+        us = timer.median_us(rotating(lambda i: fused_qkv_alt(i, x1[i]), copies))
+        rows.append(Row(case, 1, "fused qkv+o " + ("int16-x" if cq.int_x else "float-x"), us, nbytes, floor,
+                        floor / us, plain_us / us, TARGET_US[case], None, f"qkv {cq.short()} o {co.short()}"))
     for t in tokens:
         xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
         err = max(rel_err(a, F.linear(xs[0].float(), dequantize(layers[0][k], s, ATTN_SPEC, torch.float32)))
@@ -381,7 +408,8 @@ def print_sweep(results: list[dict]) -> None:
         for r in ok[:5]:
             print(f"  {r['config']:<18}{r['us']:>9.1f} us  {100 * r['floor_frac']:5.1f}% of floor")
         if ok:
-            cfg = {k: ok[0][k] for k in ("block_n", "block_k", "split_k", "num_warps", "num_stages", "permute_x")}
+            cfg = {k: ok[0][k] for k in ("block_n", "block_k", "split_k", "num_warps", "num_stages", "permute_x", "int_x")
+                   if k in ok[0]}
             args = ", ".join(f"{k}={v}" for k, v in cfg.items())
             best.append(f"register_config({case['shape'][0]}, {case['shape'][1]}, {case['tokens']}, {case['spec']}, "
                         f"{case['gated']}, GemvConfig({args}))")

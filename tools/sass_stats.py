@@ -52,6 +52,9 @@ CASES = {
     "w2-2": (EXPERT[::-1], QuantSpec(2, 16, 8, 128), False),
     "w13-3": (EXPERT, QuantSpec(3, 64, 8, 128), True),
     "w2-3": (EXPERT[::-1], QuantSpec(3, 64, 8, 128), False),
+    # 4-bit scale/zero codes: the quantizer's default for 2-bit experts (format version 2)
+    "w13-2m4": (EXPERT, QuantSpec(2, 16, 4, 128), True),
+    "w2-2m4": (EXPERT[::-1], QuantSpec(2, 16, 4, 128), False),
     "attn-q-4": ((4096, 4096), QuantSpec(4, 64, 8, 256), False),
     "attn-kv-4": ((1024, 4096), QuantSpec(4, 64, 8, 256), False),
 }
@@ -100,26 +103,37 @@ def compile_case(name: str, tokens: int, config: str | None = None):
     if config:
         cfg = replace(cfg, **parse_config(config)).for_matrix(shape[1], spec)
     plan = _launch_plan(*shape, tokens, spec, gated, cfg, False, 16 if gated else 1)
-    kw = dict(plan.kwargs)
+    kw = dict(plan.kwargs, ASM=True)  # as compiled for a GPU: int16 activations multiply with dp2a
     opts = dict(num_warps=kw.pop("num_warps"), num_stages=kw.pop("num_stages"))
-    meta = "*u8" if spec.meta_bits == 8 else "*fp16"
+    meta = "*u8" if spec.coded_meta else "*fp16"
     out = "*fp32" if plan.partial else "*fp16"
-    types = {"x_ptr": "*fp16", "out_ptr": out, "out2_ptr": out, "sel_ptr": "*i64", "w_ptr": "*fp16"}
+    types = {"x_ptr": "*i32" if plan.int_x else "*fp16", "out_ptr": out, "out2_ptr": out, "sel_ptr": "*i64", "w_ptr": "*fp16"}
     for m in "ab":
         types |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i16", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
                   f"sm{m}_ptr": "*fp32", f"zm{m}_ptr": "*fp32"}
     sig = {a: types.get(a, "constexpr" if a in kw else "i32") for a in qgemv_kernel.arg_names}
-    kernel = triton.compile(ASTSource(qgemv_kernel, sig, kw), target=GPUTarget("cuda", 90, 32), options=opts)
+    # what the JIT tells the compiler at a real launch: pointers (torch allocations, record
+    # operands at COMPONENT_ALIGNMENT) and the integers that are multiples of 16 are marked
+    # divisible by 16, which is what lets it vectorise loads
+    n, k = shape
+    per = plan.per
+    row = (per // 2 + 2) * (k // per) if plan.int_x else k  # x's row stride in elements
+    ints = dict(N=n, K=k, RS=1 << 20, stride_xt=row, stride_xe=tokens * row, stride_os=plan.tail[0],
+                stride_oe=plan.tail[1], stride_ot=plan.tail[2])
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(qgemv_kernel.arg_names)
+             if sig[a].startswith("*") or (a in ints and ints[a] % 16 == 0)}
+    kernel = triton.compile(ASTSource(qgemv_kernel, sig, kw, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     nbytes = matrix_layout(shape, spec)[1] * (2 if gated else 1)
     return kernel, plan, cfg, nbytes
 
 
 def parse_config(text: str) -> dict:
-    """'n64k512s1w4p2' (GemvConfig.short(); any subset of the fields) -> GemvConfig fields."""
+    """'n64k512s1w4p2' (GemvConfig.short(); any subset of the fields; '-i' int16 activations,
+    '-xs' float activations at stride PER, else float activations permuted) -> GemvConfig fields."""
     names = {"n": "block_n", "k": "block_k", "s": "split_k", "w": "num_warps", "p": "num_stages"}
     fields = {names[k]: int(v) for k, v in re.findall(r"([nkswp])(\d+)", text)}
-    if text.endswith("-xs"):
-        fields["permute_x"] = False
+    fields["int_x"] = text.endswith("-i")
+    fields["permute_x"] = not text.endswith("-xs")
     return fields
 
 

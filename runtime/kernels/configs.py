@@ -4,11 +4,14 @@ overrides (filled from the per-GPU tuning cache, runtime/kernels/tuning.py, whic
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from formats.errors import ConfigError
 from formats.qtensor import QuantSpec
+
+from .words import int_x_ok
 
 # Below this many programs per SM-wave the GPU idles on narrow matrices (k/v projections,
 # w2): split K instead. H100 SXM has 132 SMs; used when the device cannot be asked.
@@ -18,6 +21,9 @@ PROGRAMS_PER_SM = 2
 # it gains in parallelism.
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLIT_K = 16
+# "0" keeps the heuristic on the float path (int16 activations, GemvConfig.int_x, are its
+# default where the layout allows)
+INT_X_ENV = "MOEPACK_GEMV_INT"
 
 
 def _pow2(v: int) -> bool:
@@ -37,6 +43,9 @@ class GemvConfig:
     # read activations permuted to [T, PER, K/PER] (contiguous per code position) instead of
     # gathering them at stride PER; costs a small copy of x unless the producer wrote it so
     permute_x: bool = True
+    # quantize x to int16 per word first (one small launch) and multiply with dp2a
+    # (triton_gemv._tile_update_int); layouts it does not cover keep the float path
+    int_x: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -56,7 +65,7 @@ class GemvConfig:
 
     def short(self) -> str:
         return f"n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}p{self.num_stages}" + (
-            "" if self.permute_x else "-xs")
+            "-i" if self.int_x else "" if self.permute_x else "-xs")
 
 
 # Configs are frozen values: memoize the pure functions of them that run per kernel call
@@ -69,7 +78,9 @@ def _for_matrix(cfg: GemvConfig, k: int, spec: QuantSpec) -> GemvConfig:
     # equal slices of whole tiles; recompute the count so none is empty
     per_split = -(-tiles // split)
     split = -(-tiles // per_split)
-    return replace(cfg, block_k=block_k, split_k=split)
+    int_x = cfg.int_x and int_x_ok(k, spec)
+    # int16 activations come from their own layout: the float path's x order does not apply
+    return replace(cfg, block_k=block_k, split_k=split, int_x=int_x, permute_x=cfg.permute_x and not int_x)
 
 
 def _next_pow2(v: int) -> int:
@@ -123,24 +134,33 @@ def pick_gemv_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool = Fals
         tuned = TUNED.get(_key(n, k, t, replace(spec, meta_bits=8), gated))
     if tuned is not None:
         return tuned.for_matrix(k, spec)
-    return _heuristic_config(n, k, t, spec, gated, sm_count)
+    return _heuristic_config(n, k, t, spec, gated, sm_count, _int_x_default())
+
+
+def _int_x_default() -> bool:
+    return os.environ.get(INT_X_ENV, "1") != "0"
 
 
 def heuristic_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool = False,
                      sm_count: int = DEFAULT_SM_COUNT) -> GemvConfig:
     """What pick_gemv_config returns when nothing is tuned for this problem."""
-    return _heuristic_config(n, k, t, spec, gated, sm_count)
+    return _heuristic_config(n, k, t, spec, gated, sm_count, _int_x_default())
 
 
 @lru_cache(maxsize=1024)
-def _heuristic_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool, sm_count: int) -> GemvConfig:
+def _heuristic_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool, sm_count: int,
+                      int_x: bool) -> GemvConfig:
     plane_bits = 2 if spec.bits == 3 else spec.bits
     block_k = 1024 // plane_bits
     # every token multiplies the whole tile again: keep the tile (registers) smaller for more tokens
     block_n = 32 if t <= 2 else 16 if t <= 8 else 8
     if gated:
         block_n = max(8, block_n // 2)  # two matrices per program
-    cfg = GemvConfig(block_n=block_n, block_k=block_k).for_matrix(k, spec)
+    # int16 activations for 2-bit codes: half the float path's instructions per weight
+    # (tools/sass_stats.py), for one extra launch that quantizes x. At 4 bits a word holds half
+    # the codes for the same per-word costs, and the two paths count alike: the float path
+    # saves the launch. (runtime.tune times both everywhere.)
+    cfg = GemvConfig(block_n=block_n, block_k=block_k, int_x=int_x and spec.bits == 2).for_matrix(k, spec)
     programs = -(-n // block_n)
     want = PROGRAMS_PER_SM * sm_count
     tiles = -(-k // cfg.block_k)
@@ -165,11 +185,14 @@ def candidate_configs(n: int, k: int, t: int, spec: QuantSpec, gated: bool = Fal
                       sm_count: int = DEFAULT_SM_COUNT) -> list[GemvConfig]:
     """The configs runtime.tune and tools/kernel_bench.py --sweep time for one shape: the
     heuristic's pick (first) and one-knob-at-a-time variations of it plus a few wider tiles
-    (about 20, each a compile on the GPU), deduplicated after being made valid for the shape."""
+    (about 20, each a compile on the GPU, and as many again with int16 activations),
+    deduplicated after being made valid for the shape."""
     # from the heuristic, not pick_gemv_config: a loaded tuning cache must not move the
     # candidate set (re-tuning would then drift away from the heuristic it is measured against)
-    base = _heuristic_config(n, k, t, spec, gated, sm_count)
-    variants = [base]
+    # the varied base is the float heuristic, whose x order is a knob of its own; the actual
+    # heuristic (int16 activations where the layout allows) is timed first
+    base = _heuristic_config(n, k, t, spec, gated, sm_count, False)
+    variants = [_heuristic_config(n, k, t, spec, gated, sm_count, _int_x_default()), base]
     variants += [replace(base, block_n=bn) for bn in (8, 16, 32, 64)]
     variants += [replace(base, block_k=max(32, base.block_k // 2)), replace(base, block_k=base.block_k * 2)]
     variants += [replace(base, num_warps=w) for w in (2, 8)]
@@ -182,6 +205,9 @@ def candidate_configs(n: int, k: int, t: int, spec: QuantSpec, gated: bool = Fal
         replace(base, block_n=8, block_k=base.block_k * 2, num_warps=4, num_stages=3),
         replace(base, block_n=32, block_k=base.block_k * 2, num_warps=8, num_stages=3),
     ]
+    # each of them with int16 activations too, where the layout allows (for_matrix drops the
+    # flag otherwise, and the duplicates go)
+    variants += [replace(v, int_x=True) for v in variants if v.permute_x]
     out: dict[GemvConfig, None] = {}
     for v in variants:
         if v.block_n * v.block_k <= 32768:  # larger tiles spill registers at any warp count

@@ -17,6 +17,9 @@ from .prefill import prefill_matmul
 from .tuning import ensure_loaded
 from .words import codes_per_word, operand_args, word_layout_ok
 
+# The int16-activation kernels multiply with PTX's dp2a where they are compiled. False runs
+# their integer emulation there too (the interpreter always does): test_cuda compares the two.
+DP2A_ASM = True
 # More tokens than this: dequantize once and use a dense matmul (tensor cores); the fused
 # GEMV re-multiplies every unpacked weight per token on the CUDA cores.
 PREFILL_THRESHOLD = 16
@@ -98,6 +101,7 @@ class GemvLaunch:
     ints: tuple[int, int]  # n, k (the scalars before the record stride)
     tail: tuple[int, int, int]  # the output strides: per K slice, per expert, per token
     experts: int  # > 0: an indexed launch over this many experts (see run_gemv)
+    int_x: bool  # x goes through quantize_x first (int16 activations, dp2a)
     # the keyword arguments of the launch (constexprs, warps, stages); read-only by convention
     kwargs: dict = field(hash=False, compare=False)
 
@@ -120,14 +124,14 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
         EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
         ROW_META=row_meta(k, spec, cfg.block_k), INDEXED=experts > 0, SCALED=experts > 0 and gated and not partial,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INT_X=cfg.int_x, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return GemvLaunch(
         n=n, k=k, gated=gated, per=per, permute=cfg.permute_x and not x_permuted,
         unpermute=x_permuted and not cfg.permute_x, partial=partial,
         out_shape=((split,) if partial else ()) + ((experts,) if experts else ()) + (t, n), out_per=out_per,
         grid=(_cdiv(n, cfg.block_n), split) + ((experts,) if experts else ()), ints=(n, k),
-        tail=(e * t * n, t * n, n), experts=experts, kwargs=constexprs,
+        tail=(e * t * n, t * n, n), experts=experts, int_x=cfg.int_x, kwargs=constexprs,
     )
 
 
@@ -167,6 +171,20 @@ class Index:
     rs: int
 
 
+def quantize_x(x: torch.Tensor, per: int) -> torch.Tensor:
+    """x [R, K] (contiguous rows) -> [R, (PER/2 + 2) * K/PER] int32: the int16 activations,
+    word scales and word sums the INT_X kernel reads for a matrix of PER codes per word
+    (triton_gemv.xquant_kernel; one launch)."""
+    from . import triton_gemv
+
+    r, k = x.shape
+    kw = k // per
+    out = _alloc((r, per // 2 + 2, kw), torch.int32, x.device)
+    bw = min(128, _next_pow2(kw))
+    triton_gemv.xquant_kernel[(r, _cdiv(kw, bw))](x, out, k, x.stride(0), BITS=32 // per, BW=bw)
+    return out.view(r, -1)
+
+
 def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index | None = None) -> torch.Tensor:
     """Launch qgemv_kernel for x [T, K] and the kernel arguments of one matrix (two when
     gated, see words.operand_args) as `plan` says; the result as gemv describes it.
@@ -178,6 +196,7 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
     from . import triton_gemv  # triton is imported only when a kernel runs
 
     lead = x.shape[:-1]
+    dtype = x.dtype
     if x.dim() == 3:  # [E, T, K]: the permutation works per row
         x = x.reshape(-1, x.shape[-1])
     if plan.permute:
@@ -185,29 +204,32 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
     elif plan.unpermute:
         x = unpermute_x(x, plan.per)
     x = x.contiguous()
+    if plan.int_x:
+        x = quantize_x(x, plan.per)
     if plan.partial:
         out = _alloc(plan.out_shape, torch.float32, x.device)
         out2 = _alloc(plan.out_shape, torch.float32, x.device) if plan.gated else out
     else:
-        out = out2 = _alloc(plan.out_shape, x.dtype, x.device)
+        out = out2 = _alloc(plan.out_shape, dtype, x.device)
     b = args[1] if plan.gated else args[0]
     if index is None:
         sel, w, rs, stride_xe = x, x, 0, 0  # unused pointers: any tensor
     else:
         sel, w, rs = index.sel, index.w, index.rs
         stride_xe = 0 if len(lead) == 1 else lead[-1] * x.stride(0)
+    # ASM: the dp2a instruction where the kernel is compiled (the interpreter runs its emulation)
     triton_gemv.qgemv_kernel[plan.grid](x, out, out2, *args[0], *b, sel, w, *plan.ints, rs, x.stride(0), stride_xe,
-                                        *plan.tail, **plan.kwargs)
+                                        *plan.tail, ASM=x.is_cuda and DP2A_ASM, **plan.kwargs)
     if not plan.partial:
         return out
     if plan.experts and not plan.gated:
-        return out.sum((0, 1)).to(x.dtype)  # [T, N]: every slice of every expert
+        return out.sum((0, 1)).to(dtype)  # [T, N]: every slice of every expert
     y = out.sum(0)  # [T, N] float32 ([E, T, N] indexed)
     if plan.gated:
         y = F.silu(y) * out2.sum(0)
         if plan.experts:
             y = y * index.w.view(-1, 1, 1)
-    y = y.to(x.dtype)
+    y = y.to(dtype)
     if plan.out_per > 1:
         y = permute_x(y.reshape(-1, y.shape[-1]), plan.out_per).view(y.shape)
     return y

@@ -45,6 +45,11 @@ if _add is None:  # a triton without the private name: same reduction, slow in t
 
 
 @triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _ld(ptrs, mask, other, EVEN: tl.constexpr):
     """tl.load, unmasked when the launch covers the matrix exactly (EVEN): the predicates and
     their comparisons cost a few integer instructions per loaded element."""
@@ -149,6 +154,118 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
     return acc
 
 
+# Integer activations (INT_X): x quantized to int16 per word of codes (xquant_kernel), so a
+# weight costs half a dp2a, the PTX instruction that multiplies two signed 16-bit values by
+# two unsigned bytes and adds both products to an int32, plus a quarter of a shift and a
+# quarter of a LOP3 that put four codes into the four bytes of a register. The float path
+# above spends a LOP3, an FADD and an FFMA per weight; on sm_90 that issue rate, not HBM,
+# bounded the kernels (tools/sass_stats.py). The int32 sum of a word converts to float once,
+# times the word's activation scale.
+#
+# xquant_kernel writes, per token row, NP = PER/2 int32 pair rows then the float32 scales and
+# sums, each KW = K/PER words long: [rows, NP + 2, KW]. With NS = 8 // BITS, byte j of
+# (word >> BITS*s) & byte-mask holds code j*NS + s, so pair row p = 2s + h holds the
+# activations of codes 2h*NS + s (low half) and (2h+1)*NS + s (high half): the ones that
+# dp2a's lo (h 0) or hi (h 1) mode multiplies with that register.
+
+@triton.jit
+def _dp2a(xp, v, acc, HI: tl.constexpr, ASM: tl.constexpr):
+    """acc + lo16(xp) * byte(v, 2 HI) + hi16(xp) * byte(v, 2 HI + 1), signed 16-bit times
+    unsigned bytes: one dp2a where PTX runs (ASM), the same integer arithmetic elsewhere (the
+    interpreter cannot run inline assembly; a CUDA test checks both agree bit for bit)."""
+    if ASM:
+        if HI:
+            return tl.inline_asm_elementwise("dp2a.hi.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [xp, v, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("dp2a.lo.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [xp, v, acc],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        b = v >> (16 * HI)
+        return acc + ((xp << 16) >> 16) * (b & 0xFF) + (xp >> 16) * ((b >> 8) & 0xFF)
+
+
+@triton.jit
+def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
+                     rows, n_mask, k0, K, MG: tl.constexpr,
+                     T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                     MB: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr,
+                     EVEN: tl.constexpr, ROW_META: tl.constexpr, ASM: tl.constexpr):
+    """_tile_update for int16 activations (xquant_kernel's layout) and 2-, 4- or 8-bit codes
+    whose groups hold whole words (G % PER == 0): every word's codes share one scale and zero."""
+    PER: tl.constexpr = 32 // BITS
+    NS: tl.constexpr = 8 // BITS  # shifts that bring each code of a word to the bottom of a byte
+    NP: tl.constexpr = PER // 2
+    BMASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101 if BITS < 8 else 0  # 8 bits: the bytes are codes
+    KW = K // PER
+    kw = k0 // PER + tl.arange(0, BKW)  # [BKW]
+    w_ok = kw < KW
+    r = rows[:, None]  # [BN, 1]
+    m2 = n_mask[:, None] & w_ok[None, :]
+    words = _ld(q_ptr + r * KW + kw[None, :], m2, 0, EVEN)  # [BN, BKW] int32
+    tt = tl.arange(0, BT)[:, None, None]  # [BT, 1, 1]
+    x_rows = x_ptr + tt * stride_xt + kw[None, None, :]  # [BT, 1, BKW]
+    x_mask = (tt < T) & w_ok[None, None, :]
+    XE: tl.constexpr = EVEN and T == BT
+    idot = tl.full([BT, BLOCK_N, BKW], 0, tl.int32)
+    for s in tl.static_range(NS):
+        # the arithmetic shift's sign bits never reach a masked bit: BITS * s + 8 * 3 + BITS <= 32
+        if BITS == 8:
+            v = words[None, :, :]  # [1, BN, BKW]
+        else:
+            v = ((words >> (BITS * s)) & BMASK)[None, :, :]
+        for h in tl.static_range(2):
+            xp = _ld(x_rows + (2 * s + h) * KW, x_mask, 0, XE)  # [BT, 1, BKW] int16 pairs
+            idot = _dp2a(xp, v, idot, h, ASM)
+    dx = _ld(x_rows + NP * KW, x_mask, 0, XE).to(tl.float32, bitcast=True)  # [BT, 1, BKW] word scales
+    sx = _ld(x_rows + (NP + 1) * KW, x_mask, 0, XE).to(tl.float32, bitcast=True)  # sums of x per word
+    # words per group, a constant: kw // 1 keeps the index contiguous, so the compiler loads
+    # the codes of a thread's consecutive words at once (kw * PER // G would not)
+    gidx = r * (K // G) + (kw // (G // PER))[None, :]  # [BN, BKW]
+    if ROW_META:
+        mi = (r * (K // G) + k0 // G) // MG  # [BN, 1]
+        rmask = n_mask[:, None]
+        s_step, s_min = _ld(sm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(sm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
+        z_step, z_min = _ld(zm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(zm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
+        sc = (s_step * _meta_code(s_ptr, gidx, m2, MB, EVEN) + s_min)[None, :, :]  # [1, BN, BKW]
+        ze = (z_step * _meta_code(z_ptr, gidx, m2, MB, EVEN) + z_min)[None, :, :]
+    else:
+        sc = _load_meta(s_ptr, sm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]
+        ze = _load_meta(z_ptr, zm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]
+    # sum_c s (q_c - z) x_c = s (sum_c q_c x_c - z sum_c x_c), the first sum in integers
+    acc += sc * (idot.to(tl.float32) * dx - ze * sx)
+    return acc
+
+
+@triton.jit
+def xquant_kernel(x_ptr, out_ptr, K, stride_x, BITS: tl.constexpr, BW: tl.constexpr):
+    """x [rows, K] (any float type) -> out [rows, NP + 2, K / PER] int32 (see the comment
+    above _dp2a): per word of PER columns, round(x * 32767 / max|x|) as int16 pairs in dp2a
+    order, then the scale max|x| / 32767 and the exact sum of x as float32 bit patterns.
+    Grid (rows, cdiv(K / PER, BW))."""
+    PER: tl.constexpr = 32 // BITS
+    NS: tl.constexpr = 8 // BITS
+    NP: tl.constexpr = PER // 2
+    row = tl.program_id(0).to(tl.int64)
+    KW = K // PER
+    w = tl.program_id(1) * BW + tl.arange(0, BW)  # [BW]
+    wm = (w < KW)[:, None]  # [BW, 1]
+    p = tl.arange(0, NP)  # [NP]
+    c0 = 2 * (p % 2) * NS + p // 2  # the code whose activation goes in the pair's low half
+    src = x_ptr + row * stride_x + w[:, None] * PER
+    a = tl.load(src + c0[None, :], mask=wm, other=0.0).to(tl.float32)  # [BW, NP]
+    b = tl.load(src + (c0 + NS)[None, :], mask=wm, other=0.0).to(tl.float32)
+    amax = tl.reduce(tl.maximum(tl.abs(a), tl.abs(b)), 1, _max)  # [BW]
+    total = tl.reduce(a + b, 1, _add)
+    inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)[:, None]  # an all-zero word: codes 0
+    qa = tl.floor(a * inv + 0.5).to(tl.int32)  # |q| <= 32767
+    qb = tl.floor(b * inv + 0.5).to(tl.int32)
+    dst = out_ptr + row * ((NP + 2) * KW)
+    tl.store(dst + p[None, :] * KW + w[:, None], (qa & 0xFFFF) | (qb << 16), mask=wm)
+    tl.store(dst + NP * KW + w, (amax / 32767.0).to(tl.int32, bitcast=True), mask=w < KW)
+    tl.store(dst + (NP + 1) * KW + w, total.to(tl.int32, bitcast=True), mask=w < KW)
+
+
 @triton.jit
 def _row(ptr, row, RS):
     """ptr, an operand of the expert record in row 0 of a [rows, RS bytes] buffer, moved to
@@ -181,6 +298,7 @@ def qgemv_kernel(
     MB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
     ROW_META: tl.constexpr = False, INDEXED: tl.constexpr = False, SCALED: tl.constexpr = False,
+    INT_X: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), split), each program TILES tiles of BLOCK_K columns. Matrix A
     (and B when GATED, same shape and spec) times x [T, K] (X_PERMUTED: [T, PER, K/PER]).
@@ -193,7 +311,10 @@ def qgemv_kernel(
     its input x + e * stride_xe and its output out + e * stride_oe: the experts of a token
     chosen on the device, with no host round trip to learn which (a whole decode step can then
     be one CUDA graph). SCALED (not PARTIAL): the result of program e times w[e], the router
-    weight, which a linear consumer (w2) then carries into the expert's output."""
+    weight, which a linear consumer (w2) then carries into the expert's output.
+
+    INT_X: x is xquant_kernel's output for this BITS (int16 activations and dp2a, see
+    _tile_update_int), ASM: with the dp2a instruction (compiled for a GPU)."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     BKW: tl.constexpr = BLOCK_K * BL // 32
     pid_n = tl.program_id(0)
@@ -215,13 +336,21 @@ def qgemv_kernel(
     # depend on program ids break the Triton interpreter under numpy >= 2.4
     for i in range(TILES):
         k0 = k_start + i * BLOCK_K
-        acc_a = _tile_update(acc_a, x_ptr, stride_xt, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
-                             rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, X_PERMUTED, EVEN,
-                             ROW_META)
-        if GATED:
-            acc_b = _tile_update(acc_b, x_ptr, stride_xt, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
+        if INT_X:
+            acc_a = _tile_update_int(acc_a, x_ptr, stride_xt, qa_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
+                                     rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, EVEN, ROW_META, ASM)
+            if GATED:
+                acc_b = _tile_update_int(acc_b, x_ptr, stride_xt, qb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
+                                         rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, EVEN, ROW_META,
+                                         ASM)
+        else:
+            acc_a = _tile_update(acc_a, x_ptr, stride_xt, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
                                  rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, X_PERMUTED, EVEN,
-                             ROW_META)
+                                 ROW_META)
+            if GATED:
+                acc_b = _tile_update(acc_b, x_ptr, stride_xt, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
+                                     rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, X_PERMUTED, EVEN,
+                                     ROW_META)
 
     ya = tl.reduce(acc_a, 2, _add)  # [BT, BN]: the only cross-lane reduction
     tix = tl.arange(0, BT)[:, None]

@@ -32,7 +32,10 @@ from formats.qtensor import QuantSpec
 from .configs import GemvConfig, GemvProblem, register_config
 
 FORMAT = "moe-pack gemv tuning"
-VERSION = 1
+VERSION = 2
+# version 1 files predate GemvConfig.int_x: their entries read with its default (the float path)
+READABLE_VERSIONS = (1, 2)
+_V1_MISSING = frozenset({"int_x"})
 CACHE_FILE = "gemv-tuning.json"
 CACHE_DIR_ENV = "MOEPACK_CACHE_DIR"
 NO_TUNING_ENV = "MOEPACK_NO_TUNING"
@@ -120,8 +123,9 @@ def _read(path: Path) -> dict | None:
     _check_object(doc, _DOC_FIELDS, "the document")
     if doc["format"] != FORMAT:
         raise _Invalid(f"format is {doc['format']!r}, not {FORMAT!r}")
-    if type(doc["version"]) is not int or doc["version"] != VERSION:
-        raise _Invalid(f"version {doc['version']!r} is not {VERSION} (written by another moe-pack)")
+    if type(doc["version"]) is not int or doc["version"] not in READABLE_VERSIONS:
+        raise _Invalid(f"version {doc['version']!r} is not one of {', '.join(map(str, READABLE_VERSIONS))} "
+                       "(written by another moe-pack)")
     if not isinstance(doc["devices"], list):
         raise _Invalid("'devices' is not a list")
     seen = set()
@@ -137,7 +141,7 @@ def _read(path: Path) -> dict | None:
         if not isinstance(block["entries"], list):
             raise _Invalid(f"{where}.entries is not a list")
         for j, entry in enumerate(block["entries"]):
-            _check_entry_types(entry, f"{where}.entries[{j}]")
+            _check_entry_types(entry, f"{where}.entries[{j}]", doc["version"])
     return doc
 
 
@@ -150,9 +154,11 @@ def _check_object(d, fields: tuple[str, ...] | frozenset, where: str) -> None:
             ([f"lacks {', '.join(missing)}"] if missing else []) + ([f"has unknown {', '.join(extra)}"] if extra else [])))
 
 
-def _check_entry_types(entry, where: str) -> None:
-    _check_object(entry, _ENTRY_FIELDS, where)
-    types = {**{k: int for k in _PROBLEM_INTS}, "gated": bool, **_CONFIG_TYPES}
+def _check_entry_types(entry, where: str, version: int = VERSION) -> None:
+    missing = _V1_MISSING if version == 1 else frozenset()
+    _check_object(entry, _ENTRY_FIELDS - missing, where)
+    types = {**{k: int for k in _PROBLEM_INTS}, "gated": bool,
+             **{k: t for k, t in _CONFIG_TYPES.items() if k not in missing}}
     for name, want in types.items():
         if type(entry[name]) is not want:  # not isinstance: True is an int to Python, not to us
             raise _Invalid(f"{where}.{name}={entry[name]!r} is not {'a boolean' if want is bool else 'an integer'}")
@@ -189,7 +195,7 @@ def _entry(d: dict) -> TunedEntry:
             raise ConfigError(f"{name}={d[name]} must be positive")
     if not (math.isfinite(d["us"]) and d["us"] > 0):
         raise ConfigError(f"us={d['us']} must be a positive time")
-    config = GemvConfig(**{name: d[name] for name in _CONFIG_TYPES})
+    config = GemvConfig(**{name: d[name] for name in _CONFIG_TYPES if name in d})  # version 1: defaults
     return TunedEntry(GemvProblem(d["n"], d["k"], spec, d["tokens"], d["gated"]), config, float(d["us"]))
 
 

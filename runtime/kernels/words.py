@@ -32,6 +32,12 @@ def _word_layout_ok(k: int, spec: QuantSpec) -> bool:
     return k % 32 == 0 and (g % per == 0 or per % g == 0)
 
 
+def int_x_ok(k: int, spec: QuantSpec) -> bool:
+    """Whether the int16-activation GEMV (triton_gemv._tile_update_int) handles this layout: 2-,
+    4- or 8-bit codes (one bit plane: its bytes hold whole codes) in groups of whole words."""
+    return _word_layout_ok(k, spec) and spec.bits in (2, 4, 8) and spec.group_size % codes_per_word(spec) == 0
+
+
 def word_view(plane: torch.Tensor, itemsize: int = 4) -> torch.Tensor | None:
     """uint8 [N, B] plane as int32 words [N, B // 4] (itemsize 2: int16 half-words [N, B // 2]),
     or None when its bytes are not aligned to the item size."""

@@ -86,16 +86,46 @@ def _gemv_types(bits: int, mb: int, act: str) -> dict[str, str]:
     (3, 64, 4, True, True, True, 1, True, False, True),
     (2, 16, 4, False, True, True, 1, False, False, False),
 ])
-def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even, row_meta, indexed):
+@pytest.mark.parametrize("int_x", [False, True], ids=["float-x", "int16-x"])
+def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even, row_meta, indexed, int_x):
     from runtime.kernels.triton_gemv import qgemv_kernel
 
+    if int_x and bits == 3:
+        pytest.skip("int16 activations take 2-, 4- and 8-bit codes")
     act = "*fp32" if partial else "*fp16"
     bt = 1 << max(0, (t - 1).bit_length())
-    k = _compile(qgemv_kernel, _gemv_types(bits, mb, act) | {"x_ptr": "*fp16"},
+    k = _compile(qgemv_kernel, _gemv_types(bits, mb, act) | {"x_ptr": "*i32" if int_x else "*fp16"},
                  dict(MG=128 if mb != 16 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_K=256,
-                      X_PERMUTED=permuted, GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else 16,
-                      EVEN=even, ROW_META=row_meta, INDEXED=indexed, SCALED=indexed and gated and not partial))
-    assert "ld.global" in k.asm["ptx"]
+                      X_PERMUTED=permuted and not int_x, GATED=gated, PARTIAL=partial,
+                      OUT_PER=1 if partial or int_x else 16, EVEN=even, ROW_META=row_meta, INDEXED=indexed,
+                      SCALED=indexed and gated and not partial, INT_X=int_x, ASM=True))
+    ptx = k.asm["ptx"]
+    assert "ld.global" in ptx
+    # the int16 path multiplies with dp2a (signed 16-bit activations, unsigned byte codes), the
+    # float path never does
+    assert ("dp2a.lo.s32.u32" in ptx and "dp2a.hi.s32.u32" in ptx) == int_x
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_xquant_compiles_for_sm90(bits):
+    from runtime.kernels.triton_gemv import xquant_kernel
+
+    k = _compile(xquant_kernel, {"x_ptr": "*fp16", "out_ptr": "*i32"}, dict(BITS=bits, BW=64))
+    assert "st.global" in k.asm["ptx"]
+
+
+def test_every_constexpr_of_the_gemv_is_given():
+    """A constexpr left out of a compile above would be compiled as a runtime integer, both
+    branches of its `if`s included: the lists must name every one."""
+    import inspect
+
+    from runtime.kernels.triton_gemv import qgemv_kernel
+
+    params = inspect.signature(qgemv_kernel.fn).parameters
+    constexprs = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    given = {"MG", "TILES", "T", "BT", "BITS", "G", "MB", "BLOCK_N", "BLOCK_K", "X_PERMUTED", "GATED", "PARTIAL",
+             "OUT_PER", "EVEN", "ROW_META", "INDEXED", "SCALED", "INT_X", "ASM"}
+    assert constexprs == given
 
 
 @pytest.mark.parametrize("bits,g,mb", [(2, 16, 8), (3, 64, 8), (4, 64, 16), (8, 40, 8), (2, 16, 4)])

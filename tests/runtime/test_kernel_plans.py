@@ -32,8 +32,11 @@ class Recorder:
 
 @pytest.fixture
 def launches(monkeypatch):
+    """The GEMV launches of the float path (the heuristic's int16 path first quantizes x with a
+    launch of its own: test_int16_launch_quantizes_x_first)."""
     from runtime.kernels import triton_gemv
 
+    monkeypatch.setenv(configs.INT_X_ENV, "0")
     rec = Recorder()
     monkeypatch.setattr(triton_gemv, "qgemv_kernel", rec)
     return rec.calls
@@ -87,7 +90,7 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
                   EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
                   ROW_META=spec.coded_meta and cfg.block_k % spec.group_size == 0 and k % cfg.block_k == 0
                   and spec.meta_group_size % (cfg.block_k // spec.group_size) == 0, INDEXED=False, SCALED=False,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  INT_X=False, ASM=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = (split, t, n) if partial else (t, n)
     return grid, [describe(a) for a in (*args[0], *b)], ints, kwargs, out_shape, x
 
@@ -135,6 +138,32 @@ def test_gemv_launches_what_the_plain_computation_does(launches, gated):
             assert len(launches) == 1
             check_launch(launches[0], reference_launch(x, mats, shape, spec, cfg, x_permuted=x_permuted,
                                                        out_per=out_per), t)
+
+
+def test_int16_launch_quantizes_x_first(monkeypatch):
+    """An int_x launch: xquant_kernel over x's rows and word blocks writes one int32 buffer,
+    and qgemv_kernel reads that buffer with its row stride, INT_X set and no float x order."""
+    from runtime.kernels import triton_gemv
+
+    gemv_rec, quant_rec = Recorder(), Recorder()
+    monkeypatch.setattr(triton_gemv, "qgemv_kernel", gemv_rec)
+    monkeypatch.setattr(triton_gemv, "xquant_kernel", quant_rec)
+    shape, spec = (64, 512), QuantSpec(2, 16, 8, 128)
+    buf = packed_buffer([(shape, spec)], torch.Generator().manual_seed(0))
+    comps = component_tensors(buf, shape, spec)
+    x = torch.randn(3, 512)
+    qgemv.gemv(x, [comps], shape, spec, GemvConfig(block_n=16, block_k=256, int_x=True))
+    (qgrid, qargs, qkw), = quant_rec.calls
+    (grid, args, kw), = gemv_rec.calls
+    kw_words = 512 // 16
+    assert qgrid == (3, 1) and qkw == dict(BITS=2, BW=32)
+    assert torch.equal(qargs[0], x) and qargs[2:] == (512, 512)
+    xq = qargs[1]
+    assert xq.dtype == torch.int32 and tuple(xq.shape) == (3, 8 + 2, kw_words)
+    assert args[0].data_ptr() == xq.data_ptr() and tuple(args[0].shape) == (3, 10 * kw_words)
+    assert args[17 + 3] == 10 * kw_words  # stride_xt: one token's pairs, scales and sums
+    assert kw["INT_X"] and not kw["X_PERMUTED"] and not kw["ASM"]  # ASM only where compiled
+    assert args[1].dtype == x.dtype  # the result keeps the activations' dtype
 
 
 def test_qmatmul_keeps_leading_dimensions(launches):

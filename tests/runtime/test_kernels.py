@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,12 @@ DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="kernels are compiled for CUDA in this session")),
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
-# (activation dtype, relative tolerance) per device: float32 under the interpreter, float16 on the GPU
-ACT = {"cpu": (torch.float32, 1e-5), "cuda": (torch.float16, 3e-3)}
+# (activation dtype, relative tolerance) per device: float32 under the interpreter, float16 on
+# the GPU. The int16-activation path (GemvConfig.int_x, the heuristic's choice for 2-bit codes)
+# rounds each activation to 1/65534 of its word's largest: ~2e-5 relative on these cases, so
+# the CPU bound is 1e-4; the float path keeps 1e-5 (FLOAT_TOL, test_gemv_matches_reference).
+ACT = {"cpu": (torch.float32, 1e-4), "cuda": (torch.float16, 3e-3)}
+FLOAT_TOL = 1e-5
 
 
 # ------------------------------------------------------------------ helpers
@@ -86,7 +91,8 @@ def poison(monkeypatch):
     """Every kernel output and the prefill scratch start as NaN: a value the kernel forgets
     to write shows up as NaN in the result."""
     def nan_alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # integer buffers (the int16 activations) get a value no kernel writes there
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -0x5A5A5A5A, dtype=dtype, device=device)
 
     monkeypatch.setattr(qgemv, "_alloc", nan_alloc)
     release_scratch()
@@ -156,7 +162,107 @@ def test_gemv_matches_reference(device, spec, shape, tokens, config, poison):
     assert gemv_supported(shape, spec)
     y = qgemv.gemv(x, [comps], shape, spec, config)
     assert y is not None and y.shape == (tokens, shape[0]) and y.dtype == dtype
+    if device == "cpu" and not qgemv.launch_plan(x, shape, spec, False, config).int_x:
+        tol = FLOAT_TOL
     assert rel_err(y, reference_matmul(x, w)) < tol
+
+
+# int16 activations (dp2a on the GPU, its integer emulation here): every code width it takes,
+# each meta kind, tile rows inside one meta group (ROW_META), split-K, padded token tiles,
+# ragged rows and K tails inside a tile
+INT_CASES = [
+    (QuantSpec(2, 16, 8, 128), (37, 256), 1, GemvConfig(int_x=True)),
+    (QuantSpec(2, 16, 4, 4), (32, 256), 3, GemvConfig(block_n=16, block_k=64, int_x=True)),  # ROW_META
+    (QuantSpec(2, 64, 16), (70, 384), 5, GemvConfig(block_n=16, block_k=128, split_k=2, int_x=True)),
+    (QuantSpec(2, 32, 8, 24), (33, 128), 8, GemvConfig(block_n=32, block_k=512, int_x=True)),  # K tail masked
+    (QuantSpec(4, 8, 8, 128), (16, 256), 2, GemvConfig(block_n=8, block_k=32, split_k=3, int_x=True)),
+    (QuantSpec(4, 64, 4, 5), (70, 256), 1, GemvConfig(block_n=16, block_k=128, int_x=True)),
+    (QuantSpec(8, 8, 8, 256), (16, 128), 3, GemvConfig(int_x=True)),
+    (QuantSpec(8, 32, 16), (24, 96), 1, GemvConfig(block_n=8, block_k=32, int_x=True)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,shape,tokens,config", INT_CASES,
+                         ids=[f"b{c[0].bits}-m{c[0].meta_bits}-g{c[0].group_size}-{c[1][0]}x{c[1][1]}-T{c[2]}"
+                              for c in INT_CASES])
+def test_gemv_with_int16_activations(device, spec, shape, tokens, config, poison):
+    dtype, tol = ACT[device]
+    data, w = packed(shape, spec, seed=spec.bits * 100 + shape[0])
+    comps = component_tensors(on_device(data, device), shape, spec)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(7)).to(device, dtype)
+    x[:, :16] *= 50  # one word with an outlier: its scale must not leak into the others
+    plan = qgemv.launch_plan(x, shape, spec, False, config)
+    assert plan.int_x and plan.kwargs["INT_X"] and not plan.permute
+    y = qgemv.gemv(x, [comps], shape, spec, config)
+    assert y.shape == (tokens, shape[0]) and y.dtype == dtype
+    assert rel_err(y, reference_matmul(x, w)) < tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec,shape,tokens,config", INT_CASES[:2] + INT_CASES[4:5] + INT_CASES[6:7])
+def test_dp2a_is_its_emulation_bit_for_bit(spec, shape, tokens, config, monkeypatch):
+    """The one piece the interpreter cannot run: PTX's dp2a against the integer arithmetic
+    the CPU tests check. Same int32 sums, so the same output bits."""
+    data, _ = packed(shape, spec, seed=3)
+    comps = component_tensors(on_device(data, "cuda"), shape, spec)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(3)).to("cuda", torch.float16)
+    y_asm = qgemv.gemv(x, [comps], shape, spec, config)
+    monkeypatch.setattr(qgemv, "DP2A_ASM", False)
+    y_emu = qgemv.gemv(x, [comps], shape, spec, config)
+    assert torch.equal(y_asm, y_emu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_x_layout(device, bits):
+    """quantize_x's rows against a numpy rendering of the layout in triton_gemv: pair row
+    2s + h of word w holds the activations of codes 2h*NS + s and (2h+1)*NS + s (NS = 8 // BITS)
+    as int16 halves, then the word's scale and its exact sum."""
+    per, ns = 32 // bits, 8 // bits
+    rows, k = 3, 4 * per * 5
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(bits))
+    x[1, :per] = 0.0  # an all-zero word: scale 0, codes 0
+    out = qgemv.quantize_x(x.to(device), per).cpu().view(rows, per // 2 + 2, k // per).numpy()
+    xw = x.numpy().reshape(rows, k // per, per)
+    amax = np.abs(xw).max(-1)
+    scale = (amax / 32767.0).astype(np.float32)
+    np.testing.assert_allclose(out[:, per // 2].view(np.float32), scale, rtol=1e-6)
+    np.testing.assert_allclose(out[:, per // 2 + 1].view(np.float32), xw.sum(-1), rtol=1e-5, atol=1e-5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(amax[..., None] > 0, np.floor(xw * (32767.0 / amax[..., None]) + 0.5), 0).astype(np.int64)
+    assert np.abs(q).max() <= 32767
+    for s in range(ns):
+        for h in range(2):
+            lo, hi = q[..., 2 * h * ns + s], q[..., (2 * h + 1) * ns + s]
+            pair = out[:, 2 * s + h].astype(np.int64)
+            got_lo = ((pair & 0xFFFF) ^ 0x8000) - 0x8000  # sign-extended halves
+            got_hi = pair >> 16
+            # one rounding step of slack: the kernel multiplies by a float32 reciprocal
+            assert np.abs(got_lo - lo).max() <= 1 and np.abs(got_hi - hi).max() <= 1, (s, h)
+    assert (out[1, :, 0] == 0).all()
+
+
+def test_int16_activations_only_where_the_layout_allows():
+    """for_matrix drops int_x for layouts the int path does not take (3-bit codes, groups
+    smaller than a word) and clears the float path's x order when it keeps it; the heuristic
+    picks it for 2-bit codes unless MOEPACK_GEMV_INT=0."""
+    cfg = GemvConfig(int_x=True)
+    assert cfg.for_matrix(4096, QuantSpec(2, 16, 8, 128)) == replace(cfg, block_k=256, permute_x=False)
+    assert not cfg.for_matrix(4096, QuantSpec(3, 64, 8, 128)).int_x
+    assert not cfg.for_matrix(4096, QuantSpec(2, 8, 8, 128)).int_x  # 8 codes per group, 16 per word
+    assert cfg.for_matrix(4096, QuantSpec(4, 8, 8, 128)).int_x
+    assert pick_gemv_config(14336, 4096, 1, QuantSpec(2, 16, 4, 128), gated=True).int_x
+    assert not pick_gemv_config(4096, 4096, 1, QuantSpec(4, 64, 8, 256)).int_x
+    assert GemvConfig(int_x=True).short().endswith("-i")
+
+
+def test_int16_default_can_be_turned_off(monkeypatch):
+    spec = QuantSpec(2, 16, 8, 128)
+    monkeypatch.setenv("MOEPACK_GEMV_INT", "0")
+    assert not pick_gemv_config(14336, 4096, 1, spec, gated=True).int_x
+    cands = candidate_configs(14336, 4096, 1, spec, gated=True)
+    assert any(c.int_x for c in cands) and any(not c.int_x for c in cands)  # the tuner still times both
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -32,8 +32,9 @@ def _interpreter(monkeypatch):
         # seconds per launch with the heuristic's narrow tiles
         from runtime.kernels import configs
 
-        def whole_matrix(n, k, t, spec, gated=False, sm_count=0):
-            return configs.GemvConfig(block_n=1 << (n - 1).bit_length(), block_k=max(32, 1 << (k - 1).bit_length()))
+        def whole_matrix(n, k, t, spec, gated=False, sm_count=0, int_x=False):
+            return configs.GemvConfig(block_n=1 << (n - 1).bit_length(), block_k=max(32, 1 << (k - 1).bit_length()),
+                                      int_x=int_x and spec.bits == 2).for_matrix(k, spec)
 
         monkeypatch.setattr(configs, "_heuristic_config", whole_matrix)
 

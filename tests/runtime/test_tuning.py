@@ -91,11 +91,25 @@ def test_round_trip(cache):
         assert load_tuned(GPU, TRITON) == {e.problem: e.config for e in ENTRIES}
         assert sorted(load_entries(GPU, TRITON, cache), key=lambda e: e.us) == sorted(ENTRIES, key=lambda e: e.us)
     doc = json.loads(cache.read_text())
-    assert (doc["format"], doc["version"]) == ("moe-pack gemv tuning", 1)
+    assert (doc["format"], doc["version"]) == ("moe-pack gemv tuning", 2)
     entry = next(e for e in doc["devices"][0]["entries"] if e["n"] == 1024)
     assert entry == {"n": 1024, "k": 4096, "bits": 4, "group_size": 64, "meta_bits": 16, "meta_group_size": 0,
                      "tokens": 2, "gated": False, "block_n": 8, "block_k": 512, "split_k": 4, "num_warps": 2,
-                     "num_stages": 2, "permute_x": True, "us": 9.0}
+                     "num_stages": 2, "permute_x": True, "int_x": False, "us": 9.0}
+
+
+def test_version_1_files_read_with_float_activations(cache):
+    """Files written before GemvConfig.int_x (version 1, like the built-in H100 table) still
+    load: their entries lack the field and mean the float path. A version 2 entry without it
+    breaks the schema."""
+    save_tuned(GPU, TRITON, ENTRIES)
+    edit(cache, lambda d: [d.update(version=1)] + [e.pop("int_x") for e in d["devices"][0]["entries"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_tuned(GPU, TRITON) == {e.problem: e.config for e in ENTRIES}
+    edit(cache, lambda d: d.update(version=2))
+    with pytest.warns(TuningCacheWarning, match="lacks int_x"):
+        assert load_tuned(GPU, TRITON) == {}
 
 
 def test_save_merges_other_devices_and_problems(cache):
@@ -141,9 +155,9 @@ BROKEN = {
     "binary": lambda p: p.write_bytes(b"\xff\xfe\x00"),
     "a list": lambda p: p.write_text("[]"),
     "NaN time": lambda p: p.write_text(p.read_text().replace('"us": 9.0', '"us": NaN')),
-    "repeated key": lambda p: p.write_text(p.read_text().replace('"version": 1', '"version": 1, "version": 1')),
+    "repeated key": lambda p: p.write_text(p.read_text().replace('"version": 2', '"version": 2, "version": 2')),
     "other format": lambda p: edit(p, lambda d: d.update(format="something else")),
-    "version 2": lambda p: edit(p, lambda d: d.update(version=2)),
+    "version 3": lambda p: edit(p, lambda d: d.update(version=3)),
     "missing devices": lambda p: edit(p, lambda d: d.pop("devices")),
     "unknown key": lambda p: edit(p, lambda d: d.update(extra=1)),
     "devices not a list": lambda p: edit(p, lambda d: d.update(devices={})),
