@@ -44,7 +44,7 @@ from runtime.kernels import (  # noqa: E402
     qmatmul,
     use_fused,
 )
-from runtime.kernels.configs import candidate_configs, pick_gemv_config  # noqa: E402
+from runtime.kernels.configs import GemvConfig, candidate_configs, pick_gemv_config  # noqa: E402
 from runtime.kernels.prefill import PREFILL_ENV  # noqa: E402
 from runtime.kernels.words import int_x_ok  # noqa: E402
 from runtime.kernels.timing import capture_graph, fill_random, random_matrix, rotating  # noqa: E402,F401 (shared with runtime.tune)
@@ -175,6 +175,17 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------ cases
 
+def other_path(*configs: GemvConfig) -> tuple[GemvConfig, ...]:
+    """The configs of one layer's launches with the other activation path than the first one's
+    (the picked path, tuned table or heuristic, gets its twin row beside it)."""
+    flip = not configs[0].int_x
+    return tuple(replace(c, int_x=flip) for c in configs)
+
+
+def path_name(config: GemvConfig) -> str:
+    return "int16-x" if config.int_x else "float-x"
+
+
 def bench_expert(name: str, spec: QuantSpec, shapes: Shapes, device, dtype, timer: Timer, bw: float,
                  tokens: list[int], gen: torch.Generator, tiny: bool) -> list[Row]:
     layout = expert_layout(shapes.hidden, shapes.intermediate, spec)
@@ -203,20 +214,18 @@ def bench_expert(name: str, spec: QuantSpec, shapes: Shapes, device, dtype, time
         rows.append(Row(case, t, path, us, wbytes, floor, floor / us, base / us if base else None,
                         TARGET_US.get(case) if t == 1 else None, err, cfg))
         if path == "fused" and int_x_ok(shapes.hidden, spec):
-            # the other activation path than the one picked (tuned table or heuristic), side by side
-            alt = {"w13": replace(w13, int_x=not w13.int_x), "w2": replace(w2, int_x=not w13.int_x)}
+            alt = dict(zip(("w13", "w2"), other_path(w13, w2)))
             err = rel_err(fused_expert_ffn(records[0], layout, xs[0], configs=alt), ref)
             us = timer.median_us(rotating(lambda i: fused_expert_ffn(records[i], layout, xs[i], configs=alt), copies))
-            rows.append(Row(case, t, "fused " + ("int16-x" if alt["w13"].int_x else "float-x"), us, wbytes, floor,
+            rows.append(Row(case, t, "fused " + path_name(alt["w13"]), us, wbytes, floor,
                             floor / us, base / us if base else None, TARGET_US.get(case) if t == 1 else None, err,
                             f"w13 {alt['w13'].short()} / w2 {alt['w2'].short()}"))
     rows += bench_indexed(case, layout, records, shapes, device, dtype, timer, bw, gen)
     if int_x_ok(shapes.hidden, spec):
-        flip = not pick_gemv_config(shapes.intermediate, shapes.hidden, 1, spec, gated=True).int_x
-        alt = {"w13": replace(pick_gemv_config(shapes.intermediate, shapes.hidden, 1, spec, gated=True), int_x=flip),
-               "w2": replace(pick_gemv_config(shapes.hidden, shapes.intermediate, 1, spec), int_x=flip)}
+        alt = dict(zip(("w13", "w2"), other_path(pick_gemv_config(shapes.intermediate, shapes.hidden, 1, spec, gated=True),
+                                                 pick_gemv_config(shapes.hidden, shapes.intermediate, 1, spec))))
         rows += bench_indexed(case, layout, records, shapes, device, dtype, timer, bw, gen, configs=alt,
-                              label=" int16-x" if flip else " float-x")
+                              label=" " + path_name(alt["w13"]))
     rows += bench_prefill_paths(case, layout, records, shapes, device, dtype, timer, bw, gen)
     return rows
 
@@ -325,15 +334,14 @@ def bench_attention(shapes: Shapes, device, dtype, timer: Timer, bw: float, toke
     cfg = f"qkv {pick_gemv_config(*qkv_shape, 1, ATTN_SPEC).short()} o {pick_gemv_config(*mats['o'], 1, ATTN_SPEC).short()}"
     rows.append(Row(case, 1, "fused qkv+o", us, nbytes, floor, floor / us, plain_us / us, TARGET_US[case], None, cfg))
     if int_x_ok(shapes.hidden, ATTN_SPEC):  # the other activation path, side by side
-        cq, co = pick_gemv_config(*qkv_shape, 1, ATTN_SPEC), pick_gemv_config(*mats["o"], 1, ATTN_SPEC)
-        cq, co = replace(cq, int_x=not cq.int_x), replace(co, int_x=not cq.int_x)
+        cq, co = other_path(pick_gemv_config(*qkv_shape, 1, ATTN_SPEC), pick_gemv_config(*mats["o"], 1, ATTN_SPEC))
 
         def fused_qkv_alt(i, x):
             return [qmatmul(x, stacked[i], qkv_shape, ATTN_SPEC, config=cq),
                     qmatmul(x, layers[i]["o"], mats["o"], ATTN_SPEC, config=co)]
 
         us = timer.median_us(rotating(lambda i: fused_qkv_alt(i, x1[i]), copies))
-        rows.append(Row(case, 1, "fused qkv+o " + ("int16-x" if cq.int_x else "float-x"), us, nbytes, floor,
+        rows.append(Row(case, 1, "fused qkv+o " + path_name(cq), us, nbytes, floor,
                         floor / us, plain_us / us, TARGET_US[case], None, f"qkv {cq.short()} o {co.short()}"))
     for t in tokens:
         xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]

@@ -87,6 +87,31 @@ def _load_meta(codes_ptr, meta_ptr, gidx, gmask, MB: tl.constexpr, MG: tl.conste
 
 
 @triton.jit
+def _row_meta(sm_ptr, zm_ptr, r, n_mask, k0, K, G: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr):
+    """(step, min) of the scales and of the zeros of each tile row, [BN, 1] each, for ROW_META
+    launches (the tile's groups of a row share one meta group): loaded once per row and tile."""
+    mi = (r * (K // G) + k0 // G) // MG  # [BN, 1]
+    rmask = n_mask[:, None]
+    return (_ld(sm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(sm_ptr + 2 * mi + 1, rmask, 0.0, EVEN),
+            _ld(zm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(zm_ptr + 2 * mi + 1, rmask, 0.0, EVEN))
+
+
+@triton.jit
+def _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, gmask, rm, MB: tl.constexpr, MG: tl.constexpr,
+                EVEN: tl.constexpr, ROW_META: tl.constexpr):
+    """Scales and zeros of groups `gidx` as [1, BN, BKW] float32; ROW_META: from the codes and
+    `rm`, the rows' (step, min) pairs that _row_meta loaded."""
+    if ROW_META:
+        s_step, s_min, z_step, z_min = rm
+        s = s_step * _meta_code(s_ptr, gidx, gmask, MB, EVEN) + s_min
+        z = z_step * _meta_code(z_ptr, gidx, gmask, MB, EVEN) + z_min
+    else:
+        s = _load_meta(s_ptr, sm_ptr, gidx, gmask, MB, MG, EVEN)
+        z = _load_meta(z_ptr, zm_ptr, gidx, gmask, MB, MG, EVEN)
+    return s[None, :, :], z[None, :, :]
+
+
+@triton.jit
 def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
                  rows, n_mask, k0, K, MG: tl.constexpr,
                  T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
@@ -115,19 +140,12 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
     tt = tl.arange(0, BT)[:, None, None]  # [BT, 1, 1]
     x_rows = x_ptr + tt * stride_xt
     x_mask = (tt < T) & w_ok[None, None, :]  # [BT, 1, BKW]
+    rm = 0
     if ROW_META:  # the tile's groups share one (step, min) pair per row: load it once per row
-        mi = (r * (K // G) + k0 // G) // MG  # [BN, 1]
-        rmask = n_mask[:, None]
-        s_step, s_min = _ld(sm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(sm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
-        z_step, z_min = _ld(zm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(zm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
+        rm = _row_meta(sm_ptr, zm_ptr, r, n_mask, k0, K, G, MG, EVEN)
     for j in tl.static_range(PER // GW):
         gidx = r * (K // G) + ((kw * PER + j * GW) // G)[None, :]  # [BN, BKW] row-major group index
-        if ROW_META:
-            s = (s_step * _meta_code(s_ptr, gidx, m2, MB, EVEN) + s_min)[None, :, :]  # [1, BN, BKW]
-            z = (z_step * _meta_code(z_ptr, gidx, m2, MB, EVEN) + z_min)[None, :, :]
-        else:
-            s = _load_meta(s_ptr, sm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]  # [1, BN, BKW]
-            z = _load_meta(z_ptr, zm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]
+        s, z = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m2, rm, MB, MG, EVEN, ROW_META)  # [1, BN, BKW]
         dot = tl.full([BT, BLOCK_N, BKW], 0.0, tl.float32)
         xs = tl.full([BT, 1, BKW], 0.0, tl.float32)
         for i in tl.static_range(GW):
@@ -222,16 +240,10 @@ def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
     # words per group, a constant: kw // 1 keeps the index contiguous, so the compiler loads
     # the codes of a thread's consecutive words at once (kw * PER // G would not)
     gidx = r * (K // G) + (kw // (G // PER))[None, :]  # [BN, BKW]
+    rm = 0
     if ROW_META:
-        mi = (r * (K // G) + k0 // G) // MG  # [BN, 1]
-        rmask = n_mask[:, None]
-        s_step, s_min = _ld(sm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(sm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
-        z_step, z_min = _ld(zm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(zm_ptr + 2 * mi + 1, rmask, 0.0, EVEN)
-        sc = (s_step * _meta_code(s_ptr, gidx, m2, MB, EVEN) + s_min)[None, :, :]  # [1, BN, BKW]
-        ze = (z_step * _meta_code(z_ptr, gidx, m2, MB, EVEN) + z_min)[None, :, :]
-    else:
-        sc = _load_meta(s_ptr, sm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]
-        ze = _load_meta(z_ptr, zm_ptr, gidx, m2, MB, MG, EVEN)[None, :, :]
+        rm = _row_meta(sm_ptr, zm_ptr, r, n_mask, k0, K, G, MG, EVEN)
+    sc, ze = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m2, rm, MB, MG, EVEN, ROW_META)  # [1, BN, BKW]
     # sum_c s (q_c - z) x_c = s (sum_c q_c x_c - z sum_c x_c), the first sum in integers
     acc += sc * (idot.to(tl.float32) * dx - ze * sx)
     return acc
