@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import KVCache
-from .qlinear import concat_rows
+from .qlinear import concat_rows, forward_partials
 from .rope import Rotary
 
 
@@ -44,6 +44,18 @@ class DevicePosition:
         self.pos, self.key_pos = pos, key_pos
         self.cos, self.sin = rotary.rows(pos)  # [1, 1, D] each
         self._allowed: dict[int | None, torch.Tensor] = {}
+        self._bias: dict[tuple[int | None, torch.dtype], torch.Tensor] = {}
+
+    def bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """allowed(window) as the additive mask attention applies (0 or -inf) [n]: given a
+        boolean mask, scaled_dot_product_attention converts it with three kernels at every
+        call, i.e. in every layer; this converts it once per step."""
+        b = self._bias.get((window, dtype))
+        if b is None:
+            b = torch.zeros(self.key_pos.shape, dtype=dtype, device=self.key_pos.device)
+            b.masked_fill_(~self.allowed(window), float("-inf"))
+            self._bias[(window, dtype)] = b
+        return b
 
     def allowed(self, window: int | None) -> torch.Tensor:
         """allowed[s] (True = attend) over the key positions key_pos."""
@@ -110,13 +122,36 @@ class Attention(nn.Module):
         at.key_pos.numel() cache positions with a mask: shapes and addresses do not depend on
         the position, so a CUDA graph of it replays at every step that attends as many."""
         # x: [1, H]
-        D, G, R = self.head_dim, self.num_kv_heads, self.n_rep
         q, k, v = self._qkv(x, lambda t: Rotary.apply(t, at.cos, at.sin))  # [1, G*R, D], [1, G, D], [1, G, D]
         keys, values = cache.write_at(self.layer, at.pos, k, v)  # [G, ctx, D] each
         n = at.key_pos.numel()  # the positions attended over (runtime.step_graph.key_bucket)
-        keys, values = keys[:, :n], values[:, :n]
+        return self.o_proj(self._attend(q, keys[:, :n], values[:, :n], at))
+
+    def forward_fused(self, x: torch.Tensor, at: DevicePosition, cache: KVCache) -> torch.Tensor:
+        """forward_at with the stacked q/k/v GEMV's split-K sum, rotary and the cache write in
+        one kernel (kernels.decode_ops.rotary_into_cache), returning the o projection's output
+        as the GEMV leaves it ([1, H] or float32 partials [P, 1, H]): the caller's fused norm
+        sums it. Needs a power-of-two head_dim. Where q, k and v do not stack (fuse_qkv),
+        their three outputs are concatenated first (one launch more)."""
+        from .kernels.decode_ops import rotary_into_cache
+
+        D, G = self.head_dim, self.num_kv_heads
+        layer = cache.layers[self.layer]  # [2, G, ctx, D]
+        if self.qkv_proj is not None:
+            y = forward_partials(self.qkv_proj, x)  # [1, (heads + 2G) * D] or its partials
+        else:
+            y = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        q = rotary_into_cache(y, self.num_heads, G, D, self.rotary.cos, self.rotary.sin_signed, at.pos,
+                              layer)  # [1, heads * D]
+        n = at.key_pos.numel()
+        return forward_partials(self.o_proj, self._attend(q, layer[0, :, :n], layer[1, :, :n], at))
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: DevicePosition) -> torch.Tensor:
+        """One token's attention over the keys and values [G, n, D] at.key_pos covers ->
+        [1, heads * D]."""
+        D, G, R = self.head_dim, self.num_kv_heads, self.n_rep
         q = q.reshape(G, R, D)  # the R query heads of kv head g, as in forward with T = 1
         with sdpa_kernel(_SDPA_BACKENDS):
             out = F.scaled_dot_product_attention(q[None], keys[None], values[None],
-                                                 attn_mask=at.allowed(self.sliding_window).expand(R, -1))[0]  # [G, R, D]
-        return self.o_proj(out.reshape(1, self.num_heads * D))
+                                                 attn_mask=at.bias(self.sliding_window, q.dtype).expand(R, -1))[0]
+        return out.reshape(1, self.num_heads * D)  # out: [G, R, D]

@@ -16,21 +16,55 @@ is captured and replayed.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .attention import DevicePosition
 from .graphs import capture
+from .kernels import use_fused
 from .moe import route
+
+# "0" keeps torch's small ops between the GEMVs (for A/B timing of fused_segment).
+FUSED_ENV = "MOEPACK_FUSED_DECODE"
+
+
+def fused_applies(layer, h: torch.Tensor) -> bool:
+    """Whether `layer`'s one-token segment can run fused_segment for h [1, H]: the fused
+    kernels run here (CUDA, or the interpreter) and the shapes suit them."""
+    from .kernels.decode_ops import norm_supported, rotary_supported
+
+    attn = layer.attn
+    return (h.shape[0] == 1 and os.environ.get(FUSED_ENV, "1") != "0" and use_fused(h)
+            and rotary_supported(attn.head_dim)
+            and norm_supported(h.shape[1], layer.moe.router.shape[0]))
 
 
 def segment(layer, h: torch.Tensor, at: DevicePosition, cache) -> tuple[torch.Tensor, ...]:
     """(h_mid, x, topk_idx, topk_w) of DecoderLayer `layer` for one token: h_mid = h + attention,
     x = post-attention norm of h_mid (the experts' input), and the router's choice for x."""
     # h: [1, H]
+    if fused_applies(layer, h):
+        return fused_segment(layer, h, None, at, cache)
     h_mid = h + layer.attn.forward_at(layer.input_norm(h), at, cache)
     x = layer.post_attn_norm(h_mid)
     topk_idx, topk_w = route(x, layer.moe.router, layer.moe.top_k)
     return h_mid, x, topk_idx, topk_w
+
+
+def fused_segment(layer, h: torch.Tensor, pending: torch.Tensor | None, at: DevicePosition,
+                  cache) -> tuple[torch.Tensor, ...]:
+    """segment in ~10 launches instead of ~48 (kernels.decode_ops): the residual add and
+    norm, the q/k/v GEMV, rotary with the cache write, attention, the o GEMV, then the
+    residual add, norm and router top-k in one. `pending` is the previous layer's expert
+    output still to be added to h (float32 partials [P, 1, H], or None): the add happens
+    inside this layer's first kernel, so the experts' sum never runs as its own launch."""
+    from .kernels.decode_ops import add_rms_norm
+
+    n1, n2, moe = layer.input_norm, layer.post_attn_norm, layer.moe
+    h, xn = add_rms_norm(h, pending, n1.weight, n1.eps)
+    o = layer.attn.forward_fused(xn, at, cache)
+    return add_rms_norm(h, o, n2.weight, n2.eps, moe.router, moe.top_k)  # h_mid, x, topk_idx, topk_w
 
 
 class DecodeGraphs:

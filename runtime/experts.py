@@ -229,13 +229,16 @@ class ResidentExperts:
         kernels read (the same condition as device routing)."""
         return self.routes_on_device and prefill_mode() == "fused" and xs.shape[0] > PREFILL_THRESHOLD
 
-    def forward_routed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def forward_routed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
+                       partials: bool = False) -> torch.Tensor:
         """One token (x [1, H]) with its experts chosen on the device: no host sync, so a
         CUDA graph may capture it (only when routes_on_device). Not counted in the stats:
-        the caller counts (a replayed graph runs no Python)."""
+        the caller counts (a replayed graph runs no Python). partials: the float32 partials
+        [P, 1, H] of the w2 launch, unsummed (kernels.decode_ops sums them)."""
         # topk_idx, topk_w: [1, k] -> the k record rows of this layer and their weights
         sel = topk_idx[0] + layer * self.num_experts
-        return indexed_expert_ffn(self.records, sel, topk_w[0], self.layout, x.to(self.dtype)).to(x.dtype)
+        y = indexed_expert_ffn(self.records, sel, topk_w[0], self.layout, x.to(self.dtype), keep_partials=partials)
+        return y if partials else y.to(x.dtype)
 
     def count(self, experts: int) -> None:
         """Count `experts` one-token expert calls."""

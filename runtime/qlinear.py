@@ -79,6 +79,15 @@ class QuantLinear(nn.Module):
         return f"{list(self.shape)}, {self.spec.describe()}"
 
 
+def forward_partials(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for x [T, K], except that a fused split-K GEMV returns its float32 partials
+    [P, T, N] unsummed: the decode step's fused kernels (kernels.decode_ops) sum them as
+    they read them, which saves the sum's and the cast's launches."""
+    if isinstance(linear, QuantLinear) and x.dim() == 2 and use_fused(x):
+        return qmatmul(x.to(linear.dtype), linear.comps, linear.shape, linear.spec, keep_partials=True)
+    return linear(x)
+
+
 class HalfLinear(nn.Module):
     """y = x @ W.T on the CPU with W [out, in] kept in the file's fp16: for a few tokens the
     compiled kernel widens it in registers (float32 arithmetic, so the float32 matmul's result

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import DevicePosition
-from .decode_graphs import segment
+from .decode_graphs import fused_applies, fused_segment, segment
 from .graphs import capture
 
 
@@ -66,10 +66,25 @@ class StepGraph:
         h = F.embedding(self.token, m.embed).to(m.dtype)  # [1, H]
         # one rotary table for all layers, and attention over the first `keys` cache positions
         at = DevicePosition(self.pos, self.key_pos[:keys], m.layers[0].attn.rotary)
+        if all(fused_applies(layer, h) for layer in m.layers):
+            return self._fused_body(h, at)
         for layer in m.layers:
             h_mid, x, topk_idx, topk_w = segment(layer, h, at, m.cache)
             h = h_mid + self.experts.forward_routed(layer.moe.layer, x, topk_idx, topk_w)
         return m.lm_head(m.norm(h)).float()  # [1, V]
+
+    def _fused_body(self, h: torch.Tensor, at: DevicePosition) -> torch.Tensor:
+        """_body through decode_graphs.fused_segment: each layer's expert output stays float32
+        partials until the next layer's first kernel (or the final norm) adds them."""
+        from .kernels.decode_ops import add_rms_norm
+
+        m = self.model
+        pending = None
+        for layer in m.layers:
+            h, x, topk_idx, topk_w = fused_segment(layer, h, pending, at, m.cache)  # h: h_mid
+            pending = self.experts.forward_routed(layer.moe.layer, x, topk_idx, topk_w, partials=True)
+        _, x = add_rms_norm(h, pending, m.norm.weight, m.norm.eps)
+        return m.lm_head(x).float()  # [1, V]
 
     def step(self, token: torch.Tensor, start_pos: int) -> torch.Tensor:
         # token: [1]; one small copy and one fill per step

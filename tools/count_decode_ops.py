@@ -5,30 +5,34 @@ counts what kernel fusion and the one-graph step save.
     python tools/count_decode_ops.py
 
 Runs on the CPU with a tiny fp16 file (dense projections: the GPU's GEMV permutations and
-split-K sums are not counted). Two numbers: the per-layer graph's segment (it derives the
-position's rotary rows and mask itself) and the step graph's (they are shared by all layers).
+split-K sums are not counted). Three numbers: the per-layer graph's segment (it derives the
+position's rotary rows and mask itself), the step graph's (they are shared by all layers),
+and the step graph's with the fused small-op kernels (decode_graphs.fused_segment, run under
+the Triton interpreter; each of its kernel launches counts as one op).
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime.attention import DevicePosition  # noqa: E402
 from runtime.baseline_bench import bench_config, bench_recipe  # noqa: E402
-from runtime.decode_graphs import DecodeGraphs, segment  # noqa: E402
+from runtime.decode_graphs import FUSED_ENV, DecodeGraphs, fused_segment, segment  # noqa: E402
 from runtime.loader import load_model  # noqa: E402
 from runtime.offload.synthfile import write_bench_file  # noqa: E402
 
+# views and allocations launch no kernel
 VIEWS = {"view", "t", "unsqueeze", "select", "slice", "transpose", "expand", "reshape", "_unsafe_view", "as_strided",
-         "split", "split_with_sizes", "alias", "detach"}
+         "split", "split_with_sizes", "alias", "detach", "empty", "empty_like", "empty_strided"}
 
 
 class Count(TorchDispatchMode):
@@ -44,10 +48,59 @@ class Count(TorchDispatchMode):
         return {k: v for k, v in self.ops.items() if k not in VIEWS}
 
 
+class _CountedKernel:
+    """A Triton kernel whose launches count as one op each in the active Count (the
+    interpreter's own torch calls inside a launch are not counted)."""
+
+    def __init__(self, kernel, name: str, counts: list):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            for c in self.counts:
+                c.ops["triton:" + self.name] += 1
+            with _disable_current_modes():
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _count_fused(model, g, at) -> Count:
+    """One layer's fused_segment under the interpreter, its Triton launches counted."""
+    from runtime.kernels import triton_decode
+
+    c = Count()
+    saved = {n: getattr(triton_decode, n) for n in ("norm_kernel", "rotary_kernel")}
+    for n, k in saved.items():
+        setattr(triton_decode, n, _CountedKernel(k, n, [c]))
+    try:
+        with c:
+            fused_segment(model.layers[0], g.h, None, at, model.cache)
+    finally:
+        for n, k in saved.items():
+            setattr(triton_decode, n, k)
+    return c
+
+
 def main() -> int:
+    # the fused kernels run interpreted (triton reads this when a kernel module is imported);
+    # restored after: a test may call main()
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return _main()
+    finally:
+        os.environ.pop(FUSED_ENV, None)
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_bench_file(Path(tmp) / "tiny.moepack", bench_config(2, True), bench_recipe("fp16"), progress=False)
         model, _ = load_model(path, "cpu", torch.float32, ctx=32, cuda_graphs=True)
+    os.environ[FUSED_ENV] = "0"  # segment: torch's small ops
     model(torch.arange(4), 0)
     g = DecodeGraphs(model)
     g.begin(torch.zeros(1, model.config.hidden_size), 4)
@@ -55,9 +108,13 @@ def main() -> int:
         g.layer(0)
     at = DevicePosition(g.pos, g.key_pos, model.layers[0].attn.rotary)  # once per step, outside the count
     at.allowed(model.layers[0].attn.sliding_window)
+    at.bias(model.layers[0].attn.sliding_window, g.h.dtype)
     with Count() as per_step:
         segment(model.layers[0], g.h, at, model.cache)
-    for name, c in (("a graph per layer", per_layer), ("one graph per step", per_step)):
+    del os.environ[FUSED_ENV]
+    fused = _count_fused(model, g, at)
+    for name, c in (("a graph per layer", per_layer), ("one graph per step", per_step),
+                    ("one graph per step, fused small ops", fused)):
         k = c.kernels()
         print(f"{name}: {sum(k.values())} non-view ops per layer  {dict(sorted(k.items()))}")
     return 0

@@ -19,6 +19,10 @@
 #  13. int16 activations (dp2a, GemvConfig.int_x) against the float path, both on the heuristic
 #      configs (MOEPACK_NO_TUNING=1), so only the activation path differs: the kernel table,
 #      then 32 layers resident with 4-bit-meta 2-bit experts, each path;
+#  14. the decode step's small ops fused (kernels/decode_ops.py: ~6 launches per layer's dense
+#      part instead of ~27) against torch's ops (MOEPACK_FUSED_DECODE=0): the cuda tests of the
+#      fused kernels, the eager and step-graph profile of 2 layers, then 32 layers resident
+#      (4-bit-meta experts, step graph), each way;
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -40,6 +44,9 @@
 # against its emulation, bit for bit); then STAGES="10" re-tunes with both paths among the
 # candidates (copy $OUT/tuning/gemv-tuning.json to runtime/kernels/data/ if it wins), then
 # "12" and "9" run on the new table.
+# Since the sixth session of 2026-11-23: the fused small ops of the decode step (stage 14).
+# First call: STAGES="1 14 13 2" (the cuda tests cover dp2a and the fused kernels; stage 14
+# is the A/B of the fusion, 13 that of int16 activations); then "10", "12", "9", "7".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -136,6 +143,15 @@ for path in int float; do
   has 13 && run resident_32_$path 150 bash -c "MOEPACK_NO_TUNING=1 MOEPACK_GEMV_INT=$([ $path = int ] && echo 1 || echo 0) \
     $PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 64 \
     > $OUT/resident_32_$path.jsonl"
+done
+has 14 && run pytest_fused 90 $PY -m pytest -m cuda -q -p no:cacheprovider -rfEs tests/runtime/test_decode_ops.py \
+  tests/runtime/test_step_graph.py
+for fused in 1 0; do
+  has 14 && run profile_fused_$fused 90 env MOEPACK_FUSED_DECODE=$fused $PY tools/profile_decode.py --layers 2 \
+    --recipe 4/2m4 --cuda-graphs step
+  has 14 && run resident_32_fused_$fused 150 bash -c "MOEPACK_FUSED_DECODE=$fused \
+    $PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 64 \
+    > $OUT/resident_32_fused_$fused.jsonl"
 done
 log "total"
 tail -n 40 "$OUT/all.log"

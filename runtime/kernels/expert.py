@@ -98,7 +98,7 @@ def _usable(record: torch.Tensor, plan: _DecodePlan, x: torch.Tensor) -> bool:
 
 
 def _launches(plan: _DecodePlan, ops: tuple[list, list, list], x: torch.Tensor, configs: dict[str, GemvConfig],
-              index: Index | None = None) -> torch.Tensor:
+              index: Index | None = None, keep_partials: bool = False) -> torch.Tensor:
     """The two launches of the few-token path: w1 and w3 with the gate, writing h in the order
     w2's kernel reads it (no copy in between), then w2. Indexed (`index`): over the token's
     experts, see qgemv.run_gemv."""
@@ -110,7 +110,7 @@ def _launches(plan: _DecodePlan, ops: tuple[list, list, list], x: torch.Tensor, 
     h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per,
                                           experts=experts), index)
     return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1,
-                                         experts=experts), index)
+                                         experts=experts), index, keep_partials)
 
 
 def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
@@ -133,15 +133,18 @@ def indexed_supported(records: torch.Tensor, layout: ExpertLayout, x: torch.Tens
 
 
 def indexed_expert_ffn(records: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, layout: ExpertLayout,
-                       x: torch.Tensor, configs: dict[str, GemvConfig] | None = None) -> torch.Tensor:
+                       x: torch.Tensor, configs: dict[str, GemvConfig] | None = None,
+                       keep_partials: bool = False) -> torch.Tensor:
     """sum over e of w[e] * FFN of records[sel[e]] applied to x: one token's MoE output with
     its experts chosen on the device (sel [E] int64 rows of `records` [rows, record_size]
     uint8, w [E] router weights, x [T, H]) -> [T, H] in x.dtype. Two launches over all E
     experts and one sum; nothing waits for the host, so a CUDA graph can hold the whole step.
     Each expert's gated intermediate is multiplied by its router weight (w2 is linear, so its
-    output carries the weight). The caller checks indexed_supported first."""
+    output carries the weight). The caller checks indexed_supported first. keep_partials:
+    w2's float32 partials [P, T, H] unsummed (qgemv.run_gemv), for kernels.decode_ops."""
     plan = _decode_plan(layout)
-    return _launches(plan, _operands(records[0], plan), x, configs or {}, Index(sel, w, records.stride(0)))
+    return _launches(plan, _operands(records[0], plan), x, configs or {}, Index(sel, w, records.stride(0)),
+                     keep_partials)
 
 
 def grouped_expert_ffn(records: torch.Tensor, row0: int, offsets: torch.Tensor, xs: torch.Tensor,

@@ -185,14 +185,18 @@ def quantize_x(x: torch.Tensor, per: int) -> torch.Tensor:
     return out.view(r, -1)
 
 
-def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index | None = None) -> torch.Tensor:
+def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index | None = None,
+             keep_partials: bool = False) -> torch.Tensor:
     """Launch qgemv_kernel for x [T, K] and the kernel arguments of one matrix (two when
     gated, see words.operand_args) as `plan` says; the result as gemv describes it.
 
     Indexed (plan.experts = E, `index` given), for the E experts of one token chosen on the
     device: gated, x [T, K] is shared and the result is [E, T, N], expert e's
     silu(A x) * B x times w[e]; not gated, x is [E, T, K] (one input per expert) and the
-    result [T, N] is the sum over the experts."""
+    result [T, N] is the sum over the experts.
+
+    keep_partials (not gated): return a split or indexed launch's float32 partials [P, T, N]
+    unsummed, for a consumer that sums them itself (kernels.decode_ops): two launches fewer."""
     from . import triton_gemv  # triton is imported only when a kernel runs
 
     lead = x.shape[:-1]
@@ -222,6 +226,8 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
                                         *plan.tail, ASM=x.is_cuda and DP2A_ASM, **plan.kwargs)
     if not plan.partial:
         return out
+    if keep_partials and not plan.gated:
+        return out.view(-1, *plan.out_shape[-2:])  # [P, T, N]: every K slice (of every expert)
     if plan.experts and not plan.gated:
         return out.sum((0, 1)).to(dtype)  # [T, N]: every slice of every expert
     y = out.sum(0)  # [T, N] float32 ([E, T, N] indexed)
@@ -236,7 +242,8 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
 
 
 def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int, int], spec: QuantSpec,
-         config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1) -> torch.Tensor | None:
+         config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1,
+         keep_partials: bool = False) -> torch.Tensor | None:
     """x [T, K] times one matrix (-> [T, N]) or, with two matrices (w1, w3 of one expert),
     silu(x @ A.T) * (x @ B.T) -> [T, N]; in x.dtype. None when the layout needs the fallback.
 
@@ -249,17 +256,21 @@ def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int,
     if any(a is None for a in args):
         return None
     plan = launch_plan(x, shape, spec, len(mats) == 2, config, x_permuted=x_permuted, out_per=out_per)
-    return run_gemv(x, args, plan)
+    return run_gemv(x, args, plan, keep_partials=keep_partials)
 
 
 def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec, *,
-            config: GemvConfig | None = None, prefill_threshold: int = PREFILL_THRESHOLD) -> torch.Tensor:
+            config: GemvConfig | None = None, prefill_threshold: int = PREFILL_THRESHOLD,
+            keep_partials: bool = False) -> torch.Tensor:
     """y = x @ W.T for x [..., K] (float16/bfloat16/float32) and a packed W [N, K] given as
     its component tensors (runtime.dequant.component_tensors) -> [..., N] in x.dtype.
 
     Up to `prefill_threshold` tokens run the fused GEMV (`config` overrides its launch
     parameters); more tokens, or a layout the GEMV does not cover, dequantize into a scratch
-    buffer with a Triton kernel and use a dense matmul."""
+    buffer with a Triton kernel and use a dense matmul.
+
+    keep_partials (x [T, K] only): a split-K GEMV's float32 partials [P, T, N] come back
+    unsummed (run_gemv); other paths return [T, N] as usual."""
     _check(x, comps, shape, spec)
     n, k = shape
     flat = x.dim() == 2  # the common case: skip the two reshapes (a torch call each)
@@ -270,7 +281,7 @@ def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, i
         return x.new_empty((*lead, n))
     y = None
     if spec.quantized and t <= prefill_threshold:
-        y = gemv(x2, [comps], shape, spec, config)
+        y = gemv(x2, [comps], shape, spec, config, keep_partials=keep_partials and flat)
     if y is None:
         y = prefill_matmul(x2.contiguous(), comps, shape, spec)
     return y if flat else y.view(*lead, n)

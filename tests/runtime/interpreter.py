@@ -20,8 +20,8 @@ CUDA = torch.cuda.is_available()
 
 
 def interpreted_kernels():
-    """(triton_gemv, triton_dequant, triton_gemm), interpreted when there is no CUDA; skips
-    without triton."""
+    """(triton_gemv, triton_dequant, triton_gemm, triton_decode), interpreted when there is
+    no CUDA; skips without triton."""
     saved = os.environ.get("TRITON_INTERPRET")
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -29,11 +29,12 @@ def interpreted_kernels():
         pytest.importorskip("triton")
         from triton.runtime.interpreter import InterpretedFunction
 
-        from runtime.kernels import triton_dequant, triton_gemm, triton_gemv
+        from runtime.kernels import triton_decode, triton_dequant, triton_gemm, triton_gemv
 
-        mods = [triton_gemv, triton_dequant, triton_gemm]
+        mods = [triton_gemv, triton_dequant, triton_gemm, triton_decode]
         if not CUDA and not all(isinstance(m, InterpretedFunction) for m in (
-                triton_gemv.qgemv_kernel, triton_dequant.dequant_kernel, triton_gemm.qgemm_kernel)):
+                triton_gemv.qgemv_kernel, triton_dequant.dequant_kernel, triton_gemm.qgemm_kernel,
+                triton_decode.norm_kernel)):
             # imported earlier without the interpreter; triton_gemv first: the others import
             # its helpers, and must see the interpreted ones
             mods = [importlib.reload(m) for m in mods]

@@ -26,11 +26,12 @@ def _fresh_process() -> bool:
     functions, which cannot be compiled ahead of time."""
     from triton.runtime.jit import JITFunction
 
+    from runtime.kernels.triton_decode import norm_kernel
     from runtime.kernels.triton_dequant import dequant_kernel
     from runtime.kernels.triton_gemm import qgemm_kernel
     from runtime.kernels.triton_gemv import qgemv_kernel
 
-    return all(isinstance(k, JITFunction) for k in (qgemv_kernel, dequant_kernel, qgemm_kernel))
+    return all(isinstance(k, JITFunction) for k in (qgemv_kernel, dequant_kernel, qgemm_kernel, norm_kernel))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,6 +113,28 @@ def test_xquant_compiles_for_sm90(bits):
 
     k = _compile(xquant_kernel, {"x_ptr": "*fp16", "out_ptr": "*i32"}, dict(BITS=bits, BW=64))
     assert "st.global" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("act", ["*fp16", "*bf16"])
+@pytest.mark.parametrize("partials,experts", [(0, 0), (1, 8), (4, 8)])
+def test_norm_compiles_for_sm90(act, partials, experts):
+    from runtime.kernels.triton_decode import norm_kernel
+
+    types = {"h_ptr": act, "y_ptr": "*fp32" if partials > 1 else act, "hout_ptr": act, "w_ptr": act,
+             "out_ptr": act, "r_ptr": act, "idx_ptr": "*i64", "tw_ptr": act, "eps": "fp32"}
+    k = _compile(norm_kernel, types, dict(P=partials, BH=4096, E=experts, BE=max(experts, 2), TOPK=2 if experts else 0,
+                                          BK=2))
+    assert k.asm["ptx"]
+
+
+@pytest.mark.parametrize("partials", [1, 4])
+def test_rotary_compiles_for_sm90(partials):
+    from runtime.kernels.triton_decode import rotary_kernel
+
+    types = {"y_ptr": "*fp32" if partials > 1 else "*fp16", "q_ptr": "*fp16", "cache_ptr": "*fp16",
+             "cos_ptr": "*fp16", "sin_ptr": "*fp16", "pos_ptr": "*i64"}
+    k = _compile(rotary_kernel, types, dict(NQ=32, NK=8, D=128, P=partials))
+    assert k.asm["ptx"]
 
 
 def test_every_constexpr_of_the_gemv_is_given():

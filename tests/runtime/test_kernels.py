@@ -29,7 +29,7 @@ from .interpreter import interpreted_kernels, use_interpreter
 CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 
-triton_gemv, triton_dequant, _ = interpreted_kernels()  # interpreted without CUDA (tests/runtime/interpreter.py)
+triton_gemv, triton_dequant, _, _ = interpreted_kernels()  # interpreted without CUDA (tests/runtime/interpreter.py)
 
 from runtime.kernels import (  # noqa: E402
     GemvConfig,

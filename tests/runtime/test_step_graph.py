@@ -104,6 +104,64 @@ def test_new_context_or_backend_drops_the_step_graph(tiny_path, device):
     assert m.step_graph is not graph and m.step_graph.experts is m.experts
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fused_step_matches_torchs_small_ops(tiny_path, tmp_path, monkeypatch, device, stacked):
+    """decode_graphs.fused_segment (kernels.decode_ops) against the same step with torch's
+    small ops (MOEPACK_FUSED_DECODE=0): packed attention whose GEMVs split K, so split-K
+    partials, not only the experts', reach the fused norm and rotary kernels. The tiny file's
+    q, k and v do not stack (64 groups, meta groups of 256); `stacked` widens the model so
+    they do (Attention.fuse_qkv)."""
+    from runtime import decode_graphs
+    from runtime.kernels import configs, decode_ops
+
+    from .test_offload_helpers import RECIPE_4_2, tiny_config, write_synthetic
+
+    if stacked:
+        cfg = tiny_config(LAYERS, 8, hidden_size=256, num_attention_heads=8, head_dim=32)
+        tiny_path = write_synthetic(tmp_path / "wide.moepack", cfg, RECIPE_4_2)
+
+    if device == "cpu":
+        def split_in_two(n, k, t, spec, gated=False, sm_count=0, int_x=False):
+            # the attention's (4-bit) K in two slices: the fewest programs with partials (the
+            # interpreter runs programs one by one); the experts as in the other tests
+            split = 2 if spec.bits == 4 else 1
+            return configs.GemvConfig(block_n=1 << (n - 1).bit_length(),
+                                      block_k=max(32, (1 << (k - 1).bit_length()) // split), split_k=split,
+                                      int_x=int_x and spec.bits == 2).for_matrix(k, spec)
+
+        monkeypatch.setattr(configs, "_heuristic_config", split_in_two)
+    parts = []
+    real = decode_ops._rows
+
+    def seen(y, t, n):
+        out = real(y, t, n)
+        parts.append((out[1], n))
+        return out
+
+    monkeypatch.setattr(decode_ops, "_rows", seen)
+    load = functools.partial(load_model, tiny_path, device, torch.float16 if device == "cuda" else torch.float32,
+                             ctx=CTX, cuda_graphs=True, dequantize_at_load=False,
+                             expert_backend_factory=functools.partial(resident_experts, device_routing=True))
+    with monkeypatch.context() as m:
+        m.setenv(decode_graphs.FUSED_ENV, "0")
+        want = greedy(load()[0], PROMPT[:1], NEW)
+    assert not parts  # the unfused step never reached the fused kernels
+    model = load()[0]
+    assert (model.layers[0].attn.qkv_proj is not None) == stacked
+    got = greedy(model, PROMPT[:1], NEW)
+    assert_same(want, got, tol=1e-3 if device == "cpu" else 2e-2)
+    # P = 0: the first layer's norm of each one-token step (the one-token prompt's and NEW
+    # more); the stacked q/k/v GEMV's two K slices reach the rotary kernel (unstacked: one
+    # concatenated output); the o GEMV's two slices and the two experts' outputs the norms
+    cfg = model.config
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    assert [p for p, _ in parts].count(0) == NEW + 1
+    if device == "cpu":  # the split set above (on CUDA the heuristic's)
+        assert {p for p, n in parts if n == qkv} == {2 if stacked else 1}
+        assert {p for p, n in parts if n == cfg.hidden_size} == {0, 2}
+
+
 def test_device_routing_needs_the_kernels(tiny_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the kernels run on CUDA")
@@ -115,7 +173,8 @@ def test_device_routing_needs_the_kernels(tiny_path, monkeypatch):
 
 def test_count_decode_ops_tool(monkeypatch, capsys):
     """tools/count_decode_ops.py: the step graph's layer dispatches fewer ops than a per-layer
-    graph's (the rotary rows and the mask are shared by the layers)."""
+    graph's (the rotary rows and the mask are shared by the layers), and the fused small-op
+    kernels far fewer again."""
     import re
     from pathlib import Path
 
@@ -124,8 +183,8 @@ def test_count_decode_ops_tool(monkeypatch, capsys):
     import count_decode_ops
 
     assert count_decode_ops.main() == 0
-    per_layer, per_step = (int(n) for n in re.findall(r": (\d+) non-view ops", capsys.readouterr().out))
-    assert 0 < per_step < per_layer
+    per_layer, per_step, fused = (int(n) for n in re.findall(r": (\d+) non-view ops", capsys.readouterr().out))
+    assert 0 < fused < per_step / 2 < per_layer / 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

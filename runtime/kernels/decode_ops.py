@@ -1,0 +1,84 @@
+"""The small operations of a decode step in one launch each (kernels/triton_decode.py): a
+residual add with RMSNorm and the router's top-k, and rotary with the KV cache write.
+
+Both take a GEMV's output as it comes (`y`): [T, N] in the model dtype, or the float32
+partials of a split-K or per-expert launch, [P, T, N], which they sum first (so the GEMV's
+own sum and cast launches go too; qgemv.run_gemv's keep_partials)."""
+
+from __future__ import annotations
+
+import torch
+
+from formats.errors import ConfigError
+
+# Above this many hidden units a token no longer fits one program's registers comfortably.
+MAX_HIDDEN = 16384
+MAX_EXPERTS = 64
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _rows(y: torch.Tensor | None, t: int, n: int) -> tuple[torch.Tensor | None, int, int]:
+    """(y as contiguous rows, P, the stride between partial rows) for a GEMV output y."""
+    if y is None:
+        return None, 0, 0
+    if y.dim() == 2:
+        y = y[None]
+    if tuple(y.shape[1:]) != (t, n):
+        raise ConfigError(f"GEMV output of shape {list(y.shape)} does not match [P, {t}, {n}]")
+    y = y.contiguous()
+    return y, y.shape[0], t * n
+
+
+def norm_supported(hidden: int, experts: int = 0) -> bool:
+    return hidden <= MAX_HIDDEN and experts <= MAX_EXPERTS
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 router: torch.Tensor | None = None, top_k: int = 0) -> tuple[torch.Tensor, ...]:
+    """h [T, H] (the residual stream, model dtype), y the GEMV output to add to it first (None:
+    nothing) -> (h', x) with h' = h + y and x = weight * RMSNorm(h') as runtime.rmsnorm
+    computes it; with `router` [E, H], also (topk_idx [T, k] int64, topk_w [T, k]) as
+    runtime.moe.route gives them for x. One launch."""
+    from .triton_decode import norm_kernel  # triton only when a kernel runs
+
+    t, hid = h.shape
+    h = h.contiguous()
+    y, p, stride_p = _rows(y, t, hid)
+    h_out = torch.empty_like(h) if p else h
+    x = torch.empty_like(h)
+    e = 0 if router is None else router.shape[0]
+    if router is not None:
+        idx = torch.empty((t, top_k), dtype=torch.long, device=h.device)
+        tw = torch.empty((t, top_k), dtype=h.dtype, device=h.device)
+    else:
+        idx = tw = x  # unused pointers
+    bh = _next_pow2(hid)
+    norm_kernel[(t,)](h, h if y is None else y, h_out, weight, x, x if router is None else router.contiguous(),
+                      idx, tw, hid, stride_p, eps, P=p, BH=bh, E=e, BE=_next_pow2(max(e, 2)), TOPK=top_k,
+                      BK=_next_pow2(max(top_k, 2)), num_warps=8 if bh >= 4096 else 4)
+    if router is None:
+        return h_out, x
+    return h_out, x, idx, tw
+
+
+def rotary_supported(head_dim: int) -> bool:
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0
+
+
+def rotary_into_cache(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                      sin_signed: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """One token's stacked q/k/v projection y ([1, (heads + 2 kv_heads) * D] or its partials)
+    -> q [1, heads * D] rotated; k (rotated) and v written into `cache` [2, kv_heads, ctx, D]
+    at the device position pos [1] (int64; the caller checked pos < ctx). cos, sin_signed:
+    runtime.rope.Rotary's tables [ctx, D]. One launch, as Rotary.apply and KVCache.write_at."""
+    from .triton_decode import rotary_kernel
+
+    n = (heads + 2 * kv_heads) * head_dim
+    y, p, stride_p = _rows(y, 1, n)
+    q = torch.empty((1, heads * head_dim), dtype=cache.dtype, device=cache.device)
+    rotary_kernel[(heads + 2 * kv_heads,)](y, q, cache, cos, sin_signed, pos, stride_p, cache.shape[2],
+                                           NQ=heads, NK=kv_heads, D=head_dim, P=p, num_warps=1)
+    return q

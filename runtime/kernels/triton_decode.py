@@ -1,0 +1,116 @@
+"""Triton kernels for the small operations between a decode step's GEMVs (runtime.kernels.decode_ops).
+
+With every GEMV fused, a Mixtral layer's decode step was still ~48 kernel launches, ~30 of
+them torch's small ops: RMSNorm alone is 7 (convert, square, mean, add, rsqrt, multiply,
+convert, multiply), rotary 4, the router 6, each split-K sum 2. In a CUDA graph each costs
+a few microseconds of launch latency and tail, which section 8 of docs/BENCHMARKS.md put at
+~0.15 ms of a 0.405 ms layer. These two kernels do that work in two launches per layer
+half (attention in, attention out):
+
+    norm_kernel    (partials of the last GEMV summed) + residual, RMSNorm, router top-k
+    rotary_kernel  (partials of the q/k/v GEMV summed), rotary on q and k, k and v into the cache
+
+Every rounding step is torch's (runtime.rmsnorm, runtime.rope, runtime.moe.route): values
+are rounded to the model dtype exactly where torch's ops round them, so results match the
+unfused path up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# tl.reduce with these, not tl.sum / tl.max / tl.argmax / tl.zeros: see triton_gemv's note
+# (interpreted kernels cannot call triton's own @jit helpers when triton came in first)
+from .triton_gemv import _add, _max
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _sum_rows(y_ptr, offs, mask, stride_p, P: tl.constexpr):
+    """sum over p < P of y[p * stride_p + offs] in float32 (the split-K / per-expert partials
+    of a GEMV, or P = 1: its plain output)."""
+    acc = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for p in tl.static_range(1, P):
+        acc += tl.load(y_ptr + p * stride_p + offs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def norm_kernel(h_ptr, y_ptr, hout_ptr, w_ptr, out_ptr, r_ptr, idx_ptr, tw_ptr, H, stride_p, eps,
+                P: tl.constexpr, BH: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, TOPK: tl.constexpr,
+                BK: tl.constexpr):
+    """One token (program) of: h' = h + (sum of P rows of y, rounded to the dtype) (P > 0; h'
+    written to hout), x = w * RMSNorm(h') (written to out), and with E > 0 the router:
+    softmax over the E logits x . r[e] (rounded to the dtype, as a dtype linear layer gives
+    them), the TOPK largest, renormalised (idx int64, tw in the dtype)."""
+    t = tl.program_id(0)
+    dt = out_ptr.dtype.element_ty
+    offs = tl.arange(0, BH)
+    m = offs < H
+    h = tl.load(h_ptr + t * H + offs, mask=m, other=0.0)
+    if P > 0:
+        y = _sum_rows(y_ptr + t * H, offs, m, stride_p, P).to(dt)
+        h = (h.to(tl.float32) + y.to(tl.float32)).to(dt)  # one rounding, as a dtype add
+        tl.store(hout_ptr + t * H + offs, h, mask=m)
+    hf = h.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.reduce(hf * hf, 0, _add) / H + eps)
+    xn = (hf * inv).to(dt)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    x = (w.to(tl.float32) * xn.to(tl.float32)).to(dt)
+    tl.store(out_ptr + t * H + offs, x, mask=m)
+    if E > 0:
+        xf = x.to(tl.float32)
+        eo = tl.arange(0, BE)
+        logits = tl.full([BE], float("-inf"), tl.float32)
+        for e in tl.static_range(E):
+            r = tl.load(r_ptr + e * H + offs, mask=m, other=0.0).to(tl.float32)
+            le = tl.reduce(xf * r, 0, _add).to(dt).to(tl.float32)
+            logits = tl.where(eo == e, le, logits)
+        p = tl.exp(logits - tl.reduce(logits, 0, _max))
+        p = p / tl.reduce(p, 0, _add)  # softmax in float32 (padding lanes: exp(-inf) = 0)
+        ko = tl.arange(0, BK)
+        vals = tl.full([BK], 0.0, tl.float32)
+        idxs = tl.full([BK], 0, tl.int64)
+        left = tl.where(eo < E, p, -1.0)
+        for j in tl.static_range(TOPK):
+            top = tl.reduce(left, 0, _max)
+            i = tl.reduce(tl.where(left == top, eo, BE), 0, _min)  # the first of equal maxima, as torch.topk
+            vals = tl.where(ko == j, top, vals)
+            idxs = tl.where(ko == j, i.to(tl.int64), idxs)
+            left = tl.where(eo == i, -2.0, left)
+        km = ko < TOPK
+        vals = vals / tl.reduce(tl.where(km, vals, 0.0), 0, _add)
+        tl.store(idx_ptr + t * TOPK + ko, idxs, mask=km)
+        tl.store(tw_ptr + t * TOPK + ko, vals.to(dt), mask=km)
+
+
+@triton.jit
+def rotary_kernel(y_ptr, q_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, stride_p, ctx,
+                  NQ: tl.constexpr, NK: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+    """One head (program) of one token's stacked q/k/v projection y ([NQ + 2 NK] heads of D,
+    P rows of partials summed and rounded to the dtype): q heads rotated into q, k heads
+    rotated into cache[0, head, pos], v heads copied into cache[1, head, pos]. Rotation as
+    runtime.rope.Rotary.apply: x * cos + roll(x, D/2) * sin_signed, each product and the
+    sum rounded to the dtype."""
+    hd = tl.program_id(0)
+    dt = q_ptr.dtype.element_ty
+    d = tl.arange(0, D)
+    pos = tl.load(pos_ptr)
+    x = _sum_rows(y_ptr + hd * D, d, d < D, stride_p, P).to(dt)
+    if hd < NQ + NK:
+        xr = _sum_rows(y_ptr + hd * D, (d + D // 2) % D, d < D, stride_p, P).to(dt)  # roll by D/2
+        c = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        s = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        a = (x.to(tl.float32) * c).to(dt)
+        b = (xr.to(tl.float32) * s).to(dt)
+        x = (a.to(tl.float32) + b.to(tl.float32)).to(dt)
+    if hd < NQ:
+        tl.store(q_ptr + hd * D + d, x)
+    else:
+        # cache [2, NK, ctx, D]: k head g is row g, v head g row NK + g, i.e. row hd - NQ both
+        tl.store(cache_ptr + ((hd - NQ) * ctx + pos) * D + d, x)

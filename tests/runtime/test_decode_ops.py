@@ -1,0 +1,113 @@
+"""The decode step's small fused kernels (runtime.kernels.decode_ops) against the torch ops
+they replace (runtime.rmsnorm, runtime.moe.route, runtime.rope, runtime.kv_cache): under the
+Triton interpreter on the CPU, compiled on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.kv_cache import KVCache
+from runtime.moe import route
+from runtime.rmsnorm import RMSNorm
+from runtime.rope import Rotary
+
+from .interpreter import CUDA, interpreted_kernels, use_interpreter
+
+interpreted_kernels()
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    use_interpreter(monkeypatch)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    # float32: the same operations up to summation order; half types: one rounding apart
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,parts", [(64, None), (96, 1), (64, 3), (4096, 4), (40, 0)])
+def test_add_rms_norm_is_the_residual_add_then_rmsnorm(dtype, hidden, parts):
+    from runtime.kernels.decode_ops import add_rms_norm
+
+    g = torch.Generator().manual_seed(hidden)
+    t = 2
+    h = torch.randn(t, hidden, generator=g).to(DEV, dtype)
+    norm = RMSNorm(torch.rand(hidden, generator=g).add(0.5).to(DEV, dtype), 1e-5)
+    if parts is None:
+        y, want_h = None, h
+    elif parts == 0:  # a plain GEMV output [T, H] in the model dtype
+        y = torch.randn(t, hidden, generator=g).to(DEV, dtype)
+        want_h = h + y
+    else:  # float32 partials [P, T, H]
+        y = torch.randn(parts, t, hidden, generator=g).to(DEV)
+        want_h = h + y.sum(0).to(dtype)
+    got_h, got_x = add_rms_norm(h, y, norm.weight, norm.eps)
+    _close(got_h, want_h, dtype)
+    _close(got_x, norm(want_h), dtype)
+    if y is None:
+        assert got_h is h  # nothing added: no copy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (4, 1), (6, 3), (2, 2)])
+def test_add_rms_norm_routes_as_the_router(dtype, experts, top_k):
+    from runtime.kernels.decode_ops import add_rms_norm
+
+    g = torch.Generator().manual_seed(experts * 10 + top_k)
+    hidden, t = 128, 3
+    h = torch.randn(t, hidden, generator=g).to(DEV, dtype)
+    y = torch.randn(2, t, hidden, generator=g).to(DEV)
+    router = (torch.randn(experts, hidden, generator=g) * 0.3).to(DEV, dtype)
+    norm = RMSNorm(torch.rand(hidden, generator=g).add(0.5).to(DEV, dtype), 1e-6)
+    h2, x, idx, w = add_rms_norm(h, y, norm.weight, norm.eps, router, top_k)
+    want_x = norm(h + y.sum(0).to(dtype))
+    want_idx, want_w = route(want_x, router, top_k)
+    _close(x, want_x, dtype)
+    assert idx.dtype == torch.long and w.dtype == dtype and idx.shape == (t, top_k)
+    assert torch.equal(idx, want_idx)
+    _close(w, want_w, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,parts,pos", [(4, 2, None, 5), (8, 8, 3, 0), (4, 1, 1, 31), (32, 8, 4, 17)])
+def test_rotary_into_cache_is_rotary_then_the_cache_write(dtype, heads, kv_heads, parts, pos):
+    from runtime.kernels.decode_ops import rotary_into_cache
+
+    d, ctx = 16 if heads < 32 else 128, 32
+    g = torch.Generator().manual_seed(heads + pos)
+    n = (heads + 2 * kv_heads) * d
+    if parts is None:
+        y = torch.randn(1, n, generator=g).to(DEV, dtype)
+        yd = y
+    else:
+        y = torch.randn(parts, 1, n, generator=g).to(DEV)
+        yd = y.sum(0).to(dtype)
+    rot = Rotary(d, 10000.0, ctx, DEV, dtype)
+    p = torch.tensor([pos], device=DEV)
+    want_cache, got_cache = (KVCache(1, kv_heads, d, ctx, DEV, dtype) for _ in range(2))
+    for c in (want_cache, got_cache):
+        c.layers[0].normal_(generator=None)
+    got_cache.layers[0].copy_(want_cache.layers[0])
+    cos, sin = rot.rows(p)
+    q = Rotary.apply(yd[:, : heads * d].view(1, heads, d), cos, sin)
+    k = Rotary.apply(yd[:, heads * d: (heads + kv_heads) * d].view(1, kv_heads, d), cos, sin)
+    v = yd[:, (heads + kv_heads) * d:].view(1, kv_heads, d)
+    want_cache.write_at(0, p, k, v)
+    got_q = rotary_into_cache(y, heads, kv_heads, d, rot.cos, rot.sin_signed, p, got_cache.layers[0])
+    _close(got_q, q.reshape(1, -1), dtype)
+    _close(got_cache.layers[0], want_cache.layers[0], dtype)  # also: nothing else written
+
+
+def test_gemv_outputs_of_the_wrong_shape_are_refused():
+    from formats.errors import ConfigError
+    from runtime.kernels.decode_ops import add_rms_norm
+
+    h = torch.zeros(1, 64, device=DEV)
+    with pytest.raises(ConfigError, match=r"does not match \[P, 1, 64\]"):
+        add_rms_norm(h, torch.zeros(2, 1, 32, device=DEV), torch.ones(64, device=DEV), 1e-5)
