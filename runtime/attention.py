@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kv_cache import KVCache
-from .qlinear import concat_rows, forward_partials
+from .qlinear import concat_rows, forward_partials, input_format
 from .rope import Rotary
 
 
@@ -127,18 +127,24 @@ class Attention(nn.Module):
         n = at.key_pos.numel()  # the positions attended over (runtime.step_graph.key_bucket)
         return self.o_proj(self._attend(q, keys[:, :n], values[:, :n], at))
 
-    def forward_fused(self, x: torch.Tensor, at: DevicePosition, cache: KVCache) -> torch.Tensor:
+    def input_format(self, x: torch.Tensor):
+        """The stacked q/k/v GEMV's input format for x [1, H] (qlinear.input_format), or None."""
+        return None if self.qkv_proj is None else input_format(self.qkv_proj, x)
+
+    def forward_fused(self, x: torch.Tensor, at: DevicePosition, cache: KVCache,
+                      prepared: torch.Tensor | None = None) -> torch.Tensor:
         """forward_at with the stacked q/k/v GEMV's split-K sum, rotary and the cache write in
         one kernel (kernels.decode_ops.rotary_into_cache), returning the o projection's output
         as the GEMV leaves it ([1, H] or float32 partials [P, 1, H]): the caller's fused norm
         sums it. Needs a power-of-two head_dim. Where q, k and v do not stack (fuse_qkv),
-        their three outputs are concatenated first (one launch more)."""
+        their three outputs are concatenated first (one launch more). prepared: x in
+        input_format (written by the norm before)."""
         from .kernels.decode_ops import rotary_into_cache
 
         D, G = self.head_dim, self.num_kv_heads
         layer = cache.layers[self.layer]  # [2, G, ctx, D]
         if self.qkv_proj is not None:
-            y = forward_partials(self.qkv_proj, x)  # [1, (heads + 2G) * D] or its partials
+            y = forward_partials(self.qkv_proj, x, prepared)  # [1, (heads + 2G) * D] or its partials
         else:
             y = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         q = rotary_into_cache(y, self.num_heads, G, D, self.rotary.cos, self.rotary.sin_signed, at.pos,

@@ -45,26 +45,30 @@ def segment(layer, h: torch.Tensor, at: DevicePosition, cache) -> tuple[torch.Te
     x = post-attention norm of h_mid (the experts' input), and the router's choice for x."""
     # h: [1, H]
     if fused_applies(layer, h):
-        return fused_segment(layer, h, None, at, cache)
+        return fused_segment(layer, h, None, at, cache)[:4]
     h_mid = h + layer.attn.forward_at(layer.input_norm(h), at, cache)
     x = layer.post_attn_norm(h_mid)
     topk_idx, topk_w = route(x, layer.moe.router, layer.moe.top_k)
     return h_mid, x, topk_idx, topk_w
 
 
-def fused_segment(layer, h: torch.Tensor, pending: torch.Tensor | None, at: DevicePosition,
-                  cache) -> tuple[torch.Tensor, ...]:
-    """segment in ~10 launches instead of ~48 (kernels.decode_ops): the residual add and
-    norm, the q/k/v GEMV, rotary with the cache write, attention, the o GEMV, then the
-    residual add, norm and router top-k in one. `pending` is the previous layer's expert
-    output still to be added to h (float32 partials [P, 1, H], or None): the add happens
-    inside this layer's first kernel, so the experts' sum never runs as its own launch."""
+def fused_segment(layer, h: torch.Tensor, pending: torch.Tensor | None, at: DevicePosition, cache,
+                  expert_format=None) -> tuple[torch.Tensor, ...]:
+    """segment in ~6 launches instead of ~27 (kernels.decode_ops), plus the GEMVs: the
+    residual add and norm, the q/k/v GEMV, rotary with the cache write, attention, the o GEMV,
+    then the residual add, norm and router top-k in one. `pending` is the previous layer's
+    expert output still to be added to h (float32 partials [P, 1, H], or None): the add
+    happens inside this layer's first kernel, so the experts' sum never runs as its own
+    launch. The norms also write their output in the input format of the GEMV after them
+    (the q/k/v GEMV's, and `expert_format`: the experts' first launch's, see
+    ResidentExperts.input_format), which saves those conversions' launches.
+    -> (h_mid, x, topk_idx, topk_w, x in expert_format or None)."""
     from .kernels.decode_ops import add_rms_norm
 
     n1, n2, moe = layer.input_norm, layer.post_attn_norm, layer.moe
-    h, xn = add_rms_norm(h, pending, n1.weight, n1.eps)
-    o = layer.attn.forward_fused(xn, at, cache)
-    return add_rms_norm(h, o, n2.weight, n2.eps, moe.router, moe.top_k)  # h_mid, x, topk_idx, topk_w
+    first = add_rms_norm(h, pending, n1.weight, n1.eps, fmt=layer.attn.input_format(h))
+    o = layer.attn.forward_fused(first.x, at, cache, first.prepared)
+    return tuple(add_rms_norm(first.h, o, n2.weight, n2.eps, moe.router, moe.top_k, fmt=expert_format))
 
 
 class DecodeGraphs:

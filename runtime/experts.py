@@ -21,8 +21,8 @@ from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
 from .graphs import expert_graphs
-from .kernels import (PREFILL_THRESHOLD, fused_expert_ffn, grouped_expert_ffn, indexed_expert_ffn, indexed_supported,
-                      interpreting, use_fused)
+from .kernels import (PREFILL_THRESHOLD, fused_expert_ffn, grouped_expert_ffn, indexed_expert_ffn, indexed_input_format,
+                      indexed_supported, interpreting, use_fused)
 from .kernels.prefill import prefill_mode
 
 
@@ -229,15 +229,23 @@ class ResidentExperts:
         kernels read (the same condition as device routing)."""
         return self.routes_on_device and prefill_mode() == "fused" and xs.shape[0] > PREFILL_THRESHOLD
 
+    def input_format(self, x: torch.Tensor, k: int):
+        """The GEMV input format (kernels.qgemv.XFormat) forward_routed's first launch converts
+        x [1, H] into for k experts, or None; see its `prepared`."""
+        return indexed_input_format(self.layout, x.to(self.dtype), k)
+
     def forward_routed(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor,
-                       partials: bool = False) -> torch.Tensor:
+                       partials: bool = False, prepared: torch.Tensor | None = None) -> torch.Tensor:
         """One token (x [1, H]) with its experts chosen on the device: no host sync, so a
         CUDA graph may capture it (only when routes_on_device). Not counted in the stats:
         the caller counts (a replayed graph runs no Python). partials: the float32 partials
-        [P, 1, H] of the w2 launch, unsummed (kernels.decode_ops sums them)."""
-        # topk_idx, topk_w: [1, k] -> the k record rows of this layer and their weights
-        sel = topk_idx[0] + layer * self.num_experts
-        y = indexed_expert_ffn(self.records, sel, topk_w[0], self.layout, x.to(self.dtype), keep_partials=partials)
+        [P, 1, H] of the w2 launch, unsummed (kernels.decode_ops sums them); prepared: x
+        already in input_format (written by kernels.decode_ops.add_rms_norm)."""
+        # topk_idx, topk_w: [1, k]: row numbers in this layer's block of records (a view: no
+        # launch to offset the indices) and their weights
+        rows = self.records[layer * self.num_experts:(layer + 1) * self.num_experts]
+        y = indexed_expert_ffn(rows, topk_idx[0], topk_w[0], self.layout, x.to(self.dtype), keep_partials=partials,
+                               prepared=prepared)
         return y if partials else y.to(x.dtype)
 
     def count(self, experts: int) -> None:

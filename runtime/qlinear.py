@@ -79,12 +79,26 @@ class QuantLinear(nn.Module):
         return f"{list(self.shape)}, {self.spec.describe()}"
 
 
-def forward_partials(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_format(linear: nn.Module, x: torch.Tensor):
+    """The GEMV input format (kernels.qgemv.XFormat) linear's fused GEMV converts x [T, K]
+    into before it runs, or None (none, or no fused GEMV for this call): a producer that
+    writes it saves that launch (forward_partials' `prepared`)."""
+    from .kernels.qgemv import PREFILL_THRESHOLD, gemv_supported, launch_plan, x_format
+
+    if not (isinstance(linear, QuantLinear) and x.dim() == 2 and x.shape[0] <= PREFILL_THRESHOLD and use_fused(x)
+            and linear.spec.quantized and gemv_supported(linear.shape, linear.spec)):
+        return None
+    return x_format(launch_plan(x, linear.shape, linear.spec, False))
+
+
+def forward_partials(linear: nn.Module, x: torch.Tensor, prepared: torch.Tensor | None = None) -> torch.Tensor:
     """linear(x) for x [T, K], except that a fused split-K GEMV returns its float32 partials
     [P, T, N] unsummed: the decode step's fused kernels (kernels.decode_ops) sum them as
-    they read them, which saves the sum's and the cast's launches."""
+    they read them, which saves the sum's and the cast's launches. prepared: x already in
+    input_format(linear, x)."""
     if isinstance(linear, QuantLinear) and x.dim() == 2 and use_fused(x):
-        return qmatmul(x.to(linear.dtype), linear.comps, linear.shape, linear.spec, keep_partials=True)
+        return qmatmul(x.to(linear.dtype), linear.comps, linear.shape, linear.spec, keep_partials=True,
+                       prepared=prepared)
     return linear(x)
 
 

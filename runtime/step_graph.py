@@ -80,11 +80,11 @@ class StepGraph:
 
         m = self.model
         pending = None
+        fmt = self.experts.input_format(h, m.config.num_experts_per_tok)
         for layer in m.layers:
-            h, x, topk_idx, topk_w = fused_segment(layer, h, pending, at, m.cache)  # h: h_mid
-            pending = self.experts.forward_routed(layer.moe.layer, x, topk_idx, topk_w, partials=True)
-        _, x = add_rms_norm(h, pending, m.norm.weight, m.norm.eps)
-        return m.lm_head(x).float()  # [1, V]
+            h, x, topk_idx, topk_w, xf = fused_segment(layer, h, pending, at, m.cache, fmt)  # h: h_mid
+            pending = self.experts.forward_routed(layer.moe.layer, x, topk_idx, topk_w, partials=True, prepared=xf)
+        return m.lm_head(add_rms_norm(h, pending, m.norm.weight, m.norm.eps).x).float()  # [1, V]
 
     def step(self, token: torch.Tensor, start_pos: int) -> torch.Tensor:
         # token: [1]; one small copy and one fill per step

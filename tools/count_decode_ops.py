@@ -8,12 +8,18 @@ Runs on the CPU with a tiny fp16 file (dense projections: the GPU's GEMV permuta
 split-K sums are not counted). Three numbers: the per-layer graph's segment (it derives the
 position's rotary rows and mask itself), the step graph's (they are shared by all layers),
 and the step graph's with the fused small-op kernels (decode_graphs.fused_segment, run under
-the Triton interpreter; each of its kernel launches counts as one op).
+the Triton interpreter; each of its kernel launches counts as one op). Then a whole packed
+layer (4-bit attention, 2-bit experts, the experts chosen on the device) as the GPU's step
+graph runs it, with and without the fused small ops: every GEMV launch, x permutation,
+int16 quantization and split-K sum counted. Its launch configs are the CPU's heuristic
+(DEFAULT_SM_COUNT), so split-K and permutation choices may differ from a tuned GPU's.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import os
 import sys
 import tempfile
@@ -64,21 +70,51 @@ class _CountedKernel:
         return launch
 
 
-def _count_fused(model, g, at) -> Count:
-    """One layer's fused_segment under the interpreter, its Triton launches counted."""
-    from runtime.kernels import triton_decode
+KERNELS = {"triton_decode": ("norm_kernel", "rotary_kernel"), "triton_gemv": ("qgemv_kernel", "xquant_kernel")}
+
+
+def _counted(fn) -> Count:
+    """fn() under a Count, each of the Triton kernels it launches (interpreted) counted as one op."""
+    import importlib
 
     c = Count()
-    saved = {n: getattr(triton_decode, n) for n in ("norm_kernel", "rotary_kernel")}
-    for n, k in saved.items():
-        setattr(triton_decode, n, _CountedKernel(k, n, [c]))
+    mods = {m: importlib.import_module(f"runtime.kernels.{m}") for m in KERNELS}
+    saved = {(m, n): getattr(mods[m], n) for m, names in KERNELS.items() for n in names}
+    for (m, n), k in saved.items():
+        setattr(mods[m], n, _CountedKernel(k, n, [c]))
     try:
         with c:
-            fused_segment(model.layers[0], g.h, None, at, model.cache)
+            fn()
     finally:
-        for n, k in saved.items():
-            setattr(triton_decode, n, k)
+        for (m, n), k in saved.items():
+            setattr(mods[m], n, k)
     return c
+
+
+def _whole_layer(path: Path, fused: bool) -> Count:
+    """One packed layer of a one-token step as the step graph runs it (the experts chosen on
+    the device, kernels.indexed_expert_ffn), every GEMV, permutation, sum and Triton launch
+    counted: fused (decode_graphs.fused_segment, the experts' partials left for the next
+    layer's norm) or with torch's small ops."""
+    from runtime.experts import resident_experts
+
+    os.environ[FUSED_ENV] = "1" if fused else "0"
+    factory = functools.partial(resident_experts, device_routing=True)
+    model, _ = load_model(path, "cpu", torch.float32, ctx=32, cuda_graphs=True, expert_backend_factory=factory)
+    model(torch.arange(2), 0)
+    layer, h = model.layers[0], torch.randn(1, model.config.hidden_size)
+    at = DevicePosition(torch.tensor([2]), torch.arange(32), layer.attn.rotary)
+    at.bias(layer.attn.sliding_window, h.dtype)  # once per step, outside the count
+
+    def run():
+        if fused:
+            fmt = model.experts.input_format(h, model.config.num_experts_per_tok)
+            _, x, idx, w, xf = fused_segment(layer, h, None, at, model.cache, fmt)
+            model.experts.forward_routed(0, x, idx, w, partials=True, prepared=xf)
+        else:
+            h_mid, x, idx, w = segment(layer, h, at, model.cache)
+            h_mid + model.experts.forward_routed(0, x, idx, w)
+    return _counted(run)
 
 
 def main() -> int:
@@ -111,10 +147,17 @@ def _main() -> int:
     at.bias(model.layers[0].attn.sliding_window, g.h.dtype)
     with Count() as per_step:
         segment(model.layers[0], g.h, at, model.cache)
-    del os.environ[FUSED_ENV]
-    fused = _count_fused(model, g, at)
-    for name, c in (("a graph per layer", per_layer), ("one graph per step", per_step),
-                    ("one graph per step, fused small ops", fused)):
+    os.environ[FUSED_ENV] = "1"
+    fused = _counted(lambda: fused_segment(model.layers[0], g.h, None, at, model.cache))
+    rows = [("a graph per layer", per_layer), ("one graph per step", per_step),
+            ("one graph per step, fused small ops", fused)]
+    with tempfile.TemporaryDirectory() as tmp:
+        # q, k and v stack at this width (a whole number of 256-group meta groups each)
+        cfg = dataclasses.replace(bench_config(1, True), hidden_size=256, num_attention_heads=8, head_dim=32)
+        packed = write_bench_file(Path(tmp) / "packed.moepack", cfg, bench_recipe("4/2m4"), progress=False)
+        rows += [("packed 4/2m4, whole layer with experts, step graph", _whole_layer(packed, False)),
+                 ("packed 4/2m4, whole layer with experts, step graph, fused", _whole_layer(packed, True))]
+    for name, c in rows:
         k = c.kernels()
         print(f"{name}: {sum(k.values())} non-view ops per layer  {dict(sorted(k.items()))}")
     return 0

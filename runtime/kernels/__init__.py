@@ -11,7 +11,7 @@ decode path. Importing this package does not import triton; the kernels load on 
 
 from .configs import GemvConfig, pick_gemv_config, register_config
 from .dispatch import interpreting, triton_available, use_fused
-from .expert import fused_expert_ffn, grouped_expert_ffn, indexed_expert_ffn, indexed_supported
+from .expert import fused_expert_ffn, grouped_expert_ffn, indexed_expert_ffn, indexed_input_format, indexed_supported
 from .prefill import dequantize_into, dequantize_triton, release_scratch
 from .qgemv import PREFILL_THRESHOLD, gemv_supported, qmatmul
 
@@ -23,6 +23,7 @@ __all__ = [
     "fused_expert_ffn",
     "grouped_expert_ffn",
     "indexed_expert_ffn",
+    "indexed_input_format",
     "indexed_supported",
     "gemv_supported",
     "interpreting",

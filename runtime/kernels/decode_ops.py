@@ -7,9 +7,13 @@ own sum and cast launches go too; qgemv.run_gemv's keep_partials)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from formats.errors import ConfigError
+
+from .qgemv import XFormat
 
 # Above this many hidden units a token no longer fits one program's registers comfortably.
 MAX_HIDDEN = 16384
@@ -36,12 +40,20 @@ def norm_supported(hidden: int, experts: int = 0) -> bool:
     return hidden <= MAX_HIDDEN and experts <= MAX_EXPERTS
 
 
+class Normed(NamedTuple):
+    h: torch.Tensor  # [T, H] the residual stream after the add
+    x: torch.Tensor  # [T, H] its norm
+    topk_idx: torch.Tensor | None  # [T, k] int64 (with a router)
+    topk_w: torch.Tensor | None  # [T, k] in the dtype
+    prepared: torch.Tensor | None  # x in the GEMV input format asked for (qgemv.run_gemv's prepared)
+
+
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 router: torch.Tensor | None = None, top_k: int = 0) -> tuple[torch.Tensor, ...]:
+                 router: torch.Tensor | None = None, top_k: int = 0, fmt: XFormat | None = None) -> Normed:
     """h [T, H] (the residual stream, model dtype), y the GEMV output to add to it first (None:
-    nothing) -> (h', x) with h' = h + y and x = weight * RMSNorm(h') as runtime.rmsnorm
-    computes it; with `router` [E, H], also (topk_idx [T, k] int64, topk_w [T, k]) as
-    runtime.moe.route gives them for x. One launch."""
+    nothing) -> h' = h + y and x = weight * RMSNorm(h') as runtime.rmsnorm computes it; with
+    `router` [E, H], also the top-k as runtime.moe.route gives it for x; with `fmt`, x also
+    in that GEMV input format (qgemv.x_format of the consumer's launch). One launch."""
     from .triton_decode import norm_kernel  # triton only when a kernel runs
 
     t, hid = h.shape
@@ -50,18 +62,24 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
     h_out = torch.empty_like(h) if p else h
     x = torch.empty_like(h)
     e = 0 if router is None else router.shape[0]
+    idx = tw = xf = None
     if router is not None:
         idx = torch.empty((t, top_k), dtype=torch.long, device=h.device)
         tw = torch.empty((t, top_k), dtype=h.dtype, device=h.device)
-    else:
-        idx = tw = x  # unused pointers
+    if fmt is not None:
+        if hid % fmt.per:
+            raise ConfigError(f"a hidden size of {hid} is not a whole number of {fmt.per}-code words")
+        kw = hid // fmt.per
+        xf = (torch.empty((t, (fmt.per // 2 + 2) * kw), dtype=torch.int32, device=h.device) if fmt.int_x
+              else torch.empty_like(h))
     bh = _next_pow2(hid)
     norm_kernel[(t,)](h, h if y is None else y, h_out, weight, x, x if router is None else router.contiguous(),
-                      idx, tw, hid, stride_p, eps, P=p, BH=bh, E=e, BE=_next_pow2(max(e, 2)), TOPK=top_k,
-                      BK=_next_pow2(max(top_k, 2)), num_warps=8 if bh >= 4096 else 4)
-    if router is None:
-        return h_out, x
-    return h_out, x, idx, tw
+                      x if idx is None else idx, x if tw is None else tw, x if xf is None else xf, hid, stride_p, eps,
+                      P=p, BH=bh, E=e, BE=_next_pow2(max(e, 2)), TOPK=top_k, BK=_next_pow2(max(top_k, 2)),
+                      FMT=0 if fmt is None else 2 if fmt.int_x else 1, PER=1 if fmt is None else fmt.per,
+                      BW=1 if fmt is None else min(256, bh // fmt.per),
+                      num_warps=8 if bh >= 4096 else 4)
+    return Normed(h_out, x, idx, tw, xf)
 
 
 def rotary_supported(head_dim: int) -> bool:

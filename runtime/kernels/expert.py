@@ -17,8 +17,8 @@ from formats.qtensor import QuantSpec
 from ..dequant import _component_plan, component_tensors, typed_view
 from .configs import GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
-from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, Index, _check, codes_per_word, gemv, gemv_supported, launch_plan,
-                    qmatmul, run_gemv, sm_count, unpermute_x)
+from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, Index, XFormat, _check, codes_per_word, gemv, gemv_supported,
+                    launch_plan, qmatmul, run_gemv, sm_count, unpermute_x, x_format)
 
 # A view of one kernel operand inside the record: (dtype, itemsize, byte offset in the
 # record, shape, strides).
@@ -98,7 +98,8 @@ def _usable(record: torch.Tensor, plan: _DecodePlan, x: torch.Tensor) -> bool:
 
 
 def _launches(plan: _DecodePlan, ops: tuple[list, list, list], x: torch.Tensor, configs: dict[str, GemvConfig],
-              index: Index | None = None, keep_partials: bool = False) -> torch.Tensor:
+              index: Index | None = None, keep_partials: bool = False,
+              prepared: torch.Tensor | None = None) -> torch.Tensor:
     """The two launches of the few-token path: w1 and w3 with the gate, writing h in the order
     w2's kernel reads it (no copy in between), then w2. Indexed (`index`): over the token's
     experts, see qgemv.run_gemv."""
@@ -108,7 +109,7 @@ def _launches(plan: _DecodePlan, ops: tuple[list, list, list], x: torch.Tensor, 
     cfg2 = configs.get("w2") or pick_gemv_config(*plan.shape2, x.shape[0], plan.spec2, sm_count=sm_count(x.device))
     out_per = plan.w2_per if cfg2.permute_x else 1
     h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per,
-                                          experts=experts), index)
+                                          experts=experts), index, prepared=prepared)
     return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1,
                                          experts=experts), index, keep_partials)
 
@@ -134,17 +135,28 @@ def indexed_supported(records: torch.Tensor, layout: ExpertLayout, x: torch.Tens
 
 def indexed_expert_ffn(records: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, layout: ExpertLayout,
                        x: torch.Tensor, configs: dict[str, GemvConfig] | None = None,
-                       keep_partials: bool = False) -> torch.Tensor:
+                       keep_partials: bool = False, prepared: torch.Tensor | None = None) -> torch.Tensor:
     """sum over e of w[e] * FFN of records[sel[e]] applied to x: one token's MoE output with
     its experts chosen on the device (sel [E] int64 rows of `records` [rows, record_size]
     uint8, w [E] router weights, x [T, H]) -> [T, H] in x.dtype. Two launches over all E
     experts and one sum; nothing waits for the host, so a CUDA graph can hold the whole step.
     Each expert's gated intermediate is multiplied by its router weight (w2 is linear, so its
     output carries the weight). The caller checks indexed_supported first. keep_partials:
-    w2's float32 partials [P, T, H] unsummed (qgemv.run_gemv), for kernels.decode_ops."""
+    w2's float32 partials [P, T, H] unsummed (qgemv.run_gemv), for kernels.decode_ops;
+    prepared: x in indexed_input_format (qgemv.run_gemv)."""
     plan = _decode_plan(layout)
     return _launches(plan, _operands(records[0], plan), x, configs or {}, Index(sel, w, records.stride(0)),
-                     keep_partials)
+                     keep_partials, prepared)
+
+
+def indexed_input_format(layout: ExpertLayout, x: torch.Tensor, experts: int,
+                         configs: dict[str, GemvConfig] | None = None) -> XFormat | None:
+    """The format indexed_expert_ffn's first launch (w1 and w3) converts x [T, H] into before
+    it runs (qgemv.x_format), or None: a producer that writes it saves that launch."""
+    plan = _decode_plan(layout)
+    if plan is None:
+        return None
+    return x_format(launch_plan(x, plan.shape13, plan.spec13, True, (configs or {}).get("w13"), experts=experts))
 
 
 def grouped_expert_ffn(records: torch.Tensor, row0: int, offsets: torch.Tensor, xs: torch.Tensor,

@@ -171,6 +171,37 @@ class Index:
     rs: int
 
 
+@dataclass(frozen=True)
+class XFormat:
+    """How a launch reads x when it is not x as given: permuted (permute_x order for PER codes
+    per word) or int16-quantized (quantize_x's layout for PER). A producer that writes x in
+    this format as well (kernels.decode_ops.add_rms_norm) saves the launch that converts it."""
+
+    per: int
+    int_x: bool  # False: permuted
+
+
+def x_format(plan: GemvLaunch) -> XFormat | None:
+    """The format `plan` converts a plain x [T, K] into before its launch, or None (read as is)."""
+    if plan.int_x:
+        return XFormat(plan.per, True)
+    if plan.permute:
+        return XFormat(plan.per, False)
+    return None
+
+
+def prepared_ok(prepared: torch.Tensor, plan: GemvLaunch, rows: int) -> bool:
+    """Whether `prepared` has the shape and dtype of x_format(plan)'s conversion of x [rows, K]."""
+    fmt = x_format(plan)
+    if fmt is None:
+        return False
+    if fmt.int_x:
+        shape, dtype_ok = (rows, (fmt.per // 2 + 2) * (plan.k // fmt.per)), prepared.dtype == torch.int32
+    else:
+        shape, dtype_ok = (rows, plan.k), prepared.dtype.is_floating_point
+    return dtype_ok and tuple(prepared.shape) == shape and prepared.is_contiguous()
+
+
 def quantize_x(x: torch.Tensor, per: int) -> torch.Tensor:
     """x [R, K] (contiguous rows) -> [R, (PER/2 + 2) * K/PER] int32: the int16 activations,
     word scales and word sums the INT_X kernel reads for a matrix of PER codes per word
@@ -186,7 +217,7 @@ def quantize_x(x: torch.Tensor, per: int) -> torch.Tensor:
 
 
 def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index | None = None,
-             keep_partials: bool = False) -> torch.Tensor:
+             keep_partials: bool = False, prepared: torch.Tensor | None = None) -> torch.Tensor:
     """Launch qgemv_kernel for x [T, K] and the kernel arguments of one matrix (two when
     gated, see words.operand_args) as `plan` says; the result as gemv describes it.
 
@@ -196,20 +227,29 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
     result [T, N] is the sum over the experts.
 
     keep_partials (not gated): return a split or indexed launch's float32 partials [P, T, N]
-    unsummed, for a consumer that sums them itself (kernels.decode_ops): two launches fewer."""
+    unsummed, for a consumer that sums them itself (kernels.decode_ops): two launches fewer.
+
+    prepared: x already in x_format(plan) (written by its producer), used instead of
+    converting x [T, K] here; it must match (prepared_ok)."""
     from . import triton_gemv  # triton is imported only when a kernel runs
 
     lead = x.shape[:-1]
     dtype = x.dtype
     if x.dim() == 3:  # [E, T, K]: the permutation works per row
         x = x.reshape(-1, x.shape[-1])
-    if plan.permute:
-        x = permute_x(x, plan.per)
-    elif plan.unpermute:
-        x = unpermute_x(x, plan.per)
-    x = x.contiguous()
-    if plan.int_x:
-        x = quantize_x(x, plan.per)
+    if prepared is not None:
+        if not prepared_ok(prepared, plan, x.shape[0]):  # a producer wrote another launch's format
+            raise ConfigError(f"prepared activations {list(prepared.shape)} {prepared.dtype} do not match the "
+                              f"launch's input format {x_format(plan)} for x {list(x.shape)}")
+        x = prepared
+    else:
+        if plan.permute:
+            x = permute_x(x, plan.per)
+        elif plan.unpermute:
+            x = unpermute_x(x, plan.per)
+        x = x.contiguous()
+        if plan.int_x:
+            x = quantize_x(x, plan.per)
     if plan.partial:
         out = _alloc(plan.out_shape, torch.float32, x.device)
         out2 = _alloc(plan.out_shape, torch.float32, x.device) if plan.gated else out
@@ -243,7 +283,7 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
 
 def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int, int], spec: QuantSpec,
          config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1,
-         keep_partials: bool = False) -> torch.Tensor | None:
+         keep_partials: bool = False, prepared: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [T, K] times one matrix (-> [T, N]) or, with two matrices (w1, w3 of one expert),
     silu(x @ A.T) * (x @ B.T) -> [T, N]; in x.dtype. None when the layout needs the fallback.
 
@@ -256,12 +296,12 @@ def gemv(x: torch.Tensor, mats: list[dict[str, torch.Tensor]], shape: tuple[int,
     if any(a is None for a in args):
         return None
     plan = launch_plan(x, shape, spec, len(mats) == 2, config, x_permuted=x_permuted, out_per=out_per)
-    return run_gemv(x, args, plan, keep_partials=keep_partials)
+    return run_gemv(x, args, plan, keep_partials=keep_partials, prepared=prepared)
 
 
 def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec, *,
             config: GemvConfig | None = None, prefill_threshold: int = PREFILL_THRESHOLD,
-            keep_partials: bool = False) -> torch.Tensor:
+            keep_partials: bool = False, prepared: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W.T for x [..., K] (float16/bfloat16/float32) and a packed W [N, K] given as
     its component tensors (runtime.dequant.component_tensors) -> [..., N] in x.dtype.
 
@@ -270,7 +310,7 @@ def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, i
     buffer with a Triton kernel and use a dense matmul.
 
     keep_partials (x [T, K] only): a split-K GEMV's float32 partials [P, T, N] come back
-    unsummed (run_gemv); other paths return [T, N] as usual."""
+    unsummed (run_gemv); other paths return [T, N] as usual. prepared: see run_gemv."""
     _check(x, comps, shape, spec)
     n, k = shape
     flat = x.dim() == 2  # the common case: skip the two reshapes (a torch call each)
@@ -281,7 +321,8 @@ def qmatmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, i
         return x.new_empty((*lead, n))
     y = None
     if spec.quantized and t <= prefill_threshold:
-        y = gemv(x2, [comps], shape, spec, config, keep_partials=keep_partials and flat)
+        y = gemv(x2, [comps], shape, spec, config, keep_partials=keep_partials and flat,
+                 prepared=prepared if flat else None)
     if y is None:
         y = prefill_matmul(x2.contiguous(), comps, shape, spec)
     return y if flat else y.view(*lead, n)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 # tl.reduce with these, not tl.sum / tl.max / tl.argmax / tl.zeros: see triton_gemv's note
 # (interpreted kernels cannot call triton's own @jit helpers when triton came in first)
-from .triton_gemv import _add, _max
+from .triton_gemv import _add, _max, xquant_words
 
 
 @triton.jit
@@ -41,13 +41,17 @@ def _sum_rows(y_ptr, offs, mask, stride_p, P: tl.constexpr):
 
 
 @triton.jit
-def norm_kernel(h_ptr, y_ptr, hout_ptr, w_ptr, out_ptr, r_ptr, idx_ptr, tw_ptr, H, stride_p, eps,
+def norm_kernel(h_ptr, y_ptr, hout_ptr, w_ptr, out_ptr, r_ptr, idx_ptr, tw_ptr, xf_ptr, H, stride_p, eps,
                 P: tl.constexpr, BH: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, TOPK: tl.constexpr,
-                BK: tl.constexpr):
+                BK: tl.constexpr, FMT: tl.constexpr = 0, PER: tl.constexpr = 1, BW: tl.constexpr = 1):
     """One token (program) of: h' = h + (sum of P rows of y, rounded to the dtype) (P > 0; h'
     written to hout), x = w * RMSNorm(h') (written to out), and with E > 0 the router:
     softmax over the E logits x . r[e] (rounded to the dtype, as a dtype linear layer gives
-    them), the TOPK largest, renormalised (idx int64, tw in the dtype)."""
+    them), the TOPK largest, renormalised (idx int64, tw in the dtype).
+
+    FMT: x also written to xf in the format its GEMV reads (qgemv.XFormat), saving that
+    conversion's launch: 1 permuted for PER codes per word, 2 int16-quantized (xquant_words,
+    BW words at a time, read back from out)."""
     t = tl.program_id(0)
     dt = out_ptr.dtype.element_ty
     offs = tl.arange(0, BH)
@@ -63,6 +67,13 @@ def norm_kernel(h_ptr, y_ptr, hout_ptr, w_ptr, out_ptr, r_ptr, idx_ptr, tw_ptr, 
     w = tl.load(w_ptr + offs, mask=m, other=0.0)
     x = (w.to(tl.float32) * xn.to(tl.float32)).to(dt)
     tl.store(out_ptr + t * H + offs, x, mask=m)
+    if FMT == 1:  # qgemv.permute_x: xp[c * H/PER + w] = x[w * PER + c]
+        tl.store(xf_ptr + t * H + (offs % PER) * (H // PER) + offs // PER, x, mask=m)
+    if FMT == 2:
+        tl.debug_barrier()  # this program's stores of x above are visible to all its threads
+        KW = H // PER
+        for w0 in tl.static_range(0, BH // PER, BW):  # words past KW are masked
+            xquant_words(out_ptr + t * H, xf_ptr + t * ((PER // 2 + 2) * KW), KW, w0 + tl.arange(0, BW), 32 // PER)
     if E > 0:
         xf = x.to(tl.float32)
         eo = tl.arange(0, BE)

@@ -256,15 +256,23 @@ def xquant_kernel(x_ptr, out_ptr, K, stride_x, BITS: tl.constexpr, BW: tl.conste
     order, then the scale max|x| / 32767 and the exact sum of x as float32 bit patterns.
     Grid (rows, cdiv(K / PER, BW))."""
     PER: tl.constexpr = 32 // BITS
-    NS: tl.constexpr = 8 // BITS
-    NP: tl.constexpr = PER // 2
     row = tl.program_id(0).to(tl.int64)
     KW = K // PER
     w = tl.program_id(1) * BW + tl.arange(0, BW)  # [BW]
+    xquant_words(x_ptr + row * stride_x, out_ptr + row * ((PER // 2 + 2) * KW), KW, w, BITS)
+
+
+@triton.jit
+def xquant_words(src, dst, KW, w, BITS: tl.constexpr):
+    """xquant_kernel's work for the words w [BW] of one row: src its x, dst its output row
+    (also called by the decode step's fused norm, kernels/triton_decode.py)."""
+    PER: tl.constexpr = 32 // BITS
+    NS: tl.constexpr = 8 // BITS
+    NP: tl.constexpr = PER // 2
     wm = (w < KW)[:, None]  # [BW, 1]
     p = tl.arange(0, NP)  # [NP]
     c0 = 2 * (p % 2) * NS + p // 2  # the code whose activation goes in the pair's low half
-    src = x_ptr + row * stride_x + w[:, None] * PER
+    src = src + w[:, None] * PER
     a = tl.load(src + c0[None, :], mask=wm, other=0.0).to(tl.float32)  # [BW, NP]
     b = tl.load(src + (c0 + NS)[None, :], mask=wm, other=0.0).to(tl.float32)
     amax = tl.reduce(tl.maximum(tl.abs(a), tl.abs(b)), 1, _max)  # [BW]
@@ -272,7 +280,6 @@ def xquant_kernel(x_ptr, out_ptr, K, stride_x, BITS: tl.constexpr, BW: tl.conste
     inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)[:, None]  # an all-zero word: codes 0
     qa = tl.floor(a * inv + 0.5).to(tl.int32)  # |q| <= 32767
     qb = tl.floor(b * inv + 0.5).to(tl.int32)
-    dst = out_ptr + row * ((NP + 2) * KW)
     tl.store(dst + p[None, :] * KW + w[:, None], (qa & 0xFFFF) | (qb << 16), mask=wm)
     tl.store(dst + NP * KW + w, (amax / 32767.0).to(tl.int32, bitcast=True), mask=w < KW)
     tl.store(dst + (NP + 1) * KW + w, total.to(tl.int32, bitcast=True), mask=w < KW)

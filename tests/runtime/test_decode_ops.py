@@ -47,7 +47,7 @@ def test_add_rms_norm_is_the_residual_add_then_rmsnorm(dtype, hidden, parts):
     else:  # float32 partials [P, T, H]
         y = torch.randn(parts, t, hidden, generator=g).to(DEV)
         want_h = h + y.sum(0).to(dtype)
-    got_h, got_x = add_rms_norm(h, y, norm.weight, norm.eps)
+    got_h, got_x, *_ = add_rms_norm(h, y, norm.weight, norm.eps)
     _close(got_h, want_h, dtype)
     _close(got_x, norm(want_h), dtype)
     if y is None:
@@ -65,7 +65,7 @@ def test_add_rms_norm_routes_as_the_router(dtype, experts, top_k):
     y = torch.randn(2, t, hidden, generator=g).to(DEV)
     router = (torch.randn(experts, hidden, generator=g) * 0.3).to(DEV, dtype)
     norm = RMSNorm(torch.rand(hidden, generator=g).add(0.5).to(DEV, dtype), 1e-6)
-    h2, x, idx, w = add_rms_norm(h, y, norm.weight, norm.eps, router, top_k)
+    h2, x, idx, w, _ = add_rms_norm(h, y, norm.weight, norm.eps, router, top_k)
     want_x = norm(h + y.sum(0).to(dtype))
     want_idx, want_w = route(want_x, router, top_k)
     _close(x, want_x, dtype)
@@ -102,6 +102,48 @@ def test_rotary_into_cache_is_rotary_then_the_cache_write(dtype, heads, kv_heads
     got_q = rotary_into_cache(y, heads, kv_heads, d, rot.cos, rot.sin_signed, p, got_cache.layers[0])
     _close(got_q, q.reshape(1, -1), dtype)
     _close(got_cache.layers[0], want_cache.layers[0], dtype)  # also: nothing else written
+
+
+@pytest.mark.parametrize("hidden,per,int_x", [(64, 16, True), (4096, 16, True), (96, 8, True), (64, 8, False),
+                                              (4096, 4, False), (80, 16, True)])
+def test_add_rms_norm_writes_the_gemvs_input_format(hidden, per, int_x):
+    """fmt: x also as qgemv.permute_x or quantize_x would convert it for the GEMV after."""
+    from runtime.kernels.decode_ops import add_rms_norm
+    from runtime.kernels.qgemv import XFormat, permute_x, quantize_x
+
+    g = torch.Generator().manual_seed(hidden + per)
+    h = torch.randn(2, hidden, generator=g).to(DEV)
+    out = add_rms_norm(h, torch.randn(3, 2, hidden, generator=g).to(DEV), torch.rand(hidden, generator=g).to(DEV),
+                       1e-5, fmt=XFormat(per, int_x))
+    want = quantize_x(out.x, per) if int_x else permute_x(out.x, per)
+    assert out.prepared.dtype == want.dtype and torch.equal(out.prepared, want)
+
+
+def test_prepared_activations_must_match_the_launch():
+    """qgemv.run_gemv takes a producer's `prepared` x only in its launch's own input format."""
+    from formats.qtensor import QuantSpec
+    from runtime.kernels.configs import GemvConfig
+    from runtime.kernels.qgemv import launch_plan, permute_x, prepared_ok, quantize_x, x_format
+
+    x = torch.randn(1, 256)
+    spec = QuantSpec(2, 16, 8, 128)
+    as_int = launch_plan(x, (64, 256), spec, False, GemvConfig(block_k=256, int_x=True))
+    as_perm = launch_plan(x, (64, 256), spec, False, GemvConfig(block_k=256, permute_x=True))
+    plain = launch_plan(x, (64, 256), spec, False, GemvConfig(block_k=256, permute_x=False))
+    assert x_format(as_int).int_x and not x_format(as_perm).int_x and x_format(plain) is None
+    assert prepared_ok(quantize_x(x, 16), as_int, 1) and not prepared_ok(permute_x(x, 16), as_int, 1)
+    assert prepared_ok(permute_x(x, 16), as_perm, 1) and not prepared_ok(quantize_x(x, 16), as_perm, 1)
+    assert not prepared_ok(permute_x(x, 16), plain, 1)  # nothing to prepare
+    assert not prepared_ok(quantize_x(torch.randn(2, 256), 16), as_int, 1)  # rows
+
+
+def test_add_rms_norm_refuses_a_hidden_size_of_part_words():
+    from formats.errors import ConfigError
+    from runtime.kernels.decode_ops import add_rms_norm
+    from runtime.kernels.qgemv import XFormat
+
+    with pytest.raises(ConfigError, match="not a whole number of 16-code words"):
+        add_rms_norm(torch.zeros(1, 40, device=DEV), None, torch.ones(40, device=DEV), 1e-5, fmt=XFormat(16, True))
 
 
 def test_gemv_outputs_of_the_wrong_shape_are_refused():

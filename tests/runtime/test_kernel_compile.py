@@ -116,15 +116,16 @@ def test_xquant_compiles_for_sm90(bits):
 
 
 @pytest.mark.parametrize("act", ["*fp16", "*bf16"])
-@pytest.mark.parametrize("partials,experts", [(0, 0), (1, 8), (4, 8)])
-def test_norm_compiles_for_sm90(act, partials, experts):
+@pytest.mark.parametrize("partials,experts,fmt", [(0, 0, 1), (1, 8, 0), (4, 8, 2)])
+def test_norm_compiles_for_sm90(act, partials, experts, fmt):
     from runtime.kernels.triton_decode import norm_kernel
 
     types = {"h_ptr": act, "y_ptr": "*fp32" if partials > 1 else act, "hout_ptr": act, "w_ptr": act,
-             "out_ptr": act, "r_ptr": act, "idx_ptr": "*i64", "tw_ptr": act, "eps": "fp32"}
+             "out_ptr": act, "r_ptr": act, "idx_ptr": "*i64", "tw_ptr": act, "xf_ptr": "*i32" if fmt == 2 else act,
+             "eps": "fp32"}
     k = _compile(norm_kernel, types, dict(P=partials, BH=4096, E=experts, BE=max(experts, 2), TOPK=2 if experts else 0,
-                                          BK=2))
-    assert k.asm["ptx"]
+                                          BK=2, FMT=fmt, PER=16 if fmt else 1, BW=256 if fmt else 1))
+    assert "st.global" in k.asm["ptx"]
 
 
 @pytest.mark.parametrize("partials", [1, 4])

@@ -113,7 +113,7 @@ def test_fused_step_matches_torchs_small_ops(tiny_path, tmp_path, monkeypatch, d
     q, k and v do not stack (64 groups, meta groups of 256); `stacked` widens the model so
     they do (Attention.fuse_qkv)."""
     from runtime import decode_graphs
-    from runtime.kernels import configs, decode_ops
+    from runtime.kernels import configs, decode_ops, qgemv
 
     from .test_offload_helpers import RECIPE_4_2, tiny_config, write_synthetic
 
@@ -140,6 +140,10 @@ def test_fused_step_matches_torchs_small_ops(tiny_path, tmp_path, monkeypatch, d
         return out
 
     monkeypatch.setattr(decode_ops, "_rows", seen)
+    conversions = []  # the GEMVs' own conversions of x: fewer when the norms write their format
+    for name in ("quantize_x", "permute_x"):
+        real_conv = getattr(qgemv, name)
+        monkeypatch.setattr(qgemv, name, functools.partial(lambda f, n, *a: conversions.append(n) or f(*a), real_conv, name))
     load = functools.partial(load_model, tiny_path, device, torch.float16 if device == "cuda" else torch.float32,
                              ctx=CTX, cuda_graphs=True, dequantize_at_load=False,
                              expert_backend_factory=functools.partial(resident_experts, device_routing=True))
@@ -147,6 +151,7 @@ def test_fused_step_matches_torchs_small_ops(tiny_path, tmp_path, monkeypatch, d
         m.setenv(decode_graphs.FUSED_ENV, "0")
         want = greedy(load()[0], PROMPT[:1], NEW)
     assert not parts  # the unfused step never reached the fused kernels
+    unfused_conversions, conversions[:] = len(conversions), []
     model = load()[0]
     assert (model.layers[0].attn.qkv_proj is not None) == stacked
     got = greedy(model, PROMPT[:1], NEW)
@@ -157,9 +162,35 @@ def test_fused_step_matches_torchs_small_ops(tiny_path, tmp_path, monkeypatch, d
     cfg = model.config
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     assert [p for p, _ in parts].count(0) == NEW + 1
-    if device == "cpu":  # the split set above (on CUDA the heuristic's)
+    # per layer and step: the experts' int16 x and (stacked) the q/k/v GEMV's permuted x
+    # come from the norms; w2's and o's inputs are still converted
+    if device == "cpu":  # the configs set above (on CUDA the heuristic's)
+        assert len(conversions) == unfused_conversions - (NEW + 1) * LAYERS * (2 if stacked else 1)
         assert {p for p, n in parts if n == qkv} == {2 if stacked else 1}
         assert {p for p, n in parts if n == cfg.hidden_size} == {0, 2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_segments_in_per_layer_graphs(tiny_path, monkeypatch, device):
+    """Host routing (runtime.decode_graphs: a graph per layer, the experts by the backend in
+    between, as the offloading engine runs) takes the fused segment too, with nothing pending
+    from the layer before: the same tokens as torch's small ops."""
+    from runtime import decode_graphs
+
+    with monkeypatch.context() as m:
+        m.setenv(decode_graphs.FUSED_ENV, "0")
+        ref = _model(tiny_path, True, False, device)
+        want = greedy(ref, PROMPT[:1], NEW)
+    calls = []
+    real = decode_graphs.fused_segment
+    monkeypatch.setattr(decode_graphs, "fused_segment", lambda *a: calls.append(a[2]) or real(*a))
+    got = _model(tiny_path, True, False, device)
+    assert_same(want, greedy(got, PROMPT[:1], NEW), tol=1e-3 if device == "cpu" else 2e-2)
+    assert got.decode_graphs is not None and got.step_graph is None
+    # every layer of every one-token step on CPU (eager), of the captured steps on CUDA
+    assert calls and all(p is None for p in calls)
+    if device == "cpu":
+        assert len(calls) == (NEW + 1) * LAYERS
 
 
 def test_device_routing_needs_the_kernels(tiny_path, monkeypatch):
@@ -174,7 +205,7 @@ def test_device_routing_needs_the_kernels(tiny_path, monkeypatch):
 def test_count_decode_ops_tool(monkeypatch, capsys):
     """tools/count_decode_ops.py: the step graph's layer dispatches fewer ops than a per-layer
     graph's (the rotary rows and the mask are shared by the layers), and the fused small-op
-    kernels far fewer again."""
+    kernels far fewer again, also for a whole packed layer with its experts."""
     import re
     from pathlib import Path
 
@@ -183,8 +214,11 @@ def test_count_decode_ops_tool(monkeypatch, capsys):
     import count_decode_ops
 
     assert count_decode_ops.main() == 0
-    per_layer, per_step, fused = (int(n) for n in re.findall(r": (\d+) non-view ops", capsys.readouterr().out))
+    counts = [int(n) for n in re.findall(r": (\d+) non-view ops", capsys.readouterr().out)]
+    per_layer, per_step, fused, packed, packed_fused = counts
     assert 0 < fused < per_step / 2 < per_layer / 2
+    # a whole packed layer with its experts: the GEMVs (4) stay, nearly all else goes
+    assert 4 < packed_fused < packed / 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
