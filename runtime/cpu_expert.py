@@ -266,16 +266,37 @@ def cpu_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, 
     return torch.from_numpy(y).to(x.dtype)
 
 
-def cpu_expert_hidden(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def cpu_expert_hidden(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None = None,
+                      first_row: int = 0) -> torch.Tensor:
     """h = silu(w1 x) * w3 x, float32 [T, I], for x: [T, H] on the CPU: the first two thirds of
-    cpu_expert_ffn (the hybrid engine's split leaves w2 h to the GPU)."""
-    part = _native_expert(record, layout, x, threads, whole=False)
-    if part is not None:
-        return part[0]
+    cpu_expert_ffn (the hybrid engine's split leaves w2 h to the GPU). first_row > 0: only
+    h's rows first_row.. ([T, I - first_row]; the GPU computes the others, see
+    runtime.offload.split), where dequant.row_prefix_ok(first_row) holds."""
+    if first_row == 0:
+        part = _native_expert(record, layout, x, threads, whole=False)
+        if part is not None:
+            return part[0]
     xs = np.ascontiguousarray(x.detach().to(torch.float32).numpy())  # [T, H]
-    a = torch.from_numpy(_matvec(record, layout.matrix("w1"), xs, threads))  # [T, I]
-    b = torch.from_numpy(_matvec(record, layout.matrix("w3"), xs, threads))  # [T, I]
+    a = torch.from_numpy(_matvec_rows(record, layout.matrix("w1"), first_row, xs, threads))  # [T, I - first_row]
+    b = torch.from_numpy(_matvec_rows(record, layout.matrix("w3"), first_row, xs, threads))
     return torch.nn.functional.silu(a) * b
+
+
+def _matvec_rows(record: torch.Tensor, m, first: int, x: np.ndarray, threads: int | None) -> np.ndarray:
+    """_matvec for rows first.. of matrix `m`: the compiled kernel on those rows alone, else
+    the whole matrix's product, sliced."""
+    if first == 0:
+        return _matvec(record, m, x, threads)
+    native = _native()
+    if native is not None and record.is_contiguous():
+        from .cpu_native import rows_descriptor
+
+        desc = rows_descriptor(tuple(m.shape), m.spec, m.offset, first)
+        if desc is not None:
+            y = native.gemv(record, desc, torch.from_numpy(x), threads or torch.get_num_threads())
+            if y is not None:
+                return y.numpy()
+    return np.ascontiguousarray(_matvec(record, m, x, threads)[:, first:])
 
 
 def _native_expert(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None,

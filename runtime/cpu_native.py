@@ -238,6 +238,24 @@ def matrix_descriptor(shape: tuple[int, int], spec, base: int = 0) -> tuple[int,
             spec.meta_group_size, spec.group_size, shape[0], shape[1], spec.bits, spec.meta_bits)
 
 
+@functools.lru_cache(maxsize=1024)
+def rows_descriptor(shape: tuple[int, int], spec, base: int, first: int) -> tuple[int, ...] | None:
+    """matrix_descriptor of rows first.. of the matrix at byte `base`: a matrix of its own
+    whose components start past the first rows' bytes in each (dequant.row_prefix_ok must
+    hold). None where the compiled kernel does not take it."""
+    from .dequant import component_bytes
+
+    full = matrix_descriptor(tuple(shape), spec, base)
+    if full is None:
+        return None
+    skip = component_bytes((first, shape[1]), spec)
+    names = ("q", "q_hi", "scale", "scale_meta", "zero", "zero_meta")
+    off = [o if o < 0 else o + skip.get(n, 0) for n, o in zip(names, full[:6])]
+    if off[0] % 4 or max(off[1], 0) % 2 or off[3] % 4 or off[5] % 4:
+        return None
+    return (*off, *full[6:8], shape[0] - first, *full[9:])
+
+
 @functools.lru_cache(maxsize=1)
 def native_kernel() -> NativeKernel | None:
     """The kernel, or None (disabled, no compiler, build failed, wrong results: the last three

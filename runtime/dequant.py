@@ -33,6 +33,35 @@ def _component_plan(shape: tuple[int, ...], spec: QuantSpec) -> tuple[tuple, int
     return tuple(plan), end
 
 
+def row_prefix_ok(rows: int, k: int, spec: QuantSpec) -> bool:
+    """Whether the first `rows` rows of a [N, k] matrix in `spec` are, component by component,
+    the components of a [rows, k] matrix (each component is row-major: bit planes [rows,
+    bytes], scales and zeros in row-major group order), so the matrix splits between rows
+    and rows + 1 into two matrices of the same spec: its groups end at a row's end, no 4/8-bit
+    meta group straddles the cut, and the cut falls on a whole meta byte."""
+    if not spec.quantized:
+        return True
+    if k % spec.group_size:
+        return False
+    if not spec.coded_meta:
+        return True
+    groups = rows * k // spec.group_size
+    return groups % spec.meta_group_size == 0 and groups * spec.meta_bits % 8 == 0
+
+
+def component_bytes(shape: tuple[int, int], spec: QuantSpec) -> dict[str, int]:
+    """Bytes of each component of a `shape` matrix (for a row prefix, with row_prefix_ok: the
+    bytes its rows take in each component of the whole matrix)."""
+    plan, _ = _component_plan(tuple(shape), spec)
+    out = {}
+    for name, _, itemsize, _, cshape, _ in plan:
+        n = itemsize
+        for d in cshape:
+            n *= d
+        out[name] = n
+    return out
+
+
 def typed_view(buf: torch.Tensor, dtype: torch.dtype, itemsize: int) -> torch.Tensor:
     """The widest `dtype` view of the 1-D uint8 `buf` (its elements that start aligned in
     the storage): a base for as_strided views with absolute storage offsets."""

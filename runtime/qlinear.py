@@ -12,7 +12,7 @@ from formats.qtensor import QuantSpec, matrix_layout
 
 from . import cpu_expert  # its _native looked up at each call: tests switch kernels
 from .cpu_expert import packed_matvec
-from .dequant import component_tensors, dequantize
+from .dequant import component_tensors, dequantize, row_prefix_ok
 from .experts import CPU_KERNEL_MAX_TOKENS
 from .kernels import interpreting, qmatmul, use_fused
 
@@ -152,14 +152,7 @@ def rows_concatenable(shapes: list[tuple[int, ...]], spec: QuantSpec) -> bool:
     meta group size) or a 4-bit meta byte would (an odd group count)."""
     if len(shapes) < 2 or any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
         return False
-    if not spec.quantized:
-        return True
-    if shapes[0][1] % spec.group_size:
-        return False
-    if not spec.coded_meta:
-        return True
-    groups = [s[0] * s[1] // spec.group_size for s in shapes]
-    return all(g % spec.meta_group_size == 0 and g * spec.meta_bits % 8 == 0 for g in groups)
+    return all(row_prefix_ok(s[0], s[1], spec) for s in shapes)
 
 
 def concat_rows(linears: list[nn.Module]) -> nn.Module | None:

@@ -23,6 +23,9 @@
 #      part instead of ~27) against torch's ops (MOEPACK_FUSED_DECODE=0): the cuda tests of the
 #      fused kernels, the eager and step-graph profile of 2 layers, then 32 layers resident
 #      (4-bit-meta experts, step graph), each way;
+#  15. hybrid splits by rows (runtime/offload/split.py) against the fixed w1/w3 | w2 cut
+#      (MOEPACK_SPLIT_ROWS=0): 4-bit-meta experts, LFU + hybrid at 12 GiB, trace routing, 16 and
+#      8 CPU threads;
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -45,8 +48,9 @@
 # candidates (copy $OUT/tuning/gemv-tuning.json to runtime/kernels/data/ if it wins), then
 # "12" and "9" run on the new table.
 # Since the sixth session of 2026-11-23: the fused small ops of the decode step (stage 14).
-# First call: STAGES="1 14 13 2" (the cuda tests cover dp2a and the fused kernels; stage 14
-# is the A/B of the fusion, 13 that of int16 activations); then "10", "12", "9", "7".
+# First call: STAGES="1 14 13 2" (the cuda tests cover dp2a, the fused kernels and the row
+# split; stage 14 is the A/B of the fusion, 13 that of int16 activations); then "15" (row
+# splits against the fixed cut, on the fused step), then "10", "12", "9", "7".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -152,6 +156,14 @@ for fused in 1 0; do
   has 14 && run resident_32_fused_$fused 150 bash -c "MOEPACK_FUSED_DECODE=$fused \
     $PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 64 \
     > $OUT/resident_32_fused_$fused.jsonl"
+done
+for rows in 1 0; do
+  for threads in 16 8; do
+    has 15 && run bench_rows_${rows}_${threads}t 150 env MOEPACK_SPLIT_ROWS=$rows $PY -m runtime.bench --layers 32 \
+      --expert-bits 2 --expert-meta-bits 4 --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant hybrid \
+      --cache-policy lfu --cpu-threads $threads --gpu-memory 12GiB --cache-dir /tmp/moe-pack-bench \
+      --json "$OUT/bench_rows_${rows}_${threads}t.json" $BENCH_FLAGS
+  done
 done
 log "total"
 tail -n 40 "$OUT/all.log"

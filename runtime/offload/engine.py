@@ -24,12 +24,12 @@ from formats.reader import MoepackFile
 
 from ..experts import expert_ffn
 from ..graphs import expert_graphs
-from ..qlinear import QuantLinear
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, calibration_prior, make_cache
 from .hybrid import CostModel
 from .host import HostStore, PendingRead
 from .schedule import Compute, Load, Planner
+from .split import SplitScratch, split_rows_enabled
 from .streams import NULL_EVENT, CopyEngine
 
 CPU_CALIBRATION_CALLS = 5  # timed CPU expert calls at start-up (hybrid); the median is kept
@@ -121,15 +121,15 @@ class OffloadedExperts:
         # hybrid: a decode step may compute some missed experts on the CPU instead of copying them
         self.cost: CostModel | None = None
         self.cpu_threads = cpu_threads
-        self._w2_scratch: list[QuantLinear] = []  # split experts' w2, copied alone into .raw (hybrid)
-        self._w2_free: list = []  # compute that last read each scratch buffer done
+        self.split: SplitScratch | None = None  # split experts' scratch copies (hybrid)
         self.cpu_calibration: dict | None = None  # which CPU kernel served, and its timed calls
         # the latest CPU expert times in decode, warm-up included (never reset)
         self.cpu_observed: collections.deque[float] = collections.deque(maxlen=CPU_OBSERVATIONS_KEPT)
         if hybrid:
+            self.split = SplitScratch(self.layout, self.top_k, self.device, dtype, rows=split_rows_enabled())
             self.cost = CostModel(self.layout.record_size,
-                                  w2_share=self.layout.matrix("w2").nbytes / self.layout.record_size)
-            self._make_w2_scratch()
+                                  w2_share=self.layout.matrix("w2").nbytes / self.layout.record_size,
+                                  max_gpu_rows=self.split.max_rows / self.layout.matrix("w1").shape[0])
             self._calibrate_hybrid()
         self.reset_stats()
 
@@ -140,12 +140,13 @@ class OffloadedExperts:
         self._issue_finished_reads()
         routes, guesses = self._decide(layer, x, topk_idx)
         needed, positions = _by_need(routes, k)
-        on_split, on_cpu = self._cpu_choice(layer, needed) if self.cost is not None and T == 1 else ([], [])
+        on_split, on_cpu, rows = self._cpu_choice(layer, needed) if self.cost is not None and T == 1 else ([], [], 0)
         if on_split or on_cpu:
             needed = [e for e in needed if e not in on_split and e not in on_cpu]
             # the token and its weights go to the host now, before the GPU work is queued
             x_host, w_host = x.float().cpu(), topk_w.float().cpu()
-            w2_ready = [self._copy_w2(layer, e, i) for i, e in enumerate(on_split)]  # the link's first job
+            # the link's first job: each split expert's w2 and its GPU rows of w1/w3
+            copies = [self.split.copy(self.copier, self.host.view((layer, e)), i, rows) for i, e in enumerate(on_split)]
         ops = self.planner.plan(layer, needed, guesses)
         self.calls += 1
         self.tokens += T
@@ -190,7 +191,7 @@ class OffloadedExperts:
             for slot in deferred:
                 self._free[slot] = ev
         if on_split:  # the GPU works through its queue meanwhile; w2 h joins it as each h is ready
-            y = self._split_compute(layer, on_split, w2_ready, positions, x_host, topk_w)
+            y = self._split_compute(layer, on_split, copies, rows, positions, x, x_host, topk_w)
             out = y if out is None else out + y
         if on_cpu:
             y = self._cpu_compute(layer, on_cpu, positions, x_host, w_host).to(self.device, x.dtype)
@@ -204,6 +205,7 @@ class OffloadedExperts:
              "read_wait_s": self.read_wait_s, "cuda_graphs": self.graphs is not None and self.graphs.capturing,
              "hybrid": self.cost is not None, "cpu_experts": self.cpu_experts, "cpu_expert_s": self.cpu_expert_s,
              "split_experts": self.split_experts, "split_cpu_s": self.split_cpu_s,
+             "split_gpu_row_share": self.split_gpu_rows / max(1, self.split_experts * self.layout.matrix("w1").shape[0]),
              "cpu_s_per_expert": None if self.cost is None else self.cost.cpu_s,
              "copy_s_per_expert": None if self.cost is None else self.cost.copy_s,
              "cpu_calibration": self.cpu_calibration, "cpu_observed_ms": _summary_ms(self.cpu_observed)}
@@ -218,7 +220,7 @@ class OffloadedExperts:
         self.host.reset_stats()
         self.calls = self.tokens = self.expert_tokens = 0
         self.read_wait_s = 0.0
-        self.cpu_experts = self.split_experts = 0
+        self.cpu_experts = self.split_experts = self.split_gpu_rows = 0
         self.cpu_expert_s = self.split_cpu_s = 0.0
 
     def close(self) -> None:
@@ -230,17 +232,6 @@ class OffloadedExperts:
             self.host.close()
 
     # -- hybrid: copy or compute ---------------------------------------------------------
-    def _make_w2_scratch(self) -> None:
-        """The split's scratch buffers for w2 (top_k, counted in the memory plan), one of them
-        run once now: the first call of a GEMV shape compiles its kernel (seconds), which must
-        land neither in a decode step nor in the CPU's measured time."""
-        m2 = self.layout.matrix("w2")
-        for _ in range(self.top_k):
-            buf = torch.zeros(m2.nbytes, dtype=torch.uint8, device=self.device)
-            self._w2_scratch.append(QuantLinear(buf, m2.shape, m2.spec, self.dtype))  # w2 h, any device
-            self._w2_free.append(NULL_EVENT)
-        self._w2_scratch[0](torch.zeros(1, m2.shape[1], dtype=self.dtype, device=self.device))
-
     def _calibrate_hybrid(self) -> None:
         """Measure one copy and one CPU expert, so the first split is already informed. The CPU
         figure is the median of several calls on a random token: the first decision rests on
@@ -273,47 +264,50 @@ class OffloadedExperts:
         self.cpu_calibration = {"kernel": cpu_kernel_name(), "threads": self.cpu_threads,
                                 "samples_ms": [round(1e3 * v, 3) for v in samples]}
 
-    def _cpu_choice(self, layer: int, needed: list[int]) -> tuple[list[int], list[int]]:
-        """(split, on the CPU): the missed experts of this decode step whose w1/w3 the CPU
-        computes while w2 is copied, and those it computes whole (see offload.hybrid). The
-        misses least worth caching leave the copy path first (ties: the least needed)."""
+    def _cpu_choice(self, layer: int, needed: list[int]) -> tuple[list[int], list[int], int]:
+        """(split, on the CPU, rows): the missed experts of this decode step whose w1/w3 the CPU
+        computes, but for the first `rows` rows, which the GPU computes while w2 is copied, and
+        those it computes whole (see offload.hybrid). The misses least worth caching leave the
+        copy path first (ties: the least needed)."""
         misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
         if not misses:
-            return [], []
+            return [], [], 0
         # the link's queue (prefetches for this and later layers) delays a copy issued now; the CPU
         # takes more misses the busier the link is
         backlog = self.copier.pending_bytes() / (self.cost.copy_gbps * 1e9)
         value = {e: self.cache.reuse_value((layer, e)) for e in misses}
         misses.sort(key=lambda e: -value[e])  # stable: ties keep the order of need
-        a, b, _ = self.cost.assign(len(misses), backlog, values=[value[e] for e in misses])
-        return misses[a:a + b], misses[a + b:]
+        a, b, c = self.cost.assign(len(misses), backlog, values=[value[e] for e in misses])
+        rows = self.split.rows_for(self.cost.gpu_rows(a, b, c, backlog)) if b else 0
+        return misses[a:a + b], misses[a + b:], rows
 
-    def _copy_w2(self, layer: int, e: int, i: int):
-        """Copy expert e's w2 (the record's last matrix, one contiguous range) into scratch
-        buffer i; returns the copy's event."""
-        m2 = self.layout.matrix("w2")
-        src = self.host.view((layer, e))[m2.offset:m2.offset + m2.nbytes]
-        return self.copier.copy(self._w2_scratch[i].raw, src, after=self._w2_free[i])
-
-    def _split_compute(self, layer: int, experts: list[int], w2_ready: list, positions: dict[int, list[int]],
-                       x_host: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        """sum_j w_j * w2_j h_j over `experts`: h_j = silu(w1 x) * w3 x on the CPU from the host
-        record, w2_j h_j on the device from the scratch copy of w2: [1, H] on the device."""
+    def _split_compute(self, layer: int, experts: list[int], copies: list, rows: int,
+                       positions: dict[int, list[int]], x: torch.Tensor, x_host: torch.Tensor,
+                       topk_w: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j * w2_j h_j over `experts`: h_j = silu(w1 x) * w3 x, its first `rows` rows
+        on the device from scratch copies (queued first, so the GPU works while the CPU does)
+        and the others on the CPU from the host record, then w2_j h_j on the device from the
+        scratch copy of w2 (offload.split): [1, H] on the device."""
         from ..cpu_expert import cpu_expert_hidden
 
+        gpu_h = [self.split.gpu_hidden(self.copier, i, rows, x, done) for i, (_, done) in enumerate(copies)] if rows else []
         out, dt = None, 0.0
         for i, e in enumerate(experts):
             self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
             t = time.perf_counter()
-            h = cpu_expert_hidden(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads)  # [1, I]
+            h = cpu_expert_hidden(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads,
+                                  first_row=rows)  # [1, I - rows]
             dt += time.perf_counter() - t  # the CPU's part only: waiting for the copy is the link's
-            self.copier.wait(w2_ready[i])
+            h = h.to(self.device, topk_w.dtype)
+            if rows:
+                h = torch.cat([gpu_h[i].to(h.dtype), h], dim=1)  # [1, I]
             j = positions[e][0]
-            y = self._w2_scratch[i](h.to(self.device, topk_w.dtype)) * topk_w[:, j:j + 1]  # [1, H]
-            self._w2_free[i] = self.copier.mark_used()
+            y = self.split.w2_apply(self.copier, i, h, copies[i][0]) * topk_w[:, j:j + 1]  # [1, H]
             out = y if out is None else out + y
-        self._observe_cpu(dt / len(experts) / (1 - self.cost.w2_share))  # as a whole expert's time
+        cpu_share = (1 - self.cost.w2_share) * (1 - rows / self.layout.matrix("w1").shape[0])
+        self._observe_cpu(dt / len(experts) / cpu_share)  # as a whole expert's time
         self.split_experts += len(experts)
+        self.split_gpu_rows += rows * len(experts)
         self.split_cpu_s += dt
         self._count_uncached(len(experts))
         return out

@@ -7,7 +7,9 @@ A missed expert can be
 - split: the CPU computes h = silu(w1 x) * w3 x (two thirds of the work) while the link copies
   only w2 (the record's last third, one contiguous range) into a scratch buffer, then the GPU
   computes w2 h. Both halves run at once, so a miss costs max(2/3 t_cpu, 1/3 t_copy) instead
-  of min(t_cpu, t_copy).
+  of min(t_cpu, t_copy). With max_gpu_rows > 0 the GPU also takes a share r of w1/w3's rows
+  (copied with w2, runtime.offload.split), chosen so that both sides finish together
+  (gpu_rows): max((1/3 + 2/3 r) t_copy, 2/3 (1 - r) t_cpu).
 A layer's experts are known only after the layer before it ran, so each layer pays for its own
 misses and most layers have 0 or 1: for a single miss only the split uses both resources.
 tools/hybrid_projection.py projects, at 12 GiB with LFU and a 1.2 ms CPU expert, 36 tok/s for
@@ -17,10 +19,11 @@ For n misses, ordered by what caching each is worth (most first), the model pick
 split b, on the CPU c), a + b + c = n: the first a are copied, the rest split or computed,
 minimising
 
-    max(copy_backlog + a t_copy + b f t_copy,  b (1 - f) t_cpu + c t_cpu)  +  t_copy sum(v_i, i >= a)
+    max(copy_backlog + a t_copy + b (f + r (1 - f)) t_copy,  b (1 - r) (1 - f) t_cpu + c t_cpu)
+        +  t_copy sum(v_i, i >= a)
 
-with f = w2's share of the record, t_copy = record bytes / measured copy bandwidth and t_cpu
-the measured time of one CPU expert (running averages, so the choice follows the machine and
+with f = w2's share of the record, r = gpu_rows(a, b, c) (0 without row splits), t_copy =
+record bytes / measured copy bandwidth and t_cpu the measured time of one CPU expert (running averages, so the choice follows the machine and
 its load). The last term is what the uncached experts cost later: v_i, in copies, is the
 cache's reuse value of miss i (ExpertCache.reuse_value). Without it a CPU a little faster than
 a copy took every single miss and the cache stopped learning. With one fixed value for every
@@ -48,18 +51,40 @@ class CostModel:
     smoothing: float = 0.2  # weight of a new measurement in the running averages
     reuse_weight: float = 0.25  # future cost of an uncached expert, in copies, when the caller gives no values
     w2_share: float = 1 / 3  # f: w2's share of the record's bytes and of an expert's arithmetic
+    # the largest share of a split expert's w1/w3 rows the GPU may take (copied, then computed
+    # there: see gpu_rows); 0 keeps the fixed cut, w1/w3 on the CPU and w2 on the GPU
+    max_gpu_rows: float = 0.0
 
     @property
     def copy_s(self) -> float:
         return self.record_bytes / (self.copy_gbps * 1e9)
 
+    def gpu_rows(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0) -> float:
+        """The share r of each split expert's w1/w3 rows that the GPU takes (copied with w2 and
+        computed there; the CPU computes the other rows' h) so that link and CPU finish
+        together, in [0, max_gpu_rows]: from
+
+            link(r) = backlog + a t_copy + b (f + r (1 - f)) t_copy
+            cpu(r)  = b (1 - r) (1 - f) t_cpu + c t_cpu
+
+        With r = 0 this is the fixed cut; a CPU slower than the link's share moves rows over.
+        tools/hybrid_projection.py ("rows"): 12 GiB, 4-bit meta, g 0.27 ms, t_cpu 1.2 ms:
+        47.5 tok/s with the fixed cut, 55.8 balanced."""
+        if split == 0 or self.max_gpu_rows <= 0:
+            return 0.0
+        f, tc, tp = self.w2_share, self.copy_s, self.cpu_s
+        lag = split * (1 - f) * tp + on_cpu * tp - copy_backlog_s - copied * tc - split * f * tc
+        return min(self.max_gpu_rows, max(0.0, lag / (split * (1 - f) * (tc + tp))))
+
     def cost(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0,
              uncached_value: float | None = None) -> float:
-        """The objective above for one assignment (seconds). uncached_value: the summed reuse
-        values of the misses left uncached (default: reuse_weight each)."""
+        """The objective above for one assignment (seconds), splits at gpu_rows' share.
+        uncached_value: the summed reuse values of the misses left uncached (default:
+        reuse_weight each)."""
         f = self.w2_share
-        link = copy_backlog_s + copied * self.copy_s + split * f * self.copy_s
-        cpu = split * (1 - f) * self.cpu_s + on_cpu * self.cpu_s
+        r = self.gpu_rows(copied, split, on_cpu, copy_backlog_s)
+        link = copy_backlog_s + copied * self.copy_s + split * (f + r * (1 - f)) * self.copy_s
+        cpu = split * (1 - r) * (1 - f) * self.cpu_s + on_cpu * self.cpu_s
         if uncached_value is None:
             uncached_value = (split + on_cpu) * self.reuse_weight
         return max(link, cpu) + uncached_value * self.copy_s

@@ -132,11 +132,14 @@ def fused_kernels(device: torch.device) -> bool:
 
 
 def _hybrid_bytes(file: MoepackFile, opts: OffloadOptions) -> int:
-    """Device bytes --hybrid adds: a scratch buffer per expert a token can split (each holds one
-    w2, copied alone while the CPU computes w1/w3; runtime.offload.hybrid)."""
+    """Device bytes --hybrid adds: a scratch set per expert a token can split (each holds one
+    w2 and the GPU's rows of w1/w3, copied while the CPU computes the other rows;
+    runtime.offload.split)."""
     if not opts.hybrid:
         return 0
-    return file.config.num_experts_per_tok * file.header.expert_layout.matrix("w2").nbytes
+    from .split import scratch_bytes, split_rows_enabled
+
+    return file.config.num_experts_per_tok * scratch_bytes(file.header.expert_layout, split_rows_enabled())
 
 
 def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dtype: torch.dtype, ctx: int,

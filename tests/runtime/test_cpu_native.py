@@ -286,6 +286,33 @@ def test_one_call_expert(spec, hidden, inter, tokens, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("spec,hidden,inter", [(QuantSpec(2, 16, 8, 128), 64, 256), (QuantSpec(3, 64, 8, 128), 128, 384),
+                                               (QuantSpec(2, 16, 4, 128), 64, 256), (QuantSpec(3, 64, 4, 4), 128, 192)],
+                         ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+def test_hidden_of_the_rows_past_a_cut(spec, hidden, inter, monkeypatch):
+    """cpu_expert_hidden(first_row=r): the compiled kernel on w1's and w3's rows r.. alone
+    (cpu_native.rows_descriptor) gives those rows of the whole matrices' products, bit for bit."""
+    from runtime.cpu_expert import cpu_expert_hidden
+    from runtime.dequant import row_prefix_ok
+
+    layout, data, _ = make_expert(hidden, inter, spec, seed=4)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    x = 0.1 * torch.randn(2, hidden, generator=torch.Generator().manual_seed(2))
+    xs = x.numpy()
+    # the per-matrix path over whole matrices (the one-call kernel's silu differs in the last bit)
+    w3 = torch.from_numpy(cpu_expert._matvec(record, layout.matrix("w3"), xs, 2))
+    whole = torch.nn.functional.silu(torch.from_numpy(cpu_expert._matvec(record, layout.matrix("w1"), xs, 2))) * w3
+    cuts = [r for r in range(1, inter) if row_prefix_ok(r, hidden, spec)]
+    assert cuts
+    monkeypatch.setattr(cpu_expert, "_matvec", lambda *a: pytest.fail("the whole matrix ran"))
+    for r in cuts[:: max(1, len(cuts) // 4)]:
+        # the products bit for bit; torch's silu may round a vector lane and a scalar tail apart
+        assert torch.equal(torch.from_numpy(cpu_expert._matvec_rows(record, layout.matrix("w3"), r, xs, 2)), w3[:, r:])
+        torch.testing.assert_close(cpu_expert_hidden(record, layout, x, threads=2, first_row=r), whole[:, r:],
+                                   rtol=1e-6, atol=0)
+
+
+@needs_native
 def test_descriptor_declines_what_the_kernel_cannot_take():
     layout, _, _ = make_expert(48, 96, QuantSpec(2, 16, 16), seed=1)  # fp16 meta
     assert cpu_native.expert_descriptor(layout) is None

@@ -104,3 +104,33 @@ def test_one_stalled_cpu_call_cannot_shut_the_cpu_out():
     for _ in range(40):
         m.observe_cpu(1.3)  # the CPU really is slow now
     assert m.cpu_s > 1.0 and m.assign(1, allow_split=False) == (1, 0, 0)
+
+
+@given(st.integers(0, 4), st.integers(1, 4), st.integers(0, 4), st.floats(1e-4, 1e-2), st.floats(1e-4, 1e-2),
+       st.floats(0, 0.02), st.sampled_from([0.0, 0.25, 0.5, 1.0]), st.floats(0.1, 0.6))
+def test_gpu_rows_balance_the_link_and_the_cpu(a, b, c, copy_s, cpu_s, backlog, cap, share):
+    """The GPU's share of each split expert's w1/w3 rows minimises max(link, CPU) over
+    [0, max_gpu_rows]: both sides finish together unless the share sits at a bound."""
+    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s, w2_share=share, max_gpu_rows=cap)
+    f = share
+
+    def sides(r):
+        return (backlog + a * copy_s + b * (f + r * (1 - f)) * copy_s, b * (1 - r) * (1 - f) * cpu_s + c * cpu_s)
+
+    r = m.gpu_rows(a, b, c, backlog)
+    assert 0 <= r <= cap
+    t = max(sides(r))
+    assert all(t <= max(sides(o * cap / 20)) + 1e-12 for o in range(21))
+    if 0 < r < cap:
+        link, cpu = sides(r)
+        assert abs(link - cpu) <= 1e-9
+    assert m.cost(a, b, c, backlog, 0.0) == t  # the objective charges splits at this share
+
+
+def test_the_row_split_takes_a_miss_the_fixed_cut_leaves_on_the_link():
+    """A CPU expert at 2 copies' time: the fixed cut (w1/w3 all on the CPU, 1.33 copies) loses a
+    single miss to the link; half of w1/w3 on the GPU makes both sides 0.67 copies and wins."""
+    fixed = CostModel(record_bytes=1000, copy_gbps=1.0, cpu_s=2e-6, reuse_weight=0.25)
+    rows = CostModel(record_bytes=1000, copy_gbps=1.0, cpu_s=2e-6, reuse_weight=0.25, max_gpu_rows=0.5)
+    assert fixed.assign(1) == (1, 0, 0)
+    assert rows.assign(1) == (0, 1, 0) and rows.gpu_rows(0, 1, 0) == 0.5

@@ -28,9 +28,12 @@ def test_projection_runs_and_orders_the_modes(tmp_path, capsys):
         if r["cpu_ms"] is None:  # copy only: one mode, nothing on the CPU
             assert r["whole_per_token"]["cpu"] == r["whole_per_token"]["split"] == 0
         else:
-            assert min(r["ideal_tok_s"], r["w13_tok_s"], r["whole_tok_s"]) > 0
+            assert min(r["ideal_tok_s"], r["rows_tok_s"], r["w13_tok_s"], r["whole_tok_s"]) > 0
+            # balancing the rows (and choosing copies knowing it) does not lose at these settings
+            assert r["rows_tok_s"] >= r["w13_tok_s"] - 1e-9
     r12 = next(r for r in rows if r["budget"] == "12GiB" and r["cpu_ms"] is not None)
     assert r12["w13_tok_s"] > r12["whole_tok_s"]  # at 1.2 ms the split pays (45.8 vs 36.4 over 300 tokens)
+    assert r12["rows_tok_s"] > r12["w13_tok_s"]
     assert "12GiB" in capsys.readouterr().out
 
 
@@ -41,6 +44,7 @@ def test_a_hopeless_cpu_changes_nothing():
     copy = tool.project(149, "lfu", t_copy, None, 0.16e-3, 30, 0, record)
     slow = tool.project(149, "lfu", t_copy, 1.0, 0.16e-3, 30, 0, record)  # a second per CPU expert
     assert abs(slow["w13_tok_s"] - copy["whole_tok_s"]) < 1e-9
+    assert abs(slow["rows_tok_s"] - copy["whole_tok_s"]) < 1e-9
     assert slow["w13_per_token"]["split"] == slow["w13_per_token"]["cpu"] == 0
 
 

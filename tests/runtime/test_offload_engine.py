@@ -311,9 +311,33 @@ def test_hybrid_split_experts_same_tokens(tiny, kw):
     assert s["split_experts"] > 0 and s["split_cpu_s"] > 0
     assert s["uses"] == s["hits"] + s["misses"]
     assert model.experts.copier.copies > copies_before  # the w2 copies went through the copy engine
+    assert s["split_gpu_row_share"] == 0  # a CPU as fast as the link: w1/w3 all on the CPU
     m2 = model.experts.layout.matrix("w2")
-    # top_k scratch buffers, allocated (and their GEMV run once) at start-up, not in a decode step
-    assert all(b.raw.numel() == m2.nbytes for b in model.experts._w2_scratch) and len(model.experts._w2_scratch) == 2
+    # top_k scratch sets, allocated (and their GEMV run once) at start-up, not in a decode step
+    split = model.experts.split
+    assert all(b.raw.numel() == m2.nbytes for b in split.w2) and len(split.w2) == len(split.prefix) == 2
+
+
+def test_hybrid_row_split_same_tokens(tiny, monkeypatch):
+    """A CPU at half the link's speed: the GPU takes half of each split expert's w1/w3 rows
+    (copied with w2, offload.split) and the CPU the other half; the same tokens and logits."""
+    from runtime.offload import split as split_mod
+
+    path, ref = tiny
+    model = offloaded(path, hybrid=True, cpu_threads=1, n_slots=2 * LAYERS)
+    eng, cost = model.experts, model.experts.cost
+    cost.smoothing, cost.cpu_s = 0.0, 2 * cost.copy_s
+    assert cost.assign(1) == (0, 1, 0) and cost.gpu_rows(0, 1, 0) == pytest.approx(0.5)
+    inter = eng.layout.matrix("w1").shape[0]
+    assert eng.split.max_rows == inter // 2 and eng.split.rows_for(0.5) == inter // 2
+    seen = []
+    real = split_mod.SplitScratch.gpu_hidden
+    monkeypatch.setattr(split_mod.SplitScratch, "gpu_hidden", lambda self, *a: seen.append(a[2]) or real(self, *a))
+    assert_same(ref, greedy(model))
+    s = eng.stats()
+    # a layer whose other miss is copied keeps the link busy: its split stays on the CPU (rows 0)
+    assert s["split_experts"] > 0 and 0 < s["split_gpu_row_share"] <= 0.5
+    assert seen and set(seen) == {inter // 2}
 
 
 def test_hybrid_split_follows_the_costs(tiny):
@@ -324,16 +348,27 @@ def test_hybrid_split_follows_the_costs(tiny):
     assert model.experts.stats()["cpu_experts"] == 0
 
 
-def test_hybrid_reserves_its_scratch_in_the_plan(tiny):
-    """--hybrid's w2 scratch buffers (top_k of them) come out of the budget like any tensor."""
+def test_hybrid_reserves_its_scratch_in_the_plan(tiny, monkeypatch):
+    """--hybrid's scratch sets (top_k of them: w2, and the GPU's rows of w1/w3 unless
+    MOEPACK_SPLIT_ROWS=0) come out of the budget like any tensor, exactly what the engine
+    allocates."""
+    from runtime.offload import split
+
     path, _ = tiny
     file = MoepackFile(path)
-    w2 = file.header.expert_layout.matrix("w2").nbytes
+    layout = file.header.expert_layout
+    w2 = layout.matrix("w2").nbytes
     base = OffloadOptions(gpu_memory=10**9, expert_slots=None)
     hyb = OffloadOptions(gpu_memory=10**9, hybrid=True)
     a = preflight(file, base, torch.device("cpu"), torch.float32, CTX)
     b = preflight(file, hyb, torch.device("cpu"), torch.float32, CTX)
-    assert b.reserve_bytes - a.reserve_bytes == file.config.num_experts_per_tok * w2
+    k = file.config.num_experts_per_tok
+    sets = split.SplitScratch(layout, k, torch.device("cpu"), torch.float32, rows=True)
+    allocated = sum(t.numel() for t in [q.raw for q in sets.w2] + [b for p in sets.prefix for b in p.values()])
+    assert sets.max_rows > 0 and b.reserve_bytes - a.reserve_bytes == allocated > k * w2
+    monkeypatch.setenv(split.ROWS_ENV, "0")
+    c = preflight(file, hyb, torch.device("cpu"), torch.float32, CTX)
+    assert c.reserve_bytes - a.reserve_bytes == k * w2
 
 
 def test_free_events_per_compute_only_where_a_wave_reuses_the_slot():
@@ -356,7 +391,7 @@ def test_a_free_slot_keeps_a_miss_on_the_link(tiny, monkeypatch):
     eng.cost.smoothing, eng.cost.cpu_s = 0.0, 2 * eng.cost.copy_s
     assert eng.cache.reuse_value((0, 0)) == 1.0
     monkeypatch.setattr(eng.copier, "pending_bytes", lambda: 4 * eng.layout.record_size)
-    assert eng._cpu_choice(0, [0]) == ([], [])
+    assert eng._cpu_choice(0, [0]) == ([], [], 0)
 
 
 def test_copy_engine_pending_bytes_counts_the_unfinished_copies():
@@ -375,18 +410,22 @@ def test_copy_engine_pending_bytes_counts_the_unfinished_copies():
 
 
 def test_hybrid_counts_the_links_queue(tiny, monkeypatch):
-    """A CPU at half a copy's speed loses a single miss to an idle link, and wins it when four
-    copies (prefetches) are queued on the link ahead of it (layer 0's slots full, so caching
-    the miss is worth the LRU cache's UNKNOWN_REUSE)."""
+    """A CPU at a quarter of a copy's speed loses a single miss to an idle link (even with half
+    of w1/w3 on the GPU), and wins it when four copies (prefetches) are queued on the link
+    ahead of it (layer 0's slots full, so caching the miss is worth the LRU cache's
+    UNKNOWN_REUSE). At half a copy's speed the row split wins it even on an idle link."""
     path, _ = tiny
     model = offloaded(path, n_slots=2 * LAYERS, hybrid=True, cpu_threads=1)
     eng = model.experts
-    eng.cost.smoothing, eng.cost.cpu_s = 0.0, 2 * eng.cost.copy_s
+    eng.cost.smoothing, eng.cost.cpu_s = 0.0, 4 * eng.cost.copy_s
     for e in range(2):
         eng.cache.insert((0, e))
     miss = next(e for e in range(EXPERTS) if (0, e) not in eng.cache)
     assert eng.cache.reuse_value((0, miss)) == UNKNOWN_REUSE
-    assert eng._cpu_choice(0, [miss]) == ([], [])
+    assert eng._cpu_choice(0, [miss]) == ([], [], 0)
+    eng.cost.cpu_s = 2 * eng.cost.copy_s
+    assert eng._cpu_choice(0, [miss]) == ([miss], [], eng.split.max_rows)
+    eng.cost.cpu_s = 4 * eng.cost.copy_s
     monkeypatch.setattr(eng.copier, "pending_bytes", lambda: 4 * eng.layout.record_size)
-    split, whole = eng._cpu_choice(0, [miss])
+    split, whole, _ = eng._cpu_choice(0, [miss])
     assert split + whole == [miss]

@@ -1,0 +1,133 @@
+"""The GPU's side of a split expert (hybrid decode, runtime.offload.hybrid): a missed expert
+whose work the CPU and the GPU share, computed from host RAM and from scratch copies, never
+cached.
+
+The CPU computes h = silu(w1 x) * w3 x for the rows of w1/w3 from `rows` on; the link copies
+w2 and, when `rows` > 0, the first `rows` rows of w1 and w3 into this expert's scratch
+buffers; the GPU computes those rows' h, joins the CPU's, and runs w2 h. Each matrix's
+components are row-major, so a prefix of rows is a prefix of each component
+(dequant.row_prefix_ok): a few contiguous copies per matrix into the layout of a [rows, H]
+matrix. With rows = 0 this is the fixed cut (w1/w3 all on the CPU, w2 alone copied).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from formats.header import ExpertLayout
+
+from ..dequant import _component_plan, component_bytes, component_tensors, dequantize, row_prefix_ok
+from ..kernels import use_fused
+from ..qlinear import QuantLinear
+from .streams import NULL_EVENT, CopyEngine
+
+# The largest share of w1/w3 rows the GPU may take: its scratch holds that much of both.
+# Balanced splits on the H100 host's costs (t_copy ~1.2 ms, t_cpu ~1.0-1.5 ms) give it 0-0.3.
+MAX_ROW_SHARE = 0.5
+# Row counts come in multiples of this (at least): whole GEMV tiles, and few distinct shapes.
+ROW_STEP = 64
+# "0": splits keep the fixed cut (w1/w3 on the CPU, w2 on the GPU), for A/B timing.
+ROWS_ENV = "MOEPACK_SPLIT_ROWS"
+
+
+def split_rows_enabled() -> bool:
+    return os.environ.get(ROWS_ENV, "1") != "0"
+
+
+def row_step(layout: ExpertLayout) -> int:
+    """The smallest multiple of ROW_STEP at which w1 and w3 split into row prefixes, or 0."""
+    m1 = layout.matrix("w1")
+    n, k = m1.shape
+    for r in range(ROW_STEP, n, ROW_STEP):
+        if all(row_prefix_ok(r, k, layout.matrix(name).spec) for name in ("w1", "w3")):
+            return r
+    return 0
+
+
+def max_rows(layout: ExpertLayout) -> int:
+    """The most w1/w3 rows a split may give the GPU (0: none, the fixed cut)."""
+    step = row_step(layout)
+    if not step:
+        return 0
+    return int(MAX_ROW_SHARE * layout.matrix("w1").shape[0]) // step * step
+
+
+def scratch_bytes(layout: ExpertLayout, rows: bool) -> int:
+    """Device bytes of one split expert's scratch: w2, and with `rows` the row prefixes."""
+    n = layout.matrix("w2").nbytes
+    r = max_rows(layout) if rows else 0
+    if r:
+        n += sum(_component_plan((r, layout.matrix(m).shape[1]), layout.matrix(m).spec)[1] for m in ("w1", "w3"))
+    return n
+
+
+class SplitScratch:
+    """One scratch set per expert a token can split (top_k): w2's record bytes and buffers
+    for w1's and w3's row prefixes."""
+
+    def __init__(self, layout: ExpertLayout, top_k: int, device: torch.device, dtype: torch.dtype, rows: bool):
+        self.layout, self.dtype = layout, dtype
+        m2 = layout.matrix("w2")
+        self.max_rows = max_rows(layout) if rows else 0
+        self.step = row_step(layout) if self.max_rows else 0
+        self.w2 = [QuantLinear(torch.zeros(m2.nbytes, dtype=torch.uint8, device=device), m2.shape, m2.spec, dtype)
+                   for _ in range(top_k)]
+        spans = {m: _component_plan((self.max_rows, layout.matrix(m).shape[1]), layout.matrix(m).spec)[1]
+                 for m in ("w1", "w3")} if self.max_rows else {}
+        self.prefix = [{m: torch.zeros(n, dtype=torch.uint8, device=device) for m, n in spans.items()}
+                       for _ in range(top_k)]
+        self.free = [NULL_EVENT] * top_k  # compute that last read each set done
+        # the first call of a GEMV shape compiles its kernel (seconds): not inside a decode step
+        self.w2[0](torch.zeros(1, m2.shape[1], dtype=dtype, device=device))
+
+    def rows_for(self, share: float) -> int:
+        """Rows of w1/w3 for the GPU at `share` of them (CostModel.gpu_rows), in whole steps."""
+        if not self.step:
+            return 0
+        n = self.layout.matrix("w1").shape[0]
+        return min(self.max_rows, int(share * n) // self.step * self.step)
+
+    def copy(self, copier: CopyEngine, record: torch.Tensor, i: int, rows: int):
+        """Copy the host `record`'s w2 into set i, and the first `rows` rows of w1 and w3:
+        (w2's event, the prefixes' event or None)."""
+        m2 = self.layout.matrix("w2")
+        prefix_done = None
+        for m in ("w1", "w3") if rows else ():
+            mat = self.layout.matrix(m)
+            full, _ = _component_plan(tuple(mat.shape), mat.spec)
+            part, _ = _component_plan((rows, mat.shape[1]), mat.spec)
+            size = component_bytes((rows, mat.shape[1]), mat.spec)
+            dst_off = {c[0]: c[3] for c in part}
+            for name, _, _, off, _, _ in full:  # the first rows of each component
+                src = record[mat.offset + off:mat.offset + off + size[name]]
+                dst = self.prefix[i][m][dst_off[name]:dst_off[name] + size[name]]
+                prefix_done = copier.copy(dst, src, after=self.free[i])
+        w2_done = copier.copy(self.w2[i].raw, record[m2.offset:m2.offset + m2.nbytes], after=self.free[i])
+        return w2_done, prefix_done
+
+    def gpu_hidden(self, copier: CopyEngine, i: int, rows: int, x: torch.Tensor, prefix_done) -> torch.Tensor:
+        """h of w1/w3's first `rows` rows for x [1, H] on the device, once set i's prefixes
+        landed: [1, rows] in the compute dtype. Queued on the compute stream; no host wait."""
+        copier.wait(prefix_done)
+        m1 = self.layout.matrix("w1")
+        shape = (rows, m1.shape[1])
+        c1, c3 = (component_tensors(self.prefix[i][m], shape, self.layout.matrix(m).spec) for m in ("w1", "w3"))
+        x = x.to(self.dtype)
+        if use_fused(x):
+            from ..kernels.qgemv import gemv
+
+            h = gemv(x, [c1, c3], shape, m1.spec)  # one gated launch
+            if h is not None:
+                return h
+        w1, w3 = (dequantize(c, shape, self.layout.matrix(m).spec, self.dtype) for c, m in ((c1, "w1"), (c3, "w3")))
+        return F.silu(F.linear(x, w1)) * F.linear(x, w3)
+
+    def w2_apply(self, copier: CopyEngine, i: int, h: torch.Tensor, w2_done) -> torch.Tensor:
+        """w2 h for h [1, I] on the device, once set i's w2 landed; set i is free again after."""
+        copier.wait(w2_done)
+        y = self.w2[i](h)
+        self.free[i] = copier.mark_used()
+        return y
