@@ -27,8 +27,11 @@ from .streams import NULL_EVENT, CopyEngine
 # The largest share of w1/w3 rows the GPU may take: its scratch holds that much of both.
 # Balanced splits on the H100 host's costs (t_copy ~1.2 ms, t_cpu ~1.0-1.5 ms) give it 0-0.3.
 MAX_ROW_SHARE = 0.5
-# Row counts come in multiples of this (at least): whole GEMV tiles, and few distinct shapes.
+# Row counts come in multiples of this (at least): whole GEMV tiles.
 ROW_STEP = 64
+# ... and in sixteenths of w1's rows (rounded down to ROW_STEP): a few distinct GEMV shapes,
+# each compiled and run once at start-up (warm_up), never inside a decode step.
+ROW_LEVELS = 16
 # "0": splits keep the fixed cut (w1/w3 on the CPU, w2 on the GPU), for A/B timing.
 ROWS_ENV = "MOEPACK_SPLIT_ROWS"
 
@@ -82,13 +85,29 @@ class SplitScratch:
         self.free = [NULL_EVENT] * top_k  # compute that last read each set done
         # the first call of a GEMV shape compiles its kernel (seconds): not inside a decode step
         self.w2[0](torch.zeros(1, m2.shape[1], dtype=dtype, device=device))
+        self.warm_up(torch.zeros(1, layout.matrix("w1").shape[1], dtype=dtype, device=device))
 
     def rows_for(self, share: float) -> int:
-        """Rows of w1/w3 for the GPU at `share` of them (CostModel.gpu_rows), in whole steps."""
+        """Rows of w1/w3 for the GPU at `share` of them (CostModel.gpu_rows), rounded down to a
+        level (ROW_LEVELS) and to whole steps."""
         if not self.step:
             return 0
         n = self.layout.matrix("w1").shape[0]
-        return min(self.max_rows, int(share * n) // self.step * self.step)
+        level = int(min(share, 1.0) * ROW_LEVELS) * n // ROW_LEVELS
+        return min(self.max_rows, level // self.step * self.step)
+
+    def row_counts(self) -> list[int]:
+        """Every row count rows_for can return but 0."""
+        return sorted({self.rows_for(i / ROW_LEVELS) for i in range(ROW_LEVELS + 1)} - {0})
+
+    def warm_up(self, x: torch.Tensor) -> None:
+        """Run the GPU rows' GEMV once at every row count (on zeros): the first call of a launch
+        config compiles it (seconds), which must land neither in a decode step nor in the
+        CPU's measured time. Off CUDA nothing compiles: nothing to do."""
+        if x.device.type != "cuda":
+            return
+        for rows in self.row_counts():
+            self.gpu_hidden(None, 0, rows, x, None)
 
     def copy(self, copier: CopyEngine, record: torch.Tensor, i: int, rows: int):
         """Copy the host `record`'s w2 into set i, and the first `rows` rows of w1 and w3:
@@ -108,10 +127,11 @@ class SplitScratch:
         w2_done = copier.copy(self.w2[i].raw, record[m2.offset:m2.offset + m2.nbytes], after=self.free[i])
         return w2_done, prefix_done
 
-    def gpu_hidden(self, copier: CopyEngine, i: int, rows: int, x: torch.Tensor, prefix_done) -> torch.Tensor:
+    def gpu_hidden(self, copier: CopyEngine | None, i: int, rows: int, x: torch.Tensor, prefix_done) -> torch.Tensor:
         """h of w1/w3's first `rows` rows for x [1, H] on the device, once set i's prefixes
         landed: [1, rows] in the compute dtype. Queued on the compute stream; no host wait."""
-        copier.wait(prefix_done)
+        if copier is not None:
+            copier.wait(prefix_done)
         m1 = self.layout.matrix("w1")
         shape = (rows, m1.shape[1])
         c1, c3 = (component_tensors(self.prefix[i][m], shape, self.layout.matrix(m).spec) for m in ("w1", "w3"))

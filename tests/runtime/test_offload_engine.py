@@ -330,6 +330,7 @@ def test_hybrid_row_split_same_tokens(tiny, monkeypatch):
     assert cost.assign(1) == (0, 1, 0) and cost.gpu_rows(0, 1, 0) == pytest.approx(0.5)
     inter = eng.layout.matrix("w1").shape[0]
     assert eng.split.max_rows == inter // 2 and eng.split.rows_for(0.5) == inter // 2
+    assert eng.split.row_counts() == [inter // 2]  # each compiled and run at start-up
     seen = []
     real = split_mod.SplitScratch.gpu_hidden
     monkeypatch.setattr(split_mod.SplitScratch, "gpu_hidden", lambda self, *a: seen.append(a[2]) or real(self, *a))
@@ -429,3 +430,19 @@ def test_hybrid_counts_the_links_queue(tiny, monkeypatch):
     monkeypatch.setattr(eng.copier, "pending_bytes", lambda: 4 * eng.layout.record_size)
     split, whole, _ = eng._cpu_choice(0, [miss])
     assert split + whole == [miss]
+
+
+def test_split_rows_come_in_few_sizes():
+    """Mixtral's shapes: the GPU's share of w1/w3 rows is rounded down to sixteenths of them
+    and to 64-row steps, at most half: 8 GEMV shapes, all run at start-up, not in decode."""
+    from runtime.offload import split
+    from runtime.offload.synthfile import synthetic_header
+
+    from .test_offload_helpers import RECIPE_4_2, mixtral_config
+
+    layout = synthetic_header(mixtral_config(), RECIPE_4_2).expert_layout
+    scratch = object.__new__(split.SplitScratch)  # the row arithmetic only: no buffers
+    scratch.layout, scratch.max_rows, scratch.step = layout, split.max_rows(layout), split.row_step(layout)
+    assert scratch.step == 64 and scratch.max_rows == 7168
+    assert scratch.row_counts() == [896 * i for i in range(1, 9)]
+    assert scratch.rows_for(0.0) == 0 and scratch.rows_for(0.2) == 2688 and scratch.rows_for(0.9) == 7168
