@@ -48,9 +48,10 @@
 # candidates (copy $OUT/tuning/gemv-tuning.json to runtime/kernels/data/ if it wins), then
 # "12" and "9" run on the new table.
 # Since the sixth session of 2026-11-23: the fused small ops of the decode step (stage 14).
-# First call: STAGES="1 14 13 2" (the cuda tests cover dp2a, the fused kernels and the row
-# split; stage 14 is the A/B of the fusion, 13 that of int16 activations); then "15" (row
-# splits against the fixed cut, on the fused step), then "10", "12", "9", "7".
+# Calls (each at most 600 s; a stage that no longer fits DEADLINE is skipped and logged):
+# STAGES="1 14" (the cuda tests cover dp2a, the fused kernels and the row split; stage 14 is
+# the A/B of the fusion), then "15" (row splits against the fixed cut, on the fused step),
+# then "13 2" (int16 activations A/B, the kernel table), then "10", "12", "9", "7".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
