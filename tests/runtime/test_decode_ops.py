@@ -70,8 +70,14 @@ def test_add_rms_norm_routes_as_the_router(dtype, experts, top_k):
     want_idx, want_w = route(want_x, router, top_k)
     _close(x, want_x, dtype)
     assert idx.dtype == torch.long and w.dtype == dtype and idx.shape == (t, top_k)
-    assert torch.equal(idx, want_idx)
-    _close(w, want_w, dtype)
+    if dtype == torch.float32:
+        assert torch.equal(idx, want_idx)
+    else:
+        # half-precision logits may tie or round apart (another summation order than the
+        # matmul's): the chosen experts must be the best ones up to that rounding
+        probs = torch.softmax((want_x.float() @ router.float().T).to(dtype).float(), -1)
+        torch.testing.assert_close(probs.gather(1, idx), probs.topk(top_k, -1).values, rtol=0, atol=1e-2)
+    _close(w.sort(-1).values, want_w.sort(-1).values, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
