@@ -214,7 +214,7 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         "mb_per_token": per_token / 1e6, "bound_tok_s": bound, "ratio_to_bound": tok_s / bound if per_token else 0.0,
         "compute_wait_s": s["compute_wait_s"], "read_wait_s": s["read_wait_s"], "file_reads": s["file_reads"],
         "cuda_graphs": s["cuda_graphs"], "cpu_experts_per_token": s["cpu_experts"] / n,
-        "split_experts_per_token": s["split_experts"] / n,
+        "split_experts_per_token": s["split_experts"] / n, "split_gpu_row_share": s.get("split_gpu_row_share", 0.0),
         # how busy each resource was over the timed decode (1 - this is its idle share)
         "copy_busy": s["copy_busy_s"] / seconds, "cpu_busy": (s["cpu_expert_s"] + s["split_cpu_s"]) / seconds, "stats": s,
     }
