@@ -49,9 +49,11 @@ def row_prefix_ok(rows: int, k: int, spec: QuantSpec) -> bool:
     return groups % spec.meta_group_size == 0 and groups * spec.meta_bits % 8 == 0
 
 
+@lru_cache(maxsize=1024)
 def component_bytes(shape: tuple[int, int], spec: QuantSpec) -> dict[str, int]:
     """Bytes of each component of a `shape` matrix (for a row prefix, with row_prefix_ok: the
-    bytes its rows take in each component of the whole matrix)."""
+    bytes its rows take in each component of the whole matrix). Cached: a split expert's
+    copies ask per decode step; callers must not modify the dict."""
     plan, _ = _component_plan(tuple(shape), spec)
     out = {}
     for name, _, itemsize, _, cshape, _ in plan:

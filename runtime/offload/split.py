@@ -58,13 +58,16 @@ def max_rows(layout: ExpertLayout) -> int:
     return int(MAX_ROW_SHARE * layout.matrix("w1").shape[0]) // step * step
 
 
+def _prefix_spans(layout: ExpertLayout, rows: int) -> dict[str, int]:
+    """Bytes of w1's and w3's scratch for `rows` rows each (none for 0 rows)."""
+    if not rows:
+        return {}
+    return {m: _component_plan((rows, layout.matrix(m).shape[1]), layout.matrix(m).spec)[1] for m in ("w1", "w3")}
+
+
 def scratch_bytes(layout: ExpertLayout, rows: bool) -> int:
     """Device bytes of one split expert's scratch: w2, and with `rows` the row prefixes."""
-    n = layout.matrix("w2").nbytes
-    r = max_rows(layout) if rows else 0
-    if r:
-        n += sum(_component_plan((r, layout.matrix(m).shape[1]), layout.matrix(m).spec)[1] for m in ("w1", "w3"))
-    return n
+    return layout.matrix("w2").nbytes + sum(_prefix_spans(layout, max_rows(layout) if rows else 0).values())
 
 
 class SplitScratch:
@@ -78,10 +81,8 @@ class SplitScratch:
         self.step = row_step(layout) if self.max_rows else 0
         self.w2 = [QuantLinear(torch.zeros(m2.nbytes, dtype=torch.uint8, device=device), m2.shape, m2.spec, dtype)
                    for _ in range(top_k)]
-        spans = {m: _component_plan((self.max_rows, layout.matrix(m).shape[1]), layout.matrix(m).spec)[1]
-                 for m in ("w1", "w3")} if self.max_rows else {}
-        self.prefix = [{m: torch.zeros(n, dtype=torch.uint8, device=device) for m, n in spans.items()}
-                       for _ in range(top_k)]
+        self.prefix = [{m: torch.zeros(n, dtype=torch.uint8, device=device)
+                        for m, n in _prefix_spans(layout, self.max_rows).items()} for _ in range(top_k)]
         self.free = [NULL_EVENT] * top_k  # compute that last read each set done
         # the first call of a GEMV shape compiles its kernel (seconds): not inside a decode step
         self.w2[0](torch.zeros(1, m2.shape[1], dtype=dtype, device=device))
@@ -116,14 +117,13 @@ class SplitScratch:
         prefix_done = None
         for m in ("w1", "w3") if rows else ():
             mat = self.layout.matrix(m)
-            full, _ = _component_plan(tuple(mat.shape), mat.spec)
+            src_off = {c[0]: c[3] for c in _component_plan(tuple(mat.shape), mat.spec)[0]}
             part, _ = _component_plan((rows, mat.shape[1]), mat.spec)
             size = component_bytes((rows, mat.shape[1]), mat.spec)
-            dst_off = {c[0]: c[3] for c in part}
-            for name, _, _, off, _, _ in full:  # the first rows of each component
-                src = record[mat.offset + off:mat.offset + off + size[name]]
-                dst = self.prefix[i][m][dst_off[name]:dst_off[name] + size[name]]
-                prefix_done = copier.copy(dst, src, after=self.free[i])
+            for name, _, _, dst, _, _ in part:  # each component's first rows: its first bytes
+                src = mat.offset + src_off[name]
+                prefix_done = copier.copy(self.prefix[i][m][dst:dst + size[name]], record[src:src + size[name]],
+                                          after=self.free[i])
         w2_done = copier.copy(self.w2[i].raw, record[m2.offset:m2.offset + m2.nbytes], after=self.free[i])
         return w2_done, prefix_done
 
