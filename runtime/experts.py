@@ -21,8 +21,8 @@ from formats.reader import MoepackFile
 
 from .dequant import component_tensors, dequantize
 from .graphs import expert_graphs
-from .kernels import (PREFILL_THRESHOLD, fused_expert_ffn, grouped_expert_ffn, indexed_expert_ffn, indexed_input_format,
-                      indexed_supported, interpreting, use_fused)
+from .kernels import (PREFILL_THRESHOLD, fused_expert_ffn, grouped_expert_ffn, grouped_prompt_ffn, indexed_expert_ffn,
+                      indexed_input_format, indexed_supported, interpreting, prompt_chunk, use_fused)
 from .kernels.prefill import prefill_mode
 
 
@@ -54,10 +54,12 @@ def _cpu_kernel_applies(record: torch.Tensor, layout: ExpertLayout, x: torch.Ten
     return cpu_expert_available()
 
 
-def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) for x: [T, H] with the expert in `record` (uint8, on x's device)."""
+def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype,
+               prompt_pair: bool = True) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for x: [T, H] with the expert in `record` (uint8, on x's device).
+    prompt_pair: see kernels.fused_expert_ffn (False keeps a prompt's scratch to one matrix)."""
     if use_fused(x):  # fused dequantize-GEMV (few tokens) or Triton dequantize + matmul (many)
-        return fused_expert_ffn(record, layout, x.to(dtype)).to(x.dtype)
+        return fused_expert_ffn(record, layout, x.to(dtype), prompt_pair=prompt_pair).to(x.dtype)
     if _cpu_kernel_applies(record, layout, x):  # multi-threaded GEMVs on the packed bytes (runtime.cpu_expert)
         from .cpu_expert import cpu_expert_ffn
 
@@ -172,6 +174,8 @@ class ResidentExperts:
             raise ConfigError("device routing needs the experts on a CUDA device with the fused kernels and "
                               "a layout they cover", hint="leave device_routing unset to choose automatically")
         self.routes_on_device = can_route if device_routing is None else device_routing
+        # a prompt's experts dequantized a few per launch (kernels.grouped_prompt_ffn); 0: one by one
+        self.prompt_chunk = prompt_chunk(self.records, self.layout, probe) if can_route else 0
         # host routing: decode steps replay one captured graph per expert (runtime.graphs); None: on CUDA
         self.graphs = None if self.routes_on_device else expert_graphs(
             self.records, self.layout, dtype, file.config.hidden_size, cuda_graphs)
@@ -205,6 +209,13 @@ class ResidentExperts:
             y = grouped_expert_ffn(self.records, layer * self.num_experts, offsets, xs.to(self.dtype), self.layout,
                                    max_rows=t).to(x.dtype)
             self._pending_counts.append(counts)  # read when stats() is
+            self._tokens += t * k
+        elif self.prompt_chunk:
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # queued before the sync below
+            n = counts.tolist()  # the one host sync: each expert's rows are a matmul's shape
+            y = grouped_prompt_ffn(self.records, layer * self.num_experts, n, offsets, xs.to(self.dtype), self.layout,
+                                   self.prompt_chunk).to(x.dtype)
+            self._evals += sum(1 for c in n if c)
             self._tokens += t * k
         else:
             ys, start = [], 0

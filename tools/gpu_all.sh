@@ -26,6 +26,9 @@
 #  15. hybrid splits by rows (runtime/offload/split.py) against the fixed w1/w3 | w2 cut
 #      (MOEPACK_SPLIT_ROWS=0): 4-bit-meta experts, LFU + hybrid at 12 GiB, trace routing, 16 and
 #      8 CPU threads;
+#  16. the prompt path (kernels.grouped_prompt_ffn, a layer's experts a few per dequantize launch)
+#      against the fused dequantize-GEMM (MOEPACK_PREFILL=fused): 32 resident layers, a 512-token
+#      prompt, each way, then the profile of that prompt on 2 layers;
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -48,10 +51,12 @@
 # candidates (copy $OUT/tuning/gemv-tuning.json to runtime/kernels/data/ if it wins), then
 # "12" and "9" run on the new table.
 # Since the sixth session of 2026-11-23: the fused small ops of the decode step (stage 14).
+# Since the seventh session of 2026-11-23: the prompt path's launches cut (stage 16).
 # Calls (each at most 600 s; a stage that no longer fits DEADLINE is skipped and logged):
-# STAGES="1 14" (the cuda tests cover dp2a, the fused kernels and the row split; stage 14 is
-# the A/B of the fusion), then "15" (row splits against the fixed cut, on the fused step),
-# then "13 2" (int16 activations A/B, the kernel table), then "10", "12", "9", "7".
+# STAGES="1 16" (the cuda tests cover dp2a, the fused kernels, the row split and the grouped
+# prompt path; stage 16 is issue #6's prompt figure both ways), then "14" (the A/B of the
+# decode fusion), then "15" (row splits against the fixed cut, on the fused step), then
+# "13 2" (int16 activations A/B, the kernel table), then "10", "12", "9", "7".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -165,6 +170,16 @@ for rows in 1 0; do
       --cache-policy lfu --cpu-threads $threads --gpu-memory 12GiB --cache-dir /tmp/moe-pack-bench \
       --json "$OUT/bench_rows_${rows}_${threads}t.json" $BENCH_FLAGS
   done
+done
+# the prompt path: a layer's experts dequantized a few per launch (kernels.grouped_prompt_ffn;
+# 4 Triton launches per layer where the per-expert path made 26) against the fused
+# dequantize-GEMM (MOEPACK_PREFILL=fused), each on 32 resident layers; then where a prompt's
+# time goes on 2 layers (GPU kernels against wall time)
+for mode in dequant fused; do
+  has 16 && run resident_32_prompt_$mode 150 bash -c "MOEPACK_PREFILL=$mode $PY -m runtime.baseline_bench --layers 32 \
+    --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 16 > $OUT/resident_32_prompt_$mode.jsonl"
+  has 16 && run profile_prompt_$mode 90 env MOEPACK_PREFILL=$mode $PY tools/profile_decode.py --layers 2 --recipe 4/2m4 \
+    --prefill 512
 done
 log "total"
 tail -n 40 "$OUT/all.log"

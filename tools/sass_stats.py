@@ -216,11 +216,12 @@ def profile_dequant(name: str, dump: str | None = None) -> Stats:
     meta = "*u8" if spec.meta_bits == 8 else "*fp16"
     plane = "*i32" if words else "*u8"
     types = {"out_ptr": "*fp16", "q_ptr": plane, "qh_ptr": "*i16" if words else "*u8", "s_ptr": meta, "z_ptr": meta,
-             "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
+             "sm_ptr": "*fp32", "zm_ptr": "*fp32", "offs_ptr": "*i64"}
     const = dict(MG=spec.meta_group_size, BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
                  BLOCK_N=prefill.DEQUANT_BLOCK_N)
     if words:
-        fn, const = dequant_words_kernel, const | {"BLOCK_W": prefill.DEQUANT_BLOCK_W, "EVEN": True}
+        fn, const = dequant_words_kernel, const | {"BLOCK_W": prefill.DEQUANT_BLOCK_W, "EVEN": True, "MATS": 1,
+                                                   "GROUPED": False}
         per_program = prefill.DEQUANT_BLOCK_N * prefill.DEQUANT_BLOCK_W * (16 if spec.bits in (2, 3) else 32 // spec.bits)
     else:
         fn, const = dequant_kernel, const | {"BLOCK_K": prefill.DEQUANT_BLOCK_K}

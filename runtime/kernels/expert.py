@@ -16,9 +16,10 @@ from formats.qtensor import QuantSpec
 
 from ..dequant import _component_plan, component_tensors, typed_view
 from .configs import GemvConfig, pick_gemv_config
-from .prefill import prefill_matmul
+from .prefill import Group, dequantize_words_into, prefill_matmul, prefill_mode, scratch
 from .qgemv import (ACT_DTYPES, PREFILL_THRESHOLD, Index, XFormat, _check, codes_per_word, gemv, gemv_supported,
                     launch_plan, qmatmul, run_gemv, sm_count, unpermute_x, x_format)
+from .words import word_layout_ok
 
 # A view of one kernel operand inside the record: (dtype, itemsize, byte offset in the
 # record, shape, strides).
@@ -125,6 +126,97 @@ def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
     return _launches(plan, _operands(record, plan), x, configs)
 
 
+# The most scratch grouped_prompt_ffn dequantizes a layer's experts into at once: four
+# Mixtral-8x7B experts' w1 and w3 in float16 (235 MB each), so a layer takes two launches
+# per matrix kind instead of one per expert and matrix.
+PROMPT_SCRATCH_BYTES = 1 << 30
+
+
+def _pair_delta(layout: ExpertLayout, plan: _DecodePlan) -> int | None:
+    """Bytes from w1's operands to w3's (dequant_words_kernel's DELTA), or None where the word
+    kernel cannot dequantize this layout."""
+    delta = layout.matrix("w3").offset - layout.matrix("w1").offset
+    ok = delta % 4 == 0 and word_layout_ok(plan.shape13, plan.spec13) and word_layout_ok(plan.shape2, plan.spec2)
+    return delta if ok else None
+
+
+def prompt_chunk(records: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> int:
+    """How many experts grouped_prompt_ffn dequantizes per launch for `records` ([rows,
+    record_size] uint8, contiguous) and activations like x, within PROMPT_SCRATCH_BYTES
+    (at least one); 0 where it cannot run (the per-expert path then does)."""
+    plan = _decode_plan(layout)
+    if not indexed_supported(records, layout, x) or _pair_delta(layout, plan) is None:
+        return 0
+    i, h = plan.shape13
+    return max(1, PROMPT_SCRATCH_BYTES // (2 * i * h * x.element_size()))
+
+
+def grouped_prompt_ffn(records: torch.Tensor, row0: int, counts: list[int], offsets: torch.Tensor, xs: torch.Tensor,
+                       layout: ExpertLayout, chunk: int) -> torch.Tensor:
+    """A layer's experts over a prompt, dequantized `chunk` experts per launch: rows
+    offsets[e] .. offsets[e+1] of xs [R, H] (sorted by expert; counts[e] of them, read on
+    the host) go through the FFN of record row0 + e of `records`. Per chunk, one launch
+    writes every chosen expert's w1 and w3 into the scratch, each expert takes one matmul
+    and the gate in place, one launch overwrites the scratch with their w2 (the stream runs
+    it after those matmuls), and one matmul each writes its rows of the result. The same
+    arithmetic as _prompt, with two launches per chunk where that makes two per expert:
+    each Triton launch costs the host tens of microseconds (section 6 of BENCHMARKS.md
+    measured ~110 us on the H100 host). The caller checks prompt_chunk first.
+    -> [R, H] in xs.dtype."""
+    plan = _decode_plan(layout)
+    a1, _, a2 = _operands(records[0], plan)
+    delta = _pair_delta(layout, plan)
+    (i, h), (n2, k2) = plan.shape13, plan.shape2
+    out = torch.empty((xs.shape[0], n2), dtype=xs.dtype, device=xs.device)
+    w = scratch(xs.device, xs.dtype, min(chunk, len(counts)) * 2 * i * h)
+    start = 0
+    for c0 in range(0, len(counts), chunk):
+        part = counts[c0:c0 + chunk]
+        if not any(part):
+            continue
+        group = Group(offsets[c0:], row0 + c0, records.stride(0), len(part))
+        w13 = dequantize_words_into(a1, plan.shape13, plan.spec13, w[: len(part) * 2 * i * h].view(-1, h),
+                                    mats=2, delta=delta, group=group)  # [experts * 2I, H]
+        gates = []
+        for j, n in enumerate(part):
+            if n:
+                y = F.linear(xs[start:start + n], w13[j * 2 * i:(j + 1) * 2 * i])  # [n, 2I]
+                gates.append((j, F.silu(y[:, :i], inplace=True).mul_(y[:, i:]), start))
+                start += n
+        w2 = dequantize_words_into(a2, plan.shape2, plan.spec2, w[: len(part) * n2 * k2].view(-1, k2),
+                                   group=group)  # [experts * H, I]
+        for j, g, s in gates:
+            torch.matmul(g, w2[j * n2:(j + 1) * n2].t(), out=out[s:s + g.shape[0]])
+    return out
+
+
+def _prompt(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, pair: bool) -> torch.Tensor | None:
+    """The many-token path with its host work cut to the launches and one as_strided call per
+    operand (the general path below also built ~15 component views per expert: ~235 against
+    ~160 us of host time per expert on dev-cpu, tools/prefill_host.py). pair: w1 and w3
+    dequantized by one launch into one [2I, H] scratch matrix and multiplied by one matmul
+    (two Triton launches and four torch kernels per expert), else each in turn through a
+    one-matrix scratch (three and five: what a memory plan that counts one matrix allows).
+    The gate runs in place; w2 then overwrites the scratch (the stream orders it after the
+    matmuls that read it). None where the general path must run."""
+    plan = _decode_plan(layout)
+    if plan is None or x.dim() != 2 or not _usable(record, plan, x):
+        return None
+    delta = _pair_delta(layout, plan)
+    if delta is None:
+        return None
+    a1, a3, a2 = _operands(record, plan)
+    (i, h), (n2, k2) = plan.shape13, plan.shape2
+    w = scratch(x.device, x.dtype, (2 if pair else 1) * i * h)
+    if pair:
+        y = F.linear(x, dequantize_words_into(a1, plan.shape13, plan.spec13, w.view(2 * i, h), mats=2, delta=delta))
+        g = F.silu(y[:, :i], inplace=True).mul_(y[:, i:])  # [T, I], rows 2I apart: silu(w1 x) * w3 x
+    else:
+        g = F.silu(F.linear(x, dequantize_words_into(a1, plan.shape13, plan.spec13, w.view(i, h))), inplace=True)
+        g.mul_(F.linear(x, dequantize_words_into(a3, plan.shape13, plan.spec13, w.view(i, h))))
+    return F.linear(g, dequantize_words_into(a2, plan.shape2, plan.spec2, w[: n2 * k2].view(n2, k2)))
+
+
 def indexed_supported(records: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
     """Whether indexed_expert_ffn can run the experts of `records` ([rows, record_size] uint8,
     contiguous) for activations like x."""
@@ -188,16 +280,22 @@ def grouped_expert_ffn(records: torch.Tensor, row0: int, offsets: torch.Tensor, 
 
 def fused_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, *,
                      prefill_threshold: int = PREFILL_THRESHOLD,
-                     configs: dict[str, GemvConfig] | None = None) -> torch.Tensor:
+                     configs: dict[str, GemvConfig] | None = None, prompt_pair: bool = True) -> torch.Tensor:
     """x [T, H] (float16/bfloat16/float32, on the record's device) -> [T, H] in x.dtype.
 
-    `configs` may override the GEMV launch of "w13" (the fused gate) and "w2"."""
+    `configs` may override the GEMV launch of "w13" (the fused gate) and "w2". prompt_pair
+    False: many tokens dequantize one matrix at a time (a scratch of one matrix, as the
+    offloading engine's memory plan counts it; see _prompt)."""
     if x.dim() != 2:
         raise ConfigError(f"fused_expert_ffn takes x of shape [T, H], got {list(x.shape)}")
     configs = configs or {}
     t = x.shape[0]
     if 0 < t <= prefill_threshold:
         y = _decode(record, layout, x, configs)
+        if y is not None:
+            return y
+    elif t > prefill_threshold and prefill_mode() == "dequant":
+        y = _prompt(record, layout, x, prompt_pair)
         if y is not None:
             return y
     # the general path: every layout, the prefill, and the errors

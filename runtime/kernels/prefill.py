@@ -4,6 +4,7 @@ reusable dense scratch buffer, then one dense matmul (tensor cores on the GPU)."
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ def release_scratch() -> None:
 def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec,
                     out: torch.Tensor) -> torch.Tensor:
     """Write W [N, K] of a packed matrix into `out` ([N, K], unit column stride, fp16/bf16/fp32)."""
-    from .triton_dequant import dequant_kernel, dequant_words_kernel  # triton only when a kernel runs
+    from .triton_dequant import dequant_kernel  # triton only when a kernel runs
 
     n, k = shape
     if not spec.quantized:
@@ -69,21 +70,49 @@ def dequantize_into(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec
     # so prefill sees bit-exact weights on every device (the kernels are bound by their stores)
     words = _words(q, qh, shape, spec)
     if words is not None:
-        per = codes_per_word(spec)
-        grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(k // per, DEQUANT_BLOCK_W))
-        dequant_words_kernel[grid](
-            out, *words, s, sm, z, zm, n, k, out.stride(0),
-            MG=mg, BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
-            BLOCK_N=DEQUANT_BLOCK_N, BLOCK_W=DEQUANT_BLOCK_W,
-            EVEN=n % DEQUANT_BLOCK_N == 0 and (k // per) % DEQUANT_BLOCK_W == 0, enable_fp_fusion=False,
-        )
-        return out
+        return dequantize_words_into((*words, s, sm, z, zm), shape, spec, out)
     grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(k, DEQUANT_BLOCK_K))
     dequant_kernel[grid](
         out, q, qh, s, sm, z, zm,
         n, k, q.shape[1], qh.shape[1], out.stride(0),
         MG=mg, BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
         BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, enable_fp_fusion=False,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class Group:
+    """Experts for one dequantize launch: record rows row0 .. row0 + experts - 1 of a buffer of
+    records `rs` bytes apart (the operands given are those of its row 0), expert e skipped
+    when offsets[e] == offsets[e + 1] (offsets: a device tensor, [experts + 1] or longer)."""
+
+    offsets: torch.Tensor
+    row0: int
+    rs: int
+    experts: int
+
+
+def dequantize_words_into(args: tuple, shape: tuple[int, int], spec: QuantSpec, out: torch.Tensor,
+                          mats: int = 1, delta: int = 0, group: Group | None = None) -> torch.Tensor:
+    """The word-wise kernel's launch: W [N, K] of the six operands `args` (words.operand_args)
+    into out [mats * N, K] (unit column stride, rows N apart). mats > 1: that many matrices of
+    this shape and spec whose operands lie `delta` bytes apart (a multiple of 4), stacked in
+    out. group: the same for each of group.experts records (out [experts * mats * N, K]).
+    The caller checks word_layout_ok and the output."""
+    from .triton_dequant import dequant_words_kernel  # triton only when a kernel runs
+
+    n, k = shape
+    per = codes_per_word(spec)
+    experts = 1 if group is None else group.experts
+    grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(k // per, DEQUANT_BLOCK_W), experts * mats)
+    dequant_words_kernel[grid](
+        out, *args, args[0] if group is None else group.offsets, n, k, out.stride(0), delta,
+        0 if group is None else group.row0, 0 if group is None else group.rs,
+        MG=max(spec.meta_group_size, 1), BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
+        BLOCK_N=DEQUANT_BLOCK_N, BLOCK_W=DEQUANT_BLOCK_W,
+        EVEN=n % DEQUANT_BLOCK_N == 0 and (k // per) % DEQUANT_BLOCK_W == 0, MATS=mats, GROUPED=group is not None,
+        enable_fp_fusion=False,
     )
     return out
 

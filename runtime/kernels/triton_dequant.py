@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _ld, _load_meta
+from .triton_gemv import _ld, _load_meta, _row
 
 
 @triton.jit
@@ -70,28 +70,61 @@ def _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K,
 
 
 @triton.jit
+def _moved(ptr, row, RS, m, DELTA):
+    """An operand pointer of matrix 0 of record 0 moved to matrix m of record `row`."""
+    return _row(_row(ptr, row, RS), m, DELTA)
+
+
+@triton.jit
 def dequant_words_kernel(
-    out_ptr, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
-    N, K, stride_on,
+    out_ptr, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, offs_ptr,
+    N, K, stride_on, DELTA, ROW0, RS,
     MG: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN: tl.constexpr = False,
+    MATS: tl.constexpr = 1, GROUPED: tl.constexpr = False,
 ):
     """The same weights as dequant_kernel for the layouts the fused GEMV covers (K % 32 == 0,
     groups made of whole words or words made of whole groups, planes as int32 words).
 
-    Grid (cdiv(N, BLOCK_N), cdiv(K / PER, BLOCK_W)). A tile is [BLOCK_N rows, BLOCK_W words,
-    PER codes]: one 4-byte load per PER weights instead of one byte load per weight, and
-    scales and zeros loaded once per word when a group spans whole words (per weight in
-    dequant_kernel, each with an integer division by the meta group size). The innermost
-    axis is PER contiguous outputs, so each thread stores a short vector. EVEN: the grid covers
-    the matrix exactly, so no load or store needs a mask."""
+    Grid (cdiv(N, BLOCK_N), cdiv(K / PER, BLOCK_W), experts * MATS). A tile is [BLOCK_N
+    rows, BLOCK_W words, PER codes]: one 4-byte load per PER weights instead of one byte load
+    per weight, and scales and zeros loaded once per word when a group spans whole words (per
+    weight in dequant_kernel, each with an integer division by the meta group size). The
+    innermost axis is PER contiguous outputs, so each thread stores a short vector. EVEN: the
+    grid covers the matrix exactly, so no load or store needs a mask.
+
+    The third axis, program p = e * MATS + m, runs matrix m of expert e, written to rows
+    p * N .. p * N + N - 1 of out:
+    - MATS matrices of one shape and spec lie DELTA bytes apart (an expert's w1 and w3 in its
+      record: every operand of matrix m is DELTA * m bytes past matrix 0's);
+    - GROUPED: expert e is record row ROW0 + e of a buffer of records RS bytes apart (the
+      operand pointers are those of row 0), and is skipped when offs[e] == offs[e + 1]: a
+      layer's experts in one launch, those no token chose left undecoded. Else one expert,
+      the operands' own."""
     PER: tl.constexpr = 32 // (2 if BITS == 3 else BITS)
-    r = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1]
-    kw = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]  # [1, BW]
-    w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, MB, EVEN)
-    cols = kw[:, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, BW, PER]
-    if EVEN:
-        tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty))
+    p = tl.program_id(2)
+    m = (p % MATS).to(tl.int64)
+    if GROUPED:
+        e = p // MATS
+        lo = tl.load(offs_ptr + e)
+        hi = tl.load(offs_ptr + e + 1)
+        row = ROW0 + e.to(tl.int64)
     else:
-        m3 = ((r < N) & (kw < K // PER))[:, :, None]
-        tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty), mask=m3)
+        lo = 0
+        hi = 1
+        row = 0
+    if lo < hi:  # (no early return: the interpreter and the compiler agree on this form)
+        q_ptr, qh_ptr, s_ptr = _moved(q_ptr, row, RS, m, DELTA), _moved(qh_ptr, row, RS, m, DELTA), \
+            _moved(s_ptr, row, RS, m, DELTA)
+        sm_ptr, z_ptr, zm_ptr = _moved(sm_ptr, row, RS, m, DELTA), _moved(z_ptr, row, RS, m, DELTA), \
+            _moved(zm_ptr, row, RS, m, DELTA)
+        out_ptr += p.to(tl.int64) * N * stride_on
+        r = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1]
+        kw = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]  # [1, BW]
+        w = _decode_words(q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr, r, kw, N, K, MG, BITS, G, MB, EVEN)
+        cols = kw[:, :, None] * PER + tl.arange(0, PER)[None, None, :]  # [1, BW, PER]
+        if EVEN:
+            tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty))
+        else:
+            m3 = ((r < N) & (kw < K // PER))[:, :, None]
+            tl.store(out_ptr + r[:, :, None] * stride_on + cols, w.to(out_ptr.dtype.element_ty), mask=m3)

@@ -155,7 +155,8 @@ def workspace_bytes(header: Header, context_tokens: int, dtype_bytes: int, prefi
     materialise a matrix to decode, and a prefill dequantizes one matrix at a time into one
     reused scratch buffer (runtime.kernels.prefill.scratch) in the compute dtype, then keeps a
     token chunk's w1 out, w3 out and their product: for Mixtral-8x7B at 2 bytes that is 0.27 GB
-    (the lm_head's scratch) where the plain path needs 1.0 GB."""
+    (the lm_head's scratch) where the plain path needs 1.0 GB. (The offloading engine asks
+    kernels.fused_expert_ffn for that one-matrix scratch: prompt_pair=False.)"""
     c = header.config
     H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
     T = max(1, min(prefill_tokens, context_tokens))

@@ -177,7 +177,8 @@ class OffloadedExperts:
             else:
                 pos = flat_pos[starts[e]:starts[e] + len(positions[e])]
                 tok = torch.div(pos, k, rounding_mode="floor")
-                y = expert_ffn(record, self.layout, x.index_select(0, tok), self.dtype)  # [n, H]
+                # one matrix of prompt scratch at a time: what the memory plan counts
+                y = expert_ffn(record, self.layout, x.index_select(0, tok), self.dtype, prompt_pair=False)  # [n, H]
                 w = topk_w.reshape(-1).index_select(0, pos).unsqueeze(1)  # [n, 1]
                 out = torch.zeros_like(x) if out is None else out
                 out.index_add_(0, tok, y * w)

@@ -163,16 +163,20 @@ def test_dequant_compiles_for_sm90(bits, g, mb):
     assert "st.global" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("bits,g,mb,even", [(2, 16, 8, True), (3, 64, 8, False), (4, 64, 16, True),
-                                               (4, 4, 8, False), (8, 32, 8, True), (2, 16, 4, True), (4, 4, 4, False)])
-def test_dequant_words_compiles_for_sm90(bits, g, mb, even):
+@pytest.mark.parametrize("bits,g,mb,even,mats,grouped", [
+    (2, 16, 8, True, 1, False), (3, 64, 8, False, 1, False), (4, 64, 16, True, 1, False), (4, 4, 8, False, 1, False),
+    (8, 32, 8, True, 1, False), (2, 16, 4, True, 1, False), (4, 4, 4, False, 1, False),
+    (2, 16, 4, True, 2, False),  # an expert's w1 and w3 in one launch
+    (2, 16, 4, True, 2, True), (3, 64, 8, True, 1, True),  # a layer's experts in one launch
+])
+def test_dequant_words_compiles_for_sm90(bits, g, mb, even, mats, grouped):
     from runtime.kernels.triton_dequant import dequant_words_kernel
 
     meta = "*u8" if mb != 16 else "*fp16"
     types = {"out_ptr": "*fp16", "q_ptr": "*i32", "qh_ptr": "*i16", "s_ptr": meta, "z_ptr": meta,
-             "sm_ptr": "*fp32", "zm_ptr": "*fp32"}
-    k = _compile(dequant_words_kernel, types,
-                 dict(MG=128 if mb != 16 else 1, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_W=32, EVEN=even))
+             "sm_ptr": "*fp32", "zm_ptr": "*fp32", "offs_ptr": "*i64"}
+    k = _compile(dequant_words_kernel, types, dict(MG=128 if mb != 16 else 1, BITS=bits, G=g, MB=mb, BLOCK_N=16,
+                                                   BLOCK_W=32, EVEN=even, MATS=mats, GROUPED=grouped))
     assert "st.global" in k.asm["ptx"]
 
 

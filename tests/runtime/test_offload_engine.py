@@ -85,6 +85,20 @@ def test_same_tokens_and_logits_as_resident(tiny, kw):
         assert s["prefetched"] > 0
 
 
+def test_prompt_keeps_to_one_matrix_of_scratch(tiny, monkeypatch):
+    """The engine's prompt asks for the one-matrix scratch its memory plan counts
+    (kernels.fused_expert_ffn prompt_pair=False), not the resident path's w1 + w3 pair."""
+    import runtime.offload.engine as engine_mod
+
+    path, ref = tiny
+    seen = []
+    real = engine_mod.expert_ffn
+    monkeypatch.setattr(engine_mod, "expert_ffn",
+                        lambda *a, **k: seen.append((a[2].shape[0], k.get("prompt_pair", True))) or real(*a, **k))
+    offloaded(path, n_slots=3 * LAYERS)(PROMPT, 0)
+    assert seen and all(pair is False for t, pair in seen if t > 1)
+
+
 def test_streaming_from_the_file_when_ram_is_short(tiny):
     """Only 9 of 24 experts in the host arena; the rest are read on demand through 2 staging
     buffers (so the ring wraps and buffers are reused many times)."""
