@@ -37,9 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from formats.header import ExpertLayout, MatrixLayout  # noqa: E402
 from formats.qtensor import QuantSpec  # noqa: E402
-from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up  # noqa: E402
+from kernel_bench import expert_layout  # noqa: E402 (w1, w3, w2 back to back, as formats.writer lays out a record)
 from runtime.kernels.qgemv import PREFILL_THRESHOLD  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
@@ -52,15 +51,6 @@ ROUTER_NUMEL = 8 * HIDDEN
 ROWS = 17  # rows per expert of the timed MoE block: the fewest the prompt path takes
 TRITON_KERNELS = {"triton_dequant": ("dequant_kernel", "dequant_words_kernel"), "triton_gemm": ("qgemm_kernel",),
                   "triton_gemv": ("qgemv_kernel", "xquant_kernel")}
-
-
-def mixtral_layout(spec: QuantSpec, hidden: int, intermediate: int) -> ExpertLayout:
-    """w1, w3 [I, H] and w2 [H, I] back to back, as formats.writer lays out a record."""
-    mats, offset = [], 0
-    for name, shape in (("w1", (intermediate, hidden)), ("w3", (intermediate, hidden)), ("w2", (hidden, intermediate))):
-        mats.append(MatrixLayout(name, shape, spec, offset))
-        offset = align_up(offset + mats[-1].nbytes, COMPONENT_ALIGNMENT)
-    return ExpertLayout(align_up(offset, ALIGNMENT), tuple(mats))
 
 
 class _Counter(TorchDispatchMode):
@@ -143,7 +133,7 @@ def measure(tokens: int, calls: int) -> dict:
     from runtime.kernels.expert import fused_expert_ffn
 
     spec = QuantSpec(bits=2, group_size=16, meta_bits=4, meta_group_size=128)
-    layout = mixtral_layout(spec, hidden=HIDDEN, intermediate=INTERMEDIATE)
+    layout = expert_layout(HIDDEN, INTERMEDIATE, spec)
     record = torch.zeros(layout.record_size, dtype=torch.uint8)
     x = torch.zeros(tokens, HIDDEN)  # float32: the CPU's own elementwise work stays small
     counter = _Counter()

@@ -86,29 +86,19 @@ def test_prompt_path_matches_the_reference(device, pair, spec, tokens, order, mo
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prompt_path_leaves_other_layouts_to_the_general_path(device, monkeypatch):
-    """Groups of 24 codes straddle the 16-code words: no word kernel, so the general path
-    (its byte-wise dequantize) runs, and still gives the FFN."""
+@pytest.mark.parametrize("spec,mode", [
+    # groups of 24 codes straddle the 16-code words: no word kernel, the general path's
+    # byte-wise dequantize runs
+    (QuantSpec(2, 24, 8, 128), "dequant"),
+    # MOEPACK_PREFILL=fused keeps its own kernels (triton_gemm): the dense scratch is never written
+    (QuantSpec(2, 16, 8, 128), "fused"),
+], ids=["group-24", "fused-gemm"])
+def test_other_paths_than_the_prompt_path(device, spec, mode, monkeypatch):
     dtype, tol = ACT[device]
-    spec = QuantSpec(2, 24, 8, 128)
+    monkeypatch.setenv(prefill.PREFILL_ENV, mode)
     layout, record, ref = expert_in_order(96, 192, spec, ("w1", "w3", "w2"), seed=40)
     launches = Launches(monkeypatch)
     x = (0.1 * torch.randn(17, 96, generator=torch.Generator().manual_seed(6))).to(device, dtype)
-    y = fused_expert_ffn(on_device(record, device), layout, x)
-    assert launches.calls == []
-    assert rel_err(y, reference_expert(x, ref)) < (tol if device == "cpu" else 1e-2)
-
-
-def test_prompt_path_is_not_taken_by_the_fused_gemm(monkeypatch):
-    """MOEPACK_PREFILL=fused keeps its own kernels (triton_gemm): the dense scratch is never
-    written."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype, tol = ACT[device]
-    monkeypatch.setenv(prefill.PREFILL_ENV, "fused")
-    spec = QuantSpec(2, 16, 8, 128)
-    layout, record, ref = expert_in_order(64, 128, spec, ("w1", "w3", "w2"), seed=50)
-    launches = Launches(monkeypatch)
-    x = (0.1 * torch.randn(17, 64, generator=torch.Generator().manual_seed(7))).to(device, dtype)
     y = fused_expert_ffn(on_device(record, device), layout, x)
     assert launches.calls == []
     assert rel_err(y, reference_expert(x, ref)) < (tol if device == "cpu" else 1e-2)

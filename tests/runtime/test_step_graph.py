@@ -221,58 +221,49 @@ def test_count_decode_ops_tool(monkeypatch, capsys):
     assert 4 < packed_fused < packed / 3
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_grouped_prompt_matches_the_per_expert_path(tiny_path, monkeypatch, device):
-    """MOEPACK_PREFILL=fused with the experts on one device buffer: a prompt's experts run
-    grouped (two launches per layer, no host sync); the logits are those of the per-expert
-    path, and the stats still count each expert that had tokens."""
-    prompt = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 11])  # 20 (token, choice) pairs > 16
+PROMPT20 = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 11])  # 20 (token, choice) pairs > 16
+
+
+def _prompt_matches_per_expert(tiny_path, monkeypatch, device, grouped: str, chunk: int | None = None):
+    """A prompt through the model with its experts on one device buffer gives the logits of
+    the per-expert path (host routing, plain CPU path), runs runtime.experts.<grouped> once
+    per layer, and keeps the stats (each expert that had tokens counted)."""
+    import runtime.experts as experts_mod
+
     with monkeypatch.context() as m:
         m.delenv("TRITON_INTERPRET", raising=False)
         ref = _model(tiny_path, False, False, device)
-        want = ref(prompt, 0)
-        want_evals = ref.experts.stats()["expert_evals"]
-    monkeypatch.setenv("MOEPACK_PREFILL", "fused")
-    got = _model(tiny_path, False, True, device)
-    calls = []
-    import runtime.experts as experts_mod
-
-    real = experts_mod.grouped_expert_ffn
-    monkeypatch.setattr(experts_mod, "grouped_expert_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
-    tol = 1e-3 if got.device.type == "cpu" else 2e-2  # float16 on CUDA
-    torch.testing.assert_close(got(prompt, 0), want, rtol=tol, atol=tol)
-    assert len(calls) == LAYERS
-    s = got.experts.stats()
-    assert s["expert_evals"] == want_evals and s["expert_tokens"] == LAYERS * prompt.numel() * got.config.num_experts_per_tok
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk", [None, 3])
-def test_prompt_chunks_match_the_per_expert_path(tiny_path, monkeypatch, device, chunk):
-    """The default prompt path with the experts on one device buffer: a layer's experts
-    dequantized a few per launch (kernels.grouped_prompt_ffn), every expert by default and
-    three per launch when the scratch allows no more. Same logits as the per-expert path,
-    same stats."""
-    import runtime.experts as experts_mod
-
-    prompt = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 11])  # 20 (token, choice) pairs > 16
-    with monkeypatch.context() as m:
-        m.delenv("TRITON_INTERPRET", raising=False)
-        ref = _model(tiny_path, False, False, device)
-        want = ref(prompt, 0)
+        want = ref(PROMPT20, 0)
         want_evals = ref.experts.stats()["expert_evals"]
     got = _model(tiny_path, False, True, device)
     assert got.experts.prompt_chunk >= got.config.num_local_experts  # tiny experts: all in one launch
     if chunk:
         got.experts.prompt_chunk = chunk
     calls = []
-    real = experts_mod.grouped_prompt_ffn
-    monkeypatch.setattr(experts_mod, "grouped_prompt_ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(experts_mod, grouped)
+    monkeypatch.setattr(experts_mod, grouped, lambda *a, **k: calls.append(1) or real(*a, **k))
     tol = 1e-3 if got.device.type == "cpu" else 2e-2  # float16 on CUDA
-    torch.testing.assert_close(got(prompt, 0), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got(PROMPT20, 0), want, rtol=tol, atol=tol)
     assert len(calls) == LAYERS
     s = got.experts.stats()
-    assert s["expert_evals"] == want_evals and s["expert_tokens"] == LAYERS * prompt.numel() * got.config.num_experts_per_tok
+    assert s["expert_evals"] == want_evals and s["expert_tokens"] == LAYERS * PROMPT20.numel() * got.config.num_experts_per_tok
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_prompt_matches_the_per_expert_path(tiny_path, monkeypatch, device):
+    """MOEPACK_PREFILL=fused: a prompt's experts run in the fused GEMM's grouped mode (two
+    launches per layer, no host sync)."""
+    monkeypatch.setenv("MOEPACK_PREFILL", "fused")
+    _prompt_matches_per_expert(tiny_path, monkeypatch, device, "grouped_expert_ffn")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_prompt_chunks_match_the_per_expert_path(tiny_path, monkeypatch, device, chunk):
+    """The default prompt path: a layer's experts dequantized a few per launch
+    (kernels.grouped_prompt_ffn), every expert by default and three per launch when the
+    scratch allows no more."""
+    _prompt_matches_per_expert(tiny_path, monkeypatch, device, "grouped_prompt_ffn", chunk)
 
 
 def test_key_buckets():
