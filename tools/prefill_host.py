@@ -37,14 +37,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from count_decode_ops import VIEWS as DECODE_VIEWS  # noqa: E402
 from formats.qtensor import QuantSpec  # noqa: E402
 from kernel_bench import expert_layout  # noqa: E402 (w1, w3, w2 back to back, as formats.writer lays out a record)
 from runtime.kernels.qgemv import PREFILL_THRESHOLD  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
-VIEWS = {"view", "t", "unsqueeze", "select", "slice", "transpose", "expand", "reshape", "_unsafe_view", "as_strided",
-         "split", "split_with_sizes", "alias", "detach", "empty", "empty_like", "empty_strided",
-         "to", "resolve_conj", "resolve_neg"}  # to: a conversion that copies dispatches _to_copy as well
+# ops that launch no kernel: count_decode_ops' list, plus no-op conversions (a conversion that
+# copies dispatches _to_copy as well, and that counts)
+VIEWS = DECODE_VIEWS | {"to", "resolve_conj", "resolve_neg"}
 
 HIDDEN, INTERMEDIATE = 512, 1792  # Mixtral-8x7B's 4096 and 14336 over 8
 ROUTER_NUMEL = 8 * HIDDEN

@@ -132,6 +132,13 @@ def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,
 PROMPT_SCRATCH_BYTES = 1 << 30
 
 
+def _gated(x: torch.Tensor, w13: torch.Tensor, i: int) -> torch.Tensor:
+    """silu(w1 x) * w3 x [T, I] (a view, rows 2I apart) for x [T, H] and w1 over w3 stacked
+    in w13 [2I, H]: one matmul, the gate in place on its output."""
+    y = F.linear(x, w13)  # [T, 2I]
+    return F.silu(y[:, :i], inplace=True).mul_(y[:, i:])
+
+
 def _pair_delta(layout: ExpertLayout, plan: _DecodePlan) -> int | None:
     """Bytes from w1's operands to w3's (dequant_words_kernel's DELTA), or None where the word
     kernel cannot dequantize this layout."""
@@ -180,8 +187,7 @@ def grouped_prompt_ffn(records: torch.Tensor, row0: int, counts: list[int], offs
         gates = []
         for j, n in enumerate(part):
             if n:
-                y = F.linear(xs[start:start + n], w13[j * 2 * i:(j + 1) * 2 * i])  # [n, 2I]
-                gates.append((j, F.silu(y[:, :i], inplace=True).mul_(y[:, i:]), start))
+                gates.append((j, _gated(xs[start:start + n], w13[j * 2 * i:(j + 1) * 2 * i], i), start))
                 start += n
         w2 = dequantize_words_into(a2, plan.shape2, plan.spec2, w[: len(part) * n2 * k2].view(-1, k2),
                                    group=group)  # [experts * H, I]
@@ -209,8 +215,7 @@ def _prompt(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, pair: b
     (i, h), (n2, k2) = plan.shape13, plan.shape2
     w = scratch(x.device, x.dtype, (2 if pair else 1) * i * h)
     if pair:
-        y = F.linear(x, dequantize_words_into(a1, plan.shape13, plan.spec13, w.view(2 * i, h), mats=2, delta=delta))
-        g = F.silu(y[:, :i], inplace=True).mul_(y[:, i:])  # [T, I], rows 2I apart: silu(w1 x) * w3 x
+        g = _gated(x, dequantize_words_into(a1, plan.shape13, plan.spec13, w.view(2 * i, h), mats=2, delta=delta), i)
     else:
         g = F.silu(F.linear(x, dequantize_words_into(a1, plan.shape13, plan.spec13, w.view(i, h))), inplace=True)
         g.mul_(F.linear(x, dequantize_words_into(a3, plan.shape13, plan.spec13, w.view(i, h))))
