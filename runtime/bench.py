@@ -1,5 +1,5 @@
 """Offloading benchmark: `python -m runtime.bench [--gpu-memory 12GiB] [--routing trace|model|all]
-[--variant naive|lru|prefetch|hybrid|all ...] [--expert-bits 2|3] [--expert-meta-bits 8|4] [--tiny] [--json FILE] [--write-md docs/BENCHMARKS.md]`.
+[--variant naive|lru|prefetch|hybrid|hybrid-only|hybrid-w2|all ...] [--expert-bits 2|3] [--expert-meta-bits 8|4] [--tiny] [--json FILE] [--write-md docs/BENCHMARKS.md]`.
 
 Builds (once, cached in --cache-dir) a synthetic .moepack file with real Mixtral-8x7B shapes
 (runtime.offload.synthfile), loads the non-expert weights on the device, fills the host
@@ -11,8 +11,11 @@ GPU budget x routing x variant:
   lru       the expert cache in the budget (--cache-policy: per-layer LRU by default, or lfu)
   prefetch  LRU + speculative prefetch of the next layer's experts
   hybrid    prefetch, and each decode step computes some of its missed experts on the CPU from
-            host RAM (whole, or w1/w3 while w2 alone is copied) while the others are copied
-            (runtime.offload.hybrid); not part of "all"
+            host RAM (whole, or split: the CPU takes part of w1/w3 while w2 and the GPU's rows
+            are copied) while the others are copied (runtime.offload.hybrid); not part of "all"
+  hybrid-only   hybrid without prefetch
+  hybrid-w2     hybrid-only, and while a layer computes, the w2 of the next layer's likely
+                miss is copied ahead into a spare split scratch set (--prefetch-w2)
 
 Routing `model` uses the model's own (random) routers, meant as the worst case for a cache
 (on a random-weight model they turn out to repeat from token to token). Routing `trace` replaces each layer's choice by a synthetic trace calibrated to real
@@ -50,14 +53,16 @@ from .offload.budget import format_size, parse_size, plan_memory
 from .offload.cache import make_cache
 from .offload.engine import OffloadedExperts
 from .offload.host import HostStore, plan_host
-from .offload.options import CUDA_RESERVE, fused_kernels, model_bytes
+from .offload.options import CUDA_RESERVE, fused_kernels, hybrid_scratch_bytes, model_bytes
 from .offload.schedule import Planner, simulate
 from .offload.synthfile import write_bench_file
 from .offload.traces import SyntheticRouting, reference_params, trace_steps
 
 FP16 = QuantSpec(16)
 VARIANTS = ("naive", "lru", "prefetch")
-EXTRA_VARIANTS = ("hybrid",)  # not in "all": prefetch + missed experts computed on the CPU when that is faster
+# not in "all": missed experts computed (or split) on the CPU when that is faster; "hybrid" with
+# whole-expert prefetch, "hybrid-only" without, "hybrid-w2" staging the next layer's likely miss's w2
+EXTRA_VARIANTS = ("hybrid", "hybrid-only", "hybrid-w2")
 EXPERT_SPECS = {2: QuantSpec(2, 16, 8, 128), 3: QuantSpec(3, 64, 8, 128)}
 
 
@@ -181,7 +186,7 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         file, device, model.dtype, n_slots=n_slots, policy="none" if variant == "naive" else policy,
         prefetch=None if variant in ("prefetch", "hybrid") else 0, prefetch_layers=prefetch_layers,
         router_weights=model.router_weights, host=host, progress=False, cuda_graphs=cuda_graphs,
-        hybrid=variant == "hybrid", cpu_threads=cpu_threads,
+        hybrid=variant.startswith("hybrid"), cpu_threads=cpu_threads, stage_w2=variant == "hybrid-w2",
     )
     if routing == "trace":
         backend.routing = SyntheticRouting(reference_params(model.config.num_hidden_layers, model.config.num_local_experts),
@@ -215,6 +220,8 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
         "compute_wait_s": s["compute_wait_s"], "read_wait_s": s["read_wait_s"], "file_reads": s["file_reads"],
         "cuda_graphs": s["cuda_graphs"], "cpu_experts_per_token": s["cpu_experts"] / n,
         "split_experts_per_token": s["split_experts"] / n, "split_gpu_row_share": s.get("split_gpu_row_share", 0.0),
+        # splits that found their w2 staged ahead (variant hybrid-w2)
+        "staged_used_per_token": s["staged_w2"]["used"] / n if s.get("staged_w2") else 0.0,
         # how busy each resource was over the timed decode (1 - this is its idle share)
         "copy_busy": s["copy_busy_s"] / seconds, "cpu_busy": (s["cpu_expert_s"] + s["split_cpu_s"]) / seconds, "stats": s,
     }
@@ -274,6 +281,7 @@ RUN_COLUMNS = [
     ("copied_gbps", "GB/s copied", ".2f"), ("mb_per_token", "MB/token", ".4g"), ("bound_tok_s", "bound tok/s", ".4g"),
     ("ratio_to_bound", "of bound", ".2f"), ("compute_wait_s", "wait s", ".2f"), ("file_reads", "file reads", "d"),
     ("cpu_experts_per_token", "CPU experts/token", ".1f"), ("split_experts_per_token", "split/token", ".1f"),
+    ("staged_used_per_token", "w2 staged/token", ".2f"),
     ("copy_busy", "copy busy", ".2f"), ("cpu_busy", "CPU busy", ".2f"),
     ("gpu_peak_gib", "peak GiB", ".2f"), ("prefill_tok_s", "prefill tok/s", ".4g"), ("prefill_mb", "prefill MB", ".4g"),
 ]
@@ -344,8 +352,10 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
     reserve = CUDA_RESERVE if device.type == "cuda" else 0
     dbytes = torch.empty((), dtype=dtype).element_size()
 
-    def slots(budget: str, weights: int | None) -> int:
-        plan = plan_memory(file.header, parse_size(budget), context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
+    def slots(budget: str, weights: int | None, variant: str = "lru") -> int:
+        """Expert slots in `budget`; a hybrid variant's scratch sets come out of it too."""
+        extra = hybrid_scratch_bytes(file, variant == "hybrid-w2") if variant.startswith("hybrid") else 0
+        plan = plan_memory(file.header, parse_size(budget), context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve + extra,
                            non_expert=weights, prefill_tokens=max(prompt_len, prefill_len), fused=fused_kernels(device),
                            source=str(file.path))
         if weights is not None:
@@ -368,8 +378,8 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
     _log(f"loaded non-expert weights and {host.resident_count} experts into host RAM "
          f"({format_size(host.arena_bytes)}, {host.fill_s:.1f} s) in {time.perf_counter() - t0:.1f} s")
     weights = model_bytes(model)  # what the loaded model really holds replaces the header estimate
-    configs = [(f"{n}/layer", n * cfg.num_hidden_layers) for n in slot_counts]  # (label, n_slots)
-    configs += [(b, slots(b, weights)) for b in budgets]
+    configs = [(f"{n}/layer", n * cfg.num_hidden_layers) for n in slot_counts]  # (label, n_slots or a budget)
+    configs += [(b, b) for b in budgets]
     routings = ["trace", "model"] if routing == "all" else [routing]
     variants = []
     for v in variant_names or ("all",):
@@ -381,7 +391,8 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
     for label, n_slots in configs:
         for r in routings:
             for v in variants:
-                row = run_one(model, file, host, n_slots=n_slots, variant=v, routing=r, policy=cache_policy,
+                n = slots(n_slots, weights, v) if isinstance(n_slots, str) else n_slots
+                row = run_one(model, file, host, n_slots=n, variant=v, routing=r, policy=cache_policy,
                               prefetch_layers=prefetch_layers, guess_accuracy=guess_accuracy, prompt=prompt,
                               tokens=tokens, warmup=warmup, seed=seed, bandwidth=bandwidth,
                               cuda_graphs=None if cuda_graphs else False, cpu_threads=cpu_threads,

@@ -29,6 +29,9 @@
 #  16. the prompt path (kernels.grouped_prompt_ffn, a layer's experts a few per dequantize launch)
 #      against the fused dequantize-GEMM (MOEPACK_PREFILL=fused): 32 resident layers, a 512-token
 #      prompt, each way, then the profile of that prompt on 2 layers;
+#  17. --prefetch-w2 (the next layer's likely miss has its w2 staged in a spare split scratch set)
+#      against hybrid without prefetch: LFU, trace routing, 4-bit meta, 12 GiB at 16 and 8 CPU
+#      threads, then 8 and 16 GiB;
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -57,6 +60,7 @@
 # prompt path; stage 16 is issue #6's prompt figure both ways), then "14" (the A/B of the
 # decode fusion), then "15" (row splits against the fixed cut, on the fused step), then
 # "13 2" (int16 activations A/B, the kernel table), then "10", "12", "9", "7".
+# Since the eighth session of 2026-11-23: "17" (staged w2) right after "15".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -181,5 +185,16 @@ for mode in dequant fused; do
   has 16 && run profile_prompt_$mode 90 env MOEPACK_PREFILL=$mode $PY tools/profile_decode.py --layers 2 --recipe 4/2m4 \
     --prefill 512
 done
+# the next layer's likely miss with its w2 staged ahead (--prefetch-w2) against hybrid without
+# prefetch, LFU, trace routing, 4-bit meta: 12 GiB at 16 and 8 CPU threads, then 8 and 16 GiB
+for threads in 16 8; do
+  has 17 && run bench_w2_12_${threads}t 170 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
+    --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant hybrid-only --variant hybrid-w2 --cache-policy lfu \
+    --cpu-threads $threads --gpu-memory 12GiB --prefill-len 512 --cache-dir /tmp/moe-pack-bench \
+    --json "$OUT/bench_w2_12_${threads}t.json" $BENCH_FLAGS
+done
+has 17 && run bench_w2_8_16 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
+  --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant hybrid-only --variant hybrid-w2 --cache-policy lfu \
+  --gpu-memory 8GiB --gpu-memory 16GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_w2_8_16.json" $BENCH_FLAGS
 log "total"
 tail -n 40 "$OUT/all.log"

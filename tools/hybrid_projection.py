@@ -11,8 +11,8 @@ before it has run, so nothing of layer L+1 starts before layer L ends):
     t_layer = g + max(link, cpu)
 
 g is the layer's GPU and host time besides missed experts (attention, router, sync, the hit
-experts' GEMVs); t_copy = record bytes / pinned host->GPU bandwidth. Three ways to handle the
-misses, each column with its own cache trajectory:
+experts' GEMVs); t_copy = record bytes / pinned host->GPU bandwidth. Ways to handle the
+misses, each column with its own cache trajectory (the same routes in each):
 - whole: runtime.offload.hybrid.CostModel with experts kept whole (copied, or computed on the
   CPU and not cached);
 - w13: the engine's rule until 2026-11-23, which may also split an expert: w1/w3 on the CPU
@@ -21,6 +21,11 @@ misses, each column with its own cache trajectory:
   CPU finish together (runtime.offload.split; CostModel.gpu_rows, up to MAX_ROW_SHARE of them
   on the GPU, not rounded to the engine's 64-row steps), and the copy-or-split choice made
   knowing it;
+- w2: "rows", and with each layer's misses queued, the w2 of the next layer's best guessed
+  miss (the trace's guesses, right with probability 0.8 per expert) is copied into a spare
+  scratch set (--prefetch-w2); a split of that expert then costs the link only its GPU rows.
+  The staging copy runs in the link's slack (the layer's CPU side past the link's, then the
+  next layer's g); the rest of it delays the next layer's copies;
 - ideal: every miss shared between the two sides in the best ratio, n * t_copy * t_cpu /
   (t_copy + t_cpu) per layer, and every miss cached (not built). Not a strict bound: at small
   budgets caching every miss can evict popular experts that the w13 rule leaves in place. Default g = 0.53 ms:
@@ -62,40 +67,71 @@ def geometry(expert_meta_bits: int) -> tuple[int, dict[str, int]]:
 
 def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: float, tokens: int, seed: int,
               mode: str, record_bytes: int) -> tuple[float, list[int]]:
-    """(seconds, [copied, split, on CPU]) over `tokens` decode steps. mode "whole": the engine's
-    rule with experts kept whole; "w13": whole, or w1/w3 on the CPU while w2 is copied; "rows":
-    splits share w1/w3's rows in the balanced ratio; "ideal": every miss shared between the two
-    sides in the best ratio, and cached."""
+    """(seconds, [copied, split, on CPU, staged splits]) over `tokens` decode steps. mode
+    "whole": the engine's rule with experts kept whole; "w13": whole, or w1/w3 on the CPU while
+    w2 is copied; "rows": splits share w1/w3's rows in the balanced ratio; "w2": "rows", and
+    each layer stages the w2 of the next layer's best guessed miss (--prefetch-w2); "ideal":
+    every miss shared between the two sides in the best ratio, and cached.
+
+    The staged copy is queued behind a layer's own copies. The link is free for it while the
+    CPU side of the layer is longer than the link's, and during the next layer's g (its
+    dense part runs before its router decides); what does not fit there delays the next
+    layer's copies."""
     layers, experts = 32, 8
     routing = SyntheticRouting(reference_params(layers, experts), 0.8, seed)  # same seed, same routes
-    cache = make_cache(policy, slots, layers, 2)
+    # the staged w2's spare scratch set (w2 and half of w1/w3's rows: 2/3 of a record) costs a slot
+    cache = make_cache(policy, slots - (mode == "w2"), layers, 2)
     planner = Planner(cache, 0)
     cost = CostModel(record_bytes, copy_gbps=record_bytes / t_copy / 1e9, cpu_s=t_cpu or 1e9,
-                     max_gpu_rows=MAX_ROW_SHARE if mode == "rows" else 0.0)
+                     max_gpu_rows=MAX_ROW_SHARE if mode in ("rows", "w2") else 0.0)
+    f = cost.w2_share
     per_miss = t_copy * t_cpu / (t_copy + t_cpu) if t_cpu else t_copy
-    total, counts = 0.0, [0, 0, 0]
+    total, counts = 0.0, [0, 0, 0, 0]
+    staged, spill = None, 0.0  # the expert whose w2 is staged for this layer; the staging's overrun
     for _ in range(tokens):
         for layer in range(layers):
             needed = routing.route(layer, 1)[0]
+            # guesses have their own generator: drawing them leaves the routes as the other modes see them
+            guesses = routing.guess(layer, layer + 1, 1, 2)[0] if mode == "w2" and layer + 1 < layers else []
             misses = [e for e in needed if (layer, e) not in cache]
-            n = len(misses)
+            n, role = len(misses), None
             if mode == "ideal" or not t_cpu:
-                a, b, c = n, 0, 0
+                copied, split, on_cpu = misses, [], []
             else:  # the engine's rule (OffloadedExperts._cpu_choice): least worth caching leave first
                 value = {e: cache.reuse_value((layer, e)) for e in misses}
                 misses.sort(key=lambda e: -value[e])
-                a, b, c = cost.assign(n, allow_split=mode in ("w13", "rows"), values=[value[e] for e in misses])
-            for e in misses[a:]:  # split / CPU ones stay uncached; the engine counts their use
+                if staged in misses:
+                    others = [e for e in misses if e != staged]
+                    role, (a, b, c) = cost.assign_staged(len(others), value[staged], spill, [value[e] for e in others])
+                    copied, split, on_cpu = others[:a], others[a:a + b], others[a + b:]
+                    {"copy": copied, "split": split, "cpu": on_cpu}[role].append(staged)
+                else:
+                    a, b, c = cost.assign(n, spill, allow_split=mode in ("w13", "rows", "w2"),
+                                          values=[value[e] for e in misses])
+                    copied, split, on_cpu = misses[:a], misses[a:a + b], misses[a + b:]
+            for e in split + on_cpu:  # split / CPU ones stay uncached; the engine counts their use
                 cache.lookup((layer, e))
-            planner.plan(layer, [e for e in needed if e not in misses[a:]])
-            for i, v in enumerate((a, b, c)):
+            planner.plan(layer, [e for e in needed if e not in split and e not in on_cpu])
+            st = int(role == "split")
+            for i, v in enumerate((len(copied), len(split), len(on_cpu), st)):
                 counts[i] += v
             if mode == "ideal":
                 total += g + n * per_miss
-            else:  # splits at the engine's share of w1/w3 rows on the GPU (0 but in "rows" mode)
-                f, r = cost.w2_share, cost.gpu_rows(a, b, c)
-                total += g + max(a * t_copy + b * (f + r * (1 - f)) * t_copy,
-                                 b * (1 - r) * (1 - f) * (t_cpu or 0.0) + c * (t_cpu or 0.0))
+                continue
+            # splits at the engine's share of w1/w3 rows on the GPU (0 but in "rows" and "w2")
+            A, B, C = len(copied), len(split), len(on_cpu)
+            r = cost.gpu_rows(A, B, C, spill, staged=st)
+            link = spill + A * t_copy + ((B - st) * f + B * r * (1 - f)) * t_copy
+            busy = max(link, B * (1 - r) * (1 - f) * (t_cpu or 0.0) + C * (t_cpu or 0.0))
+            total += g + busy
+            staged, spill = None, 0.0
+            if mode == "w2":
+                staged = next((e for e in guesses if (layer + 1, e) not in cache), None)
+                # the engine stages only what the costs would split if it missed alone
+                if staged is not None and cost.assign_staged(0, cache.reuse_value((layer + 1, staged)))[0] != "split":
+                    staged = None
+                if staged is not None:
+                    spill = max(0.0, f * t_copy - (busy - link) - g)
     return total, counts
 
 
@@ -103,10 +139,11 @@ def project(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: floa
             record_bytes: int) -> dict:
     """tok/s of the three modes for one budget, policy and CPU expert time (None: copy only)."""
     row = {"slots": slots, "policy": policy, "cpu_ms": None if t_cpu is None else t_cpu * 1e3}
-    for mode in ("whole", "w13", "rows", "ideal") if t_cpu else ("whole",):
-        total, (a, b, c) = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, mode, record_bytes)
+    for mode in ("whole", "w13", "rows", "w2", "ideal") if t_cpu else ("whole",):
+        total, (a, b, c, s) = _simulate(slots, policy, t_copy, t_cpu, g, tokens, seed, mode, record_bytes)
         row[f"{mode}_tok_s"] = tokens / total
-        row[f"{mode}_per_token"] = {"copied": a / tokens, "split": b / tokens, "cpu": c / tokens}
+        row[f"{mode}_per_token"] = {"copied": a / tokens, "split": b / tokens, "cpu": c / tokens,
+                                    "staged_splits": s / tokens}
     return row
 
 
@@ -128,8 +165,8 @@ def main(argv=None) -> int:
     rows = []
     print(f"expert {record_bytes:,} bytes, t_copy {t_copy * 1e3:.2f} ms, g {args.gpu_layer_ms} ms per layer, "
           f"{args.tokens} tokens of calibrated trace")
-    print(f"{'budget':>6} {'slots':>5} {'policy':>6} {'cpu ms':>6} {'whole':>6} {'w13':>6} {'rows':>6} {'ideal':>6}  "
-          f"{'w13: copied/split/cpu per token':<32} llama.cpp")
+    print(f"{'budget':>6} {'slots':>5} {'policy':>6} {'cpu ms':>6} {'whole':>6} {'w13':>6} {'rows':>6} {'w2':>6} "
+          f"{'ideal':>6}  {'w2: copied/split/cpu/staged per token':<38} llama.cpp")
     for budget, slots in budget_slots.items():
         for policy in args.policy or ["layer", "lfu"]:
             for t_cpu in cpus:
@@ -137,13 +174,11 @@ def main(argv=None) -> int:
                 r["budget"] = budget
                 rows.append(r)
                 cpu = "-" if t_cpu is None else f"{t_cpu * 1e3:.1f}"
-                w13 = "-" if t_cpu is None else f"{r['w13_tok_s']:.1f}"
-                ideal = "-" if t_cpu is None else f"{r['ideal_tok_s']:.1f}"
-                rows_s = "-" if t_cpu is None else f"{r['rows_tok_s']:.1f}"
-                pt = r.get("w13_per_token", r["whole_per_token"])
-                counts = f"{pt['copied']:.1f} / {pt['split']:.1f} / {pt['cpu']:.1f}"
-                print(f"{budget:>6} {slots:>5} {policy:>6} {cpu:>6} {r['whole_tok_s']:>6.1f} {w13:>6} {rows_s:>6} {ideal:>6}  "
-                      f"{counts:<32} {LLAMA_CPP.get(budget, '')}")
+                cols = ["-" if t_cpu is None else f"{r[m + '_tok_s']:.1f}" for m in ("w13", "rows", "w2", "ideal")]
+                pt = r.get("w2_per_token", r["whole_per_token"])
+                counts = f"{pt['copied']:.1f} / {pt['split']:.1f} / {pt['cpu']:.1f} / {pt['staged_splits']:.2f}"
+                print(f"{budget:>6} {slots:>5} {policy:>6} {cpu:>6} {r['whole_tok_s']:>6.1f} "
+                      + " ".join(f"{c:>6}" for c in cols) + f"  {counts:<38} {LLAMA_CPP.get(budget, '')}")
     if args.json:
         args.json.write_text(json.dumps({"record_bytes": record_bytes, "t_copy_ms": t_copy * 1e3,
                                          "gpu_layer_ms": args.gpu_layer_ms, "rows": rows}, indent=2))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -43,6 +43,15 @@ def _summary_ms(seconds: Iterable[float]) -> dict | None:
     v = sorted(seconds)
     return {"n": len(v), "min": round(1e3 * v[0], 3), "median": round(1e3 * v[len(v) // 2], 3),
             "max": round(1e3 * v[-1], 3)}
+
+
+class Staged(NamedTuple):
+    """A guessed miss of the next layer whose w2 was copied ahead into split scratch set `set`;
+    `event` marks the copy's end."""
+
+    key: Key
+    set: int
+    event: object
 
 
 class RoutingOverride(Protocol):
@@ -79,6 +88,7 @@ class OffloadedExperts:
         cuda_graphs: bool | None = None,
         hybrid: bool = False,
         cpu_threads: int | None = None,
+        stage_w2: bool = False,
     ):
         cfg = file.config
         self.file, self.layout = file, file.header.expert_layout
@@ -93,7 +103,9 @@ class OffloadedExperts:
             raise ConfigError(f"--prefetch {prefetch} must be in [0, {self.num_experts}] (experts per layer)")
         if prefetch_layers < 1:
             raise ConfigError(f"--prefetch-layers {prefetch_layers} must be at least 1")
-        if prefetch and router_weights is None:
+        if stage_w2 and not hybrid:
+            raise ConfigError("--prefetch-w2 stages w2 for a split expert: it needs --hybrid", hint="add --hybrid")
+        if (prefetch or stage_w2) and router_weights is None:
             raise ConfigError("speculative prefetch needs the model's routers", hint="pass router_weights, or --prefetch 0")
         n_slots = min(n_slots, self.layers * self.num_experts)
         # "lfu" starts from the file's calibration counts when it has them (moe-pack calibrate)
@@ -101,6 +113,10 @@ class OffloadedExperts:
                                              prior=calibration_prior(file.header.expert_counts))
         self.policy = policy
         self.prefetch, self.prefetch_layers = prefetch, prefetch_layers
+        self.stage_w2 = stage_w2
+        # guesses per future layer: the planner's whole-expert prefetch, or the one staged w2
+        self._guess_n = prefetch or (self.top_k if stage_w2 else 0)
+        self._staged: Staged | None = None  # the next layer's likely miss, w2 copied ahead
         self.planner = Planner(self.cache, prefetch)
         self.routing: RoutingOverride | None = None
         self._router_weights = router_weights
@@ -126,7 +142,8 @@ class OffloadedExperts:
         # the latest CPU expert times in decode, warm-up included (never reset)
         self.cpu_observed: collections.deque[float] = collections.deque(maxlen=CPU_OBSERVATIONS_KEPT)
         if hybrid:
-            self.split = SplitScratch(self.layout, self.top_k, self.device, dtype, rows=split_rows_enabled())
+            # one more set than a token can split: the staged w2 never takes a set this layer reads
+            self.split = SplitScratch(self.layout, self.top_k + stage_w2, self.device, dtype, rows=split_rows_enabled())
             self.cost = CostModel(self.layout.record_size,
                                   w2_share=self.layout.matrix("w2").nbytes / self.layout.record_size,
                                   max_gpu_rows=self.split.max_rows / self.layout.matrix("w1").shape[0])
@@ -140,14 +157,22 @@ class OffloadedExperts:
         self._issue_finished_reads()
         routes, guesses = self._decide(layer, x, topk_idx)
         needed, positions = _by_need(routes, k)
-        on_split, on_cpu, rows = self._cpu_choice(layer, needed) if self.cost is not None and T == 1 else ([], [], 0)
+        staged = self._take_staged(layer)
+        hybrid_step = self.cost is not None and T == 1
+        on_split, on_cpu, rows = self._cpu_choice(layer, needed, staged) if hybrid_step else ([], [], 0)
+        if staged is not None:
+            self.staged_stats["used" if on_split[:1] == [staged.key[1]] else "wasted"] += 1
+        sets: list[int] = []
         if on_split or on_cpu:
             needed = [e for e in needed if e not in on_split and e not in on_cpu]
             # the token and its weights go to the host now, before the GPU work is queued
             x_host, w_host = x.float().cpu(), topk_w.float().cpu()
-            # the link's first job: each split expert's w2 and its GPU rows of w1/w3
-            copies = [self.split.copy(self.copier, self.host.view((layer, e)), i, rows) for i, e in enumerate(on_split)]
-        ops = self.planner.plan(layer, needed, guesses)
+            # the link's first job: each split expert's w2 (unless staged) and its GPU rows of w1/w3
+            sets = _split_sets(on_split, staged, len(self.split.w2))
+            copies = [self.split.copy(self.copier, self.host.view((layer, e)), i, rows,
+                                      staged.event if staged is not None and e == staged.key[1] else None)
+                      for i, e in zip(sets, on_split)]
+        ops = self.planner.plan(layer, needed, guesses if self.prefetch else ())
         self.calls += 1
         self.tokens += T
 
@@ -191,8 +216,10 @@ class OffloadedExperts:
             ev = self.copier.mark_used()
             for slot in deferred:
                 self._free[slot] = ev
+        if hybrid_step and self.stage_w2:  # queued behind this layer's copies, before the CPU's work
+            self._stage_next(layer, guesses, sets)
         if on_split:  # the GPU works through its queue meanwhile; w2 h joins it as each h is ready
-            y = self._split_compute(layer, on_split, copies, rows, positions, x, x_host, topk_w)
+            y = self._split_compute(layer, on_split, copies, rows, positions, x, x_host, topk_w, sets)
             out = y if out is None else out + y
         if on_cpu:
             y = self._cpu_compute(layer, on_cpu, positions, x_host, w_host).to(self.device, x.dtype)
@@ -209,7 +236,8 @@ class OffloadedExperts:
              "split_gpu_row_share": self.split_gpu_rows / max(1, self.split_experts * self.layout.matrix("w1").shape[0]),
              "cpu_s_per_expert": None if self.cost is None else self.cost.cpu_s,
              "copy_s_per_expert": None if self.cost is None else self.cost.copy_s,
-             "cpu_calibration": self.cpu_calibration, "cpu_observed_ms": _summary_ms(self.cpu_observed)}
+             "cpu_calibration": self.cpu_calibration, "cpu_observed_ms": _summary_ms(self.cpu_observed),
+             "staged_w2": dict(self.staged_stats) if self.stage_w2 else None}
         d.update(self.planner.stats.to_json())
         d.update(self.copier.stats())
         d.update(self.host.stats())
@@ -223,6 +251,9 @@ class OffloadedExperts:
         self.read_wait_s = 0.0
         self.cpu_experts = self.split_experts = self.split_gpu_rows = 0
         self.cpu_expert_s = self.split_cpu_s = 0.0
+        # staged w2 copies: issued; used by a split of their expert; wasted (a hit, or not needed,
+        # or the expert copied or computed whole)
+        self.staged_stats = {"issued": 0, "used": 0, "wasted": 0}
 
     def close(self) -> None:
         """Finish in-flight work; give back staging buffers, and the host tier if this backend made it."""
@@ -265,11 +296,12 @@ class OffloadedExperts:
         self.cpu_calibration = {"kernel": cpu_kernel_name(), "threads": self.cpu_threads,
                                 "samples_ms": [round(1e3 * v, 3) for v in samples]}
 
-    def _cpu_choice(self, layer: int, needed: list[int]) -> tuple[list[int], list[int], int]:
+    def _cpu_choice(self, layer: int, needed: list[int], staged: Staged | None = None) -> tuple[list[int], list[int], int]:
         """(split, on the CPU, rows): the missed experts of this decode step whose w1/w3 the CPU
         computes, but for the first `rows` rows, which the GPU computes while w2 is copied, and
         those it computes whole (see offload.hybrid). The misses least worth caching leave the
-        copy path first (ties: the least needed)."""
+        copy path first (ties: the least needed). A staged miss (its w2 copied ahead) that is
+        split comes first in the split list."""
         misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
         if not misses:
             return [], [], 0
@@ -278,20 +310,57 @@ class OffloadedExperts:
         backlog = self.copier.pending_bytes() / (self.cost.copy_gbps * 1e9)
         value = {e: self.cache.reuse_value((layer, e)) for e in misses}
         misses.sort(key=lambda e: -value[e])  # stable: ties keep the order of need
-        a, b, c = self.cost.assign(len(misses), backlog, values=[value[e] for e in misses])
-        rows = self.split.rows_for(self.cost.gpu_rows(a, b, c, backlog)) if b else 0
-        return misses[a:a + b], misses[a + b:], rows
+        s = staged.key[1] if staged is not None and staged.key[1] in misses else None
+        if s is None:
+            a, b, c = self.cost.assign(len(misses), backlog, values=[value[e] for e in misses])
+            rows = self.split.rows_for(self.cost.gpu_rows(a, b, c, backlog)) if b else 0
+            return misses[a:a + b], misses[a + b:], rows
+        others = [e for e in misses if e != s]
+        role, (a, b, c) = self.cost.assign_staged(len(others), value[s], backlog, [value[e] for e in others])
+        split, on_cpu = others[a:a + b], others[a + b:]
+        if role == "split":
+            split = [s] + split
+        elif role == "cpu":
+            on_cpu = on_cpu + [s]
+        share = self.cost.gpu_rows(a + (role == "copy"), len(split), len(on_cpu), backlog, staged=int(role == "split"))
+        return split, on_cpu, self.split.rows_for(share) if split else 0
+
+    def _take_staged(self, layer: int) -> Staged | None:
+        """The staged w2 meant for this layer, if any; one meant for another layer is dropped
+        (the layer it guessed ran without a decode step, e.g. a prompt)."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged.key[0] != layer:
+            self.staged_stats["wasted"] += 1
+            return None
+        return staged
+
+    def _stage_next(self, layer: int, guesses: list, busy_sets: list[int]) -> None:
+        """Copy the w2 of the next layer's best-ranked guess that is neither cached nor short of
+        a host record into a split scratch set this layer does not read: if that expert misses
+        and is split, its link share is only the GPU's rows of w1/w3. Queued behind this
+        layer's copies, it runs while the GPU and CPU compute this layer."""
+        ranked = next((r for t, r in guesses if t == layer + 1), ())
+        e = next((e for e in ranked if (layer + 1, e) not in self.cache
+                  and self.host.view((layer + 1, e)) is not None), None)
+        # only where the costs would split it if it missed alone: a CPU too slow to take
+        # splits would leave every staged byte unused and the link that much later
+        if e is None or self.cost.assign_staged(0, self.cache.reuse_value((layer + 1, e)))[0] != "split":
+            return
+        i = next(i for i in range(len(self.split.w2)) if i not in busy_sets)
+        event = self.split.stage_w2(self.copier, self.host.view((layer + 1, e)), i)
+        self._staged = Staged((layer + 1, e), i, event)
+        self.staged_stats["issued"] += 1
 
     def _split_compute(self, layer: int, experts: list[int], copies: list, rows: int,
                        positions: dict[int, list[int]], x: torch.Tensor, x_host: torch.Tensor,
-                       topk_w: torch.Tensor) -> torch.Tensor:
+                       topk_w: torch.Tensor, sets: list[int]) -> torch.Tensor:
         """sum_j w_j * w2_j h_j over `experts`: h_j = silu(w1 x) * w3 x, its first `rows` rows
         on the device from scratch copies (queued first, so the GPU works while the CPU does)
         and the others on the CPU from the host record, then w2_j h_j on the device from the
         scratch copy of w2 (offload.split): [1, H] on the device."""
         from ..cpu_expert import cpu_expert_hidden
 
-        gpu_h = [self.split.gpu_hidden(self.copier, i, rows, x, done) for i, (_, done) in enumerate(copies)] if rows else []
+        gpu_h = [self.split.gpu_hidden(self.copier, i, rows, x, done) for i, (_, done) in zip(sets, copies)] if rows else []
         out, dt = None, 0.0
         for i, e in enumerate(experts):
             self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
@@ -303,7 +372,7 @@ class OffloadedExperts:
             if rows:
                 h = torch.cat([gpu_h[i].to(h.dtype), h], dim=1)  # [1, I]
             j = positions[e][0]
-            y = self.split.w2_apply(self.copier, i, h, copies[i][0]) * topk_w[:, j:j + 1]  # [1, H]
+            y = self.split.w2_apply(self.copier, sets[i], h, copies[i][0]) * topk_w[:, j:j + 1]  # [1, H]
             out = y if out is None else out + y
         cpu_share = (1 - self.cost.w2_share) * (1 - rows / self.layout.matrix("w1").shape[0])
         self._observe_cpu(dt / len(experts) / cpu_share)  # as a whole expert's time
@@ -346,7 +415,7 @@ class OffloadedExperts:
 
     # -- routing --------------------------------------------------------------------------
     def _targets(self, layer: int) -> list[int]:
-        if not self.prefetch:
+        if not self._guess_n:
             return []
         return [t for t in range(layer + 1, layer + 1 + self.prefetch_layers) if t < self.layers]
 
@@ -368,16 +437,16 @@ class OffloadedExperts:
             # trace figures measured before 2026-11-23 include that advantage).
             topk_idx.reshape(-1).tolist()
             routes = self.routing.route(layer, T)
-            guesses = [(t, _rank(self.routing.guess(layer, t, T, self.prefetch))) for t in targets]
+            guesses = [(t, _rank(self.routing.guess(layer, t, T, self._guess_n))) for t in targets]
             return routes, guesses
         parts = [topk_idx.reshape(-1)]
         for t in targets:
             # the paper's speculative guess: layer t's router applied to layer `layer`'s input
             logits = torch.nn.functional.linear(x, self._router(t, x.dtype))  # [T, E]
-            parts.append(torch.topk(logits, self.prefetch, dim=-1).indices.reshape(-1))
+            parts.append(torch.topk(logits, self._guess_n, dim=-1).indices.reshape(-1))
         flat = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()  # the one sync
         routes = [flat[t * k:(t + 1) * k] for t in range(T)]
-        guesses, at, n = [], T * k, self.prefetch
+        guesses, at, n = [], T * k, self._guess_n
         for t in targets:
             rows = [flat[at + i * n: at + (i + 1) * n] for i in range(T)]
             guesses.append((t, _rank(rows)))
@@ -434,6 +503,13 @@ def _reloaded_after(ops: list) -> set[int]:
         elif op.slot in later:
             out.add(i)
     return out
+
+
+def _split_sets(on_split: list[int], staged: Staged | None, n_sets: int) -> list[int]:
+    """The scratch set of each split expert: a staged one keeps the set its w2 went to, the
+    others take the lowest other sets in order."""
+    rest = (i for i in range(n_sets) if staged is None or i != staged.set)
+    return [staged.set if staged is not None and e == staged.key[1] else next(rest) for e in on_split]
 
 
 def _by_need(routes: list[list[int]], k: int) -> tuple[list[int], dict[int, list[int]]]:

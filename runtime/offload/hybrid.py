@@ -33,6 +33,10 @@ quarter, 127.6 at one), a small one wants little (8 GiB: 39.4 at a quarter, 24.9
 LFU cache now answers per expert: a whole copy while a slot is free, else how much more often
 the expert is used than the entry it would evict, and nothing for one colder than that entry,
 whose copy would push a warmer expert out.
+
+A staged miss (--prefetch-w2, offload.engine) had its w2 copied ahead, one layer earlier, into
+a spare scratch set: split, it costs the link only its GPU rows (`staged` in gpu_rows and
+cost); assign_staged weighs that against copying it whole or computing it on the CPU.
 """
 
 from __future__ import annotations
@@ -59,31 +63,32 @@ class CostModel:
     def copy_s(self) -> float:
         return self.record_bytes / (self.copy_gbps * 1e9)
 
-    def gpu_rows(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0) -> float:
+    def gpu_rows(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0, staged: int = 0) -> float:
         """The share r of each split expert's w1/w3 rows that the GPU takes (copied with w2 and
         computed there; the CPU computes the other rows' h) so that link and CPU finish
         together, in [0, max_gpu_rows]: from
 
-            link(r) = backlog + a t_copy + b (f + r (1 - f)) t_copy
+            link(r) = backlog + a t_copy + (b - s) f t_copy + b r (1 - f) t_copy
             cpu(r)  = b (1 - r) (1 - f) t_cpu + c t_cpu
 
-        With r = 0 this is the fixed cut; a CPU slower than the link's share moves rows over.
-        tools/hybrid_projection.py ("rows"): 12 GiB, 4-bit meta, g 0.27 ms, t_cpu 1.2 ms:
-        47.5 tok/s with the fixed cut, 55.8 balanced."""
+        s of the b splits are staged: their w2 was copied ahead (a queued copy is in the
+        backlog already). With r = 0 this is the fixed cut; a CPU slower than the link's
+        share moves rows over. tools/hybrid_projection.py ("rows"): 12 GiB, 4-bit meta,
+        g 0.27 ms, t_cpu 1.2 ms: 47.5 tok/s with the fixed cut, 55.8 balanced."""
         if split == 0 or self.max_gpu_rows <= 0:
             return 0.0
         f, tc, tp = self.w2_share, self.copy_s, self.cpu_s
-        lag = split * (1 - f) * tp + on_cpu * tp - copy_backlog_s - copied * tc - split * f * tc
+        lag = split * (1 - f) * tp + on_cpu * tp - copy_backlog_s - copied * tc - (split - staged) * f * tc
         return min(self.max_gpu_rows, max(0.0, lag / (split * (1 - f) * (tc + tp))))
 
     def cost(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0,
-             uncached_value: float | None = None) -> float:
-        """The objective above for one assignment (seconds), splits at gpu_rows' share.
-        uncached_value: the summed reuse values of the misses left uncached (default:
-        reuse_weight each)."""
+             uncached_value: float | None = None, staged: int = 0) -> float:
+        """The objective above for one assignment (seconds), splits at gpu_rows' share, `staged`
+        of them with w2 copied ahead. uncached_value: the summed reuse values of the misses
+        left uncached (default: reuse_weight each)."""
         f = self.w2_share
-        r = self.gpu_rows(copied, split, on_cpu, copy_backlog_s)
-        link = copy_backlog_s + copied * self.copy_s + split * (f + r * (1 - f)) * self.copy_s
+        r = self.gpu_rows(copied, split, on_cpu, copy_backlog_s, staged)
+        link = copy_backlog_s + copied * self.copy_s + ((split - staged) * f + split * r * (1 - f)) * self.copy_s
         cpu = split * (1 - r) * (1 - f) * self.cpu_s + on_cpu * self.cpu_s
         if uncached_value is None:
             uncached_value = (split + on_cpu) * self.reuse_weight
@@ -105,6 +110,28 @@ class CostModel:
                 t = self.cost(a, b, c, copy_backlog_s, tail[a])
                 if best_t is None or t < best_t - 1e-12:
                     best, best_t = (a, b, c), t
+        return best
+
+    def assign_staged(self, n_others: int, staged_value: float, copy_backlog_s: float = 0.0,
+                      values: list[float] | None = None) -> tuple[str, tuple[int, int, int]]:
+        """Like assign, for a step whose misses include one staged expert (its w2 copied ahead
+        into a split scratch set, offload.engine): (what the staged miss becomes, "split",
+        "copy" or "cpu"; (copied, split, on_cpu) of the `n_others` other misses, ordered as in
+        assign). Split, it costs the link only its GPU rows; copied or computed whole, the
+        staged bytes are wasted. Ties prefer the split (the bytes are there), then a copy."""
+        if values is None:
+            values = [self.reuse_weight] * n_others
+        tail = [sum(values[a:]) for a in range(n_others + 1)]
+        best, best_t = None, None
+        for role in ("split", "copy", "cpu"):
+            plus = {"copy": (1, 0, 0), "split": (0, 1, 0), "cpu": (0, 0, 1)}[role]
+            for a in range(n_others, -1, -1):
+                for b in range(n_others - a + 1):
+                    c = n_others - a - b
+                    t = self.cost(a + plus[0], b + plus[1], c + plus[2], copy_backlog_s,
+                                  tail[a] + (0.0 if role == "copy" else staged_value), staged=plus[1])
+                    if best_t is None or t < best_t - 1e-12:
+                        best, best_t = (role, (a, b, c)), t
         return best
 
     def split(self, n_misses: int, copy_backlog_s: float = 0.0) -> int:

@@ -38,7 +38,8 @@ class OffloadOptions:
     staging: int = DEFAULT_STAGING
     offload: bool | None = None  # None: offload only when an option asks for it or the GPU is too small
     hybrid: bool = False  # decode may compute missed experts on the CPU instead of copying them
-    cpu_threads: int | None = None  # threads of the CPU expert kernel (None: numba's default)
+    cpu_threads: int | None = None  # threads of the CPU expert kernel (None: the kernel's default)
+    prefetch_w2: bool = False  # hybrid: the next layer's likely miss gets its w2 copied ahead
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -55,19 +56,21 @@ class OffloadOptions:
             raise ConfigError(f"--cpu-threads {self.cpu_threads} must be at least 1")
         if self.staging < 1:
             raise ConfigError(f"staging buffers ({self.staging}) must be at least 1")
+        if self.prefetch_w2 and not self.hybrid:
+            raise ConfigError("--prefetch-w2 stages w2 for a split expert: it needs --hybrid", hint="add --hybrid")
 
     @classmethod
     def from_cli(cls, gpu_memory: str | None = None, host_memory: str | None = None, prefetch: int | None = None,
                  prefetch_layers: int = 1, cache_policy: str = "layer", expert_slots: int | None = None,
                  io_threads: int = 4, offload: bool | None = None, hybrid: bool = False,
-                 cpu_threads: int | None = None, **_other) -> "OffloadOptions":
+                 cpu_threads: int | None = None, prefetch_w2: bool = False, **_other) -> "OffloadOptions":
         """From the values click parsed (other keyword arguments of the command are ignored)."""
         return cls(
             gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory"),
             host_memory=None if host_memory is None else parse_size(host_memory, "--host-memory"),
             prefetch=prefetch, prefetch_layers=prefetch_layers, cache_policy=cache_policy,
             expert_slots=expert_slots, io_threads=io_threads, offload=offload, hybrid=hybrid,
-            cpu_threads=cpu_threads,
+            cpu_threads=cpu_threads, prefetch_w2=prefetch_w2,
         )
 
     @property
@@ -80,7 +83,7 @@ class OffloadOptions:
 
 
 OPTION_NAMES = ("gpu_memory", "host_memory", "prefetch", "prefetch_layers", "cache_policy", "expert_slots", "io_threads", "offload",
-                "hybrid", "cpu_threads")
+                "hybrid", "cpu_threads", "prefetch_w2")
 
 
 def offload_options(f: Callable) -> Callable:
@@ -100,8 +103,10 @@ def offload_options(f: Callable) -> Callable:
         click.option("--expert-slots", type=int, default=None, metavar="N", help="Exact number of GPU expert slots (overrides the budget's count)."),
         click.option("--io-threads", type=int, default=4, show_default=True, help="Threads reading streamed experts from the file."),
         click.option("--hybrid", is_flag=True, help="Decode computes some missed experts on the CPU (from host RAM) while "
-                     "others are copied, split by measured costs (needs numba)."),
+                     "others are copied, or splits one between both, by measured costs."),
         click.option("--cpu-threads", type=int, default=None, metavar="N", help="Threads of the CPU expert kernel (--hybrid)."),
+        click.option("--prefetch-w2", is_flag=True, help="With --hybrid: while a layer computes, copy the w2 of the next "
+                     "layer's likely miss ahead, so splitting it costs the link only its GPU rows (one more scratch set)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -134,12 +139,18 @@ def fused_kernels(device: torch.device) -> bool:
 def _hybrid_bytes(file: MoepackFile, opts: OffloadOptions) -> int:
     """Device bytes --hybrid adds: a scratch set per expert a token can split (each holds one
     w2 and the GPU's rows of w1/w3, copied while the CPU computes the other rows;
-    runtime.offload.split)."""
+    runtime.offload.split), and one more with --prefetch-w2."""
     if not opts.hybrid:
         return 0
+    return hybrid_scratch_bytes(file, opts.prefetch_w2)
+
+
+def hybrid_scratch_bytes(file: MoepackFile, prefetch_w2: bool) -> int:
+    """What OffloadedExperts(hybrid=True, stage_w2=prefetch_w2) allocates for split experts."""
     from .split import scratch_bytes, split_rows_enabled
 
-    return file.config.num_experts_per_tok * scratch_bytes(file.header.expert_layout, split_rows_enabled())
+    sets = file.config.num_experts_per_tok + prefetch_w2
+    return sets * scratch_bytes(file.header.expert_layout, split_rows_enabled())
 
 
 def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dtype: torch.dtype, ctx: int,
@@ -201,7 +212,7 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
             file, device, dtype, n_slots=n_slots, policy=opts.cache_policy, prefetch=opts.prefetch,
             prefetch_layers=opts.prefetch_layers, router_weights=model.router_weights, host_resident=resident,
             staging=opts.staging, io_threads=opts.io_threads, progress=progress, cuda_graphs=cuda_graphs,
-            hybrid=opts.hybrid, cpu_threads=opts.cpu_threads,
+            hybrid=opts.hybrid, cpu_threads=opts.cpu_threads, stage_w2=opts.prefetch_w2,
         )
         backend.plan = replace(plan, n_slots=backend.cache.n_slots)
         return backend

@@ -71,19 +71,20 @@ def scratch_bytes(layout: ExpertLayout, rows: bool) -> int:
 
 
 class SplitScratch:
-    """One scratch set per expert a token can split (top_k): w2's record bytes and buffers
-    for w1's and w3's row prefixes."""
+    """Scratch sets for split experts: w2's record bytes and buffers for w1's and w3's row
+    prefixes. One set per expert a token can split (top_k), plus one when the next layer's
+    likely miss has its w2 staged ahead (`sets`, offload.engine)."""
 
-    def __init__(self, layout: ExpertLayout, top_k: int, device: torch.device, dtype: torch.dtype, rows: bool):
+    def __init__(self, layout: ExpertLayout, sets: int, device: torch.device, dtype: torch.dtype, rows: bool):
         self.layout, self.dtype = layout, dtype
         m2 = layout.matrix("w2")
         self.max_rows = max_rows(layout) if rows else 0
         self.step = row_step(layout) if self.max_rows else 0
         self.w2 = [QuantLinear(torch.zeros(m2.nbytes, dtype=torch.uint8, device=device), m2.shape, m2.spec, dtype)
-                   for _ in range(top_k)]
+                   for _ in range(sets)]
         self.prefix = [{m: torch.zeros(n, dtype=torch.uint8, device=device)
-                        for m, n in _prefix_spans(layout, self.max_rows).items()} for _ in range(top_k)]
-        self.free = [NULL_EVENT] * top_k  # compute that last read each set done
+                        for m, n in _prefix_spans(layout, self.max_rows).items()} for _ in range(sets)]
+        self.free = [NULL_EVENT] * sets  # compute that last read each set done
         # the first call of a GEMV shape compiles its kernel (seconds): not inside a decode step
         self.w2[0](torch.zeros(1, m2.shape[1], dtype=dtype, device=device))
         self.warm_up(torch.zeros(1, layout.matrix("w1").shape[1], dtype=dtype, device=device))
@@ -110,10 +111,10 @@ class SplitScratch:
         for rows in self.row_counts():
             self.gpu_hidden(None, 0, rows, x, None)
 
-    def copy(self, copier: CopyEngine, record: torch.Tensor, i: int, rows: int):
+    def copy(self, copier: CopyEngine, record: torch.Tensor, i: int, rows: int, w2_done=None):
         """Copy the host `record`'s w2 into set i, and the first `rows` rows of w1 and w3:
-        (w2's event, the prefixes' event or None)."""
-        m2 = self.layout.matrix("w2")
+        (w2's event, the prefixes' event or None). w2_done: set i holds this record's w2
+        already (stage_w2's event), so only the rows are copied."""
         prefix_done = None
         for m in ("w1", "w3") if rows else ():
             mat = self.layout.matrix(m)
@@ -124,8 +125,14 @@ class SplitScratch:
                 src = mat.offset + src_off[name]
                 prefix_done = copier.copy(self.prefix[i][m][dst:dst + size[name]], record[src:src + size[name]],
                                           after=self.free[i])
-        w2_done = copier.copy(self.w2[i].raw, record[m2.offset:m2.offset + m2.nbytes], after=self.free[i])
+        if w2_done is None:
+            w2_done = self.stage_w2(copier, record, i)
         return w2_done, prefix_done
+
+    def stage_w2(self, copier: CopyEngine, record: torch.Tensor, i: int):
+        """Copy the host `record`'s w2 into set i once the set's last reader is done: its event."""
+        m2 = self.layout.matrix("w2")
+        return copier.copy(self.w2[i].raw, record[m2.offset:m2.offset + m2.nbytes], after=self.free[i])
 
     def gpu_hidden(self, copier: CopyEngine | None, i: int, rows: int, x: torch.Tensor, prefix_done) -> torch.Tensor:
         """h of w1/w3's first `rows` rows for x [1, H] on the device, once set i's prefixes

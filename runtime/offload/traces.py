@@ -121,6 +121,9 @@ class SyntheticRouting:
             raise ConfigError(f"--guess-accuracy {guess_accuracy} must be in [0, 1]")
         self.params, self.accuracy = params, guess_accuracy
         self.rng = random.Random(seed)
+        # the prefetcher's guesses draw from their own generator: asking for guesses (or not, or
+        # more of them) leaves the routes unchanged, so variants of one seed see the same tokens
+        self.guess_rng = random.Random(f"guesses-{seed}")
         self._pop = [list(map(float, row)) for row in params.popularity]
         self._experts = list(range(params.experts))
         self.sticky = [solve_stickiness(params.popularity[l], params.first_repeat[l], params.pair_overlap[l])
@@ -128,8 +131,8 @@ class SyntheticRouting:
         self._prev: list[tuple[int, int] | None] = [None] * params.layers
         self._batch: list[list[tuple[int, int]]] = []  # [T][L] pairs
 
-    def _pick(self, weights: list[float]) -> int:
-        return self.rng.choices(self._experts, weights)[0]
+    def _pick(self, weights: list[float], rng: random.Random | None = None) -> int:
+        return (rng or self.rng).choices(self._experts, weights)[0]
 
     def _draw(self, layer: int) -> tuple[int, int]:
         p = self._pop[layer]
@@ -161,7 +164,7 @@ class SyntheticRouting:
         p = self._pop[target]
         out: list[int] = []
         for e in truth[:n]:
-            if self.rng.random() < acc and e not in out:
+            if self.guess_rng.random() < acc and e not in out:
                 out.append(e)
             else:
                 out.append(self._other(p, set(truth) | set(out)))
@@ -173,7 +176,7 @@ class SyntheticRouting:
         w = [0.0 if e in exclude else p[e] for e in self._experts]
         if sum(w) <= 0:
             return next(e for e in self._experts if e not in exclude)
-        return self._pick(w)
+        return self._pick(w, self.guess_rng)
 
 
 def measure_reuse(routes: list[list[tuple[int, int]]], layer: int) -> tuple[float, float]:

@@ -99,3 +99,27 @@ def test_fast_synthetic_file_is_valid_and_plausible(tmp_path, bits):
     assert bytes(f.expert_bytes(0, 0)) != bytes(f.expert_bytes(0, 1))  # records differ
     again = write_bench_file(tmp_path / "c.moepack", cfg, bench_recipe(bits), seed=3, expert_counts=counts, progress=False)
     assert again.read_bytes() == path.read_bytes()  # deterministic for a seed
+
+
+def test_bench_hybrid_variants_pay_their_scratch_out_of_the_budget(tmp_path):
+    """In a --gpu-memory budget each hybrid variant has fewer expert slots than lru: its split
+    scratch sets come out of the budget, one set more for hybrid-w2; hybrid-only and hybrid-w2
+    prefetch no whole experts, and hybrid-w2 reports its staged w2 copies."""
+    from runtime.offload.options import hybrid_scratch_bytes
+
+    out = tmp_path / "bench.json"
+    args = ["--tiny", "--layers", "2", "--gpu-memory", "520KiB", "--tokens", "3", "--warmup", "1", "--prompt-len", "3",
+            "--routing", "trace", "--variant", "lru", "--variant", "hybrid-only", "--variant", "hybrid-w2",
+            "--cpu-threads", "1", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert main(args) == 0
+    r = json.loads(out.read_text())
+    runs = {x["variant"]: x for x in r["runs"]}
+    file = MoepackFile(next((tmp_path / "cache").iterdir()))
+    rs = r["record_size"]
+    for v, staged in (("hybrid-only", False), ("hybrid-w2", True)):
+        scratch = hybrid_scratch_bytes(file, staged)
+        assert runs["lru"]["slots"] - runs[v]["slots"] in (scratch // rs, scratch // rs + 1)
+        assert runs[v]["stats"]["prefetched"] == 0
+    assert hybrid_scratch_bytes(file, True) > hybrid_scratch_bytes(file, False)
+    assert runs["hybrid-w2"]["stats"]["staged_w2"] is not None and runs["hybrid-only"]["stats"]["staged_w2"] is None
+    assert runs["hybrid-w2"]["staged_used_per_token"] >= 0

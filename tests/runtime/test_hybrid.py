@@ -135,3 +135,60 @@ def test_the_row_split_takes_a_miss_the_fixed_cut_leaves_on_the_link():
     rows = CostModel(record_bytes=1000, copy_gbps=1.0, cpu_s=2e-6, reuse_weight=0.25, max_gpu_rows=0.5)
     assert fixed.assign(1) == (1, 0, 0)
     assert rows.assign(1) == (0, 1, 0) and rows.gpu_rows(0, 1, 0) == 0.5
+
+
+@given(st.integers(0, 3), st.integers(1, 4), st.integers(0, 3), st.integers(0, 4), st.floats(1e-4, 1e-2),
+       st.floats(1e-4, 1e-2), st.floats(0, 0.02), st.sampled_from([0.0, 0.25, 0.5]), st.floats(0.1, 0.6))
+def test_staged_splits_balance_without_their_w2(a, b, s, c, copy_s, cpu_s, backlog, cap, share):
+    """s of b splits have their w2 staged ahead: the link carries only their GPU rows, and the
+    share still minimises max(link, CPU)."""
+    s = min(s, b)
+    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s, w2_share=share, max_gpu_rows=cap)
+    f = share
+
+    def sides(r):
+        return (backlog + a * copy_s + ((b - s) * f + b * r * (1 - f)) * copy_s,
+                b * (1 - r) * (1 - f) * cpu_s + c * cpu_s)
+
+    r = m.gpu_rows(a, b, c, backlog, staged=s)
+    assert 0 <= r <= cap
+    t = max(sides(r))
+    assert all(t <= max(sides(o * cap / 20)) + 1e-12 for o in range(21))
+    assert m.cost(a, b, c, backlog, 0.0, staged=s) == pytest.approx(t, rel=1e-12)
+    assert m.cost(a, b, c, backlog, 0.0, staged=s) <= m.cost(a, b, c, backlog, 0.0) + 1e-15  # never dearer
+
+
+@given(st.lists(st.floats(0, 1), max_size=4), st.floats(0, 1), st.floats(1e-4, 1e-1), st.floats(1e-4, 1e-1),
+       st.floats(0, 0.05), st.floats(0.05, 0.95), st.sampled_from([0.0, 0.5]))
+def test_assign_staged_is_optimal(values, staged_value, copy_s, cpu_s, backlog, share, cap):
+    """The staged miss copied, split (w2 already sent) or computed, the others as in assign:
+    no combination does better."""
+    values = sorted(values, reverse=True)
+    n = len(values)
+    m = CostModel(record_bytes=1000, copy_gbps=1000 / copy_s / 1e9, cpu_s=cpu_s, w2_share=share, max_gpu_rows=cap)
+    role, (a, b, c) = m.assign_staged(n, staged_value, backlog, values)
+    assert min(a, b, c) >= 0 and a + b + c == n and role in ("copy", "split", "cpu")
+
+    def cost(role, x, y):
+        p = {"copy": (1, 0, 0), "split": (0, 1, 0), "cpu": (0, 0, 1)}[role]
+        return m.cost(x + p[0], y + p[1], n - x - y + p[2], backlog,
+                      sum(values[x:]) + (0.0 if role == "copy" else staged_value), staged=p[1])
+
+    best = min(cost(r, x, y) for r in ("copy", "split", "cpu") for x in range(n + 1) for y in range(n - x + 1))
+    assert cost(role, a, b) <= best + 1e-12
+
+
+def test_a_staged_w2_turns_a_copy_into_a_split():
+    """A CPU expert at 2 copies' time, any share of w1/w3 rows allowed on the GPU, a miss worth
+    half a copy cached. Split, it costs the link w2 + r of w1/w3 and the CPU the rest:
+    balanced at r = 1/2, 2/3 copy, plus the half copy it is worth cached, loses to a copy
+    (1). With w2 staged the link carries only rows: balanced at r = 2/3, 4/9 copy, and the
+    split wins."""
+    m = CostModel(record_bytes=1000, copy_gbps=1.0, cpu_s=2e-6, w2_share=1 / 3, max_gpu_rows=1.0)
+    assert m.assign(1, values=[0.5]) == (1, 0, 0)
+    assert m.gpu_rows(0, 1, 0) == pytest.approx(0.5)
+    assert m.assign_staged(0, 0.5) == ("split", (0, 0, 0))
+    assert m.gpu_rows(0, 1, 0, staged=1) == pytest.approx(2 / 3)
+    assert m.cost(0, 1, 0, 0.0, 0.5, staged=1) == pytest.approx((4 / 9 + 0.5) * m.copy_s)
+    m.cpu_s = 1.0  # a hopeless CPU: the staged bytes are written off, the miss copied
+    assert m.assign_staged(0, 0.5) == ("copy", (0, 0, 0))

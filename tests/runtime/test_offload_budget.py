@@ -152,6 +152,9 @@ def test_click_options_round_trip():
     assert seen["opts"] == OffloadOptions(gpu_memory=6 * GiB, cache_policy="shared", prefetch=1, prefetch_layers=2)
     r = CliRunner().invoke(cmd, [])
     assert seen["opts"] == OffloadOptions() and not seen["opts"].requested
+    r = CliRunner().invoke(cmd, ["--hybrid", "--prefetch-w2", "--cpu-threads", "8"])
+    assert r.exit_code == 0, r.output
+    assert seen["opts"] == OffloadOptions(hybrid=True, prefetch_w2=True, cpu_threads=8) and seen["opts"].requested
     r = CliRunner().invoke(cmd, ["--no-offload"])
     assert seen["opts"].offload is False and not seen["opts"].requested
 

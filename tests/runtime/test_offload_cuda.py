@@ -85,22 +85,27 @@ def test_cuda_same_as_resident(cuda_tiny, kw, slow):
     model.experts.close()
 
 
-@pytest.mark.parametrize("mode", ["split", "rows", "cpu"])
+@pytest.mark.parametrize("mode", ["split", "rows", "cpu", "staged"])
 def test_cuda_hybrid_same_as_resident(cuda_tiny, mode):
     """Copy-or-compute on a real GPU with slow copies: a split expert's w2 h must wait for w2's
     copy into the scratch buffer, and the next copy into that buffer for the w2 h before it;
-    with rows (a CPU at half the link's speed) the GPU's rows of w1/w3 wait for their copies."""
+    with rows (a CPU at half the link's speed) the GPU's rows of w1/w3 wait for their copies;
+    staged (--prefetch-w2), a split's w2 h waits for a copy queued one layer earlier."""
     path, ref = cuda_tiny
-    model = cuda_offloaded(path, slow_copies=True, hybrid=True, cpu_threads=1)
+    staged = dict(stage_w2=True, prefetch=0) if mode == "staged" else {}
+    model = cuda_offloaded(path, slow_copies=True, hybrid=True, cpu_threads=1, **staged)
     cost = model.experts.cost
     cost.smoothing = 0.0
     # as fast as the link: split; half as fast: split by rows; free: whole on the CPU
-    cost.cpu_s = {"split": cost.copy_s, "rows": 2 * cost.copy_s, "cpu": 0.0}[mode]
+    cost.cpu_s = {"split": cost.copy_s, "rows": 2 * cost.copy_s, "cpu": 0.0, "staged": cost.copy_s}[mode]
     got = greedy(model, PROMPT.cuda())
     assert_same(ref, got, tol=5e-4)  # the CPU kernel rounds activations to int16 (CPU_KERNEL_TOL)
     s = model.experts.stats()
     assert (s["split_experts"] if mode != "cpu" else s["cpu_experts"]) > 0
-    assert (s["split_gpu_row_share"] > 0) == (mode == "rows")
+    if mode == "staged":
+        assert s["staged_w2"]["used"] > 0
+    else:
+        assert (s["split_gpu_row_share"] > 0) == (mode == "rows")
     model.experts.close()
 
 

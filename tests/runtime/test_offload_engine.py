@@ -355,6 +355,68 @@ def test_hybrid_row_split_same_tokens(tiny, monkeypatch):
     assert seen and set(seen) == {inter // 2}
 
 
+@pytest.mark.parametrize("cpu_copies", [1.0, 2.0])
+def test_staged_w2_same_tokens(tiny, monkeypatch, cpu_copies):
+    """--prefetch-w2: after each layer's copies, the w2 of the next layer's best guessed miss
+    goes into the spare scratch set; a split of that expert copies only its GPU rows. Same
+    tokens and logits as the resident model, with the CPU as fast as a copy and at half its
+    speed (then the GPU also takes rows)."""
+    from runtime.offload import split as split_mod
+
+    path, ref = tiny
+    model = offloaded(path, hybrid=True, stage_w2=True, cpu_threads=1, n_slots=2 * LAYERS, prefetch=0)
+    eng = model.experts
+    eng.cost.smoothing, eng.cost.cpu_s = 0.0, cpu_copies * eng.cost.copy_s
+    assert len(eng.split.w2) == eng.top_k + 1
+    w2_copies = []
+    real = split_mod.SplitScratch.stage_w2
+    monkeypatch.setattr(split_mod.SplitScratch, "stage_w2", lambda self, c, r, i: w2_copies.append(i) or real(self, c, r, i))
+    assert_same(ref, greedy(model))
+    s = eng.stats()
+    st = s["staged_w2"]
+    assert st["issued"] > 0 and st["used"] > 0 and st["used"] + st["wasted"] <= st["issued"]
+    # every w2 copy is a staging or a split that found none staged: a staged split sends no w2
+    assert len(w2_copies) == st["issued"] + s["split_experts"] - st["used"]
+    assert s["uses"] == s["hits"] + s["misses"]
+
+
+def test_staged_w2_goes_to_a_set_this_layer_does_not_read(tiny):
+    """The staged copy is queued before this layer's splits ran their w2: it must take a set
+    none of them uses. The split sets keep a staged expert in its set."""
+    from runtime.offload.engine import Staged, _split_sets
+
+    path, _ = tiny
+    eng = offloaded(path, hybrid=True, stage_w2=True, cpu_threads=1, n_slots=2 * LAYERS, prefetch=0).experts
+    # layer 1's pool full: caching a miss there is no longer worth a whole copy (a free slot's)
+    uncached = [k for k in range(EXPERTS) if (1, k) not in eng.cache]
+    while eng.cache.reuse_value((1, uncached[-1])) == 1.0:
+        eng.cache.insert((1, uncached.pop(0)))
+    e = uncached[-1]
+    eng.cost.smoothing, eng.cost.cpu_s = 0.0, 1e9  # a hopeless CPU would split nothing: nothing staged
+    eng._stage_next(0, [(1, [e])], [])
+    assert eng._staged is None and eng.staged_stats["issued"] == 0
+    eng.cost.cpu_s = eng.cost.copy_s
+    eng._stage_next(0, [(1, [e])], [0, 1])
+    assert eng._staged.key == (1, e) and eng._staged.set == 2
+    eng._stage_next(0, [(1, [e])], [1])
+    assert eng._staged.set == 0
+    eng._stage_next(0, [(2, [e])], [])  # no guess for layer 1: nothing staged, the old one stays
+    assert eng._staged.set == 0
+    staged = Staged((1, 5), 1, None)
+    assert _split_sets([5, 3], staged, 3) == [1, 0]
+    assert _split_sets([3, 5], staged, 3) == [0, 1]
+    assert _split_sets([3, 4], None, 3) == [0, 1]
+    assert _split_sets([3, 4], staged, 3) == [0, 2]
+
+
+def test_staged_w2_needs_hybrid(tiny):
+    path, _ = tiny
+    with pytest.raises(ConfigError, match="--prefetch-w2 .* --hybrid"):
+        offloaded(path, stage_w2=True)
+    with pytest.raises(ConfigError, match="--prefetch-w2 .* --hybrid"):
+        OffloadOptions(prefetch_w2=True)
+
+
 def test_hybrid_split_follows_the_costs(tiny):
     path, ref = tiny
     model = offloaded(path, n_slots=2 * LAYERS, hybrid=True, cpu_threads=1)
@@ -381,6 +443,9 @@ def test_hybrid_reserves_its_scratch_in_the_plan(tiny, monkeypatch):
     sets = split.SplitScratch(layout, k, torch.device("cpu"), torch.float32, rows=True)
     allocated = sum(t.numel() for t in [q.raw for q in sets.w2] + [b for p in sets.prefix for b in p.values()])
     assert sets.max_rows > 0 and b.reserve_bytes - a.reserve_bytes == allocated > k * w2
+    staged = preflight(file, OffloadOptions(gpu_memory=10**9, hybrid=True, prefetch_w2=True), torch.device("cpu"),
+                       torch.float32, CTX)
+    assert staged.reserve_bytes - a.reserve_bytes == allocated * (k + 1) // k  # --prefetch-w2: one set more
     monkeypatch.setenv(split.ROWS_ENV, "0")
     c = preflight(file, hyb, torch.device("cpu"), torch.float32, CTX)
     assert c.reserve_bytes - a.reserve_bytes == k * w2

@@ -77,3 +77,15 @@ def test_other_shapes():
         reference_params(4, 8, top_k=1)
     with pytest.raises(ConfigError, match="--guess-accuracy"):
         SyntheticRouting(p, guess_accuracy=1.5)
+
+
+def test_guesses_leave_the_routes_unchanged():
+    """The prefetcher's guesses draw from their own generator: a run that asks for them sees
+    the same tokens as one that does not, so bench variants of one seed compare like for like."""
+    params = reference_params(4, 8)
+    plain, guessing = SyntheticRouting(params, seed=5), SyntheticRouting(params, seed=5)
+    for _ in range(50):
+        for layer in range(4):
+            assert plain.route(layer, 1) == guessing.route(layer, 1)
+            if layer + 1 < 4:
+                guessing.guess(layer, layer + 1, 1, 2)
