@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -27,13 +27,12 @@ from ..graphs import expert_graphs
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, calibration_prior, make_cache
 from .hybrid import CostModel
+from .hybrid_steps import CPU_OBSERVATIONS_KEPT, HybridSteps, Staged, _split_sets
 from .host import HostStore, PendingRead
 from .schedule import Compute, Load, Planner
 from .split import SplitScratch, split_rows_enabled
 from .streams import NULL_EVENT, CopyEngine
 
-CPU_CALIBRATION_CALLS = 5  # timed CPU expert calls at start-up (hybrid); the median is kept
-CPU_OBSERVATIONS_KEPT = 256  # the latest CPU expert times kept for the statistics
 
 
 def _summary_ms(seconds: Iterable[float]) -> dict | None:
@@ -43,15 +42,6 @@ def _summary_ms(seconds: Iterable[float]) -> dict | None:
     v = sorted(seconds)
     return {"n": len(v), "min": round(1e3 * v[0], 3), "median": round(1e3 * v[len(v) // 2], 3),
             "max": round(1e3 * v[-1], 3)}
-
-
-class Staged(NamedTuple):
-    """A guessed miss of the next layer whose w2 was copied ahead into split scratch set `set`;
-    `event` marks the copy's end."""
-
-    key: Key
-    set: int
-    event: object
 
 
 class RoutingOverride(Protocol):
@@ -66,7 +56,7 @@ class RoutingOverride(Protocol):
         ...
 
 
-class OffloadedExperts:
+class OffloadedExperts(HybridSteps):
     """ExpertBackend over `n_slots` device slots (see runtime.experts.ExpertBackend)."""
 
     def __init__(
@@ -94,8 +84,8 @@ class OffloadedExperts:
         self.file, self.layout = file, file.header.expert_layout
         self.device, self.dtype = torch.device(device), dtype
         self.layers, self.num_experts, self.top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
-        if prefetch is None:
-            prefetch = 0 if policy == "none" else self.top_k
+        if prefetch is None:  # staged w2 replaces whole-expert prefetch unless both are asked for
+            prefetch = 0 if policy == "none" or stage_w2 else self.top_k
         if policy == "none" and prefetch:
             raise ConfigError("--prefetch needs a cache: --cache-policy none loads every expert on every use",
                               hint="use --cache-policy layer or shared, or --prefetch 0")
@@ -263,156 +253,6 @@ class OffloadedExperts:
         if self._own_host:
             self.host.close()
 
-    # -- hybrid: copy or compute ---------------------------------------------------------
-    def _calibrate_hybrid(self) -> None:
-        """Measure one copy and one CPU expert, so the first split is already informed. The CPU
-        figure is the median of several calls on a random token: the first decision rests on
-        it, and an expert computed on the CPU is the only later measurement, so one slow
-        outlier here (a busy core, a thread pool starting) would keep the CPU idle for the
-        whole run. Zeros would flatter the kernel (it skips words of zero activations)."""
-        from ..cpu_expert import cpu_expert_ffn, cpu_kernel_name
-
-        key = next(((L, e) for L in range(self.layers) for e in range(self.num_experts)
-                    if self.host.view((L, e)) is not None), None)
-        if key is None:
-            return
-        src = self.host.view(key)
-        if self.device.type == "cuda":
-            self.slots[0].copy_(src, non_blocking=True)  # warm-up
-            torch.cuda.synchronize(self.device)
-            t = time.perf_counter()
-            self.slots[0].copy_(src, non_blocking=True)
-            torch.cuda.synchronize(self.device)
-            self.cost.copy_gbps = src.numel() / max(time.perf_counter() - t, 1e-9) / 1e9
-        x = torch.randn(1, self.file.config.hidden_size, generator=torch.Generator().manual_seed(0))
-        for _ in range(2):  # loads or compiles the kernel, starts its threads
-            cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
-        samples = []
-        for _ in range(CPU_CALIBRATION_CALLS):
-            t = time.perf_counter()
-            cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
-            samples.append(time.perf_counter() - t)
-        self.cost.cpu_s = sorted(samples)[len(samples) // 2]
-        self.cpu_calibration = {"kernel": cpu_kernel_name(), "threads": self.cpu_threads,
-                                "samples_ms": [round(1e3 * v, 3) for v in samples]}
-
-    def _cpu_choice(self, layer: int, needed: list[int], staged: Staged | None = None) -> tuple[list[int], list[int], int]:
-        """(split, on the CPU, rows): the missed experts of this decode step whose w1/w3 the CPU
-        computes, but for the first `rows` rows, which the GPU computes while w2 is copied, and
-        those it computes whole (see offload.hybrid). The misses least worth caching leave the
-        copy path first (ties: the least needed). A staged miss (its w2 copied ahead) that is
-        split comes first in the split list."""
-        misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
-        if not misses:
-            return [], [], 0
-        # the link's queue (prefetches for this and later layers) delays a copy issued now; the CPU
-        # takes more misses the busier the link is
-        backlog = self.copier.pending_bytes() / (self.cost.copy_gbps * 1e9)
-        value = {e: self.cache.reuse_value((layer, e)) for e in misses}
-        misses.sort(key=lambda e: -value[e])  # stable: ties keep the order of need
-        s = staged.key[1] if staged is not None and staged.key[1] in misses else None
-        if s is None:
-            a, b, c = self.cost.assign(len(misses), backlog, values=[value[e] for e in misses])
-            rows = self.split.rows_for(self.cost.gpu_rows(a, b, c, backlog)) if b else 0
-            return misses[a:a + b], misses[a + b:], rows
-        others = [e for e in misses if e != s]
-        role, (a, b, c) = self.cost.assign_staged(len(others), value[s], backlog, [value[e] for e in others])
-        split, on_cpu = others[a:a + b], others[a + b:]
-        if role == "split":
-            split = [s] + split
-        elif role == "cpu":
-            on_cpu = on_cpu + [s]
-        share = self.cost.gpu_rows(a + (role == "copy"), len(split), len(on_cpu), backlog, staged=int(role == "split"))
-        return split, on_cpu, self.split.rows_for(share) if split else 0
-
-    def _take_staged(self, layer: int) -> Staged | None:
-        """The staged w2 meant for this layer, if any; one meant for another layer is dropped
-        (the layer it guessed ran without a decode step, e.g. a prompt)."""
-        staged, self._staged = self._staged, None
-        if staged is not None and staged.key[0] != layer:
-            self.staged_stats["wasted"] += 1
-            return None
-        return staged
-
-    def _stage_next(self, layer: int, guesses: list, busy_sets: list[int]) -> None:
-        """Copy the w2 of the next layer's best-ranked guess that is neither cached nor short of
-        a host record into a split scratch set this layer does not read: if that expert misses
-        and is split, its link share is only the GPU's rows of w1/w3. Queued behind this
-        layer's copies, it runs while the GPU and CPU compute this layer."""
-        ranked = next((r for t, r in guesses if t == layer + 1), ())
-        e = next((e for e in ranked if (layer + 1, e) not in self.cache
-                  and self.host.view((layer + 1, e)) is not None), None)
-        # only where the costs would split it if it missed alone: a CPU too slow to take
-        # splits would leave every staged byte unused and the link that much later
-        if e is None or self.cost.assign_staged(0, self.cache.reuse_value((layer + 1, e)))[0] != "split":
-            return
-        i = next(i for i in range(len(self.split.w2)) if i not in busy_sets)
-        event = self.split.stage_w2(self.copier, self.host.view((layer + 1, e)), i)
-        self._staged = Staged((layer + 1, e), i, event)
-        self.staged_stats["issued"] += 1
-
-    def _split_compute(self, layer: int, experts: list[int], copies: list, rows: int,
-                       positions: dict[int, list[int]], x: torch.Tensor, x_host: torch.Tensor,
-                       topk_w: torch.Tensor, sets: list[int]) -> torch.Tensor:
-        """sum_j w_j * w2_j h_j over `experts`: h_j = silu(w1 x) * w3 x, its first `rows` rows
-        on the device from scratch copies (queued first, so the GPU works while the CPU does)
-        and the others on the CPU from the host record, then w2_j h_j on the device from the
-        scratch copy of w2 (offload.split): [1, H] on the device."""
-        from ..cpu_expert import cpu_expert_hidden
-
-        gpu_h = [self.split.gpu_hidden(self.copier, i, rows, x, done) for i, (_, done) in zip(sets, copies)] if rows else []
-        out, dt = None, 0.0
-        for i, e in enumerate(experts):
-            self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
-            t = time.perf_counter()
-            h = cpu_expert_hidden(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads,
-                                  first_row=rows)  # [1, I - rows]
-            dt += time.perf_counter() - t  # the CPU's part only: waiting for the copy is the link's
-            h = h.to(self.device, topk_w.dtype)
-            if rows:
-                h = torch.cat([gpu_h[i].to(h.dtype), h], dim=1)  # [1, I]
-            j = positions[e][0]
-            y = self.split.w2_apply(self.copier, sets[i], h, copies[i][0]) * topk_w[:, j:j + 1]  # [1, H]
-            out = y if out is None else out + y
-        cpu_share = (1 - self.cost.w2_share) * (1 - rows / self.layout.matrix("w1").shape[0])
-        self._observe_cpu(dt / len(experts) / cpu_share)  # as a whole expert's time
-        self.split_experts += len(experts)
-        self.split_gpu_rows += rows * len(experts)
-        self.split_cpu_s += dt
-        self._count_uncached(len(experts))
-        return out
-
-    def _cpu_compute(self, layer: int, experts: list[int], positions: dict[int, list[int]],
-                     x_host: torch.Tensor, w_host: torch.Tensor) -> torch.Tensor:
-        """sum_j w_j * expert_j(x) over `experts`, on the CPU from their host records: [1, H] float32."""
-        from ..cpu_expert import cpu_expert_ffn
-
-        t = time.perf_counter()
-        out = None
-        for e in experts:
-            self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
-            y = cpu_expert_ffn(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads)  # [1, H]
-            y = y * w_host[:, positions[e][0]:positions[e][0] + 1]
-            out = y if out is None else out + y
-        dt = time.perf_counter() - t
-        self._observe_cpu(dt / len(experts))
-        self.cpu_experts += len(experts)
-        self.cpu_expert_s += dt
-        self._count_uncached(len(experts))
-        return out
-
-    def _observe_cpu(self, seconds: float) -> None:
-        """Feed one CPU expert time to the cost model, and keep it for the statistics: the
-        model's running figure alone cannot tell a steady 3 ms from one stalled call."""
-        self.cost.observe_cpu(seconds)
-        self.cpu_observed.append(seconds)
-
-    def _count_uncached(self, n: int) -> None:
-        """Uses and misses of experts the planner never saw (split or computed on the CPU)."""
-        self.planner.stats.uses += n
-        self.planner.stats.misses += n
-        self.expert_tokens += n
-
     # -- routing --------------------------------------------------------------------------
     def _targets(self, layer: int) -> list[int]:
         if not self._guess_n:
@@ -503,13 +343,6 @@ def _reloaded_after(ops: list) -> set[int]:
         elif op.slot in later:
             out.add(i)
     return out
-
-
-def _split_sets(on_split: list[int], staged: Staged | None, n_sets: int) -> list[int]:
-    """The scratch set of each split expert: a staged one keeps the set its w2 went to, the
-    others take the lowest other sets in order."""
-    rest = (i for i in range(n_sets) if staged is None or i != staged.set)
-    return [staged.set if staged is not None and e == staged.key[1] else next(rest) for e in on_split]
 
 
 def _by_need(routes: list[list[int]], k: int) -> tuple[list[int], dict[int, list[int]]]:

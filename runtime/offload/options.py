@@ -106,7 +106,8 @@ def offload_options(f: Callable) -> Callable:
                      "others are copied, or splits one between both, by measured costs."),
         click.option("--cpu-threads", type=int, default=None, metavar="N", help="Threads of the CPU expert kernel (--hybrid)."),
         click.option("--prefetch-w2", is_flag=True, help="With --hybrid: while a layer computes, copy the w2 of the next "
-                     "layer's likely miss ahead, so splitting it costs the link only its GPU rows (one more scratch set)."),
+                     "layer's likely miss ahead, so splitting it costs the link only its GPU rows (one more scratch set; "
+                     "whole-expert --prefetch then defaults to 0)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -383,7 +383,7 @@ def test_staged_w2_same_tokens(tiny, monkeypatch, cpu_copies):
 def test_staged_w2_goes_to_a_set_this_layer_does_not_read(tiny):
     """The staged copy is queued before this layer's splits ran their w2: it must take a set
     none of them uses. The split sets keep a staged expert in its set."""
-    from runtime.offload.engine import Staged, _split_sets
+    from runtime.offload.hybrid_steps import Staged, _split_sets
 
     path, _ = tiny
     eng = offloaded(path, hybrid=True, stage_w2=True, cpu_threads=1, n_slots=2 * LAYERS, prefetch=0).experts
@@ -409,12 +409,16 @@ def test_staged_w2_goes_to_a_set_this_layer_does_not_read(tiny):
     assert _split_sets([3, 4], staged, 3) == [0, 2]
 
 
-def test_staged_w2_needs_hybrid(tiny):
+def test_staged_w2_needs_hybrid_and_replaces_prefetch(tiny):
     path, _ = tiny
     with pytest.raises(ConfigError, match="--prefetch-w2 .* --hybrid"):
         offloaded(path, stage_w2=True)
     with pytest.raises(ConfigError, match="--prefetch-w2 .* --hybrid"):
         OffloadOptions(prefetch_w2=True)
+    # staging takes the place of whole-expert prefetch unless --prefetch asks for both
+    eng = offloaded(path, hybrid=True, stage_w2=True, cpu_threads=1)
+    assert eng.experts.prefetch == 0 and eng.experts._guess_n == eng.experts.top_k
+    assert offloaded(path, hybrid=True, stage_w2=True, cpu_threads=1, prefetch=1).experts.prefetch == 1
 
 
 def test_hybrid_split_follows_the_costs(tiny):
