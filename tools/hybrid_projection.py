@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime.offload.cache import make_cache  # noqa: E402
-from runtime.offload.hybrid import CostModel  # noqa: E402
+from runtime.offload.hybrid import CostModel, choose  # noqa: E402
 from runtime.offload.schedule import Planner  # noqa: E402
 from runtime.offload.split import MAX_ROW_SHARE  # noqa: E402
 from runtime.offload.traces import SyntheticRouting, reference_params  # noqa: E402
@@ -94,25 +94,18 @@ def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: fl
             # guesses have their own generator: drawing them leaves the routes as the other modes see them
             guesses = routing.guess(layer, layer + 1, 1, 2)[0] if mode == "w2" and layer + 1 < layers else []
             misses = [e for e in needed if (layer, e) not in cache]
-            n, role = len(misses), None
+            n, r = len(misses), 0.0
             if mode == "ideal" or not t_cpu:
                 copied, split, on_cpu = misses, [], []
             else:  # the engine's rule (OffloadedExperts._cpu_choice): least worth caching leave first
                 value = {e: cache.reuse_value((layer, e)) for e in misses}
                 misses.sort(key=lambda e: -value[e])
-                if staged in misses:
-                    others = [e for e in misses if e != staged]
-                    role, (a, b, c) = cost.assign_staged(len(others), value[staged], spill, [value[e] for e in others])
-                    copied, split, on_cpu = others[:a], others[a:a + b], others[a + b:]
-                    {"copy": copied, "split": split, "cpu": on_cpu}[role].append(staged)
-                else:
-                    a, b, c = cost.assign(n, spill, allow_split=mode in ("w13", "rows", "w2"),
-                                          values=[value[e] for e in misses])
-                    copied, split, on_cpu = misses[:a], misses[a:a + b], misses[a + b:]
+                copied, split, on_cpu, r = choose(cost, misses, [value[e] for e in misses], spill, staged,
+                                                  allow_split=mode in ("w13", "rows", "w2"))
             for e in split + on_cpu:  # split / CPU ones stay uncached; the engine counts their use
                 cache.lookup((layer, e))
             planner.plan(layer, [e for e in needed if e not in split and e not in on_cpu])
-            st = int(role == "split")
+            st = int(staged in split)  # the staged w2 was used
             for i, v in enumerate((len(copied), len(split), len(on_cpu), st)):
                 counts[i] += v
             if mode == "ideal":
@@ -120,7 +113,6 @@ def _simulate(slots: int, policy: str, t_copy: float, t_cpu: float | None, g: fl
                 continue
             # splits at the engine's share of w1/w3 rows on the GPU (0 but in "rows" and "w2")
             A, B, C = len(copied), len(split), len(on_cpu)
-            r = cost.gpu_rows(A, B, C, spill, staged=st)
             link = spill + A * t_copy + ((B - st) * f + B * r * (1 - f)) * t_copy
             busy = max(link, B * (1 - r) * (1 - f) * (t_cpu or 0.0) + C * (t_cpu or 0.0))
             total += g + busy

@@ -27,7 +27,7 @@ from ..graphs import expert_graphs
 from .budget import MemoryPlan
 from .cache import ExpertCache, Key, calibration_prior, make_cache
 from .hybrid import CostModel
-from .hybrid_steps import CPU_OBSERVATIONS_KEPT, HybridSteps, Staged, _split_sets
+from .hybrid_steps import CPU_OBSERVATIONS_KEPT, HybridSteps, Staged
 from .host import HostStore, PendingRead
 from .schedule import Compute, Load, Planner
 from .split import SplitScratch, split_rows_enabled
@@ -157,11 +157,7 @@ class OffloadedExperts(HybridSteps):
             needed = [e for e in needed if e not in on_split and e not in on_cpu]
             # the token and its weights go to the host now, before the GPU work is queued
             x_host, w_host = x.float().cpu(), topk_w.float().cpu()
-            # the link's first job: each split expert's w2 (unless staged) and its GPU rows of w1/w3
-            sets = _split_sets(on_split, staged, len(self.split.w2))
-            copies = [self.split.copy(self.copier, self.host.view((layer, e)), i, rows,
-                                      staged.event if staged is not None and e == staged.key[1] else None)
-                      for i, e in zip(sets, on_split)]
+            sets, copies = self._split_copies(layer, on_split, staged, rows)
         ops = self.planner.plan(layer, needed, guesses if self.prefetch else ())
         self.calls += 1
         self.tokens += T

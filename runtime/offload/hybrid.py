@@ -150,3 +150,26 @@ class CostModel:
     def observe_copy(self, gbps: float) -> None:
         if gbps > 0:
             self.copy_gbps += self.smoothing * (gbps - self.copy_gbps)
+
+
+def choose(cost: CostModel, misses: list[int], values: list[float], backlog_s: float = 0.0,
+           staged: int | None = None, allow_split: bool = True) -> tuple[list[int], list[int], list[int], float]:
+    """(copied, split, on the CPU, the GPU's share of the splits' w1/w3 rows) for a decode
+    step's `misses`, most worth caching first (`values`: their reuse values, in copies).
+    `staged`: a miss whose w2 was copied ahead (assign_staged); split, it comes first among
+    the splits. The engine's rule (OffloadedExperts._cpu_choice) and the projection's
+    (tools/hybrid_projection.py)."""
+    if staged is None or staged not in misses:
+        a, b, c = cost.assign(len(misses), backlog_s, allow_split, values)
+        return misses[:a], misses[a:a + b], misses[a + b:], cost.gpu_rows(a, b, c, backlog_s)
+    i = misses.index(staged)
+    others, rest = misses[:i] + misses[i + 1:], values[:i] + values[i + 1:]
+    role, (a, b, c) = cost.assign_staged(len(others), values[i], backlog_s, rest)
+    copied, split, on_cpu = others[:a], others[a:a + b], others[a + b:]
+    if role == "split":
+        split = [staged] + split
+    elif role == "cpu":
+        on_cpu = on_cpu + [staged]
+    else:
+        copied = copied + [staged]
+    return copied, split, on_cpu, cost.gpu_rows(len(copied), len(split), len(on_cpu), backlog_s, staged=int(role == "split"))

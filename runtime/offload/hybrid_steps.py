@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .cache import Key
+from .hybrid import choose
 
 CPU_CALIBRATION_CALLS = 5  # timed CPU expert calls at start-up (hybrid); the median is kept
 CPU_OBSERVATIONS_KEPT = 256  # the latest CPU expert times kept for the statistics
@@ -76,19 +77,8 @@ class HybridSteps:
         backlog = self.copier.pending_bytes() / (self.cost.copy_gbps * 1e9)
         value = {e: self.cache.reuse_value((layer, e)) for e in misses}
         misses.sort(key=lambda e: -value[e])  # stable: ties keep the order of need
-        s = staged.key[1] if staged is not None and staged.key[1] in misses else None
-        if s is None:
-            a, b, c = self.cost.assign(len(misses), backlog, values=[value[e] for e in misses])
-            rows = self.split.rows_for(self.cost.gpu_rows(a, b, c, backlog)) if b else 0
-            return misses[a:a + b], misses[a + b:], rows
-        others = [e for e in misses if e != s]
-        role, (a, b, c) = self.cost.assign_staged(len(others), value[s], backlog, [value[e] for e in others])
-        split, on_cpu = others[a:a + b], others[a + b:]
-        if role == "split":
-            split = [s] + split
-        elif role == "cpu":
-            on_cpu = on_cpu + [s]
-        share = self.cost.gpu_rows(a + (role == "copy"), len(split), len(on_cpu), backlog, staged=int(role == "split"))
+        _, split, on_cpu, share = choose(self.cost, misses, [value[e] for e in misses], backlog,
+                                         None if staged is None else staged.key[1])
         return split, on_cpu, self.split.rows_for(share) if split else 0
 
     def _take_staged(self, layer: int) -> Staged | None:
@@ -116,6 +106,15 @@ class HybridSteps:
         event = self.split.stage_w2(self.copier, self.host.view((layer + 1, e)), i)
         self._staged = Staged((layer + 1, e), i, event)
         self.staged_stats["issued"] += 1
+
+    def _split_copies(self, layer: int, experts: list[int], staged: Staged | None, rows: int) -> tuple[list[int], list]:
+        """The link's first job: each split expert's scratch set, and its copies there (w2 unless
+        staged, the first `rows` rows of w1/w3): (sets, [(w2's event, the rows' event)])."""
+        sets = _split_sets(experts, staged, len(self.split.w2))
+        copies = [self.split.copy(self.copier, self.host.view((layer, e)), i, rows,
+                                  staged.event if staged is not None and i == staged.set else None)
+                  for i, e in zip(sets, experts)]
+        return sets, copies
 
     def _split_compute(self, layer: int, experts: list[int], copies: list, rows: int,
                        positions: dict[int, list[int]], x: torch.Tensor, x_host: torch.Tensor,
