@@ -53,7 +53,7 @@ from .offload.budget import format_size, parse_size, plan_memory
 from .offload.cache import make_cache
 from .offload.engine import OffloadedExperts
 from .offload.host import HostStore, plan_host
-from .offload.options import CUDA_RESERVE, fused_kernels, hybrid_scratch_bytes, model_bytes
+from .offload.options import CUDA_RESERVE, embeds_on_host, fused_kernels, hybrid_scratch_bytes, model_bytes
 from .offload.schedule import Planner, simulate
 from .offload.synthfile import write_bench_file
 from .offload.traces import SyntheticRouting, reference_params, trace_steps
@@ -357,7 +357,7 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
         extra = hybrid_scratch_bytes(file, variant == "hybrid-w2") if variant.startswith("hybrid") else 0
         plan = plan_memory(file.header, parse_size(budget), context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve + extra,
                            non_expert=weights, prefill_tokens=max(prompt_len, prefill_len), fused=fused_kernels(device),
-                           source=str(file.path))
+                           source=str(file.path), embed_on_host=embeds_on_host(device))
         if weights is not None:
             _log(plan.describe())
         return plan.n_slots
@@ -373,7 +373,8 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
     result["calibrated_h2d_gbps"] = bandwidth / 1e9
     t0 = time.perf_counter()
     model, _ = load_model(file, device, dtype, expert_backend_factory=lambda *a: _NoExperts(), ctx=ctx,
-                          dequantize_at_load=False, cuda_graphs=None if cuda_graphs else False)
+                          dequantize_at_load=False, cuda_graphs=None if cuda_graphs else False,
+                          embed_on_host=embeds_on_host(device))
     host = HostStore(file, resident=resident, pin=device.type == "cuda", progress=not tiny)
     _log(f"loaded non-expert weights and {host.resident_count} experts into host RAM "
          f"({format_size(host.arena_bytes)}, {host.fill_s:.1f} s) in {time.perf_counter() - t0:.1f} s")

@@ -143,7 +143,7 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
         with tqdm(total=file.size - file.data_offset, unit="B", unit_scale=True, desc="verifying", file=sys.stderr, disable=None) as bar:
             file.verify(bar.update)
     model, _ = load_model(file, device, dtype, factory, ctx=ctx, dequantize_at_load=dequantize_at_load,
-                          cuda_graphs=graphs)
+                          cuda_graphs=graphs, embed_on_host=plan is not None and plan.embed_on_host)
     return model, file, time.perf_counter() - t0
 
 

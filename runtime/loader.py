@@ -38,13 +38,16 @@ def load_model(
     verify_tensors: bool = True,
     cuda_graphs: bool | None = None,
     fuse_qkv: bool = True,
+    embed_on_host: bool = False,
 ) -> tuple[MixtralModel, MoepackFile]:
     """The model (KV cache for `ctx` positions, default min(max_position_embeddings, 4096))
     and the open file. `expert_backend_factory(file, model, device, dtype)` defaults to
     ResidentExperts; `dequantize_at_load` keeps quantized attention / lm_head weights dense;
     `cuda_graphs` (None: on CUDA with triton) makes one-token steps replay CUDA graphs
     (runtime.step_graph, runtime.decode_graphs); `fuse_qkv` stacks each layer's q, k and v
-    projections into one where their layouts allow (Attention.fuse_qkv)."""
+    projections into one where their layouts allow (Attention.fuse_qkv); `embed_on_host` keeps
+    the embedding table in host RAM (MixtralModel.embed_tokens; not with tied embeddings,
+    whose matrix the lm_head needs on the device)."""
     file = path_or_file if isinstance(path_or_file, MoepackFile) else MoepackFile(path_or_file)
     cfg, device = file.config, torch.device(device)
     if device.type == "cuda":
@@ -53,15 +56,15 @@ def load_model(
 
         ensure_loaded(device)
 
-    def raw(name: str) -> torch.Tensor:
+    def raw(name: str, on: torch.device = device) -> torch.Tensor:
         t = file.header.tensor(name)
         if verify_tensors:
             file.verify_tensor(t)
-        return host_tensor(file.tensor_bytes(name)).to(device)
+        return host_tensor(file.tensor_bytes(name)).to(on)
 
-    def dense(name: str) -> torch.Tensor:
+    def dense(name: str, on: torch.device = device) -> torch.Tensor:
         t = file.header.tensor(name)
-        return dequantize(component_tensors(raw(name), t.shape, t.spec), t.shape, t.spec, dtype)
+        return dequantize(component_tensors(raw(name, on), t.shape, t.spec), t.shape, t.spec, dtype)
 
     def linear(name: str):
         t = file.header.tensor(name)
@@ -90,12 +93,13 @@ def load_model(
         t = file.header.tensor("model.embed_tokens.weight")
         lm_head = make_linear(raw("model.embed_tokens.weight"), t.shape, t.spec, dtype, dequantize_at_load=True)
         embed = lm_head.weight16 if isinstance(lm_head, HalfLinear) else lm_head.weight
+        embed_on_host = False
     else:
-        embed = dense("model.embed_tokens.weight")
+        embed = dense("model.embed_tokens.weight", torch.device("cpu") if embed_on_host else device)
         lm_head = linear("lm_head.weight")
     model = MixtralModel(
         cfg, embed, layers, RMSNorm(dense("model.norm.weight"), cfg.rms_norm_eps), lm_head,
-        ctx if ctx is not None else default_ctx(file), device, dtype,
+        ctx if ctx is not None else default_ctx(file), device, dtype, embed_on_host=embed_on_host,
     )
     model.use_decode_graphs = graphs_supported(device) if cuda_graphs is None else cuda_graphs
     model.experts = (expert_backend_factory or resident_experts)(file, model, device, dtype)

@@ -34,10 +34,14 @@ class DecoderLayer(nn.Module):
 
 class MixtralModel(nn.Module):
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
-                 lm_head: nn.Module, max_ctx: int, device: torch.device, dtype: torch.dtype):
+                 lm_head: nn.Module, max_ctx: int, device: torch.device, dtype: torch.dtype,
+                 embed_on_host: bool = False):
         super().__init__()
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         self.embed = nn.Parameter(embed, requires_grad=False)  # [V, H]
+        # the table stays in host RAM and only the looked-up rows cross the link (offloading:
+        # a Mixtral-8x7B table is 262 MB of GPU memory, ~5 expert slots), as llama.cpp does
+        self.embed_on_host = embed_on_host
         self.layers = nn.ModuleList(layers)
         self.norm, self.lm_head = norm, lm_head
         self.experts: ExpertBackend | None = None
@@ -84,6 +88,17 @@ class MixtralModel(nn.Module):
             torch.add(h_mid, y, out=g.h)  # the residual stream, in place: the next layer's input
         return g.h
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] -> [T, H] in the compute dtype on the device (the table may be kept fp16)."""
+        if not self.embed_on_host:
+            return F.embedding(tokens.to(self.device), self.embed).to(self.dtype)
+        # a token on the device costs one small sync here; the offloading engine syncs on every
+        # layer's routing anyway
+        rows = F.embedding(tokens.cpu(), self.embed)  # [T, H] on the host
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()  # an async upload (torch's pinned cache keeps it until the copy ends)
+        return rows.to(self.device, non_blocking=True).to(self.dtype)
+
     def router_weights(self, layer: int) -> torch.Tensor:
         """The router of `layer`: [E, H] in the compute dtype (for speculative prefetch)."""
         return self.layers[layer].moe.router
@@ -104,7 +119,7 @@ class MixtralModel(nn.Module):
             if self.step_graph is None or self.step_graph.experts is not self.experts:  # captured over these
                 self.step_graph = StepGraph(self)
             return self.step_graph.step(tokens, start_pos)  # [1, V]
-        h = F.embedding(tokens.to(self.device), self.embed).to(self.dtype)  # [T, H] (embed may be kept fp16)
+        h = self.embed_tokens(tokens)  # [T, H]
         if T == 1 and self.use_decode_graphs:
             h = self._decode_step(h, start_pos)
         else:

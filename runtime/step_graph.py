@@ -28,8 +28,8 @@ from .graphs import capture
 
 def step_graph_applies(model) -> bool:
     """Whether `model`'s one-token steps can run as one graph: its expert backend finds each
-    token's experts on the device."""
-    return bool(getattr(model.experts, "routes_on_device", False))
+    token's experts on the device, and the embedding table is there too."""
+    return bool(getattr(model.experts, "routes_on_device", False)) and not model.embed_on_host
 
 
 # The smallest number of cache positions a step attends over (the buckets double from here).

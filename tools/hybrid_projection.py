@@ -54,14 +54,15 @@ LLAMA_CPP = {"12GiB": 46.7}  # FACTS.md section 2b: -ngl 99 --n-cpu-moe 9, 11.8 
 
 def geometry(expert_meta_bits: int) -> tuple[int, dict[str, int]]:
     """(bytes of one 2-bit g16 Mixtral-8x7B expert, {budget: expert slots}) from the format's
-    layout and the runtime's memory plan (fused kernels, 4096-token context, 512 MiB reserve)."""
+    layout and the runtime's memory plan on CUDA (fused kernels, the embedding table in host RAM,
+    4096-token context, 512 MiB reserve)."""
     from runtime.bench import bench_config, bench_recipe
     from runtime.offload.budget import plan_memory
     from runtime.offload.synthfile import synthetic_header
 
     h = synthetic_header(bench_config(32, False), bench_recipe(2, expert_meta_bits))
     slots = {f"{b}GiB": plan_memory(h, b << 30, context_tokens=4096, dtype_bytes=2, reserve_bytes=512 << 20,
-                                    fused=True).n_slots for b in BUDGETS_GIB}
+                                    fused=True, embed_on_host=True).n_slots for b in BUDGETS_GIB}
     return h.expert_layout.record_size, slots
 
 

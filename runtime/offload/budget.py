@@ -87,7 +87,7 @@ class MemoryPlan:
     """Where a GPU budget goes. All figures in bytes."""
 
     budget: int
-    non_expert_bytes: int  # weights that stay on the device (attention, embeddings, norms, routers, lm_head)
+    non_expert_bytes: int  # weights on the device (attention, norms, routers, lm_head, embeddings unless on the host)
     kv_cache_bytes: int
     workspace_bytes: int  # activations and dequantization temporaries
     reserve_bytes: int  # CUDA context and allocator slack, outside PyTorch's tensors
@@ -95,6 +95,7 @@ class MemoryPlan:
     n_slots: int  # expert slots allocated once: [n_slots, record_size] uint8
     min_slots: int  # top-k per layer: below this a token cannot run
     total_experts: int
+    embed_on_host: bool = False  # the embedding table is in host RAM, not in non_expert_bytes
 
     @property
     def fixed_bytes(self) -> int:
@@ -117,28 +118,43 @@ class MemoryPlan:
             "budget": self.budget, "non_expert_bytes": self.non_expert_bytes, "kv_cache_bytes": self.kv_cache_bytes,
             "workspace_bytes": self.workspace_bytes, "reserve_bytes": self.reserve_bytes,
             "record_size": self.record_size, "n_slots": self.n_slots, "min_slots": self.min_slots,
-            "total_experts": self.total_experts,
+            "total_experts": self.total_experts, "embed_on_host": self.embed_on_host,
         }
 
     def describe(self) -> str:
         return (
-            f"GPU plan {format_size(self.budget)}: non-expert weights {format_size(self.non_expert_bytes)}, "
+            f"GPU plan {format_size(self.budget)}: non-expert weights {format_size(self.non_expert_bytes)}"
+            f"{' (embeddings in host RAM)' if self.embed_on_host else ''}, "
             f"KV cache {format_size(self.kv_cache_bytes)}, workspace {format_size(self.workspace_bytes)}, "
             f"reserve {format_size(self.reserve_bytes)}, {self.n_slots} of {self.total_experts} experts "
             f"({format_size(self.slot_bytes)}, {format_size(self.record_size)} each)"
         )
 
 
-def non_expert_bytes(header: Header, dtype_bytes: int, dequantize_at_load: bool = False, context_tokens: int = 0) -> int:
+def non_expert_bytes(header: Header, dtype_bytes: int, dequantize_at_load: bool = False, context_tokens: int = 0,
+                     embed_on_host: bool = False) -> int:
     """Device bytes of every non-expert tensor as runtime.loader keeps it, plus the rotary
-    cos/sin tables of the allocated context (buffers of the model, like the weights)."""
+    cos/sin tables of the allocated context (buffers of the model, like the weights).
+    `embed_on_host`: the embedding table stays in host RAM (load_model(embed_on_host=True);
+    never with tied embeddings, whose one matrix is the lm_head)."""
     total = 2 * context_tokens * header.config.head_dim * dtype_bytes
+    host = "model.embed_tokens.weight" if embed_on_host and not header.config.tie_word_embeddings else None
     for t in header.tensors:
+        if t.name == host:
+            continue
         if t.spec.quantized and not dequantize_at_load:
             total += t.nbytes
         else:
             total += _numel(t.shape) * dtype_bytes
     return total
+
+
+def embed_table_bytes(header: Header, dtype_bytes: int) -> int:
+    """Device bytes of the embedding table (load_model converts it to the compute dtype); 0
+    with tied embeddings, where the one matrix is counted as the lm_head."""
+    if header.config.tie_word_embeddings:
+        return 0
+    return _numel(header.tensor("model.embed_tokens.weight").shape) * dtype_bytes
 
 
 def kv_cache_bytes(header: Header, context_tokens: int, dtype_bytes: int) -> int:
@@ -186,18 +202,20 @@ def plan_memory(
     dequantize_at_load: bool = False,
     fused: bool = False,
     non_expert: int | None = None,
+    embed_on_host: bool = False,
     option: str = "--gpu-memory",
     source: str = "the model",
 ) -> MemoryPlan:
     """The plan for `budget` bytes, or a ConfigError naming the smallest budget that works.
 
     `non_expert` overrides the header estimate (e.g. with what a loaded model really holds);
-    `fused`: the device runs the fused kernels (see workspace_bytes)."""
+    `fused`: the device runs the fused kernels (see workspace_bytes); `embed_on_host`: see
+    non_expert_bytes."""
     c = header.config
     rs = header.expert_layout.record_size
     total = c.num_hidden_layers * c.num_local_experts
     fixed = dict(
-        non_expert_bytes=non_expert if non_expert is not None else non_expert_bytes(header, dtype_bytes, dequantize_at_load, context_tokens),
+        non_expert_bytes=non_expert if non_expert is not None else non_expert_bytes(header, dtype_bytes, dequantize_at_load, context_tokens, embed_on_host),
         kv_cache_bytes=kv_cache_bytes(header, context_tokens, dtype_bytes),
         workspace_bytes=workspace_bytes(header, context_tokens, dtype_bytes, prefill_tokens, fused),
         reserve_bytes=reserve_bytes,
@@ -205,7 +223,8 @@ def plan_memory(
     min_slots = c.num_hidden_layers * c.num_experts_per_tok
     left = budget - sum(fixed.values())
     n_slots = min(total, max(0, left) // rs)
-    plan = MemoryPlan(budget=budget, record_size=rs, n_slots=n_slots, min_slots=min_slots, total_experts=total, **fixed)
+    plan = MemoryPlan(budget=budget, record_size=rs, n_slots=n_slots, min_slots=min_slots, total_experts=total,
+                      embed_on_host=embed_on_host and not c.tie_word_embeddings, **fixed)
     if n_slots < min_slots:
         raise ConfigError(
             f"{option} {format_size(budget)} is too small for {source}: it needs "

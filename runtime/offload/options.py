@@ -18,7 +18,7 @@ import torch
 from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
-from .budget import GiB, MiB, POLICIES, MemoryPlan, parse_size, plan_memory
+from .budget import GiB, MiB, POLICIES, MemoryPlan, embed_table_bytes, parse_size, plan_memory
 from .host import plan_host
 
 CUDA_RESERVE = 512 * MiB  # CUDA context + allocator slack, outside PyTorch's tensors
@@ -137,6 +137,14 @@ def fused_kernels(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" and triton_available()
 
 
+def embeds_on_host(device: torch.device) -> bool:
+    """Whether an offloaded model on `device` keeps its embedding table in host RAM
+    (load_model(embed_on_host=True)): on CUDA, where its 262 MB (Mixtral-8x7B) buy ~5 more
+    expert slots and a step uploads only its tokens' rows, as llama.cpp keeps token_embd on
+    the CPU. Elsewhere host RAM is the device's memory."""
+    return torch.device(device).type == "cuda"
+
+
 def _hybrid_bytes(file: MoepackFile, opts: OffloadOptions) -> int:
     """Device bytes --hybrid adds: a scratch set per expert a token can split (each holds one
     w2 and the GPU's rows of w1/w3, copied while the CPU computes the other rows;
@@ -162,12 +170,17 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
     device = torch.device(device)
     budget, reserve = _budget(opts, device)
     reserve += _hybrid_bytes(file, opts)
-    plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=_dtype_bytes(dtype), reserve_bytes=reserve,
+    dbytes = _dtype_bytes(dtype)
+    plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
                        dequantize_at_load=dequantize_at_load, fused=fused_kernels(device), source=str(file.path),
-                       option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory")
+                       option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory",
+                       embed_on_host=embeds_on_host(device))
     _check_slots(opts, plan)
     plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
-    if not opts.requested and plan.all_resident:
+    # unasked, offloading starts only where every expert and the table (which then stays on
+    # the device) do not fit
+    table = embed_table_bytes(file.header, dbytes) if plan.embed_on_host else 0
+    if not opts.requested and plan.all_resident and budget - plan.fixed_bytes - plan.slot_bytes >= table:
         return None
     return plan
 
@@ -179,9 +192,13 @@ def _check_slots(opts: OffloadOptions, plan: MemoryPlan) -> None:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Device bytes of a loaded model's parameters and buffers (KV cache excluded)."""
+    """Device bytes of a loaded model's parameters and buffers (KV cache excluded; a table kept
+    in host RAM is not the device's)."""
+    device = getattr(model, "device", None)
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if device is not None and t.device.type != torch.device(device).type:
+            continue
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key not in seen:
             seen.add(key)
@@ -205,7 +222,8 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
             budget = max(0, free - DEFAULT_MARGIN) + torch.cuda.memory_allocated(device)
         plan = plan_memory(file.header, budget, context_tokens=getattr(model, "max_ctx", ctx), dtype_bytes=_dtype_bytes(dtype),
                            reserve_bytes=reserve + _hybrid_bytes(file, opts), non_expert=model_bytes(model),
-                           fused=fused_kernels(device), source=str(file.path))
+                           fused=fused_kernels(device), source=str(file.path),
+                           embed_on_host=getattr(model, "embed_on_host", False))
         _check_slots(opts, plan)
         n_slots = opts.expert_slots if opts.expert_slots is not None else plan.n_slots
         resident = plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)

@@ -16,7 +16,7 @@ from formats.reader import MoepackFile
 from runtime.loader import load_model
 from runtime.offload.engine import OffloadedExperts
 from runtime.offload.host import choose_resident
-from runtime.offload.options import OffloadOptions, make_backend_factory
+from runtime.offload.options import OffloadOptions, make_backend_factory, model_bytes
 from runtime.offload.streams import CopyEngine
 from runtime.offload.traces import SyntheticRouting, reference_params
 
@@ -159,6 +159,27 @@ def test_cuda_default_budget_and_factory(cuda_tiny):
     model, _ = load_model(path, "cuda", torch.float32, expert_backend_factory=factory, ctx=CTX)
     assert model.experts.cache.n_slots == LAYERS * EXPERTS  # a tiny model fits any real GPU
     assert_same(ref, greedy(model, PROMPT.cuda()), tol=1e-4)
+    model.experts.close()
+
+
+def test_cuda_offload_keeps_the_table_in_host_ram(cuda_tiny):
+    """runtime.generate's load: an offloaded model's embedding table stays on the host, the plan
+    and the device bytes leave it out, and tokens on either side give the resident logits (a
+    token on the device costs a sync, with graphs too)."""
+    from runtime.generate import load
+
+    path, ref = cuda_tiny
+    model, file, _ = load(str(path), "cuda", "float32", CTX, False, None, OffloadOptions(gpu_memory=1 << 30))
+    assert model.embed_on_host and model.embed.device.type == "cpu"
+    assert model.experts.plan.embed_on_host
+    device, model.device = model.device, torch.device("cpu")
+    assert model_bytes(model) == model.embed.numel() * model.embed.element_size()  # the host's share: the table
+    model.device = device
+    assert_same(ref, greedy(model, PROMPT.cuda()), tol=1e-4)
+    model(PROMPT.cuda(), 0)
+    on_device = model(torch.tensor([3], device="cuda"), PROMPT.numel(), last_only=True)
+    model(PROMPT.cuda(), 0)
+    assert torch.equal(on_device, model(torch.tensor([3]), PROMPT.numel(), last_only=True))
     model.experts.close()
 
 
