@@ -106,6 +106,9 @@ class OffloadedExperts(HybridSteps):
         self.stage_w2 = stage_w2
         # guesses per future layer: the planner's whole-expert prefetch, or the one staged w2
         self._guess_n = prefetch or (self.top_k if stage_w2 else 0)
+        # the layers each layer guesses for (made once: the host's time per layer is the GPU's idle time)
+        self._target_lists = [[t for t in range(L + 1, L + 1 + prefetch_layers) if t < self.layers]
+                              for L in range(self.layers)]
         self._staged: Staged | None = None  # the next layer's likely miss, w2 copied ahead
         self.planner = Planner(self.cache, prefetch)
         self.routing: RoutingOverride | None = None
@@ -118,6 +121,7 @@ class OffloadedExperts(HybridSteps):
         self.copier = CopyEngine(self.device)
         # allocated once; rows are reused by every expert that passes through the cache
         self.slots = torch.empty((self.cache.n_slots, self.layout.record_size), dtype=torch.uint8, device=self.device)
+        self._slot_rows = list(self.slots.unbind(0))  # each slot's row, as a view made once
         # decode replays one captured graph per slot (runtime.graphs); None: on CUDA
         self.graphs = expert_graphs(self.slots, self.layout, dtype, cfg.hidden_size, cuda_graphs)
         self._ready = [NULL_EVENT] * self.cache.n_slots  # copy into the slot done
@@ -133,7 +137,8 @@ class OffloadedExperts(HybridSteps):
         self.cpu_observed: collections.deque[float] = collections.deque(maxlen=CPU_OBSERVATIONS_KEPT)
         if hybrid:
             # one more set than a token can split: the staged w2 never takes a set this layer reads
-            self.split = SplitScratch(self.layout, self.top_k + stage_w2, self.device, dtype, rows=split_rows_enabled())
+            self.split = SplitScratch(self.layout, self.top_k + stage_w2, self.device, dtype, rows=split_rows_enabled(),
+                                      graphs=self.graphs is not None and self.graphs.capturing)
             self.cost = CostModel(self.layout.record_size,
                                   w2_share=self.layout.matrix("w2").nbytes / self.layout.record_size,
                                   max_gpu_rows=self.split.max_rows / self.layout.matrix("w1").shape[0])
@@ -144,7 +149,8 @@ class OffloadedExperts(HybridSteps):
     def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         # x: [T, H], topk_idx / topk_w: [T, k]
         T, k = topk_idx.shape
-        self._issue_finished_reads()
+        if self._pending:
+            self._issue_finished_reads()
         routes, guesses = self._decide(layer, x, topk_idx)
         needed, positions = _by_need(routes, k)
         staged = self._take_staged(layer)
@@ -253,7 +259,7 @@ class OffloadedExperts(HybridSteps):
     def _targets(self, layer: int) -> list[int]:
         if not self._guess_n:
             return []
-        return [t for t in range(layer + 1, layer + 1 + self.prefetch_layers) if t < self.layers]
+        return self._target_lists[layer]
 
     def _router(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
         w = self._routers.get(layer)
@@ -297,7 +303,7 @@ class OffloadedExperts(HybridSteps):
             self.host.release(old)
         src = self.host.view(op.key)
         if src is not None:
-            self._ready[slot] = self.copier.copy(self.slots[slot], src, after=self._free[slot])
+            self._ready[slot] = self.copier.copy(self._slot_rows[slot], src, after=self._free[slot])
             return
         while not self.host.has_free_staging():
             self._issue_oldest_read()
@@ -308,7 +314,7 @@ class OffloadedExperts(HybridSteps):
         t = time.perf_counter()
         buf = self.host.staged(pending)
         self.read_wait_s += time.perf_counter() - t
-        ev = self.copier.copy(self.slots[slot], buf, after=self._free[slot])
+        ev = self.copier.copy(self._slot_rows[slot], buf, after=self._free[slot])
         self._ready[slot] = ev
         self.host.release(pending, after=ev)
 
@@ -324,7 +330,7 @@ class OffloadedExperts(HybridSteps):
         if op.slot in self._pending:
             self._issue_read(op.slot)
         self.copier.wait(self._ready[op.slot])
-        return self.slots[op.slot]
+        return self._slot_rows[op.slot]
 
 
 def _reloaded_after(ops: list) -> set[int]:
@@ -343,6 +349,8 @@ def _reloaded_after(ops: list) -> set[int]:
 
 def _by_need(routes: list[list[int]], k: int) -> tuple[list[int], dict[int, list[int]]]:
     """Distinct experts, most tokens first (ties: first seen), and each one's flat positions t*k+j."""
+    if len(routes) == 1 and len(set(routes[0])) == len(routes[0]):  # a decode step: each once, in order
+        return [int(e) for e in routes[0]], {int(e): [j] for j, e in enumerate(routes[0])}
     positions: dict[int, list[int]] = {}
     for t, row in enumerate(routes):
         for j, e in enumerate(row):

@@ -143,6 +143,7 @@ class HostStore:
         keys.sort(key=self._file_offset.__getitem__)
         self.chunks: list[torch.Tensor] = []
         self._where: dict[Key, tuple[int, int]] = {}
+        self._views: dict[Key, torch.Tensor] = {}  # view()'s rows, made on first use
         i = 0
         for c, n in enumerate(chunk_records(len(keys), rs)):
             try:
@@ -215,8 +216,14 @@ class HostStore:
 
     def view(self, key: Key) -> torch.Tensor | None:
         """The record of a resident expert (uint8 [record_size], pinned when CUDA), else None."""
-        w = self._where.get(key)
-        return None if w is None else self.chunks[w[0]][w[1]]
+        v = self._views.get(key)
+        if v is None:
+            w = self._where.get(key)
+            if w is None:
+                return None
+            # made once: a decode step asks for the same views several times, at ~1 us each
+            v = self._views[key] = self.chunks[w[0]][w[1]]
+        return v
 
     # -- on-demand reads --------------------------------------------------------------------
     def has_free_staging(self) -> bool:
@@ -278,7 +285,7 @@ class HostStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.chunks, self._staging = [], []
+        self.chunks, self._staging, self._views = [], [], {}
 
 
 def available_ram() -> int | None:

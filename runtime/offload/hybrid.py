@@ -75,24 +75,20 @@ class CostModel:
         backlog already). With r = 0 this is the fixed cut; a CPU slower than the link's
         share moves rows over. tools/hybrid_projection.py ("rows"): 12 GiB, 4-bit meta,
         g 0.27 ms, t_cpu 1.2 ms: 47.5 tok/s with the fixed cut, 55.8 balanced."""
-        if split == 0 or self.max_gpu_rows <= 0:
-            return 0.0
-        f, tc, tp = self.w2_share, self.copy_s, self.cpu_s
-        lag = split * (1 - f) * tp + on_cpu * tp - copy_backlog_s - copied * tc - (split - staged) * f * tc
-        return min(self.max_gpu_rows, max(0.0, lag / (split * (1 - f) * (tc + tp))))
+        return _gpu_rows(*self._terms(copy_backlog_s), copied, split, on_cpu, staged)
 
     def cost(self, copied: int, split: int, on_cpu: int, copy_backlog_s: float = 0.0,
              uncached_value: float | None = None, staged: int = 0) -> float:
         """The objective above for one assignment (seconds), splits at gpu_rows' share, `staged`
         of them with w2 copied ahead. uncached_value: the summed reuse values of the misses
         left uncached (default: reuse_weight each)."""
-        f = self.w2_share
-        r = self.gpu_rows(copied, split, on_cpu, copy_backlog_s, staged)
-        link = copy_backlog_s + copied * self.copy_s + ((split - staged) * f + split * r * (1 - f)) * self.copy_s
-        cpu = split * (1 - r) * (1 - f) * self.cpu_s + on_cpu * self.cpu_s
         if uncached_value is None:
             uncached_value = (split + on_cpu) * self.reuse_weight
-        return max(link, cpu) + uncached_value * self.copy_s
+        return _cost(*self._terms(copy_backlog_s), copied, split, on_cpu, uncached_value, staged)
+
+    def _terms(self, copy_backlog_s: float) -> tuple[float, float, float, float, float]:
+        """(f, t_copy, t_cpu, max_gpu_rows, backlog): the arguments of _cost and _gpu_rows."""
+        return self.w2_share, self.copy_s, self.cpu_s, self.max_gpu_rows, copy_backlog_s
 
     def assign(self, n_misses: int, copy_backlog_s: float = 0.0, allow_split: bool = True,
                values: list[float] | None = None) -> tuple[int, int, int]:
@@ -103,11 +99,12 @@ class CostModel:
         if values is None:
             values = [self.reuse_weight] * n_misses
         tail = [sum(values[a:]) for a in range(n_misses + 1)]  # value left uncached when the first a are copied
+        terms = self._terms(copy_backlog_s)
         best, best_t = (n_misses, 0, 0), None
         for a in range(n_misses, -1, -1):
             for b in range(n_misses - a + 1 if allow_split else 1):
                 c = n_misses - a - b
-                t = self.cost(a, b, c, copy_backlog_s, tail[a])
+                t = _cost(*terms, a, b, c, tail[a], 0)
                 if best_t is None or t < best_t - 1e-12:
                     best, best_t = (a, b, c), t
         return best
@@ -122,14 +119,14 @@ class CostModel:
         if values is None:
             values = [self.reuse_weight] * n_others
         tail = [sum(values[a:]) for a in range(n_others + 1)]
+        terms = self._terms(copy_backlog_s)
         best, best_t = None, None
-        for role in ("split", "copy", "cpu"):
-            plus = {"copy": (1, 0, 0), "split": (0, 1, 0), "cpu": (0, 0, 1)}[role]
+        for role, plus in _STAGED_ROLES:
             for a in range(n_others, -1, -1):
                 for b in range(n_others - a + 1):
                     c = n_others - a - b
-                    t = self.cost(a + plus[0], b + plus[1], c + plus[2], copy_backlog_s,
-                                  tail[a] + (0.0 if role == "copy" else staged_value), staged=plus[1])
+                    t = _cost(*terms, a + plus[0], b + plus[1], c + plus[2],
+                              tail[a] + (0.0 if role == "copy" else staged_value), plus[1])
                     if best_t is None or t < best_t - 1e-12:
                         best, best_t = (role, (a, b, c)), t
         return best
@@ -150,6 +147,32 @@ class CostModel:
     def observe_copy(self, gbps: float) -> None:
         if gbps > 0:
             self.copy_gbps += self.smoothing * (gbps - self.copy_gbps)
+
+
+# what a staged miss may become, and what it adds to (copied, split, on_cpu); ties keep this order
+_STAGED_ROLES = (("split", (0, 1, 0)), ("copy", (1, 0, 0)), ("cpu", (0, 0, 1)))
+
+
+def _gpu_rows(f: float, tc: float, tp: float, max_rows: float, backlog: float,
+              copied: int, split: int, on_cpu: int, staged: int) -> float:
+    """CostModel.gpu_rows over plain numbers: the assignment loops call it (through _cost) a few
+    times per decode layer, on the host time the GPU waits for."""
+    if split == 0 or max_rows <= 0:
+        return 0.0
+    lag = split * (1 - f) * tp + on_cpu * tp - backlog - copied * tc - (split - staged) * f * tc
+    return min(max_rows, max(0.0, lag / (split * (1 - f) * (tc + tp))))
+
+
+def _cost(f: float, tc: float, tp: float, max_rows: float, backlog: float,
+          copied: int, split: int, on_cpu: int, uncached_value: float, staged: int) -> float:
+    """CostModel.cost over plain numbers (see _gpu_rows, inlined here)."""
+    r = 0.0
+    if split and max_rows > 0:
+        lag = split * (1 - f) * tp + on_cpu * tp - backlog - copied * tc - (split - staged) * f * tc
+        r = min(max_rows, max(0.0, lag / (split * (1 - f) * (tc + tp))))
+    link = backlog + copied * tc + ((split - staged) * f + split * r * (1 - f)) * tc
+    cpu = split * (1 - r) * (1 - f) * tp + on_cpu * tp
+    return max(link, cpu) + uncached_value * tc
 
 
 def choose(cost: CostModel, misses: list[int], values: list[float], backlog_s: float = 0.0,

@@ -40,7 +40,7 @@ class HybridSteps:
         from ..cpu_expert import cpu_expert_ffn, cpu_kernel_name
 
         key = next(((L, e) for L in range(self.layers) for e in range(self.num_experts)
-                    if self.host.view((L, e)) is not None), None)
+                    if self.host.is_resident((L, e))), None)
         if key is None:
             return
         src = self.host.view(key)
@@ -69,7 +69,7 @@ class HybridSteps:
         those it computes whole (see offload.hybrid). The misses least worth caching leave the
         copy path first (ties: the least needed). A staged miss (its w2 copied ahead) that is
         split comes first in the split list."""
-        misses = [e for e in needed if (layer, e) not in self.cache and self.host.view((layer, e)) is not None]
+        misses = [e for e in needed if (layer, e) not in self.cache and self.host.is_resident((layer, e))]
         if not misses:
             return [], [], 0
         # the link's queue (prefetches for this and later layers) delays a copy issued now; the CPU
@@ -96,8 +96,7 @@ class HybridSteps:
         and is split, its link share is only the GPU's rows of w1/w3. Queued behind this
         layer's copies, it runs while the GPU and CPU compute this layer."""
         ranked = next((r for t, r in guesses if t == layer + 1), ())
-        e = next((e for e in ranked if (layer + 1, e) not in self.cache
-                  and self.host.view((layer + 1, e)) is not None), None)
+        e = next((e for e in ranked if (layer + 1, e) not in self.cache and self.host.is_resident((layer + 1, e))), None)
         # only where the costs would split it if it missed alone: a CPU too slow to take
         # splits would leave every staged byte unused and the link that much later
         if e is None or self.cost.assign_staged(0, self.cache.reuse_value((layer + 1, e)))[0] != "split":

@@ -16,21 +16,22 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 from .cache import ExpertCache, Key
 
 
-@dataclass(frozen=True)
-class Load:
+# named tuples, not frozen dataclasses: a decode step builds a few per layer, and a frozen
+# dataclass costs several times as much to construct (the engine's host time is the GPU's
+# idle time at every layer: tools/offload_host.py)
+class Load(NamedTuple):
     key: Key
     slot: int
     evicted: Key | None
     prefetch: bool
 
 
-@dataclass(frozen=True)
-class Compute:
+class Compute(NamedTuple):
     key: Key
     slot: int
     hit: bool
@@ -93,25 +94,28 @@ class Planner:
         cache, st = self.cache, self.stats
         keys = [(layer, e) for e in needed]
         hits, queue = [], deque()
+        slot_of = {}  # each needed key's slot: as lookup found it, or as insert gave it
         for k in keys:
-            if cache.lookup(k) is not None:
+            slot = cache.lookup(k)
+            if slot is not None:
                 hits.append(k)
+                slot_of[k] = slot
                 cache.pin(k)
             else:
                 queue.append(k)
         st.uses += len(keys)
         st.hits += len(hits)
         st.misses += len(queue)
-        for k in hits:
-            if k in self._outstanding:
-                st.prefetch_used += 1
-        # what was prefetched for this layer and not needed is settled now
-        stale = {k for k in self._outstanding if k[0] == layer}
-        st.prefetch_wasted += len(stale - set(hits))
-        self._outstanding -= stale
+        if self._outstanding:
+            for k in hits:
+                if k in self._outstanding:
+                    st.prefetch_used += 1
+            # what was prefetched for this layer and not needed is settled now
+            stale = {k for k in self._outstanding if k[0] == layer}
+            st.prefetch_wasted += len(stale - set(hits))
+            self._outstanding -= stale
 
         ops: list[Load | Compute] = []
-        hit_set = set(hits)
         computes = deque(hits)
 
         def load_more() -> None:
@@ -125,18 +129,22 @@ class Planner:
                 cache.pin(k)
                 st.loads += 1
                 ops.append(Load(k, slot, evicted, False))
+                slot_of[k] = slot
                 computes.append(k)
 
-        load_more()
+        if queue:
+            load_more()
         prefetched = False
         if not queue:
             self._prefetch(layer, guesses, ops)
             prefetched = True
         while computes:
             k = computes.popleft()
-            ops.append(Compute(k, cache.slot_of(k), k in hit_set))
+            # a pinned entry keeps its slot until unpinned: the slot found (or filled) above
+            ops.append(Compute(k, slot_of[k], k in hits))
             cache.unpin(k)
-            load_more()
+            if queue:
+                load_more()
         if queue:  # a pool of zero slots; make_cache never builds one
             raise RuntimeError(f"layer {layer}: no slot can take expert {queue[0][1]}")
         if not prefetched:

@@ -75,9 +75,11 @@ class SplitScratch:
     prefixes. One set per expert a token can split (top_k), plus one when the next layer's
     likely miss has its w2 staged ahead (`sets`, offload.engine)."""
 
-    def __init__(self, layout: ExpertLayout, sets: int, device: torch.device, dtype: torch.dtype, rows: bool):
+    def __init__(self, layout: ExpertLayout, sets: int, device: torch.device, dtype: torch.dtype, rows: bool,
+                 graphs: bool = False):
         self.layout, self.dtype = layout, dtype
         m2 = layout.matrix("w2")
+        self._w2_span = (m2.offset, m2.offset + m2.nbytes)  # w2's bytes in a record
         self.max_rows = max_rows(layout) if rows else 0
         self.step = row_step(layout) if self.max_rows else 0
         self.w2 = [QuantLinear(torch.zeros(m2.nbytes, dtype=torch.uint8, device=device), m2.shape, m2.spec, dtype)
@@ -85,9 +87,16 @@ class SplitScratch:
         self.prefix = [{m: torch.zeros(n, dtype=torch.uint8, device=device)
                         for m, n in _prefix_spans(layout, self.max_rows).items()} for _ in range(sets)]
         self.free = [NULL_EVENT] * sets  # compute that last read each set done
+        # CUDA graphs of the GPU's two GEMVs per set (and row count): an eager Triton launch cost
+        # ~110 us of host time on the H100 host, and a split's launches delay the CPU's start
+        # (the GPU rows are queued first) and the layer's end (w2 h after the CPU's rows)
+        self._hidden_graphs: dict[tuple[int, int], tuple] = {}  # (set, rows) -> (graph, h [1, rows])
+        self._w2_graphs: list[tuple | None] = [None] * sets  # set -> (graph, y [1, H])
         # the first call of a GEMV shape compiles its kernel (seconds): not inside a decode step
         self.w2[0](torch.zeros(1, m2.shape[1], dtype=dtype, device=device))
         self.warm_up(torch.zeros(1, layout.matrix("w1").shape[1], dtype=dtype, device=device))
+        if graphs:
+            self._capture(device)
 
     def rows_for(self, share: float) -> int:
         """Rows of w1/w3 for the GPU at `share` of them (CostModel.gpu_rows), rounded down to a
@@ -131,14 +140,45 @@ class SplitScratch:
 
     def stage_w2(self, copier: CopyEngine, record: torch.Tensor, i: int):
         """Copy the host `record`'s w2 into set i once the set's last reader is done: its event."""
-        m2 = self.layout.matrix("w2")
-        return copier.copy(self.w2[i].raw, record[m2.offset:m2.offset + m2.nbytes], after=self.free[i])
+        a, b = self._w2_span
+        return copier.copy(self.w2[i].raw, record[a:b], after=self.free[i])
+
+    def _capture(self, device: torch.device) -> None:
+        """Capture every set's graphs: h at each row count (rows_for's), and w2 h. They read
+        static inputs (self.x, self.h_in) and the sets' scratch bytes, so refilled scratch
+        needs no re-capture. Only where the fused GEMVs run (the eager fallback would
+        dequantize into the graphs' pool)."""
+        from ..graphs import capture
+        from ..kernels.qgemv import gemv_supported
+
+        m1, m2 = self.layout.matrix("w1"), self.layout.matrix("w2")
+        self.x = torch.zeros(1, m1.shape[1], dtype=self.dtype, device=device)  # the hidden graphs' input
+        self.h_in = [torch.zeros(1, m2.shape[1], dtype=self.dtype, device=device) for _ in self.w2]  # w2's inputs
+        if not use_fused(self.x):
+            return
+        pool = torch.cuda.graph_pool_handle()
+        hidden = [r for r in self.row_counts()
+                  if all(gemv_supported((r, m1.shape[1]), self.layout.matrix(m).spec) for m in ("w1", "w3"))]
+        for i in range(len(self.w2)):
+            for rows in hidden:
+                self._hidden_graphs[(i, rows)] = capture(lambda i=i, rows=rows: self._hidden(i, rows, self.x), device, pool)
+            if gemv_supported(tuple(m2.shape), m2.spec):
+                self._w2_graphs[i] = capture(lambda i=i: self.w2[i](self.h_in[i]), device, pool)
 
     def gpu_hidden(self, copier: CopyEngine | None, i: int, rows: int, x: torch.Tensor, prefix_done) -> torch.Tensor:
         """h of w1/w3's first `rows` rows for x [1, H] on the device, once set i's prefixes
-        landed: [1, rows] in the compute dtype. Queued on the compute stream; no host wait."""
+        landed: [1, rows] in the compute dtype. Queued on the compute stream; no host wait.
+        A captured graph's h is overwritten by its next replay (the next layer's split)."""
         if copier is not None:
             copier.wait(prefix_done)
+        g = self._hidden_graphs.get((i, rows))
+        if g is not None:
+            self.x.copy_(x)
+            g[0].replay()
+            return g[1]
+        return self._hidden(i, rows, x)
+
+    def _hidden(self, i: int, rows: int, x: torch.Tensor) -> torch.Tensor:
         m1 = self.layout.matrix("w1")
         shape = (rows, m1.shape[1])
         c1, c3 = (component_tensors(self.prefix[i][m], shape, self.layout.matrix(m).spec) for m in ("w1", "w3"))
@@ -155,6 +195,12 @@ class SplitScratch:
     def w2_apply(self, copier: CopyEngine, i: int, h: torch.Tensor, w2_done) -> torch.Tensor:
         """w2 h for h [1, I] on the device, once set i's w2 landed; set i is free again after."""
         copier.wait(w2_done)
-        y = self.w2[i](h)
+        g = self._w2_graphs[i]
+        if g is not None:
+            self.h_in[i].copy_(h)
+            g[0].replay()
+            y = g[1]  # overwritten by this set's next replay: the caller's product with w is new
+        else:
+            y = self.w2[i](h)
         self.free[i] = copier.mark_used()
         return y
