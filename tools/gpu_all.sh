@@ -61,6 +61,10 @@
 # decode fusion), then "15" (row splits against the fixed cut, on the fused step), then
 # "13 2" (int16 activations A/B, the kernel table), then "10", "12", "9", "7".
 # Since the eighth session of 2026-11-23: "17" (staged w2) right after "15".
+# Since the ninth session of 2026-11-23: stage 17 first times the engine's host work on this
+# host's Python (tools/offload_host.py, ~15 s, no GPU), and its bench rows run with the
+# embedding table in host RAM and a split's GEMVs replayed from graphs (the cuda tests of
+# stage 1 check both: test_cuda_offload_keeps_the_table_in_host_ram, test_cuda_hybrid_same_as_resident).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -185,6 +189,8 @@ for mode in dequant fused; do
   has 16 && run profile_prompt_$mode 90 env MOEPACK_PREFILL=$mode $PY tools/profile_decode.py --layers 2 --recipe 4/2m4 \
     --prefill 512
 done
+# the engine's host time per decode layer on this host's Python (the GPU's work stubbed)
+has 17 && run offload_host 60 $PY tools/offload_host.py --json "$OUT/offload_host.json"
 # the next layer's likely miss with its w2 staged ahead (--prefetch-w2) against hybrid without
 # prefetch, LFU, trace routing, 4-bit meta: 12 GiB at 16 and 8 CPU threads, then 8 and 16 GiB
 for threads in 16 8; do

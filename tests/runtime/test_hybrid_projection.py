@@ -3,18 +3,13 @@ model and cache; a CPU that cannot help changes nothing, and at 12 GiB the split
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "hybrid_projection.py"
+from .test_offload_helpers import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("hybrid_projection", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("hybrid_projection")
 
 
 def test_projection_runs_and_orders_the_modes(tmp_path, capsys):

@@ -3,6 +3,7 @@ module holds no tests)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from formats.header import Header, ModelConfig, Recipe
@@ -39,3 +40,12 @@ def tiny_header(layers: int = 3, experts: int = 8, counts: bool = False, mixtral
 
 def tiny_file(folder: Path, layers: int = 3, experts: int = 8, seed: int = 0) -> Path:
     return write_synthetic(Path(folder) / f"tiny-{layers}x{experts}-s{seed}.moepack", tiny_config(layers, experts), RECIPE_4_2, seed=seed)
+
+
+def load_tool(name: str):
+    """The module tools/<name>.py (tools/ is not a package)."""
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

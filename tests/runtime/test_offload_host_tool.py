@@ -3,26 +3,17 @@ and puts the real expert functions back afterwards."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import runtime.cpu_expert as cpu_expert
 import runtime.offload.engine as engine
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "offload_host.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("offload_host", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from .test_offload_helpers import load_tool
 
 
 def test_offload_host_tool_reports_and_restores(tmp_path):
     real = (engine.expert_ffn, cpu_expert.cpu_expert_ffn, cpu_expert.cpu_expert_hidden)
-    tool = _tool()
+    tool = load_tool("offload_host")
     out = tmp_path / "h.json"
     assert tool.main(["--variant", "lru", "--variant", "hybrid-w2", "--tokens", "6", "--repeats", "1",
                       "--json", str(out)]) == 0
