@@ -165,11 +165,8 @@ def _gpu_rows(f: float, tc: float, tp: float, max_rows: float, backlog: float,
 
 def _cost(f: float, tc: float, tp: float, max_rows: float, backlog: float,
           copied: int, split: int, on_cpu: int, uncached_value: float, staged: int) -> float:
-    """CostModel.cost over plain numbers (see _gpu_rows, inlined here)."""
-    r = 0.0
-    if split and max_rows > 0:
-        lag = split * (1 - f) * tp + on_cpu * tp - backlog - copied * tc - (split - staged) * f * tc
-        r = min(max_rows, max(0.0, lag / (split * (1 - f) * (tc + tp))))
+    """CostModel.cost over plain numbers (see _gpu_rows)."""
+    r = _gpu_rows(f, tc, tp, max_rows, backlog, copied, split, on_cpu, staged) if split else 0.0
     link = backlog + copied * tc + ((split - staged) * f + split * r * (1 - f)) * tc
     cpu = split * (1 - r) * (1 - f) * tp + on_cpu * tp
     return max(link, cpu) + uncached_value * tc
