@@ -136,10 +136,20 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
     return results
 
 
+def _check_recipes(ctx, param, names):
+    # at parse time, so a misspelt recipe fails before any file is written
+    for name in names:
+        try:
+            bench_recipe(name)
+        except MoepackError as e:
+            raise click.BadParameter(e.message.removeprefix("--recipe ")) from None
+    return names
+
+
 @click.command(help=__doc__)
 @click.option("--layers", type=click.IntRange(1, 32), default=2, show_default=True)
 @click.option("--tiny", is_flag=True, help="Tiny shapes instead of Mixtral-8x7B's.")
-@click.option("--recipe", "recipes", multiple=True, default=("fp16", "4/2"), show_default=True, help="fp16, 4/2, 4/3, 4/2m4 or 4/3m4 (m4: the experts' scale/zero as 4-bit codes).")
+@click.option("--recipe", "recipes", multiple=True, default=("fp16", "4/2"), show_default=True, callback=_check_recipes, help="fp16, 4/2, 4/3, 4/2m4 or 4/3m4 (m4: the experts' scale/zero as 4-bit codes).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--prompt-len", type=click.IntRange(1), default=16, show_default=True)

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from formats.errors import MoepackError  # noqa: E402
 from runtime.baseline_bench import GRAPH_MODES, bench_config, bench_recipe  # noqa: E402
 from runtime.experts import resident_experts  # noqa: E402
 from runtime.device import resolve_device, resolve_dtype, synchronize  # noqa: E402
@@ -29,11 +30,19 @@ from runtime.loader import load_model  # noqa: E402
 from runtime.offload.synthfile import write_bench_file  # noqa: E402
 
 
+def _recipe(name: str) -> str:
+    try:
+        bench_recipe(name)
+    except MoepackError as e:
+        raise argparse.ArgumentTypeError(e.message.removeprefix("--recipe ")) from None
+    return name
+
+
 def parse_args(argv, description: str, steps: int) -> argparse.Namespace:
     """The options both decode-profiling tools take (tools/cpu_overhead.py imports this)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--recipe", default="4/2")
+    p.add_argument("--recipe", default="4/2", type=_recipe)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="auto")

@@ -28,5 +28,7 @@ def test_mixtral_shapes():
 
 
 def test_bad_recipe(capsys):
-    assert main(["--tiny", "--recipe", "1/1"]) == 1
-    assert capsys.readouterr().err.startswith("error: --recipe")
+    assert main(["--tiny", "--recipe", "1/1"]) == 1  # at parse time, before any file is written
+    err = capsys.readouterr().err
+    assert err.startswith("error: Invalid value for '--recipe': '1/1' is not one of fp16, 4/2")
+    assert len(err.strip().splitlines()) == 2  # one line plus the hint

@@ -4,6 +4,7 @@ module holds no tests)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from formats.header import Header, ModelConfig, Recipe
@@ -47,5 +48,6 @@ def load_tool(name: str):
     path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there while the class is built
     spec.loader.exec_module(mod)
     return mod
