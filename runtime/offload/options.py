@@ -18,7 +18,7 @@ import torch
 from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
-from .budget import GiB, MiB, POLICIES, MemoryPlan, embed_table_bytes, parse_size, plan_memory
+from .budget import GiB, MiB, POLICIES, MemoryPlan, embed_table_bytes, grouped_prompt_extra, parse_size, plan_memory
 from .host import plan_host
 
 CUDA_RESERVE = 512 * MiB  # CUDA context + allocator slack, outside PyTorch's tensors
@@ -171,18 +171,26 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
     budget, reserve = _budget(opts, device)
     reserve += _hybrid_bytes(file, opts)
     dbytes = _dtype_bytes(dtype)
+    fused = fused_kernels(device)
     plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
-                       dequantize_at_load=dequantize_at_load, fused=fused_kernels(device), source=str(file.path),
+                       dequantize_at_load=dequantize_at_load, fused=fused, source=str(file.path),
                        option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory",
                        embed_on_host=embeds_on_host(device))
     _check_slots(opts, plan)
     plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
-    # unasked, offloading starts only where every expert and the table (which then stays on
-    # the device) do not fit
+    # unasked, offloading starts only where every expert, the table (which then stays on the
+    # device) and the resident prompt path's larger scratch do not fit
     table = embed_table_bytes(file.header, dbytes) if plan.embed_on_host else 0
-    if not opts.requested and plan.all_resident and budget - plan.fixed_bytes - plan.slot_bytes >= table:
+    if not opts.requested and plan.all_resident and budget - plan.fixed_bytes - plan.slot_bytes >= table + (
+            _resident_prompt_extra(file, dbytes) if fused else 0):
         return None
     return plan
+
+
+def _resident_prompt_extra(file: MoepackFile, dtype_bytes: int) -> int:
+    from ..kernels.expert import PROMPT_SCRATCH_BYTES
+
+    return grouped_prompt_extra(file.header, dtype_bytes, PROMPT_SCRATCH_BYTES)
 
 
 def _check_slots(opts: OffloadOptions, plan: MemoryPlan) -> None:

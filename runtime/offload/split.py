@@ -156,10 +156,13 @@ class SplitScratch:
         self.h_in = [torch.zeros(1, m2.shape[1], dtype=self.dtype, device=device) for _ in self.w2]  # w2's inputs
         if not use_fused(self.x):
             return
-        pool = torch.cuda.graph_pool_handle()
         hidden = [r for r in self.row_counts()
                   if all(gemv_supported((r, m1.shape[1]), self.layout.matrix(m).spec) for m in ("w1", "w3"))]
         for i in range(len(self.w2)):
+            # a pool per set: a step replays every split's h graph before it reads any h, and in
+            # a shared pool one set's later graphs (w2's temporaries) may sit on another's h
+            # (replays out of capture order); within a set, h is read before its w2 replays
+            pool = torch.cuda.graph_pool_handle()
             for rows in hidden:
                 self._hidden_graphs[(i, rows)] = capture(lambda i=i, rows=rows: self._hidden(i, rows, self.x), device, pool)
             if gemv_supported(tuple(m2.shape), m2.spec):
@@ -168,7 +171,8 @@ class SplitScratch:
     def gpu_hidden(self, copier: CopyEngine | None, i: int, rows: int, x: torch.Tensor, prefix_done) -> torch.Tensor:
         """h of w1/w3's first `rows` rows for x [1, H] on the device, once set i's prefixes
         landed: [1, rows] in the compute dtype. Queued on the compute stream; no host wait.
-        A captured graph's h is overwritten by its next replay (the next layer's split)."""
+        A captured graph's h is overwritten by the next replay of a graph of set i (its w2,
+        or the next layer's split): read it before."""
         if copier is not None:
             copier.wait(prefix_done)
         g = self._hidden_graphs.get((i, rows))

@@ -91,3 +91,26 @@ def test_preflight_stays_resident_only_if_the_table_fits_too(tiny_path, monkeypa
         if plan is not None:
             assert plan.all_resident and plan.embed_on_host
 
+
+
+def test_preflight_counts_the_resident_prompt_scratch(tiny_path, monkeypatch):
+    """With the fused kernels a resident model's prompt dequantizes several experts at once
+    (kernels.grouped_prompt_ffn): a budget that fits every expert but not that scratch
+    offloads, and Mixtral-8x7B's scratch is four experts' w1 and w3 in fp16."""
+    from runtime.kernels.expert import PROMPT_SCRATCH_BYTES
+    from runtime.offload.budget import grouped_prompt_extra
+
+    mixtral = tiny_header(mixtral=True)
+    matrix = 4096 * 14336 * 2
+    assert grouped_prompt_extra(mixtral, 2, PROMPT_SCRATCH_BYTES) == 8 * matrix - matrix
+    file = MoepackFile(tiny_path)
+    h = file.header
+    extra = grouped_prompt_extra(h, 4, PROMPT_SCRATCH_BYTES)
+    assert extra == (2 * h.config.num_local_experts - 1) * h.config.hidden_size * h.config.intermediate_size * 4
+    monkeypatch.setattr(options, "fused_kernels", lambda device: True)
+    probe = plan_memory(h, 1 << 40, context_tokens=CTX, dtype_bytes=4, fused=True)
+    all_experts = probe.fixed_bytes + probe.total_experts * probe.record_size
+    for budget, resident in [(all_experts + extra, True), (all_experts + extra - 1, False)]:
+        monkeypatch.setattr(options, "_budget", lambda opts, device, b=budget: (b, 0))
+        plan = preflight(file, OffloadOptions(), torch.device("cpu"), torch.float32, CTX)
+        assert (plan is None) == resident, budget

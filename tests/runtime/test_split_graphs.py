@@ -66,3 +66,29 @@ def test_split_graphs_match_the_eager_calls(scratch_pair):
     if not CUDA:  # the graphs, not the eager path, produced those
         assert sum(g[0].replays for g in graphed._hidden_graphs.values()) == 4 * len(graphed.row_counts())
         assert sum(g[0].replays for g in graphed._w2_graphs) == 4 * len(graphed.row_counts())
+
+
+def test_each_set_captures_into_a_pool_of_its_own(tmp_path, monkeypatch):
+    """A step replays every split's h graph before it reads any h: sets must not share a
+    pool, where a later capture's temporaries may lie on an earlier graph's output (replays
+    out of capture order). Within a set, h is read before its w2 graph replays."""
+    if CUDA:
+        pytest.skip("counts pools through stand-ins for torch's capture")
+    use_interpreter(monkeypatch)
+    pools, seen = iter(range(100)), {}
+
+    def capture(fn, device, pool):
+        out = fn()
+        seen[id(out)] = pool
+        return _Replay(fn, out), out
+
+    monkeypatch.setattr(graphs_mod, "capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(pools))
+    file = MoepackFile(tiny_file(tmp_path, layers=2, experts=4))
+    s = split.SplitScratch(file.header.expert_layout, 3, torch.device("cpu"), torch.float32, rows=True, graphs=True)
+    per_set = []
+    for i in range(3):
+        mine = {seen[id(g[1])] for (j, _), g in s._hidden_graphs.items() if j == i} | {seen[id(s._w2_graphs[i][1])]}
+        assert len(mine) == 1
+        per_set += mine
+    assert len(set(per_set)) == 3
