@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import numpy as np
 import torch
@@ -272,10 +273,9 @@ def cpu_expert_hidden(record: torch.Tensor, layout: ExpertLayout, x: torch.Tenso
     cpu_expert_ffn (the hybrid engine's split leaves w2 h to the GPU). first_row > 0: only
     h's rows first_row.. ([T, I - first_row]; the GPU computes the others, see
     runtime.offload.split), where dequant.row_prefix_ok(first_row) holds."""
-    if first_row == 0:
-        part = _native_expert(record, layout, x, threads, whole=False)
-        if part is not None:
-            return part[0]
+    part = _native_expert(record, layout, x, threads, whole=False, first_row=first_row)
+    if part is not None:
+        return part[0]
     xs = np.ascontiguousarray(x.detach().to(torch.float32).numpy())  # [T, H]
     a = torch.from_numpy(_matvec_rows(record, layout.matrix("w1"), first_row, xs, threads))  # [T, I - first_row]
     b = torch.from_numpy(_matvec_rows(record, layout.matrix("w3"), first_row, xs, threads))
@@ -300,19 +300,71 @@ def _matvec_rows(record: torch.Tensor, m, first: int, x: np.ndarray, threads: in
 
 
 def _native_expert(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None,
-                   whole: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The compiled kernel's one-call expert (h, and y if `whole`), or None where it does not
-    apply. One call instead of three matrices' worth of views, conversions and launches: ~285
-    us of Python per expert on dev-cpu, which the slow host of the GPU machine multiplies."""
+                   whole: bool, first_row: int = 0, start: bool = False):
+    """The compiled kernel's one-call expert (h of rows first_row.., and y if `whole`), or None
+    where it does not apply. One call instead of three matrices' worth of views, conversions
+    and launches: ~285 us of Python per expert on dev-cpu, which the slow host of the GPU
+    machine multiplies. `start`: queued on the kernel's own thread instead (a NativeJob, or
+    None if its queue is full)."""
     native = _native()
-    if native is None or not record.is_contiguous() or record.dtype != torch.uint8:
+    if native is None or not record.is_contiguous() or record.dtype != torch.uint8 or (whole and first_row):
         return None
-    from .cpu_native import expert_descriptor
+    from .cpu_native import expert_rows_descriptor
 
-    desc = expert_descriptor(layout)
+    desc = expert_rows_descriptor(layout, first_row)
     if desc is None or record.numel() < layout.record_size:
         return None
     xs = x.detach().to(torch.float32).contiguous()  # [T, H]; a non-finite x is declined in C
-    m2 = layout.matrix("w2")
-    return native.expert(record, desc, xs, m2.shape[1], m2.shape[0] if whole else None,
-                         threads or torch.get_num_threads())
+    m1, m2 = layout.matrix("w1"), layout.matrix("w2")
+    call = native.expert_job if start else native.expert
+    return call(record, desc, xs, m1.shape[0] - first_row, m2.shape[0] if whole else None,
+                threads or torch.get_num_threads())
+
+
+# "0": start_expert runs its job inline, where its result is asked for (A/B timing)
+JOBS_ENV = "MOEPACK_CPU_WORKER"
+
+
+class ExpertJob:
+    """The CPU's work on one expert, started by start_expert. result() -> (its output, the
+    seconds the computation took, not the wait)."""
+
+    def __init__(self, native_job, fallback, whole: bool):
+        self._native, self._fallback, self._whole = native_job, fallback, whole
+        self._value: tuple[torch.Tensor, float] | None = None
+
+    @property
+    def on_thread(self) -> bool:
+        """Whether the kernel's own thread runs it (else: the caller, at result())."""
+        return self._native is not None
+
+    def result(self) -> tuple[torch.Tensor, float]:
+        if self._value is None:
+            done = self._native.result() if self._native is not None else None
+            if done is None:  # inline, or the kernel declined (a non-finite x): the fallback chain
+                t = time.perf_counter()
+                out = self._fallback()
+                done = ((out, out), time.perf_counter() - t)
+            (h, y), seconds = done
+            self._value = (y if self._whole else h), seconds
+        return self._value
+
+
+def start_expert(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, threads: int | None = None,
+                 first_row: int = 0, whole: bool = False) -> ExpertJob:
+    """Start the CPU's work on one expert for x [T, H]: cpu_expert_hidden (rows first_row..)
+    or, `whole`, cpu_expert_ffn. Where the compiled kernel takes it, it runs on the kernel's own
+    thread (runtime/csrc/cpu_jobs.c) and this returns at once: the caller issues other work
+    meanwhile, and the wait in result() releases the GIL. Elsewhere (no compiled kernel,
+    MOEPACK_CPU_WORKER=0, a layout it does not take) the job runs in result()."""
+    import os
+
+    def fallback():
+        if whole:
+            return cpu_expert_ffn(record, layout, x, threads)
+        return cpu_expert_hidden(record, layout, x, threads, first_row)
+
+    job = None
+    if os.environ.get(JOBS_ENV, "1") != "0":
+        job = _native_expert(record, layout, x, threads, whole, first_row, start=True)
+    return ExpertJob(job, fallback, whole)

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
-ABI_VERSION = 5
+JOBS_SOURCE = SOURCE.with_name("cpu_jobs.c")  # moepack_expert on the library's own thread
+ABI_VERSION = 6
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -65,7 +66,7 @@ def _cpu_fingerprint() -> str:
 def _flag_sets() -> list[list[str]]:
     """Compiler flags to try in order: OpenMP may be missing (macOS clang), -march=native may be
     refused (some non-x86 compilers); the last set always compiles standard C."""
-    base = ["-O3", "-std=c11", "-shared", "-fPIC"]
+    base = ["-O3", "-std=c11", "-shared", "-fPIC", "-pthread"]
     return [base + ["-march=native", "-fopenmp"], base + ["-march=native"], base + ["-fopenmp"], base]
 
 
@@ -74,7 +75,7 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
     cc = cc or _compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc/clang)")
-    src = SOURCE.read_bytes()
+    src = SOURCE.read_bytes() + JOBS_SOURCE.read_bytes()
     key = hashlib.sha256(src + cc.encode() + _cpu_fingerprint().encode() + sys.platform.encode()).hexdigest()[:16]
     out_dir = out_dir or _cache_dir() / "cpu-kernels"
     lib = out_dir / f"qgemv_cpu-{key}.so"
@@ -86,7 +87,7 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            r = subprocess.run(cc.split() + flags + ["-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+            r = subprocess.run(cc.split() + flags + ["-o", tmp, str(SOURCE), str(JOBS_SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
             if r.returncode == 0:
                 os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
                 return lib
@@ -97,6 +98,33 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     raise NativeBuildError(f"{cc} could not compile {SOURCE.name}: {errors[0][0]}")
+
+
+class _Job(ctypes.Structure):
+    """cpu_jobs.c's mp_job."""
+
+    _fields_ = [("record", ctypes.c_void_p), ("desc", ctypes.c_void_p), ("x", ctypes.c_void_p),
+                ("T", ctypes.c_int64), ("h", ctypes.c_void_p), ("y", ctypes.c_void_p), ("threads", ctypes.c_int32),
+                ("rc", ctypes.c_int32), ("state", ctypes.c_int32), ("pad", ctypes.c_int32), ("seconds", ctypes.c_double)]
+
+
+class NativeJob:
+    """moepack_expert running on the library's thread (NativeKernel.expert_job). result() waits
+    (without the GIL) and gives ((h, y or None), seconds the call took there), or None where
+    the kernel declined the layout or x (the caller computes it another way)."""
+
+    def __init__(self, kernel: "NativeKernel", job: _Job, keep: tuple):
+        self._kernel, self._job, self._keep = kernel, job, keep  # keep: the tensors its pointers name
+        self._rc: int | None = None
+
+    def result(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float] | None:
+        if self._rc is None:
+            self._rc = self._kernel._job_wait(ctypes.byref(self._job))
+        if self._rc == UNSUPPORTED:
+            return None
+        if self._rc != 0:
+            raise MemoryError("native expert kernel could not allocate its buffers")
+        return (self._keep[3], self._keep[4]), self._job.seconds
 
 
 class NativeKernel:
@@ -122,6 +150,9 @@ class NativeKernel:
         h.argtypes = [p, p, i64, i64, i64, p, ctypes.c_int]
         h.restype = ctypes.c_int
         self._gemv_f16 = h
+        self._job_submit, self._job_wait = self.lib.moepack_job_submit, self.lib.moepack_job_wait
+        for f in (self._job_submit, self._job_wait):
+            f.argtypes, f.restype = [ctypes.POINTER(_Job)], ctypes.c_int
 
     def gemv_f16(self, w: torch.Tensor, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         """x @ W.T for W [N, K] float16 (contiguous, CPU) and x [T, K] float32 contiguous:
@@ -166,6 +197,19 @@ class NativeKernel:
             raise MemoryError("native expert kernel could not allocate its buffers")
         return h, y
 
+    def expert_job(self, record: torch.Tensor, desc: torch.Tensor, x: torch.Tensor, inter: int, hidden: int | None,
+                   threads: int | None) -> NativeJob | None:
+        """expert(...) started on the library's own thread; returns at once (None: the queue
+        is full, call expert instead). The tensors stay referenced by the job until its result."""
+        t = x.shape[0]
+        h = torch.empty((t, inter), dtype=torch.float32)
+        y = torch.empty((t, hidden), dtype=torch.float32) if hidden is not None else None
+        job = _Job(record.data_ptr(), desc.data_ptr(), x.data_ptr(), t, h.data_ptr(),
+                   None if y is None else y.data_ptr(), int(threads or 0))
+        if self._job_submit(ctypes.byref(job)) != 0:
+            return None
+        return NativeJob(self, job, (record, desc, x, h, y))
+
 
 # (spec, rows, cols) of the load-time check: each code width on the in-register meta path,
 # and the per-row path with a scalar tail
@@ -207,6 +251,22 @@ def expert_descriptor(layout) -> torch.Tensor | None:
     hit = _DESCRIPTORS.get(key)
     if hit is None or hit[0] is not layout:
         hit = _DESCRIPTORS[key] = (layout, _descriptor(layout))
+    return hit[1]
+
+
+def expert_rows_descriptor(layout, first: int) -> torch.Tensor | None:
+    """expert_descriptor with w1 and w3 cut to their rows first.. (rows_descriptor): for
+    moepack_expert without y, the split's CPU rows of h. Cached like expert_descriptor."""
+    if first == 0:
+        return expert_descriptor(layout)
+    key = (id(layout), first)
+    hit = _DESCRIPTORS.get(key)
+    if hit is None or hit[0] is not layout:
+        m1, m3, m2 = (layout.matrix(n) for n in ("w1", "w3", "w2"))
+        rows = [rows_descriptor(tuple(m.shape), m.spec, m.offset, first) for m in (m1, m3)]
+        rows.append(matrix_descriptor(tuple(m2.shape), m2.spec, m2.offset))
+        desc = None if any(r is None for r in rows) else torch.tensor(rows, dtype=torch.int64).reshape(-1)
+        hit = _DESCRIPTORS[key] = (layout, desc)
     return hit[1]
 
 

@@ -32,6 +32,8 @@
 #  17. --prefetch-w2 (the next layer's likely miss has its w2 staged in a spare split scratch set)
 #      against hybrid without prefetch: LFU, trace routing, 4-bit meta, 12 GiB at 16 and 8 CPU
 #      threads, then 8 and 16 GiB;
+#  18. the CPU's share of a split on the compiled kernel's own thread against inline
+#      (MOEPACK_CPU_WORKER=0): hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB;
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -65,6 +67,10 @@
 # host's Python (tools/offload_host.py, ~15 s, no GPU), and its bench rows run with the
 # embedding table in host RAM and a split's GEMVs replayed from graphs (the cuda tests of
 # stage 1 check both: test_cuda_offload_keeps_the_table_in_host_ram, test_cuda_hybrid_same_as_resident).
+# Since the tenth session of 2026-11-23: stage 18, the CPU's share of a split started on the
+# compiled kernel's own thread (before the step's copies and launches) against inline; the
+# split's graphs now capture into a pool per scratch set (a shared pool let one set's w2
+# graph overwrite another set's h before it was read). Run "18" right after "17".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -202,5 +208,13 @@ done
 has 17 && run bench_w2_8_16 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
   --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant hybrid-only --variant hybrid-w2 --cache-policy lfu \
   --gpu-memory 8GiB --gpu-memory 16GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_w2_8_16.json" $BENCH_FLAGS
+# the CPU's share of a split started on the compiled kernel's own thread before the step's copies
+# and launches (runtime/csrc/cpu_jobs.c) against inline after them (MOEPACK_CPU_WORKER=0):
+# hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB, 16 CPU threads, each way
+for jobs in 1 0; do
+  has 18 && run bench_cpu_jobs_$jobs 170 env MOEPACK_CPU_WORKER=$jobs $PY -m runtime.bench --layers 32 --expert-bits 2 \
+    --expert-meta-bits 4 --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant hybrid-w2 --cache-policy lfu \
+    --gpu-memory 12GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_cpu_jobs_$jobs.json" $BENCH_FLAGS
+done
 log "total"
 tail -n 40 "$OUT/all.log"

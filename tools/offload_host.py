@@ -18,7 +18,12 @@ timing events and a graph replay costs its launch; here a copy is a memcpy of a 
 The trace's own drawing (route, guess) is timed apart and left out of "engine".
 
 Printed per variant: the engine's microseconds per layer call, and its parts (each method
-timed by a wrapper, which adds ~0.3 us per call to the parts, not to "engine").
+timed by a wrapper, which adds ~0.3 us per call to the parts, not to "engine"). Then what
+the GPU waits for: from the routing decision's arrival (the end of _decide, whose sync is
+where a real run's GPU falls idle) to the engine's first expert launch (a hit's FFN or a
+split's GPU rows), to its first copy, and to the start of the CPU's work (hybrid), mean over
+the layer calls that have one. The host work after those launches overlaps the GPU's, the
+link's and the CPU's work.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import platform
 import statistics
 import sys
@@ -54,17 +60,36 @@ PARTS = ("_decide", "_cpu_choice", "_split_copies", "_load", "_record_for", "_st
 COPY_S, CPU_S = 1.04e-3, 1.0e-3  # H100 host: a 2-bit 4-bit-meta expert over 54.3 GB/s; a CPU expert
 
 
+_FIRST: list = [None]  # the _FirstLaunch of the run in progress, seen by the stubbed FFN
+
+
 def _stub_expert_work():
     """The experts' arithmetic as no-ops (returns a restore function)."""
     import runtime.cpu_expert as cpu
     import runtime.offload.engine as engine
 
-    saved = [(engine, "expert_ffn", engine.expert_ffn), (cpu, "cpu_expert_ffn", cpu.cpu_expert_ffn),
-             (cpu, "cpu_expert_hidden", cpu.cpu_expert_hidden)]
-    engine.expert_ffn = lambda record, layout, x, dtype, **kw: x
-    cpu.cpu_expert_ffn = lambda record, layout, x, threads=None: torch.zeros_like(x)
-    cpu.cpu_expert_hidden = lambda record, layout, x, threads=None, first_row=0: \
-        torch.zeros(x.shape[0], layout.matrix("w1").shape[0] - first_row)
+    saved = [(engine, "expert_ffn", engine.expert_ffn), (cpu, "start_expert", cpu.start_expert)]
+
+    def ffn(record, layout, x, dtype, **kw):
+        if _FIRST[0] is not None:
+            _FIRST[0].mark("expert")
+        return x
+    engine.expert_ffn = ffn
+
+    inline = os.environ.get(cpu.JOBS_ENV, "1") == "0"
+
+    def start_expert(record, layout, x, threads=None, first_row=0, whole=False):
+        # the CPU's work starts here on the compiled kernel's thread, or inline where the engine
+        # asks for the result (MOEPACK_CPU_WORKER=0: the engine's order before that thread)
+        def work():
+            if _FIRST[0] is not None:
+                _FIRST[0].mark("cpu")
+            return torch.zeros_like(x) if whole else torch.zeros(x.shape[0], layout.matrix("w1").shape[0] - first_row)
+        if inline:
+            return cpu.ExpertJob(None, work, whole)
+        out = work()
+        return cpu.ExpertJob(None, lambda: out, whole)
+    cpu.start_expert = start_expert
 
     def restore():
         for mod, name, fn in saved:
@@ -90,6 +115,56 @@ class _Timer:
                 self.seconds[label] += time.perf_counter() - t
                 self.calls[label] += 1
         setattr(obj, name, timed)
+
+
+class _FirstLaunch:
+    """Per layer call: seconds from the end of _decide to the first expert launch, to the first
+    copy and to the start of the CPU's work, and whether the layer missed (a copy, a split or
+    a CPU expert of its own)."""
+
+    def __init__(self, be):
+        self.be, self.t0 = be, None
+        self.calls: list[dict] = []
+        decide = be._decide
+
+        def decided(*args, **kwargs):
+            out = decide(*args, **kwargs)
+            self.close_call()
+            self.t0, self.misses0 = time.perf_counter(), self._misses()
+            self.calls.append({"expert": None, "copy": None, "cpu": None})
+            return out
+        be._decide = decided
+        if be.split is not None:
+            self.wrap(be.split, "gpu_hidden", "expert")
+        self.wrap(be.copier, "copy", "copy")
+
+    def _misses(self) -> int:
+        return self.be.planner.stats.misses + self.be.split_experts + self.be.cpu_experts
+
+    def close_call(self) -> None:
+        if self.t0 is not None:
+            self.calls[-1]["missed"] = self._misses() > self.misses0
+
+    def wrap(self, obj, name: str, kind: str) -> None:
+        fn = getattr(obj, name)
+
+        def first(*args, **kwargs):
+            self.mark(kind)
+            return fn(*args, **kwargs)
+        setattr(obj, name, first)
+
+    def mark(self, kind: str) -> None:
+        if self.t0 is not None and self.calls[-1][kind] is None:
+            self.calls[-1][kind] = time.perf_counter() - self.t0
+
+    def summary(self) -> dict:
+        self.close_call()
+
+        def mean(kind: str, missed: bool) -> float | None:
+            v = [c[kind] for c in self.calls if c[kind] is not None and c["missed"] == missed]
+            return round(1e6 * statistics.fmean(v), 2) if v else None
+        return {"to_first_expert_us": {"all_hit": mean("expert", False), "missed": mean("expert", True)},
+                "to_first_copy_us": {"missed": mean("copy", True)}, "to_cpu_start_us": mean("cpu", True)}
 
 
 def measure(variant: str, tokens: int, slots: int, repeats: int, seed: int, cache_dir: Path) -> dict:
@@ -136,6 +211,14 @@ def measure(variant: str, tokens: int, slots: int, repeats: int, seed: int, cach
         calls = tokens * LAYERS
         split = {k: round(1e6 * v / calls, 2) for k, v in parts.seconds.most_common()}
         split["_decide"] = round(split.get("_decide", 0.0) - 1e6 * trace.seconds["trace"] / calls, 2)  # its trace part out
+        for name in PARTS:  # unwrapped: the first-launch timing below sees the engine alone
+            target = be.planner if name == "plan" else be
+            if name in vars(target):
+                delattr(target, name)
+        first = _FirstLaunch(be)
+        _FIRST[0] = first
+        run(tokens)
+        _FIRST[0] = None
         be.close()
     finally:
         host.close()
@@ -147,6 +230,7 @@ def measure(variant: str, tokens: int, slots: int, repeats: int, seed: int, cach
         "engine_us_per_layer_all": [round(1e6 * t, 2) for t in totals],
         "engine_ms_per_token": round(1e3 * statistics.median(totals) * LAYERS, 3),
         "parts_us_per_layer": split,
+        **first.summary(),
         "hit_rate": round(stats["hit_rate"], 3), "copies_per_layer": round(stats["copies"] / per, 3),
         "split_per_layer": round(stats["split_experts"] / per, 3), "cpu_per_layer": round(stats["cpu_experts"] / per, 3),
     }
@@ -170,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             parts = ", ".join(f"{k.lstrip('_')} {v:.1f}" for k, v in row["parts_us_per_layer"].items())
             print(f"{v:12s} engine {row['engine_us_per_layer']:6.1f} us/layer ({row['engine_ms_per_token']:.2f} ms/token), "
                   f"hit {row['hit_rate']:.3f}, copies {row['copies_per_layer']:.2f}, split {row['split_per_layer']:.2f}, "
-                  f"cpu {row['cpu_per_layer']:.2f} per layer\n             parts (us/layer): {parts}")
+                  f"cpu {row['cpu_per_layer']:.2f} per layer\n             parts (us/layer): {parts}\n"
+                  f"             from the decision (us): first expert launch {row['to_first_expert_us']['all_hit']} "
+                  f"(layers that hit), {row['to_first_expert_us']['missed']} (missed); "
+                  f"first copy {row['to_first_copy_us']['missed']} (missed); CPU start {row['to_cpu_start_us']}")
     if args.json:
         out = {"command": "python tools/offload_host.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": platform.node(), "python": platform.python_version(), "torch": torch.__version__,

@@ -56,7 +56,7 @@
 #define MP_UNSUPPORTED 1
 #define MP_NOMEM 2
 
-int moepack_abi_version(void) { return 5; }
+int moepack_abi_version(void) { return 6; }
 
 int moepack_has_vnni(void) {
 #ifdef MP_AVX2
@@ -497,16 +497,18 @@ int moepack_qgemv(const uint32_t *q, const uint16_t *qhi, const uint8_t *scale, 
 }
 
 /* One expert from its record: h = silu(w1 x) * w3 x [T][I], then y = w2 h [T][H] unless y is
- * NULL (the hybrid engine's split stops at h). desc: 12 int64 per matrix (see matrix_at), for
+ * NULL (the hybrid engine's split stops at h, and may give w1 and w3 as their rows first..
+ * alone: runtime.cpu_native.rows_descriptor). cpu_jobs.c runs it on its own thread. desc: 12 int64 per matrix (see matrix_at), for
  * w1, w3, w2. One parallel region for all of it: x is rounded once for w1 and w3, each row of
  * w1 and w3 is finished into h at once, and the team never leaves between the matrices. */
 int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, int64_t T, float *h, float *y,
                    int threads) {
     const mp_mat m1 = matrix_at(record, desc), m3 = matrix_at(record, desc + 12), m2 = matrix_at(record, desc + 24);
     mp_geo g13, g2;
-    if (T <= 0 || geometry(&m1, &g13) != MP_OK || geometry(&m2, &g2) != MP_OK) return MP_UNSUPPORTED;
+    /* without y, w2 is not read: w1 and w3 may then be row ranges (the split's CPU rows) */
+    if (T <= 0 || geometry(&m1, &g13) != MP_OK || (y != NULL && geometry(&m2, &g2) != MP_OK)) return MP_UNSUPPORTED;
     if (m3.bits != m1.bits || m3.group != m1.group || m3.mg != m1.mg || m3.N != m1.N || m3.K != m1.K ||
-        m2.K != m1.N || (m3.bits == 3 && m3.qhi == NULL))
+        (y != NULL && m2.K != m1.N) || (m3.bits == 3 && m3.qhi == NULL))
         return MP_UNSUPPORTED;
     if (!all_finite(x, T * m1.K)) return MP_UNSUPPORTED;
     mp_xq x13, x2;

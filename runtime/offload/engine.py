@@ -163,6 +163,8 @@ class OffloadedExperts(HybridSteps):
             needed = [e for e in needed if e not in on_split and e not in on_cpu]
             # the token and its weights go to the host now, before the GPU work is queued
             x_host, w_host = x.float().cpu(), topk_w.float().cpu()
+            # the CPU starts first (on the kernel's thread, where it runs): it is the layer's critical path
+            jobs = self._start_cpu(layer, on_split, on_cpu, rows, x_host)
             sets, copies = self._split_copies(layer, on_split, staged, rows)
         ops = self.planner.plan(layer, needed, guesses if self.prefetch else ())
         self.calls += 1
@@ -211,10 +213,10 @@ class OffloadedExperts(HybridSteps):
         if hybrid_step and self.stage_w2:  # queued behind this layer's copies, before the CPU's work
             self._stage_next(layer, guesses, sets)
         if on_split:  # the GPU works through its queue meanwhile; w2 h joins it as each h is ready
-            y = self._split_compute(layer, on_split, copies, rows, positions, x, x_host, topk_w, sets)
+            y = self._split_compute(layer, on_split, copies, rows, positions, x, jobs, topk_w, sets)
             out = y if out is None else out + y
         if on_cpu:
-            y = self._cpu_compute(layer, on_cpu, positions, x_host, w_host).to(self.device, x.dtype)
+            y = self._cpu_compute(layer, on_cpu, positions, jobs[len(on_split):], w_host).to(self.device, x.dtype)
             out = y if out is None else out + y
         return out if out is not None else torch.zeros_like(x)
 
@@ -228,7 +230,8 @@ class OffloadedExperts(HybridSteps):
              "split_gpu_row_share": self.split_gpu_rows / max(1, self.split_experts * self.layout.matrix("w1").shape[0]),
              "cpu_s_per_expert": None if self.cost is None else self.cost.cpu_s,
              "copy_s_per_expert": None if self.cost is None else self.cost.copy_s,
-             "cpu_calibration": self.cpu_calibration, "cpu_observed_ms": _summary_ms(self.cpu_observed),
+             "cpu_calibration": self.cpu_calibration,
+             "cpu_jobs_on_thread": self.cpu_jobs_on_thread, "cpu_observed_ms": _summary_ms(self.cpu_observed),
              "staged_w2": dict(self.staged_stats) if self.stage_w2 else None}
         d.update(self.planner.stats.to_json())
         d.update(self.copier.stats())
@@ -241,7 +244,7 @@ class OffloadedExperts(HybridSteps):
         self.host.reset_stats()
         self.calls = self.tokens = self.expert_tokens = 0
         self.read_wait_s = 0.0
-        self.cpu_experts = self.split_experts = self.split_gpu_rows = 0
+        self.cpu_experts = self.split_experts = self.split_gpu_rows = self.cpu_jobs_on_thread = 0
         self.cpu_expert_s = self.split_cpu_s = 0.0
         # staged w2 copies: issued; used by a split of their expert; wasted (a hit, or not needed,
         # or the expert copied or computed whole)

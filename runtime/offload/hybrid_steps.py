@@ -37,7 +37,7 @@ class HybridSteps:
         it, and an expert computed on the CPU is the only later measurement, so one slow
         outlier here (a busy core, a thread pool starting) would keep the CPU idle for the
         whole run. Zeros would flatter the kernel (it skips words of zero activations)."""
-        from ..cpu_expert import cpu_expert_ffn, cpu_kernel_name
+        from ..cpu_expert import cpu_kernel_name, start_expert
 
         key = next(((L, e) for L in range(self.layers) for e in range(self.num_experts)
                     if self.host.is_resident((L, e))), None)
@@ -52,16 +52,14 @@ class HybridSteps:
             torch.cuda.synchronize(self.device)
             self.cost.copy_gbps = src.numel() / max(time.perf_counter() - t, 1e-9) / 1e9
         x = torch.randn(1, self.file.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        # where decode runs it (the kernel's own thread and its thread team, where it serves)
         for _ in range(2):  # loads or compiles the kernel, starts its threads
-            cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
-        samples = []
-        for _ in range(CPU_CALIBRATION_CALLS):
-            t = time.perf_counter()
-            cpu_expert_ffn(src, self.layout, x, threads=self.cpu_threads)
-            samples.append(time.perf_counter() - t)
+            start_expert(src, self.layout, x, self.cpu_threads, whole=True).result()
+        jobs = [start_expert(src, self.layout, x, self.cpu_threads, whole=True) for _ in range(CPU_CALIBRATION_CALLS)]
+        samples = [j.result()[1] for j in jobs]  # queued at once: each one's time is its own run
         self.cost.cpu_s = sorted(samples)[len(samples) // 2]
         self.cpu_calibration = {"kernel": cpu_kernel_name(), "threads": self.cpu_threads,
-                                "samples_ms": [round(1e3 * v, 3) for v in samples]}
+                                "on_thread": jobs[0].on_thread, "samples_ms": [round(1e3 * v, 3) for v in samples]}
 
     def _cpu_choice(self, layer: int, needed: list[int], staged: Staged | None = None) -> tuple[list[int], list[int], int]:
         """(split, on the CPU, rows): the missed experts of this decode step whose w1/w3 the CPU
@@ -115,23 +113,34 @@ class HybridSteps:
                   for i, e in zip(sets, experts)]
         return sets, copies
 
+    def _start_cpu(self, layer: int, on_split: list[int], on_cpu: list[int], rows: int,
+                   x_host: torch.Tensor) -> list:
+        """The CPU's jobs of this step, one per expert in order (split, then whole): a split's
+        h rows `rows`.. ([1, I - rows] float32), a whole expert's y ([1, H]). Where the compiled
+        kernel serves, they run on its own thread while this one issues the GPU's and the
+        link's work (cpu_expert.start_expert)."""
+        from ..cpu_expert import start_expert
+
+        jobs = [start_expert(self.host.view((layer, e)), self.layout, x_host, self.cpu_threads, first_row=rows)
+                for e in on_split]
+        jobs += [start_expert(self.host.view((layer, e)), self.layout, x_host, self.cpu_threads, whole=True)
+                 for e in on_cpu]
+        self.cpu_jobs_on_thread += sum(j.on_thread for j in jobs)
+        return jobs
+
     def _split_compute(self, layer: int, experts: list[int], copies: list, rows: int,
-                       positions: dict[int, list[int]], x: torch.Tensor, x_host: torch.Tensor,
-                       topk_w: torch.Tensor, sets: list[int]) -> torch.Tensor:
+                       positions: dict[int, list[int]], x: torch.Tensor, jobs: list, topk_w: torch.Tensor,
+                       sets: list[int]) -> torch.Tensor:
         """sum_j w_j * w2_j h_j over `experts`: h_j = silu(w1 x) * w3 x, its first `rows` rows
         on the device from scratch copies (queued first, so the GPU works while the CPU does)
-        and the others on the CPU from the host record, then w2_j h_j on the device from the
+        and the others from the CPU's jobs (_start_cpu), then w2_j h_j on the device from the
         scratch copy of w2 (offload.split): [1, H] on the device."""
-        from ..cpu_expert import cpu_expert_hidden
-
         gpu_h = [self.split.gpu_hidden(self.copier, i, rows, x, done) for i, (_, done) in zip(sets, copies)] if rows else []
         out, dt = None, 0.0
         for i, e in enumerate(experts):
             self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
-            t = time.perf_counter()
-            h = cpu_expert_hidden(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads,
-                                  first_row=rows)  # [1, I - rows]
-            dt += time.perf_counter() - t  # the CPU's part only: waiting for the copy is the link's
+            h, seconds = jobs[i].result()  # [1, I - rows]
+            dt += seconds  # the CPU's part only: waiting for the copy is the link's
             h = h.to(self.device, topk_w.dtype)
             if rows:
                 h = torch.cat([gpu_h[i].to(h.dtype), h], dim=1)  # [1, I]
@@ -147,18 +156,15 @@ class HybridSteps:
         return out
 
     def _cpu_compute(self, layer: int, experts: list[int], positions: dict[int, list[int]],
-                     x_host: torch.Tensor, w_host: torch.Tensor) -> torch.Tensor:
-        """sum_j w_j * expert_j(x) over `experts`, on the CPU from their host records: [1, H] float32."""
-        from ..cpu_expert import cpu_expert_ffn
-
-        t = time.perf_counter()
-        out = None
-        for e in experts:
+                     jobs: list, w_host: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j * expert_j(x) over `experts`, from the CPU's jobs (_start_cpu): [1, H] float32."""
+        out, dt = None, 0.0
+        for e, job in zip(experts, jobs):
             self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
-            y = cpu_expert_ffn(self.host.view((layer, e)), self.layout, x_host, threads=self.cpu_threads)  # [1, H]
+            y, seconds = job.result()  # [1, H]
+            dt += seconds
             y = y * w_host[:, positions[e][0]:positions[e][0] + 1]
             out = y if out is None else out + y
-        dt = time.perf_counter() - t
         self._observe_cpu(dt / len(experts))
         self.cpu_experts += len(experts)
         self.cpu_expert_s += dt
