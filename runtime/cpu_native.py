@@ -117,9 +117,20 @@ class NativeJob:
         self._kernel, self._job, self._keep = kernel, job, keep  # keep: the tensors its pointers name
         self._rc: int | None = None
 
-    def result(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float] | None:
+    def _wait(self) -> None:
         if self._rc is None:
             self._rc = self._kernel._job_wait(ctypes.byref(self._job))
+
+    def __del__(self):
+        # the library's thread writes into the job and reads its tensors until it is done: a
+        # job dropped unwaited (an exception between start and result) must not free them first
+        try:
+            self._wait()
+        except Exception:  # interpreter shutdown: ctypes may be gone; nothing left to protect
+            pass
+
+    def result(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float] | None:
+        self._wait()
         if self._rc == UNSUPPORTED:
             return None
         if self._rc != 0:

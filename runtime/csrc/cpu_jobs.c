@@ -71,12 +71,19 @@ static void *serve(void *arg) {
     return NULL;
 }
 
+/* fork() copies the mutex in whatever state this process's threads leave it: hold it across
+ * the fork, so the child gets it unlocked (and, with no server thread, starts its own). */
+static void fork_prepare(void) { pthread_mutex_lock(&mu); }
+static void fork_release(void) { pthread_mutex_unlock(&mu); }
+
 /* Queue `j` (state, rc and seconds are set here). 0: queued; MP_BUSY: the queue is full or no
  * thread could be started (the caller runs moepack_expert itself). After a fork the child has
  * no server thread: the first submit there starts one, with an empty queue. */
 int moepack_job_submit(mp_job *j) {
     pthread_mutex_lock(&mu);
     if (owner != getpid()) {
+        static int hooked;
+        if (!hooked && pthread_atfork(fork_prepare, fork_release, fork_release) == 0) hooked = 1;
         pthread_t t;
         pthread_attr_t attr;
         head = count = 0;

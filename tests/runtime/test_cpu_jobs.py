@@ -109,3 +109,43 @@ def test_cpu_starts_before_the_split_copies(tiny, monkeypatch, on_thread):  # no
     assert events.count("copy") == s["split_experts"] and events.count("cpu") == s["split_experts"] + s["cpu_experts"]
     steps = [part.split() for part in " ".join(events).split("step") if "copy" in part]
     assert steps and all(step.index("cpu") < step.index("copy") for step in steps)  # the CPU's jobs first
+
+
+@needs_native
+def test_a_dropped_job_is_waited_for_before_its_memory_goes():
+    """A job dropped without its result (an exception between start and result) waits for the
+    library's thread in its finaliser: that thread writes into the job and reads its tensors
+    until it is done (freeing them first crashed the process)."""
+    import gc
+
+    layout, record, x = _expert(SPECS[0], hidden=256, inter=1024)
+    want = cpu_expert_ffn(record, layout, x, 1)
+    for _ in range(50):
+        start_expert(record.clone(), layout, x.clone(), 1, whole=True)  # dropped at once
+    gc.collect()
+    assert torch.equal(start_expert(record, layout, x, 1, whole=True).result()[0], want)
+
+
+@needs_native
+def test_jobs_after_a_fork():
+    """A child process has no copy of the library's thread: its first job starts one."""
+    import os
+
+    layout, record, x = _expert(SPECS[0])
+    want = cpu_expert_ffn(record, layout, x, 1)
+    assert torch.equal(start_expert(record, layout, x, 1, whole=True).result()[0], want)  # the parent's thread
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its job ran and matched
+        ok = torch.equal(start_expert(record, layout, x, 1, whole=True).result()[0], want)
+        os._exit(0 if ok else 1)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:  # a hung child (a queue lock inherited locked) fails the test, not CI
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's job never finished")
+    assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
