@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 
 import numpy as np
@@ -357,8 +358,6 @@ def start_expert(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, th
     thread (runtime/csrc/cpu_jobs.c) and this returns at once: the caller issues other work
     meanwhile, and the wait in result() releases the GIL. Elsewhere (no compiled kernel,
     MOEPACK_CPU_WORKER=0, a layout it does not take) the job runs in result()."""
-    import os
-
     def fallback():
         if whole:
             return cpu_expert_ffn(record, layout, x, threads)
