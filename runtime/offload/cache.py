@@ -94,6 +94,11 @@ class ExpertCache:
         pool = self._where.get(key)
         return None if pool is None else pool.entries[key]
 
+    def hit_slot(self, key: Key) -> int | None:
+        """The slot a lookup of `key` would hit now, without counting the use (None: it would
+        miss)."""
+        return self.slot_of(key)
+
     def keys(self) -> list[Key]:
         """All cached keys, least recently used first within each pool."""
         return [k for p in self._pools.values() for k in p.entries]
@@ -238,6 +243,9 @@ class NoCache(ExpertCache):
 
     def touch(self, key: Key) -> bool:
         return False
+
+    def hit_slot(self, key: Key) -> int | None:
+        return None  # every use loads again
 
     def reuse_value(self, key: Key) -> float:
         return 0.0  # nothing is kept for a later use

@@ -29,7 +29,7 @@ from .cache import ExpertCache, Key, calibration_prior, make_cache
 from .hybrid import CostModel
 from .hybrid_steps import CPU_OBSERVATIONS_KEPT, HybridSteps, Staged
 from .host import HostStore, PendingRead
-from .schedule import Compute, Load, Planner
+from .schedule import Load, Planner
 from .split import SplitScratch, split_rows_enabled
 from .streams import NULL_EVENT, CopyEngine
 
@@ -153,6 +153,15 @@ class OffloadedExperts(HybridSteps):
             self._issue_finished_reads()
         routes, guesses = self._decide(layer, x, topk_idx)
         needed, positions = _by_need(routes, k)
+        out, early = None, None
+        if T == 1:
+            slots = [self.cache.hit_slot((layer, e)) for e in needed]
+            if None not in slots:
+                # every expert cached (most decode layers): the GPU starts on them now, and the
+                # cache's bookkeeping (the plan below: the same slots, pinned) runs meanwhile
+                early = slots
+                for e, slot in zip(needed, slots):
+                    out = self._decode_expert(slot, positions[e][0], x, topk_w, out)
         staged = self._take_staged(layer)
         hybrid_step = self.cost is not None and T == 1
         on_split, on_cpu, rows = self._cpu_choice(layer, needed, staged) if hybrid_step else ([], [], 0)
@@ -174,26 +183,21 @@ class OffloadedExperts(HybridSteps):
             # token positions (t * k + j) of every needed expert, in one small async upload
             flat_pos = _upload([p for e in needed for p in positions[e]], self.device)
             starts = dict(zip(needed, itertools.accumulate((len(positions[e]) for e in needed), initial=0)))
-        out = None
         reload = _reloaded_after(ops)  # op indices whose slot a later load of this layer overwrites
-        deferred = []  # slots whose "free" event can wait for the end of the layer
+        deferred = list(early or ())  # slots whose "free" event can wait for the end of the layer
+        if early is not None:
+            self.expert_tokens += len(early)
         for i, op in enumerate(ops):
             if isinstance(op, Load):
                 self._load(op)
                 continue
+            if early is not None:  # computed above (the plan's computes are exactly those hits)
+                continue
             e = op.key[1]
-            record = self._record_for(op)
             if T == 1:
-                j = positions[e][0]  # which of the token's k choices this expert is
-                if self.graphs is not None:
-                    if out is None:
-                        self.graphs.set_input(x)
-                    y = self.graphs.run(op.slot).to(x.dtype)  # [1, H]
-                else:
-                    y = expert_ffn(record, self.layout, x, self.dtype)  # [1, H]
-                w = topk_w[:, j:j + 1]  # [1, 1]
-                out = y * w if out is None else out.addcmul_(y, w)  # one launch per expert after the first
+                out = self._decode_expert(op.slot, positions[e][0], x, topk_w, out)
             else:
+                record = self._record_for(op.slot)
                 pos = flat_pos[starts[e]:starts[e] + len(positions[e])]
                 tok = torch.div(pos, k, rounding_mode="floor")
                 # one matrix of prompt scratch at a time: what the memory plan counts
@@ -328,12 +332,25 @@ class OffloadedExperts(HybridSteps):
         for slot in [s for s, p in self._pending.items() if p.future.done()]:
             self._issue_read(slot)
 
-    def _record_for(self, op: Compute) -> torch.Tensor:
+    def _record_for(self, slot: int) -> torch.Tensor:
         """The slot's record, once the compute stream is ordered after the copy into it."""
-        if op.slot in self._pending:
-            self._issue_read(op.slot)
-        self.copier.wait(self._ready[op.slot])
-        return self._slot_rows[op.slot]
+        if slot in self._pending:
+            self._issue_read(slot)
+        self.copier.wait(self._ready[slot])
+        return self._slot_rows[slot]
+
+    def _decode_expert(self, slot: int, j: int, x: torch.Tensor, topk_w: torch.Tensor,
+                       out: torch.Tensor | None) -> torch.Tensor:
+        """out + w_j * expert(x) for one token's j-th choice, cached in `slot`: [1, H]."""
+        record = self._record_for(slot)
+        if self.graphs is not None:
+            if out is None:
+                self.graphs.set_input(x)
+            y = self.graphs.run(slot).to(x.dtype)  # [1, H]
+        else:
+            y = expert_ffn(record, self.layout, x, self.dtype)  # [1, H]
+        w = topk_w[:, j:j + 1]  # [1, 1]
+        return y * w if out is None else out.addcmul_(y, w)  # one launch per expert after the first
 
 
 def _reloaded_after(ops: list) -> set[int]:

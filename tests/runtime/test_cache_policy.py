@@ -351,3 +351,21 @@ def test_reuse_value_is_frequency_admission():
     lru.insert((0, 4))
     assert lru.reuse_value((0, 5)) == UNKNOWN_REUSE
     assert NoCache.per_layer([2]).reuse_value((0, 1)) == 0.0
+
+
+def test_hit_slot_is_a_lookup_that_counts_nothing():
+    """The engine launches a step's experts before its plan when every one would hit
+    (OffloadedExperts.forward): hit_slot must agree with lookup and leave the order and counts
+    alone; the "none" policy never hits, though its last loads are still in their slots."""
+    for policy in ("layer", "shared", "lfu", "none"):
+        cache = make_cache(policy, 4, 2, 2)
+        for key in ((0, 1), (0, 2)):
+            cache.insert(key)
+        cache.unpin_all()
+        order = cache.keys()
+        if policy == "none":
+            assert (0, 1) in cache and cache.hit_slot((0, 1)) is None
+            continue
+        assert cache.hit_slot((0, 1)) == cache.slot_of((0, 1)) is not None and cache.hit_slot((0, 3)) is None
+        assert cache.keys() == order  # nothing moved
+        assert cache.hit_slot((0, 1)) == cache.lookup((0, 1))

@@ -14,6 +14,7 @@ from runtime.loader import load_model
 from runtime.offload.cache import UNKNOWN_REUSE
 from runtime.offload.engine import OffloadedExperts
 from runtime.offload.host import HostStore, choose_resident
+from runtime.offload.schedule import Load
 from runtime.offload.options import OffloadOptions, make_backend_factory, preflight
 from runtime.offload.streams import NULL_EVENT, CopyEngine
 from runtime.offload.traces import SyntheticRouting, reference_params
@@ -529,3 +530,51 @@ def test_split_rows_come_in_few_sizes():
     assert scratch.step == 64 and scratch.max_rows == 7168
     assert scratch.row_counts() == [896 * i for i in range(1, 9)]
     assert scratch.rows_for(0.0) == 0 and scratch.rows_for(0.2) == 2688 and scratch.rows_for(0.9) == 7168
+
+
+@pytest.mark.parametrize("kw", [dict(n_slots=3 * LAYERS, prefetch=2), dict(n_slots=4 * LAYERS, policy="lfu"),
+                                dict(n_slots=2 * LAYERS, policy="none"),
+                                dict(n_slots=3 * LAYERS, hybrid=True, stage_w2=True, prefetch=0, cpu_threads=1)],
+                         ids=["layer3-pf", "lfu4", "none", "hybrid-w2"])
+def test_all_hit_steps_launch_before_the_plan(tiny, kw):
+    """A decode step whose experts are all cached launches them before the cache's bookkeeping:
+    the plan then holds exactly those hits (pinned, so no load of the step touches their
+    slots), the uses are counted once, and the tokens are the resident model's. The "none"
+    policy never takes that path (every use loads again)."""
+    path, ref = tiny
+    model = offloaded(path, **kw)
+    eng = model.experts
+    events, early_steps = [], []
+    real_plan, real_expert = eng.planner.plan, eng._decode_expert
+
+    def plan(layer, needed, guesses=()):
+        ops = real_plan(layer, needed, guesses)
+        events.append(("plan", ops))
+        return ops
+
+    def decode_expert(slot, *a):
+        events.append(("launch", slot))
+        return real_expert(slot, *a)
+
+    eng.planner.plan, eng._decode_expert = plan, decode_expert
+    forward = eng.forward
+
+    def step(layer, x, idx, w):
+        events.clear()
+        y = forward(layer, x, idx, w)
+        kinds = [k for k, _ in events]
+        if idx.shape[0] == 1 and kinds[:1] == ["launch"]:  # launched before the plan
+            launched = [v for k, v in events if k == "launch"]
+            ops = next(v for k, v in events if k == "plan")
+            computes = [op for op in ops if not isinstance(op, Load)]
+            assert kinds == ["launch"] * len(launched) + ["plan"] and all(op.hit for op in computes)
+            assert sorted(op.slot for op in computes) == sorted(launched)
+            assert not {op.slot for op in ops if isinstance(op, Load)} & set(launched)
+            early_steps.append(layer)
+        return y
+
+    eng.forward = step
+    assert_same(ref, greedy(model))
+    s = eng.stats()
+    assert s["uses"] == s["hits"] + s["misses"]
+    assert (not early_steps) if kw.get("policy") == "none" else early_steps
