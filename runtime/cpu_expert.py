@@ -310,9 +310,9 @@ def _native_expert(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, 
     native = _native()
     if native is None or not record.is_contiguous() or record.dtype != torch.uint8 or (whole and first_row):
         return None
-    from .cpu_native import expert_rows_descriptor
+    from .cpu_native import expert_descriptor
 
-    desc = expert_rows_descriptor(layout, first_row)
+    desc = expert_descriptor(layout, first_row)
     if desc is None or record.numel() < layout.record_size:
         return None
     xs = x.detach().to(torch.float32).contiguous()  # [T, H]; a non-finite x is declined in C

@@ -113,8 +113,9 @@ class NativeJob:
     (without the GIL) and gives ((h, y or None), seconds the call took there), or None where
     the kernel declined the layout or x (the caller computes it another way)."""
 
-    def __init__(self, kernel: "NativeKernel", job: _Job, keep: tuple):
-        self._kernel, self._job, self._keep = kernel, job, keep  # keep: the tensors its pointers name
+    def __init__(self, kernel: "NativeKernel", job: _Job, h: torch.Tensor, y: torch.Tensor | None, inputs: tuple):
+        self._kernel, self._job, self.h, self.y = kernel, job, h, y
+        self._inputs = inputs  # the input tensors the job's pointers name, alive until it is done
         self._rc: int | None = None
 
     def _wait(self) -> None:
@@ -135,7 +136,7 @@ class NativeJob:
             return None
         if self._rc != 0:
             raise MemoryError("native expert kernel could not allocate its buffers")
-        return (self._keep[3], self._keep[4]), self._job.seconds
+        return (self.h, self.y), self._job.seconds
 
 
 class NativeKernel:
@@ -219,7 +220,7 @@ class NativeKernel:
                    None if y is None else y.data_ptr(), int(threads or 0))
         if self._job_submit(ctypes.byref(job)) != 0:
             return None
-        return NativeJob(self, job, (record, desc, x, h, y))
+        return NativeJob(self, job, h, y, (record, desc, x))
 
 
 # (spec, rows, cols) of the load-time check: each code width on the in-register meta path,
@@ -255,36 +256,24 @@ def self_check(kernel: NativeKernel) -> str | None:
 _DESCRIPTORS: dict = {}
 
 
-def expert_descriptor(layout) -> torch.Tensor | None:
-    """Cached _descriptor(layout), keyed by identity (hashing the layout costs more than the
-    lookup is worth on the decode path; layouts live as long as their file)."""
-    key = id(layout)
-    hit = _DESCRIPTORS.get(key)
-    if hit is None or hit[0] is not layout:
-        hit = _DESCRIPTORS[key] = (layout, _descriptor(layout))
-    return hit[1]
-
-
-def expert_rows_descriptor(layout, first: int) -> torch.Tensor | None:
-    """expert_descriptor with w1 and w3 cut to their rows first.. (rows_descriptor): for
-    moepack_expert without y, the split's CPU rows of h. Cached like expert_descriptor."""
-    if first == 0:
-        return expert_descriptor(layout)
+def expert_descriptor(layout, first: int = 0) -> torch.Tensor | None:
+    """Cached _descriptor(layout, first), keyed by identity (hashing the layout costs more than
+    the lookup is worth on the decode path; layouts live as long as their file)."""
     key = (id(layout), first)
     hit = _DESCRIPTORS.get(key)
     if hit is None or hit[0] is not layout:
-        m1, m3, m2 = (layout.matrix(n) for n in ("w1", "w3", "w2"))
-        rows = [rows_descriptor(tuple(m.shape), m.spec, m.offset, first) for m in (m1, m3)]
-        rows.append(matrix_descriptor(tuple(m2.shape), m2.spec, m2.offset))
-        desc = None if any(r is None for r in rows) else torch.tensor(rows, dtype=torch.int64).reshape(-1)
-        hit = _DESCRIPTORS[key] = (layout, desc)
+        hit = _DESCRIPTORS[key] = (layout, _descriptor(layout, first))
     return hit[1]
 
 
-def _descriptor(layout) -> torch.Tensor | None:
-    """int64 [36]: matrix_descriptor of w1, w3 and w2 (moepack_expert's `desc`); None where a
-    matrix is outside the compiled kernel."""
-    rows = [matrix_descriptor(tuple(m.shape), m.spec, m.offset) for m in (layout.matrix(n) for n in ("w1", "w3", "w2"))]
+def _descriptor(layout, first: int) -> torch.Tensor | None:
+    """int64 [36]: matrix_descriptor of w1, w3 and w2 (moepack_expert's `desc`), w1 and w3 cut
+    to their rows first.. (rows_descriptor; for moepack_expert without y: a split's CPU rows of
+    h); None where a matrix is outside the compiled kernel."""
+    m1, m3, m2 = (layout.matrix(n) for n in ("w1", "w3", "w2"))
+    rows = [rows_descriptor(tuple(m.shape), m.spec, m.offset, first) if first else
+            matrix_descriptor(tuple(m.shape), m.spec, m.offset) for m in (m1, m3)]
+    rows.append(matrix_descriptor(tuple(m2.shape), m2.spec, m2.offset))
     if any(r is None for r in rows):
         return None
     return torch.tensor(rows, dtype=torch.int64).reshape(-1)

@@ -61,19 +61,16 @@ class _Parsed(Exception):
     """Raised by the patched argparse once a tool's arguments parsed: the tool never runs."""
 
 
-_OUT: list[Path] = []  # the records fixture's $OUT, for all_log
-
-
 def _stages() -> str:
     return " ".join(sorted(set(re.findall(r"\bhas (\d+)\b", SCRIPT.read_text())), key=int))
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory) -> list[dict]:
+def script_run(tmp_path_factory) -> tuple[list[dict], str]:
+    """(the recorded commands, $OUT/all.log) of one run over every stage."""
     if shutil.which("timeout") is None:
         pytest.skip("coreutils' timeout is not installed")
     tmp = tmp_path_factory.mktemp("gpu_all")
-    _OUT[:] = [tmp / "out"]
     shim = tmp / "shim.py"
     shim.write_text(SHIM)
     record = tmp / "record.jsonl"
@@ -82,12 +79,17 @@ def records(tmp_path_factory) -> list[dict]:
     proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = record.read_text().splitlines() if record.exists() else []
-    return [json.loads(line) for line in lines]
+    return [json.loads(line) for line in lines], (tmp / "out" / "all.log").read_text()
 
 
 @pytest.fixture(scope="module")
-def all_log(records, tmp_path_factory) -> str:
-    return (_OUT[0] / "all.log").read_text()
+def records(script_run) -> list[dict]:
+    return script_run[0]
+
+
+@pytest.fixture(scope="module")
+def all_log(script_run) -> str:
+    return script_run[1]
 
 
 def test_every_stage_runs_a_command(records):

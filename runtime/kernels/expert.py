@@ -155,7 +155,13 @@ def prompt_chunk(records: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -
     if not indexed_supported(records, layout, x) or _pair_delta(layout, plan) is None:
         return 0
     i, h = plan.shape13
-    return max(1, PROMPT_SCRATCH_BYTES // (2 * i * h * x.element_size()))
+    return prompt_chunk_experts(i, h, x.element_size())
+
+
+def prompt_chunk_experts(inter: int, hidden: int, dtype_bytes: int) -> int:
+    """Experts whose w1 and w3 fit PROMPT_SCRATCH_BYTES together in the compute dtype (at
+    least one): prompt_chunk's count, and what the memory plan reserves for it."""
+    return max(1, PROMPT_SCRATCH_BYTES // (2 * inter * hidden * dtype_bytes))
 
 
 def grouped_prompt_ffn(records: torch.Tensor, row0: int, counts: list[int], offsets: torch.Tensor, xs: torch.Tensor,

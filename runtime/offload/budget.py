@@ -191,16 +191,15 @@ def workspace_bytes(header: Header, context_tokens: int, dtype_bytes: int, prefi
     return max(expert, other) + acts
 
 
-def grouped_prompt_extra(header: Header, dtype_bytes: int, scratch_cap: int) -> int:
+def grouped_prompt_extra(header: Header, dtype_bytes: int, chunk: int) -> int:
     """Bytes the resident prompt path's scratch holds beyond the one matrix workspace_bytes
-    counts: runtime.kernels.grouped_prompt_ffn dequantizes up to `scratch_cap` bytes of a
-    layer's experts' w1 and w3 at once (at least one expert's; Mixtral-8x7B at 2 bytes: four,
+    counts: runtime.kernels.grouped_prompt_ffn dequantizes the w1 and w3 of `chunk` of a
+    layer's experts at once (kernels.prompt_chunk_experts; Mixtral-8x7B at 2 bytes: four,
     0.94 GB, 0.82 GB more than one matrix). Only a model with every expert resident takes
     that path; the offloading engine keeps to one matrix."""
     c = header.config
     matrix = c.hidden_size * c.intermediate_size * dtype_bytes
-    chunk = min(c.num_local_experts, max(1, scratch_cap // (2 * matrix)))
-    return max(0, 2 * chunk * matrix - matrix)
+    return max(0, 2 * min(chunk, c.num_local_experts) * matrix - matrix)
 
 
 def plan_memory(

@@ -188,9 +188,11 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
 
 
 def _resident_prompt_extra(file: MoepackFile, dtype_bytes: int) -> int:
-    from ..kernels.expert import PROMPT_SCRATCH_BYTES
+    from ..kernels.expert import prompt_chunk_experts
 
-    return grouped_prompt_extra(file.header, dtype_bytes, PROMPT_SCRATCH_BYTES)
+    c = file.config
+    return grouped_prompt_extra(file.header, dtype_bytes,
+                                prompt_chunk_experts(c.intermediate_size, c.hidden_size, dtype_bytes))
 
 
 def _check_slots(opts: OffloadOptions, plan: MemoryPlan) -> None:

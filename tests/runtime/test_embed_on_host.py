@@ -97,15 +97,17 @@ def test_preflight_counts_the_resident_prompt_scratch(tiny_path, monkeypatch):
     """With the fused kernels a resident model's prompt dequantizes several experts at once
     (kernels.grouped_prompt_ffn): a budget that fits every expert but not that scratch
     offloads, and Mixtral-8x7B's scratch is four experts' w1 and w3 in fp16."""
-    from runtime.kernels.expert import PROMPT_SCRATCH_BYTES
+    from runtime.kernels.expert import prompt_chunk_experts
     from runtime.offload.budget import grouped_prompt_extra
 
     mixtral = tiny_header(mixtral=True)
     matrix = 4096 * 14336 * 2
-    assert grouped_prompt_extra(mixtral, 2, PROMPT_SCRATCH_BYTES) == 8 * matrix - matrix
+    assert prompt_chunk_experts(14336, 4096, 2) == 4
+    assert grouped_prompt_extra(mixtral, 2, 4) == 8 * matrix - matrix
     file = MoepackFile(tiny_path)
     h = file.header
-    extra = grouped_prompt_extra(h, 4, PROMPT_SCRATCH_BYTES)
+    c = h.config
+    extra = grouped_prompt_extra(h, 4, prompt_chunk_experts(c.intermediate_size, c.hidden_size, 4))
     assert extra == (2 * h.config.num_local_experts - 1) * h.config.hidden_size * h.config.intermediate_size * 4
     monkeypatch.setattr(options, "fused_kernels", lambda device: True)
     probe = plan_memory(h, 1 << 40, context_tokens=CTX, dtype_bytes=4, fused=True)
