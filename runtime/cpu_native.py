@@ -248,7 +248,9 @@ def self_check(kernel: NativeKernel) -> str | None:
         y = None if y is None else y.numpy()
         ref = x.astype(np.float64) @ w.T
         err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) if y is not None else float("inf")
-        if not err < 1e-4:  # x's int16 rounding gives ~2e-5
+        # x's integer rounding gives ~2e-5 (3-, 4-bit) to ~1e-4 (2-bit: telescoped pairs, 2^-13.7
+        # steps); a wrong lane, group or scale gives 1e-2 and more
+        if not err < 5e-4:
             return f"{spec.describe()} {n}x{k}: relative error {err:.2g}"
     return None
 

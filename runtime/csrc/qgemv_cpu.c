@@ -7,7 +7,8 @@
  * Why integers: the float kernel (runtime/cpu_expert.py, numba) spends one int->float
  * conversion and one FMA per weight and lane, and the conversion port is its bottleneck.
  * Here x is quantized per 32-bit word of codes to int16 with its own scale d
- * (x ~= d * x16, |x16| <= 32767: 2^-16 of the word's largest |x|, finer than fp16's 2^-11),
+ * (x ~= d * x16, |x16| <= 32767: 2^-16 of the word's largest |x|, finer than fp16's 2^-11;
+ * 2-bit codes: |x16| <= 6553, 2^-13.7, because their pairs are telescoped, see pair_codes),
  * and a word's codes meet x16 through vpmaddwd, which multiplies 16 int16 pairs and adds
  * neighbours: 2 codes per instruction and lane, no conversion until the end of a word.
  *
@@ -51,6 +52,10 @@
 /* x's int16 pairs are stored in blocks of 8 words: [U/8][H][8], so the 8 words of one vector
  * step find their H pair vectors at one base pointer and constant offsets. */
 #define XPI(h, p, j) ((((int64_t)(j) >> 3) * (h) + (p)) * 8 + ((j) & 7))
+
+/* int16 steps of a word's largest |x| with telescoped 2-bit pairs: |x_p - 4 x_(p-1)| <= 5 * 6553
+ * fits int16. 2^-13.7 of the largest |x|, still finer than fp16's 2^-11. */
+#define TELE_STEPS 6553.0f
 
 #define MP_OK 0
 #define MP_UNSUPPORTED 1
@@ -108,19 +113,24 @@ static void decode_row_meta(int64_t n, int64_t gpr, int64_t wpg, const uint8_t *
 }
 
 /* Word j of x [K] f32 -> xp[p][j] int16 pairs (as int32) for p < H, d[j], X[j] (see the top of
- * the file). */
-static void quantize_x_word(const float *x, int cu, int64_t U, int64_t j, int32_t *xp, float *d, float *X) {
+ * the file). tele: the telescoped pairs of 2-bit codes (TELE_STEPS). */
+static void quantize_x_word(const float *x, int cu, int tele, int64_t U, int64_t j, int32_t *xp, float *d, float *X) {
     const int h = cu / 2;
     const float *xs = x + (int64_t)cu * j;
+    const float steps = tele ? TELE_STEPS : 32767.0f;
     float m = 0.0f;
     for (int i = 0; i < cu; i++) m = fmaxf(m, fabsf(xs[i]));
-    /* a word of (near-)zeros rounds to zeros: 32767 / m would overflow for a subnormal m */
-    const float inv = m > 1e-30f ? 32767.0f / m : 0.0f, dj = inv > 0.0f ? m / 32767.0f : 0.0f;
-    int32_t sum = 0;
+    /* a word of (near-)zeros rounds to zeros: steps / m would overflow for a subnormal m */
+    const float inv = m > 1e-30f ? steps / m : 0.0f, dj = inv > 0.0f ? m / steps : 0.0f;
+    int32_t sum = 0, prev_lo = 0, prev_hi = 0;
     for (int p = 0; p < h; p++) {
         const int32_t lo = (int32_t)lrintf(xs[p] * inv), hi = (int32_t)lrintf(xs[h + p] * inv);
         sum += lo + hi;
-        xp[XPI(h, p, j)] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+        /* telescoped: code p meets x_p - 4 x_(p-1) from p = 2 on (|x| <= 6553 keeps it in int16) */
+        const int32_t a = tele && p >= 2 ? lo - 4 * prev_lo : lo, b = tele && p >= 2 ? hi - 4 * prev_hi : hi;
+        prev_lo = lo;
+        prev_hi = hi;
+        xp[XPI(h, p, j)] = (int32_t)((uint32_t)(uint16_t)a | ((uint32_t)(uint16_t)b << 16));
     }
     d[j] = dj;
     X[j] = dj * (float)sum;
@@ -130,7 +140,7 @@ static void quantize_x_word(const float *x, int cu, int64_t U, int64_t j, int32_
 /* sum over words [j0, j1) of row n, portable C (the tail of the AVX2 loop, or all of it). */
 static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w, int64_t U, int64_t j0, int64_t j1,
                         const int32_t *xp, const float *d, const float *X, const float *sw, const float *zw) {
-    const int cu = 32 / w, h = cu / 2;
+    const int cu = 32 / w, h = cu / 2, tele = bits == 2;
     const uint32_t mask = (1u << w) - 1u;
     float acc = 0.0f;
     for (int64_t j = j0; j < j1; j++) {
@@ -138,7 +148,9 @@ static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w,
         const uint32_t hw = bits == 3 ? hn[j] : 0u;
         int32_t dot = 0;
         for (int p = 0; p < h; p++) {
-            int32_t c0 = (int32_t)((word >> (w * p)) & mask), c1 = (int32_t)((word >> (16 + w * p)) & mask);
+            /* telescoped (2-bit, p >= 1): the half shifted, its higher codes kept (pair_codes) */
+            const uint32_t m = tele && p > 0 ? 0xFFFFu : mask;
+            int32_t c0 = (int32_t)(((word & 0xFFFFu) >> (w * p)) & m), c1 = (int32_t)((word >> (16 + w * p)) & m);
             if (bits == 3) {
                 c0 |= (int32_t)(((hw >> p) & 1u) << 2);
                 c1 |= (int32_t)(((hw >> (h + p)) & 1u) << 2);
@@ -152,6 +164,18 @@ static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w,
 }
 
 #ifdef MP_AVX2
+/* Pair p of 8 words as int16 lanes (code p of each half). The top pair needs no mask: a 16-bit
+ * shift leaves only it. 2-bit codes are telescoped: from p = 1 on, the shifted half keeps
+ * codes p..7 (v_p = c_p + 4 v_(p+1)), and x holds x_p - 4 x_(p-1) (quantize_x_word), so
+ *     sum_p c_p x_p = c_0 x_0 + v_1 x_1 + sum_(p>=2) v_p (x_p - 4 x_(p-1))
+ * with one shift per pair and no mask: the loop's shift and multiply ports are its limit. */
+static inline __attribute__((always_inline)) __m256i pair_codes(const __m256i word, const __m256i pairmask, const int bits,
+                                                                const int w, const int h, const int p) {
+    if (p == 0) return _mm256_and_si256(word, pairmask);
+    if (bits == 2 || p == h - 1) return _mm256_srli_epi16(word, w * p);
+    return _mm256_and_si256(_mm256_srli_epi32(word, w * p), pairmask);
+}
+
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -182,7 +206,7 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
         }
         __m256i dot0 = _mm256_setzero_si256(), dot1 = _mm256_setzero_si256();
         for (int p = 0; p < h; p++) {
-            __m256i v = _mm256_and_si256(_mm256_srli_epi32(word, w * p), pairmask);
+            __m256i v = pair_codes(word, pairmask, bits, w, h, p);
             if (bits == 3) v = _mm256_or_si256(v, _mm256_and_si256(_mm256_srli_epi32(hs, p), hibit));
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + XPI(h, p, j)));
             if (p & 1)
@@ -259,7 +283,7 @@ static inline __attribute__((always_inline)) float row_fast(const uint32_t *qn, 
                 }
                 __m256i dot0 = _mm256_setzero_si256(), dot1 = _mm256_setzero_si256();
                 for (int p = 0; p < h; p++) {
-                    __m256i v = _mm256_and_si256(_mm256_srli_epi32(word, w * p), pairmask);
+                    __m256i v = pair_codes(word, pairmask, bits, w, h, p);
                     if (bits == 3) v = _mm256_or_si256(v, _mm256_and_si256(_mm256_srli_epi32(hs, p), hibit));
                     const __m256i xv = _mm256_load_si256((const __m256i *)(xb + 8 * p));
                     if (p & 1)
@@ -319,7 +343,7 @@ typedef struct {
 } mp_mat;
 
 typedef struct {
-    int w, cu, fast, wl;
+    int w, cu, fast, wl, tele;
     int64_t U, Up, gpr, wpg, h;
 } mp_geo;
 
@@ -344,6 +368,7 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     g->h = g->cu / 2;
     g->fast = fast_path(g->gpr, m->mg, g->wpg);
     g->wl = log2i(g->wpg);
+    g->tele = m->bits == 2;
     return MP_OK;
 }
 
@@ -371,7 +396,7 @@ static void xq_fill(const mp_geo *g, const float *x, int64_t K, int64_t T, mp_xq
 #endif
     for (int64_t tj = 0; tj < T * g->U; tj++) {
         const int64_t t = tj / g->U;
-        quantize_x_word(x + t * K, g->cu, g->U, tj % g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t));
+        quantize_x_word(x + t * K, g->cu, g->tele, g->U, tj % g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t));
     }
 #ifdef _OPENMP
 #pragma omp for schedule(static)

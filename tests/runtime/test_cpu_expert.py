@@ -2,8 +2,9 @@
 runtime.experts.plain_expert_ffn (not expert_ffn: on the CPU it dispatches to cpu_expert itself
 for a few tokens), with each of its kernels, and its fallback when neither is there. The numba
 kernel reorders float32 sums (factored form, fastmath): a relative 1e-5. The compiled kernel
-(runtime.cpu_native, tested on its own in test_cpu_native.py) also rounds x to int16 per word
-of codes (2^-16 of the word's largest |x|, finer than fp16): a relative 1e-4."""
+(runtime.cpu_native, tested on its own in test_cpu_native.py) also rounds x to integers per word
+of codes (2^-13.7 of the word's largest |x| for 2-bit codes, finer than fp16's 2^-11): a
+relative 5e-4, fp16's own rounding."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn
 from runtime.experts import plain_expert_ffn
 from tests.runtime.test_kernels import make_expert
 
-KERNELS = {"numba": 1e-5, "native": 1e-4}  # kernel -> relative tolerance against the plain path
+KERNELS = {"numba": 1e-5, "native": 5e-4}  # kernel -> relative tolerance against the plain path
 
 
 @pytest.fixture(params=list(KERNELS))
