@@ -10,6 +10,7 @@ compiler there). Without a compiler, or on a layout it does not cover, runtime.c
 back to the numba kernel, then to plain torch.
 
     MOEPACK_CPU_KERNEL=numba|torch   skip this kernel (compare paths, or rule it out)
+    MOEPACK_CPU_WIDE=0               keep to 8-lane (256-bit) vectors on an AVX-512 CPU
     CC                                the compiler (default: cc, then gcc, then clang)
     MOEPACK_CACHE_DIR                 where built libraries go (default ~/.cache/moe-pack)
 """
@@ -33,7 +34,8 @@ import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
 JOBS_SOURCE = SOURCE.with_name("cpu_jobs.c")  # moepack_expert on the library's own thread
-ABI_VERSION = 6
+HEADERS = ("vec.h", "row_fast.h")  # included by SOURCE: part of the build's cache key
+ABI_VERSION = 7
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -75,7 +77,7 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
     cc = cc or _compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc/clang)")
-    src = SOURCE.read_bytes() + JOBS_SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in (SOURCE, JOBS_SOURCE, *(SOURCE.with_name(h) for h in HEADERS)))
     key = hashlib.sha256(src + cc.encode() + _cpu_fingerprint().encode() + sys.platform.encode()).hexdigest()[:16]
     out_dir = out_dir or _cache_dir() / "cpu-kernels"
     lib = out_dir / f"qgemv_cpu-{key}.so"
@@ -149,6 +151,8 @@ class NativeKernel:
             raise NativeBuildError(f"{path} has ABI {self.lib.moepack_abi_version()}, expected {ABI_VERSION}")
         self.avx2 = bool(self.lib.moepack_has_avx2())
         self.vnni = bool(self.lib.moepack_has_vnni())  # the word loop's dot products as vpdpwssd
+        self.lib.moepack_set_wide.argtypes, self.lib.moepack_set_wide.restype = [ctypes.c_int], ctypes.c_int
+        self.wide = bool(self.lib.moepack_has_wide())  # 16-lane (AVX-512) rows where the shape allows
         f = self.lib.moepack_qgemv
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
@@ -165,6 +169,12 @@ class NativeKernel:
         self._job_submit, self._job_wait = self.lib.moepack_job_submit, self.lib.moepack_job_wait
         for f in (self._job_submit, self._job_wait):
             f.argtypes, f.restype = [ctypes.POINTER(_Job)], ctypes.c_int
+
+    def set_wide(self, on: bool) -> bool:
+        """Use the 16-lane rows (where built) or not; returns whether they are on. Library-wide:
+        call before any other call, never while one runs."""
+        self.wide = bool(self.lib.moepack_set_wide(int(on)))
+        return self.wide
 
     def gemv_f16(self, w: torch.Tensor, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         """x @ W.T for W [N, K] float16 (contiguous, CPU) and x [T, K] float32 contiguous:
@@ -223,10 +233,12 @@ class NativeKernel:
         return NativeJob(self, job, h, y, (record, desc, x))
 
 
-# (spec, rows, cols) of the load-time check: each code width on the in-register meta path,
-# and the per-row path with a scalar tail
-_CHECKS = (((2, 16, 8, 128), 16, 256), ((3, 64, 8, 128), 16, 512), ((4, 64, 8, 256), 8, 512), ((2, 16, 8, 5), 8, 208),
-           ((2, 16, 4, 128), 16, 256), ((3, 64, 4, 128), 16, 512), ((2, 16, 4, 5), 8, 208))
+# (spec, rows, cols) of the load-time check: each code width and meta width on the in-register
+# meta path (16 groups per row: the 16-lane rows where built; 8: the 8-lane ones), a group of
+# two words (lanes permuted), and the per-row path with a scalar tail
+_CHECKS = (((2, 16, 8, 128), 16, 256), ((3, 64, 8, 128), 16, 1024), ((4, 64, 8, 256), 8, 1024), ((2, 16, 8, 5), 8, 208),
+           ((2, 16, 4, 128), 16, 256), ((3, 64, 4, 128), 16, 1024), ((2, 16, 4, 5), 8, 208), ((2, 32, 8, 64), 8, 512),
+           ((2, 16, 8, 128), 8, 128), ((3, 64, 4, 128), 8, 512))
 
 
 def self_check(kernel: NativeKernel) -> str | None:
@@ -329,7 +341,17 @@ def native_kernel() -> NativeKernel | None:
     except (NativeBuildError, OSError) as e:
         warnings.warn(f"moe-pack: CPU kernel not built ({e}); using the slower numba/torch path", stacklevel=2)
         return None
+    if os.environ.get("MOEPACK_CPU_WIDE", "1") == "0":
+        kernel.set_wide(False)
     problem = self_check(kernel)
+    if problem is not None and kernel.wide:
+        # the 16-lane rows are built only where AVX-512 is, and no CI machine has it: a wrong
+        # one costs their speed, not the kernel
+        kernel.set_wide(False)
+        if self_check(kernel) is None:
+            warnings.warn(f"moe-pack: the CPU kernel's 16-lane rows give wrong results on this machine ({problem}); "
+                          "using its 8-lane rows", stacklevel=2)
+            return kernel
     if problem is not None:
         warnings.warn(f"moe-pack: the CPU kernel built at {kernel.path} gives wrong results on this machine "
                       f"({problem}); using the slower numba/torch path", stacklevel=2)

@@ -44,7 +44,7 @@ def main() -> int:
     print("torch threads", torch.get_num_threads(), "PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS"),
           "cc", cpu_native._compiler())
     k = cpu_native.native_kernel()
-    print("native:", k and k.path, "avx2", k and k.avx2, "vnni", k and k.vnni)
+    print("native:", k and k.path, "avx2", k and k.avx2, "vnni", k and k.vnni, "wide", k and k.wide)
     layout = kb.expert_layout(kb.MIXTRAL.hidden, kb.MIXTRAL.intermediate, kb.EXPERT_SPECS["2-bit g16"])
     rec = kb.random_record(layout, torch.device("cpu"), torch.Generator().manual_seed(0))
     x = torch.randn(1, kb.MIXTRAL.hidden)

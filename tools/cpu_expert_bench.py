@@ -112,7 +112,7 @@ def kernel_name() -> str:
     from runtime.cpu_native import native_kernel
 
     k = native_kernel()
-    return f"compiled ({k.path.name}, avx2={k.avx2}, vnni={k.vnni})" if k is not None else "numba"
+    return f"compiled ({k.path.name}, avx2={k.avx2}, vnni={k.vnni}, wide={k.wide})" if k is not None else "numba"
 
 
 def main(argv=None) -> int:

@@ -2,10 +2,11 @@
  * matrix (N x 4096, random codes): the figure docs/BENCHMARKS.md section 7 quotes.
  *
  *   cc -O3 -march=native -fopenmp tools/cpu_kernel_cycles.c -o /tmp/cyc -lm
- *   /tmp/cyc BITS GROUP [ROWS [GHZ [META_BITS]]]   # e.g. /tmp/cyc 2 16; /tmp/cyc 2 16 14336 3.34 4
+ *   /tmp/cyc BITS GROUP [ROWS [GHZ [META_BITS [WIDE]]]]   # e.g. /tmp/cyc 2 16; /tmp/cyc 2 16 14336 3.34 4
  *
  * GHZ is the core clock used to turn time into cycles (dev-cpu: 3.34, from a dependent-add
- * loop); ROWS 2048 keeps the matrix in cache, 14336 (default) streams it from memory. */
+ * loop); ROWS 2048 keeps the matrix in cache, 14336 (default) streams it from memory. WIDE 0
+ * keeps an AVX-512 build (or one with -DMP_EMULATE_WIDE) to its 8-lane rows. */
 #include "../runtime/csrc/qgemv_cpu.c"  /* the kernel itself, flags as runtime/cpu_native.py builds it */
 #include <stdio.h>
 #include <time.h>
@@ -21,6 +22,7 @@ int main(int argc, char **argv) {
     const int64_t group = argc > 2 ? atoi(argv[2]) : 16, N = argc > 3 ? atoi(argv[3]) : 14336, K = 4096, mg = 128;
     const double ghz = argc > 4 ? atof(argv[4]) : 3.34;
     const int mb = argc > 5 ? atoi(argv[5]) : 8;  /* 4: scale/zero codes as nibbles (random bytes either way) */
+    const int wide = moepack_set_wide(argc > 6 ? atoi(argv[6]) : 1);
     const int cu = bits == 4 ? 8 : 16;
     const int64_t U = K / cu, gpr = K / group, M = (N * gpr + mg - 1) / mg;
     uint32_t *q = malloc(N * U * 4);
@@ -50,7 +52,7 @@ int main(int argc, char **argv) {
         const double dt = now() - t;
         if (dt < best) best = dt;
     }
-    printf("%d-bit g%ld, %d-bit meta, %ld x %ld, 1 thread: %.3f ms, %.1f cycles per 128 weights at %.2f GHz\n", bits, (long)group, mb,
-           (long)N, (long)K, best * 1e3, best * ghz * 1e9 / (N * K / 128.0), ghz);
+    printf("%d-bit g%ld, %d-bit meta, %ld x %ld, %d lanes, 1 thread: %.3f ms, %.1f cycles per 128 weights at %.2f GHz\n", bits,
+           (long)group, mb, (long)N, (long)K, wide ? 16 : 8, best * 1e3, best * ghz * 1e9 / (N * K / 128.0), ghz);
     return 0;
 }

@@ -5,7 +5,9 @@
 #   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda;
 #   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch;
 #   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step);
-#   7. the compiled CPU kernel's tests, then tools/cpu_expert_bench.py with it and with numba;
+#   7. the compiled CPU kernel's tests (its 16-lane AVX-512 rows run natively here: test_cpu_wide.py),
+#      then tools/cpu_expert_bench.py with it, with 8-lane rows only (MOEPACK_CPU_WIDE=0), and
+#      with numba;
 #   8. runtime.bench at 12GiB with --host-memory 8GiB (experts streamed from the file);
 #   9. what the session of 2026-11-22 built but could not measure: LRU vs LFU vs hybrid at 8, 12
 #      and 16 GiB (trace routing), and 32 layers with every expert resident (decode with CUDA
@@ -71,6 +73,10 @@
 # compiled kernel's own thread (before the step's copies and launches) against inline; the
 # split's graphs now capture into a pool per scratch set (a shared pool let one set's w2
 # graph overwrite another set's h before it was read). Run "18" right after "17".
+# Since the eleventh session of 2026-11-23: the CPU kernel's 16-lane rows (AVX-512, never run on
+# AVX-512 hardware: emulated in CI) and telescoped 2-bit pairs. Run "7" right after "1 16": its
+# tests check the 16-lane rows on this CPU, and its bench times them against 8 lanes; the
+# hybrid stages (15, 17, 18) use whichever passed the load-time check.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -130,8 +136,10 @@ has 5 && ! grep -q '"tok_s"' "$OUT/bench.json" 2>/dev/null && run bench_eager 90
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_eager.json" $BENCH_FLAGS
 # the compiled CPU kernel is built here by the host's compiler (-march=native): check it first
 has 7 && run cpu_diag 60 $PY tools/cpu_diag.py
-has 7 && run cpu_native_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py tests/runtime/test_cpu_expert.py
+has 7 && run cpu_native_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py tests/runtime/test_cpu_expert.py \
+  tests/runtime/test_cpu_wide.py
 has 7 && run cpu_expert 60 $PY tools/cpu_expert_bench.py --json "$OUT/cpu_expert.json"
+has 7 && run cpu_expert_narrow 60 env MOEPACK_CPU_WIDE=0 $PY tools/cpu_expert_bench.py --json "$OUT/cpu_expert_narrow.json"
 has 7 && run cpu_expert_numba 60 env MOEPACK_CPU_KERNEL=numba $PY tools/cpu_expert_bench.py --runs 5 --json "$OUT/cpu_expert_numba.json"
 has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 --routing trace \
   --variant all --gpu-memory 12GiB --host-memory 8GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_streaming.json" $BENCH_FLAGS

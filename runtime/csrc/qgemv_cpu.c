@@ -8,7 +8,7 @@
  * conversion and one FMA per weight and lane, and the conversion port is its bottleneck.
  * Here x is quantized per 32-bit word of codes to int16 with its own scale d
  * (x ~= d * x16, |x16| <= 32767: 2^-16 of the word's largest |x|, finer than fp16's 2^-11;
- * 2-bit codes: |x16| <= 6553, 2^-13.7, because their pairs are telescoped, see pair_codes),
+ * 2-bit codes: |x16| <= 6553, 2^-13.7, because their pairs are telescoped, see vec.h, _pair),
  * and a word's codes meet x16 through vpmaddwd, which multiplies 16 int16 pairs and adds
  * neighbours: 2 codes per instruction and lane, no conversion until the end of a word.
  *
@@ -48,10 +48,12 @@
 #define MP_VNNI 0
 #endif
 #endif
+#include "vec.h"
 
-/* x's int16 pairs are stored in blocks of 8 words: [U/8][H][8], so the 8 words of one vector
- * step find their H pair vectors at one base pointer and constant offsets. */
-#define XPI(h, p, j) ((((int64_t)(j) >> 3) * (h) + (p)) * 8 + ((j) & 7))
+/* x's int16 pairs are stored in blocks of B words (8, or 16 for the wide path): [U/B][H][B], so
+ * the B words of one vector step find their H pair vectors at one base pointer and constant
+ * offsets. */
+#define XPI(b, h, p, j) ((((int64_t)(j) / (b)) * (h) + (p)) * (b) + ((j) % (b)))
 
 /* int16 steps of a word's largest |x| with telescoped 2-bit pairs: |x_p - 4 x_(p-1)| <= 5 * 6553
  * fits int16. 2^-13.7 of the largest |x|, still finer than fp16's 2^-11. */
@@ -61,7 +63,19 @@
 #define MP_UNSUPPORTED 1
 #define MP_NOMEM 2
 
-int moepack_abi_version(void) { return 6; }
+int moepack_abi_version(void) { return 7; }
+
+/* The 16-lane path (vec.h) is used where it is built and not switched off: the loader turns it
+ * off when its self-check fails (falling back to 8 lanes), and MOEPACK_CPU_WIDE=0 does too.
+ * Set before any call runs, never during one. */
+static int mp_wide_on = MP_WIDE;
+
+int moepack_has_wide(void) { return MP_WIDE; }
+
+int moepack_set_wide(int on) {
+    mp_wide_on = on && MP_WIDE;
+    return mp_wide_on;
+}
 
 int moepack_has_vnni(void) {
 #ifdef MP_AVX2
@@ -114,7 +128,7 @@ static void decode_row_meta(int64_t n, int64_t gpr, int64_t wpg, const uint8_t *
 
 /* Word j of x [K] f32 -> xp[p][j] int16 pairs (as int32) for p < H, d[j], X[j] (see the top of
  * the file). tele: the telescoped pairs of 2-bit codes (TELE_STEPS). */
-static void quantize_x_word(const float *x, int cu, int tele, int64_t U, int64_t j, int32_t *xp, float *d, float *X) {
+static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j, int32_t *xp, float *d, float *X) {
     const int h = cu / 2;
     const float *xs = x + (int64_t)cu * j;
     const float steps = tele ? TELE_STEPS : 32767.0f;
@@ -130,11 +144,10 @@ static void quantize_x_word(const float *x, int cu, int tele, int64_t U, int64_t
         const int32_t a = tele && p >= 2 ? lo - 4 * prev_lo : lo, b = tele && p >= 2 ? hi - 4 * prev_hi : hi;
         prev_lo = lo;
         prev_hi = hi;
-        xp[XPI(h, p, j)] = (int32_t)((uint32_t)(uint16_t)a | ((uint32_t)(uint16_t)b << 16));
+        xp[XPI(xb, h, p, j)] = (int32_t)((uint32_t)(uint16_t)a | ((uint32_t)(uint16_t)b << 16));
     }
     d[j] = dj;
     X[j] = dj * (float)sum;
-    (void)U;
 }
 
 /* sum over words [j0, j1) of row n, portable C (the tail of the AVX2 loop, or all of it). */
@@ -148,14 +161,14 @@ static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w,
         const uint32_t hw = bits == 3 ? hn[j] : 0u;
         int32_t dot = 0;
         for (int p = 0; p < h; p++) {
-            /* telescoped (2-bit, p >= 1): the half shifted, its higher codes kept (pair_codes) */
+            /* telescoped (2-bit, p >= 1): the half shifted, its higher codes kept (vec.h, _pair) */
             const uint32_t m = tele && p > 0 ? 0xFFFFu : mask;
             int32_t c0 = (int32_t)(((word & 0xFFFFu) >> (w * p)) & m), c1 = (int32_t)((word >> (16 + w * p)) & m);
             if (bits == 3) {
                 c0 |= (int32_t)(((hw >> p) & 1u) << 2);
                 c1 |= (int32_t)(((hw >> (h + p)) & 1u) << 2);
             }
-            const int32_t pair = xp[XPI(h, p, j)];
+            const int32_t pair = xp[XPI(8, h, p, j)];
             dot += c0 * (int32_t)(int16_t)(pair & 0xFFFF) + c1 * (int32_t)(int16_t)((uint32_t)pair >> 16);
         }
         acc += sw[j] * (d[j] * (float)dot - zw[j] * X[j]);
@@ -164,25 +177,6 @@ static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w,
 }
 
 #ifdef MP_AVX2
-/* Pair p of 8 words as int16 lanes (code p of each half). The top pair needs no mask: a 16-bit
- * shift leaves only it. 2-bit codes are telescoped: from p = 1 on, the shifted half keeps
- * codes p..7 (v_p = c_p + 4 v_(p+1)), and x holds x_p - 4 x_(p-1) (quantize_x_word), so
- *     sum_p c_p x_p = c_0 x_0 + v_1 x_1 + sum_(p>=2) v_p (x_p - 4 x_(p-1))
- * with one shift per pair and no mask: the loop's shift and multiply ports are its limit. */
-static inline __attribute__((always_inline)) __m256i pair_codes(const __m256i word, const __m256i pairmask, const int bits,
-                                                                const int w, const int h, const int p) {
-    if (p == 0) return _mm256_and_si256(word, pairmask);
-    if (bits == 2 || p == h - 1) return _mm256_srli_epi16(word, w * p);
-    return _mm256_and_si256(_mm256_srli_epi32(word, w * p), pairmask);
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* The same sum, 8 words per step. W and BITS are constants at each call site, so the pair
  * loop unrolls and the 3-bit branches fold away. */
 static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, const uint16_t *hn, const int bits,
@@ -197,18 +191,12 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
     int64_t j = 0;
     for (; j + 8 <= j1; j += 8) {
         const __m256i word = _mm256_loadu_si256((const __m256i *)(qn + j));
-        __m256i hs = _mm256_setzero_si256();
-        if (bits == 3) {  /* 16 high bits per word -> bit i at i, bit 8+i at 16+i, then times 4 */
-            const __m256i hw = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(hn + j)));
-            const __m256i spread = _mm256_or_si256(_mm256_and_si256(hw, _mm256_set1_epi32(0xFF)),
-                                                   _mm256_slli_epi32(_mm256_and_si256(hw, _mm256_set1_epi32(0xFF00)), 8));
-            hs = _mm256_slli_epi32(spread, 2);
-        }
+        const __m256i hs = bits == 3 ? v8_hi3(hn + j) : _mm256_setzero_si256();
         __m256i dot0 = _mm256_setzero_si256(), dot1 = _mm256_setzero_si256();
         for (int p = 0; p < h; p++) {
-            __m256i v = pair_codes(word, pairmask, bits, w, h, p);
+            __m256i v = v8_pair(word, pairmask, bits, w, h, p);
             if (bits == 3) v = _mm256_or_si256(v, _mm256_and_si256(_mm256_srli_epi32(hs, p), hibit));
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + XPI(h, p, j)));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + XPI(8, h, p, j)));
             if (p & 1)
                 dot1 = MP_DOT(dot1, v, xv);
             else
@@ -222,95 +210,44 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
         else
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(sw + j), dd, acc0);
     }
-    return hsum8(_mm256_add_ps(acc0, acc1)) + row_scalar(qn, hn, bits, w, U, j, j1, xp, d, X, sw, zw);
-}
-
-
-#ifdef MP_AVX2
-/* The codes of groups i .. i+7 as 8 int32 lanes. 4-bit: i is a multiple of 8 (the fast path's
- * blocks), so they are the 8 nibbles of one little-endian u32, group i + k at bits 4k: broadcast,
- * shift each lane's nibble to the top, shift it down (no mask constant held in a register).
- * 2-bit g16 on one dev-cpu core: 20.1 cycles per 128 weights against 17.5 with byte codes
- * (tools/cpu_kernel_cycles.c); an unpack of nibble pairs took 20.4, a mask 20.3. */
-static inline __attribute__((always_inline)) __m256i meta_codes8(const uint8_t *codes, int64_t i, const int mb) {
-    if (mb == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + i)));
-    int32_t eight;
-    memcpy(&eight, codes + (i >> 1), 4);
-    const __m256i top = _mm256_sllv_epi32(_mm256_set1_epi32(eight), _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0));
-    return _mm256_srli_epi32(top, 28);
+    return v8_hsum(_mm256_add_ps(acc0, acc1)) + row_scalar(qn, hn, bits, w, U, j, j1, xp, d, X, sw, zw);
 }
 #endif
 
-/* The fast path: meta decoded in registers, 8 groups at a time, inside the word loop, instead of
- * a per-row decode pass (that pass cost 25-45% of the time). Needs gpr and mg multiples of 8
- * (an 8-group block never straddles a meta group) and WPG = 2^wpg_log2 words per group: the
- * block's 8 scales reach word lanes through one permute. Xg: x summed per group (per token).
- *     y = sum_j s_j d_j f_j  -  sum_g s_g z_g Xg_g      (f_j: word j's integer dot) */
-static inline __attribute__((always_inline)) float row_fast(const uint32_t *qn, const uint16_t *hn, const int bits,
-                                                            const int w, int64_t gpr, int wpg_log2, int64_t i0,
-                                                            const uint8_t *scale, const float *smeta,
-                                                            const uint8_t *zero, const float *zmeta, int64_t mg,
-                                                            const int mb, const int32_t *xp, int64_t U, const float *d,
-                                                            const float *Xg) {
-    const int h = 16 / w;
-    const uint32_t m = (1u << w) - 1u;
-    const int64_t wpg = (int64_t)1 << wpg_log2;
-    const __m256i pairmask = _mm256_set1_epi32((int)(m | (m << 16)));
-    const __m256i hibit = _mm256_set1_epi32(0x00040004);
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256 acc = _mm256_setzero_ps(), accz = _mm256_setzero_ps();
-    for (int64_t g0 = 0; g0 < gpr;) {
-        const int64_t mi = (i0 + g0) / mg;
-        int64_t e = (mi + 1) * mg - i0;
-        if (e > gpr) e = gpr;
-        const __m256 ss = _mm256_set1_ps(smeta[2 * mi]), sm = _mm256_set1_ps(smeta[2 * mi + 1]);
-        const __m256 zs = _mm256_set1_ps(zmeta[2 * mi]), zm = _mm256_set1_ps(zmeta[2 * mi + 1]);
-        for (int64_t gb = g0; gb < e; gb += 8) {
-            const __m256 s8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(meta_codes8(scale, i0 + gb, mb)), ss, sm);
-            const __m256 z8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(meta_codes8(zero, i0 + gb, mb)), zs, zm);
-            accz = _mm256_fmadd_ps(_mm256_mul_ps(s8, z8), _mm256_loadu_ps(Xg + gb), accz);
-            for (int64_t r = 0; r < wpg; r++) {
-                const int64_t j = gb * wpg + 8 * r;
-                const __m256i word = _mm256_loadu_si256((const __m256i *)(qn + j));
-                const int32_t *xb = xp + (j >> 3) * 8 * h;  /* j is a multiple of 8 here */
-                __m256i hs = _mm256_setzero_si256();
-                if (bits == 3) {
-                    const __m256i hw = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(hn + j)));
-                    hs = _mm256_slli_epi32(
-                        _mm256_or_si256(_mm256_and_si256(hw, _mm256_set1_epi32(0xFF)),
-                                        _mm256_slli_epi32(_mm256_and_si256(hw, _mm256_set1_epi32(0xFF00)), 8)),
-                        2);
-                }
-                __m256i dot0 = _mm256_setzero_si256(), dot1 = _mm256_setzero_si256();
-                for (int p = 0; p < h; p++) {
-                    __m256i v = pair_codes(word, pairmask, bits, w, h, p);
-                    if (bits == 3) v = _mm256_or_si256(v, _mm256_and_si256(_mm256_srli_epi32(hs, p), hibit));
-                    const __m256i xv = _mm256_load_si256((const __m256i *)(xb + 8 * p));
-                    if (p & 1)
-                        dot1 = MP_DOT(dot1, v, xv);
-                    else
-                        dot0 = MP_DOT(dot0, v, xv);
-                }
-                const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot0, dot1)), _mm256_loadu_ps(d + j));
-                __m256 sl = s8;
-                if (wpg_log2 > 0) {  /* lane l is word 8r + l of the block: group (8r + l) >> log2(WPG) */
-                    const __m256i idx = _mm256_srli_epi32(_mm256_add_epi32(_mm256_set1_epi32((int)(8 * r)), iota), wpg_log2);
-                    sl = _mm256_permutevar8x32_ps(s8, idx);
-                }
-                acc = _mm256_fmadd_ps(sl, f, acc);
-            }
-        }
-        g0 = e;
-    }
-    return hsum8(acc) - hsum8(accz);
-}
+#ifdef MP_AVX2
+/* The fast path (row_fast.h) at 8 lanes, and at 16 where vec.h has them. */
+#define RF_NAME row_fast8
+#define RF_L 8
+#define RF_(op) v8_##op
+#define RF_VI v8i
+#define RF_VF v8f
+#include "row_fast.h"
+#undef RF_NAME
+#undef RF_L
+#undef RF_
+#undef RF_VI
+#undef RF_VF
+#if MP_WIDE
+#define RF_NAME row_fast16
+#define RF_L 16
+#define RF_(op) v16_##op
+#define RF_VI v16i
+#define RF_VF v16f
+#include "row_fast.h"
+#undef RF_NAME
+#undef RF_L
+#undef RF_
+#undef RF_VI
+#undef RF_VF
+#endif
 #endif
 
-static int fast_path(int64_t gpr, int64_t mg, int64_t wpg) {
+/* Whether rows of this geometry take the fast path at `lanes` words per step (row_fast.h). */
+static int fast_path(int64_t gpr, int64_t mg, int64_t wpg, int lanes) {
 #ifdef MP_AVX2
-    return gpr % 8 == 0 && mg % 8 == 0 && wpg > 0 && (wpg & (wpg - 1)) == 0;
+    return gpr % lanes == 0 && mg % lanes == 0 && wpg > 0 && (wpg & (wpg - 1)) == 0;
 #else
-    (void)gpr, (void)mg, (void)wpg;
+    (void)gpr, (void)mg, (void)wpg, (void)lanes;
     return 0;
 #endif
 }
@@ -343,7 +280,7 @@ typedef struct {
 } mp_mat;
 
 typedef struct {
-    int w, cu, fast, wl, tele;
+    int w, cu, fast, wl, tele, xb;  /* xb: words per block of x (16: the wide fast path) */
     int64_t U, Up, gpr, wpg, h;
 } mp_geo;
 
@@ -362,18 +299,20 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     if (m->bits == 3 && m->qhi == NULL) return MP_UNSUPPORTED;
     if (m->mb != 8 && m->mb != 4) return MP_UNSUPPORTED;
     g->U = m->K / g->cu;
-    g->Up = (g->U + 7) / 8 * 8;
     g->gpr = m->K / m->group;
     g->wpg = m->group / g->cu;
     g->h = g->cu / 2;
-    g->fast = fast_path(g->gpr, m->mg, g->wpg);
+    g->fast = fast_path(g->gpr, m->mg, g->wpg, 8);
+    g->xb = mp_wide_on && fast_path(g->gpr, m->mg, g->wpg, 16) ? 16 : 8;
+    g->Up = (g->U + g->xb - 1) / g->xb * g->xb;
     g->wl = log2i(g->wpg);
     g->tele = m->bits == 2;
     return MP_OK;
 }
 
 static int xq_alloc(const mp_geo *g, int64_t T, mp_xq *q) {
-    q->xp = (int32_t *)aligned_alloc(32, sizeof(int32_t) * (size_t)(T * g->h * g->Up));
+    /* aligned_alloc wants a size that is a multiple of the alignment */
+    q->xp = (int32_t *)aligned_alloc(64, (sizeof(int32_t) * (size_t)(T * g->h * g->Up) + 63) / 64 * 64);
     q->dX = (float *)malloc(sizeof(float) * (size_t)(T * (2 * g->U + g->gpr)));
     return q->xp && q->dX ? MP_OK : MP_NOMEM;
 }
@@ -396,7 +335,7 @@ static void xq_fill(const mp_geo *g, const float *x, int64_t K, int64_t T, mp_xq
 #endif
     for (int64_t tj = 0; tj < T * g->U; tj++) {
         const int64_t t = tj / g->U;
-        quantize_x_word(x + t * K, g->cu, g->tele, g->U, tj % g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t));
+        quantize_x_word(x + t * K, g->cu, g->tele, g->xb, tj % g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t));
     }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -420,7 +359,22 @@ static float row_value(const mp_mat *m, const mp_geo *g, const mp_xq *q, int64_t
         const int wl = g->wl;
         const int32_t *xp = XP(g, q, t);
         const float *d = XD(g, q, t), *xg = XG(g, q, t);
-#define FAST(B, W, WL, MB) row_fast(qn, hn, B, W, gpr, WL, n * gpr, m->scale, m->smeta, m->zero, m->zmeta, mg, MB, xp, g->U, d, xg)
+#define ARGS(B, W, WL, MB) qn, hn, B, W, gpr, WL, n * gpr, m->scale, m->smeta, m->zero, m->zmeta, mg, MB, xp, d, xg
+#if MP_WIDE
+        if (g->xb == 16) {  /* Mixtral's shapes: every matrix has 16 | groups per row */
+#define FAST(B, W, WL, MB) row_fast16(ARGS(B, W, WL, MB))
+            if (m->mb == 4) {
+                if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 4) : FAST(2, 2, wl, 4);
+                if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 4) : FAST(3, 2, wl, 4);
+                return FAST(4, 4, wl, 4);
+            }
+            if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 8) : FAST(2, 2, wl, 8);
+            if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 8) : FAST(3, 2, wl, 8);
+            return wl == 3 ? FAST(4, 4, 3, 8) : FAST(4, 4, wl, 8);
+#undef FAST
+        }
+#endif
+#define FAST(B, W, WL, MB) row_fast8(ARGS(B, W, WL, MB))
         /* the quantizer's defaults get a build with WPG and the meta width constant (loops
          * unrolled, no branch on the meta width per block) */
         if (m->mb == 4) {
@@ -432,6 +386,7 @@ static float row_value(const mp_mat *m, const mp_geo *g, const mp_xq *q, int64_t
         if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 8) : wl == 1 ? FAST(3, 2, 1, 8) : FAST(3, 2, wl, 8);
         return wl == 3 ? FAST(4, 4, 3, 8) : wl == 2 ? FAST(4, 4, 2, 8) : FAST(4, 4, wl, 8);
 #undef FAST
+#undef ARGS
     }
 #endif
     if (!decoded) decode_row_meta(n, g->gpr, g->wpg, m->scale, m->smeta, m->zero, m->zmeta, m->mg, m->mb, sw, zw);
@@ -607,7 +562,7 @@ int moepack_gemv_f16(const uint16_t *w, const float *x, int64_t N, int64_t K, in
                 a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt + k), a0);
                 a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + k + 8), a1);
             }
-            acc = hsum8(_mm256_add_ps(a0, a1));
+            acc = v8_hsum(_mm256_add_ps(a0, a1));
 #endif
             for (; k < K; k++) acc += half_to_float(wn[k]) * xt[k];
             out[t * N + n] = acc;

@@ -399,12 +399,16 @@ def test_large_fp16_matrices_stay_fp16_on_the_cpu(monkeypatch, packed_files):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512vnni"],
-                                   ["-mavx2", "-mfma", "-mavxvnni"]], ids=["avx512-vnni", "avx-vnni"])
-def test_vnni_builds_use_vpdpwssd(tmp_path, flags):
-    """The VNNI dot products (the H100 host's Xeon has AVX-512) compile to vpdpwssd. Compiled
-    only: this CPU may lack them, and where they run the load-time self-check compares them
-    with the format's reference decode before any result is used."""
+@pytest.mark.parametrize("flags,wide", [
+    (["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512vnni"], False),
+    (["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"], True),  # the 16-lane rows
+    (["-mavx2", "-mfma", "-mavxvnni"], False)], ids=["avx512-vnni", "avx512-bw-vnni", "avx-vnni"])
+def test_vnni_builds_use_vpdpwssd(tmp_path, flags, wide):
+    """The VNNI dot products (the H100 host's Xeon has AVX-512) compile to vpdpwssd, on 512-bit
+    registers where AVX-512 BW gives the 16-lane rows (vec.h). Compiled only: this CPU may lack
+    them, and where they run the load-time self-check compares them with the format's reference
+    decode before any result is used (the 16-lane rows' logic runs here too, emulated:
+    test_cpu_wide.py)."""
     import subprocess
 
     cc = cpu_native._compiler()
@@ -418,6 +422,7 @@ def test_vnni_builds_use_vpdpwssd(tmp_path, flags):
     assert r.returncode == 0, r.stderr[-2000:]
     text = asm.read_text()
     assert "vpdpwssd" in text and "vpmaddwd" not in text  # every int16 dot product of the kernel
+    assert any("vpdpwssd" in line and "zmm" in line for line in text.splitlines()) == wide
 
 
 def test_portable_build_without_vector_extensions(monkeypatch, tmp_path):

@@ -1,0 +1,147 @@
+"""The compiled CPU kernel's 16-lane rows (runtime/csrc/vec.h, row_fast.h): AVX-512 where the
+compiler targets it, which no CI machine has. Built here with MP_EMULATE_WIDE, the same 16-lane
+code runs on two 8-lane halves, so everything but the intrinsics' one-to-one mapping is checked:
+blocks of 16 words and groups, x in blocks of 16, the lane permute of multi-word groups, both
+meta widths, the one-call expert and its row cut. And the loader: a 16-lane build that fails its
+self-check falls back to 8 lanes, not to numba."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from formats.qtensor import QuantSpec
+from runtime import cpu_native
+from tests.runtime.test_cpu_native import EXPERT_TOL, quantize_x, rel, x_steps
+from tests.runtime.test_kernels import make_expert, packed
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """The kernel built with 16-lane rows emulated on AVX2."""
+    native = cpu_native.native_kernel()
+    if native is None or not native.avx2:
+        pytest.skip("needs the compiled kernel on an AVX2 machine")
+    flags = cpu_native._flag_sets()[0] + ["-DMP_EMULATE_WIDE"]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cpu_native, "_flag_sets", lambda: [flags])
+    try:
+        kernel = cpu_native.NativeKernel(cpu_native.build(out_dir=tmp_path_factory.mktemp("wide")))
+    finally:
+        mp.undo()
+    assert kernel.wide
+    return kernel
+
+
+def gemv(kernel, data, shape, spec, x, threads=2):
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return kernel.gemv(buf, cpu_native.matrix_descriptor(shape, spec), torch.from_numpy(x), threads).numpy()
+
+
+def test_passes_the_load_time_check(wide):
+    assert cpu_native.self_check(wide) is None
+
+
+# (spec, N, K) with 16 | groups per row and 16 | meta group (the 16-lane rows): every code width,
+# both meta widths, 1, 2, 4 and 16 words per group (the lane permute), several meta groups per row
+WIDE_CASES = [
+    (QuantSpec(2, 16, 8, 128), 24, 512),
+    (QuantSpec(2, 16, 4, 128), 24, 512),
+    (QuantSpec(2, 32, 8, 64), 16, 1024),
+    (QuantSpec(2, 256, 4, 16), 8, 4096),
+    (QuantSpec(3, 64, 8, 128), 24, 1024),
+    (QuantSpec(3, 64, 4, 32), 16, 2048),
+    (QuantSpec(4, 64, 8, 256), 16, 1024),
+    (QuantSpec(4, 8, 4, 16), 8, 256),
+]
+
+
+@pytest.mark.parametrize("spec,n,k", WIDE_CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_matches_the_rounded_reference(wide, spec, n, k, tokens):
+    data, w = packed((n, k), spec, seed=n + k)
+    x = np.random.default_rng(tokens).standard_normal((tokens, k)).astype(np.float32)
+    x[:, :16] *= 50  # one word of large activations: each word keeps its own scale
+    y = gemv(wide, data, (n, k), spec, x)
+    cu = 8 if spec.bits == 4 else 16
+    assert rel(y, quantize_x(x, cu, x_steps(spec.bits)) @ w.astype(np.float64).T) < 2e-6
+
+
+@pytest.mark.parametrize("spec,n,k,takes_wide", [(QuantSpec(2, 16, 8, 128), 16, 256, True),
+                                                 (QuantSpec(2, 16, 8, 128), 16, 128, False),  # 8 groups per row
+                                                 (QuantSpec(2, 16, 8, 8), 16, 256, False)])  # meta groups of 8
+def test_sixteen_lane_rows_run_where_the_shape_allows(wide, spec, n, k, takes_wide):
+    """The lanes sum in another order, so the 16-lane and 8-lane rows differ in the last bits
+    exactly where the 16-lane rows apply (16 groups per row, meta groups of 16 or more)."""
+    data, _ = packed((n, k), spec, seed=3)
+    x = np.random.default_rng(0).standard_normal((1, k)).astype(np.float32)
+    wide_y = gemv(wide, data, (n, k), spec, x)
+    try:
+        assert not wide.set_wide(False)
+        narrow_y = gemv(wide, data, (n, k), spec, x)
+    finally:
+        assert wide.set_wide(True)
+    assert np.array_equal(wide_y, narrow_y) != takes_wide
+    np.testing.assert_allclose(wide_y, narrow_y, rtol=1e-5, atol=1e-6)
+
+
+@given(bits=st.sampled_from([2, 3, 4]), words_per_group=st.sampled_from([1, 2, 4, 8]), blocks=st.integers(1, 3),
+       rows=st.integers(1, 20), mg_blocks=st.integers(1, 4), seed=st.integers(0, 2**16), meta_bits=st.sampled_from([8, 4]))
+@settings(max_examples=40, deadline=None)
+def test_any_wide_geometry_matches_the_rounded_reference(wide, bits, words_per_group, blocks, rows, mg_blocks, seed,
+                                                         meta_bits):
+    cu = 8 if bits == 4 else 16
+    spec = QuantSpec(bits, cu * words_per_group, meta_bits, 16 * mg_blocks)
+    k = spec.group_size * 16 * blocks
+    data, w = packed((rows, k), spec, seed=seed)
+    x = np.random.default_rng(seed).standard_normal((2, k)).astype(np.float32)
+    y = gemv(wide, data, (rows, k), spec, x)
+    xq = quantize_x(x, cu, x_steps(bits))
+    ref = xq @ w.astype(np.float64).T
+    assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(xq) @ np.abs(w.astype(np.float64)).T) + 1e-9)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, 4, 128), QuantSpec(3, 64, 8, 128)], ids=QuantSpec.describe)
+def test_one_call_expert_and_its_row_cut(wide, spec):
+    """moepack_expert on 16-lane rows (w1/w3: 16 groups per row at hidden 256 or 1024; w2 too),
+    whole and from a row cut (the hybrid split's CPU rows)."""
+    hidden = 16 * spec.group_size
+    inter = 2 * hidden
+    layout, data, ref = make_expert(hidden, inter, spec, seed=7)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    x = 0.1 * torch.randn(2, hidden, generator=torch.Generator().manual_seed(1))
+    h_ref = torch.nn.functional.silu(x.double() @ torch.from_numpy(ref["w1"]).double().T) * (
+        x.double() @ torch.from_numpy(ref["w3"]).double().T)
+    y_ref = h_ref @ torch.from_numpy(ref["w2"]).double().T
+    h, y = wide.expert(record, cpu_native.expert_descriptor(layout), x, inter, hidden, 2)
+    assert float((h.double() - h_ref).norm() / h_ref.norm()) < EXPERT_TOL
+    assert float((y.double() - y_ref).norm() / y_ref.norm()) < EXPERT_TOL
+    cut = inter // 2
+    h_cut, none = wide.expert(record, cpu_native.expert_descriptor(layout, cut), x, inter - cut, None, 2)
+    assert none is None and torch.equal(h_cut, h[:, cut:])
+
+
+@pytest.fixture
+def loads_wide(wide, monkeypatch):
+    """native_kernel() loading the 16-lane build, uncached; its switch is back on after (one
+    library, loaded once per process: the switch is shared)."""
+    monkeypatch.setattr(cpu_native, "build", lambda *a, **k: wide.path)
+    cpu_native.native_kernel.cache_clear()
+    yield wide
+    cpu_native.native_kernel.cache_clear()
+    wide.set_wide(True)
+
+
+def test_a_failing_wide_build_falls_back_to_eight_lanes(loads_wide, monkeypatch):
+    monkeypatch.setattr(cpu_native, "self_check", lambda kernel: "16-lane rows off by 1" if kernel.wide else None)
+    with pytest.warns(UserWarning, match="16-lane rows give wrong results.*8-lane"):
+        kernel = cpu_native.native_kernel()
+    assert kernel is not None and not kernel.wide
+
+
+def test_environment_keeps_to_eight_lanes(loads_wide, monkeypatch):
+    monkeypatch.setenv("MOEPACK_CPU_WIDE", "0")
+    assert not cpu_native.native_kernel().wide
