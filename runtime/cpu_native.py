@@ -152,7 +152,9 @@ class NativeKernel:
         self.avx2 = bool(self.lib.moepack_has_avx2())
         self.vnni = bool(self.lib.moepack_has_vnni())  # the word loop's dot products as vpdpwssd
         self.lib.moepack_set_wide.argtypes, self.lib.moepack_set_wide.restype = [ctypes.c_int], ctypes.c_int
-        self.wide = bool(self.lib.moepack_has_wide())  # 16-lane (AVX-512) rows where the shape allows
+        # 16-lane (AVX-512) rows where built and the shape allows. The switch lives in the loaded
+        # library, which a second NativeKernel of the same file shares: set it, do not assume it
+        self.set_wide(True)
         f = self.lib.moepack_qgemv
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
@@ -341,8 +343,7 @@ def native_kernel() -> NativeKernel | None:
     except (NativeBuildError, OSError) as e:
         warnings.warn(f"moe-pack: CPU kernel not built ({e}); using the slower numba/torch path", stacklevel=2)
         return None
-    if os.environ.get("MOEPACK_CPU_WIDE", "1") == "0":
-        kernel.set_wide(False)
+    kernel.set_wide(os.environ.get("MOEPACK_CPU_WIDE", "1") != "0")
     problem = self_check(kernel)
     if problem is not None and kernel.wide:
         # the 16-lane rows are built only where AVX-512 is, and no CI machine has it: a wrong

@@ -222,11 +222,6 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
 #define RF_VI v8i
 #define RF_VF v8f
 #include "row_fast.h"
-#undef RF_NAME
-#undef RF_L
-#undef RF_
-#undef RF_VI
-#undef RF_VF
 #if MP_WIDE
 #define RF_NAME row_fast16
 #define RF_L 16
@@ -234,11 +229,6 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
 #define RF_VI v16i
 #define RF_VF v16f
 #include "row_fast.h"
-#undef RF_NAME
-#undef RF_L
-#undef RF_
-#undef RF_VI
-#undef RF_VF
 #endif
 #endif
 

@@ -4,7 +4,7 @@
  *   RF_L          words per vector step, and groups per meta block (8 or 16)
  *   RF_(op)       that width's operation `op` (vec.h: v8_op or v16_op)
  *   RF_VI, RF_VF  its integer and float vector types
- * and undefines them after.
+ * which the end of this file undefines.
  *
  * Meta decoded in registers, RF_L groups at a time, inside the word loop, instead of a per-row
  * decode pass (that pass cost 25-45% of the time). Needs gpr and mg multiples of RF_L (a block
@@ -57,3 +57,9 @@ static inline __attribute__((always_inline)) float RF_NAME(const uint32_t *qn, c
     }
     return RF_(hsum)(acc) - RF_(hsum)(accz);
 }
+
+#undef RF_NAME
+#undef RF_L
+#undef RF_
+#undef RF_VI
+#undef RF_VF
