@@ -34,23 +34,30 @@ def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtyp
     }
 
 
-# More tokens than this on the CPU: dequantize once and use torch's matmul. The CPU kernels
-# re-decode every weight per token, but dequantizing a Mixtral expert in torch costs ~1 s on
-# one dev-cpu core against ~4 ms per token for the compiled kernel (2 threads: 5.5 ms at T=1,
-# 261 ms at T=64; dequantize + matmul at T=16: 982 ms), so the crossover is near 250 tokens.
+# More tokens than this on the CPU: dequantize once and use torch's matmul. Dequantizing a
+# Mixtral expert in torch and its matmuls cost ~1.1 s at 64 tokens and ~1.6 s at 256 on dev-cpu
+# (2 threads). The numba kernel re-decodes every weight per token (~13 ms a token there), so it
+# stops at 64 (QuantLinear's matrices too: their dequantize is 16x cheaper). The compiled
+# kernel's expert decodes each code once for 2-4 tokens: ~3.2 ms a token at 2 bits, 0.93 s at
+# 256 tokens, still ahead of torch (tools/cpu_kernel_cycles.c, BENCHMARKS.md section 19).
 CPU_KERNEL_MAX_TOKENS = 64
+NATIVE_EXPERT_MAX_TOKENS = 256
 
 
 def _cpu_kernel_applies(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
-    """Whether runtime.cpu_expert computes this call: a few tokens, a packed expert in CPU
-    memory, its compiled kernel built or numba installed. (Its fallback calls plain_expert_ffn,
+    """Whether runtime.cpu_expert computes this call: a packed expert in CPU memory, its compiled
+    kernel built or numba installed, and a few tokens (the limits above). (Its fallback calls plain_expert_ffn,
     never expert_ffn, so the two cannot call each other in a loop.)"""
-    if x.device.type != "cpu" or record.device.type != "cpu" or x.shape[0] > CPU_KERNEL_MAX_TOKENS:
+    if x.device.type != "cpu" or record.device.type != "cpu" or x.shape[0] > NATIVE_EXPERT_MAX_TOKENS:
         return False
     if not all(m.spec.quantized for m in layout.matrices):
         return False
-    from .cpu_expert import cpu_expert_available  # the kernels load only on the first call
+    from .cpu_expert import _native, cpu_expert_available  # the kernels load only on the first call
 
+    if x.shape[0] > CPU_KERNEL_MAX_TOKENS:  # only the compiled kernel's one-call expert goes on
+        from .cpu_native import expert_descriptor
+
+        return _native() is not None and expert_descriptor(layout) is not None
     return cpu_expert_available()
 
 

@@ -4,6 +4,7 @@ across thread counts, against the memory-bandwidth floor and llama.cpp's CPU fig
     python tools/cpu_expert_bench.py                  # 16-core host: threads 1, 2, 4, 8, 16
     python tools/cpu_expert_bench.py --quick          # small machine: fewer runs
     python tools/cpu_expert_bench.py --json out.json  # machine-readable results as well
+    python tools/cpu_expert_bench.py --tokens 1 --tokens 16   # also a prompt's share of an expert
     MOEPACK_CPU_KERNEL=numba python tools/cpu_expert_bench.py   # the numba kernel instead
 
 Also times one Mixtral attention layer (q, k, v, o at 4-bit) at T=1: packed through
@@ -123,7 +124,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pool-mib", type=int, default=1024,
                     help="rotate the timed calls over copies of the record totalling this much (default 1024: "
                          "more than a server's L3, so every call reads DRAM as in decode; 0: two records)")
+    ap.add_argument("--tokens", type=int, action="append", default=None,
+                    help="tokens per call, repeatable (default 1: decode; a 512-token prompt gives each "
+                         "expert ~128, in calls the CPU path takes up to 256)")
     args = ap.parse_args(argv)
+    tokens = args.tokens or [1]
+    if min(tokens) < 1:
+        ap.error("--tokens takes a positive number of tokens per call")
     if not cpu_expert_available():
         print("numba is not installed: cpu_expert_ffn would fall back to the plain torch path", file=sys.stderr)
         return 1
@@ -133,10 +140,10 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(1 << 28 if args.quick else 1 << 29)
     best_gbs = max(bw.values())
     gen = torch.Generator().manual_seed(0)
-    x = (0.1 * torch.randn(1, HIDDEN, generator=gen))  # [1, H]
+    xs = {n: 0.1 * torch.randn(n, HIDDEN, generator=gen) for n in tokens}  # [T, H]
     rows = []
     print(f"{ncpu} CPUs; kernel {kernel_name()}; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
-    print(f"{'expert':<10} {'threads':>7} {'ms':>8} {'GB/s':>6} {'floor ms':>8} {'llama.cpp ms':>12}")
+    print(f"{'expert':<12} {'tokens':>6} {'threads':>7} {'ms':>8} {'ms/token':>8} {'GB/s':>6} {'floor ms':>8} {'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
         layout = kb.expert_layout(HIDDEN, INTER, spec)
         # rotate over more bytes than any L3 holds: in decode each expert comes cold from DRAM,
@@ -146,15 +153,17 @@ def main(argv=None) -> int:
         n_rec = max(2, -(-(args.pool_mib << 20) // layout.record_size))
         records = [first] + [first.clone() for _ in range(n_rec - 1)]
         floor_ms = layout.record_size / (best_gbs * 1e9) * 1e3
-        cpu_expert_ffn(records[0], layout, x, threads=max(threads))  # compile or load numba's cache
-        for t in threads:
-            cpu_expert_ffn(records[-1], layout, x, threads=t)  # warm-up at this thread count
-            ts = [_timed(lambda: cpu_expert_ffn(records[i % len(records)], layout, x, threads=t)) for i in range(runs)]
-            ms = statistics.median(ts) * 1e3
-            rows.append({"expert": name, "threads": t, "ms": ms, "record_bytes": layout.record_size,
-                         "pool_bytes": len(records) * layout.record_size,
-                         "gbs": layout.record_size / ms / 1e6, "floor_ms": floor_ms, "llama_cpp_ms": LLAMA_CPP_MS})
-            print(f"{name:<10} {t:>7} {ms:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} {LLAMA_CPP_MS:>12.2f}")
+        cpu_expert_ffn(records[0], layout, xs[tokens[0]], threads=max(threads))  # compile or load numba's cache
+        for n, x in xs.items():
+            for t in threads:
+                cpu_expert_ffn(records[-1], layout, x, threads=t)  # warm-up at this thread count
+                ts = [_timed(lambda: cpu_expert_ffn(records[i % len(records)], layout, x, threads=t)) for i in range(runs)]
+                ms = statistics.median(ts) * 1e3
+                rows.append({"expert": name, "tokens": n, "threads": t, "ms": ms, "ms_per_token": ms / n,
+                             "record_bytes": layout.record_size, "pool_bytes": len(records) * layout.record_size,
+                             "gbs": layout.record_size / ms / 1e6, "floor_ms": floor_ms, "llama_cpp_ms": LLAMA_CPP_MS})
+                print(f"{name:<12} {n:>6} {t:>7} {ms:>8.2f} {ms / n:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} "
+                      f"{LLAMA_CPP_MS:>12.2f}")
     print(f"llama.cpp CPU-only: 10.4 tok/s x 64 expert calls on 16 cores -> <= {LLAMA_CPP_MS:.2f} ms per call, everything included")
     attention = attention_layer(threads, runs)
     if args.json:

@@ -6,8 +6,8 @@
 #   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch;
 #   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step);
 #   7. the compiled CPU kernel's tests (its 16-lane AVX-512 rows run natively here: test_cpu_wide.py),
-#      then tools/cpu_expert_bench.py with it, with 8-lane rows only (MOEPACK_CPU_WIDE=0), and
-#      with numba;
+#      then tools/cpu_expert_bench.py with it (1 token, and 16: a prompt's tokens sharing each
+#      code's decode), with 8-lane rows only (MOEPACK_CPU_WIDE=0), and with numba;
 #   8. runtime.bench at 12GiB with --host-memory 8GiB (experts streamed from the file);
 #   9. what the session of 2026-11-22 built but could not measure: LRU vs LFU vs hybrid at 8, 12
 #      and 16 GiB (trace routing), and 32 layers with every expert resident (decode with CUDA
@@ -138,8 +138,9 @@ has 5 && ! grep -q '"tok_s"' "$OUT/bench.json" 2>/dev/null && run bench_eager 90
 has 7 && run cpu_diag 60 $PY tools/cpu_diag.py
 has 7 && run cpu_native_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py tests/runtime/test_cpu_expert.py \
   tests/runtime/test_cpu_wide.py
-has 7 && run cpu_expert 60 $PY tools/cpu_expert_bench.py --json "$OUT/cpu_expert.json"
-has 7 && run cpu_expert_narrow 60 env MOEPACK_CPU_WIDE=0 $PY tools/cpu_expert_bench.py --json "$OUT/cpu_expert_narrow.json"
+has 7 && run cpu_expert 90 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 --json "$OUT/cpu_expert.json"
+has 7 && run cpu_expert_narrow 90 env MOEPACK_CPU_WIDE=0 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 \
+  --json "$OUT/cpu_expert_narrow.json"
 has 7 && run cpu_expert_numba 60 env MOEPACK_CPU_KERNEL=numba $PY tools/cpu_expert_bench.py --runs 5 --json "$OUT/cpu_expert_numba.json"
 has 8 && run bench_streaming 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 --routing trace \
   --variant all --gpu-memory 12GiB --host-memory 8GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_streaming.json" $BENCH_FLAGS

@@ -55,6 +55,11 @@
  * offsets. */
 #define XPI(b, h, p, j) ((((int64_t)(j) / (b)) * (h) + (p)) * (b) + ((j) % (b)))
 
+/* Tokens per pass of the fast path: each pair of codes is decoded once for this many tokens. A
+ * pass keeps nt dot chains and nt sums in registers: 4 fit AVX-512's 32, and AVX2's 16 except
+ * with 2-bit codes (gemv_rows). */
+#define MP_TB 4
+
 /* int16 steps of a word's largest |x| with telescoped 2-bit pairs: |x_p - 4 x_(p-1)| <= 5 * 6553
  * fits int16. 2^-13.7 of the largest |x|, still finer than fp16's 2^-11. */
 #define TELE_STEPS 6553.0f
@@ -214,24 +219,6 @@ static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, 
 }
 #endif
 
-#ifdef MP_AVX2
-/* The fast path (row_fast.h) at 8 lanes, and at 16 where vec.h has them. */
-#define RF_NAME row_fast8
-#define RF_L 8
-#define RF_(op) v8_##op
-#define RF_VI v8i
-#define RF_VF v8f
-#include "row_fast.h"
-#if MP_WIDE
-#define RF_NAME row_fast16
-#define RF_L 16
-#define RF_(op) v16_##op
-#define RF_VI v16i
-#define RF_VF v16f
-#include "row_fast.h"
-#endif
-#endif
-
 /* Whether rows of this geometry take the fast path at `lanes` words per step (row_fast.h). */
 static int fast_path(int64_t gpr, int64_t mg, int64_t wpg, int lanes) {
 #ifdef MP_AVX2
@@ -338,52 +325,112 @@ static void xq_fill(const mp_geo *g, const float *x, int64_t K, int64_t T, mp_xq
     }
 }
 
-/* Row n of m times token t of q. sw/zw: this thread's [U] buffers (the per-row path only). */
+static inline float silu(float a) { return a / (1.0f + expf(-a)); }
+
+#ifdef MP_AVX2
+/* The fast path (row_fast.h) at 8 lanes, and at 16 where vec.h has them. */
+#define RF_ROW row_fast8
+#define RF_L 8
+#define RF_(op) v8_##op
+#define RF_VI v8i
+#define RF_VF v8f
+#include "row_fast.h"
+#if MP_WIDE
+#define RF_ROW row_fast16
+#define RF_L 16
+#define RF_(op) v16_##op
+#define RF_VI v16i
+#define RF_VF v16f
+#include "row_fast.h"
+#endif
+
+/* Row n of a for tokens t0 .. t0+nt-1 (nt: 1, 2 or MP_TB) into v[nt], on the fast path (row_fast.h).
+ * FAST: the quantizer's defaults, with the code width, words per group and meta width constant
+ * (loops unrolled, no branch on the meta width per block) and a copy per nt; ONE: the other
+ * geometries, one token at a time. Every copy is a large unrolled body and costs build time
+ * (~0.1 s), so only the defaults get the multi-token ones. */
+static inline __attribute__((always_inline)) void fast_values(const mp_mat *a, const mp_geo *g, const mp_xq *q,
+                                                               int64_t n, int64_t t0, int nt, float *v) {
+    const uint32_t *qn = a->q + n * g->U;
+    const uint16_t *hn = a->bits == 3 ? a->qhi + n * g->U : NULL;
+    const int64_t xs = g->h * g->Up, ds = 2 * g->U + g->gpr;
+    const int wl = g->wl;
+#define ARGS(B, W, WL, MB, T, NT)                                                                              \
+    qn, hn, B, W, g->gpr, WL, n * g->gpr, a->scale, a->smeta, a->zero, a->zmeta, a->mg, MB, NT, XP(g, q, T), xs, \
+        XD(g, q, T), ds, v + (T - t0)
+#define BY_NT(F, B, W, WL, MB)                   \
+    do {                                         \
+        if (nt == 1)                             \
+            F(ARGS(B, W, WL, MB, t0, 1));        \
+        else if (nt == 2)                        \
+            F(ARGS(B, W, WL, MB, t0, 2));        \
+        else                                     \
+            F(ARGS(B, W, WL, MB, t0, MP_TB));    \
+        return;                                  \
+    } while (0)
+#define BY_ONE(F, B, W, WL, MB)                                           \
+    do {                                                                  \
+        for (int i_ = 0; i_ < nt; i_++) F(ARGS(B, W, WL, MB, t0 + i_, 1)); \
+        return;                                                           \
+    } while (0)
+#if MP_WIDE
+    if (g->xb == 16) {  /* Mixtral's shapes: every matrix has 16 | groups per row */
+#define FAST(B, W, WL, MB) BY_NT(row_fast16, B, W, WL, MB)
+#define ONE(B, W, WL, MB) BY_ONE(row_fast16, B, W, WL, MB)
+        if (a->mb == 4) {
+            if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 4); ONE(2, 2, wl, 4); }
+            if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 4); ONE(3, 2, wl, 4); }
+            ONE(4, 4, wl, 4);
+        }
+        if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 8); ONE(2, 2, wl, 8); }
+        if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 8); ONE(3, 2, wl, 8); }
+        if (wl == 3) FAST(4, 4, 3, 8);
+        ONE(4, 4, wl, 8);
+#undef FAST
+#undef ONE
+    }
+#endif
+#define FAST(B, W, WL, MB) BY_NT(row_fast8, B, W, WL, MB)
+#define ONE(B, W, WL, MB) BY_ONE(row_fast8, B, W, WL, MB)
+    if (a->mb == 4) {  /* FAST and ONE return */
+        if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 4); ONE(2, 2, wl, 4); }
+        if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 4); ONE(3, 2, wl, 4); }
+        ONE(4, 4, wl, 4);
+    }
+    if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 8); if (wl == 3) ONE(2, 2, 3, 8); ONE(2, 2, wl, 8); }
+    if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 8); if (wl == 1) ONE(3, 2, 1, 8); ONE(3, 2, wl, 8); }
+    if (wl == 3) FAST(4, 4, 3, 8);
+    if (wl == 2) ONE(4, 4, 2, 8);
+    ONE(4, 4, wl, 8);
+#undef FAST
+#undef ONE
+#undef BY_NT
+#undef BY_ONE
+#undef ARGS
+}
+#endif
+
+/* fast_values for decode and for prompts, each its own function: the decode copy returns its
+ * value (through memory, 3-bit rows took 7% longer on dev-cpu) and has nt a constant. */
+static float fast_value(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n) {
+    float v;
+    fast_values(a, g, q, n, 0, 1, &v);
+    return v;
+}
+
+static void fast_tokens(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, int nt, float *v) {
+    fast_values(a, g, q, n, t0, nt, v);
+}
+
+/* Row n of m times token t of q off the fast path. sw/zw: this thread's [U] buffers; decoded:
+ * they hold row n's meta already. */
 static float row_value(const mp_mat *m, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t, float *sw,
                        float *zw, int decoded) {
     const uint32_t *qn = m->q + n * g->U;
     const uint16_t *hn = m->bits == 3 ? m->qhi + n * g->U : NULL;
-#ifdef MP_AVX2
-    if (g->fast) {
-        const int64_t gpr = g->gpr, mg = m->mg;
-        const int wl = g->wl;
-        const int32_t *xp = XP(g, q, t);
-        const float *d = XD(g, q, t), *xg = XG(g, q, t);
-#define ARGS(B, W, WL, MB) qn, hn, B, W, gpr, WL, n * gpr, m->scale, m->smeta, m->zero, m->zmeta, mg, MB, xp, d, xg
-#if MP_WIDE
-        if (g->xb == 16) {  /* Mixtral's shapes: every matrix has 16 | groups per row */
-#define FAST(B, W, WL, MB) row_fast16(ARGS(B, W, WL, MB))
-            if (m->mb == 4) {
-                if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 4) : FAST(2, 2, wl, 4);
-                if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 4) : FAST(3, 2, wl, 4);
-                return FAST(4, 4, wl, 4);
-            }
-            if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 8) : FAST(2, 2, wl, 8);
-            if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 8) : FAST(3, 2, wl, 8);
-            return wl == 3 ? FAST(4, 4, 3, 8) : FAST(4, 4, wl, 8);
-#undef FAST
-        }
-#endif
-#define FAST(B, W, WL, MB) row_fast8(ARGS(B, W, WL, MB))
-        /* the quantizer's defaults get a build with WPG and the meta width constant (loops
-         * unrolled, no branch on the meta width per block) */
-        if (m->mb == 4) {
-            if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 4) : FAST(2, 2, wl, 4);
-            if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 4) : FAST(3, 2, wl, 4);
-            return FAST(4, 4, wl, 4);
-        }
-        if (m->bits == 2) return wl == 0 ? FAST(2, 2, 0, 8) : wl == 3 ? FAST(2, 2, 3, 8) : FAST(2, 2, wl, 8);
-        if (m->bits == 3) return wl == 2 ? FAST(3, 2, 2, 8) : wl == 1 ? FAST(3, 2, 1, 8) : FAST(3, 2, wl, 8);
-        return wl == 3 ? FAST(4, 4, 3, 8) : wl == 2 ? FAST(4, 4, 2, 8) : FAST(4, 4, wl, 8);
-#undef FAST
-#undef ARGS
-    }
-#endif
     if (!decoded) decode_row_meta(n, g->gpr, g->wpg, m->scale, m->smeta, m->zero, m->zmeta, m->mg, m->mb, sw, zw);
     return row_dot(qn, hn, m->bits, g->w, g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t), sw, zw);
 }
-
-static inline float silu(float a) { return a / (1.0f + expf(-a)); }
 
 /* int16 rounding needs a finite x: both entry points decline otherwise (the caller falls back
  * to a float kernel, which propagates inf and nan as the reference does). */
@@ -396,20 +443,55 @@ static int all_finite(const float *x, int64_t n) {
 /* out[t][n] = (A x_t)[n], or silu(A x_t)[n] * (B x_t)[n] when B is given (same geometry as A).
  * Inside a parallel region (orphaned worksharing). Returns nonzero if a buffer failed. */
 static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp_xq *q, int64_t T, float *out) {
-    float *buf = g->fast ? NULL : (float *)malloc(sizeof(float) * (size_t)(4 * g->U));
-    const int failed = !g->fast && !buf;
     const int64_t N = a->N;
+#ifdef MP_AVX2
+    if (g->fast) {
+        /* 2-bit codes at 8 lanes: 4 tokens' chains spill out of AVX2's 16 registers, and the
+         * decode they share is one shift per pair (dev-cpu, 16 tokens: 4-7% slower than 2) */
+        const int tb = g->xb == 8 && g->tele ? 2 : MP_TB;
+        if (T == 1) {  /* decode */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 16)  /* a descheduled thread does not hold the call: 3-bit on 2 threads with a busy core 8.9 ms, 15.1 static */
+#endif
+            for (int64_t n = 0; n < N; n++) {
+                const float ya = fast_value(a, g, q, n);
+                out[n] = b == NULL ? ya : silu(ya) * fast_value(b, g, q, n);
+            }
+            return 0;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t t = 0; t < T;) {
+                const int nt = T - t >= tb ? tb : T - t >= 2 ? 2 : 1;
+                float ya[MP_TB], yb[MP_TB];
+                fast_tokens(a, g, q, n, t, nt, ya);
+                if (b == NULL) {
+                    for (int i = 0; i < nt; i++) out[(t + i) * N + n] = ya[i];
+                } else {
+                    fast_tokens(b, g, q, n, t, nt, yb);
+                    for (int i = 0; i < nt; i++) out[(t + i) * N + n] = silu(ya[i]) * yb[i];
+                }
+                t += nt;
+            }
+        }
+        return 0;
+    }
+#endif
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(4 * g->U));
+    const int failed = !buf;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
 #endif
     for (int64_t n = 0; n < N; n++) {
         if (failed) continue;
         for (int64_t t = 0; t < T; t++) {
-            const float ya = row_value(a, g, q, n, t, buf, buf ? buf + g->U : NULL, t > 0);
+            const float ya = row_value(a, g, q, n, t, buf, buf + g->U, t > 0);
             if (b == NULL) {
                 out[t * N + n] = ya;
             } else {
-                const float yb = row_value(b, g, q, n, t, buf ? buf + 2 * g->U : NULL, buf ? buf + 3 * g->U : NULL, t > 0);
+                const float yb = row_value(b, g, q, n, t, buf + 2 * g->U, buf + 3 * g->U, t > 0);
                 out[t * N + n] = silu(ya) * yb;
             }
         }

@@ -333,7 +333,7 @@ def test_descriptor_declines_what_the_kernel_cannot_take():
 @needs_native
 @settings(max_examples=60, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4]), words_per_group=st.sampled_from([1, 2, 3, 4, 8]),
-       groups=st.integers(1, 20), rows=st.integers(1, 40), mg=st.integers(1, 300), tokens=st.integers(1, 4),
+       groups=st.integers(1, 20), rows=st.integers(1, 40), mg=st.integers(1, 300), tokens=st.integers(1, 6),
        seed=st.integers(0, 2**16), meta_bits=st.sampled_from([8, 4]))
 def test_any_geometry_matches_the_rounded_reference(bits, words_per_group, groups, rows, mg, tokens, seed, meta_bits):
     """Random shapes, group sizes and meta group sizes: every path (in-register meta, per-row
@@ -348,6 +348,60 @@ def test_any_geometry_matches_the_rounded_reference(bits, words_per_group, group
     ref = xq @ w.astype(np.float64).T
     # float32 sums: the error scales with the sum of |terms|, not with |result| (a row whose
     # terms cancel can end near zero); a wrong group, scale or lane is off by whole terms
+    assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(xq) @ np.abs(w.astype(np.float64)).T) + 1e-9)
+
+
+# (spec, N, K) for prompts: the quantizer's defaults (a copy of the fast path per token count),
+# another fast geometry (one token at a time) and the per-row path
+PROMPT_CASES = [
+    (QuantSpec(2, 16, 4, 128), 40, 5120),
+    (QuantSpec(2, 16, 8, 128), 40, 1024),
+    (QuantSpec(3, 64, 4, 128), 40, 2048),
+    (QuantSpec(4, 64, 8, 256), 24, 2048),
+    (QuantSpec(2, 32, 8, 64), 24, 1024),
+    (QuantSpec(2, 16, 8, 5), 24, 256),
+]
+
+
+def assert_tokens_batch_exactly(gemv, data, shape, spec, x):
+    """gemv (data, shape, spec, x [T, K]) -> [T, N] on T tokens at once equals it token by token,
+    bit for bit: a pass over several tokens shares each pair of codes' decode, nothing else
+    (integer dots are exact, and each token's float sums take the same steps in order)."""
+    together = gemv(data, shape, spec, x)
+    alone = np.concatenate([gemv(data, shape, spec, x[t:t + 1]) for t in range(x.shape[0])])
+    assert np.array_equal(together, alone)
+    return together
+
+
+@needs_native
+@pytest.mark.parametrize("spec,n,k", PROMPT_CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+@pytest.mark.parametrize("tokens", [2, 5, 9])
+def test_tokens_together_equal_tokens_alone(spec, n, k, tokens):
+    data, w = packed((n, k), spec, seed=n + k + tokens)
+    x = np.random.default_rng(tokens).standard_normal((tokens, k)).astype(np.float32)
+    y = assert_tokens_batch_exactly(lambda *a: run(*a, threads=2), data, (n, k), spec, x)
+    cu = 8 if spec.bits == 4 else 16
+    assert rel(y, quantize_x(x, cu, x_steps(spec.bits)) @ w.astype(np.float64).T) < 2e-6
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), words_per_group=st.sampled_from([1, 2, 4]), blocks=st.integers(1, 6),
+       rows=st.integers(1, 40), mg_blocks=st.integers(1, 5), tokens=st.integers(2, 9), seed=st.integers(0, 2**16),
+       meta_bits=st.sampled_from([8, 4]))
+def test_any_fast_geometry_batches_tokens_exactly(bits, words_per_group, blocks, rows, mg_blocks, tokens, seed,
+                                                  meta_bits):
+    """Fast-path geometries (8 | groups per row and meta group; the defaults among them take 2
+    or 4 tokens per pass): any token count gives the token-by-token result bit for bit, and the
+    rounded reference."""
+    cu = 8 if bits == 4 else 16
+    spec = QuantSpec(bits, cu * words_per_group, meta_bits, 8 * mg_blocks)
+    k = spec.group_size * 8 * blocks
+    data, w = packed((rows, k), spec, seed=seed)
+    x = np.random.default_rng(seed).standard_normal((tokens, k)).astype(np.float32)
+    y = assert_tokens_batch_exactly(lambda *a: run(*a, threads=2), data, (rows, k), spec, x)
+    xq = quantize_x(x, cu, x_steps(bits))
+    ref = xq @ w.astype(np.float64).T
     assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(xq) @ np.abs(w.astype(np.float64)).T) + 1e-9)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
 from runtime import cpu_native
-from tests.runtime.test_cpu_native import EXPERT_TOL, quantize_x, rel, x_steps
+from tests.runtime.test_cpu_native import EXPERT_TOL, assert_tokens_batch_exactly, quantize_x, rel, x_steps
 from tests.runtime.test_kernels import make_expert, packed
 
 
@@ -56,16 +56,17 @@ WIDE_CASES = [
     (QuantSpec(3, 64, 4, 32), 16, 2048),
     (QuantSpec(4, 64, 8, 256), 16, 1024),
     (QuantSpec(4, 8, 4, 16), 8, 256),
+    (QuantSpec(2, 16, 4, 128), 40, 8192),  # long rows: 512 groups, 4 meta groups each
 ]
 
 
 @pytest.mark.parametrize("spec,n,k", WIDE_CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 5])
 def test_matches_the_rounded_reference(wide, spec, n, k, tokens):
     data, w = packed((n, k), spec, seed=n + k)
     x = np.random.default_rng(tokens).standard_normal((tokens, k)).astype(np.float32)
     x[:, :16] *= 50  # one word of large activations: each word keeps its own scale
-    y = gemv(wide, data, (n, k), spec, x)
+    y = assert_tokens_batch_exactly(lambda *a: gemv(wide, *a), data, (n, k), spec, x)
     cu = 8 if spec.bits == 4 else 16
     assert rel(y, quantize_x(x, cu, x_steps(spec.bits)) @ w.astype(np.float64).T) < 2e-6
 
