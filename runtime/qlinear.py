@@ -13,7 +13,7 @@ from formats.qtensor import QuantSpec, matrix_layout
 from . import cpu_expert  # its _native looked up at each call: tests switch kernels
 from .cpu_expert import packed_matvec
 from .dequant import component_tensors, dequantize, row_prefix_ok
-from .experts import CPU_KERNEL_MAX_TOKENS
+from .experts import CPU_KERNEL_MAX_TOKENS, NATIVE_MAX_TOKENS
 from .kernels import interpreting, qmatmul, use_fused
 
 
@@ -70,10 +70,19 @@ class QuantLinear(nn.Module):
         """x @ W.T by runtime.cpu_expert's kernels for a few tokens (a GEMV straight on the packed
         bytes, the decode case), or None: many tokens amortise one dequantize, and tiny or odd
         layouts may have no kernel."""
-        if x.numel() // x.shape[-1] > CPU_KERNEL_MAX_TOKENS or not self.spec.quantized:
+        tokens = x.numel() // x.shape[-1]
+        if tokens > NATIVE_MAX_TOKENS or not self.spec.quantized:
+            return None
+        if tokens > CPU_KERNEL_MAX_TOKENS and not self._native_takes():  # numba re-decodes per token
             return None
         y = packed_matvec(self.raw, self.shape, self.spec, 0, _as_rows(x))  # straight on the raw bytes
         return None if y is None else _from_rows(y, x)
+
+    def _native_takes(self) -> bool:
+        """Whether the compiled kernel takes this matrix (it shares each code's decode among tokens)."""
+        from .cpu_native import matrix_descriptor
+
+        return cpu_expert._native() is not None and matrix_descriptor(self.shape, self.spec, 0) is not None
 
     def extra_repr(self) -> str:
         return f"{list(self.shape)}, {self.spec.describe()}"

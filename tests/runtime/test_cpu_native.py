@@ -213,9 +213,10 @@ def test_build_is_cached_per_source_and_cpu(tmp_path):
 
 @needs_native
 def test_quant_linear_uses_a_kernel_for_a_few_tokens(monkeypatch):
-    """QuantLinear on the CPU: a GEMV on the packed bytes for decode-sized inputs, the
-    dequantize path for a prompt."""
+    """QuantLinear on the CPU: the compiled kernel on the packed bytes for up to 256 tokens
+    (NATIVE_MAX_TOKENS), numba for up to 64, the dequantize path beyond."""
     from runtime import qlinear
+    from runtime.experts import CPU_KERNEL_MAX_TOKENS, NATIVE_MAX_TOKENS
 
     spec = QuantSpec(4, 64, 8, 256)
     data, w = packed((48, 256), spec, seed=8)
@@ -225,17 +226,39 @@ def test_quant_linear_uses_a_kernel_for_a_few_tokens(monkeypatch):
     real = cpu_native.NativeKernel.gemv
     monkeypatch.setattr(cpu_native.NativeKernel, "gemv",
                         lambda self, buf, d, x, t: calls.append(tuple(x.shape)) or real(self, buf, d, x, t))
-    x = torch.randn(5, 16, 256, generator=torch.Generator().manual_seed(0))  # 80 rows: the dequantize path
+    x = torch.randn(NATIVE_MAX_TOKENS + 4, 256, generator=torch.Generator().manual_seed(0))
     ref = x.double() @ torch.from_numpy(w).double().T
-    assert torch.allclose(lin(x).double(), ref, rtol=1e-5, atol=1e-5) and calls == []
-    y = lin(x[:1, :2])  # 2 rows: the compiled kernel on the raw bytes
-    assert calls == [(2, 256)] and y.shape == (1, 2, 48)
-    assert float((y.double() - ref[:1, :2]).norm() / ref[:1, :2].norm()) < EXPERT_TOL
-    # without the compiled kernel, numba through component views
+
+    def err(y, n):
+        return float((y.double() - ref[:n]).norm() / ref[:n].norm())
+
+    assert err(lin(x), len(x)) < 1e-5 and calls == []  # a long prompt: dequantize, then matmul
+    y = lin(x[:CPU_KERNEL_MAX_TOKENS + 16].reshape(4, -1, 256))  # 80 rows in a batch shape: the compiled kernel
+    assert calls == [(CPU_KERNEL_MAX_TOKENS + 16, 256)] and y.shape == (4, 20, 48)
+    assert err(y.reshape(-1, 48), CPU_KERNEL_MAX_TOKENS + 16) < EXPERT_TOL
+    # without the compiled kernel: numba through component views for a few tokens, then dequantize
     monkeypatch.setattr(cpu_expert, "_native", lambda: None)
     if cpu_expert._numba() is not None:
-        y = lin(x[:1, :2])
-        assert len(calls) == 1 and float((y.double() - ref[:1, :2]).norm() / ref[:1, :2].norm()) < 1e-5
+        assert err(lin(x[:2]), 2) < 1e-5 and len(calls) == 1
+    assert err(lin(x[:CPU_KERNEL_MAX_TOKENS + 16]), CPU_KERNEL_MAX_TOKENS + 16) < 1e-5 and len(calls) == 1
+
+
+@needs_native
+def test_experts_take_the_compiled_kernel_up_to_its_limit(monkeypatch):
+    """An expert's call goes to the compiled kernel for up to NATIVE_MAX_TOKENS tokens, to numba
+    for up to CPU_KERNEL_MAX_TOKENS without it, and to dequantize-then-matmul beyond."""
+    from runtime import experts
+    from runtime.experts import CPU_KERNEL_MAX_TOKENS, NATIVE_MAX_TOKENS
+
+    layout, data, _ = make_expert(256, 512, QuantSpec(2, 16, 4, 128), seed=2)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    for tokens, takes in ((1, True), (CPU_KERNEL_MAX_TOKENS + 1, True), (NATIVE_MAX_TOKENS, True),
+                          (NATIVE_MAX_TOKENS + 1, False)):
+        assert experts._cpu_kernel_applies(record, layout, torch.zeros(tokens, 256)) is takes, tokens
+    monkeypatch.setattr(cpu_expert, "_native", lambda: None)
+    if cpu_expert._numba() is not None:
+        assert experts._cpu_kernel_applies(record, layout, torch.zeros(CPU_KERNEL_MAX_TOKENS, 256))
+    assert not experts._cpu_kernel_applies(record, layout, torch.zeros(CPU_KERNEL_MAX_TOKENS + 1, 256))
 
 
 def test_cpu_default_keeps_large_models_packed(monkeypatch, packed_files):
