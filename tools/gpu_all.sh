@@ -160,9 +160,10 @@ has 9 && run bench_lfu 150 $PY -m runtime.bench --layers 32 --expert-bits 2 --to
 has 9 && run bench_hybrid_8t 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-16} --warmup 8 \
   --routing all --variant hybrid --cache-policy lfu --cpu-threads 8 --gpu-memory 12GiB \
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_hybrid_8t.json" $BENCH_FLAGS
-# CPU only, every expert in host RAM: moe-pack's CPU path against llama.cpp's CPU-only 10.4 tok/s
+# CPU only, every expert in host RAM: moe-pack's CPU path against llama.cpp's CPU-only 10.4 tok/s;
+# a 128-token prompt gives each expert ~32 tokens, which share each code's decode (section 19)
 has 11 && run cpu_only_32 240 bash -c "$PY -m runtime.baseline_bench --device cpu --layers 32 --recipe 4/2 \
-  --prompt-len 16 --new-tokens 16 --workdir /tmp/moe-pack-cpu > $OUT/cpu_only_32.jsonl"
+  --prompt-len 128 --new-tokens 16 --workdir /tmp/moe-pack-cpu > $OUT/cpu_only_32.jsonl"
 # experts with 4-bit meta codes: fewer bytes per expert, so more slots per budget and shorter copies
 has 12 && run resident_32_m4 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step \
   --prompt-len 512 --new-tokens 64 > $OUT/resident_32_m4.jsonl"
