@@ -36,19 +36,19 @@ def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtyp
 
 # More tokens than this on the CPU: dequantize once and use torch's matmul. Dequantizing a
 # Mixtral expert in torch and its matmuls cost ~1.1 s at 64 tokens and ~1.6 s at 256 on dev-cpu
-# (2 threads); a 4096 x 4096 attention matrix at 4 bits ~0.25 s at 64 and ~0.35 s at 256. The
+# (2 threads); a 4096 x 4096 attention matrix at 4 bits ~0.09 s at 64 and ~0.15 s at 256. The
 # numba kernel re-decodes every weight per token (~13 ms a token per expert there), so it stops
-# at 64. The compiled kernel decodes each code once for 2-4 tokens: ~3.2 ms a token per 2-bit
-# expert, 0.93 s at 256 tokens (0.17 s for the attention matrix), still ahead of torch
-# (BENCHMARKS.md section 19).
+# at 64. The compiled kernel decodes each code once for 2-4 tokens: 0.93 s for a 2-bit expert
+# at 256 tokens, 0.09 s for the attention matrix, still ahead of torch (BENCHMARKS.md section 19).
 CPU_KERNEL_MAX_TOKENS = 64
 NATIVE_MAX_TOKENS = 256
 
 
 def _cpu_kernel_applies(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor) -> bool:
     """Whether runtime.cpu_expert computes this call: a packed expert in CPU memory, its compiled
-    kernel built or numba installed, and a few tokens (the limits above). (Its fallback calls plain_expert_ffn,
-    never expert_ffn, so the two cannot call each other in a loop.)"""
+    kernel built or numba installed, and no more tokens than the limits above allow. (Its
+    fallback calls plain_expert_ffn, never expert_ffn, so the two cannot call each other in a
+    loop.)"""
     if x.device.type != "cpu" or record.device.type != "cpu" or x.shape[0] > NATIVE_MAX_TOKENS:
         return False
     if not all(m.spec.quantized for m in layout.matrices):

@@ -67,8 +67,9 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.weight())
 
     def _cpu_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x @ W.T by runtime.cpu_expert's kernels for a few tokens (a GEMV straight on the packed
-        bytes, the decode case), or None: many tokens amortise one dequantize, and tiny or odd
+        """x @ W.T by runtime.cpu_expert's kernels on the packed bytes (decode, and prompts of up
+        to NATIVE_MAX_TOKENS tokens where the compiled kernel takes the layout; numba up to
+        CPU_KERNEL_MAX_TOKENS), or None: more tokens amortise one dequantize, and tiny or odd
         layouts may have no kernel."""
         tokens = x.numel() // x.shape[-1]
         if tokens > NATIVE_MAX_TOKENS or not self.spec.quantized:

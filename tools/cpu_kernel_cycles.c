@@ -2,12 +2,13 @@
  * matrix (N x 4096, random codes): the figure docs/BENCHMARKS.md section 7 quotes.
  *
  *   cc -O3 -march=native -fopenmp tools/cpu_kernel_cycles.c -o /tmp/cyc -lm
- *   /tmp/cyc BITS GROUP [ROWS [GHZ [META_BITS [WIDE [TOKENS]]]]]   # e.g. /tmp/cyc 2 16; /tmp/cyc 2 16 14336 3.34 4
+ *   /tmp/cyc BITS GROUP [ROWS [GHZ [META_BITS [WIDE [TOKENS [COLS]]]]]]   # e.g. /tmp/cyc 2 16; /tmp/cyc 2 16 14336 3.34 4
  *
  * GHZ is the core clock used to turn time into cycles (dev-cpu: 3.34, from a dependent-add
  * loop); ROWS 2048 keeps the matrix in cache, 14336 (default) streams it from memory. WIDE 0
  * keeps an AVX-512 build (or one with -DMP_EMULATE_WIDE) to its 8-lane rows. TOKENS (default 1):
- * x of that many tokens at once (a prompt's experts); the figure is then per 128 weights and token. */
+ * x of that many tokens at once (a prompt's experts); the figure is then per 128 weights and token.
+ * COLS (default 4096): the row width, e.g. 14336 for w2 (4096 ROWS). */
 #include "../runtime/csrc/qgemv_cpu.c"  /* the kernel itself, flags as runtime/cpu_native.py builds it */
 #include <stdio.h>
 #include <time.h>
@@ -20,7 +21,8 @@ static double now(void) {
 
 int main(int argc, char **argv) {
     const int bits = argc > 1 ? atoi(argv[1]) : 2;
-    const int64_t group = argc > 2 ? atoi(argv[2]) : 16, N = argc > 3 ? atoi(argv[3]) : 14336, K = 4096, mg = 128;
+    const int64_t group = argc > 2 ? atoi(argv[2]) : 16, N = argc > 3 ? atoi(argv[3]) : 14336, mg = 128;
+    const int64_t K = argc > 8 ? atoi(argv[8]) : 4096;
     const double ghz = argc > 4 ? atof(argv[4]) : 3.34;
     const int mb = argc > 5 ? atoi(argv[5]) : 8;  /* 4: scale/zero codes as nibbles (random bytes either way) */
     const int wide = moepack_set_wide(argc > 6 ? atoi(argv[6]) : 1);

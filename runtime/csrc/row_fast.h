@@ -16,8 +16,8 @@
 
 /* One row for nt tokens (1 .. MP_TB, a constant once inlined) into out[nt]: token i's x at
  * xp + i xs, its d at d + i ds and its Xg at d + i ds + 2U. Each pair of codes is decoded once
- * for all nt tokens, which a prompt's tokens share (3-bit: 28 -> 18 cycles per 128 weights and
- * token at 4 tokens, tools/cpu_kernel_cycles.c on dev-cpu). A token's float sums take the same
+ * for all nt tokens, which a prompt's tokens share (3-bit: 29.5 -> 16.6 cycles per 128 weights
+ * and token at 4 tokens, tools/cpu_kernel_cycles.c on dev-cpu). A token's float sums take the same
  * steps in the same order whatever nt is, and its integer dots are exact: the result does not
  * depend on which tokens share a pass. */
 static inline __attribute__((always_inline)) void RF_ROW(const uint32_t *qn, const uint16_t *hn, const int bits,
