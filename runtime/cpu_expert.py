@@ -242,6 +242,23 @@ def packed_matvec(buf: torch.Tensor, shape: tuple[int, int], spec, base: int, x:
     return torch.from_numpy(_numba_matvec(c, spec, x.numpy(), threads))
 
 
+def dequantize_packed(buf: torch.Tensor, shape: tuple[int, int], spec, base: int, dtype: torch.dtype,
+                      threads: int | None = None) -> torch.Tensor:
+    """dequant.dequantize of the matrix whose components start at byte `base` of `buf`: on the
+    CPU by the compiled kernel where it takes the layout (the same float32 bits, ~4x faster than
+    torch's unpacking on dev-cpu), else in torch."""
+    native = _native() if buf.device.type == "cpu" and buf.is_contiguous() and spec.quantized else None
+    if native is not None:
+        from .cpu_native import matrix_descriptor
+
+        desc = matrix_descriptor(tuple(shape), spec, base)
+        if desc is not None:
+            w = native.dequant(buf, desc, threads or torch.get_num_threads())
+            if w is not None:
+                return w.to(dtype)
+    return dequantize(component_tensors(buf, tuple(shape), spec, base=base), tuple(shape), spec, dtype)
+
+
 def _matvec(record: torch.Tensor, m, x: np.ndarray, threads: int | None) -> np.ndarray:
     """W x for matrix layout `m` of `record`: x [T, K] f32 -> [T, N] f32 (dequantize-then-matmul
     when no kernel applies)."""
@@ -249,7 +266,7 @@ def _matvec(record: torch.Tensor, m, x: np.ndarray, threads: int | None) -> np.n
     out = packed_matvec(record, m.shape, m.spec, m.offset, xt, threads)
     if out is not None:
         return out.numpy()
-    w = dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec, torch.float32)
+    w = dequantize_packed(record, m.shape, m.spec, m.offset, torch.float32, threads)
     return (xt @ w.T).numpy()
 
 

@@ -35,7 +35,7 @@ import torch
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
 JOBS_SOURCE = SOURCE.with_name("cpu_jobs.c")  # moepack_expert on the library's own thread
 HEADERS = ("vec.h", "row_fast.h")  # included by SOURCE: part of the build's cache key
-ABI_VERSION = 7
+ABI_VERSION = 8
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -168,6 +168,9 @@ class NativeKernel:
         h.argtypes = [p, p, i64, i64, i64, p, ctypes.c_int]
         h.restype = ctypes.c_int
         self._gemv_f16 = h
+        d = self.lib.moepack_dequant
+        d.argtypes, d.restype = [p, p, p, ctypes.c_int], ctypes.c_int
+        self._dequant = d
         self._job_submit, self._job_wait = self.lib.moepack_job_submit, self.lib.moepack_job_wait
         for f in (self._job_submit, self._job_wait):
             f.argtypes, f.restype = [ctypes.POINTER(_Job)], ctypes.c_int
@@ -186,6 +189,19 @@ class NativeKernel:
         rc = self._gemv_f16(w.data_ptr(), x.data_ptr(), n, k, x.shape[0], out.data_ptr(), int(threads or 0))
         if rc != 0:
             raise ValueError(f"moepack_gemv_f16 refused a [{n}, {k}] matrix")
+        return out
+
+    def dequant(self, buf: torch.Tensor, desc: tuple[int, ...], threads: int | None) -> torch.Tensor | None:
+        """The matrix `desc` (matrix_descriptor) inside `buf` (uint8, CPU, contiguous) as float32
+        [N, K], bit for bit dequant.dequantize's; None if declined."""
+        n, k = desc[8], desc[9]
+        out = torch.empty((n, k), dtype=torch.float32)
+        numbers = torch.tensor(desc, dtype=torch.int64)  # held until the call returns
+        rc = self._dequant(buf.data_ptr(), numbers.data_ptr(), out.data_ptr(), int(threads or 0))
+        if rc == UNSUPPORTED:
+            return None
+        if rc != 0:
+            raise MemoryError("native dequantize could not allocate its buffers")
         return out
 
     def gemv(self, buf: torch.Tensor, desc: tuple[int, ...], x: torch.Tensor, threads: int | None) -> torch.Tensor | None:

@@ -28,18 +28,22 @@ from .kernels.prefill import prefill_mode
 
 def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """w1, w3 [I, H] and w2 [H, I] of one record, dequantized to `dtype`."""
+    if record.device.type == "cpu":
+        from .cpu_expert import dequantize_packed  # the compiled kernel's dequantize where it applies
+
+        return {m.name: dequantize_packed(record, m.shape, m.spec, m.offset, dtype) for m in layout.matrices}
     return {
         m.name: dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec, dtype)
         for m in layout.matrices
     }
 
 
-# More tokens than this on the CPU: dequantize once and use torch's matmul. Dequantizing a
-# Mixtral expert in torch and its matmuls cost ~1.1 s at 64 tokens and ~1.6 s at 256 on dev-cpu
-# (2 threads); a 4096 x 4096 attention matrix at 4 bits ~0.09 s at 64 and ~0.15 s at 256. The
-# numba kernel re-decodes every weight per token (~13 ms a token per expert there), so it stops
-# at 64. The compiled kernel decodes each code once for 2-4 tokens: 0.93 s for a 2-bit expert
-# at 256 tokens, 0.09 s for the attention matrix, still ahead of torch (BENCHMARKS.md section 19).
+# More tokens than this on the CPU: dequantize once (cpu_expert.dequantize_packed) and use
+# torch's matmul. On dev-cpu (2 threads) that costs a Mixtral expert ~0.53 s at 64 tokens and
+# ~1.0 s at 256, a 4096 x 4096 attention matrix at 4 bits ~47 ms and ~97 ms. The numba kernel
+# re-decodes every weight per token (~13 ms a token per expert there), so it stops at 64. The
+# compiled kernel decodes each code once for 2-4 tokens: 0.21 s for a 2-bit expert at 64 tokens
+# and 0.93 s at 256 (attention: 21 and 90 ms), so the two meet near 256 (BENCHMARKS.md section 19).
 CPU_KERNEL_MAX_TOKENS = 64
 NATIVE_MAX_TOKENS = 256
 

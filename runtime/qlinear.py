@@ -54,6 +54,8 @@ class QuantLinear(nn.Module):
         self.comps = component_tensors(raw, self.shape, spec)
 
     def weight(self) -> torch.Tensor:
+        if self.raw.is_cpu:  # the compiled kernel's dequantize where it applies (the same bits)
+            return cpu_expert.dequantize_packed(self.raw, self.shape, self.spec, 0, self.dtype)  # [out, in]
         return dequantize(self.comps, self.shape, self.spec, self.dtype)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +153,8 @@ def make_linear(raw: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dtyp
             and shape[0] * shape[1] * 4 > HALF_CPU_LIMIT and comps["weight"].dtype == torch.float16
             and cpu_expert._native() is not None):
         return HalfLinear(comps["weight"], dtype)
+    if raw.device.type == "cpu":  # dequantize at load: the compiled kernel's where it applies
+        return DenseLinear(cpu_expert.dequantize_packed(raw, shape, spec, 0, dtype))
     return DenseLinear(dequantize(comps, shape, spec, dtype))
 
 

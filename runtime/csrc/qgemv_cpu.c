@@ -68,7 +68,7 @@
 #define MP_UNSUPPORTED 1
 #define MP_NOMEM 2
 
-int moepack_abi_version(void) { return 7; }
+int moepack_abi_version(void) { return 8; }
 
 /* The 16-lane path (vec.h) is used where it is built and not switched off: the loader turns it
  * off when its self-check fails (falling back to 8 lanes), and MOEPACK_CPU_WIDE=0 does too.
@@ -585,6 +585,49 @@ int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, i
     (void)threads;
     xq_free(&x13);
     if (y != NULL) xq_free(&x2);
+    return failed ? MP_NOMEM : MP_OK;
+}
+
+/* W [N][K] float32 = (code - z) * s, exactly as runtime/dequant.py computes it (s and z from
+ * their meta codes in two separately rounded float32 ops, no FMA: this file is built with
+ * -std=c11, which does not contract): the weights a prompt's matmul takes once it has more
+ * tokens than the GEMV serves. torch's unpacking spends ~1 s on one Mixtral expert on dev-cpu.
+ * desc: matrix_at's 12 numbers. */
+int moepack_dequant(const uint8_t *base, const int64_t *desc, float *out, int threads) {
+    const mp_mat m = matrix_at(base, desc);
+    mp_geo g;
+    if (geometry(&m, &g) != MP_OK) return MP_UNSUPPORTED;
+    const int64_t N = m.N, K = m.K, U = g.U;
+    const int w = g.w, cu = g.cu;
+    const uint32_t mask = (1u << w) - 1u;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads()) reduction(| : failed)
+#endif
+    {
+        float *sw = (float *)malloc(sizeof(float) * (size_t)(2 * U));
+        if (sw == NULL) failed = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t n = 0; n < N; n++) {
+            if (sw == NULL) continue;
+            float *zw = sw + U, *row = out + n * K;
+            decode_row_meta(n, g.gpr, g.wpg, m.scale, m.smeta, m.zero, m.zmeta, m.mg, m.mb, sw, zw);
+            const uint32_t *qn = m.q + n * U;
+            const uint16_t *hn = m.bits == 3 ? m.qhi + n * U : NULL;
+            for (int64_t j = 0; j < U; j++) {
+                const uint32_t word = qn[j], hi = hn != NULL ? hn[j] : 0u;
+                const float s = sw[j], z = zw[j];
+                for (int i = 0; i < cu; i++) {
+                    const uint32_t c = ((word >> (w * i)) & mask) | (((hi >> i) & 1u) << 2);
+                    row[j * cu + i] = ((float)c - z) * s;
+                }
+            }
+        }
+        free(sw);
+    }
+    (void)threads;
     return failed ? MP_NOMEM : MP_OK;
 }
 

@@ -429,6 +429,50 @@ def test_any_fast_geometry_batches_tokens_exactly(bits, words_per_group, blocks,
 
 
 @needs_native
+@pytest.mark.parametrize("spec,n,k", CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+def test_dequant_is_the_reference_bit_for_bit(spec, n, k):
+    """moepack_dequant: every geometry of CASES (fast and per-row, 2/3/4-bit codes, 8- and 4-bit
+    meta), the same float32 bits as dequant.dequantize."""
+    from runtime.dequant import component_tensors, dequantize
+
+    data, _ = packed((n, k), spec, seed=n * k + spec.bits)
+    buf = torch.frombuffer(bytearray(b"\0" * 64 + data), dtype=torch.uint8)  # components past byte 64
+    got = cpu_native.native_kernel().dequant(buf, cpu_native.matrix_descriptor((n, k), spec, 64), 2)
+    ref = dequantize(component_tensors(buf, (n, k), spec, base=64), (n, k), spec, torch.float32)
+    assert got is not None and torch.equal(got, ref)
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), words_per_group=st.sampled_from([1, 2, 3, 4, 8]), groups=st.integers(1, 20),
+       rows=st.integers(1, 40), mg=st.integers(1, 300), seed=st.integers(0, 2**16), meta_bits=st.sampled_from([8, 4]))
+def test_dequant_any_geometry(bits, words_per_group, groups, rows, mg, seed, meta_bits):
+    from runtime.dequant import component_tensors, dequantize
+
+    spec = QuantSpec(bits, (8 if bits == 4 else 16) * words_per_group, meta_bits, mg)
+    k = spec.group_size * groups
+    data, _ = packed((rows, k), spec, seed=seed)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    got = cpu_native.native_kernel().dequant(buf, cpu_native.matrix_descriptor((rows, k), spec), 1)
+    assert torch.equal(got, dequantize(component_tensors(buf, (rows, k), spec), (rows, k), spec, torch.float32))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 16, 4, 128), QuantSpec(8, 64, 8, 128), QuantSpec(4, 64, 16, 0)],
+                         ids=QuantSpec.describe)
+def test_dequantize_packed_is_the_reference_with_or_without_the_kernel(spec, monkeypatch):
+    """cpu_expert.dequantize_packed: the compiled kernel where it takes the layout, torch's
+    dequantize for the rest (8-bit codes, fp16 meta) and without the kernel; the same bits."""
+    from runtime.dequant import component_tensors, dequantize
+
+    data, _ = packed((24, 256), spec, seed=5)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    ref = dequantize(component_tensors(buf, (24, 256), spec), (24, 256), spec, torch.float32)
+    assert torch.equal(cpu_expert.dequantize_packed(buf, (24, 256), spec, 0, torch.float32), ref)
+    monkeypatch.setattr(cpu_expert, "_native", lambda: None)
+    assert torch.equal(cpu_expert.dequantize_packed(buf, (24, 256), spec, 0, torch.float16), ref.half())
+
+
+@needs_native
 def test_tiny_and_zero_words_round_to_zero():
     """A word of subnormal activations (32767 / max would overflow) contributes nothing,
     like a word of zeros, and its neighbours are unaffected."""
