@@ -27,6 +27,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef __clang__
+/* clang contracts a * b + c into an FMA by default; moepack_dequant must round as
+ * runtime/dequant.py does (gcc, with -std=c11, does not contract) */
+#pragma STDC FP_CONTRACT OFF
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -114,7 +119,7 @@ static void decode_row_meta(int64_t n, int64_t gpr, int64_t wpg, const uint8_t *
         const float ss = smeta[2 * m], sm = smeta[2 * m + 1], zs = zmeta[2 * m], zm = zmeta[2 * m + 1];
         if (wpg == 1 && mb == 8) {
             const uint8_t *sc = scale + i0, *zc = zero + i0;
-            for (int64_t k = g; k < e; k++) {  /* vectorizes: u8 -> f32, one FMA */
+            for (int64_t k = g; k < e; k++) {  /* vectorizes: u8 -> f32, a multiply, an add */
                 sw[k] = ss * (float)sc[k] + sm;
                 zw[k] = zs * (float)zc[k] + zm;
             }
@@ -589,8 +594,8 @@ int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, i
 }
 
 /* W [N][K] float32 = (code - z) * s, exactly as runtime/dequant.py computes it (s and z from
- * their meta codes in two separately rounded float32 ops, no FMA: this file is built with
- * -std=c11, which does not contract): the weights a prompt's matmul takes once it has more
+ * their meta codes in two separately rounded float32 ops, no FMA: see the pragma at the top):
+ * the weights a prompt's matmul takes once it has more
  * tokens than the GEMV serves. torch's unpacking spends ~1 s on one Mixtral expert on dev-cpu.
  * desc: matrix_at's 12 numbers. */
 int moepack_dequant(const uint8_t *base, const int64_t *desc, float *out, int threads) {
