@@ -220,6 +220,18 @@ def _numba_matvec(c: dict, spec, x: np.ndarray, threads: int | None) -> np.ndarr
     return out
 
 
+def native_matrix(buf: torch.Tensor, shape: tuple[int, int], spec, base: int = 0):
+    """(the compiled kernel, the matrix's descriptor) where the kernel is built and takes the
+    matrix whose components start at byte `base` of `buf` (contiguous, CPU); else None."""
+    native = _native()
+    if native is None or not buf.is_contiguous():
+        return None
+    from .cpu_native import matrix_descriptor
+
+    desc = matrix_descriptor(tuple(shape), spec, base)
+    return None if desc is None else (native, desc)
+
+
 def packed_matvec(buf: torch.Tensor, shape: tuple[int, int], spec, base: int, x: torch.Tensor,
                   threads: int | None = None) -> torch.Tensor | None:
     """x @ W.T for the packed matrix whose components start at byte `base` of `buf` (uint8,
@@ -227,15 +239,11 @@ def packed_matvec(buf: torch.Tensor, shape: tuple[int, int], spec, base: int, x:
     the layout and x (finite), else numba; None when neither is there. `threads` None: torch's
     thread count (one knob for the whole CPU path, e.g. generate's --threads)."""
     threads = threads or torch.get_num_threads()
-    native = _native()
-    if native is not None and buf.is_contiguous():
-        from .cpu_native import matrix_descriptor
-
-        desc = matrix_descriptor(tuple(shape), spec, base)
-        if desc is not None:
-            y = native.gemv(buf, desc, x, threads)
-            if y is not None:
-                return y
+    hit = native_matrix(buf, shape, spec, base)
+    if hit is not None:
+        y = hit[0].gemv(buf, hit[1], x, threads)
+        if y is not None:
+            return y
     if _numba() is None:
         return None
     c = {k: v.numpy() for k, v in component_tensors(buf, shape, spec, base=base).items()}
@@ -247,15 +255,11 @@ def dequantize_packed(buf: torch.Tensor, shape: tuple[int, int], spec, base: int
     """dequant.dequantize of the matrix whose components start at byte `base` of `buf`: on the
     CPU by the compiled kernel where it takes the layout (the same float32 bits, ~4x faster than
     torch's unpacking on dev-cpu), else in torch."""
-    native = _native() if buf.device.type == "cpu" and buf.is_contiguous() and spec.quantized else None
-    if native is not None:
-        from .cpu_native import matrix_descriptor
-
-        desc = matrix_descriptor(tuple(shape), spec, base)
-        if desc is not None:
-            w = native.dequant(buf, desc, threads or torch.get_num_threads())
-            if w is not None:
-                return w.to(dtype)
+    hit = native_matrix(buf, shape, spec, base) if buf.device.type == "cpu" and spec.quantized else None
+    if hit is not None:
+        w = hit[0].dequant(buf, hit[1], threads or torch.get_num_threads())
+        if w is not None:
+            return w.to(dtype)
     return dequantize(component_tensors(buf, tuple(shape), spec, base=base), tuple(shape), spec, dtype)
 
 

@@ -19,7 +19,6 @@ from formats.errors import ConfigError
 from formats.header import ExpertLayout
 from formats.reader import MoepackFile
 
-from .dequant import component_tensors, dequantize
 from .graphs import expert_graphs
 from .kernels import (PREFILL_THRESHOLD, fused_expert_ffn, grouped_expert_ffn, grouped_prompt_ffn, indexed_expert_ffn,
                       indexed_input_format, indexed_supported, interpreting, prompt_chunk, use_fused)
@@ -27,15 +26,11 @@ from .kernels.prefill import prefill_mode
 
 
 def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """w1, w3 [I, H] and w2 [H, I] of one record, dequantized to `dtype`."""
-    if record.device.type == "cpu":
-        from .cpu_expert import dequantize_packed  # the compiled kernel's dequantize where it applies
+    """w1, w3 [I, H] and w2 [H, I] of one record, dequantized to `dtype` (on the CPU by the
+    compiled kernel where it applies)."""
+    from .cpu_expert import dequantize_packed  # imports no kernel until a CPU call needs one
 
-        return {m.name: dequantize_packed(record, m.shape, m.spec, m.offset, dtype) for m in layout.matrices}
-    return {
-        m.name: dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec, dtype)
-        for m in layout.matrices
-    }
+    return {m.name: dequantize_packed(record, m.shape, m.spec, m.offset, dtype) for m in layout.matrices}
 
 
 # More tokens than this on the CPU: dequantize once (cpu_expert.dequantize_packed) and use

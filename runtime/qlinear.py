@@ -76,16 +76,10 @@ class QuantLinear(nn.Module):
         tokens = x.numel() // x.shape[-1]
         if tokens > NATIVE_MAX_TOKENS or not self.spec.quantized:
             return None
-        if tokens > CPU_KERNEL_MAX_TOKENS and not self._native_takes():  # numba re-decodes per token
-            return None
+        if tokens > CPU_KERNEL_MAX_TOKENS and cpu_expert.native_matrix(self.raw, self.shape, self.spec) is None:
+            return None  # numba re-decodes every weight per token
         y = packed_matvec(self.raw, self.shape, self.spec, 0, _as_rows(x))  # straight on the raw bytes
         return None if y is None else _from_rows(y, x)
-
-    def _native_takes(self) -> bool:
-        """Whether the compiled kernel takes this matrix (it shares each code's decode among tokens)."""
-        from .cpu_native import matrix_descriptor
-
-        return cpu_expert._native() is not None and matrix_descriptor(self.shape, self.spec, 0) is not None
 
     def extra_repr(self) -> str:
         return f"{list(self.shape)}, {self.spec.describe()}"
@@ -153,9 +147,7 @@ def make_linear(raw: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dtyp
             and shape[0] * shape[1] * 4 > HALF_CPU_LIMIT and comps["weight"].dtype == torch.float16
             and cpu_expert._native() is not None):
         return HalfLinear(comps["weight"], dtype)
-    if raw.device.type == "cpu":  # dequantize at load: the compiled kernel's where it applies
-        return DenseLinear(cpu_expert.dequantize_packed(raw, shape, spec, 0, dtype))
-    return DenseLinear(dequantize(comps, shape, spec, dtype))
+    return DenseLinear(cpu_expert.dequantize_packed(raw, shape, spec, 0, dtype))  # on the CPU: the compiled kernel's
 
 
 def rows_concatenable(shapes: list[tuple[int, ...]], spec: QuantSpec) -> bool:
