@@ -34,7 +34,8 @@ import torch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
 JOBS_SOURCE = SOURCE.with_name("cpu_jobs.c")  # moepack_expert on the library's own thread
-HEADERS = ("vec.h", "row_fast.h")  # included by SOURCE: part of the build's cache key
+DENSE_SOURCE = SOURCE.with_name("dense_cpu.c")  # moepack_dequant, moepack_gemv_f16
+HEADERS = ("vec.h", "row_fast.h", "row_general.h", "packed.h")  # included by the sources: part of the build's cache key
 ABI_VERSION = 8
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
@@ -77,7 +78,7 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
     cc = cc or _compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc/clang)")
-    src = b"".join(f.read_bytes() for f in (SOURCE, JOBS_SOURCE, *(SOURCE.with_name(h) for h in HEADERS)))
+    src = b"".join(f.read_bytes() for f in (SOURCE, JOBS_SOURCE, DENSE_SOURCE, *(SOURCE.with_name(h) for h in HEADERS)))
     key = hashlib.sha256(src + cc.encode() + _cpu_fingerprint().encode() + sys.platform.encode()).hexdigest()[:16]
     out_dir = out_dir or _cache_dir() / "cpu-kernels"
     lib = out_dir / f"qgemv_cpu-{key}.so"
@@ -89,7 +90,7 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            r = subprocess.run(cc.split() + flags + ["-o", tmp, str(SOURCE), str(JOBS_SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+            r = subprocess.run(cc.split() + flags + ["-o", tmp, str(SOURCE), str(JOBS_SOURCE), str(DENSE_SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
             if r.returncode == 0:
                 os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
                 return lib

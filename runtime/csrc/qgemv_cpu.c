@@ -27,11 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#ifdef __clang__
-/* clang contracts a * b + c into an FMA by default; moepack_dequant must round as
- * runtime/dequant.py does (gcc, with -std=c11, does not contract) */
-#pragma STDC FP_CONTRACT OFF
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -54,6 +49,7 @@
 #endif
 #endif
 #include "vec.h"
+#include "packed.h"
 
 /* x's int16 pairs are stored in blocks of B words (8, or 16 for the wide path): [U/B][H][B], so
  * the B words of one vector step find their H pair vectors at one base pointer and constant
@@ -69,9 +65,6 @@
  * fits int16. 2^-13.7 of the largest |x|, still finer than fp16's 2^-11. */
 #define TELE_STEPS 6553.0f
 
-#define MP_OK 0
-#define MP_UNSUPPORTED 1
-#define MP_NOMEM 2
 
 int moepack_abi_version(void) { return 8; }
 
@@ -103,39 +96,6 @@ int moepack_has_avx2(void) {
 #endif
 }
 
-/* The meta code of group i: a byte (8-bit meta) or a nibble, group 2j low in byte j (4-bit). */
-static inline int meta_code(const uint8_t *codes, int64_t i, int mb) {
-    return mb == 8 ? codes[i] : (codes[i >> 1] >> (4 * (i & 1))) & 15;
-}
-
-/* One row's (scale, zero) per word: the groups decoded, then repeated WPG = group/CU times. */
-static void decode_row_meta(int64_t n, int64_t gpr, int64_t wpg, const uint8_t *scale, const float *smeta,
-                            const uint8_t *zero, const float *zmeta, int64_t mg, int mb, float *sw, float *zw) {
-    int64_t i0 = n * gpr;
-    for (int64_t g = 0; g < gpr;) {  /* one pass per meta group the row overlaps */
-        int64_t m = (i0 + g) / mg;
-        int64_t e = (m + 1) * mg - i0;
-        if (e > gpr) e = gpr;
-        const float ss = smeta[2 * m], sm = smeta[2 * m + 1], zs = zmeta[2 * m], zm = zmeta[2 * m + 1];
-        if (wpg == 1 && mb == 8) {
-            const uint8_t *sc = scale + i0, *zc = zero + i0;
-            for (int64_t k = g; k < e; k++) {  /* vectorizes: u8 -> f32, a multiply, an add */
-                sw[k] = ss * (float)sc[k] + sm;
-                zw[k] = zs * (float)zc[k] + zm;
-            }
-        } else {
-            for (int64_t k = g; k < e; k++) {
-                const float s = ss * (float)meta_code(scale, i0 + k, mb) + sm, z = zs * (float)meta_code(zero, i0 + k, mb) + zm;
-                for (int64_t r = 0; r < wpg; r++) {
-                    sw[k * wpg + r] = s;
-                    zw[k * wpg + r] = z;
-                }
-            }
-        }
-        g = e;
-    }
-}
-
 /* Word j of x [K] f32 -> xp[p][j] int16 pairs (as int32) for p < H, d[j], X[j] (see the top of
  * the file). tele: the telescoped pairs of 2-bit codes (TELE_STEPS). */
 static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j, int32_t *xp, float *d, float *X) {
@@ -160,69 +120,8 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
     X[j] = dj * (float)sum;
 }
 
-/* sum over words [j0, j1) of row n, portable C (the tail of the AVX2 loop, or all of it). */
-static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w, int64_t U, int64_t j0, int64_t j1,
-                        const int32_t *xp, const float *d, const float *X, const float *sw, const float *zw) {
-    const int cu = 32 / w, h = cu / 2, tele = bits == 2;
-    const uint32_t mask = (1u << w) - 1u;
-    float acc = 0.0f;
-    for (int64_t j = j0; j < j1; j++) {
-        const uint32_t word = qn[j];
-        const uint32_t hw = bits == 3 ? hn[j] : 0u;
-        int32_t dot = 0;
-        for (int p = 0; p < h; p++) {
-            /* telescoped (2-bit, p >= 1): the half shifted, its higher codes kept (vec.h, _pair) */
-            const uint32_t m = tele && p > 0 ? 0xFFFFu : mask;
-            int32_t c0 = (int32_t)(((word & 0xFFFFu) >> (w * p)) & m), c1 = (int32_t)((word >> (16 + w * p)) & m);
-            if (bits == 3) {
-                c0 |= (int32_t)(((hw >> p) & 1u) << 2);
-                c1 |= (int32_t)(((hw >> (h + p)) & 1u) << 2);
-            }
-            const int32_t pair = xp[XPI(8, h, p, j)];
-            dot += c0 * (int32_t)(int16_t)(pair & 0xFFFF) + c1 * (int32_t)(int16_t)((uint32_t)pair >> 16);
-        }
-        acc += sw[j] * (d[j] * (float)dot - zw[j] * X[j]);
-    }
-    return acc;
-}
 
-#ifdef MP_AVX2
-/* The same sum, 8 words per step. W and BITS are constants at each call site, so the pair
- * loop unrolls and the 3-bit branches fold away. */
-static inline __attribute__((always_inline)) float row_avx2(const uint32_t *qn, const uint16_t *hn, const int bits,
-                                                            const int w, int64_t U, int64_t j1, const int32_t *xp,
-                                                            const float *d, const float *X, const float *sw,
-                                                            const float *zw) {
-    const int h = 16 / w;
-    const uint32_t m = (1u << w) - 1u;
-    const __m256i pairmask = _mm256_set1_epi32((int)(m | (m << 16)));
-    const __m256i hibit = _mm256_set1_epi32(0x00040004);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= j1; j += 8) {
-        const __m256i word = _mm256_loadu_si256((const __m256i *)(qn + j));
-        const __m256i hs = bits == 3 ? v8_hi3(hn + j) : _mm256_setzero_si256();
-        __m256i dot0 = _mm256_setzero_si256(), dot1 = _mm256_setzero_si256();
-        for (int p = 0; p < h; p++) {
-            __m256i v = v8_pair(word, pairmask, bits, w, h, p);
-            if (bits == 3) v = _mm256_or_si256(v, _mm256_and_si256(_mm256_srli_epi32(hs, p), hibit));
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xp + XPI(8, h, p, j)));
-            if (p & 1)
-                dot1 = MP_DOT(dot1, v, xv);
-            else
-                dot0 = MP_DOT(dot0, v, xv);
-        }
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(dot0, dot1));
-        const __m256 zx = _mm256_mul_ps(_mm256_loadu_ps(zw + j), _mm256_loadu_ps(X + j));
-        const __m256 dd = _mm256_fmsub_ps(f, _mm256_loadu_ps(d + j), zx);
-        if (j & 8)
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(sw + j), dd, acc1);
-        else
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(sw + j), dd, acc0);
-    }
-    return v8_hsum(_mm256_add_ps(acc0, acc1)) + row_scalar(qn, hn, bits, w, U, j, j1, xp, d, X, sw, zw);
-}
-#endif
+#include "row_general.h"
 
 /* Whether rows of this geometry take the fast path at `lanes` words per step (row_fast.h). */
 static int fast_path(int64_t gpr, int64_t mg, int64_t wpg, int lanes) {
@@ -251,15 +150,6 @@ static float row_dot(const uint32_t *qn, const uint16_t *hn, int bits, int w, in
 #endif
 }
 
-/* One packed matrix: component addresses and geometry (FORMAT.md "Quantized matrices"). */
-typedef struct {
-    const uint32_t *q;    /* low plane as u32 words [N][K/CU] */
-    const uint16_t *qhi;  /* 3-bit: high plane as u16 [N][K/CU]; else NULL */
-    const uint8_t *scale, *zero;  /* codes per group: u8 (mb 8) or nibbles, group 2j low in byte j (mb 4) */
-    const float *smeta, *zmeta;   /* (step, min) f32 pairs per mg groups */
-    int64_t mg, group, N, K;
-    int bits, mb;
-} mp_mat;
 
 typedef struct {
     int w, cu, fast, wl, tele, xb;  /* xb: words per block of x (16: the wide fast path) */
@@ -274,12 +164,9 @@ typedef struct {
 } mp_xq;
 
 static int geometry(const mp_mat *m, mp_geo *g) {
-    if (m->bits != 2 && m->bits != 3 && m->bits != 4) return MP_UNSUPPORTED;
-    g->w = m->bits == 4 ? 4 : 2;
+    if (packed_supported(m) != MP_OK) return MP_UNSUPPORTED;
+    g->w = packed_width(m->bits);
     g->cu = 32 / g->w;
-    if (m->K <= 0 || m->N <= 0 || m->mg <= 0 || m->group % g->cu || m->K % m->group) return MP_UNSUPPORTED;
-    if (m->bits == 3 && m->qhi == NULL) return MP_UNSUPPORTED;
-    if (m->mb != 8 && m->mb != 4) return MP_UNSUPPORTED;
     g->U = m->K / g->cu;
     g->gpr = m->K / m->group;
     g->wpg = m->group / g->cu;
@@ -413,7 +300,6 @@ static inline __attribute__((always_inline)) void fast_values(const mp_mat *a, c
 #undef BY_ONE
 #undef ARGS
 }
-#endif
 
 /* fast_values for decode and for prompts, each its own function: the decode copy returns its
  * value (through memory, 3-bit rows took 7% longer on dev-cpu) and has nt a constant. */
@@ -426,6 +312,7 @@ static float fast_value(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_
 static void fast_tokens(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, int nt, float *v) {
     fast_values(a, g, q, n, t0, nt, v);
 }
+#endif
 
 /* Row n of m times token t of q off the fast path. sw/zw: this thread's [U] buffers; decoded:
  * they hold row n's meta already. */
@@ -505,24 +392,6 @@ static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp
     return failed;
 }
 
-static mp_mat matrix_at(const uint8_t *base, const int64_t *d) {
-    /* d: byte offsets of q, q_hi (-1: none), scale, scale_meta, zero, zero_meta; then mg,
-     * group, N, K, bits, meta bits */
-    mp_mat m;
-    m.q = (const uint32_t *)(base + d[0]);
-    m.qhi = d[1] >= 0 ? (const uint16_t *)(base + d[1]) : NULL;
-    m.scale = base + d[2];
-    m.smeta = (const float *)(base + d[3]);
-    m.zero = base + d[4];
-    m.zmeta = (const float *)(base + d[5]);
-    m.mg = d[6];
-    m.group = d[7];
-    m.N = d[8];
-    m.K = d[9];
-    m.bits = (int)d[10];
-    m.mb = (int)d[11];
-    return m;
-}
 
 /* out[t, n] = sum_k W[n, k] x[t, k] for an N x K matrix of `bits`-bit codes (2, 3 or 4) in
  * groups of `group` columns with 8-bit meta (scale/zero codes per group; (step, min) float32
@@ -593,101 +462,3 @@ int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, i
     return failed ? MP_NOMEM : MP_OK;
 }
 
-/* W [N][K] float32 = (code - z) * s, exactly as runtime/dequant.py computes it (s and z from
- * their meta codes in two separately rounded float32 ops, no FMA: see the pragma at the top):
- * the weights a prompt's matmul takes once it has more
- * tokens than the GEMV serves. torch's unpacking spends ~1 s on one Mixtral expert on dev-cpu.
- * desc: matrix_at's 12 numbers. */
-int moepack_dequant(const uint8_t *base, const int64_t *desc, float *out, int threads) {
-    const mp_mat m = matrix_at(base, desc);
-    mp_geo g;
-    if (geometry(&m, &g) != MP_OK) return MP_UNSUPPORTED;
-    const int64_t N = m.N, K = m.K, U = g.U;
-    const int w = g.w, cu = g.cu;
-    const uint32_t mask = (1u << w) - 1u;
-    int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads()) reduction(| : failed)
-#endif
-    {
-        float *sw = (float *)malloc(sizeof(float) * (size_t)(2 * U));
-        if (sw == NULL) failed = 1;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t n = 0; n < N; n++) {
-            if (sw == NULL) continue;
-            float *zw = sw + U, *row = out + n * K;
-            decode_row_meta(n, g.gpr, g.wpg, m.scale, m.smeta, m.zero, m.zmeta, m.mg, m.mb, sw, zw);
-            const uint32_t *qn = m.q + n * U;
-            const uint16_t *hn = m.bits == 3 ? m.qhi + n * U : NULL;
-            for (int64_t j = 0; j < U; j++) {
-                const uint32_t word = qn[j], hi = hn != NULL ? hn[j] : 0u;
-                const float s = sw[j], z = zw[j];
-                for (int i = 0; i < cu; i++) {
-                    const uint32_t c = ((word >> (w * i)) & mask) | (((hi >> i) & 1u) << 2);
-                    row[j * cu + i] = ((float)c - z) * s;
-                }
-            }
-        }
-        free(sw);
-    }
-    (void)threads;
-    return failed ? MP_NOMEM : MP_OK;
-}
-
-/* IEEE binary16 bits -> float (portable: the F16C path below converts 8 at a time). */
-static float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-    uint32_t bits;
-    if (exp == 0x1Fu) {
-        bits = sign | 0x7F800000u | (man << 13);  /* inf, nan */
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {  /* subnormal: normalise */
-        int e = -1;
-        uint32_t m = man;
-        do {
-            e++;
-            m <<= 1;
-        } while (!(m & 0x400u));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FFu) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* out[t][n] = sum_k W[n][k] x[t][k] for W [N][K] in IEEE fp16 (a file's fp16 tensor, e.g. the
- * lm_head) and x float32: the weights are widened in registers, the arithmetic is float32, so
- * the result is the float32 matmul's up to summation order, from half the bytes. */
-int moepack_gemv_f16(const uint16_t *w, const float *x, int64_t N, int64_t K, int64_t T, float *out, int threads) {
-    if (N <= 0 || K <= 0 || T <= 0) return MP_UNSUPPORTED;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads > 0 ? threads : omp_get_max_threads())
-#endif
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *wn = w + n * K;
-        for (int64_t t = 0; t < T; t++) {
-            const float *xt = x + t * K;
-            float acc = 0.0f;
-            int64_t k = 0;
-#if defined(MP_AVX2) && defined(__F16C__)
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            for (; k + 16 <= K; k += 16) {
-                const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wn + k)));
-                const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wn + k + 8)));
-                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt + k), a0);
-                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + k + 8), a1);
-            }
-            acc = v8_hsum(_mm256_add_ps(a0, a1));
-#endif
-            for (; k < K; k++) acc += half_to_float(wn[k]) * xt[k];
-            out[t * N + n] = acc;
-        }
-    }
-    (void)threads;
-    return MP_OK;
-}
