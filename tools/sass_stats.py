@@ -74,6 +74,7 @@ class Stats:
     config: str
     registers: int
     spill_bytes: int
+    local_ops: int  # LDL + STL in the loop body: thread-local memory, which ptxas may use without reporting a spill
     loop_instructions: int
     weights_per_thread_iteration: int
     per_weight: dict  # pipe -> instructions per weight per thread
@@ -187,7 +188,7 @@ def analyse(name: str, tokens: int, config: str, kernel, weights: int, total_wei
         if lanes:
             bound[pipe] = total_weights * n / weights / (SMS * lanes * CLOCK_GHZ * 1e3)
     bound["issue"] = total_weights * sum(per_pipe.values()) / weights / (SMS * ISSUE_PER_SM * 32 * CLOCK_GHZ * 1e3)
-    return Stats(name, tokens, config, regs, spill, len(body), weights,
+    return Stats(name, tokens, config, regs, spill, mix.get("LDL", 0) + mix.get("STL", 0), len(body), weights,
                  {p: round(n / weights, 2) for p, n in sorted(per_pipe.items())}, dict(mix.most_common()),
                  {p: round(v, 1) for p, v in bound.items()}, round(nbytes / HBM_BPS * 1e6, 1))
 
@@ -247,13 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     rows = [profile(c, t, args.dump, cfg) for c in args.case or list(CASES) + list(DEQUANT_CASES)
             for t in ([0] if c in DEQUANT_CASES else args.tokens or [1]) for cfg in args.config or [None]]
-    head = f"{'case':<11}{'T':>3} {'config':<17}{'regs':>5}{'spill':>6}{'loop':>6}{'w/thr':>6}" \
+    head = f"{'case':<11}{'T':>3} {'config':<17}{'regs':>5}{'spill':>6}{'local':>6}{'loop':>6}{'w/thr':>6}" \
            f"{'int/w':>7}{'fp/w':>6}{'mem/w':>7}{'int us':>8}{'fp us':>7}{'issue us':>9}{'floor us':>9}"
     print(head)
     print("-" * len(head))
     for s in rows:
         pw, b = s.per_weight, s.bound_us
-        print(f"{s.case:<11}{s.tokens:>3} {s.config:<17}{s.registers:>5}{s.spill_bytes:>6}{s.loop_instructions:>6}"
+        print(f"{s.case:<11}{s.tokens:>3} {s.config:<17}{s.registers:>5}{s.spill_bytes:>6}{s.local_ops:>6}{s.loop_instructions:>6}"
               f"{s.weights_per_thread_iteration:>6}{pw.get('int', 0):>7.2f}{pw.get('fp', 0):>6.2f}{pw.get('mem', 0):>7.2f}"
               f"{b.get('int', 0):>8.1f}{b.get('fp', 0):>7.1f}{b['issue']:>9.1f}{s.floor_us:>9.1f}")
         if args.mix:

@@ -161,6 +161,13 @@ def _heuristic_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool, sm_c
     # the codes for the same per-word costs, and the two paths count alike: the float path
     # saves the launch. (runtime.tune times both everywhere.)
     cfg = GemvConfig(block_n=block_n, block_k=block_k, int_x=int_x and spec.bits == 2).for_matrix(k, spec)
+    if gated and t > 4 and not cfg.int_x and plane_bits == 2:
+        # the float path keeps t tokens' products of two matrices live: at 512 columns ptxas
+        # moved them to thread-local memory (sm_90, tools/sass_stats.py, LDL + STL per loop:
+        # 3-bit w1/w3 802 at 8 tokens, 8908 at 16; 2-bit 42 and 110); at 256 none at 8 tokens
+        # and 442 at 16, and the issue bound drops 204 -> 147 us and 802 -> 298 us (3-bit). The
+        # H100 had timed the 3-bit expert at 8 tokens at 2.78 ms, 7x the 2-bit one.
+        cfg = replace(cfg, block_k=cfg.block_k // 2).for_matrix(k, spec)
     programs = -(-n // block_n)
     want = PROGRAMS_PER_SM * sm_count
     tiles = -(-k // cfg.block_k)
