@@ -156,13 +156,15 @@ def _heuristic_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool, sm_c
     block_n = 32 if t <= 2 else 16 if t <= 8 else 8
     if gated:
         block_n = max(8, block_n // 2)  # two matrices per program
-    # int16 activations for 2-bit codes: 37-47% fewer instructions per weight than the float
-    # path (tools/sass_stats.py), for one extra launch that quantizes x. At 4 bits a word holds half
-    # the codes for the same per-word costs, and the two paths count alike: the float path
-    # saves the launch. (runtime.tune times both everywhere.)
-    cfg = GemvConfig(block_n=block_n, block_k=block_k, int_x=int_x and spec.bits == 2).for_matrix(k, spec)
+    # int16 activations for 2- and 3-bit codes: 37-47% fewer instructions per weight than the
+    # float path at 2 bits, and at 3 bits an issue bound of 16 against 37 us for Mixtral's w1/w3
+    # (tools/sass_stats.py, sm_90), for one extra launch that quantizes x. At 4 bits a word
+    # holds half the codes for the same per-word costs, and the two paths count alike: the
+    # float path saves the launch. (runtime.tune times both everywhere.)
+    cfg = GemvConfig(block_n=block_n, block_k=block_k, int_x=int_x and spec.bits in (2, 3)).for_matrix(k, spec)
     if gated and t > 4 and not cfg.int_x and plane_bits == 2:
-        # the float path keeps t tokens' products of two matrices live: at 512 columns ptxas
+        # (the float path here: MOEPACK_GEMV_INT=0, or a layout the int path does not take)
+        # it keeps t tokens' products of two matrices live: at 512 columns ptxas
         # moved them to thread-local memory (sm_90, tools/sass_stats.py, LDL + STL per loop:
         # 3-bit w1/w3 802 at 8 tokens, 8908 at 16; 2-bit 42 and 110); at 256 none at 8 tokens
         # and 442 at 16, and the issue bound drops 204 -> 147 us and 802 -> 298 us (3-bit). The

@@ -204,34 +204,46 @@ def _dp2a(xp, v, acc, HI: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
+def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_ptr,
                      rows, n_mask, k0, K, MG: tl.constexpr,
                      T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                      MB: tl.constexpr, BLOCK_N: tl.constexpr, BKW: tl.constexpr,
                      EVEN: tl.constexpr, ROW_META: tl.constexpr, ASM: tl.constexpr):
-    """_tile_update for int16 activations (xquant_kernel's layout) and 2-, 4- or 8-bit codes
-    whose groups hold whole words (G % PER == 0): every word's codes share one scale and zero."""
-    PER: tl.constexpr = 32 // BITS
-    NS: tl.constexpr = 8 // BITS  # shifts that bring each code of a word to the bottom of a byte
+    """_tile_update for int16 activations (xquant_kernel's layout) and 2-, 3-, 4- or 8-bit codes
+    whose groups hold whole words (G % PER == 0): every word's codes share one scale and zero.
+    3-bit codes read as 2-bit ones (their low plane's words, x in the 2-bit layout) with the
+    high plane's bit OR-ed into each byte as the code's 4s: dp2a takes bytes up to 255."""
+    BL: tl.constexpr = 2 if BITS == 3 else BITS  # bits per code in the low plane's words
+    PER: tl.constexpr = 32 // BL
+    NS: tl.constexpr = 8 // BL  # shifts that bring each code of a word to the bottom of a byte
     NP: tl.constexpr = PER // 2
-    BMASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101 if BITS < 8 else 0  # 8 bits: the bytes are codes
+    BMASK: tl.constexpr = ((1 << BL) - 1) * 0x01010101 if BL < 8 else 0  # 8 bits: the bytes are codes
     KW = K // PER
     kw = k0 // PER + tl.arange(0, BKW)  # [BKW]
     w_ok = kw < KW
     r = rows[:, None]  # [BN, 1]
     m2 = n_mask[:, None] & w_ok[None, :]
     words = _ld(q_ptr + r * KW + kw[None, :], m2, 0, EVEN)  # [BN, BKW] int32
+    hs = 0
+    if BITS == 3:
+        # half-word w of the high plane holds bit 2 of the codes of low-plane word w (bit c:
+        # code c). Byte j of the s-th shift below holds code 4j + s, so nibble j (codes 4j ..
+        # 4j+3) moves to bits 8j+2 .. 8j+5: shifted right by s, bit 8j+2 is code 4j+s's.
+        hw = _ld(qh_ptr + r * KW + kw[None, :], m2, 0, EVEN).to(tl.int32) & 0xFFFF  # [BN, BKW]
+        hs = ((hw & 0xF) << 2) | ((hw & 0xF0) << 6) | ((hw & 0xF00) << 10) | ((hw & 0xF000) << 14)
     tt = tl.arange(0, BT)[:, None, None]  # [BT, 1, 1]
     x_rows = x_ptr + tt * stride_xt + kw[None, None, :]  # [BT, 1, BKW]
     x_mask = (tt < T) & w_ok[None, None, :]
     XE: tl.constexpr = EVEN and T == BT
     idot = tl.full([BT, BLOCK_N, BKW], 0, tl.int32)
     for s in tl.static_range(NS):
-        # the arithmetic shift's sign bits never reach a masked bit: BITS * s + 8 * 3 + BITS <= 32
+        # the arithmetic shift's sign bits never reach a masked bit: BL * s + 8 * 3 + BL <= 32
         if BITS == 8:
             v = words[None, :, :]  # [1, BN, BKW]
+        elif BITS == 3:
+            v = (((words >> (BL * s)) & BMASK) | ((hs >> s) & 0x04040404))[None, :, :]
         else:
-            v = ((words >> (BITS * s)) & BMASK)[None, :, :]
+            v = ((words >> (BL * s)) & BMASK)[None, :, :]
         for h in tl.static_range(2):
             xp = _ld(x_rows + (2 * s + h) * KW, x_mask, 0, XE)  # [BT, 1, BKW] int16 pairs
             idot = _dp2a(xp, v, idot, h, ASM)
@@ -332,8 +344,8 @@ def qgemv_kernel(
     be one CUDA graph). SCALED (not PARTIAL): the result of program e times w[e], the router
     weight, which a linear consumer (w2) then carries into the expert's output.
 
-    INT_X: x is xquant_kernel's output for this BITS (int16 activations and dp2a, see
-    _tile_update_int), ASM: with the dp2a instruction (compiled for a GPU)."""
+    INT_X: x is xquant_kernel's output for this BITS (3-bit codes: for 2 bits; int16
+    activations and dp2a, see _tile_update_int), ASM: with the dp2a instruction (compiled for a GPU)."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     BKW: tl.constexpr = BLOCK_K * BL // 32
     pid_n = tl.program_id(0)
@@ -356,10 +368,10 @@ def qgemv_kernel(
     for i in range(TILES):
         k0 = k_start + i * BLOCK_K
         if INT_X:
-            acc_a = _tile_update_int(acc_a, x_ptr, stride_xt, qa_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
+            acc_a = _tile_update_int(acc_a, x_ptr, stride_xt, qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
                                      rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, EVEN, ROW_META, ASM)
             if GATED:
-                acc_b = _tile_update_int(acc_b, x_ptr, stride_xt, qb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
+                acc_b = _tile_update_int(acc_b, x_ptr, stride_xt, qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
                                          rows, n_mask, k0, K, MG, T, BT, BITS, G, MB, BLOCK_N, BKW, EVEN, ROW_META,
                                          ASM)
         else:

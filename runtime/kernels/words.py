@@ -34,8 +34,9 @@ def _word_layout_ok(k: int, spec: QuantSpec) -> bool:
 
 def int_x_ok(k: int, spec: QuantSpec) -> bool:
     """Whether the int16-activation GEMV (triton_gemv._tile_update_int) handles this layout: 2-,
-    4- or 8-bit codes (one bit plane: its bytes hold whole codes) in groups of whole words."""
-    return _word_layout_ok(k, spec) and spec.bits in (2, 4, 8) and spec.group_size % codes_per_word(spec) == 0
+    3-, 4- or 8-bit codes (3-bit: the low plane's words with the high bit OR-ed into each byte)
+    in groups of whole words."""
+    return _word_layout_ok(k, spec) and spec.bits in (2, 3, 4, 8) and spec.group_size % codes_per_word(spec) == 0
 
 
 def word_view(plane: torch.Tensor, itemsize: int = 4) -> torch.Tensor | None:

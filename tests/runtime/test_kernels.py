@@ -179,6 +179,10 @@ INT_CASES = [
     (QuantSpec(4, 64, 4, 5), (70, 256), 1, GemvConfig(block_n=16, block_k=128, int_x=True)),
     (QuantSpec(8, 8, 8, 256), (16, 128), 3, GemvConfig(int_x=True)),
     (QuantSpec(8, 32, 16), (24, 96), 1, GemvConfig(block_n=8, block_k=32, int_x=True)),
+    # 3-bit: the low plane's words with the high plane's bit OR-ed in
+    (QuantSpec(3, 64, 8, 128), (37, 256), 1, GemvConfig(int_x=True)),
+    (QuantSpec(3, 16, 4, 4), (32, 256), 3, GemvConfig(block_n=16, block_k=64, int_x=True)),  # ROW_META
+    (QuantSpec(3, 32, 16), (33, 384), 8, GemvConfig(block_n=32, block_k=512, split_k=2, int_x=True)),  # K tail
 ]
 
 
@@ -200,7 +204,7 @@ def test_gemv_with_int16_activations(device, spec, shape, tokens, config, poison
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("spec,shape,tokens,config", INT_CASES[:2] + INT_CASES[4:5] + INT_CASES[6:7])
+@pytest.mark.parametrize("spec,shape,tokens,config", INT_CASES[:2] + INT_CASES[4:5] + INT_CASES[6:7] + INT_CASES[8:9])
 def test_dp2a_is_its_emulation_bit_for_bit(spec, shape, tokens, config, monkeypatch):
     """The one piece the interpreter cannot run: PTX's dp2a against the integer arithmetic
     the CPU tests check. Same int32 sums, so the same output bits."""
@@ -244,12 +248,14 @@ def test_quantize_x_layout(device, bits):
 
 
 def test_int16_activations_only_where_the_layout_allows():
-    """for_matrix drops int_x for layouts the int path does not take (3-bit codes, groups
-    smaller than a word) and clears the float path's x order when it keeps it; the heuristic
-    picks it for 2-bit codes unless MOEPACK_GEMV_INT=0."""
+    """for_matrix drops int_x for layouts the int path does not take (groups smaller than a
+    word) and clears the float path's x order when it keeps it; the heuristic picks it for 2-
+    and 3-bit codes unless MOEPACK_GEMV_INT=0."""
     cfg = GemvConfig(int_x=True)
     assert cfg.for_matrix(4096, QuantSpec(2, 16, 8, 128)) == replace(cfg, block_k=256, permute_x=False)
-    assert not cfg.for_matrix(4096, QuantSpec(3, 64, 8, 128)).int_x
+    assert cfg.for_matrix(4096, QuantSpec(3, 64, 8, 128)).int_x
+    assert not cfg.for_matrix(4096, QuantSpec(3, 8, 8, 128)).int_x  # 8 codes per group, 16 per word
+    assert pick_gemv_config(14336, 4096, 1, QuantSpec(3, 64, 8, 128), gated=True).int_x
     assert not cfg.for_matrix(4096, QuantSpec(2, 8, 8, 128)).int_x  # 8 codes per group, 16 per word
     assert cfg.for_matrix(4096, QuantSpec(4, 8, 8, 128)).int_x
     assert pick_gemv_config(14336, 4096, 1, QuantSpec(2, 16, 4, 128), gated=True).int_x

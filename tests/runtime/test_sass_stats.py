@@ -21,19 +21,21 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _profile(tmp_path_factory, *args: str) -> dict:
-    """tools/sass_stats.py's JSON rows for `args`, keyed by case."""
+def _profile(tmp_path_factory, *args: str, **env: str) -> dict:
+    """tools/sass_stats.py's JSON rows for `args` (with `env` set), keyed by case, and by
+    (case, tokens) as well."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.exists():
         pytest.skip("this triton build has no bundled cuobjdump")
     out = tmp_path_factory.mktemp("sass") / "stats.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "sass_stats.py"), *args, "--json", str(out)], env=env,
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     if r.returncode and ("backend" in r.stderr.lower() or "ptxas" in r.stderr.lower()):
         pytest.skip(f"triton cannot compile for CUDA here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return {s["case"]: s for s in json.loads(out.read_text())}
+    rows = json.loads(out.read_text())
+    return {**{s["case"]: s for s in rows}, **{(s["case"], s["tokens"]): s for s in rows}}
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +61,22 @@ def test_word_wise_dequantize_is_bound_by_memory(stats):
     assert max(s["bound_us"].values()) < s["floor_us"], s["bound_us"]
 
 
-def test_three_bit_gated_gemv_keeps_eight_tokens_in_registers(tmp_path_factory):
-    """The float path's w1/w3 GEMV at 8 tokens (a short prompt's tokens at an expert): with
-    512-column tiles ptxas moved the tokens' products to thread-local memory, 802 LDL/STL per
-    loop (the H100 timed the 3-bit expert at 2.78 ms, 7x the 2-bit one); the heuristic now
-    halves the tile there (runtime.kernels.configs)."""
-    s = _profile(tmp_path_factory, "--case", "w13-3", "--tokens", "8")["w13-3"]
-    assert s["config"].startswith("n8k256"), s["config"]
+def test_three_bit_gemv_takes_integer_activations(tmp_path_factory):
+    """3-bit w1/w3 on the int16-activation path (the low plane's words with the high bit
+    OR-ed in, dp2a): about a quarter of the float path's float instructions per weight, and no
+    thread-local memory at 8 tokens, where the float path had 802 LDL/STL per loop (the H100
+    timed that expert at 2.78 ms, 7x the 2-bit one)."""
+    st = _profile(tmp_path_factory, "--case", "w13-3", "--tokens", "1", "--tokens", "8")
+    one, eight = st[("w13-3", 1)], st[("w13-3", 8)]
+    assert one["config"].endswith("-i") and eight["config"].endswith("-i"), (one["config"], eight["config"])
+    assert one["per_weight"]["fp"] <= 0.5, one["mix"]  # 4.73 on the float path
+    assert one["bound_us"]["issue"] <= 20, one["bound_us"]  # 37.3 on the float path
+    assert eight["local_ops"] == 0, eight["mix"]
+
+
+def test_float_gemv_keeps_eight_tokens_in_registers(tmp_path_factory):
+    """With int16 activations off, the float path's gated 3-bit GEMV at 8 tokens takes 256-
+    column tiles: at 512 ptxas moved the tokens' products to thread-local memory."""
+    s = _profile(tmp_path_factory, "--case", "w13-3", "--tokens", "8", MOEPACK_GEMV_INT="0")["w13-3"]
+    assert s["config"].startswith("n8k256") and not s["config"].endswith("-i"), s["config"]
     assert s["local_ops"] == 0, s["mix"]
