@@ -91,8 +91,6 @@ def _gemv_types(bits: int, mb: int, act: str) -> dict[str, str]:
 def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even, row_meta, indexed, int_x):
     from runtime.kernels.triton_gemv import qgemv_kernel
 
-    if int_x and bits == 3:
-        pytest.skip("int16 activations take 2-, 4- and 8-bit codes")
     act = "*fp32" if partial else "*fp16"
     bt = 1 << max(0, (t - 1).bit_length())
     k = _compile(qgemv_kernel, _gemv_types(bits, mb, act) | {"x_ptr": "*i32" if int_x else "*fp16"},
