@@ -77,6 +77,10 @@
 # AVX-512 hardware: emulated in CI) and telescoped 2-bit pairs. Run "7" right after "1 16": its
 # tests check the 16-lane rows on this CPU, and its bench times them against 8 lanes; the
 # hybrid stages (15, 17, 18) use whichever passed the load-time check.
+# Since the thirteenth session of 2026-11-23: 3-bit codes take the int16-activation GEMV by
+# default (the float path had 802 thread-local loads/stores per loop at 8 tokens). The built-in
+# table's 3-bit entries are float configs, so "13 2" shows the new default only in the untuned
+# kernel table (MOEPACK_NO_TUNING=1), and "10" re-tunes with both paths among the candidates.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
