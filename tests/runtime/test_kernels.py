@@ -48,9 +48,10 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 # (activation dtype, relative tolerance) per device: float32 under the interpreter, float16 on
-# the GPU. The int16-activation path (GemvConfig.int_x, the heuristic's choice for 2-bit codes)
-# rounds each activation to 1/65534 of its word's largest: ~2e-5 relative on these cases, so
-# the CPU bound is 1e-4; the float path keeps 1e-5 (FLOAT_TOL, test_gemv_matches_reference).
+# the GPU. The int16-activation path (GemvConfig.int_x, the heuristic's choice for 2- and 3-bit
+# codes) rounds each activation to 1/65534 of its word's largest: ~2e-5 relative on these
+# cases, so the CPU bound is 1e-4; the float path keeps 1e-5 (FLOAT_TOL,
+# test_gemv_matches_reference).
 ACT = {"cpu": (torch.float32, 1e-4), "cuda": (torch.float16, 3e-3)}
 FLOAT_TOL = 1e-5
 
