@@ -119,7 +119,7 @@ def compile_case(name: str, tokens: int, config: str | None = None):
     n, k = shape
     per = plan.per
     row = (per // 2 + 2) * (k // per) if plan.int_x else k  # x's row stride in elements
-    ints = dict(N=n, K=k, RS=1 << 20, stride_xt=row, stride_xe=tokens * row, stride_os=plan.tail[0],
+    ints = dict(N=n, RS=1 << 20, stride_xt=row, stride_xe=tokens * row, stride_os=plan.tail[0],
                 stride_oe=plan.tail[1], stride_ot=plan.tail[2])
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(qgemv_kernel.arg_names)
              if sig[a].startswith("*") or (a in ints and ints[a] % 16 == 0)}

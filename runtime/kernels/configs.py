@@ -154,14 +154,19 @@ def _heuristic_config(n: int, k: int, t: int, spec: QuantSpec, gated: bool, sm_c
     block_k = 1024 // plane_bits
     # every token multiplies the whole tile again: keep the tile (registers) smaller for more tokens
     block_n = 32 if t <= 2 else 16 if t <= 8 else 8
+    int_path = int_x and spec.bits in (2, 3, 4) and int_x_ok(k, spec)
     if gated:
-        block_n = max(8, block_n // 2)  # two matrices per program
-    # int16 activations for 2- and 3-bit codes: 37-47% fewer instructions per weight than the
-    # float path at 2 bits, and at 3 bits an issue bound of 16 against 37 us for Mixtral's w1/w3
-    # (tools/sass_stats.py, sm_90), for one extra launch that quantizes x. At 4 bits a word
-    # holds half the codes for the same per-word costs, and the two paths count alike: the
-    # float path saves the launch. (runtime.tune times both everywhere.)
-    cfg = GemvConfig(block_n=block_n, block_k=block_k, int_x=int_x and spec.bits in (2, 3)).for_matrix(k, spec)
+        # two matrices per program; the int path's tile at 16 tokens is 4 rows, as 8 rows of
+        # 512 columns spilled to thread-local memory (LDL + STL per loop: 1785 for 2-bit
+        # w1/w3; issue bound 178 against 66 us; tools/sass_stats.py, sm_90)
+        block_n = max(4 if int_path and t > 8 else 8, block_n // 2)
+    # int16 activations for 2-, 3- and 4-bit codes: at 2 bits 0.5 dp2a and 1.4 integer
+    # instructions per weight in all against 2.6 float ones, which bound the float path for
+    # Mixtral's w1/w3 at 25 us of issue (floor 15); at 3 bits 11 against 37 us; at 4 bits (q
+    # projection) 1.4 against 3.8 us (tools/sass_stats.py, sm_90). That costs a launch that
+    # quantizes x, unless its producer writes that format (the decode step's fused norm does).
+    # runtime.tune times both paths everywhere.
+    cfg = GemvConfig(block_n=block_n, block_k=block_k, int_x=int_path).for_matrix(k, spec)
     if gated and t > 4 and not cfg.int_x and plane_bits == 2:
         # (the float path here: MOEPACK_GEMV_INT=0, or a layout the int path does not take)
         # it keeps t tokens' products of two matrices live: at 512 columns ptxas

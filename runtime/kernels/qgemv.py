@@ -98,7 +98,7 @@ class GemvLaunch:
     out_shape: tuple[int, ...]
     out_per: int  # permute the result for a consumer with this many codes per word
     grid: tuple[int, ...]
-    ints: tuple[int, int]  # n, k (the scalars before the record stride)
+    ints: tuple[int]  # n (the scalar before the record stride)
     tail: tuple[int, int, int]  # the output strides: per K slice, per expert, per token
     experts: int  # > 0: an indexed launch over this many experts (see run_gemv)
     int_x: bool  # x goes through quantize_x first (int16 activations, dp2a)
@@ -119,7 +119,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
     if out_per > 1 and n % out_per:
         raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
     constexprs = dict(
-        MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
+        K=k, MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
         EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
@@ -130,7 +130,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
         n=n, k=k, gated=gated, per=per, permute=cfg.permute_x and not x_permuted,
         unpermute=x_permuted and not cfg.permute_x, partial=partial,
         out_shape=((split,) if partial else ()) + ((experts,) if experts else ()) + (t, n), out_per=out_per,
-        grid=(_cdiv(n, cfg.block_n), split) + ((experts,) if experts else ()), ints=(n, k),
+        grid=(_cdiv(n, cfg.block_n), split) + ((experts,) if experts else ()), ints=(n,),
         tail=(e * t * n, t * n, n), experts=experts, int_x=cfg.int_x, kwargs=constexprs,
     )
 

@@ -87,11 +87,11 @@ def _load_meta(codes_ptr, meta_ptr, gidx, gmask, MB: tl.constexpr, MG: tl.conste
 
 
 @triton.jit
-def _row_meta(sm_ptr, zm_ptr, r, n_mask, k0, K, G: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr):
-    """(step, min) of the scales and of the zeros of each tile row, [BN, 1] each, for ROW_META
-    launches (the tile's groups of a row share one meta group): loaded once per row and tile."""
-    mi = (r * (K // G) + k0 // G) // MG  # [BN, 1]
-    rmask = n_mask[:, None]
+def _row_meta(sm_ptr, zm_ptr, r, rmask, k0, K, G: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr):
+    """(step, min) of the scales and of the zeros of the tile rows r (rmask: inside the matrix),
+    in r's shape, for ROW_META launches (the tile's groups of a row share one meta group):
+    loaded once per row and tile."""
+    mi = (r * (K // G) + k0 // G) // MG
     return (_ld(sm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(sm_ptr + 2 * mi + 1, rmask, 0.0, EVEN),
             _ld(zm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(zm_ptr + 2 * mi + 1, rmask, 0.0, EVEN))
 
@@ -99,8 +99,8 @@ def _row_meta(sm_ptr, zm_ptr, r, n_mask, k0, K, G: tl.constexpr, MG: tl.constexp
 @triton.jit
 def _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, gmask, rm, MB: tl.constexpr, MG: tl.constexpr,
                 EVEN: tl.constexpr, ROW_META: tl.constexpr):
-    """Scales and zeros of groups `gidx` as [1, BN, BKW] float32; ROW_META: from the codes and
-    `rm`, the rows' (step, min) pairs that _row_meta loaded."""
+    """Scales and zeros of groups `gidx` as float32 in gidx's shape; ROW_META: from the codes
+    and `rm`, the rows' (step, min) pairs that _row_meta loaded."""
     if ROW_META:
         s_step, s_min, z_step, z_min = rm
         s = s_step * _meta_code(s_ptr, gidx, gmask, MB, EVEN) + s_min
@@ -108,7 +108,7 @@ def _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, gmask, rm, MB: tl.constexpr,
     else:
         s = _load_meta(s_ptr, sm_ptr, gidx, gmask, MB, MG, EVEN)
         z = _load_meta(z_ptr, zm_ptr, gidx, gmask, MB, MG, EVEN)
-    return s[None, :, :], z[None, :, :]
+    return s, z
 
 
 @triton.jit
@@ -142,10 +142,11 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
     x_mask = (tt < T) & w_ok[None, None, :]  # [BT, 1, BKW]
     rm = 0
     if ROW_META:  # the tile's groups share one (step, min) pair per row: load it once per row
-        rm = _row_meta(sm_ptr, zm_ptr, r, n_mask, k0, K, G, MG, EVEN)
+        rm = _row_meta(sm_ptr, zm_ptr, r, n_mask[:, None], k0, K, G, MG, EVEN)
     for j in tl.static_range(PER // GW):
         gidx = r * (K // G) + ((kw * PER + j * GW) // G)[None, :]  # [BN, BKW] row-major group index
-        s, z = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m2, rm, MB, MG, EVEN, ROW_META)  # [1, BN, BKW]
+        s, z = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m2, rm, MB, MG, EVEN, ROW_META)  # [BN, BKW]
+        s, z = s[None, :, :], z[None, :, :]
         dot = tl.full([BT, BLOCK_N, BKW], 0.0, tl.float32)
         xs = tl.full([BT, 1, BKW], 0.0, tl.float32)
         for i in tl.static_range(GW):
@@ -219,31 +220,34 @@ def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr,
     NP: tl.constexpr = PER // 2
     BMASK: tl.constexpr = ((1 << BL) - 1) * 0x01010101 if BL < 8 else 0  # 8 bits: the bytes are codes
     KW = K // PER
-    kw = k0 // PER + tl.arange(0, BKW)  # [BKW]
+    # Every tensor here has the tile's 3-D shape, [1, BN, BKW] or [BT, 1, BKW], and every load
+    # too: a 2-D load let the compiler pick a layout of its own (4 words a thread, vectorised)
+    # and convert each shifted copy of the words into the tile's through shared memory.
+    kw = (k0 // PER + tl.arange(0, BKW))[None, None, :]  # [1, 1, BKW]
     w_ok = kw < KW
-    r = rows[:, None]  # [BN, 1]
-    m2 = n_mask[:, None] & w_ok[None, :]
-    words = _ld(q_ptr + r * KW + kw[None, :], m2, 0, EVEN)  # [BN, BKW] int32
+    r = rows[None, :, None]  # [1, BN, 1]
+    m3 = n_mask[None, :, None] & w_ok  # [1, BN, BKW]
+    words = _ld(q_ptr + r * KW + kw, m3, 0, EVEN)  # [1, BN, BKW] int32
     hs = 0
     if BITS == 3:
         # half-word w of the high plane holds bit 2 of the codes of low-plane word w (bit c:
         # code c). Byte j of the s-th shift below holds code 4j + s, so nibble j (codes 4j ..
         # 4j+3) moves to bits 8j+2 .. 8j+5: shifted right by s, bit 8j+2 is code 4j+s's.
-        hw = _ld(qh_ptr + r * KW + kw[None, :], m2, 0, EVEN).to(tl.int32) & 0xFFFF  # [BN, BKW]
+        hw = _ld(qh_ptr + r * KW + kw, m3, 0, EVEN).to(tl.int32) & 0xFFFF  # [1, BN, BKW]
         hs = ((hw & 0xF) << 2) | ((hw & 0xF0) << 6) | ((hw & 0xF00) << 10) | ((hw & 0xF000) << 14)
     tt = tl.arange(0, BT)[:, None, None]  # [BT, 1, 1]
-    x_rows = x_ptr + tt * stride_xt + kw[None, None, :]  # [BT, 1, BKW]
-    x_mask = (tt < T) & w_ok[None, None, :]
+    x_rows = x_ptr + tt * stride_xt + kw  # [BT, 1, BKW]
+    x_mask = (tt < T) & w_ok
     XE: tl.constexpr = EVEN and T == BT
     idot = tl.full([BT, BLOCK_N, BKW], 0, tl.int32)
     for s in tl.static_range(NS):
         # the arithmetic shift's sign bits never reach a masked bit: BL * s + 8 * 3 + BL <= 32
         if BITS == 8:
-            v = words[None, :, :]  # [1, BN, BKW]
+            v = words
         elif BITS == 3:
-            v = (((words >> (BL * s)) & BMASK) | ((hs >> s) & 0x04040404))[None, :, :]
+            v = ((words >> (BL * s)) & BMASK) | ((hs >> s) & 0x04040404)
         else:
-            v = ((words >> (BL * s)) & BMASK)[None, :, :]
+            v = (words >> (BL * s)) & BMASK
         for h in tl.static_range(2):
             xp = _ld(x_rows + (2 * s + h) * KW, x_mask, 0, XE)  # [BT, 1, BKW] int16 pairs
             idot = _dp2a(xp, v, idot, h, ASM)
@@ -251,11 +255,11 @@ def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr,
     sx = _ld(x_rows + (NP + 1) * KW, x_mask, 0, XE).to(tl.float32, bitcast=True)  # sums of x per word
     # words per group, a constant: kw // 1 keeps the index contiguous, so the compiler loads
     # the codes of a thread's consecutive words at once (kw * PER // G would not)
-    gidx = r * (K // G) + (kw // (G // PER))[None, :]  # [BN, BKW]
+    gidx = r * (K // G) + kw // (G // PER)  # [1, BN, BKW]
     rm = 0
     if ROW_META:
-        rm = _row_meta(sm_ptr, zm_ptr, r, n_mask, k0, K, G, MG, EVEN)
-    sc, ze = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m2, rm, MB, MG, EVEN, ROW_META)  # [1, BN, BKW]
+        rm = _row_meta(sm_ptr, zm_ptr, r, n_mask[None, :, None], k0, K, G, MG, EVEN)
+    sc, ze = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m3, rm, MB, MG, EVEN, ROW_META)  # [1, BN, BKW]
     # sum_c s (q_c - z) x_c = s (sum_c q_c x_c - z sum_c x_c), the first sum in integers
     acc += sc * (idot.to(tl.float32) * dx - ze * sx)
     return acc
@@ -324,8 +328,8 @@ def qgemv_kernel(
     qa_ptr, qha_ptr, sa_ptr, sma_ptr, za_ptr, zma_ptr,
     qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
     sel_ptr, w_ptr,
-    N, K, RS, stride_xt, stride_xe, stride_os, stride_oe, stride_ot,
-    MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+    N, RS, stride_xt, stride_xe, stride_os, stride_oe, stride_ot,
+    K: tl.constexpr, MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     MB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
     ROW_META: tl.constexpr = False, INDEXED: tl.constexpr = False, SCALED: tl.constexpr = False,

@@ -94,7 +94,7 @@ def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even,
     act = "*fp32" if partial else "*fp16"
     bt = 1 << max(0, (t - 1).bit_length())
     k = _compile(qgemv_kernel, _gemv_types(bits, mb, act) | {"x_ptr": "*i32" if int_x else "*fp16"},
-                 dict(MG=128 if mb != 16 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_K=256,
+                 dict(K=4096, MG=128 if mb != 16 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_K=256,
                       X_PERMUTED=permuted and not int_x, GATED=gated, PARTIAL=partial,
                       OUT_PER=1 if partial or int_x else 16, EVEN=even, ROW_META=row_meta, INDEXED=indexed,
                       SCALED=indexed and gated and not partial, INT_X=int_x, ASM=True))
@@ -145,7 +145,7 @@ def test_every_constexpr_of_the_gemv_is_given():
 
     params = inspect.signature(qgemv_kernel.fn).parameters
     constexprs = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
-    given = {"MG", "TILES", "T", "BT", "BITS", "G", "MB", "BLOCK_N", "BLOCK_K", "X_PERMUTED", "GATED", "PARTIAL",
+    given = {"K", "MG", "TILES", "T", "BT", "BITS", "G", "MB", "BLOCK_N", "BLOCK_K", "X_PERMUTED", "GATED", "PARTIAL",
              "OUT_PER", "EVEN", "ROW_META", "INDEXED", "SCALED", "INT_X", "ASM"}
     assert constexprs == given
 

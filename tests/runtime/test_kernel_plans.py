@@ -83,8 +83,8 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
     partial = split > 1
     b = args[1] if gated else args[0]
     grid = (-(-n // cfg.block_n), split)
-    ints = (n, k, 0, x.stride(0), 0, t * n, t * n, n)  # not indexed: no record stride, one expert
-    kwargs = dict(MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
+    ints = (n, 0, x.stride(0), 0, t * n, t * n, n)  # not indexed: no record stride, one expert
+    kwargs = dict(K=k, MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
                   MB=spec.meta_bits, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
                   GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
                   EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
@@ -161,7 +161,7 @@ def test_int16_launch_quantizes_x_first(monkeypatch):
     xq = qargs[1]
     assert xq.dtype == torch.int32 and tuple(xq.shape) == (3, 8 + 2, kw_words)
     assert args[0].data_ptr() == xq.data_ptr() and tuple(args[0].shape) == (3, 10 * kw_words)
-    assert args[17 + 3] == 10 * kw_words  # stride_xt: one token's pairs, scales and sums
+    assert args[17 + 2] == 10 * kw_words  # stride_xt (after N, RS): a token's pairs, scales and sums
     assert kw["INT_X"] and not kw["X_PERMUTED"] and not kw["ASM"]  # ASM only where compiled
     assert args[1].dtype == x.dtype  # the result keeps the activations' dtype
 

@@ -48,8 +48,8 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 # (activation dtype, relative tolerance) per device: float32 under the interpreter, float16 on
-# the GPU. The int16-activation path (GemvConfig.int_x, the heuristic's choice for 2- and 3-bit
-# codes) rounds each activation to 1/65534 of its word's largest: ~2e-5 relative on these
+# the GPU. The int16-activation path (GemvConfig.int_x, the heuristic's choice for 2-, 3- and
+# 4-bit codes) rounds each activation to 1/65534 of its word's largest: ~2e-5 relative on these
 # cases, so the CPU bound is 1e-4; the float path keeps 1e-5 (FLOAT_TOL,
 # test_gemv_matches_reference).
 ACT = {"cpu": (torch.float32, 1e-4), "cuda": (torch.float16, 3e-3)}
@@ -250,8 +250,9 @@ def test_quantize_x_layout(device, bits):
 
 def test_int16_activations_only_where_the_layout_allows():
     """for_matrix drops int_x for layouts the int path does not take (groups smaller than a
-    word) and clears the float path's x order when it keeps it; the heuristic picks it for 2-
-    and 3-bit codes unless MOEPACK_GEMV_INT=0."""
+    word) and clears the float path's x order when it keeps it; the heuristic picks it for 2-,
+    3- and 4-bit codes unless MOEPACK_GEMV_INT=0, and takes 4-row tiles for w1/w3 at 16
+    tokens (8 rows spilled)."""
     cfg = GemvConfig(int_x=True)
     assert cfg.for_matrix(4096, QuantSpec(2, 16, 8, 128)) == replace(cfg, block_k=256, permute_x=False)
     assert cfg.for_matrix(4096, QuantSpec(3, 64, 8, 128)).int_x
@@ -260,7 +261,10 @@ def test_int16_activations_only_where_the_layout_allows():
     assert not cfg.for_matrix(4096, QuantSpec(2, 8, 8, 128)).int_x  # 8 codes per group, 16 per word
     assert cfg.for_matrix(4096, QuantSpec(4, 8, 8, 128)).int_x
     assert pick_gemv_config(14336, 4096, 1, QuantSpec(2, 16, 4, 128), gated=True).int_x
-    assert not pick_gemv_config(4096, 4096, 1, QuantSpec(4, 64, 8, 256)).int_x
+    assert pick_gemv_config(4096, 4096, 1, QuantSpec(4, 64, 8, 256)).int_x  # attention
+    assert not pick_gemv_config(4096, 4096, 1, QuantSpec(8, 64, 8, 256)).int_x
+    assert pick_gemv_config(14336, 4096, 16, QuantSpec(2, 16, 4, 128), gated=True).block_n == 4
+    assert pick_gemv_config(14336, 4096, 16, QuantSpec(2, 8, 8, 128), gated=True).block_n == 8  # float path
     assert GemvConfig(int_x=True).short().endswith("-i")
 
 
