@@ -81,6 +81,10 @@
 # default (the float path had 802 thread-local loads/stores per loop at 8 tokens). The built-in
 # table's 3-bit entries are float configs, so "13 2" shows the new default only in the untuned
 # kernel table (MOEPACK_NO_TUNING=1), and "10" re-tunes with both paths among the candidates.
+# Since the fourteenth session: the int path loads in the tile's 3-D layout with K a constexpr
+# (62-72 registers instead of 96-128: one wave for 2-bit w1/w3), and 4-bit attention takes it
+# by default (BENCHMARKS section 21). Stage 1's cuda tests check it against the reference; "13
+# 2" then times it untuned, and "10" decides whether the built-in table's float configs stay.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
