@@ -15,7 +15,7 @@ from formats.qtensor import QuantSpec
 from runtime import cpu_expert, cpu_native
 from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn
 from runtime.experts import plain_expert_ffn
-from tests.runtime.test_kernels import make_expert
+from tests.runtime.kernel_cases import make_expert
 
 KERNELS = {"numba": 1e-5, "native": 5e-4}  # kernel -> relative tolerance against the plain path
 

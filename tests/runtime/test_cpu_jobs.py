@@ -12,7 +12,7 @@ from formats.qtensor import QuantSpec
 from runtime import cpu_expert, cpu_native
 from runtime.cpu_expert import JOBS_ENV, cpu_expert_ffn, cpu_expert_hidden, start_expert
 from runtime.offload import split as split_mod
-from tests.runtime.test_kernels import make_expert
+from tests.runtime.kernel_cases import make_expert
 
 from .test_offload_engine import LAYERS, assert_same, greedy, offloaded, tiny  # noqa: F401 (fixture)
 

@@ -19,7 +19,7 @@ from formats.qtensor import QuantSpec, component_views
 from runtime import cpu_expert, cpu_native
 from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn
 from runtime.experts import plain_expert_ffn
-from tests.runtime.test_kernels import make_expert, packed
+from tests.runtime.kernel_cases import make_expert, packed
 
 # one expert against its exact float64 value: x's rounding, up to 2^-13.7 of each word's largest
 # |x| for 2-bit codes, through two matrices (fp16's own rounding is 2^-11)

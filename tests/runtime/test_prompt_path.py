@@ -20,7 +20,7 @@ interpreted_kernels()
 
 from runtime.kernels import expert, fused_expert_ffn, prefill  # noqa: E402
 
-from .test_kernels import ACT, DEVICES, on_device, packed, reference_expert, rel_err  # noqa: E402
+from .kernel_cases import ACT, DEVICES, on_device, packed, reference_expert, rel_err  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
