@@ -119,7 +119,12 @@ def _tile_update(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr, zm_
                  EVEN: tl.constexpr, ROW_META: tl.constexpr):
     """acc [BT, BLOCK_N, BKW] += the products of the BKW words starting at column k0 (EVEN: no
     row or column of the tile lies outside the matrix; ROW_META: 8-bit meta whose meta groups
-    never split a tile row, so each row of a tile has one (step, min) pair per plane)."""
+    never split a tile row, so each row of a tile has one (step, min) pair per plane).
+
+    The words load as [BN, BKW], unlike _tile_update_int's 3-D loads: the compiler then gives
+    a thread several rows of one word column, which share one activation and its scaling (in
+    3-D, a thread's 4 columns of one row took more float instructions per weight at 8 and 16
+    tokens, and 3-bit codes spilled at 16)."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // BL
     MASK: tl.constexpr = (1 << BL) - 1
@@ -329,7 +334,8 @@ def qgemv_kernel(
     qb_ptr, qhb_ptr, sb_ptr, smb_ptr, zb_ptr, zmb_ptr,
     sel_ptr, w_ptr,
     N, RS, stride_xt, stride_xe, stride_os, stride_oe, stride_ot,
-    K: tl.constexpr, MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+    K: tl.constexpr, MG: tl.constexpr, TILES: tl.constexpr, T: tl.constexpr, BT: tl.constexpr, BITS: tl.constexpr,
+    G: tl.constexpr,
     MB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
     ROW_META: tl.constexpr = False, INDEXED: tl.constexpr = False, SCALED: tl.constexpr = False,
@@ -349,7 +355,11 @@ def qgemv_kernel(
     weight, which a linear consumer (w2) then carries into the expert's output.
 
     INT_X: x is xquant_kernel's output for this BITS (3-bit codes: for 2 bits; int16
-    activations and dp2a, see _tile_update_int), ASM: with the dp2a instruction (compiled for a GPU)."""
+    activations and dp2a, see _tile_update_int), ASM: with the dp2a instruction (compiled for a GPU).
+
+    K, the row length, is a compile-time constant (a compile per matrix width): the distances
+    between a thread's rows and between x's pair rows become immediate load offsets instead of
+    an integer multiply-add per address (docs/BENCHMARKS.md section 21)."""
     BL: tl.constexpr = 2 if BITS == 3 else BITS
     BKW: tl.constexpr = BLOCK_K * BL // 32
     pid_n = tl.program_id(0)
