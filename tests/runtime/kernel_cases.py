@@ -18,7 +18,7 @@ from .interpreter import interpreted_kernels, use_interpreter
 
 CUDA = torch.cuda.is_available()
 
-triton_gemv, triton_dequant, _, _ = interpreted_kernels()  # interpreted without CUDA (tests/runtime/interpreter.py)
+interpreted_kernels()  # the kernels interpreted without CUDA, before runtime.kernels is imported below
 
 from runtime.kernels import GemvConfig, release_scratch  # noqa: E402
 from runtime.kernels import prefill, qgemv  # noqa: E402
