@@ -144,7 +144,8 @@ has 5 && ! grep -q '"tok_s"' "$OUT/bench.json" 2>/dev/null && run bench_eager 90
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_eager.json" $BENCH_FLAGS
 # the compiled CPU kernel is built here by the host's compiler (-march=native): check it first
 has 7 && run cpu_diag 60 $PY tools/cpu_diag.py
-has 7 && run cpu_native_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py tests/runtime/test_cpu_expert.py \
+has 7 && run cpu_native_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py \
+  tests/runtime/test_cpu_native_prompt.py tests/runtime/test_cpu_native_callers.py tests/runtime/test_cpu_expert.py \
   tests/runtime/test_cpu_wide.py
 has 7 && run cpu_expert 90 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 --json "$OUT/cpu_expert.json"
 has 7 && run cpu_expert_narrow 90 env MOEPACK_CPU_WIDE=0 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 \

@@ -14,7 +14,7 @@ from runtime.cpu_expert import JOBS_ENV, cpu_expert_ffn, cpu_expert_hidden, star
 from runtime.offload import split as split_mod
 from tests.runtime.kernel_cases import make_expert
 
-from .test_offload_engine import LAYERS, assert_same, greedy, offloaded, tiny  # noqa: F401 (fixture)
+from .offload_cases import LAYERS, assert_same, greedy, offloaded, tiny  # noqa: F401 (fixture)
 
 needs_native = pytest.mark.skipif(cpu_native.native_kernel() is None, reason="no C compiler: the compiled kernel is not built")
 SPECS = [QuantSpec(2, 16, 8, 128), QuantSpec(3, 64, 4, 4)]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
 from runtime import cpu_native
-from tests.runtime.test_cpu_native import EXPERT_TOL, assert_tokens_batch_exactly, quantize_x, rel, x_steps
+from tests.runtime.cpu_native_cases import EXPERT_TOL, assert_tokens_batch_exactly, quantize_x, rel, x_steps
 from tests.runtime.kernel_cases import make_expert, packed
 
 

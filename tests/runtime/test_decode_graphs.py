@@ -12,7 +12,7 @@ import torch
 from runtime.experts import resident_experts
 from runtime.loader import load_model
 
-from .test_offload_engine import CTX, LAYERS, PROMPT, assert_same, greedy, offloaded
+from .offload_cases import CTX, LAYERS, assert_same, greedy, offloaded
 from .test_offload_helpers import tiny_file
 
 

@@ -13,7 +13,7 @@ from runtime.offload import options
 from runtime.offload.budget import GiB, MiB, embed_table_bytes, non_expert_bytes, plan_memory
 from runtime.offload.options import OffloadOptions, model_bytes, preflight
 
-from .test_offload_engine import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy
+from .offload_cases import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy
 from .test_offload_helpers import RECIPE_4_2, tiny_config, tiny_file, tiny_header
 
 

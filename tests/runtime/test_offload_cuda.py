@@ -20,8 +20,8 @@ from runtime.offload.options import OffloadOptions, make_backend_factory, model_
 from runtime.offload.streams import CopyEngine
 from runtime.offload.traces import SyntheticRouting, reference_params
 
+from .offload_cases import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy
 from .packing_helpers import CPU_KERNEL_TOL
-from .test_offload_engine import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy
 from .test_offload_helpers import tiny_file
 
 pytestmark = pytest.mark.cuda

@@ -15,7 +15,7 @@ from runtime.experts import resident_experts
 from runtime.loader import load_model
 
 from .interpreter import interpreted_kernels, use_interpreter
-from .test_offload_engine import CTX, assert_same, greedy
+from .offload_cases import CTX, assert_same, greedy
 from .test_offload_helpers import tiny_file
 
 interpreted_kernels()
