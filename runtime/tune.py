@@ -32,7 +32,8 @@ from .cli import run_command
 from .dequant import component_tensors, dequantize
 from .qlinear import rows_concatenable
 from .kernels.configs import DEFAULT_SM_COUNT, GemvConfig, GemvProblem, candidate_configs
-from .kernels.qgemv import PREFILL_THRESHOLD, codes_per_word, gemv, gemv_supported, permute_x, unpermute_x
+from .kernels.qgemv import (PREFILL_THRESHOLD, codes_per_word, gemv, gemv_supported, permute_x, quantize_x,
+                            unpermute_x)
 from .kernels.qgemv import sm_count as device_sm_count  # `sm_count` names an argument below
 from .kernels.timing import Timer, cuda_graph_timer, random_matrix, rotating, rotation_copies
 from .kernels.tuning import TunedEntry, cache_path, device_name, save_tuned, triton_version
@@ -47,8 +48,9 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 class TuneCase:
     """A problem and how the decode path launches it: `uses` names the matrices that launch
     it; `out_per` > 1: the result is written permuted for a consumer with that many codes per
-    word (w1/w3 feeding w2); `x_follows_config`: the activations arrive in whichever order the
-    config reads (w2 after the gated kernel), so no config pays a permutation copy."""
+    word (w1/w3 feeding w2); `x_follows_config`: the activations arrive in whichever format the
+    config reads (w2 after the gated kernel: permuted, or int16 where its row blocks hold whole
+    words, at one or two tokens by the heuristic), so no config pays a conversion launch."""
 
     problem: GemvProblem
     uses: tuple[str, ...]
@@ -171,14 +173,17 @@ def measure_case(case: TuneCase, configs: list[GemvConfig], device: torch.device
     per = codes_per_word(p.spec)
     x = torch.randn(p.tokens, p.k, generator=gen).to(device, dtype)
     xp = permute_x(x, per).contiguous()
+    xq = quantize_x(x, per) if case.x_follows_config and any(c.int_x for c in configs) else None
     ref = _reference(x, mats[0], shape, p.spec)
     out = []
     for cfg in configs:
         x_permuted = case.x_follows_config and cfg.permute_x
         xin = xp if x_permuted else x
+        prepared = xq if case.x_follows_config and cfg.for_matrix(p.k, p.spec).int_x else None
 
-        def call(i: int, cfg=cfg, xin=xin, x_permuted=x_permuted):
-            return gemv(xin, mats[i], shape, p.spec, cfg, x_permuted=x_permuted, out_per=case.out_per)
+        def call(i: int, cfg=cfg, xin=xin, x_permuted=x_permuted, prepared=prepared):
+            return gemv(xin, mats[i], shape, p.spec, cfg, x_permuted=x_permuted, out_per=case.out_per,
+                        prepared=prepared)
 
         try:
             y = call(0)

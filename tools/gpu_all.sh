@@ -85,6 +85,9 @@
 # (62-72 registers instead of 96-128: one wave for 2-bit w1/w3), and 4-bit attention takes it
 # by default (BENCHMARKS section 21). Stage 1's cuda tests check it against the reference; "13
 # 2" then times it untuned, and "10" decides whether the built-in table's float configs stay.
+# Since the fifteenth session: at one or two tokens the gated w1/w3 writes w2's int16 input
+# itself (one launch fewer per layer: 9). Stage 1's cuda tests check it against quantize_x
+# (test_gated_gemv_writes_the_int16_activations_w2_reads); "13 2" times it untuned.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}

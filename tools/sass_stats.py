@@ -96,18 +96,21 @@ def compile_case(name: str, tokens: int, config: str | None = None):
     from triton.compiler import ASTSource
 
     from runtime.kernels.configs import pick_gemv_config
-    from runtime.kernels.qgemv import _launch_plan
+    from runtime.kernels.qgemv import _launch_plan, codes_per_word
     from runtime.kernels.triton_gemv import qgemv_kernel
 
     shape, spec, gated = CASES[name]
     cfg = pick_gemv_config(*shape, tokens, spec, gated)
     if config:
         cfg = replace(cfg, **parse_config(config)).for_matrix(shape[1], spec)
-    plan = _launch_plan(*shape, tokens, spec, gated, cfg, False, 16 if gated else 1)
+    # gated: h for a w2 of the same spec, as the expert's launches ask (int16 activations
+    # where the row blocks hold whole words, else permuted)
+    per = codes_per_word(spec)
+    plan = _launch_plan(*shape, tokens, spec, gated, cfg, False, per if gated else 1, 0, per if gated else 0)
     kw = dict(plan.kwargs, ASM=True)  # as compiled for a GPU: int16 activations multiply with dp2a
     opts = dict(num_warps=kw.pop("num_warps"), num_stages=kw.pop("num_stages"))
     meta = "*u8" if spec.coded_meta else "*fp16"
-    out = "*fp32" if plan.partial else "*fp16"
+    out = "*fp32" if plan.partial else "*i32" if plan.out_int else "*fp16"
     types = {"x_ptr": "*i32" if plan.int_x else "*fp16", "out_ptr": out, "out2_ptr": out, "sel_ptr": "*i64", "w_ptr": "*fp16"}
     for m in "ab":
         types |= {f"q{m}_ptr": "*i32", f"qh{m}_ptr": "*i16", f"s{m}_ptr": meta, f"z{m}_ptr": meta,
@@ -117,7 +120,6 @@ def compile_case(name: str, tokens: int, config: str | None = None):
     # operands at COMPONENT_ALIGNMENT) and the integers that are multiples of 16 are marked
     # divisible by 16, which is what lets it vectorise loads
     n, k = shape
-    per = plan.per
     row = (per // 2 + 2) * (k // per) if plan.int_x else k  # x's row stride in elements
     ints = dict(N=n, RS=1 << 20, stride_xt=row, stride_xe=tokens * row, stride_os=plan.tail[0],
                 stride_oe=plan.tail[1], stride_ot=plan.tail[2])

@@ -101,18 +101,22 @@ def _usable(record: torch.Tensor, plan: _DecodePlan, x: torch.Tensor) -> bool:
 def _launches(plan: _DecodePlan, ops: tuple[list, list, list], x: torch.Tensor, configs: dict[str, GemvConfig],
               index: Index | None = None, keep_partials: bool = False,
               prepared: torch.Tensor | None = None) -> torch.Tensor:
-    """The two launches of the few-token path: w1 and w3 with the gate, writing h in the order
-    w2's kernel reads it (no copy in between), then w2. Indexed (`index`): over the token's
+    """The two launches of the few-token path: w1 and w3 with the gate, writing h in the format
+    w2's kernel reads (permuted, or its int16 activations where the gated launch's row blocks
+    hold whole words: no launch in between), then w2. Indexed (`index`): over the token's
     experts, see qgemv.run_gemv."""
     a1, a3, a2 = ops
     experts = 0 if index is None else index.sel.shape[0]
     # resolved per call, not cached in the plan: the TUNED table may change
     cfg2 = configs.get("w2") or pick_gemv_config(*plan.shape2, x.shape[0], plan.spec2, sm_count=sm_count(x.device))
     out_per = plan.w2_per if cfg2.permute_x else 1
-    h = run_gemv(x, [a1, a3], launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per,
-                                          experts=experts), index, prepared=prepared)
-    return run_gemv(h, [a2], launch_plan(h, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1,
-                                         experts=experts), index, keep_partials)
+    plan2 = launch_plan(x, plan.shape2, plan.spec2, False, cfg2, x_permuted=out_per > 1, experts=experts)
+    plan13 = launch_plan(x, plan.shape13, plan.spec13, True, configs.get("w13"), out_per=out_per, experts=experts,
+                         out_int=plan2.per if plan2.int_x else 0)
+    h = run_gemv(x, [a1, a3], plan13, index, prepared=prepared)
+    if plan13.out_int:
+        return run_gemv(None, [a2], plan2, index, keep_partials, prepared=h, dtype=x.dtype)
+    return run_gemv(h, [a2], plan2, index, keep_partials)
 
 
 def _decode(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor,

@@ -97,6 +97,7 @@ class GemvLaunch:
     partial: bool  # split-K: fp32 partials [split, T, N] summed after the launch
     out_shape: tuple[int, ...]
     out_per: int  # permute the result for a consumer with this many codes per word
+    out_int: int  # > 0: the result as quantize_x(y, out_int) writes it (int32), for an int_x consumer
     grid: tuple[int, ...]
     ints: tuple[int]  # n (the scalar before the record stride)
     tail: tuple[int, int, int]  # the output strides: per K slice, per expert, per token
@@ -108,7 +109,7 @@ class GemvLaunch:
 
 @lru_cache(maxsize=1024)
 def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: GemvConfig,
-                 x_permuted: bool, out_per: int, experts: int = 0) -> GemvLaunch:
+                 x_permuted: bool, out_per: int, experts: int = 0, out_int: int = 0) -> GemvLaunch:
     cfg = config.for_matrix(k, spec)
     per = codes_per_word(spec)
     tiles = _cdiv(_cdiv(k, cfg.block_k), cfg.split_k)  # per K slice
@@ -118,10 +119,16 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
     e = max(experts, 1)
     if out_per > 1 and n % out_per:
         raise LayoutError(f"cannot permute a {n}-row result for {out_per} codes per word")
+    # a request: granted where every program holds whole words of the consumer's layout
+    out_int = out_int if gated and not partial and out_int > 1 and cfg.block_n % out_int == 0 and \
+        n % out_int == 0 else 0
+    if out_int:
+        out_per = 1
+    row = (out_int // 2 + 2) * (n // out_int) if out_int else n  # a token's output row, in items
     constexprs = dict(
         K=k, MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=_next_pow2(t), BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
-        GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
+        GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per, OUT_INT=out_int,
         EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
         ROW_META=row_meta(k, spec, cfg.block_k), INDEXED=experts > 0, SCALED=experts > 0 and gated and not partial,
         INT_X=cfg.int_x, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -129,9 +136,9 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
     return GemvLaunch(
         n=n, k=k, gated=gated, per=per, permute=cfg.permute_x and not x_permuted,
         unpermute=x_permuted and not cfg.permute_x, partial=partial,
-        out_shape=((split,) if partial else ()) + ((experts,) if experts else ()) + (t, n), out_per=out_per,
-        grid=(_cdiv(n, cfg.block_n), split) + ((experts,) if experts else ()), ints=(n,),
-        tail=(e * t * n, t * n, n), experts=experts, int_x=cfg.int_x, kwargs=constexprs,
+        out_shape=((split,) if partial else ()) + ((experts,) if experts else ()) + (t, row), out_per=out_per,
+        out_int=out_int, grid=(_cdiv(n, cfg.block_n), split) + ((experts,) if experts else ()), ints=(n,),
+        tail=(e * t * row, t * row, row), experts=experts, int_x=cfg.int_x, kwargs=constexprs,
     )
 
 
@@ -147,17 +154,19 @@ def row_meta(k: int, spec: QuantSpec, block_k: int) -> bool:
 
 def launch_plan(x: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, gated: bool,
                 config: GemvConfig | None = None, *, x_permuted: bool = False, out_per: int = 1,
-                experts: int = 0) -> GemvLaunch:
+                experts: int = 0, out_int: int = 0) -> GemvLaunch:
     """The launch of x [T, K] (indexed: [T, K] or [experts, T, K]) times a supported `shape`
     matrix (two with `gated`): keyed by values only (shape, spec, T, config, experts), never
-    by tensors, so it cannot go stale."""
+    by tensors, so it cannot go stale. out_int > 1 asks a gated launch to write its result as
+    an int_x consumer with that many codes per word reads it; the plan's out_int says whether
+    the config allows it (0: written in x's dtype, out_per as asked)."""
     n, k = shape
     t = x.shape[-2]
     if config is None:  # not cached: the TUNED table may change at run time
         if x.is_cuda:
             ensure_loaded(x.device)  # this GPU's tuning cache, once per device (a dict lookup after)
         config = pick_gemv_config(n, k, t, spec, gated, sm_count(x.device))
-    return _launch_plan(n, k, t, spec, gated, config, x_permuted, out_per, experts)
+    return _launch_plan(n, k, t, spec, gated, config, x_permuted, out_per, experts, out_int)
 
 
 @dataclass(frozen=True)
@@ -216,8 +225,9 @@ def quantize_x(x: torch.Tensor, per: int) -> torch.Tensor:
     return out.view(r, -1)
 
 
-def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index | None = None,
-             keep_partials: bool = False, prepared: torch.Tensor | None = None) -> torch.Tensor:
+def run_gemv(x: torch.Tensor | None, args: list[tuple], plan: GemvLaunch, index: Index | None = None,
+             keep_partials: bool = False, prepared: torch.Tensor | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
     """Launch qgemv_kernel for x [T, K] and the kernel arguments of one matrix (two when
     gated, see words.operand_args) as `plan` says; the result as gemv describes it.
 
@@ -230,17 +240,27 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
     unsummed, for a consumer that sums them itself (kernels.decode_ops): two launches fewer.
 
     prepared: x already in x_format(plan) (written by its producer), used instead of
-    converting x [T, K] here; it must match (prepared_ok)."""
+    converting x [T, K] here; it must match (prepared_ok). x None: `prepared` alone, shaped
+    [..., row] with x's leading dimensions (an out_int launch's result), and `dtype` the
+    activations' (the result's).
+
+    out_int plans (gated, not indexed or indexed) return the int32 rows an int_x consumer
+    reads, [T, row] or [E, T, row], in place of [T, N] or [E, T, N]."""
     from . import triton_gemv  # triton is imported only when a kernel runs
 
-    lead = x.shape[:-1]
-    dtype = x.dtype
-    if x.dim() == 3:  # [E, T, K]: the permutation works per row
-        x = x.reshape(-1, x.shape[-1])
+    if x is None:
+        lead = prepared.shape[:-1]
+        prepared = prepared.reshape(-1, prepared.shape[-1])
+        rows = prepared.shape[0]
+    else:
+        lead, dtype = x.shape[:-1], x.dtype
+        if x.dim() == 3:  # [E, T, K]: the permutation works per row
+            x = x.reshape(-1, x.shape[-1])
+        rows = x.shape[0]
     if prepared is not None:
-        if not prepared_ok(prepared, plan, x.shape[0]):  # a producer wrote another launch's format
+        if not prepared_ok(prepared, plan, rows):  # a producer wrote another launch's format
             raise ConfigError(f"prepared activations {list(prepared.shape)} {prepared.dtype} do not match the "
-                              f"launch's input format {x_format(plan)} for x {list(x.shape)}")
+                              f"launch's input format {x_format(plan)} for {rows} rows of {plan.k}")
         x = prepared
     else:
         if plan.permute:
@@ -254,7 +274,7 @@ def run_gemv(x: torch.Tensor, args: list[tuple], plan: GemvLaunch, index: Index 
         out = _alloc(plan.out_shape, torch.float32, x.device)
         out2 = _alloc(plan.out_shape, torch.float32, x.device) if plan.gated else out
     else:
-        out = out2 = _alloc(plan.out_shape, dtype, x.device)
+        out = out2 = _alloc(plan.out_shape, torch.int32 if plan.out_int else dtype, x.device)
     b = args[1] if plan.gated else args[0]
     if index is None:
         sel, w, rs, stride_xe = x, x, 0, 0  # unused pointers: any tensor

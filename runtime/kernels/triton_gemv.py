@@ -307,6 +307,34 @@ def xquant_words(src, dst, KW, w, BITS: tl.constexpr):
 
 
 @triton.jit
+def _store_int_words(out_ptr, y, pid_n, N, T: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr, stride_ot,
+                     PER: tl.constexpr):
+    """y [BT, BLOCK_N] float32, rows pid_n * BLOCK_N .. of a [T, N] result, stored as
+    xquant_words stores x for PER codes per word (its arithmetic, from float32 rather than
+    from y rounded to the activation dtype): BLOCK_N / PER whole words per program."""
+    NS: tl.constexpr = PER // 4  # PER = 4 NS: code c = j NS + s, j = 2 h + half (see _dp2a's comment)
+    NP: tl.constexpr = PER // 2
+    BW: tl.constexpr = BLOCK_N // PER
+    KW = N // PER
+    y3 = tl.reshape(y, [BT, BW, PER])
+    amax = tl.reduce(tl.abs(y3), 2, _max)  # [BT, BW]
+    total = tl.reduce(y3, 2, _add)
+    inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)  # an all-zero word: codes 0
+    q = tl.floor(y3 * inv[:, :, None] + 0.5).to(tl.int32)  # [BT, BW, PER], |q| <= 32767
+    # pair row p = 2 s + h takes codes (2h) NS + s (low half) and (2h + 1) NS + s (high half)
+    q = tl.permute(tl.reshape(q, [BT, BW, 2, 2, NS]), (0, 1, 4, 2, 3))  # [BT, BW, NS, h, half]
+    lo, hi = tl.split(tl.reshape(q, [BT, BW, NP, 2]))  # [BT, BW, NP] each
+    t = tl.arange(0, BT)
+    w = pid_n * BW + tl.arange(0, BW)
+    tw = t[:, None] * stride_ot + w[None, :]  # [BT, BW]
+    ok = (t[:, None] < T) & (w[None, :] < KW)
+    p = tl.arange(0, NP)[None, None, :]
+    tl.store(out_ptr + tw[:, :, None] + p * KW, (lo & 0xFFFF) | (hi << 16), mask=ok[:, :, None])
+    tl.store(out_ptr + tw + NP * KW, (amax / 32767.0).to(tl.int32, bitcast=True), mask=ok)
+    tl.store(out_ptr + tw + (NP + 1) * KW, total.to(tl.int32, bitcast=True), mask=ok)
+
+
+@triton.jit
 def _row(ptr, row, RS):
     """ptr, an operand of the expert record in row 0 of a [rows, RS bytes] buffer, moved to
     the same operand of record `row` (int64: the buffer may span more than 2**31 bytes).
@@ -339,7 +367,7 @@ def qgemv_kernel(
     MB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_PERMUTED: tl.constexpr,
     GATED: tl.constexpr, PARTIAL: tl.constexpr, OUT_PER: tl.constexpr, EVEN: tl.constexpr = False,
     ROW_META: tl.constexpr = False, INDEXED: tl.constexpr = False, SCALED: tl.constexpr = False,
-    INT_X: tl.constexpr = False, ASM: tl.constexpr = False,
+    INT_X: tl.constexpr = False, ASM: tl.constexpr = False, OUT_INT: tl.constexpr = 0,
 ):
     """Grid (cdiv(N, BLOCK_N), split), each program TILES tiles of BLOCK_K columns. Matrix A
     (and B when GATED, same shape and spec) times x [T, K] (X_PERMUTED: [T, PER, K/PER]).
@@ -356,6 +384,10 @@ def qgemv_kernel(
 
     INT_X: x is xquant_kernel's output for this BITS (3-bit codes: for 2 bits; int16
     activations and dp2a, see _tile_update_int), ASM: with the dp2a instruction (compiled for a GPU).
+    OUT_INT > 0 (not PARTIAL; BLOCK_N and N multiples of it): write the result as xquant_kernel
+    would for a consumer with OUT_INT codes per word, into an int32 out [T, (OUT_INT/2 + 2) *
+    N/OUT_INT] (stride_ot, stride_oe in int32s): each program holds whole words, so the gated
+    w1/w3 hands w2 its int16 input without the quantizing launch in between.
 
     K, the row length, is a compile-time constant (a compile per matrix width): the distances
     between a thread's rows and between x's pair rows become immediate load offsets instead of
@@ -413,8 +445,11 @@ def qgemv_kernel(
             y = ya * tl.where(ya >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) * tl.reduce(acc_b, 2, _add)
         if SCALED:
             y = y * tl.load(w_ptr + pid_e).to(tl.float32)
-        if OUT_PER > 1:
-            cols = (rows % OUT_PER) * (N // OUT_PER) + rows // OUT_PER
+        if OUT_INT > 0:
+            _store_int_words(out_ptr, y, pid_n, N, T, BT, BLOCK_N, stride_ot, OUT_INT)
         else:
-            cols = rows
-        tl.store(out_ptr + tix * stride_ot + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=omask)
+            if OUT_PER > 1:
+                cols = (rows % OUT_PER) * (N // OUT_PER) + rows // OUT_PER
+            else:
+                cols = rows
+            tl.store(out_ptr + tix * stride_ot + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=omask)

@@ -97,12 +97,31 @@ def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even,
                  dict(K=4096, MG=128 if mb != 16 else 1, TILES=4, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=16, BLOCK_K=256,
                       X_PERMUTED=permuted and not int_x, GATED=gated, PARTIAL=partial,
                       OUT_PER=1 if partial or int_x else 16, EVEN=even, ROW_META=row_meta, INDEXED=indexed,
-                      SCALED=indexed and gated and not partial, INT_X=int_x, ASM=True))
+                      SCALED=indexed and gated and not partial, INT_X=int_x, ASM=True, OUT_INT=0))
     ptx = k.asm["ptx"]
     assert "ld.global" in ptx
     # the int16 path multiplies with dp2a (signed 16-bit activations, unsigned byte codes), the
     # float path never does
     assert ("dp2a.lo.s32.u32" in ptx and "dp2a.hi.s32.u32" in ptx) == int_x
+
+
+@pytest.mark.parametrize("bits,g,mb,t,block_n,per,indexed", [
+    (2, 16, 4, 1, 16, 16, True),  # the decode step's w1/w3 for a 2-bit w2
+    (2, 16, 4, 2, 32, 16, False),  # two words per program, two tokens
+    (3, 64, 4, 1, 16, 16, True),  # a 3-bit w2 reads 2-bit-layout activations
+    (4, 64, 8, 4, 8, 8, False),  # 4-bit: 8 codes per word
+])
+def test_gated_gemv_writing_int16_activations_compiles_for_sm90(bits, g, mb, t, block_n, per, indexed):
+    """OUT_INT: the gated launch's epilogue quantizes whole words (reshape, permute, split)."""
+    from runtime.kernels.triton_gemv import qgemv_kernel
+
+    bt = 1 << max(0, (t - 1).bit_length())
+    k = _compile(qgemv_kernel, _gemv_types(bits, mb, "*i32") | {"x_ptr": "*i32"},
+                 dict(K=4096, MG=128, TILES=8, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=block_n, BLOCK_K=512,
+                      X_PERMUTED=False, GATED=True, PARTIAL=False, OUT_PER=1, EVEN=True, ROW_META=True,
+                      INDEXED=indexed, SCALED=indexed, INT_X=True, ASM=True, OUT_INT=per))
+    ptx = k.asm["ptx"]
+    assert "st.global" in ptx and "dp2a.lo.s32.u32" in ptx
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -146,7 +165,7 @@ def test_every_constexpr_of_the_gemv_is_given():
     params = inspect.signature(qgemv_kernel.fn).parameters
     constexprs = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
     given = {"K", "MG", "TILES", "T", "BT", "BITS", "G", "MB", "BLOCK_N", "BLOCK_K", "X_PERMUTED", "GATED", "PARTIAL",
-             "OUT_PER", "EVEN", "ROW_META", "INDEXED", "SCALED", "INT_X", "ASM"}
+             "OUT_PER", "EVEN", "ROW_META", "INDEXED", "SCALED", "INT_X", "ASM", "OUT_INT"}
     assert constexprs == given
 
 

@@ -10,7 +10,7 @@ import torch
 from formats.qtensor import QuantSpec
 
 from .kernel_cases import (  # noqa: F401 (_interpreter, poison: fixtures)
-    ACT, DEVICES, _interpreter, make_expert, on_device, poison, reference_expert, rel_err,
+    ACT, DEVICES, _interpreter, make_expert, on_device, packed, poison, reference_expert, rel_err,
 )
 
 # after kernel_cases, which sets up the interpreter before runtime.kernels loads the kernels
@@ -88,6 +88,57 @@ def test_grouped_expert_ffn_runs_each_block_through_its_expert(device, spec):
         if hi > lo:
             ref = reference_expert(xs[lo:hi], experts[2 + e][2])
             assert rel_err(y[lo:hi], ref) < (tol if device == "cpu" else 1e-2), e
+
+
+def _decode_int_rows(rows: torch.Tensor, n: int, per: int) -> torch.Tensor:
+    """quantize_x's layout [T, (per/2 + 2) * n/per] int32 -> (x as its codes and scales give
+    it [T, n] float32, sums [T, n/per])."""
+    t, kw, ns = rows.shape[0], n // per, per // 4
+    r = rows.view(t, per // 2 + 2, kw)
+    halves = torch.stack([(r[:, :per // 2] << 16) >> 16, r[:, :per // 2] >> 16], -1)  # [T, NP, KW, 2] signed
+    x = torch.empty(t, kw, per)
+    for p in range(per // 2):  # pair row p = 2 s + h: codes (2h) NS + s and (2h + 1) NS + s
+        s, h = divmod(p, 2)
+        x[:, :, 2 * h * ns + s] = halves[:, p, :, 0].float()
+        x[:, :, (2 * h + 1) * ns + s] = halves[:, p, :, 1].float()
+    scale = r[:, per // 2].view(torch.float32)
+    return (x * scale[:, :, None]).reshape(t, n), r[:, per // 2 + 1].view(torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec,tokens,block_n", [
+    (QuantSpec(2, 16, 4, 128), 1, 16),  # the decode step's w1/w3 for a 2-bit w2
+    (QuantSpec(3, 64, 8, 128), 2, 32),  # 3-bit: 2-bit-layout activations, two words a program
+    (QuantSpec(4, 32, 16), 3, 8),  # 4-bit: 8 codes per word
+])
+def test_gated_gemv_writes_the_int16_activations_w2_reads(device, spec, tokens, block_n, poison):
+    """OUT_INT: the gated launch quantizes its own result per word, as quantize_x would
+    quantize it (bit for bit in float32), so w2 needs no launch in between."""
+    from runtime.kernels import qgemv
+    from runtime.dequant import component_tensors
+
+    dtype, _ = ACT[device]
+    shape, per = (256, 128), qgemv.codes_per_word(spec)
+    mats = [component_tensors(on_device(packed(shape, spec, seed)[0], device), shape, spec) for seed in (5, 6)]
+    args = [qgemv.operand_args(c) for c in mats]
+    x = (0.1 * torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(7))).to(device, dtype)
+    cfg = GemvConfig(block_n=block_n, block_k=128, int_x=True)
+    plan = qgemv.launch_plan(x, shape, spec, True, cfg, out_int=per)
+    assert plan.out_int == per
+    rows = qgemv.run_gemv(x, args, plan)
+    assert rows.dtype == torch.int32 and tuple(rows.shape) == (tokens, (per // 2 + 2) * shape[0] // per)
+    h = qgemv.run_gemv(x, args, qgemv.launch_plan(x, shape, spec, True, cfg))  # [T, N] in x's dtype
+    ref = qgemv.quantize_x(h, per)
+    got_x, got_sums = _decode_int_rows(rows.cpu(), shape[0], per)
+    ref_x, ref_sums = _decode_int_rows(ref.cpu(), shape[0], per)
+    if dtype == torch.float32:  # the same float32 h: the same codes and scales, sums up to their order
+        np_per = per // 2 + 1
+        assert torch.equal(rows.view(tokens, -1, shape[0] // per)[:, :np_per], ref.view(tokens, -1, shape[0] // per)[:, :np_per])
+        torch.testing.assert_close(got_sums, ref_sums, rtol=1e-5, atol=1e-6)
+    else:  # the reference quantizes h rounded to float16 first
+        torch.testing.assert_close(got_x, ref_x, rtol=2e-3, atol=2e-3 * float(ref_x.abs().max()))
+        torch.testing.assert_close(got_sums, ref_sums, rtol=2e-3, atol=2e-3 * float(ref_sums.abs().max()))
+    torch.testing.assert_close(got_x, h.float().cpu(), rtol=0, atol=2e-3 * float(h.abs().max()))
 
 
 def test_indexed_expert_ffn_needs_whole_aligned_records():

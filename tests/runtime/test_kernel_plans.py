@@ -6,6 +6,8 @@ are compared with a straight re-statement of the launch arithmetic (no GPU, no i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -86,7 +88,7 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
     ints = (n, 0, x.stride(0), 0, t * n, t * n, n)  # not indexed: no record stride, one expert
     kwargs = dict(K=k, MG=max(spec.meta_group_size, 1), TILES=tiles, T=t, BT=1 << max(0, (t - 1).bit_length()), BITS=spec.bits, G=spec.group_size,
                   MB=spec.meta_bits, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_PERMUTED=cfg.permute_x,
-                  GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per,
+                  GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per, OUT_INT=0,
                   EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
                   ROW_META=spec.coded_meta and cfg.block_k % spec.group_size == 0 and k % cfg.block_k == 0
                   and spec.meta_group_size % (cfg.block_k // spec.group_size) == 0, INDEXED=False, SCALED=False,
@@ -293,6 +295,46 @@ def test_fused_expert_decode_plan_launches_what_the_general_path_does(launches, 
         assert second[0].data_ptr() == first[1].data_ptr()
     for y in fast:
         assert y.shape == slow.shape == x.shape and y.dtype == slow.dtype
+
+
+@pytest.mark.parametrize("tokens,fused", [(1, True), (2, True), (4, False)])
+def test_gated_launch_hands_w2_its_int16_activations(monkeypatch, tokens, fused):
+    """With int16 activations for w2 (the heuristic's default), the gated launch writes them
+    itself where its row blocks hold whole words of w2's layout (16 rows at one or two tokens):
+    two launches and no quantize_x between them. Its 8-row blocks at 4 tokens cannot, and h
+    goes through quantize_x as before."""
+    from runtime.kernels import triton_gemv
+
+    gemv_rec, quant_rec = Recorder(), Recorder()
+    monkeypatch.setattr(triton_gemv, "qgemv_kernel", gemv_rec)
+    monkeypatch.setattr(triton_gemv, "xquant_kernel", quant_rec)
+    layout = layout_of(256, 512, QuantSpec(2, 16, 4, 128))
+    record = torch.zeros(layout.record_size, dtype=torch.uint8)
+    x = torch.randn(tokens, 256)
+    expert._decode(record, layout, x, {})
+    (_, first, kw1), (_, second, kw2) = gemv_rec.calls
+    assert kw1["GATED"] and kw1["INT_X"] and kw2["INT_X"] and not kw1["PARTIAL"]
+    row = (8 + 2) * 512 // 16  # w2's int16 pairs, word scales and word sums per token
+    if fused:
+        assert kw1["OUT_INT"] == 16 and kw1["OUT_PER"] == 1 and len(quant_rec.calls) == 1  # only x's, for w1/w3
+        h = first[1]
+        assert h.dtype == torch.int32 and tuple(h.shape) == (tokens, row)
+        assert second[0].data_ptr() == h.data_ptr() and second[17 + 2] == row  # w2 reads it with that row stride
+        assert first[17 + 6] == row and first[17 + 5] == tokens * row  # written so (stride_ot, stride_oe)
+    else:
+        assert kw1["OUT_INT"] == 0 and len(quant_rec.calls) == 2  # x for w1/w3, then h for w2
+        assert first[1].dtype == x.dtype
+
+
+def test_out_int_is_granted_only_for_whole_words():
+    spec, cfg = QuantSpec(2, 16, 8, 128), GemvConfig(block_n=16, block_k=256, int_x=True)
+    x = torch.zeros(1, 512)
+    assert qgemv.launch_plan(x, (256, 512), spec, True, cfg, out_int=16).out_int == 16
+    assert qgemv.launch_plan(x, (256, 512), spec, True, replace(cfg, block_n=8), out_int=16).out_int == 0
+    assert qgemv.launch_plan(x, (264, 512), spec, True, cfg, out_int=8).out_int == 8  # 33 words of 8
+    assert qgemv.launch_plan(x, (264, 512), spec, True, cfg, out_int=16).out_int == 0  # 264 rows: no whole words
+    assert qgemv.launch_plan(x, (256, 512), spec, True, replace(cfg, split_k=2), out_int=16).out_int == 0  # partials
+    assert qgemv.launch_plan(x, (256, 512), spec, False, cfg, out_int=16).out_int == 0  # w2 itself: not gated
 
 
 def test_decode_plan_falls_back(launches):

@@ -217,8 +217,10 @@ def test_count_decode_ops_tool(monkeypatch, capsys):
     counts = [int(n) for n in re.findall(r": (\d+) non-view ops", capsys.readouterr().out)]
     per_layer, per_step, fused, packed, packed_fused = counts
     assert 0 < fused < per_step / 2 < per_layer / 2
-    # a whole packed layer with its experts: the GEMVs (4) stay, nearly all else goes
-    assert 4 < packed_fused < packed / 3
+    # a whole packed layer with its experts: the GEMVs (4) stay, nearly all else goes; at one
+    # token the gated w1/w3 writes w2's int16 input itself (9: 2 norms, 4 GEMVs, rotary,
+    # attention, o's input quantized)
+    assert 4 < packed_fused <= 9 and packed_fused < packed / 3
 
 
 PROMPT20 = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 11])  # 20 (token, choice) pairs > 16

@@ -167,8 +167,9 @@ def test_cli_tunes_and_the_runtime_loads_the_winners(tiny_file, tmp_path, monkey
     assert pick_gemv_config(64, 128, 2, EXPERTS) == GemvConfig(**w2["best"]["config"]).for_matrix(128, EXPERTS)
 
 
-def reference_gemv(x, mats, shape, spec, config, *, x_permuted=False, out_per=1):
-    """qgemv.gemv in plain torch (x read as the launch would, result permuted as asked)."""
+def reference_gemv(x, mats, shape, spec, config, *, x_permuted=False, out_per=1, prepared=None):
+    """qgemv.gemv in plain torch (x read as the launch would, result permuted as asked; the
+    int16 activations `prepared` from x stand for x itself)."""
     if x_permuted:
         per = 32 // (2 if spec.bits == 3 else spec.bits)
         x = tune.unpermute_x(x, per)
@@ -204,14 +205,43 @@ def test_measure_case_checks_results_and_survives_failures(tiny_file, monkeypatc
     assert timer_calls == [2] * 6  # two copies rotated on the CPU; failed configs are not timed
 
 
+def test_int16_w2_configs_are_timed_without_the_quantizing_launch(tiny_file, monkeypatch):
+    """w2's int16 activations come from the gated kernel before it: its int configs are timed
+    on activations quantized outside the timed call; w1/w3's (x from a norm) and float configs
+    are not given any."""
+    cases = {c.uses: c for c in tune.collect_cases(MoepackFile(tiny_file).header, (1,))}
+    cfgs = [GemvConfig(block_n=16, block_k=128, int_x=True), GemvConfig(block_n=16, block_k=128)]
+    seen = []
+
+    def gemv(x, mats, shape, spec, config, prepared=None, **kw):
+        seen.append((config.int_x, prepared is not None))
+        if prepared is not None:
+            assert prepared.dtype == torch.int32 and prepared.shape[0] == x.shape[0]
+        return reference_gemv(x, mats, shape, spec, config, **kw)
+
+    monkeypatch.setattr(tune, "gemv", gemv)
+    # quantize_x's layout without its Triton launch (no interpreter in this process)
+    monkeypatch.setattr(tune, "quantize_x", lambda x, per: torch.zeros(x.shape[0], (per // 2 + 2) * (x.shape[1] // per),
+                                                                       dtype=torch.int32))
+    for uses, expect in ((("w2",), [(True, True), (False, False)]), (("w1+w3",), [(True, False), (False, False)])):
+        seen.clear()
+        got = tune.measure_case(cases[uses], cfgs, torch.device("cpu"), torch.float32, lambda fn, n: (fn(), 1.0)[1],
+                                torch.Generator().manual_seed(0))
+        assert all(t.us is not None for t in got), got
+        assert sorted(set(seen), reverse=True) == expect, (uses, seen)
+
+
 def test_measure_case_runs_the_real_kernel_under_the_interpreter(tiny_file):
     """measure_case with the Triton kernels (interpreted, wall clock) on the w2 problem, whose
-    activations arrive in each config's read order: both orders give the reference result."""
+    activations arrive in each config's read format: both orders and the int16 activations
+    (quantized outside the timed call, as the gated kernel writes them) give the reference."""
     code = (
         "import torch\nfrom formats.reader import MoepackFile\nfrom runtime import tune\n"
         "from runtime.kernels.configs import GemvConfig\nfrom runtime.kernels.timing import wall_clock_timer\n"
         f"case = [c for c in tune.collect_cases(MoepackFile({str(tiny_file)!r}).header, (1,)) if c.uses == ('w2',)][0]\n"
-        "cfgs = [GemvConfig(block_n=64, block_k=128), GemvConfig(block_n=64, block_k=64, split_k=2, permute_x=False)]\n"
+        "cfgs = [GemvConfig(block_n=64, block_k=128), GemvConfig(block_n=64, block_k=64, split_k=2, permute_x=False),"
+        " GemvConfig(block_n=64, block_k=128, int_x=True)]\n"
+        "assert cfgs[2].for_matrix(case.problem.k, case.problem.spec).int_x\n"
         "got = tune.measure_case(case, cfgs, torch.device('cpu'), torch.float32, wall_clock_timer(),"
         " torch.Generator().manual_seed(0))\n"
         "assert all(t.us is not None and t.us > 0 for t in got), got\n"
