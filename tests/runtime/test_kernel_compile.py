@@ -105,23 +105,24 @@ def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even,
     assert ("dp2a.lo.s32.u32" in ptx and "dp2a.hi.s32.u32" in ptx) == int_x
 
 
-@pytest.mark.parametrize("bits,g,mb,t,block_n,per,indexed", [
-    (2, 16, 4, 1, 16, 16, True),  # the decode step's w1/w3 for a 2-bit w2
-    (2, 16, 4, 2, 32, 16, False),  # two words per program, two tokens
-    (3, 64, 4, 1, 16, 16, True),  # a 3-bit w2 reads 2-bit-layout activations
-    (4, 64, 8, 4, 8, 8, False),  # 4-bit: 8 codes per word
+@pytest.mark.parametrize("bits,g,mb,t,block_n,per,indexed,int_x", [
+    (2, 16, 4, 1, 16, 16, True, True),  # the decode step's w1/w3 for a 2-bit w2
+    (2, 16, 4, 2, 32, 16, False, True),  # two words per program, two tokens
+    (3, 64, 4, 1, 16, 16, True, True),  # a 3-bit w2 reads 2-bit-layout activations
+    (4, 64, 8, 4, 8, 8, False, True),  # 4-bit: 8 codes per word
+    (2, 16, 8, 1, 16, 16, True, False),  # a float-path w1/w3 (a tuned config) before an int w2
 ])
-def test_gated_gemv_writing_int16_activations_compiles_for_sm90(bits, g, mb, t, block_n, per, indexed):
+def test_gated_gemv_writing_int16_activations_compiles_for_sm90(bits, g, mb, t, block_n, per, indexed, int_x):
     """OUT_INT: the gated launch's epilogue quantizes whole words (reshape, permute, split)."""
     from runtime.kernels.triton_gemv import qgemv_kernel
 
     bt = 1 << max(0, (t - 1).bit_length())
-    k = _compile(qgemv_kernel, _gemv_types(bits, mb, "*i32") | {"x_ptr": "*i32"},
+    k = _compile(qgemv_kernel, _gemv_types(bits, mb, "*i32") | {"x_ptr": "*i32" if int_x else "*fp16"},
                  dict(K=4096, MG=128, TILES=8, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=block_n, BLOCK_K=512,
-                      X_PERMUTED=False, GATED=True, PARTIAL=False, OUT_PER=1, EVEN=True, ROW_META=True,
-                      INDEXED=indexed, SCALED=indexed, INT_X=True, ASM=True, OUT_INT=per))
+                      X_PERMUTED=not int_x, GATED=True, PARTIAL=False, OUT_PER=1, EVEN=True, ROW_META=True,
+                      INDEXED=indexed, SCALED=indexed, INT_X=int_x, ASM=True, OUT_INT=per))
     ptx = k.asm["ptx"]
-    assert "st.global" in ptx and "dp2a.lo.s32.u32" in ptx
+    assert "st.global" in ptx and ("dp2a.lo.s32.u32" in ptx) == int_x
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

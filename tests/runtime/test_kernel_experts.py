@@ -106,12 +106,13 @@ def _decode_int_rows(rows: torch.Tensor, n: int, per: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("spec,tokens,block_n", [
-    (QuantSpec(2, 16, 4, 128), 1, 16),  # the decode step's w1/w3 for a 2-bit w2
-    (QuantSpec(3, 64, 8, 128), 2, 32),  # 3-bit: 2-bit-layout activations, two words a program
-    (QuantSpec(4, 32, 16), 3, 8),  # 4-bit: 8 codes per word
+@pytest.mark.parametrize("spec,tokens,block_n,int_x", [
+    (QuantSpec(2, 16, 4, 128), 1, 16, True),  # the decode step's w1/w3 for a 2-bit w2
+    (QuantSpec(3, 64, 8, 128), 2, 32, True),  # 3-bit: 2-bit-layout activations, two words a program
+    (QuantSpec(4, 32, 16), 3, 8, True),  # 4-bit: 8 codes per word
+    (QuantSpec(2, 16, 8, 128), 1, 16, False),  # a float-path w1/w3 (a tuned config) before an int w2
 ])
-def test_gated_gemv_writes_the_int16_activations_w2_reads(device, spec, tokens, block_n, poison):
+def test_gated_gemv_writes_the_int16_activations_w2_reads(device, spec, tokens, block_n, int_x, poison):
     """OUT_INT: the gated launch quantizes its own result per word, as quantize_x would
     quantize it (bit for bit in float32), so w2 needs no launch in between."""
     from runtime.kernels import qgemv
@@ -122,7 +123,7 @@ def test_gated_gemv_writes_the_int16_activations_w2_reads(device, spec, tokens, 
     mats = [component_tensors(on_device(packed(shape, spec, seed)[0], device), shape, spec) for seed in (5, 6)]
     args = [qgemv.operand_args(c) for c in mats]
     x = (0.1 * torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(7))).to(device, dtype)
-    cfg = GemvConfig(block_n=block_n, block_k=128, int_x=True)
+    cfg = GemvConfig(block_n=block_n, block_k=128, int_x=int_x)
     plan = qgemv.launch_plan(x, shape, spec, True, cfg, out_int=per)
     assert plan.out_int == per
     rows = qgemv.run_gemv(x, args, plan)

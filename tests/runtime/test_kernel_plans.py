@@ -297,8 +297,9 @@ def test_fused_expert_decode_plan_launches_what_the_general_path_does(launches, 
         assert y.shape == slow.shape == x.shape and y.dtype == slow.dtype
 
 
-@pytest.mark.parametrize("tokens,fused", [(1, True), (2, True), (4, False)])
-def test_gated_launch_hands_w2_its_int16_activations(monkeypatch, tokens, fused):
+@pytest.mark.parametrize("tokens,fused,w13", [(1, True, None), (2, True, None), (4, False, None),
+                                              (1, True, GemvConfig(block_n=32, block_k=256))])  # float w1/w3
+def test_gated_launch_hands_w2_its_int16_activations(monkeypatch, tokens, fused, w13):
     """With int16 activations for w2 (the heuristic's default), the gated launch writes them
     itself where its row blocks hold whole words of w2's layout (16 rows at one or two tokens):
     two launches and no quantize_x between them. Its 8-row blocks at 4 tokens cannot, and h
@@ -311,12 +312,13 @@ def test_gated_launch_hands_w2_its_int16_activations(monkeypatch, tokens, fused)
     layout = layout_of(256, 512, QuantSpec(2, 16, 4, 128))
     record = torch.zeros(layout.record_size, dtype=torch.uint8)
     x = torch.randn(tokens, 256)
-    expert._decode(record, layout, x, {})
+    expert._decode(record, layout, x, {"w13": w13} if w13 else {})
     (_, first, kw1), (_, second, kw2) = gemv_rec.calls
-    assert kw1["GATED"] and kw1["INT_X"] and kw2["INT_X"] and not kw1["PARTIAL"]
+    assert kw1["GATED"] and kw1["INT_X"] == (w13 is None) and kw2["INT_X"] and not kw1["PARTIAL"]
     row = (8 + 2) * 512 // 16  # w2's int16 pairs, word scales and word sums per token
     if fused:
-        assert kw1["OUT_INT"] == 16 and kw1["OUT_PER"] == 1 and len(quant_rec.calls) == 1  # only x's, for w1/w3
+        assert kw1["OUT_INT"] == 16 and kw1["OUT_PER"] == 1
+        assert len(quant_rec.calls) == (1 if w13 is None else 0)  # only x's, for an int w1/w3
         h = first[1]
         assert h.dtype == torch.int32 and tuple(h.shape) == (tokens, row)
         assert second[0].data_ptr() == h.data_ptr() and second[17 + 2] == row  # w2 reads it with that row stride
