@@ -171,7 +171,7 @@ class OffloadedExperts(HybridSteps):
         if on_split or on_cpu:
             needed = [e for e in needed if e not in on_split and e not in on_cpu]
             # the token and its weights go to the host now, before the GPU work is queued
-            x_host, w_host = x.float().cpu(), topk_w.float().cpu()
+            x_host, w_host = _to_host(x, topk_w)
             # the CPU starts first (on the kernel's thread, where it runs): it is the layer's critical path
             jobs = self._start_cpu(layer, on_split, on_cpu, rows, x_host)
             sets, copies = self._split_copies(layer, on_split, staged, rows)
@@ -351,6 +351,18 @@ class OffloadedExperts(HybridSteps):
             y = expert_ffn(record, self.layout, x, self.dtype)  # [1, H]
         w = topk_w[:, j:j + 1]  # [1, 1]
         return y * w if out is None else out.addcmul_(y, w)  # one launch per expert after the first
+
+
+def _to_host(x: torch.Tensor, topk_w: torch.Tensor, one_copy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [1, H], topk_w [1, k]) as float32 on the host. From a GPU (one_copy: by default
+    x.is_cuda) in one copy of x's dtype (topk_w's too), widened on the host: each copy waits
+    for the device, and this is the split layer's way to the CPU's start (two casts and two
+    copies cost two launches and a sync more). On the host the casts are no-ops for float32."""
+    if not (x.is_cuda if one_copy is None else one_copy):
+        return x.float(), topk_w.float()
+    H = x.shape[1]
+    xw = torch.cat((x.reshape(-1), topk_w.reshape(-1))).cpu().float()  # [H + k]
+    return xw[:H].view(1, H), xw[H:].view(1, -1)
 
 
 def _reloaded_after(ops: list) -> set[int]:

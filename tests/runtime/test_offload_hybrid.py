@@ -248,3 +248,16 @@ def test_split_rows_come_in_few_sizes():
     assert scratch.step == 64 and scratch.max_rows == 7168
     assert scratch.row_counts() == [896 * i for i in range(1, 9)]
     assert scratch.rows_for(0.0) == 0 and scratch.rows_for(0.2) == 2688 and scratch.rows_for(0.9) == 7168
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_token_goes_to_the_host_in_one_copy_unchanged(dtype):
+    """The split layer's x and router weights reach the CPU as float32, the one-copy way (a
+    GPU's) giving exactly the values of one cast and copy each."""
+    from runtime.offload.engine import _to_host
+
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 64, generator=gen).to(dtype), torch.rand(1, 2, generator=gen).to(dtype)
+    xh, wh = _to_host(x, w, one_copy=True)
+    assert xh.dtype == wh.dtype == torch.float32 and xh.shape == (1, 64) and wh.shape == (1, 2)
+    assert xh.is_contiguous() and torch.equal(xh, x.float()) and torch.equal(wh, w.float())
