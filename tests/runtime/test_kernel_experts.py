@@ -90,7 +90,7 @@ def test_grouped_expert_ffn_runs_each_block_through_its_expert(device, spec):
             assert rel_err(y[lo:hi], ref) < (tol if device == "cpu" else 1e-2), e
 
 
-def _decode_int_rows(rows: torch.Tensor, n: int, per: int) -> torch.Tensor:
+def _decode_int_rows(rows: torch.Tensor, n: int, per: int) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_x's layout [T, (per/2 + 2) * n/per] int32 -> (x as its codes and scales give
     it [T, n] float32, sums [T, n/per])."""
     t, kw, ns = rows.shape[0], n // per, per // 4
@@ -133,8 +133,10 @@ def test_gated_gemv_writes_the_int16_activations_w2_reads(device, spec, tokens, 
     got_x, got_sums = _decode_int_rows(rows.cpu(), shape[0], per)
     ref_x, ref_sums = _decode_int_rows(ref.cpu(), shape[0], per)
     if dtype == torch.float32:  # the same float32 h: the same codes and scales, sums up to their order
-        np_per = per // 2 + 1
-        assert torch.equal(rows.view(tokens, -1, shape[0] // per)[:, :np_per], ref.view(tokens, -1, shape[0] // per)[:, :np_per])
+        pairs_and_scales = per // 2 + 1  # the rows of a token's block before its word sums
+        words = shape[0] // per
+        assert torch.equal(rows.view(tokens, -1, words)[:, :pairs_and_scales],
+                           ref.view(tokens, -1, words)[:, :pairs_and_scales])
         torch.testing.assert_close(got_sums, ref_sums, rtol=1e-5, atol=1e-6)
     else:  # the reference quantizes h rounded to float16 first
         torch.testing.assert_close(got_x, ref_x, rtol=2e-3, atol=2e-3 * float(ref_x.abs().max()))
