@@ -271,6 +271,21 @@ def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr,
 
 
 @triton.jit
+def _int16_pairs(a, b, AXIS: tl.constexpr):
+    """The int16 format of words whose NP activation pairs lie along the last axis AXIS of a
+    (low halves) and b (high halves): (the pairs as int32, round(x * 32767 / max|x|) in each
+    half; the word's scale max|x| / 32767 and its exact sum, as float32 bit patterns, AXIS
+    reduced). One definition for xquant_words and the gated GEMV's epilogue."""
+    amax = tl.reduce(tl.maximum(tl.abs(a), tl.abs(b)), AXIS, _max)
+    total = tl.reduce(a + b, AXIS, _add)
+    inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)  # an all-zero word: codes 0
+    inv = tl.expand_dims(inv, AXIS)
+    qa = tl.floor(a * inv + 0.5).to(tl.int32)  # |q| <= 32767
+    qb = tl.floor(b * inv + 0.5).to(tl.int32)
+    return (qa & 0xFFFF) | (qb << 16), (amax / 32767.0).to(tl.int32, bitcast=True), total.to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def xquant_kernel(x_ptr, out_ptr, K, stride_x, BITS: tl.constexpr, BW: tl.constexpr):
     """x [rows, K] (any float type) -> out [rows, NP + 2, K / PER] int32 (see the comment
     above _dp2a): per word of PER columns, round(x * 32767 / max|x|) as int16 pairs in dp2a
@@ -296,14 +311,10 @@ def xquant_words(src, dst, KW, w, BITS: tl.constexpr):
     src = src + w[:, None] * PER
     a = tl.load(src + c0[None, :], mask=wm, other=0.0).to(tl.float32)  # [BW, NP]
     b = tl.load(src + (c0 + NS)[None, :], mask=wm, other=0.0).to(tl.float32)
-    amax = tl.reduce(tl.maximum(tl.abs(a), tl.abs(b)), 1, _max)  # [BW]
-    total = tl.reduce(a + b, 1, _add)
-    inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)[:, None]  # an all-zero word: codes 0
-    qa = tl.floor(a * inv + 0.5).to(tl.int32)  # |q| <= 32767
-    qb = tl.floor(b * inv + 0.5).to(tl.int32)
-    tl.store(dst + p[None, :] * KW + w[:, None], (qa & 0xFFFF) | (qb << 16), mask=wm)
-    tl.store(dst + NP * KW + w, (amax / 32767.0).to(tl.int32, bitcast=True), mask=w < KW)
-    tl.store(dst + (NP + 1) * KW + w, total.to(tl.int32, bitcast=True), mask=w < KW)
+    pairs, scale, total = _int16_pairs(a, b, 1)  # [BW, NP], [BW], [BW]
+    tl.store(dst + p[None, :] * KW + w[:, None], pairs, mask=wm)
+    tl.store(dst + NP * KW + w, scale, mask=w < KW)
+    tl.store(dst + (NP + 1) * KW + w, total, mask=w < KW)
 
 
 @triton.jit
@@ -316,22 +327,18 @@ def _store_int_words(out_ptr, y, pid_n, N, T: tl.constexpr, BT: tl.constexpr, BL
     NP: tl.constexpr = PER // 2
     BW: tl.constexpr = BLOCK_N // PER
     KW = N // PER
-    y3 = tl.reshape(y, [BT, BW, PER])
-    amax = tl.reduce(tl.abs(y3), 2, _max)  # [BT, BW]
-    total = tl.reduce(y3, 2, _add)
-    inv = tl.where(amax > 0, 32767.0 / tl.where(amax > 0, amax, 1.0), 0.0)  # an all-zero word: codes 0
-    q = tl.floor(y3 * inv[:, :, None] + 0.5).to(tl.int32)  # [BT, BW, PER], |q| <= 32767
     # pair row p = 2 s + h takes codes (2h) NS + s (low half) and (2h + 1) NS + s (high half)
-    q = tl.permute(tl.reshape(q, [BT, BW, 2, 2, NS]), (0, 1, 4, 2, 3))  # [BT, BW, NS, h, half]
-    lo, hi = tl.split(tl.reshape(q, [BT, BW, NP, 2]))  # [BT, BW, NP] each
+    y5 = tl.permute(tl.reshape(y, [BT, BW, 2, 2, NS]), (0, 1, 4, 2, 3))  # [BT, BW, NS, h, half]
+    lo, hi = tl.split(tl.reshape(y5, [BT, BW, NP, 2]))  # [BT, BW, NP] each
+    pairs, scale, total = _int16_pairs(lo, hi, 2)  # [BT, BW, NP], [BT, BW], [BT, BW]
     t = tl.arange(0, BT)
     w = pid_n * BW + tl.arange(0, BW)
     tw = t[:, None] * stride_ot + w[None, :]  # [BT, BW]
     ok = (t[:, None] < T) & (w[None, :] < KW)
     p = tl.arange(0, NP)[None, None, :]
-    tl.store(out_ptr + tw[:, :, None] + p * KW, (lo & 0xFFFF) | (hi << 16), mask=ok[:, :, None])
-    tl.store(out_ptr + tw + NP * KW, (amax / 32767.0).to(tl.int32, bitcast=True), mask=ok)
-    tl.store(out_ptr + tw + (NP + 1) * KW, total.to(tl.int32, bitcast=True), mask=ok)
+    tl.store(out_ptr + tw[:, :, None] + p * KW, pairs, mask=ok[:, :, None])
+    tl.store(out_ptr + tw + NP * KW, scale, mask=ok)
+    tl.store(out_ptr + tw + (NP + 1) * KW, total, mask=ok)
 
 
 @triton.jit
