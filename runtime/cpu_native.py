@@ -35,8 +35,10 @@ import torch
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
 JOBS_SOURCE = SOURCE.with_name("cpu_jobs.c")  # moepack_expert on the library's own thread
 DENSE_SOURCE = SOURCE.with_name("dense_cpu.c")  # moepack_dequant, moepack_gemv_f16
+DECODE_SOURCE = SOURCE.with_name("decode_cpu.c")  # moepack_decode_layers (runtime.cpu_step)
+SOURCES = (SOURCE, JOBS_SOURCE, DENSE_SOURCE, DECODE_SOURCE)
 HEADERS = ("vec.h", "row_fast.h", "row_general.h", "packed.h")  # included by the sources: part of the build's cache key
-ABI_VERSION = 8
+ABI_VERSION = 9
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 
 
@@ -78,7 +80,7 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
     cc = cc or _compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc/clang)")
-    src = b"".join(f.read_bytes() for f in (SOURCE, JOBS_SOURCE, DENSE_SOURCE, *(SOURCE.with_name(h) for h in HEADERS)))
+    src = b"".join(f.read_bytes() for f in (*SOURCES, *(SOURCE.with_name(h) for h in HEADERS)))
     key = hashlib.sha256(src + cc.encode() + _cpu_fingerprint().encode() + sys.platform.encode()).hexdigest()[:16]
     out_dir = out_dir or _cache_dir() / "cpu-kernels"
     lib = out_dir / f"qgemv_cpu-{key}.so"
@@ -90,7 +92,8 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            r = subprocess.run(cc.split() + flags + ["-o", tmp, str(SOURCE), str(JOBS_SOURCE), str(DENSE_SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+            r = subprocess.run(cc.split() + flags + ["-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
+                               timeout=120)
             if r.returncode == 0:
                 os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
                 return lib
@@ -172,6 +175,11 @@ class NativeKernel:
         d = self.lib.moepack_dequant
         d.argtypes, d.restype = [p, p, p, ctypes.c_int], ctypes.c_int
         self._dequant = d
+        self.decode_layers = self.lib.moepack_decode_layers  # runtime.cpu_step passes its structs by address
+        self.decode_layers.argtypes = [p, p, i64, p, ctypes.c_int]
+        self.decode_layers.restype = ctypes.c_int
+        self.decode_work = self.lib.moepack_decode_work
+        self.decode_work.argtypes, self.decode_work.restype = [p], i64
         self._job_submit, self._job_wait = self.lib.moepack_job_submit, self.lib.moepack_job_wait
         for f in (self._job_submit, self._job_wait):
             f.argtypes, f.restype = [ctypes.POINTER(_Job)], ctypes.c_int

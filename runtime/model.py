@@ -12,6 +12,7 @@ from formats.errors import ConfigError
 from formats.header import ModelConfig
 
 from .attention import Attention
+from .cpu_step import CpuStep, cpu_step_refusal
 from .decode_graphs import DecodeGraphs
 from .experts import ExpertBackend
 from .kv_cache import KVCache
@@ -52,6 +53,9 @@ class MixtralModel(nn.Module):
         self.use_decode_graphs = False
         self.decode_graphs: DecodeGraphs | None = None
         self.step_graph: StepGraph | None = None
+        # one-token CPU steps in one C call (runtime.cpu_step), decided per expert backend:
+        # (the backend, its CpuStep or None where it does not apply)
+        self.cpu_step: tuple[ExpertBackend, CpuStep | None] | None = None
         self.allocate_context(max_ctx)
 
     @property
@@ -69,6 +73,7 @@ class MixtralModel(nn.Module):
         self.cache = None  # free the old cache before allocating the new one
         self.decode_graphs = None  # captured over the old cache and rotary tables
         self.step_graph = None
+        self.cpu_step = None  # holds the old cache's and rotary tables' addresses
         self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_ctx, self.device, self.dtype)
         rotary = Rotary(cfg.head_dim, cfg.rope_theta, max_ctx, self.device, self.dtype)
         for layer in self.layers:
@@ -87,6 +92,17 @@ class MixtralModel(nn.Module):
             y = self.experts.forward(layer.moe.layer, x, topk_idx, topk_w)  # [1, H]
             torch.add(h_mid, y, out=g.h)  # the residual stream, in place: the next layer's input
         return g.h
+
+    def _cpu_step(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor | None:
+        """The logits of a one-token step by runtime.cpu_step, or None where it does not apply
+        or declines this token (the torch path runs instead)."""
+        if self.cpu_step is None or self.cpu_step[0] is not self.experts:
+            from .cpu_expert import _native
+
+            kernel = _native()
+            self.cpu_step = (self.experts, CpuStep(self, kernel) if cpu_step_refusal(self, kernel) is None else None)
+        step = self.cpu_step[1]
+        return None if step is None else step.step(tokens, start_pos)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T] -> [T, H] in the compute dtype on the device (the table may be kept fp16)."""
@@ -119,6 +135,10 @@ class MixtralModel(nn.Module):
             if self.step_graph is None or self.step_graph.experts is not self.experts:  # captured over these
                 self.step_graph = StepGraph(self)
             return self.step_graph.step(tokens, start_pos)  # [1, V]
+        if T == 1 and self.device.type == "cpu" and not self.use_decode_graphs:  # (graphs on the CPU: their tests)
+            logits = self._cpu_step(tokens, start_pos)
+            if logits is not None:
+                return logits  # [1, V]
         h = self.embed_tokens(tokens)  # [T, H]
         if T == 1 and self.use_decode_graphs:
             h = self._decode_step(h, start_pos)

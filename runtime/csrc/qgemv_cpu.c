@@ -66,7 +66,7 @@
 #define TELE_STEPS 6553.0f
 
 
-int moepack_abi_version(void) { return 8; }
+int moepack_abi_version(void) { return 9; }
 
 /* The 16-lane path (vec.h) is used where it is built and not switched off: the loader turns it
  * off when its self-check fails (falling back to 8 lanes), and MOEPACK_CPU_WIDE=0 does too.

@@ -115,11 +115,13 @@ def test_custom_backend_factory(file42):
     assert model.experts.stats() == {"calls": file.config.num_hidden_layers}
 
 
-def test_resident_graph_interface_matches_the_eager_path(tmp_path):
+def test_resident_graph_interface_matches_the_eager_path(tmp_path, monkeypatch):
     """ResidentExperts(cuda_graphs=True) on the CPU takes the one-token path through
-    runtime.graphs.ExpertGraphs (run eagerly here): same logits as the default path."""
+    runtime.graphs.ExpertGraphs (run eagerly here): same logits as the torch path (the one
+    the C decode step, runtime.cpu_step, replaces by default)."""
     import functools
 
+    monkeypatch.setenv("MOEPACK_CPU_STEP", "0")
     from runtime.experts import resident_experts
     from tests.runtime.test_offload_helpers import tiny_file
 
