@@ -48,6 +48,7 @@ def _prefill(value: str) -> bool:
 ENV_VALUES = {
     "MOEPACK_CACHE_DIR": lambda v: bool(v),
     "MOEPACK_CPU_KERNEL": lambda v: v in ("native", "numba", "torch"),
+    "MOEPACK_CPU_STEP": _flag,
     "MOEPACK_CPU_WIDE": _flag,
     "MOEPACK_CPU_WORKER": _flag,
     "MOEPACK_FUSED_DECODE": _flag,
