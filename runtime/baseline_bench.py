@@ -6,7 +6,9 @@ layer shapes but only a few layers, loads it with the default ResidentExperts ba
 times prefill and greedy decoding. Prints one JSON object per recipe on stdout. Per-token
 time scales with the number of layers plus a fixed part (embedding, final norm, lm_head,
 sampling), so `ms_per_layer` over-counts that fixed part: extrapolate to 32 layers with care.
---tiny uses a tiny shape so the script runs in seconds on a CPU (the tests use it).
+--tiny uses a tiny shape so the script runs in seconds on a CPU (the tests use it). On the CPU
+a row says whether decode ran the C step (runtime.cpu_step) and, if so, the decode speed of the
+torch step it replaces (`decode_tok_s_torch_step`, a second decode of the same prompt).
 """
 
 from __future__ import annotations
@@ -100,6 +102,14 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
     decode_s, _ = decode(model, prompt, new_tokens, warmup)
     kind, peak = peak_memory(device)
     layers = file.config.num_hidden_layers
+    backend = model.experts.stats()
+    cpu = {}
+    if device.type == "cpu":  # which decode step ran (runtime.cpu_step), and the torch one beside it
+        cpu["cpu_step"] = model.cpu_step is not None and model.cpu_step[1] is not None
+        if cpu["cpu_step"]:
+            model.cpu_step = (model.experts, None)  # the torch step for this model from now on
+            torch_s, _ = decode(model, prompt, new_tokens, warmup)
+            cpu["decode_tok_s_torch_step"] = round(new_tokens / torch_s, 3)
     return {
         "layers": layers, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "file_bytes": path.stat().st_size, "load_s": round(load_s, 3),
@@ -108,7 +118,7 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
         "ms_per_token": round(1e3 * decode_s / new_tokens, 3),
         "ms_per_layer": round(1e3 * decode_s / new_tokens / layers, 3),
         "peak_memory": {"kind": kind, "bytes": peak}, "gpu_memory": cuda_memory_breakdown(device),
-        "backend": model.experts.stats(),
+        "backend": backend, **cpu,
     }
 
 

@@ -90,7 +90,7 @@
 # (test_gated_gemv_writes_the_int16_activations_w2_reads); "13 2" times it untuned.
 # Since the sixteenth session: CPU-only decode runs every layer of a step in one C call
 # (runtime/cpu_step.py). Stage 11 times it on 32 Mixtral-shape layers, then the torch step
-# (MOEPACK_CPU_STEP=0): CPU-only against llama.cpp's 10.4 tok/s. Run "11" after "7".
+# (decode_tok_s_torch_step in its JSON): CPU-only against llama.cpp's 10.4 tok/s. Run "11" after "7".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -177,11 +177,9 @@ has 9 && run bench_hybrid_8t 120 $PY -m runtime.bench --layers 32 --expert-bits 
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_hybrid_8t.json" $BENCH_FLAGS
 # CPU only, every expert in host RAM: moe-pack's CPU path against llama.cpp's CPU-only 10.4 tok/s;
 # a 128-token prompt gives each expert ~32 tokens, which share each code's decode (section 19)
-# (then the torch decode step the C one replaced, MOEPACK_CPU_STEP=0, on the same cached file)
+# (its JSON also times the torch decode step the C one replaced: decode_tok_s_torch_step)
 has 11 && run cpu_only_32 300 bash -c "$PY -m runtime.baseline_bench --device cpu --layers 32 --recipe 4/2 \
-  --prompt-len 128 --new-tokens 16 --workdir /tmp/moe-pack-cpu > $OUT/cpu_only_32.jsonl && MOEPACK_CPU_STEP=0 \
-  $PY -m runtime.baseline_bench --device cpu --layers 32 --recipe 4/2 --prompt-len 16 --new-tokens 16 \
-  --workdir /tmp/moe-pack-cpu >> $OUT/cpu_only_32.jsonl"
+  --prompt-len 128 --new-tokens 16 --workdir /tmp/moe-pack-cpu > $OUT/cpu_only_32.jsonl"
 # experts with 4-bit meta codes: fewer bytes per expert, so more slots per budget and shorter copies
 has 12 && run resident_32_m4 150 bash -c "$PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step \
   --prompt-len 512 --new-tokens 64 > $OUT/resident_32_m4.jsonl"

@@ -109,24 +109,29 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t D, floa
     memcpy(x, tmp, sizeof(float) * (size_t)D);
 }
 
-/* One token's attention for query head hd over cache positions lo..pos of its kv head:
- * softmax(q k / sqrt(D)) v, in float32 (SDPA's default scale). */
-static void attend(const float *q, const float *keys, const float *values, int64_t lo, int64_t pos, int64_t D,
-                   float *p, float *out) {
+/* One token's attention for the R query heads q [R][D] of one kv head over cache positions
+ * lo..pos: softmax(q k / sqrt(D)) v per head, in float32 (SDPA's default scale). Each key and
+ * value row is read once for all R heads (GQA: Mixtral's 4 query heads per kv head read the
+ * same rows), so a long context streams the cache once. p: [R][ctx] scratch. */
+static void attend(const float *q, int64_t R, const float *keys, const float *values, int64_t lo, int64_t pos,
+                   int64_t D, int64_t ctx, float *p, float *out) {
     const float scale = 1.0f / sqrtf((float)D);
-    float mx = -INFINITY, sum = 0.0f;
-    for (int64_t s = lo; s <= pos; s++) {
-        p[s] = dot(q, keys + s * D, D) * scale;
-        if (p[s] > mx) mx = p[s];
+    for (int64_t s = lo; s <= pos; s++)
+        for (int64_t r = 0; r < R; r++) p[r * ctx + s] = dot(q + r * D, keys + s * D, D) * scale;
+    for (int64_t r = 0; r < R; r++) {
+        float *pr = p + r * ctx, mx = -INFINITY, sum = 0.0f;
+        for (int64_t s = lo; s <= pos; s++) mx = pr[s] > mx ? pr[s] : mx;
+        for (int64_t s = lo; s <= pos; s++) sum += pr[s] = expf(pr[s] - mx);
+        for (int64_t s = lo; s <= pos; s++) pr[s] /= sum;
     }
+    for (int64_t i = 0; i < R * D; i++) out[i] = 0.0f;
     for (int64_t s = lo; s <= pos; s++) {
-        p[s] = expf(p[s] - mx);
-        sum += p[s];
-    }
-    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-    for (int64_t s = lo; s <= pos; s++) {
-        const float a = p[s] / sum, *v = values + s * D;
-        for (int64_t i = 0; i < D; i++) out[i] += a * v[i];
+        const float *v = values + s * D;
+        for (int64_t r = 0; r < R; r++) {
+            const float a = p[r * ctx + s];
+            float *o = out + r * D;
+            for (int64_t i = 0; i < D; i++) o[i] += a * v[i];
+        }
     }
 }
 
@@ -193,10 +198,9 @@ int moepack_decode_layers(const mp_dmodel *m, float *h, int64_t pos, int64_t *ch
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads()) \
     if ((pos - lo + 1) * m->heads * D >= MP_PAR_WORK)
 #endif
-        for (int64_t hd = 0; hd < m->heads; hd++) {
-            const int64_t g = hd / R;
-            attend(qkv + hd * D, kc + g * ctx * D, vc + g * ctx * D, lo, pos, D, p + hd * ctx, att + hd * D);
-        }
+        for (int64_t g = 0; g < G; g++)  /* query heads g R .. g R + R - 1 read kv head g */
+            attend(qkv + g * R * D, R, kc + g * ctx * D, vc + g * ctx * D, lo, pos, D, ctx, p + g * R * ctx,
+                   att + g * R * D);
         if ((rc = linear(&ly->o, att, o, threads)) != MP_OK) return rc;
         for (int64_t i = 0; i < H; i++) h[i] += o[i];
         rms_norm(h, ly->post_norm, H, m->eps, x);

@@ -16,6 +16,12 @@ def test_tiny_bench_runs(capsys, tmp_path):
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["layers"] == 2 and r["device"] == "cpu"
         # decode only: the backend saw one token per layer per step, top-2 experts each
         assert r["backend"]["expert_tokens"] == 4 * 2 * 2
+    # fp16 experts decode in torch; packed ones through the C step, timed against torch's step too
+    from runtime.cpu_expert import _native
+
+    assert results[0]["cpu_step"] is False and "decode_tok_s_torch_step" not in results[0]
+    assert results[1]["cpu_step"] is (_native() is not None)
+    assert ("decode_tok_s_torch_step" in results[1]) is results[1]["cpu_step"]
     assert results[1]["file_bytes"] < results[0]["file_bytes"]
     assert list(tmp_path.iterdir()) == []  # the synthetic files are removed
 
