@@ -122,3 +122,14 @@ def test_refusals(file42, monkeypatch):
     graphs, _ = load_model(file42, torch.device("cpu"), torch.float32, ctx=64,
                            expert_backend_factory=functools.partial(resident_experts, cuda_graphs=True))
     assert cpu_step.cpu_step_refusal(graphs, _native()) == "the experts replay graphs"
+
+
+def test_context_tool(capsys):
+    """tools/cpu_step_context.py: both steps timed at a short and a long position."""
+    import json
+
+    from .test_offload_helpers import load_tool
+
+    assert load_tool("cpu_step_context").main(["--tiny", "--context", "32", "--runs", "1"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["long_pos"] == 38 and all(row[k]["short_ms"] > 0 and row[k]["long_ms"] > 0 for k in ("c_step", "torch_step"))
