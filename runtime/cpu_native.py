@@ -35,7 +35,7 @@ import torch
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv_cpu.c"
 JOBS_SOURCE = SOURCE.with_name("cpu_jobs.c")  # moepack_expert on the library's own thread
 DENSE_SOURCE = SOURCE.with_name("dense_cpu.c")  # moepack_dequant, moepack_gemv_f16
-DECODE_SOURCE = SOURCE.with_name("decode_cpu.c")  # moepack_decode_layers (runtime.cpu_step)
+DECODE_SOURCE = SOURCE.with_name("decode_cpu.c")  # moepack_decode_step (runtime.cpu_step)
 SOURCES = (SOURCE, JOBS_SOURCE, DENSE_SOURCE, DECODE_SOURCE)
 HEADERS = ("vec.h", "row_fast.h", "row_general.h", "packed.h")  # included by the sources: part of the build's cache key
 ABI_VERSION = 9
@@ -175,9 +175,9 @@ class NativeKernel:
         d = self.lib.moepack_dequant
         d.argtypes, d.restype = [p, p, p, ctypes.c_int], ctypes.c_int
         self._dequant = d
-        self.decode_layers = self.lib.moepack_decode_layers  # runtime.cpu_step passes its structs by address
-        self.decode_layers.argtypes = [p, p, i64, p, ctypes.c_int]
-        self.decode_layers.restype = ctypes.c_int
+        self.decode_step = self.lib.moepack_decode_step  # runtime.cpu_step passes its structs by address
+        self.decode_step.argtypes = [p, p, i64, p, p, ctypes.c_int]
+        self.decode_step.restype = ctypes.c_int
         self.decode_work = self.lib.moepack_decode_work
         self.decode_work.argtypes, self.decode_work.restype = [p], i64
         self._job_submit, self._job_wait = self.lib.moepack_job_submit, self.lib.moepack_job_wait

@@ -1,4 +1,4 @@
-"""One-token decode on the CPU: every decoder layer in one C call (runtime/csrc/decode_cpu.c).
+"""One-token decode on the CPU in one C call, layers to logits (runtime/csrc/decode_cpu.c).
 
 Why: a CPU decode layer was ~45 torch ops and four kernel calls through ctypes, 0.6 ms of host
 time per layer on dev-cpu whatever the model's size (BENCHMARKS.md section 23). For a small
@@ -48,7 +48,7 @@ class _Model(ctypes.Structure):
 
     _fields_ = [("layers", _i64), ("H", _i64), ("heads", _i64), ("G", _i64), ("D", _i64), ("E", _i64), ("k", _i64),
                 ("ctx", _i64), ("inter", _i64), ("eps", ctypes.c_double), ("cos", _p), ("sin", _p),
-                ("expert_desc", _p), ("layer", _p), ("work", _p)]
+                ("expert_desc", _p), ("layer", _p), ("work", _p), ("final_norm", _p), ("lm_head", _Lin)]
 
 
 def _f32(t: torch.Tensor) -> bool:
@@ -78,7 +78,7 @@ def cpu_step_refusal(model, kernel: NativeKernel | None) -> str | None:
     cfg, experts = model.config, model.experts
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
-    if kernel is None or not hasattr(kernel, "decode_layers"):
+    if kernel is None or not hasattr(kernel, "decode_step"):
         return "no compiled CPU kernel"
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return "not float32 on the CPU"
@@ -101,6 +101,8 @@ def cpu_step_refusal(model, kernel: NativeKernel | None) -> str | None:
             return f"layer {a.layer}: weights not float32"
         if layer.input_norm.eps != model.layers[0].input_norm.eps or layer.post_attn_norm.eps != layer.input_norm.eps:
             return "RMSNorm eps differs between norms"
+    if not _f32(model.norm.weight) or model.norm.eps != model.layers[0].input_norm.eps:
+        return "the final norm: not float32, or another eps"
     return None
 
 
@@ -141,7 +143,13 @@ class CpuStep:
                              model.layers[0].input_norm.eps, first.rotary.cos.data_ptr(),
                              first.rotary.sin_signed.data_ptr(), self._desc.data_ptr(),
                              ctypes.addressof(self._layers), 0)
-        self._keep += [first.rotary.cos, first.rotary.sin_signed]
+        self._keep += [first.rotary.cos, first.rotary.sin_signed, model.norm.weight]
+        self._model.final_norm = model.norm.weight.data_ptr()
+        head = _linear(model.lm_head)  # else the torch module multiplies the normed state
+        if head is not None:
+            self._model.lm_head = _Lin(*head[0])
+            self._keep += head[1]
+        self._vocab = head[0][1] if head is not None else None
         self._work = torch.empty(kernel.decode_work(ctypes.byref(self._model)), dtype=torch.float32)
         self._model.work = self._work.data_ptr()
         self._chosen = torch.empty(L * cfg.num_experts_per_tok, dtype=torch.int64)
@@ -153,10 +161,12 @@ class CpuStep:
         C code declined (a non-finite activation): the caller runs the torch path, which writes
         the same cache positions again."""
         h = self.model.embed_tokens(tokens).contiguous()  # [1, H], a new tensor the C code may write
-        rc = self.kernel.decode_layers(self._model_ref, h.data_ptr(), start_pos, self._chosen.data_ptr(),
-                                       torch.get_num_threads())
+        # a new tensor each step: callers keep logits (a buffer reused would change under them)
+        logits = torch.empty((1, self._vocab), dtype=torch.float32) if self._vocab is not None else None
+        rc = self.kernel.decode_step(self._model_ref, h.data_ptr(), start_pos, self._chosen.data_ptr(),
+                                     None if logits is None else logits.data_ptr(), torch.get_num_threads())
         if rc != 0:
             return None
         self.steps += 1
         self.experts.count(self._chosen.numel())
-        return self.model.lm_head(self.model.norm(h)).float()
+        return logits if logits is not None else self.model.lm_head(h).float()  # h: the final norm's output

@@ -1,4 +1,4 @@
-/* moe-pack CPU kernel: every decoder layer of one decode step (one token) in one call.
+/* moe-pack CPU kernel: one decode step (one token) in one call, from the embedding to the logits.
  *
  * Why: on the CPU a decode layer was ~45 torch ops (norms, rotary, the cache write, attention,
  * routing, residual adds) around its four GEMV calls, each op and each ctypes call costing
@@ -54,6 +54,8 @@ typedef struct {
     const int64_t *expert_desc; /* 36 numbers: w1, w3, w2 (runtime.cpu_native.expert_descriptor) */
     const mp_dlayer *layer;
     float *work;                /* moepack_decode_work(m) floats */
+    const float *final_norm;    /* [H] */
+    mp_lin lm_head;             /* kind 0: the caller applies it */
 } mp_dmodel;
 
 static float dot(const float *a, const float *b, int64_t n) {
@@ -157,23 +159,24 @@ static void route(const float *logits, int64_t E, int64_t k, int64_t *idx, float
     for (int64_t j = 0; j < k; j++) w[j] /= top;
 }
 
-/* Floats of scratch moepack_decode_layers needs for m. */
+/* Floats of scratch moepack_decode_step needs for m. */
 int64_t moepack_decode_work(const mp_dmodel *m) {
     const int64_t qkv = (m->heads + 2 * m->G) * m->D;
     return 4 * m->H + qkv + m->heads * m->D + m->heads * m->ctx + m->D * m->heads + m->E + m->inter;
 }
 
-/* Layers 0..layers-1 for one token at position pos: h [H] (the embedding) becomes the last
- * layer's output; each layer's k and v are written to its cache at pos; chosen [layers][k]
+/* One token at position pos through layers 0..layers-1 and the final norm: h [H] (the
+ * embedding) becomes the normed last hidden state, and with an lm_head (kind != 0) logits [V]
+ * get its product; each layer's k and v are written to its cache at pos; chosen [layers][k]
  * gets the experts each layer used. Returns MP_OK, or the first GEMV's refusal (a non-finite
  * activation, a layout it does not take): the caller then runs the step in torch, which
  * writes the same cache positions again. */
-int moepack_decode_layers(const mp_dmodel *m, float *h, int64_t pos, int64_t *chosen, int threads) {
+int moepack_decode_step(const mp_dmodel *m, float *h, int64_t pos, int64_t *chosen, float *logits, int threads) {
     const int64_t H = m->H, D = m->D, G = m->G, R = m->heads / m->G, ctx = m->ctx;
     if (pos < 0 || pos >= ctx || m->E > 256 || m->k > m->E || D % 2) return MP_UNSUPPORTED;
     float *x = m->work, *acc = x + H, *y = acc + H, *o = y + H, *qkv = o + H;
     float *att = qkv + (m->heads + 2 * G) * D, *p = att + m->heads * D, *tmp = p + m->heads * ctx;
-    float *logits = tmp + D * m->heads, *hid = logits + m->E;
+    float *rlogits = tmp + D * m->heads, *hid = rlogits + m->E;
     const float *cos = m->cos + pos * D, *sin = m->sin + pos * D;
     for (int64_t L = 0; L < m->layers; L++) {
         const mp_dlayer *ly = m->layer + L;
@@ -204,15 +207,17 @@ int moepack_decode_layers(const mp_dmodel *m, float *h, int64_t pos, int64_t *ch
         if ((rc = linear(&ly->o, att, o, threads)) != MP_OK) return rc;
         for (int64_t i = 0; i < H; i++) h[i] += o[i];
         rms_norm(h, ly->post_norm, H, m->eps, x);
-        for (int64_t e = 0; e < m->E; e++) logits[e] = dot(ly->router + e * H, x, H);
+        for (int64_t e = 0; e < m->E; e++) rlogits[e] = dot(ly->router + e * H, x, H);
         int64_t *idx = chosen + L * m->k;
         float w[256];
-        route(logits, m->E, m->k, idx, w);
+        route(rlogits, m->E, m->k, idx, w);
         for (int64_t j = 0; j < m->k; j++) {
             if ((rc = moepack_expert(ly->experts[idx[j]], m->expert_desc, x, 1, hid, y, threads)) != MP_OK) return rc;
             for (int64_t i = 0; i < H; i++) acc[i] = j == 0 ? y[i] * w[j] : acc[i] + y[i] * w[j];
         }
         for (int64_t i = 0; i < H; i++) h[i] += acc[i];
     }
-    return MP_OK;
+    rms_norm(h, m->final_norm, H, m->eps, x);
+    memcpy(h, x, sizeof(float) * (size_t)H);
+    return m->lm_head.kind != 0 ? linear(&m->lm_head, h, logits, threads) : MP_OK;
 }

@@ -106,6 +106,15 @@ def test_no_compiler_is_a_clear_error(monkeypatch):
         cpu_native.build()
 
 
+def test_the_sources_build_where_there_is_a_compiler(tmp_path):
+    """Without a compiler the runtime falls back and the kernel's tests skip. With one, a source
+    that does not compile must fail here rather than turn every kernel test into a skip (the
+    fallback's warning is easy to miss in CI)."""
+    if cpu_native._compiler() is None:
+        pytest.skip("no C compiler")
+    assert cpu_native.build(out_dir=tmp_path).exists()
+
+
 @needs_native
 def test_build_is_cached_per_source_and_cpu(tmp_path):
     first = cpu_native.build(out_dir=tmp_path)
