@@ -91,6 +91,15 @@
 # Since the sixteenth session: CPU-only decode runs every layer of a step in one C call
 # (runtime/cpu_step.py). Stage 11 times it on 32 Mixtral-shape layers, then the torch step
 # (decode_tok_s_torch_step in its JSON): CPU-only against llama.cpp's 10.4 tok/s. Run "11" after "7".
+# A lease is 30 minutes of device time, three calls of ~9 minutes at most. In that order:
+#   1. STAGES="1 13": the cuda tests (everything sessions 3-16 built blind), then issue #6's
+#      figures on the untuned heuristic (int16 path): the kernel table, 32 resident layers' decode
+#      and 512-token prefill, int against float.
+#   2. STAGES="12": the same 32 layers on the built-in tuned table, then issue #7's table: LRU and
+#      LFU + hybrid at 8, 12 and 16 GiB with the 512-token prompt.
+#   3. STAGES="17" (staged w2 at 12 GiB, 16 and 8 CPU threads; this host's engine host time), or
+#      "7 11" if the CPU's figures matter more that day (the 16-lane rows, CPU-only 32 layers).
+# Then, with another lease: "10" (re-tune), "16", "14", "15", "18", "9".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
