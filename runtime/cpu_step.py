@@ -160,7 +160,7 @@ class CpuStep:
         """Logits [1, V] float32 of the one token `tokens` [1] at start_pos, or None where the
         C code declined (a non-finite activation): the caller runs the torch path, which writes
         the same cache positions again."""
-        h = self.model.embed_tokens(tokens).contiguous()  # [1, H], a new tensor the C code may write
+        h = self.model.embed_tokens(tokens).clone()  # [1, H]: the C code writes it in place
         # a new tensor each step: callers keep logits (a buffer reused would change under them)
         logits = torch.empty((1, self._vocab), dtype=torch.float32) if self._vocab is not None else None
         rc = self.kernel.decode_step(self._model_ref, h.data_ptr(), start_pos, self._chosen.data_ptr(),

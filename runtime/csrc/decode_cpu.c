@@ -182,13 +182,9 @@ int moepack_decode_step(const mp_dmodel *m, float *h, int64_t pos, int64_t *chos
         const mp_dlayer *ly = m->layer + L;
         int rc = MP_OK;
         rms_norm(h, ly->in_norm, H, m->eps, x);
-        if (ly->qkv[1].kind == 0) {
-            rc = linear(&ly->qkv[0], x, qkv, threads);
-        } else {
-            rc = linear(&ly->qkv[0], x, qkv, threads);
-            if (rc == MP_OK) rc = linear(&ly->qkv[1], x, qkv + m->heads * D, threads);
-            if (rc == MP_OK) rc = linear(&ly->qkv[2], x, qkv + (m->heads + G) * D, threads);
-        }
+        rc = linear(&ly->qkv[0], x, qkv, threads);  /* q|k|v stacked, or q alone */
+        if (rc == MP_OK && ly->qkv[1].kind != 0) rc = linear(&ly->qkv[1], x, qkv + m->heads * D, threads);
+        if (rc == MP_OK && ly->qkv[2].kind != 0) rc = linear(&ly->qkv[2], x, qkv + (m->heads + G) * D, threads);
         if (rc != MP_OK) return rc;
         for (int64_t hd = 0; hd < m->heads + G; hd++) rotate(qkv + hd * D, cos, sin, D, tmp);
         float *kc = ly->kv, *vc = ly->kv + G * ctx * D;
