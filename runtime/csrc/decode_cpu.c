@@ -105,9 +105,9 @@ static void rms_norm(const float *x, const float *w, int64_t n, double eps, floa
 }
 
 /* runtime/rope.py for one head at one position: x * cos + roll(x, D/2) * sin_signed. */
-static void rotate(float *x, const float *cos, const float *sin, int64_t D, float *tmp) {
+static void rotate(float *x, const float *c, const float *s, int64_t D, float *tmp) {
     const int64_t half = D / 2;
-    for (int64_t i = 0; i < D; i++) tmp[i] = x[i] * cos[i] + x[(i + half) % D] * sin[i];
+    for (int64_t i = 0; i < D; i++) tmp[i] = x[i] * c[i] + x[(i + half) % D] * s[i];
     memcpy(x, tmp, sizeof(float) * (size_t)D);
 }
 
@@ -177,7 +177,7 @@ int moepack_decode_step(const mp_dmodel *m, float *h, int64_t pos, int64_t *chos
     float *x = m->work, *acc = x + H, *y = acc + H, *o = y + H, *qkv = o + H;
     float *att = qkv + (m->heads + 2 * G) * D, *p = att + m->heads * D, *tmp = p + m->heads * ctx;
     float *rlogits = tmp + D * m->heads, *hid = rlogits + m->E;
-    const float *cos = m->cos + pos * D, *sin = m->sin + pos * D;
+    const float *cos_row = m->cos + pos * D, *sin_row = m->sin + pos * D;
     for (int64_t L = 0; L < m->layers; L++) {
         const mp_dlayer *ly = m->layer + L;
         int rc = MP_OK;
@@ -186,7 +186,7 @@ int moepack_decode_step(const mp_dmodel *m, float *h, int64_t pos, int64_t *chos
         if (rc == MP_OK && ly->qkv[1].kind != 0) rc = linear(&ly->qkv[1], x, qkv + m->heads * D, threads);
         if (rc == MP_OK && ly->qkv[2].kind != 0) rc = linear(&ly->qkv[2], x, qkv + (m->heads + G) * D, threads);
         if (rc != MP_OK) return rc;
-        for (int64_t hd = 0; hd < m->heads + G; hd++) rotate(qkv + hd * D, cos, sin, D, tmp);
+        for (int64_t hd = 0; hd < m->heads + G; hd++) rotate(qkv + hd * D, cos_row, sin_row, D, tmp);
         float *kc = ly->kv, *vc = ly->kv + G * ctx * D;
         for (int64_t g = 0; g < G; g++) {
             memcpy(kc + (g * ctx + pos) * D, qkv + (m->heads + g) * D, sizeof(float) * (size_t)D);
