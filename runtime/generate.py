@@ -44,10 +44,11 @@ def parse_ids(text: str, vocab: int) -> list[int]:
     return ids
 
 
-def stats_record(stats: GenerationStats, load_s: float, device: torch.device, dtype: torch.dtype, backend: dict) -> dict:
+def stats_record(stats: GenerationStats, load_s: float, device: torch.device, dtype: torch.dtype, backend: dict,
+                 decode_path: str | None = None) -> dict:
     kind, peak = peak_memory(device)
     return {**stats.to_json(), "load_s": round(load_s, 3), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "peak_memory": {"kind": kind, "bytes": peak}, "backend": backend}
+            "decode_path": decode_path, "peak_memory": {"kind": kind, "bytes": peak}, "backend": backend}
 
 
 def stats_line(r: dict) -> str:
@@ -55,7 +56,8 @@ def stats_line(r: dict) -> str:
     backend = " ".join(f"{k}={v}" for k, v in r["backend"].items())
     return (
         f"stats: prompt {r['prompt_tokens']} tok, new {r['new_tokens']} tok (stop: {r['stop']}), "
-        f"prefill {r['prefill_s']:.3f} s ({r['prefill_tok_s']:.1f} tok/s), decode {r['decode_tok_s']:.2f} tok/s, "
+        f"prefill {r['prefill_s']:.3f} s ({r['prefill_tok_s']:.1f} tok/s), decode {r['decode_tok_s']:.2f} tok/s"
+        + (f" ({r['decode_path']})" if r.get("decode_path") else "") + ", "
         f"load {r['load_s']:.2f} s, peak {'GPU memory' if mem['kind'] == 'gpu' else 'RSS'} {mem['bytes'] / 2**20:.1f} MiB"
         + (f", {backend}" if backend else "")
     )
@@ -98,7 +100,8 @@ class Runner:
         if self.opts["chat"]:
             reply = self.tokenizer.decode([t for t in new if t not in self.eos])
             self.messages.append({"role": "assistant", "content": reply})
-        record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats())
+        record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats(),
+                              self.model.decode_path)
         click.echo(json.dumps(record) if self.opts["json"] else stats_line(record), err=True)
 
 

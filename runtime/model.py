@@ -56,6 +56,10 @@ class MixtralModel(nn.Module):
         # one-token CPU steps in one C call (runtime.cpu_step), decided per expert backend:
         # (the backend, its CpuStep or None where it does not apply)
         self.cpu_step: tuple[ExpertBackend, CpuStep | None] | None = None
+        # which path the latest one-token step took ("cpu step", "step graph", "layer graphs",
+        # "torch"; None before any): generate's statistics say it, since each is several times
+        # faster than the next where it applies
+        self.decode_path: str | None = None
         self.allocate_context(max_ctx)
 
     @property
@@ -134,15 +138,20 @@ class MixtralModel(nn.Module):
         if T == 1 and self.use_decode_graphs and step_graph_applies(self):
             if self.step_graph is None or self.step_graph.experts is not self.experts:  # captured over these
                 self.step_graph = StepGraph(self)
+            self.decode_path = "step graph"
             return self.step_graph.step(tokens, start_pos)  # [1, V]
         if T == 1 and self.device.type == "cpu" and not self.use_decode_graphs:  # (graphs on the CPU: their tests)
             logits = self._cpu_step(tokens, start_pos)
             if logits is not None:
+                self.decode_path = "cpu step"
                 return logits  # [1, V]
         h = self.embed_tokens(tokens)  # [T, H]
         if T == 1 and self.use_decode_graphs:
+            self.decode_path = "layer graphs"
             h = self._decode_step(h, start_pos)
         else:
+            if T == 1:
+                self.decode_path = "torch"
             for layer in self.layers:
                 h = layer(h, start_pos, self.cache, self.experts)
         if last_only:

@@ -133,3 +133,15 @@ def test_context_tool(capsys):
     assert load_tool("cpu_step_context").main(["--tiny", "--context", "32", "--runs", "1"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["long_pos"] == 38 and all(row[k]["short_ms"] > 0 and row[k]["long_ms"] > 0 for k in ("c_step", "torch_step"))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_generate_says_which_decode_path_ran(capsys, file42, monkeypatch, on):
+    import json
+
+    from runtime.generate import main
+
+    monkeypatch.setenv(cpu_step.ENV, "1" if on else "0")
+    assert main([str(file42), "-p", "The experts", "-n", "6", "--json"]) == 0
+    record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert record["new_tokens"] > 1 and record["decode_path"] == ("cpu step" if on else "torch")
