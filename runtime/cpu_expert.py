@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import time
 
 import numpy as np
@@ -251,16 +252,34 @@ def packed_matvec(buf: torch.Tensor, shape: tuple[int, int], spec, base: int, x:
 
 
 def dequantize_packed(buf: torch.Tensor, shape: tuple[int, int], spec, base: int, dtype: torch.dtype,
-                      threads: int | None = None) -> torch.Tensor:
+                      threads: int | None = None, transient: bool = False) -> torch.Tensor:
     """dequant.dequantize of the matrix whose components start at byte `base` of `buf`: on the
     CPU by the compiled kernel where it takes the layout (the same float32 bits, ~4x faster than
-    torch's unpacking on dev-cpu), else in torch."""
+    torch's unpacking on dev-cpu), else in torch. transient: float32 written into this thread's
+    scratch buffer (a view, valid until the thread's next transient call), for a caller that
+    multiplies and drops it: a fresh tensor of that size is mapped anew by the allocator and
+    every page faults on first write, which cost 4-5x the dequantize itself (BENCHMARKS.md
+    section 23)."""
     hit = native_matrix(buf, shape, spec, base) if buf.device.type == "cpu" and spec.quantized else None
     if hit is not None:
-        w = hit[0].dequant(buf, hit[1], threads or torch.get_num_threads())
+        out = _scratch(shape[0] * shape[1]) if transient and dtype == torch.float32 else None
+        w = hit[0].dequant(buf, hit[1], threads or torch.get_num_threads(), out)
         if w is not None:
             return w.to(dtype)
     return dequantize(component_tensors(buf, tuple(shape), spec, base=base), tuple(shape), spec, dtype)
+
+
+_THREAD = threading.local()  # .scratch: this thread's float32 buffer for transient weights
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """This thread's float32 scratch of at least `numel` elements (grown, never shrunk: one
+    Mixtral-8x7B expert matrix is 235 MB, held after the first long prompt)."""
+    buf = getattr(_THREAD, "scratch", None)
+    if buf is None or buf.numel() < numel:
+        buf = _THREAD.scratch = None  # the old one goes before the new one is allocated
+        buf = _THREAD.scratch = torch.empty(numel, dtype=torch.float32)
+    return buf
 
 
 def _matvec(record: torch.Tensor, m, x: np.ndarray, threads: int | None) -> np.ndarray:
@@ -270,7 +289,7 @@ def _matvec(record: torch.Tensor, m, x: np.ndarray, threads: int | None) -> np.n
     out = packed_matvec(record, m.shape, m.spec, m.offset, xt, threads)
     if out is not None:
         return out.numpy()
-    w = dequantize_packed(record, m.shape, m.spec, m.offset, torch.float32, threads)
+    w = dequantize_packed(record, m.shape, m.spec, m.offset, torch.float32, threads, transient=True)
     return (xt @ w.T).numpy()
 
 

@@ -200,11 +200,16 @@ class NativeKernel:
             raise ValueError(f"moepack_gemv_f16 refused a [{n}, {k}] matrix")
         return out
 
-    def dequant(self, buf: torch.Tensor, desc: tuple[int, ...], threads: int | None) -> torch.Tensor | None:
+    def dequant(self, buf: torch.Tensor, desc: tuple[int, ...], threads: int | None,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The matrix `desc` (matrix_descriptor) inside `buf` (uint8, CPU, contiguous) as float32
-        [N, K], bit for bit dequant.dequantize's; None if declined."""
+        [N, K], bit for bit dequant.dequantize's; None if declined. out: a float32 contiguous
+        buffer of at least N * K elements to write it into (the result is a view of it)."""
         n, k = desc[8], desc[9]
-        out = torch.empty((n, k), dtype=torch.float32)
+        if out is None:
+            out = torch.empty((n, k), dtype=torch.float32)
+        else:
+            out = out.view(-1)[: n * k].view(n, k)
         numbers = torch.tensor(desc, dtype=torch.int64)  # held until the call returns
         rc = self._dequant(buf.data_ptr(), numbers.data_ptr(), out.data_ptr(), int(threads or 0))
         if rc == UNSUPPORTED:

@@ -75,9 +75,20 @@ def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtyp
 
 
 def plain_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """expert_ffn in plain torch: dequantize the three matrices to `dtype`, then matmuls."""
-    w = expert_weights(record, layout, dtype)
+    """expert_ffn in plain torch: dequantize the three matrices to `dtype`, then matmuls. On the
+    CPU in float32 one matrix at a time, each through the thread's scratch buffer
+    (cpu_expert.dequantize_packed(transient=True))."""
     h = x.to(dtype)
+    if record.device.type == "cpu" and dtype == torch.float32:
+        from .cpu_expert import dequantize_packed
+
+        def w(name: str) -> torch.Tensor:
+            m = layout.matrix(name)
+            return dequantize_packed(record, m.shape, m.spec, m.offset, dtype, transient=True)
+        a = F.linear(h, w("w1"))  # [T, I], computed before w3 overwrites the scratch
+        h = F.silu(a, inplace=True).mul_(F.linear(h, w("w3")))
+        return F.linear(h, w("w2")).to(x.dtype)  # [T, H]
+    w = expert_weights(record, layout, dtype)
     h = F.silu(F.linear(h, w["w1"])) * F.linear(h, w["w3"])  # [T, I]
     return F.linear(h, w["w2"]).to(x.dtype)  # [T, H]
 

@@ -53,17 +53,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("raw", raw, persistent=False)  # uint8 [nbytes]
         self.comps = component_tensors(raw, self.shape, spec)
 
-    def weight(self) -> torch.Tensor:
+    def weight(self, transient: bool = False) -> torch.Tensor:
+        """The dense weight [out, in]; transient: on the CPU, a view of the thread's scratch
+        buffer for a caller that multiplies and drops it (cpu_expert.dequantize_packed)."""
         if self.raw.is_cpu:  # the compiled kernel's dequantize where it applies (the same bits)
-            return cpu_expert.dequantize_packed(self.raw, self.shape, self.spec, 0, self.dtype)  # [out, in]
-        return dequantize(self.comps, self.shape, self.spec, self.dtype)  # [out, in]
+            return cpu_expert.dequantize_packed(self.raw, self.shape, self.spec, 0, self.dtype, transient=transient)
+        return dequantize(self.comps, self.shape, self.spec, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the CPU test first, with cheap tests: a small model's decode makes ~120 of these calls
         # per token, and each torch call costs microseconds of host time
         if x.is_cpu and self.raw.is_cpu and not interpreting():
             y = self._cpu_kernel(x)
-            return y if y is not None else F.linear(x, self.weight())
+            return y if y is not None else F.linear(x, self.weight(transient=True))
         if use_fused(x):  # CUDA, or the CPU under the Triton interpreter
             return qmatmul(x.to(self.dtype), self.comps, self.shape, self.spec)
         return F.linear(x, self.weight())

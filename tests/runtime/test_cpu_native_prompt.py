@@ -103,3 +103,39 @@ def test_dequantize_packed_is_the_reference_with_or_without_the_kernel(spec, mon
     assert torch.equal(cpu_expert.dequantize_packed(buf, (24, 256), spec, 0, torch.float32), ref)
     monkeypatch.setattr(cpu_expert, "_native", lambda: None)
     assert torch.equal(cpu_expert.dequantize_packed(buf, (24, 256), spec, 0, torch.float16), ref.half())
+
+
+@needs_native
+def test_transient_weights_share_the_threads_scratch():
+    """dequantize_packed(transient=True): the same bits, written into this thread's scratch (a
+    view: the next transient call overwrites it; another thread has its own), and the plain
+    expert FFN through it equals the one over three separate matrices bit for bit."""
+    import threading
+
+    import torch.nn.functional as F
+
+    from runtime.dequant import component_tensors, dequantize
+    from runtime.experts import expert_weights, plain_expert_ffn
+    from tests.runtime.kernel_cases import make_expert
+
+    spec = QuantSpec(2, 16, 4, 128)
+    data, _ = packed((24, 256), spec, seed=7)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    ref = dequantize(component_tensors(buf, (24, 256), spec), (24, 256), spec, torch.float32)
+    a = cpu_expert.dequantize_packed(buf, (24, 256), spec, 0, torch.float32, transient=True)
+    assert torch.equal(a, ref)
+    b = cpu_expert.dequantize_packed(buf, (8, 256), spec, 0, torch.float32, transient=True)
+    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()  # one buffer, reused
+    other = []
+    t = threading.Thread(target=lambda: other.append(
+        cpu_expert.dequantize_packed(buf, (24, 256), spec, 0, torch.float32, transient=True)))
+    t.start()
+    t.join()
+    assert torch.equal(other[0], ref) and other[0].untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+
+    layout, data, _ = make_expert(64, 128, QuantSpec(2, 16, 4, 128), seed=3)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    w = expert_weights(record, layout, torch.float32)
+    want = F.linear(F.silu(F.linear(x, w["w1"])) * F.linear(x, w["w3"]), w["w2"])
+    assert torch.equal(plain_expert_ffn(record, layout, x, torch.float32), want)
