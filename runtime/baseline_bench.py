@@ -105,9 +105,9 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
     backend = model.experts.stats()
     cpu = {}
     if device.type == "cpu":  # which decode step ran (runtime.cpu_step), and the torch one beside it
-        cpu["cpu_step"] = model.cpu_step is not None and model.cpu_step[1] is not None
+        cpu["cpu_step"] = model.decode_path == "cpu step"
         if cpu["cpu_step"]:
-            model.cpu_step = (model.experts, None)  # the torch step for this model from now on
+            model.use_torch_step()
             torch_s, _ = decode(model, prompt, new_tokens, warmup)
             cpu["decode_tok_s_torch_step"] = round(new_tokens / torch_s, 3)
     return {

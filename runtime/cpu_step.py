@@ -73,6 +73,11 @@ def _linear(m) -> tuple[tuple, list] | None:
     return None
 
 
+def _projections(attn) -> list:
+    """The attention's q/k/v projections as the C code takes them: the stacked one, or three."""
+    return [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
 def cpu_step_refusal(model, kernel: NativeKernel | None) -> str | None:
     """None where CpuStep runs this model's one-token steps, else why not."""
     cfg, experts = model.config, model.experts
@@ -86,15 +91,14 @@ def cpu_step_refusal(model, kernel: NativeKernel | None) -> str | None:
         return "experts not resident in CPU memory"
     if experts.graphs is not None:  # asked for (cuda_graphs=True): its eager stand-in's tests
         return "the experts replay graphs"
-    if expert_descriptor(experts.layout) is None or not all(m.spec.quantized for m in experts.layout.matrices):
+    if expert_descriptor(experts.layout) is None:  # None too for unquantized (fp16) experts
         return "an expert layout the compiled kernel does not take"
     if cfg.num_local_experts > MAX_EXPERTS or cfg.head_dim % 2:
         return "more than 256 experts, or an odd head_dim"
     rotary = model.layers[0].attn.rotary
     for layer in model.layers:
         a = layer.attn
-        projections = [a.qkv_proj] if a.qkv_proj is not None else [a.q_proj, a.k_proj, a.v_proj]
-        if any(_linear(m) is None for m in [*projections, a.o_proj]):
+        if any(_linear(m) is None for m in [*_projections(a), a.o_proj]):
             return f"layer {a.layer}: a projection the C code does not multiply"
         if a.rotary is not rotary or not all(_f32(t) for t in (layer.input_norm.weight, layer.post_attn_norm.weight,
                                                                  layer.moe.router)):
@@ -124,8 +128,7 @@ class CpuStep:
         self._layers = (_Layer * L)()
         for i, (layer, ly) in enumerate(zip(model.layers, self._layers)):
             a = layer.attn
-            projections = [a.qkv_proj] if a.qkv_proj is not None else [a.q_proj, a.k_proj, a.v_proj]
-            for j, m in enumerate(projections):
+            for j, m in enumerate(_projections(a)):
                 fields, keep = _linear(m)
                 ly.qkv[j] = _Lin(*fields)
                 self._keep += keep

@@ -25,14 +25,6 @@ from .kernels import (PREFILL_THRESHOLD, fused_expert_ffn, grouped_expert_ffn, g
 from .kernels.prefill import prefill_mode
 
 
-def expert_weights(record: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """w1, w3 [I, H] and w2 [H, I] of one record, dequantized to `dtype` (on the CPU by the
-    compiled kernel where it applies)."""
-    from .cpu_expert import dequantize_packed  # imports no kernel until a CPU call needs one
-
-    return {m.name: dequantize_packed(record, m.shape, m.spec, m.offset, dtype) for m in layout.matrices}
-
-
 # More tokens than this on the CPU: dequantize once (cpu_expert.dequantize_packed) and use
 # torch's matmul. On dev-cpu (2 threads) that costs a Mixtral expert ~0.53 s at 64 tokens and
 # ~1.0 s at 256, a 4096 x 4096 attention matrix at 4 bits ~47 ms and ~97 ms. The numba kernel
@@ -75,22 +67,18 @@ def expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtyp
 
 
 def plain_expert_ffn(record: torch.Tensor, layout: ExpertLayout, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """expert_ffn in plain torch: dequantize the three matrices to `dtype`, then matmuls. On the
-    CPU in float32 one matrix at a time, each through the thread's scratch buffer
-    (cpu_expert.dequantize_packed(transient=True))."""
-    h = x.to(dtype)
-    if record.device.type == "cpu" and dtype == torch.float32:
-        from .cpu_expert import dequantize_packed
+    """expert_ffn in plain torch: dequantize the three matrices to `dtype`, then matmuls, one
+    matrix at a time (on the CPU in float32 each goes through the thread's scratch buffer:
+    cpu_expert.dequantize_packed(transient=True))."""
+    from .cpu_expert import dequantize_packed  # imports no kernel until a CPU call needs one
 
-        def w(name: str) -> torch.Tensor:
-            m = layout.matrix(name)
-            return dequantize_packed(record, m.shape, m.spec, m.offset, dtype, transient=True)
-        a = F.linear(h, w("w1"))  # [T, I], computed before w3 overwrites the scratch
-        h = F.silu(a, inplace=True).mul_(F.linear(h, w("w3")))
-        return F.linear(h, w("w2")).to(x.dtype)  # [T, H]
-    w = expert_weights(record, layout, dtype)
-    h = F.silu(F.linear(h, w["w1"])) * F.linear(h, w["w3"])  # [T, I]
-    return F.linear(h, w["w2"]).to(x.dtype)  # [T, H]
+    def w(name: str) -> torch.Tensor:
+        m = layout.matrix(name)
+        return dequantize_packed(record, m.shape, m.spec, m.offset, dtype, transient=True)
+    h = x.to(dtype)
+    a = F.linear(h, w("w1"))  # [T, I], computed before w3 may overwrite the scratch
+    h = F.silu(a, inplace=True).mul_(F.linear(h, w("w3")))
+    return F.linear(h, w("w2")).to(x.dtype)  # [T, H]
 
 
 @runtime_checkable

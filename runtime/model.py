@@ -108,6 +108,11 @@ class MixtralModel(nn.Module):
         step = self.cpu_step[1]
         return None if step is None else step.step(tokens, start_pos)
 
+    def use_torch_step(self) -> None:
+        """One-token CPU steps run in torch from now on (for this expert backend): the torch
+        step the C one replaces, for comparisons."""
+        self.cpu_step = (self.experts, None)
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T] -> [T, H] in the compute dtype on the device (the table may be kept fp16)."""
         if not self.embed_on_host:

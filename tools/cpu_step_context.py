@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         step, token = CpuStep(model, _native()), torch.tensor([5])
 
         def torch_step(pos: int):
-            model.cpu_step = (model.experts, None)
+            model.use_torch_step()
             model(token, pos)
 
         def best_ms(fn, pos: int) -> float:
