@@ -1,9 +1,10 @@
 """One matrix -> its .moepack bytes with HQQ, plus the relative error of what is stored.
 
-HQQ finds the codes and the per-group float scale/zero; `formats.qtensor.encode_matrix`
-lays them out (and, with 8-bit meta, quantizes scale and zero itself: hqq 0.2.x ignores
-its own meta-quantization options). The recorded error is measured on the decoded bytes,
-so it includes the meta quantization: it is the error a runtime will actually see.
+HQQ finds the codes and the per-group float scale/zero; `quantize.encode` lays them out on
+the same device, as `formats.qtensor.encode_matrix` defines (and, with 4- or 8-bit meta,
+quantizes scale and zero itself: hqq 0.2.x ignores its own meta-quantization options). The
+recorded error is measured on the stored bytes, so it includes the meta quantization: it is
+the error a runtime will actually see.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import numpy as np
 import torch
 
 from formats.errors import MoepackError, SourceError
-from formats.qtensor import QuantSpec, component_views, decode_matrix, encode_matrix, encode_meta
+from formats.qtensor import QuantSpec, encode_matrix
+
+from .encode import CHUNK, encode_codes, stored_error
 
 
-def hqq_quantize(W: torch.Tensor, spec: QuantSpec, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """HQQ codes q [rows, cols] u8 and per-group scale, zero [rows * cols // g] f32, W ~ (q - zero) * scale."""
+def hqq_tensors(W: torch.Tensor, spec: QuantSpec, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ codes q [rows, cols] u8 and per-group scale, zero [rows * cols // g] f32 on `device`,
+    W ~ (q - zero) * scale."""
     from hqq.core.quantize import Quantizer
 
     rows, cols = W.shape
@@ -25,40 +29,13 @@ def hqq_quantize(W: torch.Tensor, spec: QuantSpec, device: str) -> tuple[np.ndar
     W_q, meta = Quantizer.quantize(
         W.to(device), nbits=spec.bits, group_size=spec.group_size, axis=1, optimize=True, bitpack=False, device=device,
     )
-    q = W_q.reshape(rows, cols).to("cpu", torch.uint8).numpy()  # W_q: [rows * cols // g, g], integer-valued floats
-    scale = meta["scale"].reshape(-1).to("cpu", torch.float32).numpy()
-    zero = meta["zero"].reshape(-1).to("cpu", torch.float32).numpy()
-    return q, scale, zero
+    q = W_q.reshape(rows, cols).to(torch.uint8)  # W_q: [rows * cols // g, g], integer-valued floats
+    return q, meta["scale"].reshape(-1).to(torch.float32), meta["zero"].reshape(-1).to(torch.float32)
 
 
-def refit_codes(W: torch.Tensor, spec: QuantSpec, q: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-                device: str) -> np.ndarray:
-    """HQQ's codes `q` re-rounded to the scale and zero the file will hold: clip(round(W / s + z)).
-
-    HQQ fits its codes to float16 scale/zero. Storing those as 4- or 8-bit codes moves them a
-    little, and every weight's nearest code moves with them. Re-rounding makes each code the
-    nearest to what the runtime decodes: 4-bit meta then costs ~1% relative weight error over
-    fp16 meta instead of ~1.5% (BENCHMARKS.md section 10). With 8-bit meta the gain is below
-    1e-4, so those files keep hqq's codes exactly. Groups whose stored scale decodes to
-    0 keep HQQ's codes (every code decodes alike there).
-    """
-    rows, cols = W.shape
-    g = spec.group_size
-    s_hat = torch.from_numpy(encode_meta(scale, spec)[2]).to(device).view(rows, -1, 1)  # [rows, groups, 1]
-    z_hat = torch.from_numpy(encode_meta(zero, spec)[2]).to(device).view(rows, -1, 1)
-    out = q.copy()
-    step = max(1, _CHUNK // cols)
-    for i in range(0, rows, step):  # row chunks: no second full-size float32 copy of W
-        w = W[i : i + step].to(device, torch.float32).view(-1, cols // g, g)  # [r, groups, g]
-        s, z = s_hat[i : i + step], z_hat[i : i + step]
-        new = torch.round(w / torch.where(s == 0, 1.0, s) + z).clamp_(0, (1 << spec.bits) - 1)
-        keep = (s == 0).expand_as(new).reshape(-1, cols).cpu().numpy()
-        chunk = new.view(-1, cols).to("cpu", torch.uint8).numpy()
-        out[i : i + step] = np.where(keep, out[i : i + step], chunk)
-    return out
-
-
-_CHUNK = 1 << 22  # elements per chunk: error sums never hold a second full-size float32 copy
+def hqq_quantize(W: torch.Tensor, spec: QuantSpec, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """hqq_tensors as host numpy arrays."""
+    return tuple(t.cpu().numpy() for t in hqq_tensors(W, spec, device))
 
 
 def _float32(block) -> np.ndarray:
@@ -75,7 +52,7 @@ def relative_error(W, approx: np.ndarray) -> float:
     rows = W.shape[0] if len(W.shape) > 1 else 1
     W2 = W.reshape(rows, -1)
     A2 = approx.reshape(rows, -1)
-    step = max(1, _CHUNK // max(1, W2.shape[1]))
+    step = max(1, CHUNK // max(1, W2.shape[1]))
     err2 = norm2 = 0.0
     for i in range(0, rows, step):
         w = _float32(W2[i : i + step]).ravel()
@@ -114,13 +91,13 @@ def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str) -> 
         w16_np = w16.numpy()
         return _encode(label, spec, weight=w16_np), relative_error(W, w16_np)
     try:
-        q, scale, zero = hqq_quantize(W, spec, device)
-        if spec.meta_bits == 4:  # 8-bit meta moves the weights too little to pay (0.3021 both ways)
-            q = refit_codes(W, spec, q, scale, zero, device)
+        Wd = W.to(device)  # one copy on the device for hqq, the re-rounding and the error check
+        q, scale, zero = hqq_tensors(Wd, spec, device)
+        buf = encode_codes(Wd, q, scale, zero, spec)
+        if buf is None:  # a component is not finite: the numpy reference names it and refuses
+            payload = _encode(label, spec, q=q.cpu().numpy(), scale=scale.cpu().numpy(), zero=zero.cpu().numpy())
+            buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        del q, scale, zero
+        return buf.cpu().numpy().tobytes(), stored_error(Wd, buf, spec)
     except torch.OutOfMemoryError:
         raise MoepackError(f"out of GPU memory quantizing {label}", hint="close other GPU programs, or use --device cpu") from None
-    payload = _encode(label, spec, q=q, scale=scale, zero=zero)
-    del q, scale, zero
-    shape = tuple(W.shape)
-    stored = decode_matrix(component_views(payload, shape, spec), shape, spec)
-    return payload, relative_error(W, stored)

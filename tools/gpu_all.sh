@@ -2,7 +2,8 @@
 # Everything that needs the GPU, in one call on the H100 host (budget: DEADLINE seconds, 560):
 #   0. machine facts; hqq from carried wheels (.whl/, see README "GPU checks");
 #   1. the cuda-marked tests;            2. tools/kernel_bench.py (kernels vs floors);
-#   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda;
+#   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda, then a 1.2 GB
+#      checkpoint quantized on the GPU (quantize.measure memory --device cuda);
 #   5. runtime.bench (offloading) at BUDGETS, trace and model routing, naive / lru / prefetch;
 #   6. tools/profile_decode.py (GPU time per kernel vs wall time of a resident decode step);
 #   7. the compiled CPU kernel's tests (its 16-lane AVX-512 rows run natively here: test_cpu_wide.py),
@@ -151,6 +152,9 @@ has 6 && run profile_decode 120 bash -c "$PY tools/profile_decode.py --layers 2 
 has 3 && run baseline_bench ${BASELINE_S:-100} bash -c "$PY -m runtime.baseline_bench --layers 2 ${BASELINE_RECIPES:---recipe 4/2 --recipe fp16} \
   --cuda-graphs all --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
 has 4 && run quantize_gpu 60 $PY -m quantize.measure expert --device cuda --bits 2 --bits 3 --json "$OUT/quantize_gpu.json"
+# a whole 1.2 GB checkpoint through `moe-pack quantize`'s pipeline on the GPU: time and host RSS
+has 4 && run quantize_ckpt_gpu 150 bash -c "$PY -m quantize.measure make-checkpoint /tmp/ckpt-1g \
+  && $PY -m quantize.measure memory /tmp/ckpt-1g -o /tmp/ckpt-1g.moepack --device cuda --json $OUT/quantize_ckpt_gpu.json"
 has 5 && run bench ${BENCH_S:-600} $PY -m runtime.bench --layers 32 --expert-bits 2 --tokens ${TOKENS:-24} --warmup 8 \
   --routing all --variant all $BUDGETS --cache-dir /tmp/moe-pack-bench --json "$OUT/bench.json" --write-md "$OUT/bench.md" $BENCH_FLAGS
 # graphs broke? the same at 12GiB without them, so the run still yields figures
