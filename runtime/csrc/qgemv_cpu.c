@@ -123,12 +123,20 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
 
 #include "row_general.h"
 
-/* Whether rows of this geometry take the fast path at `lanes` words per step (row_fast.h). */
-static int fast_path(int64_t gpr, int64_t mg, int64_t wpg, int lanes) {
+/* Whether rows of this geometry take the fast path at `lanes` words per step (row_fast.h):
+ * groups of a power-of-two number of words, and at least one whole block per row. 16 lanes
+ * take blocks that tile the rows and the meta groups exactly; 8 lanes also take blocks that
+ * straddle meta groups of at least 8 groups, and rows that end in a part of a block (the
+ * 576-wide rows of the demo's SmolLM2 took 3-7x longer per weight on the per-row path), except
+ * with 4-bit meta codes on rows of an odd number of groups, whose blocks would start mid-byte. */
+static int fast_path(int64_t gpr, int64_t mg, int64_t wpg, int mb, int lanes) {
 #ifdef MP_AVX2
-    return gpr % lanes == 0 && mg % lanes == 0 && wpg > 0 && (wpg & (wpg - 1)) == 0;
+    if (wpg <= 0 || (wpg & (wpg - 1)) != 0) return 0;
+    if (gpr % lanes == 0 && mg % lanes == 0) return 1;
+    /* a block then meets at most two meta groups, and its tail's copies stay small (row_fast.h) */
+    return lanes == 8 && gpr >= 8 && mg >= 8 && wpg <= 64 && !(mb == 4 && gpr % 2);
 #else
-    (void)gpr, (void)mg, (void)wpg, (void)lanes;
+    (void)gpr, (void)mg, (void)wpg, (void)mb, (void)lanes;
     return 0;
 #endif
 }
@@ -171,19 +179,25 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     g->gpr = m->K / m->group;
     g->wpg = m->group / g->cu;
     g->h = g->cu / 2;
-    g->fast = fast_path(g->gpr, m->mg, g->wpg, 8);
-    g->xb = mp_wide_on && fast_path(g->gpr, m->mg, g->wpg, 16) ? 16 : 8;
+    g->fast = fast_path(g->gpr, m->mg, g->wpg, m->mb, 8);
+    g->xb = mp_wide_on && fast_path(g->gpr, m->mg, g->wpg, m->mb, 16) ? 16 : 8;
     g->Up = (g->U + g->xb - 1) / g->xb * g->xb;
     g->wl = log2i(g->wpg);
     g->tele = m->bits == 2;
     return MP_OK;
 }
 
+/* A row's last part-block (row_fast.h) reads x's padding words and up to 16 floats past the
+ * last token's Xg, with scale 0: both are zeroed here, so that what it reads is finite. */
 static int xq_alloc(const mp_geo *g, int64_t T, mp_xq *q) {
     /* aligned_alloc wants a size that is a multiple of the alignment */
     q->xp = (int32_t *)aligned_alloc(64, (sizeof(int32_t) * (size_t)(T * g->h * g->Up) + 63) / 64 * 64);
-    q->dX = (float *)malloc(sizeof(float) * (size_t)(T * (2 * g->U + g->gpr)));
-    return q->xp && q->dX ? MP_OK : MP_NOMEM;
+    q->dX = (float *)malloc(sizeof(float) * (size_t)(T * (2 * g->U + g->gpr) + 16));
+    if (!q->xp || !q->dX) return MP_NOMEM;
+    const int64_t block = g->h * g->xb;  /* a block of x's pairs: words [Up - xb, Up) */
+    for (int64_t t = 0; t < T; t++) memset(q->xp + (t + 1) * g->h * g->Up - block, 0, sizeof(int32_t) * (size_t)block);
+    memset(q->dX + T * (2 * g->U + g->gpr), 0, sizeof(float) * 16);
+    return MP_OK;
 }
 
 static void xq_free(mp_xq *q) {
@@ -222,6 +236,7 @@ static inline float silu(float a) { return a / (1.0f + expf(-a)); }
 #ifdef MP_AVX2
 /* The fast path (row_fast.h) at 8 lanes, and at 16 where vec.h has them. */
 #define RF_ROW row_fast8
+#define RF_BLOCKS row_blocks8
 #define RF_L 8
 #define RF_(op) v8_##op
 #define RF_VI v8i
@@ -229,6 +244,7 @@ static inline float silu(float a) { return a / (1.0f + expf(-a)); }
 #include "row_fast.h"
 #if MP_WIDE
 #define RF_ROW row_fast16
+#define RF_BLOCKS row_blocks16
 #define RF_L 16
 #define RF_(op) v16_##op
 #define RF_VI v16i

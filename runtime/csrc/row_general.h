@@ -5,31 +5,37 @@
 #ifndef MP_ROW_GENERAL_H
 #define MP_ROW_GENERAL_H
 
+/* Word j's codes (hw: its 3-bit high plane) times x's int16 pairs, x in blocks of xb words. */
+static inline int32_t word_dot(uint32_t word, uint32_t hw, int bits, int w, const int32_t *xp, int xb, int64_t j) {
+    const int h = 16 / w, tele = bits == 2;
+    const uint32_t mask = (1u << w) - 1u;
+    int32_t dot = 0;
+    for (int p = 0; p < h; p++) {
+        /* telescoped (2-bit, p >= 1): the half shifted, its higher codes kept (vec.h, _pair) */
+        const uint32_t m = tele && p > 0 ? 0xFFFFu : mask;
+        int32_t c0 = (int32_t)(((word & 0xFFFFu) >> (w * p)) & m), c1 = (int32_t)((word >> (16 + w * p)) & m);
+        if (bits == 3) {
+            c0 |= (int32_t)(((hw >> p) & 1u) << 2);
+            c1 |= (int32_t)(((hw >> (h + p)) & 1u) << 2);
+        }
+        const int32_t pair = xp[XPI(xb, h, p, j)];
+        dot += c0 * (int32_t)(int16_t)(pair & 0xFFFF) + c1 * (int32_t)(int16_t)((uint32_t)pair >> 16);
+    }
+    return dot;
+}
+
 /* sum over words [j0, j1) of row n, portable C (the tail of the AVX2 loop, or all of it). */
 static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w, int64_t U, int64_t j0, int64_t j1,
                         const int32_t *xp, const float *d, const float *X, const float *sw, const float *zw) {
-    const int cu = 32 / w, h = cu / 2, tele = bits == 2;
-    const uint32_t mask = (1u << w) - 1u;
+    (void)U;
     float acc = 0.0f;
     for (int64_t j = j0; j < j1; j++) {
-        const uint32_t word = qn[j];
-        const uint32_t hw = bits == 3 ? hn[j] : 0u;
-        int32_t dot = 0;
-        for (int p = 0; p < h; p++) {
-            /* telescoped (2-bit, p >= 1): the half shifted, its higher codes kept (vec.h, _pair) */
-            const uint32_t m = tele && p > 0 ? 0xFFFFu : mask;
-            int32_t c0 = (int32_t)(((word & 0xFFFFu) >> (w * p)) & m), c1 = (int32_t)((word >> (16 + w * p)) & m);
-            if (bits == 3) {
-                c0 |= (int32_t)(((hw >> p) & 1u) << 2);
-                c1 |= (int32_t)(((hw >> (h + p)) & 1u) << 2);
-            }
-            const int32_t pair = xp[XPI(8, h, p, j)];
-            dot += c0 * (int32_t)(int16_t)(pair & 0xFFFF) + c1 * (int32_t)(int16_t)((uint32_t)pair >> 16);
-        }
+        const int32_t dot = word_dot(qn[j], bits == 3 ? hn[j] : 0u, bits, w, xp, 8, j);
         acc += sw[j] * (d[j] * (float)dot - zw[j] * X[j]);
     }
     return acc;
 }
+
 
 #ifdef MP_AVX2
 /* The same sum, 8 words per step. W and BITS are constants at each call site, so the pair

@@ -39,6 +39,11 @@ AI v8f v8_zerof(void) { return _mm256_setzero_ps(); }
 AI v8f v8_mul(v8f a, v8f b) { return _mm256_mul_ps(a, b); }
 AI v8f v8_fma(v8f a, v8f b, v8f c) { return _mm256_fmadd_ps(a, b, c); }
 AI v8f v8_permute(v8f s, v8i idx) { return _mm256_permutevar8x32_ps(s, idx); }
+/* lanes l < k from a, the others from b */
+AI v8f v8_first(int64_t k, v8f a, v8f b) {
+    const int32_t kk = (int32_t)(k < 0 ? 0 : k > 8 ? 8 : k);
+    return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(kk), v8_iota())));
+}
 
 AI float v8_hsum(v8f v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -88,6 +93,10 @@ AI v16f v16_zerof(void) { return _mm512_setzero_ps(); }
 AI v16f v16_mul(v16f a, v16f b) { return _mm512_mul_ps(a, b); }
 AI v16f v16_fma(v16f a, v16f b, v16f c) { return _mm512_fmadd_ps(a, b, c); }
 AI v16f v16_permute(v16f s, v16i idx) { return _mm512_permutexvar_ps(idx, s); }
+AI v16f v16_first(int64_t k, v16f a, v16f b) {
+    const int32_t kk = (int32_t)(k < 0 ? 0 : k > 16 ? 16 : k);
+    return _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(_mm512_set1_epi32(kk), v16_iota()), b, a);
+}
 AI float v16_hsum(v16f v) {  /* the upper half through a 64-bit extract: AVX512F (32-bit lanes need DQ) */
     return v8_hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
 }
@@ -127,6 +136,7 @@ AI v8f mp_pick16(v16f s, v8i idx) {
     return _mm256_blendv_ps(v8_permute(s.lo, idx), v8_permute(s.hi, idx), hi_mask);
 }
 AI v16f v16_permute(v16f s, v16i idx) MP_HALVES_F(mp_pick16(s, idx.lo), mp_pick16(s, idx.hi))
+AI v16f v16_first(int64_t k, v16f a, v16f b) MP_HALVES_F(v8_first(k, a.lo, b.lo), v8_first(k - 8, a.hi, b.hi))
 AI float v16_hsum(v16f v) { return v8_hsum(_mm256_add_ps(v.lo, v.hi)); }
 AI v16i v16_meta(const uint8_t *codes, int64_t i, const int mb) MP_HALVES_I(v8_meta(codes, i, mb), v8_meta(codes, i + 8, mb))
 #endif

@@ -77,6 +77,15 @@ CASES = [
     (QuantSpec(2, 16, 4, 5), 24, 256),  # per-row path, odd meta groups
     (QuantSpec(3, 16, 4, 7), 8, 208),  # 13 groups per row: rows start on odd groups
     (QuantSpec(2, 96, 4, 128), 16, 384),
+    # rows that end in a part of a block, and blocks across meta groups (8 lanes: meta groups of
+    # 8 groups or more): the demo's SmolLM2 is 576 wide
+    (QuantSpec(4, 64, 8, 256), 24, 576),  # 9 groups per row: a block and 1 group of 8 words
+    (QuantSpec(2, 16, 4, 128), 40, 576),  # 36 groups: 4 blocks and 4 groups; rows cross meta groups mid-block
+    (QuantSpec(2, 16, 8, 9), 24, 400),  # meta groups of 9: most blocks straddle two
+    (QuantSpec(3, 64, 8, 12), 16, 704),  # 11 groups per row, meta groups of 12
+    (QuantSpec(2, 32, 8, 64), 16, 352),  # 11 groups of 2 words: the last 3 in one vector step
+    (QuantSpec(4, 128, 8, 16), 8, 1152),  # 9 groups of 16 words: the last group in two vector steps
+    (QuantSpec(3, 64, 4, 128), 16, 576),  # 4-bit meta on rows of 9 groups: per-row path (mid-byte starts)
 ]
 
 

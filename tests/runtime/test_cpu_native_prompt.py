@@ -62,6 +62,26 @@ def test_any_fast_geometry_batches_tokens_exactly(bits, words_per_group, blocks,
 
 
 @needs_native
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), words_per_group=st.sampled_from([1, 2, 4, 8]), groups=st.integers(8, 40),
+       rows=st.integers(1, 30), mg=st.integers(8, 200), tokens=st.integers(2, 9), seed=st.integers(0, 2**16),
+       meta_bits=st.sampled_from([8, 4]))
+def test_part_blocks_and_straddling_blocks_batch_tokens_exactly(bits, words_per_group, groups, rows, mg, tokens, seed,
+                                                                meta_bits):
+    """Rows of any number of groups (a part-block at the end) and meta groups of 8 groups or
+    more (blocks across two): bit for bit token by token, and the rounded reference."""
+    cu = 8 if bits == 4 else 16
+    spec = QuantSpec(bits, cu * words_per_group, meta_bits, mg)
+    k = spec.group_size * groups
+    data, w = packed((rows, k), spec, seed=seed)
+    x = np.random.default_rng(seed).standard_normal((tokens, k)).astype(np.float32)
+    y = assert_tokens_batch_exactly(lambda *a: run(*a, threads=2), data, (rows, k), spec, x)
+    xq = quantize_x(x, cu, x_steps(bits))
+    ref = xq @ w.astype(np.float64).T
+    assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(xq) @ np.abs(w.astype(np.float64)).T) + 1e-9)
+
+
+@needs_native
 @pytest.mark.parametrize("spec,n,k", CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
 def test_dequant_is_the_reference_bit_for_bit(spec, n, k):
     """moepack_dequant: every geometry of CASES (fast and per-row, 2/3/4-bit codes, 8- and 4-bit
