@@ -25,7 +25,7 @@ import torch
 
 from formats.packing import plane_widths
 from formats.qtensor import QuantSpec, matrix_layout
-from runtime.dequant import ITEMSIZE, component_tensors, dequantize_meta, meta_codes, unpack_codes
+from runtime.dequant import ITEMSIZE, component_tensors, dequantize_meta, group_meta, unpack_codes
 
 # Elements per chunk of the row loops: the float32 temporaries of one chunk stay ~16 MB, so a
 # CPU quantize never holds a second full-size float32 copy of a matrix.
@@ -143,13 +143,7 @@ def stored_error(W: torch.Tensor, buf: torch.Tensor, spec: QuantSpec) -> float:
     rows, cols = W.shape
     g = spec.group_size
     comps = component_tensors(buf, (rows, cols), spec)
-    if spec.meta_bits == 16:
-        s, z = comps["scale"].to(torch.float32), comps["zero"].to(torch.float32)
-    else:
-        n = rows * cols // g
-        s = dequantize_meta(meta_codes(comps["scale"], n, spec.meta_bits), comps["scale_meta"], spec.meta_group_size)
-        z = dequantize_meta(meta_codes(comps["zero"], n, spec.meta_bits), comps["zero_meta"], spec.meta_group_size)
-    s, z = s.view(rows, -1, 1), z.view(rows, -1, 1)
+    s, z = group_meta(comps, (rows, cols), spec)  # [rows, groups, 1]
     planes = {k: v for k, v in comps.items() if k in ("q", "q_hi")}
     err_rows, norm_rows = [], []
     for r in _row_chunks(rows, cols):

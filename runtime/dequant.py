@@ -144,6 +144,18 @@ def dequantize_meta(codes: torch.Tensor, meta: torch.Tensor, group: int) -> torc
     return per[:, 0] * codes.to(torch.float32) + per[:, 1]
 
 
+def group_meta(comps: dict[str, torch.Tensor], shape: tuple[int, int], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized matrix's per-group scale and zero, float32 [rows, groups, 1] each."""
+    rows, cols = shape
+    if spec.meta_bits == 16:
+        s, z = comps["scale"].to(torch.float32), comps["zero"].to(torch.float32)
+    else:
+        n_groups = rows * cols // spec.group_size
+        s = dequantize_meta(meta_codes(comps["scale"], n_groups, spec.meta_bits), comps["scale_meta"], spec.meta_group_size)
+        z = dequantize_meta(meta_codes(comps["zero"], n_groups, spec.meta_bits), comps["zero_meta"], spec.meta_group_size)
+    return s.view(rows, -1, 1), z.view(rows, -1, 1)
+
+
 def dequantize(comps: dict[str, torch.Tensor], shape: tuple[int, ...], spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
     """W [rows, cols] in `dtype`, computed in float32: W[r, c] = (q - z_g) * s_g."""
     if not spec.quantized:
@@ -151,11 +163,6 @@ def dequantize(comps: dict[str, torch.Tensor], shape: tuple[int, ...], spec: Qua
     rows, cols = shape
     g = spec.group_size
     q = unpack_codes(comps, spec.bits, cols).to(torch.float32).view(rows, cols // g, g)
-    if spec.meta_bits == 16:
-        s, z = comps["scale"].to(torch.float32), comps["zero"].to(torch.float32)
-    else:
-        n_groups = rows * cols // g
-        s = dequantize_meta(meta_codes(comps["scale"], n_groups, spec.meta_bits), comps["scale_meta"], spec.meta_group_size)
-        z = dequantize_meta(meta_codes(comps["zero"], n_groups, spec.meta_bits), comps["zero_meta"], spec.meta_group_size)
-    w = (q - z.view(rows, -1, 1)) * s.view(rows, -1, 1)  # [rows, groups, g]
+    s, z = group_meta(comps, (rows, cols), spec)
+    w = (q - z) * s  # [rows, groups, g]
     return w.view(rows, cols).to(dtype)

@@ -51,12 +51,17 @@ def test_any_fast_geometry_batches_tokens_exactly(bits, words_per_group, blocks,
     or 4 tokens per pass): any token count gives the token-by-token result bit for bit, and the
     rounded reference."""
     cu = 8 if bits == 4 else 16
-    spec = QuantSpec(bits, cu * words_per_group, meta_bits, 8 * mg_blocks)
-    k = spec.group_size * 8 * blocks
+    _batches_exactly(QuantSpec(bits, cu * words_per_group, meta_bits, 8 * mg_blocks), rows, blocks * 8, tokens, seed)
+
+
+def _batches_exactly(spec: QuantSpec, rows: int, groups: int, tokens: int, seed: int) -> None:
+    """Tokens through one pass equal them one at a time, bit for bit, and the rounded reference."""
+    cu = 8 if spec.bits == 4 else 16
+    k = spec.group_size * groups
     data, w = packed((rows, k), spec, seed=seed)
     x = np.random.default_rng(seed).standard_normal((tokens, k)).astype(np.float32)
     y = assert_tokens_batch_exactly(lambda *a: run(*a, threads=2), data, (rows, k), spec, x)
-    xq = quantize_x(x, cu, x_steps(bits))
+    xq = quantize_x(x, cu, x_steps(spec.bits))
     ref = xq @ w.astype(np.float64).T
     assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(xq) @ np.abs(w.astype(np.float64)).T) + 1e-9)
 
@@ -71,14 +76,7 @@ def test_part_blocks_and_straddling_blocks_batch_tokens_exactly(bits, words_per_
     """Rows of any number of groups (a part-block at the end) and meta groups of 8 groups or
     more (blocks across two): bit for bit token by token, and the rounded reference."""
     cu = 8 if bits == 4 else 16
-    spec = QuantSpec(bits, cu * words_per_group, meta_bits, mg)
-    k = spec.group_size * groups
-    data, w = packed((rows, k), spec, seed=seed)
-    x = np.random.default_rng(seed).standard_normal((tokens, k)).astype(np.float32)
-    y = assert_tokens_batch_exactly(lambda *a: run(*a, threads=2), data, (rows, k), spec, x)
-    xq = quantize_x(x, cu, x_steps(bits))
-    ref = xq @ w.astype(np.float64).T
-    assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(xq) @ np.abs(w.astype(np.float64)).T) + 1e-9)
+    _batches_exactly(QuantSpec(bits, cu * words_per_group, meta_bits, mg), rows, groups, tokens, seed)
 
 
 @needs_native
