@@ -133,8 +133,7 @@ static int fast_path(int64_t gpr, int64_t mg, int64_t wpg, int mb, int lanes) {
 #ifdef MP_AVX2
     if (wpg <= 0 || (wpg & (wpg - 1)) != 0) return 0;
     if (gpr % lanes == 0 && mg % lanes == 0) return 1;
-    /* a block then meets at most two meta groups, and its tail's copies stay small (row_fast.h) */
-    return lanes == 8 && gpr >= 8 && mg >= 8 && wpg <= 64 && !(mb == 4 && gpr % 2);
+    return lanes == 8 && gpr >= 8 && mg >= 8 && !(mb == 4 && gpr % 2);  /* a block meets two meta groups at most */
 #else
     (void)gpr, (void)mg, (void)wpg, (void)mb, (void)lanes;
     return 0;
@@ -187,7 +186,7 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     return MP_OK;
 }
 
-/* A row's last part-block (row_fast.h) reads x's padding words and up to 16 floats past the
+/* A row's last part-block (row_fast.h) reads x's padding words and up to 7 floats past the
  * last token's Xg, with scale 0: both are zeroed here, so that what it reads is finite. */
 static int xq_alloc(const mp_geo *g, int64_t T, mp_xq *q) {
     /* aligned_alloc wants a size that is a multiple of the alignment */

@@ -13,10 +13,10 @@
  * multiple of RF_L groups, or rows that are not). The groups past the row's last whole block
  * (fewer than RF_L) are one more block whose lanes past the row have scale and zero 0. What
  * they read there is finite and adds exact zeros: the next row's codes and meta codes, or the
- * bytes after the matrix's codes (FORMAT.md puts its meta floats there), meet x's padding words,
- * which xq_alloc zeroes, and the next token's d or xq_alloc's zeros. With 4-bit meta codes every block must start on an even
- * group (qgemv_cpu.c, fast_path). x is in blocks of RF_L words
- * (qgemv_cpu.c, XPI). Xg: x summed per group (per token).
+ * bytes after the matrix's codes (FORMAT.md puts its meta floats there), meet x's padding
+ * words, which xq_alloc zeroes, and the next token's d or xq_alloc's zeros. With 4-bit meta
+ * codes every block must start on an even group (qgemv_cpu.c, fast_path). x is in blocks of
+ * RF_L words (qgemv_cpu.c, XPI). Xg: x summed per group (per token).
  *     y = sum_j s_j d_j f_j  -  sum_g s_g z_g Xg_g      (f_j: word j's integer dot)
  * both in one sum per token and lane. */
 

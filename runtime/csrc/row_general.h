@@ -27,7 +27,6 @@ static inline int32_t word_dot(uint32_t word, uint32_t hw, int bits, int w, cons
 /* sum over words [j0, j1) of row n, portable C (the tail of the AVX2 loop, or all of it). */
 static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w, int64_t U, int64_t j0, int64_t j1,
                         const int32_t *xp, const float *d, const float *X, const float *sw, const float *zw) {
-    (void)U;
     float acc = 0.0f;
     for (int64_t j = j0; j < j1; j++) {
         const int32_t dot = word_dot(qn[j], bits == 3 ? hn[j] : 0u, bits, w, xp, 8, j);
@@ -35,7 +34,6 @@ static float row_scalar(const uint32_t *qn, const uint16_t *hn, int bits, int w,
     }
     return acc;
 }
-
 
 #ifdef MP_AVX2
 /* The same sum, 8 words per step. W and BITS are constants at each call site, so the pair
