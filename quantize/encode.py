@@ -152,9 +152,10 @@ def stored_error(W: torch.Tensor, buf: torch.Tensor, spec: QuantSpec) -> float:
         w = W[r].to(torch.float32)
         d = (w - approx.view(-1, cols)).to(torch.float64)
         w64 = w.to(torch.float64)
-        # per-row sums (one thread reduces a row, whatever the thread count), then an exactly
-        # rounded sum of the rows: the same float however the device splits its work, so the
-        # header, like the data, has the same bytes for the same input
+        # per-row sums, then an exactly rounded sum of the rows, so that the header, like the
+        # data, has the same bytes at any thread count: torch's CPU reductions split a row
+        # between threads only past 32768 values where a chunk has fewer rows than threads,
+        # while a float64 dot over the chunk splits it always
         err_rows.append((d * d).sum(dim=1))
         norm_rows.append((w64 * w64).sum(dim=1))
     err2 = math.fsum(torch.cat(err_rows).tolist())

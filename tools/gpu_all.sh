@@ -100,7 +100,9 @@
 #      LFU + hybrid at 8, 12 and 16 GiB with the 512-token prompt.
 #   3. STAGES="17" (staged w2 at 12 GiB, 16 and 8 CPU threads; this host's engine host time), or
 #      "7 11" if the CPU's figures matter more that day (the 16-lane rows, CPU-only 32 layers).
-# Then, with another lease: "10" (re-tune), "16", "14", "15", "18", "9".
+# Then, with another lease: "10" (re-tune), "16", "14", "15", "18", "9", and "4" (since the
+# seventeenth session the quantizer builds each matrix's bytes on the GPU: one expert's steps
+# timed, then a 1.2 GB checkpoint end to end; stage 1's test_encode.py checks its bytes there).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
