@@ -12,9 +12,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'. A CUDA device also becomes the
+    current one: Triton launches, CUDA graph captures and their memory pools go to the current
+    device, not their tensors', so on cuda:1 they would otherwise run on GPU 0."""
     if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     m = re.fullmatch(r"cuda(?::(\d+))?", name)
@@ -25,6 +27,7 @@ def resolve_device(name: str) -> torch.device:
     index = int(m.group(1)) if m.group(1) else 0
     if index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)", hint="pick an index that exists")
+    torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
 

@@ -32,8 +32,15 @@ def _stream_key(device: torch.device) -> int:
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A 1-D buffer of at least `numel` elements reused across calls (grown, never shrunk)."""
+    """A 1-D buffer of at least `numel` elements reused across calls (grown, never shrunk).
+
+    During a CUDA graph capture a plain allocation from the capturing graph's pool instead:
+    a cached buffer allocated there would be freed into that pool when it grows (or on
+    release_scratch) while the graph still writes it on every replay, and the next capture
+    into the pool could be handed the same memory."""
     device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=dtype, device=device)
     key = (device, dtype, _stream_key(device))
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:

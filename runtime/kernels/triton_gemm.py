@@ -3,9 +3,12 @@
 
 Why: the prefill path otherwise writes every expert matrix densely (2 bytes per weight) into a
 scratch buffer and reads it back in cuBLAS, 4 bytes of traffic per weight against the ~0.4 the
-packed matrix holds. Here a program decodes a [BLOCK_N, BLOCK_K] tile of W exactly as
-dequant_words_kernel does (same float32 arithmetic, rounded to x's dtype: the same weights the
-dense path multiplies) and feeds it to tl.dot against a [BLOCK_M, BLOCK_K] tile of x. Each
+packed matrix holds. Here a program decodes a [BLOCK_N, BLOCK_K] tile of W with
+dequant_words_kernel's float32 arithmetic, rounded to x's dtype, and feeds it to tl.dot against
+a [BLOCK_M, BLOCK_K] tile of x. Unlike the dequantize launches, this one keeps the compiler's
+FMA contraction (step * code + min in one rounding), so a weight can differ from the dense
+path's by one float32 ulp before the rounding to x's dtype: the decode is ALU work inside the
+GEMM's loop, where turning contraction off would cost instructions not yet measured. Each
 program re-decodes its W tiles, so the win needs few M tiles per matrix: a prompt's tokens per
 expert, not a batch of thousands.
 

@@ -90,8 +90,11 @@ def _load_meta(codes_ptr, meta_ptr, gidx, gmask, MB: tl.constexpr, MG: tl.conste
 def _row_meta(sm_ptr, zm_ptr, r, rmask, k0, K, G: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr):
     """(step, min) of the scales and of the zeros of the tile rows r (rmask: inside the matrix),
     in r's shape, for ROW_META launches (the tile's groups of a row share one meta group):
-    loaded once per row and tile."""
+    loaded once per row and tile. A tile past K (a split-K slice's last ones) loads zeros: its
+    mi would be the next row's meta group, past the matrix for the last row, and a NaN read
+    there times its masked codes' zeros is still NaN."""
     mi = (r * (K // G) + k0 // G) // MG
+    rmask = rmask & (r * 0 + k0 < K)  # in r's shape: a scalar condition fails the interpreter's loads
     return (_ld(sm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(sm_ptr + 2 * mi + 1, rmask, 0.0, EVEN),
             _ld(zm_ptr + 2 * mi, rmask, 0.0, EVEN), _ld(zm_ptr + 2 * mi + 1, rmask, 0.0, EVEN))
 

@@ -41,8 +41,9 @@ def int_x_ok(k: int, spec: QuantSpec) -> bool:
 
 def word_view(plane: torch.Tensor, itemsize: int = 4) -> torch.Tensor | None:
     """uint8 [N, B] plane as int32 words [N, B // 4] (itemsize 2: int16 half-words [N, B // 2]),
-    or None when its bytes are not aligned to the item size."""
-    if plane.data_ptr() % itemsize or plane.shape[1] % itemsize or plane.stride(1) != 1 or plane.stride(0) % itemsize:
+    or None when its bytes are not aligned to the item size, or its rows not back to back (the
+    kernels address row r at r * B // itemsize)."""
+    if plane.data_ptr() % itemsize or plane.shape[1] % itemsize or not plane.is_contiguous():
         return None
     return plane.view({4: torch.int32, 2: torch.int16}[itemsize])
 
@@ -62,4 +63,7 @@ def operand_args(comps: dict[str, torch.Tensor]) -> tuple | None:
     if q is None or qh is None:
         return None
     s, z = comps["scale"], comps["zero"]
-    return (q, qh, s, comps.get("scale_meta", s), z, comps.get("zero_meta", z))
+    sm, zm = comps.get("scale_meta", s), comps.get("zero_meta", z)
+    if not all(t.is_contiguous() for t in (s, sm, z, zm)):  # indexed by the flat group number
+        return None
+    return (q, qh, s, sm, z, zm)

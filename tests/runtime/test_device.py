@@ -1,11 +1,13 @@
-"""runtime.device: where the CUDA caching allocator's memory sits (no GPU needed: the
-allocator's snapshot is faked)."""
+"""runtime.device: --device names, the CUDA device they pick made the current one, and where
+the CUDA caching allocator's memory sits (no GPU needed: the CUDA calls are faked)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from runtime.device import cuda_memory_breakdown
+from formats.errors import ConfigError
+from runtime.device import cuda_memory_breakdown, resolve_device
 
 
 def test_memory_breakdown_splits_default_and_graph_pools(monkeypatch):
@@ -30,3 +32,33 @@ def test_memory_breakdown_splits_default_and_graph_pools(monkeypatch):
 
 def test_memory_breakdown_is_none_off_cuda():
     assert cuda_memory_breakdown(torch.device("cpu")) is None
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with two CUDA devices, as far as resolve_device can tell; the devices it makes
+    current are recorded."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    return current
+
+
+@pytest.mark.parametrize("name,index", [("cuda:1", 1), ("cuda:0", 0), ("cuda", 0), ("auto", 0)])
+def test_a_cuda_device_becomes_the_current_one(two_gpus, name, index):
+    # Triton launches and graph captures follow the current device: cuda:1 must not run on GPU 0
+    assert resolve_device(name) == torch.device("cuda", index)
+    assert two_gpus == [index]
+
+
+def test_the_cpu_changes_no_cuda_device(two_gpus):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert two_gpus == []
+
+
+@pytest.mark.parametrize("name,message", [("cuda:2", "has 2 CUDA device"), ("gpu", "is not one of"), ("cuda:x", "is not one of")])
+def test_devices_that_do_not_exist_are_refused(two_gpus, name, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(name)
+    assert two_gpus == []

@@ -102,13 +102,38 @@ def test_dequantize_cases_cover_both_kernels():
 
 
 def test_dequantize_words_need_aligned_planes():
-    """A plane that does not start on a 4-byte boundary cannot be read as words (the caller then
-    takes the byte-wise kernel)."""
+    """A plane that does not start on a 4-byte boundary cannot be read as words, nor one whose
+    rows are not back to back (the kernel addresses row r at r * its width); the caller then
+    takes the byte-wise kernel."""
     spec, shape = QuantSpec(2, 16, 8, 128), (8, 64)
-    plane = torch.zeros(8, 20, dtype=torch.uint8)
-    assert prefill._words(plane[:, :16], plane[:, :16], shape, spec) is not None
-    assert prefill._words(plane[:, 1:17], plane[:, :16], shape, spec) is None
-    spec3 = QuantSpec(3, 16, 8, 128)  # its high plane is read as 16-bit half-words
-    assert prefill._words(plane[:, :16], plane[:, 2:10], shape, spec3) is not None
-    assert prefill._words(plane[:, :16], plane[:, 1:9], shape, spec3) is None
+    buf = torch.zeros(8 * 20 + 4, dtype=torch.uint8)
 
+    def plane(start, width):  # rows of `width` bytes, back to back from byte `start`
+        return buf[start : start + 8 * width].view(8, width)
+
+    assert prefill._words(plane(0, 16), plane(0, 16), shape, spec) is not None
+    assert prefill._words(plane(1, 16), plane(0, 16), shape, spec) is None
+    assert prefill._words(plane(0, 20)[:, :16], plane(0, 16), shape, spec) is None  # rows 20 bytes apart
+    spec3 = QuantSpec(3, 16, 8, 128)  # its high plane is read as 16-bit half-words
+    assert prefill._words(plane(0, 16), plane(2, 8), shape, spec3) is not None
+    assert prefill._words(plane(0, 16), plane(1, 8), shape, spec3) is None
+
+
+@pytest.mark.cuda
+def test_scratch_taken_in_a_graph_capture_is_the_graphs_own():
+    """The cached buffer is freed when it grows: a graph that baked in its address would write
+    into memory handed to someone else on every replay. Inside a capture the buffer is an
+    allocation of the graph's own pool, and the cache outside stays as it was."""
+    dev = torch.device("cuda")
+    prefill.release_scratch()
+    cached = prefill.scratch(dev, torch.float16, 1 << 12)
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        inside = prefill.scratch(dev, torch.float16, 1 << 12)
+        inside.fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert inside.data_ptr() != cached.data_ptr() and bool((inside == 1.0).all())
+    assert prefill.scratch(dev, torch.float16, 1 << 12).data_ptr() == cached.data_ptr()
+    prefill.release_scratch()

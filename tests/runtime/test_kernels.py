@@ -95,6 +95,42 @@ def test_gemv_with_int16_activations(device, spec, shape, tokens, config, poison
     assert rel_err(y, reference_matmul(x, w)) < tol
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("int_x", [False, True])
+def test_split_k_tiles_past_k_read_no_meta_past_the_matrix(device, int_x, poison):
+    """7 tiles of K in 2 slices of 4: the second slice's last tile lies past K. Its codes are
+    masked, and so must its (step, min) loads be (ROW_META): for the last row they would read
+    the meta group after the matrix's last, here NaN bytes, and NaN * 0 is NaN."""
+    spec, shape = QuantSpec(2, 16, 8, 4), (32, 448)
+    config = GemvConfig(block_n=16, block_k=64, split_k=2, int_x=int_x)
+    data, w = packed(shape, spec, seed=5)
+    buf = on_device(data + b"\xff" * 256, device)  # 0xffffffff: a float32 NaN
+    comps = component_tensors(buf[: len(data)], shape, spec)
+    x = torch.randn(2, shape[1], generator=torch.Generator().manual_seed(5)).to(device, ACT[device][0])
+    plan = qgemv.launch_plan(x, shape, spec, False, config)
+    assert plan.kwargs["ROW_META"] and not plan.kwargs["EVEN"]
+    y = qgemv.gemv(x, [comps], shape, spec, config)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, reference_matmul(x, w)) < ACT[device][1]
+
+
+def test_planes_and_meta_whose_elements_are_not_back_to_back_take_the_fallback():
+    """The kernels address row r of a plane at r * its width, and a group's scale at its flat
+    index: a row-strided plane or a strided scale array must not reach them."""
+    from runtime.kernels.words import operand_args
+
+    spec, shape = QuantSpec(2, 16, 8, 128), (32, 256)
+    data, _ = packed(shape, spec, seed=1)
+    comps = component_tensors(on_device(data, "cpu"), shape, spec)
+    assert operand_args(comps) is not None
+    wide = torch.zeros(shape[0], 2 * comps["q"].shape[1], dtype=torch.uint8)
+    wide[:, : comps["q"].shape[1]] = comps["q"]
+    assert operand_args({**comps, "q": wide[:, : comps["q"].shape[1]]}) is None  # word aligned, rows apart
+    assert operand_args({**comps, "scale": torch.repeat_interleave(comps["scale"], 2)[::2]}) is None
+    x = torch.randn(1, shape[1])
+    assert qgemv.gemv(x, [{**comps, "q": wide[:, : comps["q"].shape[1]]}], shape, spec) is None
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("spec,shape,tokens,config", INT_CASES[:2] + INT_CASES[4:5] + INT_CASES[6:7] + INT_CASES[8:9])
 def test_dp2a_is_its_emulation_bit_for_bit(spec, shape, tokens, config, monkeypatch):
