@@ -14,6 +14,7 @@ torch step it replaces (`decode_tok_s_torch_step`, a second decode of the same p
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import sys
 import tempfile
@@ -82,7 +83,11 @@ def graph_modes(choices: list[str] | str) -> list[str]:
 
 def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new_tokens: int, warmup: int,
             graphs: str = "off") -> dict:
+    # the previous run's model sits in reference cycles (its graphs and C step hold it), so only
+    # a collection frees its weights and graph pools before this run's peak is counted
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     cuda_graphs, routing = GRAPH_MODES[graphs]
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from formats.header import ExpertLayout, MatrixLayout  # noqa: E402
 from formats.qtensor import QuantSpec, matrix_layout  # noqa: E402
 from formats.spec import ALIGNMENT, COMPONENT_ALIGNMENT, align_up  # noqa: E402
 from runtime.dequant import component_tensors, dequantize  # noqa: E402
-from runtime.experts import expert_ffn  # noqa: E402
+from runtime.experts import plain_expert_ffn  # noqa: E402
 from runtime.kernels import (  # noqa: E402
     fused_expert_ffn,
     grouped_expert_ffn,
@@ -196,11 +196,11 @@ def bench_expert(name: str, spec: QuantSpec, shapes: Shapes, device, dtype, time
     plain_us = {}
     for t in sorted({1, shapes.prefill}):
         xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
-        plain_us[t] = timer.median_us(rotating(lambda i: expert_ffn(records[i], layout, xs[i], dtype), copies))
+        plain_us[t] = timer.median_us(rotating(lambda i: plain_expert_ffn(records[i], layout, xs[i], dtype), copies))
         rows.append(Row(case, t, "plain", plain_us[t], wbytes, wbytes / bw * 1e6, (wbytes / bw * 1e6) / plain_us[t]))
     for t in [*tokens, shapes.prefill]:
         xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(copies)]
-        ref = expert_ffn(records[0], layout, xs[0], torch.float32)
+        ref = plain_expert_ffn(records[0], layout, xs[0].float(), torch.float32)
         err = rel_err(fused_expert_ffn(records[0], layout, xs[0]), ref)
         us = timer.median_us(rotating(lambda i: fused_expert_ffn(records[i], layout, xs[i]), copies))
         floor = wbytes / bw * 1e6
@@ -239,7 +239,7 @@ def bench_prefill_paths(case: str, layout: ExpertLayout, records: list[torch.Ten
     rows = []
     for t in sorted({shapes.prefill // 4, shapes.prefill}):
         xs = [torch.randn(t, shapes.hidden, generator=gen).to(device, dtype) for _ in range(len(records))]
-        ref = expert_ffn(records[0], layout, xs[0], torch.float32)
+        ref = plain_expert_ffn(records[0], layout, xs[0].float(), torch.float32)
         for mode, path in (("dequant", "dequant+mm"), ("fused", "fused gemm")):
             with prefill_env(mode):
                 err = rel_err(fused_expert_ffn(records[0], layout, xs[0]), ref)
@@ -255,7 +255,7 @@ def bench_prefill_paths(case: str, layout: ExpertLayout, records: list[torch.Ten
     if indexed_supported(buf, layout, torch.zeros(1, shapes.hidden, dtype=dtype, device=device)):
         xs = torch.randn(e * t, shapes.hidden, generator=gen).to(device, dtype)
         offsets = torch.arange(0, (e + 1) * t, t, device=device)
-        ref = expert_ffn(records[1], layout, xs[t:2 * t], torch.float32)
+        ref = plain_expert_ffn(records[1], layout, xs[t:2 * t].float(), torch.float32)
         err = rel_err(grouped_expert_ffn(buf, 0, offsets, xs, layout, t)[t:2 * t], ref)
         us = timer.median_us(lambda: grouped_expert_ffn(buf, 0, offsets, xs, layout, t)) / e
         floor = wbytes / bw * 1e6
@@ -290,7 +290,7 @@ def bench_indexed(case: str, layout: ExpertLayout, records: list[torch.Tensor], 
     sels = [torch.tensor([(k * i + j) % n for j in range(k)], device=device) for i in range(n)]
     w = torch.full((k,), 1.0 / k, dtype=dtype, device=device)
     x = torch.randn(1, shapes.hidden, generator=gen).to(device, dtype)
-    ref = sum(expert_ffn(records[int(r)], layout, x, torch.float32) for r in sels[0].tolist()) / k
+    ref = sum(plain_expert_ffn(records[int(r)], layout, x.float(), torch.float32) for r in sels[0].tolist()) / k
     err = rel_err(indexed_expert_ffn(buf, sels[0], w, layout, x, configs), ref)
     us = timer.median_us(rotating(lambda i: indexed_expert_ffn(buf, sels[i], w, layout, x, configs), n)) / k
     wbytes = sum(m.nbytes for m in layout.matrices)

@@ -128,6 +128,36 @@ def test_meta16_overflow_names_the_tensor_and_suggests_meta8():
     assert err < 1e-4
 
 
+def test_a_zero_that_overflows_on_the_gpu_suggests_the_cpu():
+    """On CUDA hqq optimizes in float16, so a flat group's zero can overflow whatever meta the
+    file stores: the hint must not send the user to --meta-bits 8, which would not help."""
+    from formats.errors import SourceError
+    from quantize.hqq_codec import _encode
+
+    spec = QuantSpec(2, 16, 8, 128)
+    q, scale, zero = np.zeros((8, 64), np.uint8), np.full(32, 0.1, np.float32), np.full(32, -np.inf, np.float32)
+    with pytest.raises(SourceError) as e:
+        _encode("flat.weight", spec, "cuda", q=q, scale=scale, zero=zero)
+    assert e.value.message.startswith("tensor flat.weight:") and "--device cpu" in e.value.hint
+    with pytest.raises(SourceError) as e:
+        _encode("flat.weight", spec, "cpu", q=q, scale=scale, zero=zero)
+    assert "--device cpu" not in (e.value.hint or "")
+
+
+@pytest.mark.cuda
+def test_flat_groups_on_the_gpu_name_the_tensor_or_quantize():
+    from formats.errors import SourceError
+
+    W = torch.full((8, 64), 5.0)
+    W[:, ::2] += 1e-4  # 1/scale clamped to 2e4: zero = -1e5 is past float16, in which hqq works here
+    try:
+        _, err = encode_tensor(W, QuantSpec(2, 16, 8, 128), "cuda", "flat.weight")
+    except SourceError as e:  # what hqq 0.2.x does
+        assert e.message.startswith("tensor flat.weight:") and "--device cpu" in e.hint
+    else:  # an hqq that keeps float32 on the GPU
+        assert err < 1e-3
+
+
 @pytest.mark.parametrize("args", [("--attn-bits", "4", "--expert-bits", "2"), ("--attn-bits", "4", "--expert-bits", "3")])
 def test_recorded_errors_are_the_real_ones(tmp_path_factory, tiny_checkpoint, args):
     path = packed(tmp_path_factory, tiny_checkpoint, *args)
