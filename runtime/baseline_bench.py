@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import click
 import torch
@@ -129,12 +130,12 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
 
 def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: str = "auto", dtype: str = "auto",
               prompt_len: int = 16, new_tokens: int = 32, warmup: int = 3, workdir: Path | None = None,
-              graphs: list[str] | str = "both") -> list[dict]:
-    """One result dict per recipe (see the module docstring)."""
+              graphs: list[str] | str = "both") -> Iterator[dict]:
+    """One result dict per recipe and graph mode (see the module docstring), each as soon as it
+    is measured: a run cut short by a time limit keeps the rows it finished."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cfg = bench_config(layers, tiny)
-    results = []
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)  # a fresh folder is fine: the files are temporary
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -146,9 +147,8 @@ def run_bench(recipes: list[str], layers: int = 2, tiny: bool = False, device: s
             modes = graph_modes(graphs) if dev.type == "cuda" else ["off"]
             for g in modes:
                 r = run_one(path, dev, dt, prompt_len, new_tokens, warmup, graphs=g)
-                results.append({"recipe": name, "tiny": tiny, "build_s": round(build_s, 1), "cuda_graphs": g, **r})
+                yield {"recipe": name, "tiny": tiny, "build_s": round(build_s, 1), "cuda_graphs": g, **r}
             path.unlink()
-    return results
 
 
 def _check_recipes(ctx, param, names):

@@ -231,3 +231,12 @@ def test_a_misspelt_recipe_fails_at_parse_time(monkeypatch, capsys):
     with pytest.raises(pytest.fail.Exception, match="'4/2m8' is not one of"):
         _check_argparse(load_tool("profile_decode").main, "tools/profile_decode.py", ["--recipe", "4/2m8"],
                         monkeypatch, capsys)
+
+
+def test_tests_that_run_on_the_gpu_when_there_is_one_carry_the_cuda_marker():
+    """Stage 1 runs `pytest -m cuda`: a test file that switches its device to CUDA where there is
+    one, but carries no cuda marker, runs on the CPU in CI and never on the GPU host."""
+    switch = re.compile(r"""["']cuda["'] if CUDA""")
+    unmarked = [p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")
+                if switch.search(p.read_text()) and "mark.cuda" not in p.read_text()]
+    assert unmarked == []

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one call on the H100 host (budget: DEADLINE seconds, 560):
-#   0. machine facts; hqq from carried wheels (.whl/, see README "GPU checks");
+#   0. machine facts; hqq from carried wheels: build them here with `DISABLE_CUDA=1 pip wheel
+#      --no-deps -w .whl hqq==0.2.8.post1 termcolor` (hqq imports termcolor) and pass ".whl" in
+#      the call's carry (the folder is git-ignored);
 #   1. the cuda-marked tests;            2. tools/kernel_bench.py (kernels vs floors);
 #   3. runtime.baseline_bench (resident); 4. quantize.measure expert --device cuda, then a 1.2 GB
 #      checkpoint quantized on the GPU (quantize.measure memory --device cuda);
@@ -18,13 +20,14 @@
 #  11. CPU-only decode of 32 Mixtral-shape layers (4-bit attention packed, 2-bit experts) on
 #      the host's cores, against llama.cpp's CPU-only figure (FACTS.md 2b);
 #  12. experts with 4-bit meta codes (format version 2, 16% fewer bytes per expert): 32 layers
-#      resident (step graph, 512-token prefill), then LRU / LFU + hybrid at 8, 12, 16 GiB;
+#      resident (step graph, 512-token prefill), then an LFU cache without and with hybrid at
+#      8, 12, 16 GiB (stage 9 has the LRU policy's rows);
 #  13. int16 activations (dp2a, GemvConfig.int_x) against the float path, both on the heuristic
 #      configs (MOEPACK_NO_TUNING=1), so only the activation path differs: the kernel table,
 #      then 32 layers resident with 4-bit-meta 2-bit experts, each path;
 #  14. the decode step's small ops fused (kernels/decode_ops.py: ~6 launches per layer's dense
 #      part instead of ~27) against torch's ops (MOEPACK_FUSED_DECODE=0): the cuda tests of the
-#      fused kernels, the eager and step-graph profile of 2 layers, then 32 layers resident
+#      fused kernels, the step-graph profile of 2 layers, then 32 layers resident
 #      (4-bit-meta experts, step graph), each way;
 #  15. hybrid splits by rows (runtime/offload/split.py) against the fixed w1/w3 | w2 cut
 #      (MOEPACK_SPLIT_ROWS=0): 4-bit-meta experts, LFU + hybrid at 12 GiB, trace routing, 16 and
@@ -96,8 +99,8 @@
 #   1. STAGES="1 13": the cuda tests (everything sessions 3-16 built blind), then issue #6's
 #      figures on the untuned heuristic (int16 path): the kernel table, 32 resident layers' decode
 #      and 512-token prefill, int against float.
-#   2. STAGES="12": the same 32 layers on the built-in tuned table, then issue #7's table: LRU and
-#      LFU + hybrid at 8, 12 and 16 GiB with the 512-token prompt.
+#   2. STAGES="12": the same 32 layers on the built-in tuned table, then issue #7's table: LFU
+#      without and with hybrid at 8, 12 and 16 GiB with the 512-token prompt.
 #   3. STAGES="17" (staged w2 at 12 GiB, 16 and 8 CPU threads; this host's engine host time), or
 #      "7 11" if the CPU's figures matter more that day (the 16-lane rows, CPU-only 32 layers).
 # Then, with another lease: "10" (re-tune), "16", "14", "15", "18", "9", and "4" (since the
@@ -127,7 +130,8 @@ fi
   date -u
   nvidia-smi --query-gpu=name,memory.total,memory.used,pcie.link.gen.current,pcie.link.width.current --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-200
+  lscpu | grep -E "Model name|^CPU\(s\)"
+  echo "vector extensions: $(grep -o -w -E 'avx2|fma|avx512[a-z_0-9]*|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
   free -g | head -2
 } >> "$OUT/all.log" 2>&1
 
@@ -201,14 +205,15 @@ has 12 && run resident_32_m4 150 bash -c "$PY -m runtime.baseline_bench --layers
 has 12 && run bench_m4 300 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 --tokens ${TOKENS:-16} \
   --warmup 8 --routing trace --variant lru --variant hybrid --cache-policy lfu --gpu-memory 8GiB --gpu-memory 12GiB \
   --gpu-memory 16GiB --prefill-len 512 --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_m4.json" $BENCH_FLAGS
-# int16 activations against the float path: heuristic configs for both (no tuned table)
-has 13 && run kernel_bench_untuned 120 env MOEPACK_NO_TUNING=1 $PY tools/kernel_bench.py \
-  --json "$OUT/kernel_bench_untuned.json" ${KB_FLAGS:-}
+# int16 activations against the float path: heuristic configs for both (no tuned table); the
+# 32 resident layers each way first (issue #6's decode and prompt figures), then the kernel table
 for path in int float; do
-  has 13 && run resident_32_$path 150 bash -c "MOEPACK_NO_TUNING=1 MOEPACK_GEMV_INT=$([ $path = int ] && echo 1 || echo 0) \
+  has 13 && run resident_32_$path 130 bash -c "MOEPACK_NO_TUNING=1 MOEPACK_GEMV_INT=$([ $path = int ] && echo 1 || echo 0) \
     $PY -m runtime.baseline_bench --layers 32 --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 64 \
     > $OUT/resident_32_$path.jsonl"
 done
+has 13 && run kernel_bench_untuned 120 env MOEPACK_NO_TUNING=1 $PY tools/kernel_bench.py \
+  --json "$OUT/kernel_bench_untuned.json" ${KB_FLAGS:-}
 has 14 && run pytest_fused 90 $PY -m pytest -m cuda -q -p no:cacheprovider -rfEs tests/runtime/test_decode_ops.py \
   tests/runtime/test_step_graph.py
 for fused in 1 0; do

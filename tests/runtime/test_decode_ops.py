@@ -16,6 +16,8 @@ from .interpreter import CUDA, interpreted_kernels, use_interpreter
 
 interpreted_kernels()
 DEV = "cuda" if CUDA else "cpu"
+# on a GPU these run compiled: `pytest -m cuda` (tools/gpu_all.sh) must select them
+pytestmark = [pytest.mark.cuda] if CUDA else []
 DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if CUDA else [])
 
 

@@ -18,6 +18,8 @@ from .interpreter import CUDA, interpreted_kernels, use_interpreter
 from .test_offload_helpers import tiny_file
 
 interpreted_kernels()
+# on a GPU these run compiled: `pytest -m cuda` (tools/gpu_all.sh) must select them
+pytestmark = [pytest.mark.cuda] if CUDA else []
 
 
 class _Replay:
