@@ -53,6 +53,28 @@ def test_meta16_decodes_exactly_to_hqq_dequantize(weight, bits, group):
     assert err == pytest.approx(relative_error(weight.float().numpy(), ours), rel=1e-12)
 
 
+def test_cpu_blocks_are_hqq_on_each_block_of_rows(weight, monkeypatch):
+    """On the CPU hqq runs on blocks of whole rows (its temporaries then stay in cache): each
+    block's codes, scales and zeros are hqq's for those rows, and the matrix's error stays
+    what one call over the whole matrix gives."""
+    import quantize.hqq_codec as hqq_codec
+
+    spec = QuantSpec(2, 16, 8, 128)
+    rows, cols = weight.shape
+    monkeypatch.setattr(hqq_codec, "HQQ_CPU_BLOCK", 40 * cols)  # blocks of 40, 40 and 16 rows
+    q, scale, zero = hqq_quantize(weight, spec, "cpu")
+    per_row = cols // spec.group_size
+    for r0 in (0, 40, 80):
+        W_q, meta = _hqq(weight[r0 : r0 + 40], spec.bits, spec.group_size)
+        r1 = min(r0 + 40, rows)
+        assert np.array_equal(q[r0:r1], W_q.reshape(r1 - r0, cols).numpy().astype(np.uint8))
+        assert np.array_equal(scale[r0 * per_row : r1 * per_row], meta["scale"].reshape(-1).numpy())
+        assert np.array_equal(zero[r0 * per_row : r1 * per_row], meta["zero"].reshape(-1).numpy())
+    blocked = encode_tensor(weight, spec, "cpu", "W")[1]
+    monkeypatch.setattr(hqq_codec, "HQQ_CPU_BLOCK", rows * cols)
+    assert blocked == pytest.approx(encode_tensor(weight, spec, "cpu", "W")[1], rel=0.02)
+
+
 @pytest.mark.parametrize("bits, group", SETTINGS)
 def test_meta8_stays_close_to_hqq(weight, bits, group):
     spec8 = QuantSpec(bits, group, 8, 128 if bits <= 3 else 256)
