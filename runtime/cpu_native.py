@@ -9,6 +9,10 @@ same from a source checkout, an editable install, a wheel, or the GPU host (Trit
 compiler there). Without a compiler, or on a layout it does not cover, runtime.cpu_expert falls
 back to the numba kernel, then to plain torch.
 
+Forked processes: the library's job thread starts afresh in a child, but OpenMP (libgomp) does
+not survive fork(), so a child forked after the kernel ran on more than one thread can hang in
+it; start worker processes with multiprocessing's "spawn" (or "forkserver") instead.
+
     MOEPACK_CPU_KERNEL=numba|torch   skip this kernel (compare paths, or rule it out)
     MOEPACK_CPU_WIDE=0               keep to 8-lane (256-bit) vectors on an AVX-512 CPU
     CC                                the compiler (default: cc, then gcc, then clang)
@@ -40,6 +44,7 @@ SOURCES = (SOURCE, JOBS_SOURCE, DENSE_SOURCE, DECODE_SOURCE)
 HEADERS = ("vec.h", "row_fast.h", "row_general.h", "packed.h")  # included by the sources: part of the build's cache key
 ABI_VERSION = 9
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
+BUSY = 3  # moepack_job_submit's: the queue is full (cpu_jobs.c MP_BUSY)
 
 
 class NativeBuildError(RuntimeError):
@@ -258,11 +263,15 @@ class NativeKernel:
         t = x.shape[0]
         h = torch.empty((t, inter), dtype=torch.float32)
         y = torch.empty((t, hidden), dtype=torch.float32) if hidden is not None else None
+        # state 2 (done) until submitted: a NativeJob dropped before its submit (an exception
+        # in between) then waits for nothing; once submitted, it holds the tensors until done
         job = _Job(record.data_ptr(), desc.data_ptr(), x.data_ptr(), t, h.data_ptr(),
-                   None if y is None else y.data_ptr(), int(threads or 0))
+                   None if y is None else y.data_ptr(), int(threads or 0), 0, 2)
+        handle = NativeJob(self, job, h, y, (record, desc, x))
         if self._job_submit(ctypes.byref(job)) != 0:
+            handle._rc = BUSY  # never queued: nothing to wait for
             return None
-        return NativeJob(self, job, h, y, (record, desc, x))
+        return handle
 
 
 # (spec, rows, cols) of the load-time check: each code width and meta width on the in-register

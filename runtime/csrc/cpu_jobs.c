@@ -72,9 +72,17 @@ static void *serve(void *arg) {
 }
 
 /* fork() copies the mutex in whatever state this process's threads leave it: hold it across
- * the fork, so the child gets it unlocked (and, with no server thread, starts its own). */
+ * the fork, so it is in no thread's hands. The child starts afresh: a new mutex, and new
+ * condition variables, since the copies still count the parent's server thread among their
+ * waiters (a signal to one would go to a thread the child does not have: its second job hung).
+ * Jobs queued or running at the fork belong to the parent; the child starts its own server. */
 static void fork_prepare(void) { pthread_mutex_lock(&mu); }
-static void fork_release(void) { pthread_mutex_unlock(&mu); }
+static void fork_parent(void) { pthread_mutex_unlock(&mu); }
+static void fork_child(void) {
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&queued, NULL);
+    pthread_cond_init(&finished, NULL);
+}
 
 /* Queue `j` (state, rc and seconds are set here). 0: queued; MP_BUSY: the queue is full or no
  * thread could be started (the caller runs moepack_expert itself). After a fork the child has
@@ -83,7 +91,7 @@ int moepack_job_submit(mp_job *j) {
     pthread_mutex_lock(&mu);
     if (owner != getpid()) {
         static int hooked;
-        if (!hooked && pthread_atfork(fork_prepare, fork_release, fork_release) == 0) hooked = 1;
+        if (!hooked && pthread_atfork(fork_prepare, fork_parent, fork_child) == 0) hooked = 1;
         pthread_t t;
         pthread_attr_t attr;
         head = count = 0;

@@ -418,7 +418,7 @@ int moepack_qgemv(const uint32_t *q, const uint16_t *qhi, const uint8_t *scale, 
                   int64_t K, const float *x, int64_t T, float *out, int threads) {
     const mp_mat m = {q, qhi, scale, zero, smeta, zmeta, mg, group, N, K, bits, mb};
     mp_geo g;
-    mp_xq xq;
+    mp_xq xq = {0};
     if (T <= 0 || geometry(&m, &g) != MP_OK || !all_finite(x, T * K)) return MP_UNSUPPORTED;
     if (xq_alloc(&g, T, &xq) != MP_OK) {
         xq_free(&xq);
@@ -452,7 +452,7 @@ int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, i
         (y != NULL && m2.K != m1.N) || (m3.bits == 3 && m3.qhi == NULL))
         return MP_UNSUPPORTED;
     if (!all_finite(x, T * m1.K)) return MP_UNSUPPORTED;
-    mp_xq x13, x2;
+    mp_xq x13 = {0}, x2 = {0};  /* zeroed: a failed first allocation skips the second, and both are freed */
     const int ok = xq_alloc(&g13, T, &x13) == MP_OK && (y == NULL || xq_alloc(&g2, T, &x2) == MP_OK);
     if (!ok) {
         xq_free(&x13);

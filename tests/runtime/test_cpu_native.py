@@ -224,3 +224,35 @@ def test_portable_build_without_vector_extensions(monkeypatch, tmp_path):
     w = torch.randn(12, 37).half()
     x = torch.randn(2, 37)
     assert torch.allclose(kernel.gemv_f16(w, x, 1), x @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+# the kernel's buffers for T tokens cannot be had: it must say so (a MemoryError in Python).
+# Before its buffer structs were zeroed, a failed first allocation had it free the second
+# one's uninitialised pointers: an abort ("munmap_chunk(): invalid pointer") or not, as the
+# stack happened to hold, so this test could pass on that code too.
+_OUT_OF_MEMORY = """
+import resource, sys, torch
+from formats.qtensor import QuantSpec
+from runtime.cpu_native import expert_descriptor, native_kernel
+from tests.runtime.kernel_cases import make_expert
+layout, data, _ = make_expert(256, 1024, QuantSpec(2, 16, 8, 128), seed=7)
+record, kernel, desc = torch.frombuffer(bytearray(data), dtype=torch.uint8), native_kernel(), expert_descriptor(layout)
+T = 200_000  # x and the outputs exist; the kernel's own activation buffers (~1 GB) will not fit
+x, h, y = torch.full((T, 256), 0.01), torch.empty(T, 1024), torch.empty(T, 256)
+kernel._expert(record.data_ptr(), desc.data_ptr(), x[:1].data_ptr(), 1, h.data_ptr(), y.data_ptr(), 1)
+used = int(open("/proc/self/statm").read().split()[0]) * 4096
+resource.setrlimit(resource.RLIMIT_AS, (used + (64 << 20), resource.RLIM_INFINITY))
+print(kernel._expert(record.data_ptr(), desc.data_ptr(), x.data_ptr(), T, h.data_ptr(), y.data_ptr(), 1))
+"""
+
+
+@needs_native
+def test_out_of_memory_is_an_error_code_not_a_crash():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert r.stdout.split()[-1] == "2"  # MP_NOMEM
