@@ -23,8 +23,8 @@
 #      resident (step graph, 512-token prefill), then an LFU cache without and with hybrid at
 #      8, 12, 16 GiB (stage 9 has the LRU policy's rows);
 #  13. int16 activations (dp2a, GemvConfig.int_x) against the float path, both on the heuristic
-#      configs (MOEPACK_NO_TUNING=1), so only the activation path differs: the kernel table,
-#      then 32 layers resident with 4-bit-meta 2-bit experts, each path;
+#      configs (MOEPACK_NO_TUNING=1), so only the activation path differs: 32 layers resident
+#      with 4-bit-meta 2-bit experts, each path, then the kernel table;
 #  14. the decode step's small ops fused (kernels/decode_ops.py: ~6 launches per layer's dense
 #      part instead of ~27) against torch's ops (MOEPACK_FUSED_DECODE=0): the cuda tests of the
 #      fused kernels, the step-graph profile of 2 layers, then 32 layers resident
@@ -97,8 +97,8 @@
 # (decode_tok_s_torch_step in its JSON): CPU-only against llama.cpp's 10.4 tok/s. Run "11" after "7".
 # A lease is 30 minutes of device time, three calls of ~9 minutes at most. In that order:
 #   1. STAGES="1 13": the cuda tests (everything sessions 3-16 built blind), then issue #6's
-#      figures on the untuned heuristic (int16 path): the kernel table, 32 resident layers' decode
-#      and 512-token prefill, int against float.
+#      figures on the untuned heuristic (int16 path): 32 resident layers' decode and 512-token
+#      prefill, int against float, then the kernel table.
 #   2. STAGES="12": the same 32 layers on the built-in tuned table, then issue #7's table: LFU
 #      without and with hybrid at 8, 12 and 16 GiB with the 512-token prompt.
 #   3. STAGES="17" (staged w2 at 12 GiB, 16 and 8 CPU threads; this host's engine host time), or
