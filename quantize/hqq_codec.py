@@ -41,15 +41,15 @@ def hqq_tensors(W: torch.Tensor, spec: QuantSpec, device: str) -> tuple[torch.Te
     scale = torch.empty(rows * cols // spec.group_size, dtype=torch.float32, device=device)
     zero = torch.empty_like(scale)
     for r0 in range(0, rows, step):
-        block = W[r0 : r0 + step]
-        g0, g1 = r0 * cols // spec.group_size, (r0 + block.shape[0]) * cols // spec.group_size
+        r1 = min(r0 + step, rows)
+        g0, g1 = r0 * cols // spec.group_size, r1 * cols // spec.group_size
         # axis=1 with group_size g groups g consecutive elements of the row-major matrix, i.e. g
         # consecutive columns of one row (g divides cols): exactly the format's groups.
         W_q, meta = Quantizer.quantize(
-            block.to(device), nbits=spec.bits, group_size=spec.group_size, axis=1, optimize=True, bitpack=False,
+            W[r0:r1].to(device), nbits=spec.bits, group_size=spec.group_size, axis=1, optimize=True, bitpack=False,
             device=device,
         )
-        q[r0 : r0 + block.shape[0]] = W_q.reshape(block.shape)  # W_q: [block groups, g], integer-valued floats
+        q[r0:r1] = W_q.reshape(r1 - r0, cols)  # W_q: [block groups, g], integer-valued floats
         scale[g0:g1] = meta["scale"].reshape(-1)
         zero[g0:g1] = meta["zero"].reshape(-1)
     return q, scale, zero

@@ -237,6 +237,6 @@ def test_tests_that_run_on_the_gpu_when_there_is_one_carry_the_cuda_marker():
     """Stage 1 runs `pytest -m cuda`: a test file that switches its device to CUDA where there is
     one, but carries no cuda marker, runs on the CPU in CI and never on the GPU host."""
     switch = re.compile(r"""["']cuda["'] if CUDA""")
-    unmarked = [p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")
-                if switch.search(p.read_text()) and "mark.cuda" not in p.read_text()]
+    texts = {p.relative_to(ROOT).as_posix(): p.read_text() for p in (ROOT / "tests").rglob("*.py")}
+    unmarked = [name for name, text in texts.items() if switch.search(text) and "mark.cuda" not in text]
     assert unmarked == []
