@@ -40,6 +40,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host tensor (a CPU expert's result, token positions) on `device`, in `dtype`,
+    without blocking the host. A copy from pageable memory waits until everything queued on
+    the stream has run, so the host could queue no more GPU work meanwhile; from a pinned copy
+    it is queued like a kernel. torch's pinned-memory cache keeps that copy's block until the
+    transfer is done, so it may be dropped at once."""
+    if device.type != "cuda":
+        return t if dtype is None else t.to(dtype)
+    t = t.pin_memory().to(device, non_blocking=True)
+    return t if dtype is None else t.to(dtype)
+
+
 def peak_memory(device: torch.device) -> tuple[str, int]:
     """('gpu', torch.cuda.max_memory_allocated) on CUDA, else ('rss', peak resident set) in bytes."""
     if device.type == "cuda":

@@ -14,6 +14,7 @@ from formats.header import ModelConfig
 from .attention import Attention
 from .cpu_step import CpuStep, cpu_step_refusal
 from .decode_graphs import DecodeGraphs
+from .device import to_device
 from .experts import ExpertBackend
 from .kv_cache import KVCache
 from .moe import MoEBlock
@@ -119,10 +120,7 @@ class MixtralModel(nn.Module):
             return F.embedding(tokens.to(self.device), self.embed).to(self.dtype)
         # a token on the device costs one small sync here; the offloading engine syncs on every
         # layer's routing anyway
-        rows = F.embedding(tokens.cpu(), self.embed)  # [T, H] on the host
-        if self.device.type == "cuda":
-            rows = rows.pin_memory()  # an async upload (torch's pinned cache keeps it until the copy ends)
-        return rows.to(self.device, non_blocking=True).to(self.dtype)
+        return to_device(F.embedding(tokens.cpu(), self.embed), self.device, self.dtype)  # [T, H]
 
     def router_weights(self, layer: int) -> torch.Tensor:
         """The router of `layer`: [E, H] in the compute dtype (for speculative prefetch)."""

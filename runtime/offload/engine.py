@@ -31,6 +31,7 @@ from .hybrid_steps import CPU_OBSERVATIONS_KEPT, HybridSteps, Staged
 from .host import HostStore, PendingRead
 from .schedule import Load, Planner
 from .split import SplitScratch, split_rows_enabled
+from ..device import to_device
 from .streams import NULL_EVENT, CopyEngine
 
 
@@ -220,7 +221,8 @@ class OffloadedExperts(HybridSteps):
             y = self._split_compute(layer, on_split, copies, rows, positions, x, jobs, topk_w, sets)
             out = y if out is None else out + y
         if on_cpu:
-            y = self._cpu_compute(layer, on_cpu, positions, jobs[len(on_split):], w_host).to(self.device, x.dtype)
+            y = self._cpu_compute(layer, on_cpu, positions, jobs[len(on_split):], w_host)
+            y = to_device(y, self.device, x.dtype)
             out = y if out is None else out + y
         return out if out is not None else torch.zeros_like(x)
 
@@ -404,8 +406,5 @@ def _rank(rows: Sequence[Sequence[int]]) -> list[int]:
 
 
 def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor on `device` without a blocking copy (pinned source, async upload)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    """A small int64 tensor on `device` without a blocking copy (streams.to_device)."""
+    return to_device(torch.tensor(values, dtype=torch.int64), device)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..device import to_device
 from .cache import Key
 from .hybrid import choose
 
@@ -141,7 +142,7 @@ class HybridSteps:
             self.cache.lookup((layer, e))  # a use the cache sees (a miss: frequency policies count it)
             h, seconds = jobs[i].result()  # [1, I - rows]
             dt += seconds  # the CPU's part only: waiting for the copy is the link's
-            h = h.to(self.device, topk_w.dtype)
+            h = to_device(h, self.device, topk_w.dtype)  # the host goes on queueing meanwhile
             if rows:
                 h = torch.cat([gpu_h[i].to(h.dtype), h], dim=1)  # [1, I]
             j = positions[e][0]

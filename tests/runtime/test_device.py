@@ -1,5 +1,6 @@
 """runtime.device: --device names, the CUDA device they pick made the current one, and where
-the CUDA caching allocator's memory sits (no GPU needed: the CUDA calls are faked)."""
+the CUDA caching allocator's memory sits (no GPU needed: the CUDA calls are faked); host
+results uploaded without blocking the host (on a GPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from formats.errors import ConfigError
-from runtime.device import cuda_memory_breakdown, resolve_device
+from runtime.device import cuda_memory_breakdown, resolve_device, to_device
 
 
 def test_memory_breakdown_splits_default_and_graph_pools(monkeypatch):
@@ -62,3 +63,25 @@ def test_devices_that_do_not_exist_are_refused(two_gpus, name, message):
     with pytest.raises(ConfigError, match=message):
         resolve_device(name)
     assert two_gpus == []
+
+
+def test_to_device_on_the_cpu_casts_only():
+    t = torch.randn(1, 8)
+    assert to_device(t, torch.device("cpu")) is t
+    assert to_device(t, torch.device("cpu"), torch.float16).dtype == torch.float16
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_queues_the_copy_behind_the_stream_without_waiting():
+    """A CPU expert's result goes up while the GPU still works on the layer: the host must get
+    control back before the stream's queued work ends (a pageable copy waits for it)."""
+    device = torch.device("cuda")
+    t = torch.randn(1, 4096)
+    to_device(t, device)  # the pinned cache's first block, and CUDA's start-up, outside the check
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the copy
+    y = to_device(t, device, torch.float16)
+    assert not torch.cuda.current_stream().query(), "the host waited for the stream"
+    assert y.device.type == "cuda" and y.dtype == torch.float16
+    assert torch.equal(y.cpu(), t.to(torch.float16))
