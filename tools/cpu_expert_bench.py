@@ -5,6 +5,7 @@ across thread counts, against the memory-bandwidth floor and llama.cpp's CPU fig
     python tools/cpu_expert_bench.py --quick          # small machine: fewer runs
     python tools/cpu_expert_bench.py --json out.json  # machine-readable results as well
     python tools/cpu_expert_bench.py --tokens 1 --tokens 16   # also a prompt's share of an expert
+    tools/ggml_expert_bench.c                         # llama.cpp's kernel on the same expert (ggml, C)
     MOEPACK_CPU_KERNEL=numba python tools/cpu_expert_bench.py   # the numba kernel instead
 
 Also times one Mixtral attention layer (q, k, v, o at 4-bit) at T=1: packed through
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
     xs = {n: 0.1 * torch.randn(n, HIDDEN, generator=gen) for n in tokens}  # [T, H]
     rows = []
     print(f"{ncpu} CPUs; kernel {kernel_name()}; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
-    print(f"{'expert':<12} {'tokens':>6} {'threads':>7} {'ms':>8} {'ms/token':>8} {'GB/s':>6} {'floor ms':>8} {'llama.cpp ms':>12}")
+    print(f"{'expert':<12} {'tokens':>6} {'threads':>7} {'ms':>8} {'min ms':>8} {'ms/token':>8} {'GB/s':>6} {'floor ms':>8} "
+          f"{'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
         layout = kb.expert_layout(HIDDEN, INTER, spec)
         # rotate over more bytes than any L3 holds: in decode each expert comes cold from DRAM,
@@ -160,9 +162,10 @@ def main(argv=None) -> int:
                 ts = [_timed(lambda: cpu_expert_ffn(records[i % len(records)], layout, x, threads=t)) for i in range(runs)]
                 ms = statistics.median(ts) * 1e3
                 rows.append({"expert": name, "tokens": n, "threads": t, "ms": ms, "ms_per_token": ms / n,
+                             "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
                              "record_bytes": layout.record_size, "pool_bytes": len(records) * layout.record_size,
                              "gbs": layout.record_size / ms / 1e6, "floor_ms": floor_ms, "llama_cpp_ms": LLAMA_CPP_MS})
-                print(f"{name:<12} {n:>6} {t:>7} {ms:>8.2f} {ms / n:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} "
+                print(f"{name:<12} {n:>6} {t:>7} {ms:>8.2f} {rows[-1]['min_ms']:>8.2f} {ms / n:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} "
                       f"{LLAMA_CPP_MS:>12.2f}")
     print(f"llama.cpp CPU-only: 10.4 tok/s x 64 expert calls on 16 cores -> <= {LLAMA_CPP_MS:.2f} ms per call, everything included")
     attention = attention_layer(threads, runs)
