@@ -42,14 +42,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A small host tensor (a CPU expert's result, token positions) on `device`, in `dtype`,
-    without blocking the host. A copy from pageable memory waits until everything queued on
-    the stream has run, so the host could queue no more GPU work meanwhile; from a pinned copy
-    it is queued like a kernel. torch's pinned-memory cache keeps that copy's block until the
-    transfer is done, so it may be dropped at once."""
+    without blocking the host. A blocking `.to(device)` waits until everything queued on the
+    stream has run, so the host could queue no more GPU work meanwhile; a copy from pinned
+    memory is queued like a kernel. The cast happens on the host first: half the bytes, and no
+    cast kernel. torch's pinned-memory cache keeps the copy's block until the transfer is done,
+    so it may be dropped at once; `t` itself must not be a pinned buffer the caller reuses
+    (pin_memory() returns such a tensor as it is, and its next write would race the copy)."""
+    if dtype is not None:
+        t = t.to(dtype)
     if device.type != "cuda":
-        return t if dtype is None else t.to(dtype)
-    t = t.pin_memory().to(device, non_blocking=True)
-    return t if dtype is None else t.to(dtype)
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def peak_memory(device: torch.device) -> tuple[str, int]:

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     xs = {n: 0.1 * torch.randn(n, HIDDEN, generator=gen) for n in tokens}  # [T, H]
     rows = []
     print(f"{ncpu} CPUs; kernel {kernel_name()}; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
-    print(f"{'expert':<12} {'tokens':>6} {'threads':>7} {'ms':>8} {'min ms':>8} {'ms/token':>8} {'GB/s':>6} {'floor ms':>8} "
+    print(f"{'expert':<12} {'tokens':>6} {'threads':>7} {'ms':>8} {'min ms':>8} {'max ms':>8} {'ms/token':>8} {'GB/s':>6} {'floor ms':>8} "
           f"{'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
         layout = kb.expert_layout(HIDDEN, INTER, spec)
@@ -165,7 +165,9 @@ def main(argv=None) -> int:
                              "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
                              "record_bytes": layout.record_size, "pool_bytes": len(records) * layout.record_size,
                              "gbs": layout.record_size / ms / 1e6, "floor_ms": floor_ms, "llama_cpp_ms": LLAMA_CPP_MS})
-                print(f"{name:<12} {n:>6} {t:>7} {ms:>8.2f} {rows[-1]['min_ms']:>8.2f} {ms / n:>8.2f} {rows[-1]['gbs']:>6.1f} {floor_ms:>8.2f} "
+                row = rows[-1]
+                print(f"{name:<12} {n:>6} {t:>7} {ms:>8.2f} {row['min_ms']:>8.2f} {row['max_ms']:>8.2f} {ms / n:>8.2f} "
+                      f"{row['gbs']:>6.1f} {floor_ms:>8.2f} "
                       f"{LLAMA_CPP_MS:>12.2f}")
     print(f"llama.cpp CPU-only: 10.4 tok/s x 64 expert calls on 16 cores -> <= {LLAMA_CPP_MS:.2f} ms per call, everything included")
     attention = attention_layer(threads, runs)

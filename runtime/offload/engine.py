@@ -406,5 +406,5 @@ def _rank(rows: Sequence[Sequence[int]]) -> list[int]:
 
 
 def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor on `device` without a blocking copy (streams.to_device)."""
+    """A small int64 tensor on `device` without a blocking copy (runtime.device.to_device)."""
     return to_device(torch.tensor(values, dtype=torch.int64), device)

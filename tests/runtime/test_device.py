@@ -75,13 +75,19 @@ def test_to_device_on_the_cpu_casts_only():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_to_device_queues_the_copy_behind_the_stream_without_waiting():
     """A CPU expert's result goes up while the GPU still works on the layer: the host must get
-    control back before the stream's queued work ends (a pageable copy waits for it)."""
+    control back before the stream's queued work ends (a blocking copy waits for it)."""
+    import time
+
     device = torch.device("cuda")
     t = torch.randn(1, 4096)
-    to_device(t, device)  # the pinned cache's first block, and CUDA's start-up, outside the check
+    to_device(t, device, torch.float16)  # CUDA's start-up and the pinned cache's first block, outside the check
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the copy
+    slept = torch.cuda.Event()
+    slept.record()
+    start = time.perf_counter()
     y = to_device(t, device, torch.float16)
-    assert not torch.cuda.current_stream().query(), "the host waited for the stream"
+    host_s = time.perf_counter() - start
+    assert not slept.query() and host_s < 0.02, f"the host waited for the stream ({1e3 * host_s:.1f} ms)"
     assert y.device.type == "cuda" and y.dtype == torch.float16
     assert torch.equal(y.cpu(), t.to(torch.float16))
