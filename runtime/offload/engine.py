@@ -22,6 +22,7 @@ import torch
 from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
+from ..device import to_device
 from ..experts import expert_ffn
 from ..graphs import expert_graphs
 from .budget import MemoryPlan
@@ -31,7 +32,6 @@ from .hybrid_steps import CPU_OBSERVATIONS_KEPT, HybridSteps, Staged
 from .host import HostStore, PendingRead
 from .schedule import Load, Planner
 from .split import SplitScratch, split_rows_enabled
-from ..device import to_device
 from .streams import NULL_EVENT, CopyEngine
 
 
