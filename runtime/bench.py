@@ -367,15 +367,20 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
         slots(b, None)
 
     bandwidth = calibrate_bandwidth(device, nbytes=(16 << 20) if tiny else (256 << 20))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the calibration buffers must not count against the budgets
+    if device.type == "cuda":  # the calibration buffers must not count against the budgets
+        torch.cuda.empty_cache()
+        # the pinned source sits in torch's pinned-memory cache (not returned to the OS), where
+        # the host arena's plan, made from MemAvailable, does not see it
+        host_empty_cache = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty_cache is not None:
+            host_empty_cache()
     _log(f"calibration: {'pinned host->GPU' if device.type == 'cuda' else 'host memcpy'} {bandwidth / 1e9:.1f} GB/s")
     result["calibrated_h2d_gbps"] = bandwidth / 1e9
     t0 = time.perf_counter()
     model, _ = load_model(file, device, dtype, expert_backend_factory=lambda *a: _NoExperts(), ctx=ctx,
                           dequantize_at_load=False, cuda_graphs=None if cuda_graphs else False,
                           embed_on_host=embeds_on_host(device))
-    host = HostStore(file, resident=resident, pin=device.type == "cuda", progress=not tiny)
+    host = HostStore(file, resident=resident, pin=device.type == "cuda", progress=not tiny, device=device)
     _log(f"loaded non-expert weights and {host.resident_count} experts into host RAM "
          f"({format_size(host.arena_bytes)}, {host.fill_s:.1f} s) in {time.perf_counter() - t0:.1f} s")
     weights = model_bytes(model)  # what the loaded model really holds replaces the header estimate

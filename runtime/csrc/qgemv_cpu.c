@@ -57,8 +57,7 @@
 #define XPI(b, h, p, j) ((((int64_t)(j) / (b)) * (h) + (p)) * (b) + ((j) % (b)))
 
 /* Tokens per pass of the fast path: each pair of codes is decoded once for this many tokens. A
- * pass keeps nt dot chains and nt sums in registers: 4 fit AVX-512's 32, and AVX2's 16 except
- * with 2-bit codes (gemv_rows). */
+ * pass keeps a word's decoded pairs, one token's two dot chains and nt sums in registers. */
 #define MP_TB 4
 
 /* int16 steps of a word's largest |x| with telescoped 2-bit pairs: |x_p - 4 x_(p-1)| <= 5 * 6553
@@ -353,9 +352,6 @@ static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp
     const int64_t N = a->N;
 #ifdef MP_AVX2
     if (g->fast) {
-        /* 2-bit codes at 8 lanes: 4 tokens' chains spill out of AVX2's 16 registers, and the
-         * decode they share is one shift per pair (dev-cpu, 16 tokens: 4-7% slower than 2) */
-        const int tb = g->xb == 8 && g->tele ? 2 : MP_TB;
         if (T == 1) {  /* decode */
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 16)  /* a descheduled thread does not hold the call: 3-bit on 2 threads with a busy core 8.9 ms, 15.1 static */
@@ -371,7 +367,10 @@ static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp
 #endif
         for (int64_t n = 0; n < N; n++) {
             for (int64_t t = 0; t < T;) {
-                const int nt = T - t >= tb ? tb : T - t >= 2 ? 2 : 1;
+                /* MP_TB at every width, 2-bit at 8 lanes too since a pass takes one token's
+                 * chains at a time (row_fast.h; it ran passes of 2 before, 4 tokens' chains at
+                 * once spilling out of AVX2's 16 registers) */
+                const int nt = T - t >= MP_TB ? MP_TB : T - t >= 2 ? 2 : 1;
                 float ya[MP_TB], yb[MP_TB];
                 fast_tokens(a, g, q, n, t, nt, ya);
                 if (b == NULL) {

@@ -41,23 +41,47 @@ static inline __attribute__((always_inline)) void RF_BLOCKS(const uint32_t *qn, 
         for (int i = 0; i < nt; i++) acc[i] = RF_(fma)(nsz, RF_(loadf)(d + i * ds + 2 * U + gb), acc[i]);
         for (int64_t r = 0; r < steps; r++) {
             const int64_t j = gb * wpg + RF_L * r;  /* a multiple of RF_L: a whole block of x */
+            const RF_VF sl = wpg_log2 > 0 ? RF_(lanes)(sb, r, wpg_log2) : sb;
             const RF_VI word = RF_(loadu)(qn + j);
             const RF_VI hs = bits == 3 ? RF_(hi3)(hn + j) : RF_(zero)();
-            /* one token: two chains, so that a product does not wait for the one before */
-            RF_VI dot[MP_TB + 1];
-            for (int i = 0; i <= nt; i++) dot[i] = RF_(zero)();
-            for (int p = 0; p < h; p++) {
-                RF_VI v = RF_(pair)(word, pairmask, bits, w, h, p);
-                if (bits == 3) v = RF_(or)(v, RF_(and)(RF_(srli32)(hs, p), hibit));
-                for (int i = 0; i < nt; i++) {
-                    const int c = nt == 1 ? (p & 1) : i;
-                    dot[c] = RF_(dot)(dot[c], v, RF_(loadu)(xp + i * xs + j * h + RF_L * p));
+            if (nt < MP_TB && w != 4) {
+                /* 2- and 3-bit codes, 1 or 2 tokens: each pair decoded as the products need it,
+                 * one chain per token (two for one token, so that a product does not wait for
+                 * the one before). Decoding the 8 pairs first cost 3-bit rows 2% at one token and
+                 * 11% at two on dev-cpu (BENCHMARKS.md section 27). */
+                RF_VI dot[MP_TB];
+                for (int i = 0; i < MP_TB; i++) dot[i] = RF_(zero)();
+                for (int p = 0; p < h; p++) {
+                    RF_VI v = RF_(pair)(word, pairmask, bits, w, h, p);
+                    if (bits == 3) v = RF_(or)(v, RF_(and)(RF_(srli32)(hs, p), hibit));
+                    for (int i = 0; i < nt; i++) {
+                        const int c = nt == 1 ? (p & 1) : i;
+                        dot[c] = RF_(dot)(dot[c], v, RF_(loadu)(xp + i * xs + j * h + RF_L * p));
+                    }
                 }
+                if (nt == 1) dot[0] = RF_(add)(dot[0], dot[1]);
+                for (int i = 0; i < nt; i++)
+                    acc[i] = RF_(fma)(sl, RF_(mul)(RF_(cvt)(dot[i]), RF_(loadf)(d + i * ds + j)), acc[i]);
+                continue;
             }
-            if (nt == 1) dot[0] = RF_(add)(dot[0], dot[1]);
-            const RF_VF sl = wpg_log2 > 0 ? RF_(lanes)(sb, r, wpg_log2) : sb;
-            for (int i = 0; i < nt; i++)
-                acc[i] = RF_(fma)(sl, RF_(mul)(RF_(cvt)(dot[i]), RF_(loadf)(d + i * ds + j)), acc[i]);
+            /* MP_TB tokens, or 4-bit codes: the word's h pairs decoded once, then each token's two
+             * chains and its sum in turn, not nt chains at once, which spilled out of AVX2's 16
+             * registers (dev-cpu, cycles per 128 weights and token: 2-bit at 4 tokens 14.0 ->
+             * 12.7, 4-bit at one token 17.2 -> 15.2; section 27) */
+            RF_VI v[8];
+            for (int p = 0; p < h; p++) {
+                v[p] = RF_(pair)(word, pairmask, bits, w, h, p);
+                if (bits == 3) v[p] = RF_(or)(v[p], RF_(and)(RF_(srli32)(hs, p), hibit));
+            }
+            for (int i = 0; i < nt; i++) {
+                const int32_t *xi = xp + i * xs + j * h;
+                RF_VI d0 = RF_(zero)(), d1 = RF_(zero)();
+                for (int p = 0; p < h; p += 2) {
+                    d0 = RF_(dot)(d0, v[p], RF_(loadu)(xi + RF_L * p));
+                    d1 = RF_(dot)(d1, v[p + 1], RF_(loadu)(xi + RF_L * (p + 1)));
+                }
+                acc[i] = RF_(fma)(sl, RF_(mul)(RF_(cvt)(RF_(add)(d0, d1)), RF_(loadf)(d + i * ds + j)), acc[i]);
+            }
         }
     }
 }

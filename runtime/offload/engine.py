@@ -118,7 +118,7 @@ class OffloadedExperts(HybridSteps):
 
         self._own_host = host is None  # a host tier passed in is shared: close() leaves it open
         self.host = host or HostStore(file, resident=host_resident, pin=self.device.type == "cuda",
-                                      staging=staging, io_threads=io_threads, progress=progress)
+                                      staging=staging, io_threads=io_threads, progress=progress, device=self.device)
         self.copier = CopyEngine(self.device)
         # allocated once; rows are reused by every expert that passes through the cache
         self.slots = torch.empty((self.cache.n_slots, self.layout.record_size), dtype=torch.uint8, device=self.device)

@@ -123,11 +123,18 @@ class HostStore:
     """Expert records in (pinned) host memory, plus on-demand file reads for the rest."""
 
     def __init__(self, file: MoepackFile, *, resident: list[Key] | None = None, pin: bool | None = None,
-                 staging: int = 8, io_threads: int = 4, progress: bool = True):
+                 staging: int = 8, io_threads: int = 4, progress: bool = True, device: torch.device | None = None):
         h = file.header
         self.file = file
         self.record_size = rs = h.expert_layout.record_size
         self.pinned = torch.cuda.is_available() if pin is None else pin
+        # the reader threads wait on the copies' CUDA events; a thread's current device is its own
+        # (device 0 unless set), and waiting there would create a context on GPU 0 when the model
+        # is on cuda:N
+        self._cuda_index = None
+        if self.pinned and torch.cuda.is_available():
+            cuda = device is not None and device.type == "cuda" and device.index is not None
+            self._cuda_index = device.index if cuda else torch.cuda.current_device()
         cfg = h.config
         all_keys = [(l, e) for l in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
         keys = all_keys if resident is None else sorted(set(resident))
@@ -240,8 +247,12 @@ class HostStore:
         return PendingRead(key, b, fut)
 
     def _read(self, key: Key, b: int, after) -> None:
-        if after is not None:
-            after.synchronize()  # the previous copy out of this buffer has finished
+        if after is not None:  # the previous copy out of this buffer has finished
+            if self._cuda_index is None:
+                after.synchronize()
+            else:
+                with torch.cuda.device(self._cuda_index):
+                    after.synchronize()
         t = time.perf_counter()
         _pread_into(self._fd, memoryview(self._staging[b].numpy()).cast("B"), self._file_offset[key])
         with self._lock:
