@@ -56,8 +56,10 @@
  * offsets. */
 #define XPI(b, h, p, j) ((((int64_t)(j) / (b)) * (h) + (p)) * (b) + ((j) % (b)))
 
-/* Tokens per pass of the fast path: each pair of codes is decoded once for this many tokens. A
- * pass keeps a word's decoded pairs, one token's two dot chains and nt sums in registers. */
+/* Tokens per pass of the fast path: each pair of codes is decoded once for this many tokens.
+ * A pass of MP_TB tokens (or of 4-bit codes) keeps a word's decoded pairs, one token's two dot
+ * chains and nt sums in registers; a pass of 1 or 2 tokens with 2- or 3-bit codes decodes each
+ * pair as its products need it (row_fast.h). */
 #define MP_TB 4
 
 /* int16 steps of a word's largest |x| with telescoped 2-bit pairs: |x_p - 4 x_(p-1)| <= 5 * 6553

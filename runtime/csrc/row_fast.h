@@ -66,8 +66,8 @@ static inline __attribute__((always_inline)) void RF_BLOCKS(const uint32_t *qn, 
             }
             /* MP_TB tokens, or 4-bit codes: the word's h pairs decoded once, then each token's two
              * chains and its sum in turn, not nt chains at once, which spilled out of AVX2's 16
-             * registers (dev-cpu, cycles per 128 weights and token: 2-bit at 4 tokens 14.0 ->
-             * 12.7, 4-bit at one token 17.2 -> 15.2; section 27) */
+             * registers (dev-cpu, cycles per 128 weights and token: 2-bit at 4 tokens 14.2 ->
+             * 12.6, 4-bit at one token 17.2 -> 15.3; BENCHMARKS.md section 27) */
             RF_VI v[8];
             for (int p = 0; p < h; p++) {
                 v[p] = RF_(pair)(word, pairmask, bits, w, h, p);

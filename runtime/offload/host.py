@@ -123,7 +123,8 @@ class HostStore:
     """Expert records in (pinned) host memory, plus on-demand file reads for the rest."""
 
     def __init__(self, file: MoepackFile, *, resident: list[Key] | None = None, pin: bool | None = None,
-                 staging: int = 8, io_threads: int = 4, progress: bool = True, device: torch.device | None = None):
+                 staging: int = 8, io_threads: int = 4, progress: bool = True,
+                 device: torch.device | str | None = None):
         h = file.header
         self.file = file
         self.record_size = rs = h.expert_layout.record_size
@@ -131,10 +132,12 @@ class HostStore:
         # the reader threads wait on the copies' CUDA events; a thread's current device is its own
         # (device 0 unless set), and waiting there would create a context on GPU 0 when the model
         # is on cuda:N
+        device = torch.device(device) if device is not None else None
+        uses_cuda = device.type == "cuda" if device is not None else self.pinned
         self._cuda_index = None
-        if self.pinned and torch.cuda.is_available():
-            cuda = device is not None and device.type == "cuda" and device.index is not None
-            self._cuda_index = device.index if cuda else torch.cuda.current_device()
+        if uses_cuda and torch.cuda.is_available():
+            known = device is not None and device.index is not None
+            self._cuda_index = device.index if known else torch.cuda.current_device()
         cfg = h.config
         all_keys = [(l, e) for l in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
         keys = all_keys if resident is None else sorted(set(resident))

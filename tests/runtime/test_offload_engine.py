@@ -90,6 +90,40 @@ def test_host_arena_holds_the_file_bytes(tiny):
         host.close()
 
 
+def test_host_reader_waits_under_the_models_cuda_device(tiny, monkeypatch):
+    """A reader thread's current CUDA device is device 0 unless set: waiting on a copy's event
+    there would open a context on GPU 0 when the model runs on cuda:1."""
+    path, _ = tiny
+    current = []  # the device index in force on each thread that enters torch.cuda.device
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            current.append(self.index)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    class Event:
+        seen = []
+
+        def synchronize(self):
+            Event.seen.append(current[-1] if current else None)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    host = HostStore(MoepackFile(path), resident=[(2, 7)], pin=False, staging=1, io_threads=1, progress=False,
+                     device="cuda:1")
+    try:
+        host.release(host.read_async((0, 0)), after=Event())  # a copy out of the buffer still in flight
+        host.release(host.read_async((0, 1)))  # the one staging buffer again: its reader waits first
+        assert Event.seen == [1]
+    finally:
+        host.close()
+
+
 class LazyEvent:
     def __init__(self, engine, index):
         self.engine, self.index = engine, index
