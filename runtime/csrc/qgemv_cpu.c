@@ -30,6 +30,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define MP_AVX2 1
@@ -97,6 +100,17 @@ int moepack_has_avx2(void) {
 #endif
 }
 
+/* lrintf(v): the nearest integer in the current rounding mode (ties to even by default), without
+ * the libm call gcc keeps for errno unless -fno-math-errno. That call was most of a GEMV's fixed
+ * cost: ~31 us per 4096-wide call on dev-cpu (BENCHMARKS.md section 27). |v| <= 32767 here. */
+static inline int32_t round_i32(float v) {
+#ifdef __SSE2__
+    return _mm_cvtss_si32(_mm_set_ss(v));
+#else
+    return (int32_t)lrintf(v);
+#endif
+}
+
 /* Word j of x [K] f32 -> xp[p][j] int16 pairs (as int32) for p < H, d[j], X[j] (see the top of
  * the file). tele: the telescoped pairs of 2-bit codes (TELE_STEPS). */
 static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j, int32_t *xp, float *d, float *X) {
@@ -104,12 +118,15 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
     const float *xs = x + (int64_t)cu * j;
     const float steps = tele ? TELE_STEPS : 32767.0f;
     float m = 0.0f;
-    for (int i = 0; i < cu; i++) m = fmaxf(m, fabsf(xs[i]));
+    for (int i = 0; i < cu; i++) {  /* not fmaxf: a libm call; x is finite (all_finite) */
+        const float a = fabsf(xs[i]);
+        m = a > m ? a : m;
+    }
     /* a word of (near-)zeros rounds to zeros: steps / m would overflow for a subnormal m */
     const float inv = m > 1e-30f ? steps / m : 0.0f, dj = inv > 0.0f ? m / steps : 0.0f;
     int32_t sum = 0, prev_lo = 0, prev_hi = 0;
     for (int p = 0; p < h; p++) {
-        const int32_t lo = (int32_t)lrintf(xs[p] * inv), hi = (int32_t)lrintf(xs[h + p] * inv);
+        const int32_t lo = round_i32(xs[p] * inv), hi = round_i32(xs[h + p] * inv);
         sum += lo + hi;
         /* telescoped: code p meets x_p - 4 x_(p-1) from p = 2 on (|x| <= 6553 keeps it in int16) */
         const int32_t a = tele && p >= 2 ? lo - 4 * prev_lo : lo, b = tele && p >= 2 ? hi - 4 * prev_hi : hi;
@@ -213,22 +230,23 @@ static void xq_free(mp_xq *q) {
 /* Round x [T][K] into q. Called by every thread of a parallel region (orphaned worksharing;
  * each loop ends in a barrier) or outside one (then serially). */
 static void xq_fill(const mp_geo *g, const float *x, int64_t K, int64_t T, mp_xq *q) {
+    /* collapse(2), not one flattened loop: that divided by U per word (a 64-bit division, as
+     * much time as rounding the word) */
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) collapse(2)
 #endif
-    for (int64_t tj = 0; tj < T * g->U; tj++) {
-        const int64_t t = tj / g->U;
-        quantize_x_word(x + t * K, g->cu, g->tele, g->xb, tj % g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t));
-    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 0; j < g->U; j++)
+            quantize_x_word(x + t * K, g->cu, g->tele, g->xb, j, XP(g, q, t), XD(g, q, t), XW(g, q, t));
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) collapse(2)
 #endif
-    for (int64_t tg = 0; tg < T * g->gpr; tg++) {  /* x summed per group: the zero-point term */
-        const int64_t t = tg / g->gpr, gi = tg % g->gpr;
-        float sum = 0.0f;
-        for (int64_t r = 0; r < g->wpg; r++) sum += XW(g, q, t)[gi * g->wpg + r];
-        XG(g, q, t)[gi] = sum;
-    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t gi = 0; gi < g->gpr; gi++) {  /* x summed per group: the zero-point term */
+            float sum = 0.0f;
+            for (int64_t r = 0; r < g->wpg; r++) sum += XW(g, q, t)[gi * g->wpg + r];
+            XG(g, q, t)[gi] = sum;
+        }
 }
 
 static inline float silu(float a) { return a / (1.0f + expf(-a)); }
