@@ -40,6 +40,11 @@
 #      threads, then 8 and 16 GiB;
 #  18. the CPU's share of a split on the compiled kernel's own thread against inline
 #      (MOEPACK_CPU_WORKER=0): hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB;
+#  19. llama.cpp's CPU path on this host against moe-pack's (tools/llamacpp_compare.py): one expert
+#      (ggml Q2_K/Q3_K against moe-pack's 2/3-bit) at 16 and 8 threads, then 32 layers CPU-only
+#      (decode at depth 0 and 128, a 128-token prompt). Needs ".cache/llamacpp" in the call's
+#      carry beside ".whl" (36 MB: llama.cpp's sources and the cmake and ninja wheels; how to
+#      make it: tools/llamacpp_host.sh's header). Alone in a call: ~6-9 minutes.
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -106,6 +111,8 @@
 # Then, with another lease: "10" (re-tune), "16", "14", "15", "18", "9", and "4" (since the
 # seventeenth session the quantizer builds each matrix's bytes on the GPU: one expert's steps
 # timed, then a 1.2 GB checkpoint end to end; stage 1's test_encode.py checks its bytes there).
+# Since the twentieth session: "19", alone in a call with carry [".whl", ".cache/llamacpp"] (no
+# GPU work: llama.cpp's CPU figures on this host beside moe-pack's), after "7 11".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -265,5 +272,10 @@ for jobs in 1 0; do
     --expert-meta-bits 4 --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant hybrid-w2 --cache-policy lfu \
     --gpu-memory 12GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_cpu_jobs_$jobs.json" $BENCH_FLAGS
 done
+# llama.cpp's CPU path against moe-pack's on this host's cores (issue #7: "measure it against
+# llama.cpp's CPU expert speed"): llama-bench and ggml's expert built here from the carried
+# .cache/llamacpp (tools/llamacpp_host.sh), one expert at 16 and 8 threads, then 32 layers CPU-only
+has 19 && run llamacpp_compare ${LLAMACPP_S:-540} $PY tools/llamacpp_compare.py --threads 16 --threads 8 \
+  --json "$OUT/llamacpp_compare.json"
 log "total"
 tail -n 40 "$OUT/all.log"
