@@ -2,7 +2,7 @@
 folder refused in one line before anything is built (the GPU host's time is scarce)."""
 from __future__ import annotations
 
-import json
+import pytest
 
 from tests.runtime.test_offload_helpers import load_tool
 
@@ -11,15 +11,17 @@ compare = load_tool("llamacpp_compare")
 
 def test_summary_names_every_figure():
     result = {
+        "threads": [16],
         "experts": {
             "ggml": {"rows": [{"type": "q2_K", "threads": 16, "median_ms": 0.61}]},
-            "moepack": {"16": {"rows": [{"expert": "2-bit g16 m4", "tokens": 1, "threads": 16, "ms": 0.7},
-                                        {"expert": "2-bit g16 m4", "tokens": 1, "threads": 1, "ms": 6.9}]}},
+            "moepack": {"rows": [{"expert": "2-bit g16 m4", "tokens": 1, "threads": 16, "ms": 0.7},
+                                 {"expert": "2-bit g16 m4", "tokens": 1, "threads": 1, "ms": 6.9}]},
         },
         "model": {
-            "llama_cpp": {"16": [{"n_prompt": 128, "n_gen": 0, "n_depth": 0, "avg_ts": 40.0},
-                                 {"n_prompt": 0, "n_gen": 16, "n_depth": 128, "avg_ts": 9.5}]},
-            "moepack": {"16": [{"prefill_tokens": 16, "decode_tok_s": 8.0, "prefill_tok_s": 20.0}]},
+            "threads": 16,
+            "llama_cpp": [{"n_prompt": 128, "n_gen": 0, "n_depth": 0, "avg_ts": 40.0},
+                          {"n_prompt": 0, "n_gen": 16, "n_depth": 128, "avg_ts": 9.5}],
+            "moepack": [{"prefill_tokens": 16, "decode_tok_s": 8.0, "prefill_tok_s": 20.0}],
         },
     }
     lines = compare.summary(result)
@@ -28,7 +30,7 @@ def test_summary_names_every_figure():
         "moe-pack expert 2-bit g16 m4 16 threads: 0.70 ms",  # the 1-thread row is not the count asked for
         "llama.cpp 16 threads, 128-token prompt at depth 0: 40.00 tok/s",
         "llama.cpp 16 threads, decode at depth 128: 9.50 tok/s",
-        "moe-pack 16 threads, after 16 prompt tokens: decode 8.00 tok/s, prompt 20.00 tok/s",
+        "moe-pack 16 threads, after a 16-token prompt: decode 8.00 tok/s, prompt 20.00 tok/s",
     ]
 
 
@@ -37,14 +39,11 @@ def test_missing_sources_fail_in_one_line(tmp_path, capsys):
     rc = compare.main(["--json", str(out), "--threads", "1", "--dir", str(tmp_path / "none"),
                        "--build", str(tmp_path / "build")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and not out.exists()
+    assert rc == 1 and not out.exists()  # refused before anything was built or written
     assert len(err) == 1 and "llama.cpp-src.tgz is missing" in err[0] and "llamacpp_host.sh" in err[0]
 
 
 def test_refuses_a_bad_thread_count(tmp_path, capsys):
-    try:
+    with pytest.raises(SystemExit) as e:
         compare.main(["--json", str(tmp_path / "r.json"), "--threads", "0"])
-    except SystemExit as e:
-        assert e.code == 2
-    assert "--threads" in capsys.readouterr().err
-    json.dumps({})  # the module imports nothing beyond the standard library
+    assert e.value.code == 2 and "--threads" in capsys.readouterr().err

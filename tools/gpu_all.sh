@@ -42,9 +42,10 @@
 #      (MOEPACK_CPU_WORKER=0): hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB;
 #  19. llama.cpp's CPU path on this host against moe-pack's (tools/llamacpp_compare.py): one expert
 #      (ggml Q2_K/Q3_K against moe-pack's 2/3-bit) at 16 and 8 threads, then 32 layers CPU-only
-#      (decode at depth 0 and 128, a 128-token prompt). Needs ".cache/llamacpp" in the call's
-#      carry beside ".whl" (36 MB: llama.cpp's sources and the cmake and ninja wheels; how to
-#      make it: tools/llamacpp_host.sh's header). Alone in a call: ~6-9 minutes.
+#      at 16 (decode at depth 0 and 128, a 128-token prompt). Needs ".cache/llamacpp" in the
+#      call's carry beside ".whl" (36 MB: llama.cpp's sources and the cmake and ninja wheels; how
+#      to make it: tools/llamacpp_host.sh's header). Alone in a call: ~5-7 minutes (estimated
+#      from dev-cpu; its JSON is written after every run, so a cut keeps what was measured).
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.

@@ -4,20 +4,25 @@
 
 Builds llama.cpp's llama-bench and the two ggml tools with tools/llamacpp_host.sh (from the files
 in --dir, carried to a machine without cmake or llama.cpp), unless --build already holds them,
-then times, at each thread count:
-1. one Mixtral-8x7B expert at batch 1: ggml's Q2_K and Q3_K (tools/ggml_expert_bench.c) and
-   moe-pack's 2-bit and 3-bit experts (tools/cpu_expert_bench.py);
-2. --layers Mixtral-shape layers CPU-only: llama-bench (-p 128 -n 16, depth 0 and 128) on a GGUF
-   at moe-pack's bits (tools/ggml_mixtral_gguf.c --mix matched), and runtime.baseline_bench
-   --device cpu --recipe 4/2m4 after a 16- and a 128-token prompt.
+then times:
+1. one Mixtral-8x7B expert at batch 1 at each --threads count: ggml's Q2_K and Q3_K
+   (tools/ggml_expert_bench.c) and moe-pack's 2-bit and 3-bit experts (tools/cpu_expert_bench.py,
+   which runs 1, 2, 4, 8, 16 ... threads itself);
+2. --layers Mixtral-shape layers CPU-only at the first --threads count: llama-bench (a 128-token
+   prompt; decode at depth 0 and 128) on a GGUF at moe-pack's bits (tools/ggml_mixtral_gguf.c
+   --mix matched), and runtime.baseline_bench --device cpu --recipe 4/2m4 after a 16- and a
+   128-token prompt.
 docs/BENCHMARKS.md section 27 has the same comparison on dev-cpu's 2 cores. Writes every tool's
-raw output into the JSON; prints one line per figure.
+raw output into the JSON after each run, so that a run cut short keeps what it measured; prints
+one line per figure.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,8 +46,8 @@ def build(src_dir: Path, build_dir: Path) -> None:
     for pattern in ("llama.cpp-src.tgz", "cmake-*.whl", "ninja-*.whl"):
         if not any(src_dir.glob(pattern)):
             raise RuntimeError(f"{src_dir / pattern} is missing: prepare --dir as tools/llamacpp_host.sh's header says")
-    _run(["bash", "tools/llamacpp_host.sh"], env={**os.environ, "DIR": str(src_dir), "BUILD": str(build_dir)},
-         timeout=1200)
+    env = {**os.environ, "DIR": str(src_dir.resolve()), "BUILD": str(build_dir.resolve()), "PY": sys.executable}
+    _run(["bash", "tools/llamacpp_host.sh"], env=env, timeout=1200)
 
 
 def _threads_env(threads: int) -> dict:
@@ -54,60 +59,70 @@ def expert_rows(build_dir: Path, threads: list[int], runs: int) -> dict:
         ggml_json, ours_json = Path(tmp) / "ggml.json", Path(tmp) / "ours.json"
         _run([str(build_dir / "ggml_expert_bench"), "--type", "q2_K,q3_K", "--threads", ",".join(map(str, threads)),
               "--runs", str(runs), "--repack", "--json", str(ggml_json)])
-        ours = {}
-        for t in threads:  # cpu_expert_bench runs at 1 thread and at all of them: one call per count
-            _run([sys.executable, "tools/cpu_expert_bench.py", "--runs", str(runs), "--json", str(ours_json)],
-                 env=_threads_env(t))
-            ours[str(t)] = json.loads(ours_json.read_text())
-        return {"ggml": json.loads(ggml_json.read_text()), "moepack": ours}
+        _run([sys.executable, "tools/cpu_expert_bench.py", "--runs", str(runs), "--json", str(ours_json)])
+        return {"ggml": json.loads(ggml_json.read_text()), "moepack": json.loads(ours_json.read_text())}
 
 
-def model_rows(build_dir: Path, threads: list[int], layers: int, workdir: Path) -> dict:
-    out: dict = {"llama_cpp": {}, "moepack": {}}
-    workdir.mkdir(parents=True, exist_ok=True)
+def model_rows(build_dir: Path, threads: int, layers: int, workdir: Path, save) -> dict:
+    """Whole-model figures into out, saved (save()) after every run."""
+    out: dict = {"threads": threads, "llama_cpp": [], "moepack": []}
     gguf = workdir / f"mixtral-L{layers}-matched.gguf"
     try:
         _run([str(build_dir / "ggml_mixtral_gguf"), str(gguf), "--layers", str(layers), "--mix", "matched"])
-        for t in threads:
-            raw = _run([str(build_dir / "llama-bench"), "-m", str(gguf), "-t", str(t), "-p", "0,128", "-n", "16",
-                        "-d", "0,128", "-r", "3", "-o", "json"])
-            out["llama_cpp"][str(t)] = json.loads(raw)
+        for args in (["-p", "128", "-n", "0"], ["-p", "0", "-n", "16", "-d", "0,128"]):
+            raw = _run([str(build_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), *args, "-r", "3",
+                        "-o", "json"])
+            out["llama_cpp"] += json.loads(raw)
+            save(out)
     finally:
         gguf.unlink(missing_ok=True)
-    for t in threads:
-        rows = []
-        for prompt in (16, 128):
-            raw = _run([sys.executable, "-m", "runtime.baseline_bench", "--device", "cpu", "--layers", str(layers),
-                        "--recipe", "4/2m4", "--prompt-len", str(prompt), "--new-tokens", "16", "--workdir",
-                        str(workdir)], env=_threads_env(t), timeout=1200)
-            rows.append(json.loads(raw.splitlines()[0]))
-        out["moepack"][str(t)] = rows
+    for prompt in (16, 128):
+        raw = _run([sys.executable, "-m", "runtime.baseline_bench", "--device", "cpu", "--layers", str(layers),
+                    "--recipe", "4/2m4", "--prompt-len", str(prompt), "--new-tokens", "16", "--workdir",
+                    str(workdir)], env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=1200)
+        out["moepack"].append(json.loads(raw.splitlines()[0]))
+        save(out)
     return out
+
+
+def _clean(workdir: Path) -> None:
+    """What a run cut short by a timeout left in workdir (16 GB each at 32 layers)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for p in workdir.glob("mixtral-L*-matched.gguf"):
+        p.unlink()
+    for p in workdir.glob("tmp*"):  # runtime.baseline_bench's temporary folders
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def summary(result: dict) -> list[str]:
     lines = []
-    for row in result.get("experts", {}).get("ggml", {}).get("rows", []):
+    experts = result.get("experts", {})
+    for row in experts.get("ggml", {}).get("rows", []):
         lines.append(f"ggml expert {row['type']} {row['threads']} threads: {row['median_ms']:.2f} ms")
-    for t, res in result.get("experts", {}).get("moepack", {}).items():
-        for row in res["rows"]:
-            if row["tokens"] == 1 and str(row["threads"]) == t:
-                lines.append(f"moe-pack expert {row['expert']} {t} threads: {row['ms']:.2f} ms")
-    for t, rows in result.get("model", {}).get("llama_cpp", {}).items():
-        for r in rows:
-            kind = (f"{r['n_prompt']}-token prompt" if r["n_prompt"] else "decode") + f" at depth {r['n_depth']}"
-            lines.append(f"llama.cpp {t} threads, {kind}: {r['avg_ts']:.2f} tok/s")
-    for t, rows in result.get("model", {}).get("moepack", {}).items():
-        for r in rows:
-            lines.append(f"moe-pack {t} threads, after {r['prefill_tokens']} prompt tokens: decode "
-                         f"{r['decode_tok_s']:.2f} tok/s, prompt {r['prefill_tok_s']:.2f} tok/s")
+    for row in experts.get("moepack", {}).get("rows", []):
+        if row["tokens"] == 1 and row["threads"] in result.get("threads", []):
+            lines.append(f"moe-pack expert {row['expert']} {row['threads']} threads: {row['ms']:.2f} ms")
+    model = result.get("model", {})
+    t = model.get("threads")
+    for r in model.get("llama_cpp", []):
+        kind = (f"{r['n_prompt']}-token prompt" if r["n_prompt"] else "decode") + f" at depth {r['n_depth']}"
+        lines.append(f"llama.cpp {t} threads, {kind}: {r['avg_ts']:.2f} tok/s")
+    for r in model.get("moepack", []):
+        lines.append(f"moe-pack {t} threads, after a {r['prefill_tokens']}-token prompt: decode "
+                     f"{r['decode_tok_s']:.2f} tok/s, prompt {r['prefill_tok_s']:.2f} tok/s")
     return lines
+
+
+def _terminated(signum, frame):
+    # timeout(1) sends SIGTERM: exit through the finally blocks, which delete the 16 GB files
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, required=True, help="write every raw result here")
-    ap.add_argument("--threads", type=int, action="append", help="thread counts (default: all cores)")
+    ap.add_argument("--threads", type=int, action="append",
+                    help="thread counts of the expert runs, the first also the whole model's (default: all cores)")
     ap.add_argument("--layers", type=int, default=32, help="layers of the whole-model runs (default 32)")
     ap.add_argument("--runs", type=int, default=20, help="timed calls per expert case (default 20)")
     ap.add_argument("--dir", type=Path, default=ROOT / ".cache" / "llamacpp",
@@ -131,12 +146,21 @@ def main(argv=None) -> int:
 
 
 def _compare(args, threads: list[int], result: dict) -> None:
-    build(args.dir, args.build)
-    result["experts"] = expert_rows(args.build, threads, args.runs)
-    args.json.write_text(json.dumps(result, indent=1))  # the expert figures survive a later timeout
-    if not args.skip_model:
-        result["model"] = model_rows(args.build, threads, args.layers, args.workdir)
+    def save(model: dict | None = None) -> None:
+        if model is not None:
+            result["model"] = model
         args.json.write_text(json.dumps(result, indent=1))
+
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        build(args.dir, args.build)
+        _clean(args.workdir)
+        result["experts"] = expert_rows(args.build, threads, args.runs)
+        save()
+        if not args.skip_model:
+            model_rows(args.build, threads[0], args.layers, args.workdir, save)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

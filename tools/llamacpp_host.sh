@@ -28,10 +28,13 @@ $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$BUI
 export PATH="$BUILD/site/bin:$PATH" PYTHONPATH="$BUILD/site${PYTHONPATH:+:$PYTHONPATH}"
 tar xzf "$DIR/llama.cpp-src.tgz" -C "$BUILD/src"
 # the configuration the comparisons on dev-cpu used (docs/BENCHMARKS.md sections 26 and 27)
+# the logs stay in BUILD on the host: on failure their tail goes to stderr, which comes back
+failed() { echo "llamacpp_host.sh: $1 failed; the end of $2:" >&2; tail -n 60 "$2" >&2; exit 1; }
 cmake -S "$BUILD/src" -B "$BUILD/cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_CUDA=OFF > "$BUILD/cmake.log"
-cmake --build "$BUILD/cmake" -j "$JOBS" --target llama-bench ggml ggml-base ggml-cpu > "$BUILD/build.log"
+  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_CUDA=OFF > "$BUILD/cmake.log" 2>&1 || failed cmake "$BUILD/cmake.log"
+cmake --build "$BUILD/cmake" -j "$JOBS" --target llama-bench ggml ggml-base ggml-cpu > "$BUILD/build.log" 2>&1 \
+  || failed "the build" "$BUILD/build.log"
 cp "$BUILD/cmake/bin/llama-bench" "$BUILD/"
 L="$BUILD/cmake/ggml/src"
 for tool in ggml_expert_bench ggml_mixtral_gguf; do

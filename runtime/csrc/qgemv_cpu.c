@@ -118,12 +118,17 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
     const float *xs = x + (int64_t)cu * j;
     const float steps = tele ? TELE_STEPS : 32767.0f;
     float m = 0.0f;
-    for (int i = 0; i < cu; i++) {  /* not fmaxf: a libm call; x is finite (all_finite) */
+    int finite = 1;
+    for (int i = 0; i < cu; i++) {  /* not fmaxf: a libm call */
         const float a = fabsf(xs[i]);
         m = a > m ? a : m;
+        finite &= a <= 3.4028235e38f;  /* false for NaN and inf */
     }
-    /* a word of (near-)zeros rounds to zeros: steps / m would overflow for a subnormal m */
-    const float inv = m > 1e-30f ? steps / m : 0.0f, dj = inv > 0.0f ? m / steps : 0.0f;
+    /* a word of (near-)zeros rounds to zeros: steps / m would overflow for a subnormal m. A word
+     * with a NaN or an inf (x is checked on entry, but w2's input h is not: w1 x can overflow)
+     * rounds to zeros with d NaN, so the rows' sums are NaN as the float matmul's would be */
+    const float inv = finite && m > 1e-30f ? steps / m : 0.0f;
+    const float dj = !finite ? NAN : inv > 0.0f ? m / steps : 0.0f;
     int32_t sum = 0, prev_lo = 0, prev_hi = 0;
     for (int p = 0; p < h; p++) {
         const int32_t lo = round_i32(xs[p] * inv), hi = round_i32(xs[h + p] * inv);

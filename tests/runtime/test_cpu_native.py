@@ -256,3 +256,21 @@ def test_out_of_memory_is_an_error_code_not_a_crash():
     r = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-500:]
     assert r.stdout.split()[-1] == "2"  # MP_NOMEM
+
+
+@needs_native
+def test_an_overflowing_hidden_state_gives_nan_not_finite_garbage():
+    """x is checked finite on entry, but w2's input h = silu(w1 x) * w3 x is not: with x near
+    float32's top, w1 x overflows. A word of h holding an inf or a NaN must make w2's sums NaN,
+    as the float matmul's are; it used to be rounded to int32's minimum and summed (and with
+    signed overflow, undefined behaviour in C)."""
+    from runtime.cpu_native import expert_descriptor, native_kernel
+    from tests.runtime.kernel_cases import make_expert
+
+    layout, data, _ = make_expert(256, 1024, QuantSpec(2, 16, 8, 128), seed=7)
+    record, kernel = torch.frombuffer(bytearray(data), dtype=torch.uint8), native_kernel()
+    x = torch.full((1, 256), 3e38)
+    x[0, ::2] = -3e38
+    h, y = kernel.expert(record, expert_descriptor(layout), x, 1024, 256, 1)
+    assert not torch.isfinite(h).all()  # the case this test is about
+    assert torch.isnan(y).all()
