@@ -50,10 +50,6 @@ def build(src_dir: Path, build_dir: Path) -> None:
     _run(["bash", "tools/llamacpp_host.sh"], env=env, timeout=1200)
 
 
-def _threads_env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
-
-
 def expert_rows(build_dir: Path, threads: list[int], runs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ggml_json, ours_json = Path(tmp) / "ggml.json", Path(tmp) / "ours.json"
@@ -133,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-model", action="store_true", help="only the expert comparison")
     args = ap.parse_args(argv)
     threads = args.threads or [os.cpu_count() or 1]
+    # the tools run from the repository root: paths given relative to the caller's folder
+    for name in ("dir", "build", "workdir", "json"):
+        setattr(args, name, getattr(args, name).resolve())
     if args.layers < 1 or any(t < 1 for t in threads):
         ap.error("--layers and --threads must be at least 1")
     result: dict = {"threads": threads, "layers": args.layers}
