@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <float.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -122,7 +123,7 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
     for (int i = 0; i < cu; i++) {  /* not fmaxf: a libm call */
         const float a = fabsf(xs[i]);
         m = a > m ? a : m;
-        finite &= a <= 3.4028235e38f;  /* false for NaN and inf */
+        finite &= a <= FLT_MAX;  /* false for NaN and inf */
     }
     /* a word of (near-)zeros rounds to zeros: steps / m would overflow for a subnormal m. A word
      * with a NaN or an inf (x is checked on entry, but w2's input h is not: w1 x can overflow)
@@ -235,8 +236,8 @@ static void xq_free(mp_xq *q) {
 /* Round x [T][K] into q. Called by every thread of a parallel region (orphaned worksharing;
  * each loop ends in a barrier) or outside one (then serially). */
 static void xq_fill(const mp_geo *g, const float *x, int64_t K, int64_t T, mp_xq *q) {
-    /* collapse(2), not one flattened loop: that divided by U per word (a 64-bit division, as
-     * much time as rounding the word) */
+    /* collapse(2), not one flattened loop: that divided by U per word (a 64-bit division; 3%
+     * of a 16 x 4096 call on dev-cpu) */
 #ifdef _OPENMP
 #pragma omp for schedule(static) collapse(2)
 #endif

@@ -132,12 +132,10 @@ class HostStore:
         # the reader threads wait on the copies' CUDA events; a thread's current device is its own
         # (device 0 unless set), and waiting there would create a context on GPU 0 when the model
         # is on cuda:N
-        device = torch.device(device) if device is not None else None
-        uses_cuda = device.type == "cuda" if device is not None else self.pinned
+        device = torch.device(device if device is not None else "cuda" if self.pinned else "cpu")
         self._cuda_index = None
-        if uses_cuda and torch.cuda.is_available():
-            known = device is not None and device.index is not None
-            self._cuda_index = device.index if known else torch.cuda.current_device()
+        if device.type == "cuda" and torch.cuda.is_available():
+            self._cuda_index = device.index if device.index is not None else torch.cuda.current_device()
         cfg = h.config
         all_keys = [(l, e) for l in range(cfg.num_hidden_layers) for e in range(cfg.num_local_experts)]
         keys = all_keys if resident is None else sorted(set(resident))
