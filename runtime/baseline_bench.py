@@ -31,7 +31,8 @@ from formats.header import ModelConfig, Recipe
 from formats.qtensor import QuantSpec
 
 from .bench import decode
-from .cli import run_command
+from .cpu_native import cpu_activations
+from .cli import cpu_activations_option, run_command
 from .device import cuda_memory_breakdown, peak_memory, resolve_device, resolve_dtype, synchronize
 from .experts import resident_experts
 from .loader import load_model
@@ -112,6 +113,7 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
     cpu = {}
     if device.type == "cpu":  # which decode step ran (runtime.cpu_step), and the torch one beside it
         cpu["cpu_step"] = model.decode_path == "cpu step"
+        cpu["cpu_activations"] = cpu_activations()
         if cpu["cpu_step"]:
             model.use_torch_step()
             torch_s, _ = decode(model, prompt, new_tokens, warmup)
@@ -176,6 +178,7 @@ def _check_recipes(ctx, param, names):
               help="CUDA only, repeatable. off: eager, the host reads each layer's routing; layers: a graph per "
                    "layer and per expert; step: the whole step as one graph, experts chosen on the device; on: the "
                    "best the backend offers; both: off and on; all: off, layers and step.")
+@cpu_activations_option
 def cli(layers, tiny, recipes, device, dtype, prompt_len, new_tokens, workdir, graphs):
     for r in run_bench(list(recipes), layers, tiny, device, dtype, prompt_len, new_tokens, workdir=workdir,
                        graphs=list(graphs)):

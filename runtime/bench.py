@@ -46,7 +46,8 @@ from formats.header import ModelConfig, Recipe
 from formats.qtensor import QuantSpec
 from formats.reader import MoepackFile
 
-from .cli import run_command
+from .cli import cpu_activations_option, run_command
+from .cpu_native import cpu_activations
 from .device import cuda_memory_breakdown, resolve_device, resolve_dtype, synchronize
 from .loader import load_model
 from .offload.budget import format_size, parse_size, plan_memory
@@ -324,6 +325,7 @@ SIM_COLUMNS = [
 @click.option("--write-md", type=click.Path(dir_okay=False, path_type=Path), help="Append a section with the results to this markdown file.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="Decode replays a captured CUDA graph per expert slot (runtime.graphs); CUDA only.")
+@cpu_activations_option
 def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_memory, routing, guess_accuracy, variant_names, cpu_threads, cache_policy,
         prefetch_layers, tokens, warmup, prompt_len, prefill_len, device_name, dtype_name, cache_dir, seed, simulate, json_path, write_md,
         cuda_graphs):
@@ -332,7 +334,8 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
         raise ConfigError(f"--guess-accuracy {guess_accuracy} must be in [0, 1]")
     argv = (click.get_current_context().obj or {}).get("argv", sys.argv[1:])
     command = "python -m runtime.bench " + " ".join(shlex.quote(a) for a in argv)
-    result = {"command": command, "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    result = {"command": command, "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "cpu_activations": cpu_activations()}
     if simulate:
         rows = simulate_policies(layers, 8, max(tokens, 200), guess_accuracy, seed)
         result["simulation"] = rows

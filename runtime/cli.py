@@ -33,3 +33,20 @@ def run_command(command: click.Command, prog_name: str, argv: list[str] | None =
     except torch.cuda.OutOfMemoryError:
         return fail("out of GPU memory", "use a shorter --ctx, a smaller --gpu-memory, or the offloading backend")
     return 0
+
+
+def _apply_cpu_activations(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        from .cpu_native import set_cpu_activations  # torch and numpy only; the kernel builds at first use
+
+        set_cpu_activations(value)
+
+
+# What the compiled CPU kernel rounds activations to (runtime.cpu_native.set_cpu_activations):
+# a decorator shared by the commands that run it
+cpu_activations_option = click.option(
+    "--cpu-activations", type=click.Choice(["int16", "int8"]), default=None, expose_value=False,
+    callback=_apply_cpu_activations,
+    help="What the CPU expert kernel rounds activations to: int16 (default: within floating-point tolerance of "
+         "the GPU path) or int8 (faster on the CPU, per 16 values: finer than llama.cpp's Q8_K) [default: "
+         "MOEPACK_CPU_ACT, else int16].")

@@ -15,6 +15,7 @@ it; start worker processes with multiprocessing's "spawn" (or "forkserver") inst
 
     MOEPACK_CPU_KERNEL=numba|torch   skip this kernel (compare paths, or rule it out)
     MOEPACK_CPU_WIDE=0               keep to 8-lane (256-bit) vectors on an AVX-512 CPU
+    MOEPACK_CPU_ACT=int8             int8 activations (faster, coarser; set_cpu_activations)
     CC                                the compiler (default: cc, then gcc, then clang)
     MOEPACK_CACHE_DIR                 where built libraries go (default ~/.cache/moe-pack)
 """
@@ -42,7 +43,7 @@ DENSE_SOURCE = SOURCE.with_name("dense_cpu.c")  # moepack_dequant, moepack_gemv_
 DECODE_SOURCE = SOURCE.with_name("decode_cpu.c")  # moepack_decode_step (runtime.cpu_step)
 SOURCES = (SOURCE, JOBS_SOURCE, DENSE_SOURCE, DECODE_SOURCE)
 HEADERS = ("vec.h", "row_fast.h", "row_general.h", "packed.h")  # included by the sources: part of the build's cache key
-ABI_VERSION = 9
+ABI_VERSION = 10
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 BUSY = 3  # moepack_job_submit's: the queue is full (cpu_jobs.c MP_BUSY)
 
@@ -164,6 +165,9 @@ class NativeKernel:
         # 16-lane (AVX-512) rows where built and the shape allows. The switch lives in the loaded
         # library, which a second NativeKernel of the same file shares: set it, do not assume it
         self.set_wide(True)
+        self.lib.moepack_set_act8.argtypes, self.lib.moepack_set_act8.restype = [ctypes.c_int], ctypes.c_int
+        self.lib.moepack_uses_act8.argtypes, self.lib.moepack_uses_act8.restype = [ctypes.c_void_p], ctypes.c_int
+        self.set_act8(False)
         f = self.lib.moepack_qgemv
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
@@ -194,6 +198,17 @@ class NativeKernel:
         call before any other call, never while one runs."""
         self.wide = bool(self.lib.moepack_set_wide(int(on)))
         return self.wide
+
+    def set_act8(self, on: bool) -> bool:
+        """Round activations to int8 (where an AVX2 build's fast path takes the geometry) or to
+        int16; returns whether int8 is on. Library-wide, like set_wide."""
+        self.act8 = bool(self.lib.moepack_set_act8(int(on)))
+        return self.act8
+
+    def uses_act8(self, desc: tuple[int, ...]) -> bool:
+        """Whether the matrix `desc` (matrix_descriptor) is computed on int8 activations now."""
+        numbers = (ctypes.c_int64 * 12)(*desc)
+        return bool(self.lib.moepack_uses_act8(numbers))
 
     def gemv_f16(self, w: torch.Tensor, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         """x @ W.T for W [N, K] float16 (contiguous, CPU) and x [T, K] float32 contiguous:
@@ -297,15 +312,28 @@ def self_check(kernel: NativeKernel) -> str | None:
         w = decode_matrix(component_views(data, (n, k), spec), (n, k), spec).astype(np.float64)
         x = rng.standard_normal((2, k)).astype(np.float32)
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        y = kernel.gemv(buf, matrix_descriptor((n, k), spec), torch.from_numpy(x), 2)
+        desc = matrix_descriptor((n, k), spec)
+        y = kernel.gemv(buf, desc, torch.from_numpy(x), 2)
         y = None if y is None else y.numpy()
-        ref = x.astype(np.float64) @ w.T
+        # x's int16 rounding gives ~2e-5 (3-, 4-bit) to ~1e-4 (2-bit: telescoped pairs, 2^-13.7
+        # steps); a wrong lane, group or scale gives 1e-2 and more. int8 rounding (~5e-3) is
+        # done here as the kernel does it, leaving float32 sums (~1e-6)
+        act8 = kernel.uses_act8(desc)
+        ref = (_int8_rounded(x, 8 if spec.bits == 4 else 16) if act8 else x.astype(np.float64)) @ w.T
         err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref)) if y is not None else float("inf")
-        # x's integer rounding gives ~2e-5 (3-, 4-bit) to ~1e-4 (2-bit: telescoped pairs, 2^-13.7
-        # steps); a wrong lane, group or scale gives 1e-2 and more
-        if not err < 5e-4:
+        if not err < (1e-5 if act8 else 5e-4):
             return f"{spec.describe()} {n}x{k}: relative error {err:.2g}"
     return None
+
+
+def _int8_rounded(x: np.ndarray, cu: int) -> np.ndarray:
+    """x [T, K] rounded as quantize_x_word8 rounds it: per word of cu values, to integer steps
+    of the word's largest |x| / 127 (float32 arithmetic, ties to even), as float64."""
+    t, k = x.shape
+    xw = x.reshape(t, k // cu, cu)
+    m = np.abs(xw).max(-1, keepdims=True)
+    inv = np.where(m > 0, np.float32(127) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    return (np.rint(xw * inv).astype(np.float64) * (m / np.float32(127)).astype(np.float64)).reshape(t, k)
 
 
 _DESCRIPTORS: dict = {}
@@ -371,6 +399,51 @@ def rows_descriptor(shape: tuple[int, int], spec, base: int, first: int) -> tupl
     return (*off, *full[6:8], shape[0] - first, *full[9:])
 
 
+ACTIVATIONS = ("int16", "int8")
+_activations: str | None = None  # set_cpu_activations's choice; None: MOEPACK_CPU_ACT's
+
+
+def cpu_activations() -> str:
+    """What the kernel rounds activations to: set_cpu_activations's choice, else MOEPACK_CPU_ACT
+    (default int16)."""
+    kind = _activations or os.environ.get("MOEPACK_CPU_ACT", "int16")
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"MOEPACK_CPU_ACT={kind!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return kind
+
+
+def set_cpu_activations(kind: str) -> None:
+    """int16 (default): x rounded to 2^-16 of each 16 or 8 values' largest |x| (2^-13.7 for
+    2-bit codes), within floating-point tolerance of the GPU path. int8: 2^-8, like llama.cpp's
+    Q8 activations but per 16 values, for ~20-40% less time per weight on AVX2
+    (docs/BENCHMARKS.md section 28). Applies to the kernel now and to one loaded later; call it
+    before any kernel call runs, never during one."""
+    global _activations
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"CPU activations {kind!r}: expected one of {', '.join(ACTIVATIONS)}")
+    _activations = kind
+    if native_kernel.cache_info().currsize:
+        kernel = native_kernel()
+        if kernel is not None:
+            _apply_activations(kernel)
+
+
+def _apply_activations(kernel: NativeKernel) -> None:
+    """cpu_activations() on a loaded kernel, int8 only once its self-check passes."""
+    try:
+        kind = cpu_activations()
+    except ValueError as e:  # a mistyped environment variable costs speed, not the run
+        warnings.warn(f"moe-pack: {e}; using int16", stacklevel=3)
+        kind = "int16"
+    if not kernel.set_act8(kind == "int8"):
+        return
+    problem = self_check(kernel)
+    if problem is not None:
+        kernel.set_act8(False)
+        warnings.warn(f"moe-pack: the CPU kernel's int8 activations give wrong results on this machine ({problem}); "
+                      "using int16", stacklevel=3)
+
+
 @functools.lru_cache(maxsize=1)
 def native_kernel() -> NativeKernel | None:
     """The kernel, or None (disabled, no compiler, build failed, wrong results: the last three
@@ -396,4 +469,5 @@ def native_kernel() -> NativeKernel | None:
         warnings.warn(f"moe-pack: the CPU kernel built at {kernel.path} gives wrong results on this machine "
                       f"({problem}); using the slower numba/torch path", stacklevel=2)
         return None
+    _apply_activations(kernel)
     return kernel

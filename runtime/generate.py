@@ -23,7 +23,7 @@ from tqdm import tqdm
 from formats.errors import ConfigError, MoepackError
 from formats.reader import MoepackFile
 
-from .cli import run_command
+from .cli import cpu_activations_option, run_command
 from .device import peak_memory, resolve_device, resolve_dtype
 from .experts import resident_experts
 from .generation import GenerationStats, Session
@@ -173,6 +173,7 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="One-token steps replay captured CUDA graphs (each layer's dense part, each expert); CUDA only.")
 @offload_options
+@cpu_activations_option
 def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, chat, system,
         device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, cuda_graphs, **offload):
     sampling = SamplingConfig(temperature, top_k, top_p, seed)

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from formats.errors import ConfigError, MoepackError
 
+from .cli import cpu_activations_option
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [T] int64 -> logits [T, V]
 
 
@@ -206,6 +208,7 @@ def run(model_path: Path, text_path: Path, ctx: int, stride: int | None, max_tok
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--dtype", default="auto", show_default=True, help="auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+@cpu_activations_option
 def main(model, text, ctx, stride, max_tokens, device, dtype, as_json) -> None:
     """Perplexity of MODEL (.moepack) on the UTF-8 text file TEXT."""
     try:

@@ -5,6 +5,7 @@ across thread counts, against the memory-bandwidth floor and llama.cpp's CPU fig
     python tools/cpu_expert_bench.py --quick          # small machine: fewer runs
     python tools/cpu_expert_bench.py --json out.json  # machine-readable results as well
     python tools/cpu_expert_bench.py --tokens 1 --tokens 16   # also a prompt's share of an expert
+    python tools/cpu_expert_bench.py --cpu-activations int8   # the kernel's int8 activations
     tools/ggml_expert_bench.c                         # llama.cpp's kernel on the same expert (ggml, C)
     MOEPACK_CPU_KERNEL=numba python tools/cpu_expert_bench.py   # the numba kernel instead
 
@@ -39,6 +40,7 @@ import kernel_bench as kb  # noqa: E402  (the same random records as the GPU ker
 
 from formats.qtensor import QuantSpec  # noqa: E402
 from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn  # noqa: E402
+from runtime.cpu_native import ACTIVATIONS, cpu_activations, set_cpu_activations  # noqa: E402
 
 HIDDEN, INTER = 4096, 14336
 SPECS = {"2-bit g16": QuantSpec(2, 16, 8, 128), "3-bit g64": QuantSpec(3, 64, 8, 128),
@@ -128,7 +130,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, action="append", default=None,
                     help="tokens per call, repeatable (default 1: decode; a 512-token prompt gives each "
                          "expert ~128, in calls the CPU path takes up to 256)")
+    ap.add_argument("--cpu-activations", choices=ACTIVATIONS, default=None,
+                    help="what the compiled kernel rounds activations to [default: MOEPACK_CPU_ACT, else int16]")
     args = ap.parse_args(argv)
+    if args.cpu_activations:
+        set_cpu_activations(args.cpu_activations)
     tokens = args.tokens or [1]
     if min(tokens) < 1:
         ap.error("--tokens takes a positive number of tokens per call")
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     xs = {n: 0.1 * torch.randn(n, HIDDEN, generator=gen) for n in tokens}  # [T, H]
     rows = []
-    print(f"{ncpu} CPUs; kernel {kernel_name()}; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"{ncpu} CPUs; kernel {kernel_name()}, {cpu_activations()} activations; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     print(f"{'expert':<12} {'tokens':>6} {'threads':>7} {'ms':>8} {'min ms':>8} {'max ms':>8} {'ms/token':>8} {'GB/s':>6} {'floor ms':>8} "
           f"{'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     attention = attention_layer(threads, runs)
     if args.json:
         args.json.write_text(json.dumps({"cpus": ncpu, "bandwidth": bw, "rows": rows, "attention": attention,
-                                         "kernel": kernel_name()}, indent=2))
+                                         "kernel": kernel_name(), "cpu_activations": cpu_activations()}, indent=2))
     return 0
 
 

@@ -2,13 +2,14 @@
  * matrix (N x 4096, random codes): the figure docs/BENCHMARKS.md section 7 quotes.
  *
  *   cc -O3 -march=native -fopenmp tools/cpu_kernel_cycles.c -o /tmp/cyc -lm
- *   /tmp/cyc BITS GROUP [ROWS [GHZ [META_BITS [WIDE [TOKENS [COLS]]]]]]   # e.g. /tmp/cyc 2 16; /tmp/cyc 2 16 14336 3.34 4
+ *   /tmp/cyc BITS GROUP [ROWS [GHZ [META_BITS [WIDE [TOKENS [COLS [ACT8]]]]]]]   # e.g. /tmp/cyc 2 16; /tmp/cyc 2 16 14336 3.34 4
  *
  * GHZ is the core clock used to turn time into cycles (dev-cpu: 3.34, from a dependent-add
  * loop); ROWS 2048 keeps the matrix in cache, 14336 (default) streams it from memory. WIDE 0
  * keeps an AVX-512 build (or one with -DMP_EMULATE_WIDE) to its 8-lane rows. TOKENS (default 1):
  * x of that many tokens at once (a prompt's experts); the figure is then per 128 weights and token.
- * COLS (default 4096): the row width, e.g. 14336 for w2 (4096 ROWS). */
+ * COLS (default 4096): the row width, e.g. 14336 for w2 (4096 ROWS). ACT8 1: int8 activations
+ * (moepack_set_act8). */
 #include "../runtime/csrc/qgemv_cpu.c"  /* the kernel itself, flags as runtime/cpu_native.py builds it */
 #include <stdio.h>
 #include <time.h>
@@ -27,6 +28,7 @@ int main(int argc, char **argv) {
     const int mb = argc > 5 ? atoi(argv[5]) : 8;  /* 4: scale/zero codes as nibbles (random bytes either way) */
     const int wide = moepack_set_wide(argc > 6 ? atoi(argv[6]) : 1);
     const int64_t T = argc > 7 ? atoi(argv[7]) : 1;
+    const int act8 = moepack_set_act8(argc > 9 ? atoi(argv[9]) : 0);
     const int cu = bits == 4 ? 8 : 16;
     const int64_t U = K / cu, gpr = K / group, M = (N * gpr + mg - 1) / mg;
     uint32_t *q = malloc(N * U * 4);
@@ -56,8 +58,8 @@ int main(int argc, char **argv) {
         const double dt = now() - t;
         if (dt < best) best = dt;
     }
-    printf("%d-bit g%ld, %d-bit meta, %ld x %ld, %d lanes, %ld tokens, 1 thread: %.3f ms, %.1f cycles per 128 weights "
-           "and token at %.2f GHz\n", bits, (long)group, mb, (long)N, (long)K, wide ? 16 : 8, (long)T, best * 1e3,
+    printf("%d-bit g%ld, %d-bit meta, %ld x %ld, %d lanes, %ld tokens, %s activations, 1 thread: %.3f ms, %.1f cycles per 128 weights "
+           "and token at %.2f GHz\n", bits, (long)group, mb, (long)N, (long)K, wide ? 16 : 8, (long)T, act8 ? "int8" : "int16", best * 1e3,
            best * ghz * 1e9 / (N * K / 128.0) / T, ghz);
     return 0;
 }

@@ -43,9 +43,11 @@
  * wrapping case. The word loop is ~4 instructions per pair of products, so one fewer is ~20%. */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define MP_DOT(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
+#define MP_DOTB(acc, a, b) _mm256_dpbusd_epi32((acc), (a), (b))
 #define MP_VNNI 1
 #elif defined(__AVXVNNI__)
 #define MP_DOT(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
+#define MP_DOTB(acc, a, b) _mm256_dpbusd_avx_epi32((acc), (a), (b))
 #define MP_VNNI 1
 #else
 #define MP_DOT(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
@@ -71,7 +73,7 @@
 #define TELE_STEPS 6553.0f
 
 
-int moepack_abi_version(void) { return 9; }
+int moepack_abi_version(void) { return 10; }
 
 /* The 16-lane path (vec.h) is used where it is built and not switched off: the loader turns it
  * off when its self-check fails (falling back to 8 lanes), and MOEPACK_CPU_WIDE=0 does too.
@@ -83,6 +85,22 @@ int moepack_has_wide(void) { return MP_WIDE; }
 int moepack_set_wide(int on) {
     mp_wide_on = on && MP_WIDE;
     return mp_wide_on;
+}
+
+/* int8 activations (quantize_x_word8) on the fast path's default geometries (fast_default),
+ * where on: x rounded to 2^-8 of each word's largest |x|, not the int16 path's 2^-13.7 (2-bit)
+ * or 2^-16, for about half the instructions per weight. Off by default: issue #7 holds a CPU
+ * expert to the GPU path's result within floating-point tolerance, which int16 meets. Set like
+ * mp_wide_on: before any call runs, never during one. */
+static int mp_act8_on = 0;
+
+int moepack_set_act8(int on) {
+#ifdef MP_AVX2
+    mp_act8_on = on != 0;
+#else
+    (void)on;
+#endif
+    return mp_act8_on;
 }
 
 int moepack_has_vnni(void) {
@@ -144,6 +162,35 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
     X[j] = dj * (float)sum;
 }
 
+/* int8 activations: word j of x [K] f32 -> bytes, d[j], X[j] as quantize_x_word's, |x8| <= 127.
+ * The word's nv = CU/4 int32 of xp hold byte b of vector k = x8[nv b + k], the order in which
+ * row_fast.h's shifts and masks lay the codes out. */
+static void quantize_x_word8(const float *x, int cu, int xb, int64_t j, int32_t *xp, float *d, float *X) {
+    const int nv = cu / 4;
+    const float *xs = x + (int64_t)cu * j;
+    float m = 0.0f;
+    int finite = 1;
+    for (int i = 0; i < cu; i++) {
+        const float a = fabsf(xs[i]);
+        m = a > m ? a : m;
+        finite &= a <= FLT_MAX;
+    }
+    const float inv = finite && m > 1e-30f ? 127.0f / m : 0.0f;  /* as quantize_x_word: zeros, or NaN sums */
+    const float dj = !finite ? NAN : inv > 0.0f ? m / 127.0f : 0.0f;
+    int32_t sum = 0;
+    for (int k = 0; k < nv; k++) {
+        uint32_t packed = 0;
+        for (int b = 0; b < 4; b++) {
+            const int32_t v = round_i32(xs[nv * b + k] * inv);
+            sum += v;
+            packed |= (uint32_t)(uint8_t)(int8_t)v << (8 * b);
+        }
+        xp[XPI(xb, nv, k, j)] = (int32_t)packed;
+    }
+    d[j] = dj;
+    X[j] = dj * (float)sum;
+}
+
 
 #include "row_general.h"
 
@@ -162,6 +209,13 @@ static int fast_path(int64_t gpr, int64_t mg, int64_t wpg, int mb, int lanes) {
     (void)gpr, (void)mg, (void)wpg, (void)mb, (void)lanes;
     return 0;
 #endif
+}
+
+/* The fast path's geometries that fast_values unrolls for several tokens: the quantizer's
+ * defaults (2-bit g16, 3-bit g64 with 8- or 4-bit meta, 4-bit g64 with 8-bit meta). The int8
+ * path is built for these only, the others keep int16. */
+static int fast_default(int bits, int wl, int mb) {
+    return (bits == 2 && wl == 0) || (bits == 3 && wl == 2) || (bits == 4 && wl == 3 && mb == 8);
 }
 
 static int log2i(int64_t v) {
@@ -184,6 +238,7 @@ static float row_dot(const uint32_t *qn, const uint16_t *hn, int bits, int w, in
 
 typedef struct {
     int w, cu, fast, wl, tele, xb;  /* xb: words per block of x (16: the wide fast path) */
+    int a8;  /* int8 activations (mp_act8_on, on a fast_default geometry) */
     int64_t U, Up, gpr, wpg, h;
 } mp_geo;
 
@@ -207,6 +262,7 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     g->Up = (g->U + g->xb - 1) / g->xb * g->xb;
     g->wl = log2i(g->wpg);
     g->tele = m->bits == 2;
+    g->a8 = mp_act8_on && g->fast && fast_default(m->bits, g->wl, m->mb);
     return MP_OK;
 }
 
@@ -217,8 +273,10 @@ static int xq_alloc(const mp_geo *g, int64_t T, mp_xq *q) {
     q->xp = (int32_t *)aligned_alloc(64, (sizeof(int32_t) * (size_t)(T * g->h * g->Up) + 63) / 64 * 64);
     q->dX = (float *)malloc(sizeof(float) * (size_t)(T * (2 * g->U + g->gpr) + 16));
     if (!q->xp || !q->dX) return MP_NOMEM;
-    const int64_t block = g->h * g->xb;  /* a block of x's pairs: words [Up - xb, Up) */
-    for (int64_t t = 0; t < T; t++) memset(q->xp + (t + 1) * g->h * g->Up - block, 0, sizeof(int32_t) * (size_t)block);
+    /* a block of x's pairs, words [Up - xb, Up): h int32 per word, or CU/4 with int8 activations */
+    const int64_t per_word = g->a8 ? g->cu / 4 : g->h, block = per_word * g->xb;
+    for (int64_t t = 0; t < T; t++)
+        memset(q->xp + t * g->h * g->Up + per_word * g->Up - block, 0, sizeof(int32_t) * (size_t)block);
     memset(q->dX + T * (2 * g->U + g->gpr), 0, sizeof(float) * 16);
     return MP_OK;
 }
@@ -242,8 +300,12 @@ static void xq_fill(const mp_geo *g, const float *x, int64_t K, int64_t T, mp_xq
 #pragma omp for schedule(static) collapse(2)
 #endif
     for (int64_t t = 0; t < T; t++)
-        for (int64_t j = 0; j < g->U; j++)
-            quantize_x_word(x + t * K, g->cu, g->tele, g->xb, j, XP(g, q, t), XD(g, q, t), XW(g, q, t));
+        for (int64_t j = 0; j < g->U; j++) {
+            if (g->a8)
+                quantize_x_word8(x + t * K, g->cu, g->xb, j, XP(g, q, t), XD(g, q, t), XW(g, q, t));
+            else
+                quantize_x_word(x + t * K, g->cu, g->tele, g->xb, j, XP(g, q, t), XD(g, q, t), XW(g, q, t));
+        }
 #ifdef _OPENMP
 #pragma omp for schedule(static) collapse(2)
 #endif
@@ -287,26 +349,39 @@ static inline __attribute__((always_inline)) void fast_values(const mp_mat *a, c
     const uint16_t *hn = a->bits == 3 ? a->qhi + n * g->U : NULL;
     const int64_t xs = g->h * g->Up, ds = 2 * g->U + g->gpr;
     const int wl = g->wl;
-#define ARGS(B, W, WL, MB, T, NT)                                                                              \
-    qn, hn, B, W, g->gpr, WL, n * g->gpr, a->scale, a->smeta, a->zero, a->zmeta, a->mg, MB, NT, XP(g, q, T), xs, \
-        XD(g, q, T), ds, v + (T - t0)
-#define BY_NT(F, B, W, WL, MB)                   \
-    do {                                         \
-        if (nt == 1)                             \
-            F(ARGS(B, W, WL, MB, t0, 1));        \
-        else if (nt == 2)                        \
-            F(ARGS(B, W, WL, MB, t0, 2));        \
-        else                                     \
-            F(ARGS(B, W, WL, MB, t0, MP_TB));    \
-        return;                                  \
+#define ARGS(B, W, WL, MB, A8, T, NT)                                                                     \
+    qn, hn, B, W, g->gpr, WL, n * g->gpr, a->scale, a->smeta, a->zero, a->zmeta, a->mg, MB, A8, NT, XP(g, q, T), \
+        xs, XD(g, q, T), ds, v + (T - t0)
+#define BY_NT_A(F, B, W, WL, MB, A8)                 \
+    do {                                             \
+        if (nt == 1)                                 \
+            F(ARGS(B, W, WL, MB, A8, t0, 1));        \
+        else if (nt == 2)                            \
+            F(ARGS(B, W, WL, MB, A8, t0, 2));        \
+        else                                         \
+            F(ARGS(B, W, WL, MB, A8, t0, MP_TB));    \
+        return;                                      \
     } while (0)
-#define BY_ONE(F, B, W, WL, MB)                                           \
-    do {                                                                  \
-        for (int i_ = 0; i_ < nt; i_++) F(ARGS(B, W, WL, MB, t0 + i_, 1)); \
-        return;                                                           \
+#define BY_NT(F, B, W, WL, MB) BY_NT_A(F, B, W, WL, MB, 0)
+#define BY_ONE(F, B, W, WL, MB)                                              \
+    do {                                                                     \
+        for (int i_ = 0; i_ < nt; i_++) F(ARGS(B, W, WL, MB, 0, t0 + i_, 1)); \
+        return;                                                              \
+    } while (0)
+/* int8 activations: g->a8 holds only on fast_default's geometries */
+#define INT8(F)                                                                          \
+    do {                                                                                 \
+        if (a->mb == 4) {                                                                \
+            if (a->bits == 2) BY_NT_A(F, 2, 2, 0, 4, 1);                                 \
+            BY_NT_A(F, 3, 2, 2, 4, 1);                                                   \
+        }                                                                                \
+        if (a->bits == 2) BY_NT_A(F, 2, 2, 0, 8, 1);                                     \
+        if (a->bits == 3) BY_NT_A(F, 3, 2, 2, 8, 1);                                     \
+        BY_NT_A(F, 4, 4, 3, 8, 1);                                                       \
     } while (0)
 #if MP_WIDE
     if (g->xb == 16) {  /* Mixtral's shapes: every matrix has 16 | groups per row */
+        if (g->a8) INT8(row_fast16);
 #define FAST(B, W, WL, MB) BY_NT(row_fast16, B, W, WL, MB)
 #define ONE(B, W, WL, MB) BY_ONE(row_fast16, B, W, WL, MB)
         if (a->mb == 4) {
@@ -324,6 +399,7 @@ static inline __attribute__((always_inline)) void fast_values(const mp_mat *a, c
 #endif
 #define FAST(B, W, WL, MB) BY_NT(row_fast8, B, W, WL, MB)
 #define ONE(B, W, WL, MB) BY_ONE(row_fast8, B, W, WL, MB)
+    if (g->a8) INT8(row_fast8);
     if (a->mb == 4) {  /* FAST and ONE return */
         if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 4); ONE(2, 2, wl, 4); }
         if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 4); ONE(3, 2, wl, 4); }
@@ -337,7 +413,9 @@ static inline __attribute__((always_inline)) void fast_values(const mp_mat *a, c
 #undef FAST
 #undef ONE
 #undef BY_NT
+#undef BY_NT_A
 #undef BY_ONE
+#undef INT8
 #undef ARGS
 }
 
@@ -362,6 +440,17 @@ static float row_value(const mp_mat *m, const mp_geo *g, const mp_xq *q, int64_t
     const uint16_t *hn = m->bits == 3 ? m->qhi + n * g->U : NULL;
     if (!decoded) decode_row_meta(n, g->gpr, g->wpg, m->scale, m->smeta, m->zero, m->zmeta, m->mg, m->mb, sw, zw);
     return row_dot(qn, hn, m->bits, g->w, g->U, XP(g, q, t), XD(g, q, t), XW(g, q, t), sw, zw);
+}
+
+/* 1 where the matrix desc (matrix_at's 12 numbers, at base 0) takes int8 activations now:
+ * mp_act8_on and one of fast_default's geometries on the fast path. Lets the caller's check
+ * (runtime/cpu_native.py, self_check) know which rounding to compare with. */
+int moepack_uses_act8(const int64_t *desc) {
+    static const uint16_t plane = 0;  /* geometry looks at whether a 3-bit matrix has a high plane, not into it */
+    const mp_mat m = {NULL, desc[1] >= 0 ? &plane : NULL, NULL, NULL, NULL, NULL, desc[6], desc[7], desc[8], desc[9],
+                      (int)desc[10], (int)desc[11]};
+    mp_geo g;
+    return geometry(&m, &g) == MP_OK && g.a8;
 }
 
 /* int16 rounding needs a finite x: both entry points decline otherwise (the caller falls back

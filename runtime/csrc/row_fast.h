@@ -26,7 +26,7 @@
 static inline __attribute__((always_inline)) void RF_BLOCKS(const uint32_t *qn, const uint16_t *hn, const int bits,
                                                             const int w, int64_t U, int wpg_log2, int64_t i0,
                                                             const uint8_t *scale, const uint8_t *zero, const int mb,
-                                                            const int nt, const int32_t *xp, int64_t xs, const float *d,
+                                                            const int a8, const int nt, const int32_t *xp, int64_t xs, const float *d,
                                                             int64_t ds, int64_t g0, int64_t e, int64_t steps, RF_VF ss,
                                                             RF_VF sm, RF_VF nzs, RF_VF nzm, RF_VF *acc) {
     const int h = 16 / w;
@@ -43,6 +43,27 @@ static inline __attribute__((always_inline)) void RF_BLOCKS(const uint32_t *qn, 
             const int64_t j = gb * wpg + RF_L * r;  /* a multiple of RF_L: a whole block of x */
             const RF_VF sl = wpg_log2 > 0 ? RF_(lanes)(sb, r, wpg_log2) : sb;
             const RF_VI word = RF_(loadu)(qn + j);
+            if (a8) {
+                /* int8 activations (quantize_x_word8): byte vector k holds code nv b + k in byte b
+                 * of each word, one shift and one mask; each token's x bytes meet them in nv
+                 * vpmaddubsw (vec.h, _dotb), half the products' instructions of the int16 path */
+                const int nv = 8 / w;
+                const RF_VI bytemask = RF_(set1)(w == 4 ? 0x0F0F0F0F : 0x03030303);
+                RF_VI v[4];
+                for (int k = 0; k < nv; k++) v[k] = RF_(and)(k ? RF_(srli16)(word, w * k) : word, bytemask);
+                if (bits == 3) {
+                    const RF_VI hb = RF_(hi3b)(hn + j), four = RF_(set1)(0x04040404);
+                    v[0] = RF_(or)(v[0], RF_(and)(RF_(slli32)(hb, 2), four));
+                    v[1] = RF_(or)(v[1], RF_(and)(RF_(slli32)(hb, 1), four));
+                    v[2] = RF_(or)(v[2], RF_(and)(hb, four));
+                    v[3] = RF_(or)(v[3], RF_(and)(RF_(srli32)(hb, 1), four));
+                }
+                for (int i = 0; i < nt; i++) {
+                    const RF_VI dot = RF_(dotb)(v, xp + i * xs + j * nv, nv);
+                    acc[i] = RF_(fma)(sl, RF_(mul)(RF_(cvt)(dot), RF_(loadf)(d + i * ds + j)), acc[i]);
+                }
+                continue;
+            }
             const RF_VI hs = bits == 3 ? RF_(hi3)(hn + j) : RF_(zero)();
             if (nt < MP_TB && w != 4) {
                 /* 2- and 3-bit codes, 1 or 2 tokens: each pair decoded as the products need it,
@@ -96,12 +117,12 @@ static inline __attribute__((always_inline)) void RF_ROW(const uint32_t *qn, con
                                                          const int w, int64_t gpr, int wpg_log2, int64_t i0,
                                                          const uint8_t *scale, const float *smeta,
                                                          const uint8_t *zero, const float *zmeta, int64_t mg,
-                                                         const int mb, const int nt, const int32_t *xp, int64_t xs,
+                                                         const int mb, const int a8, const int nt, const int32_t *xp, int64_t xs,
                                                          const float *d, int64_t ds, float *out) {
     const int64_t wpg = (int64_t)1 << wpg_log2, U = gpr << wpg_log2;
     RF_VF acc[MP_TB];
     for (int i = 0; i < nt; i++) acc[i] = RF_(zerof)();
-#define RF_ARGS qn, hn, bits, w, U, wpg_log2, i0, scale, zero, mb, nt, xp, xs, d, ds
+#define RF_ARGS qn, hn, bits, w, U, wpg_log2, i0, scale, zero, mb, a8, nt, xp, xs, d, ds
     if (__builtin_expect(gpr % RF_L == 0 && mg % RF_L == 0, 1)) {  /* blocks tile the row and the meta groups */
         for (int64_t g0 = 0; g0 < gpr;) {
             const int64_t mi = (i0 + g0) / mg;

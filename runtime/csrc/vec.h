@@ -65,6 +65,27 @@ AI v8i v8_meta(const uint8_t *codes, int64_t i, const int mb) {
     return _mm256_srli_epi32(top, 28);
 }
 
+/* int8 activations (qgemv_cpu.c, quantize_x_word8): the nv byte vectors of a step's words (codes,
+ * unsigned) times x's bytes (signed) at x + stride k, summed per int32 lane, i.e. per word.
+ * vpdpbusd where the CPU has VNNI, in two chains. Else vpmaddubsw per vector, which cannot
+ * saturate (2 * 15 * 127 < 32767), the int16 sums added (at most 4 * 2 * 7 * 127 or
+ * 2 * 2 * 15 * 127, both < 32767), then widened once by vpmaddwd against ones. */
+AI v8i v8_dotbs(const v8i *v, const int32_t *x, const int nv, const int stride) {
+#ifdef MP_DOTB
+    v8i a0 = MP_DOTB(v8_zero(), v[0], v8_loadu(x)), a1 = MP_DOTB(v8_zero(), v[1], v8_loadu(x + stride));
+    for (int k = 2; k < nv; k += 2) {
+        a0 = MP_DOTB(a0, v[k], v8_loadu(x + stride * k));
+        a1 = MP_DOTB(a1, v[k + 1], v8_loadu(x + stride * (k + 1)));
+    }
+    return _mm256_add_epi32(a0, a1);
+#else
+    __m256i s = _mm256_maddubs_epi16(v[0], v8_loadu(x));
+    for (int k = 1; k < nv; k++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(v[k], v8_loadu(x + stride * k)));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+#endif
+}
+AI v8i v8_dotb(const v8i *v, const int32_t *x, const int nv) { return v8_dotbs(v, x, nv, 8); }
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define MP_WIDE 1
 typedef __m512i v16i;
@@ -85,6 +106,21 @@ AI v16i v16_dot(v16i acc, v16i a, v16i b) { return _mm512_dpwssd_epi32(acc, a, b
 AI v16i v16_dot(v16i acc, v16i a, v16i b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
 #endif
 AI v16i v16_load_u16(const uint16_t *p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)); }
+AI v16i v16_dotb(const v16i *v, const int32_t *x, const int nv) {  /* v8_dotbs at 16 lanes */
+#ifdef __AVX512VNNI__
+    v16i a0 = _mm512_dpbusd_epi32(v16_zero(), v[0], v16_loadu(x)), a1 = _mm512_dpbusd_epi32(v16_zero(), v[1], v16_loadu(x + 16));
+    for (int k = 2; k < nv; k += 2) {
+        a0 = _mm512_dpbusd_epi32(a0, v[k], v16_loadu(x + 16 * k));
+        a1 = _mm512_dpbusd_epi32(a1, v[k + 1], v16_loadu(x + 16 * (k + 1)));
+    }
+    return _mm512_add_epi32(a0, a1);
+#else
+    __m512i s = _mm512_maddubs_epi16(v[0], v16_loadu(x));
+    for (int k = 1; k < nv; k++) s = _mm512_add_epi16(s, _mm512_maddubs_epi16(v[k], v16_loadu(x + 16 * k)));
+    return _mm512_madd_epi16(s, _mm512_set1_epi16(1));
+#endif
+}
+
 AI v16i v16_iota(void) { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 AI v16f v16_cvt(v16i a) { return _mm512_cvtepi32_ps(a); }
 AI v16f v16_loadf(const float *p) { return _mm512_loadu_ps(p); }
@@ -123,6 +159,11 @@ AI v16i v16_srli32(v16i a, int n) MP_HALVES_I(v8_srli32(a.lo, n), v8_srli32(a.hi
 AI v16i v16_slli32(v16i a, int n) MP_HALVES_I(v8_slli32(a.lo, n), v8_slli32(a.hi, n))
 AI v16i v16_dot(v16i acc, v16i a, v16i b) MP_HALVES_I(v8_dot(acc.lo, a.lo, b.lo), v8_dot(acc.hi, a.hi, b.hi))
 AI v16i v16_load_u16(const uint16_t *p) MP_HALVES_I(v8_load_u16(p), v8_load_u16(p + 8))
+AI v16i v16_dotb(const v16i *v, const int32_t *x, const int nv) {  /* x's 16 words: 8 at x, 8 at x + 8 */
+    v8i lo[4], hi[4];
+    for (int k = 0; k < nv; k++) lo[k] = v[k].lo, hi[k] = v[k].hi;
+    MP_HALVES_I(v8_dotbs(lo, x, nv, 16), v8_dotbs(hi, x + 8, nv, 16))
+}
 AI v16i v16_iota(void) MP_HALVES_I(v8_iota(), v8_add(v8_iota(), v8_set1(8)))
 AI v16f v16_cvt(v16i a) MP_HALVES_F(v8_cvt(a.lo), v8_cvt(a.hi))
 AI v16f v16_loadf(const float *p) MP_HALVES_F(v8_loadf(p), v8_loadf(p + 8))
@@ -160,6 +201,15 @@ AI v16i v16_meta(const uint8_t *codes, int64_t i, const int mb) MP_HALVES_I(v8_m
         const VI hw = P##_load_u16(hn);                                                     \
         return P##_slli32(P##_or(P##_and(hw, P##_set1(0xFF)), P##_slli32(P##_and(hw, P##_set1(0xFF00)), 8)), 2); \
     }
+/* int8 activations, 3-bit: the high plane of a vector of words (16 bits each, code i at bit i) as
+ * nibbles, nibble b (the high bits of codes 4b .. 4b+3) in byte b; bit k of byte b is then the
+ * high bit of byte b of the step's byte vector k (row_fast.h). */
+#define MP_DEF_HI3B(P, VI)                                                                  \
+    AI VI P##_hi3b(const uint16_t *hn) {                                                    \
+        VI t = P##_load_u16(hn);                                                            \
+        t = P##_and(P##_or(t, P##_slli32(t, 8)), P##_set1(0x00FF00FF));                     \
+        return P##_and(P##_or(t, P##_slli32(t, 4)), P##_set1(0x0F0F0F0F));                  \
+    }
 /* Each word lane's group scale when a group spans 2^wl words: lane l of step r of a block is
  * word L*r + l, group (L*r + l) >> wl. */
 #define MP_DEF_LANES(P, VI, VF, L)                                                          \
@@ -168,10 +218,12 @@ AI v16i v16_meta(const uint8_t *codes, int64_t i, const int mb) MP_HALVES_I(v8_m
     }
 MP_DEF_PAIR(v8, v8i)
 MP_DEF_HI3(v8, v8i)
+MP_DEF_HI3B(v8, v8i)
 MP_DEF_LANES(v8, v8i, v8f, 8)
 #ifdef MP_WIDE
 MP_DEF_PAIR(v16, v16i)
 MP_DEF_HI3(v16, v16i)
+MP_DEF_HI3B(v16, v16i)
 MP_DEF_LANES(v16, v16i, v16f, 16)
 #endif
 

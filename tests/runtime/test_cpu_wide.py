@@ -72,6 +72,32 @@ def test_matches_the_rounded_reference(wide, spec, n, k, tokens):
     assert rel(y, quantize_x(x, cu, x_steps(spec.bits)) @ w.astype(np.float64).T) < 2e-6
 
 
+@pytest.mark.parametrize("spec,n,k", WIDE_CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+def test_int8_activations_match_their_rounded_reference(wide, spec, n, k):
+    """The byte path (test_cpu_act8.py) on 16-lane rows: x's bytes in blocks of 16 words."""
+    data, w = packed((n, k), spec, seed=n + k)
+    x = np.random.default_rng(n).standard_normal((5, k)).astype(np.float32)
+    x[:, :16] *= 50
+    cu = 8 if spec.bits == 4 else 16
+    try:
+        assert wide.set_act8(True)
+        steps = 127 if wide.uses_act8(cpu_native.matrix_descriptor((n, k), spec)) else x_steps(spec.bits)
+        y = assert_tokens_batch_exactly(lambda *a: gemv(wide, *a), data, (n, k), spec, x)
+    finally:
+        wide.set_act8(False)
+    assert (steps == 127) == ((spec.bits, spec.group_size, spec.meta_bits) in [(2, 16, 8), (2, 16, 4), (3, 64, 8),
+                                                                              (3, 64, 4), (4, 64, 8)])
+    assert rel(y, quantize_x(x, cu, steps) @ w.astype(np.float64).T) < 2e-6
+
+
+def test_int8_passes_the_load_time_check(wide):
+    try:
+        wide.set_act8(True)
+        assert cpu_native.self_check(wide) is None
+    finally:
+        wide.set_act8(False)
+
+
 @pytest.mark.parametrize("spec,n,k,takes_wide", [(QuantSpec(2, 16, 8, 128), 16, 256, True),
                                                  (QuantSpec(2, 16, 8, 128), 16, 128, False),  # 8 groups per row
                                                  (QuantSpec(2, 16, 8, 8), 16, 256, False)])  # meta groups of 8
