@@ -463,13 +463,28 @@ static int all_finite(const float *x, int64_t n) {
 
 /* out[t][n] = (A x_t)[n], or silu(A x_t)[n] * (B x_t)[n] when B is given (same geometry as A).
  * Inside a parallel region (orphaned worksharing). Returns nonzero if a buffer failed. */
+/* Rows per dynamic chunk: 8 chunks per thread, at least 16 rows. Chunks of 16 rows handed out
+ * in turn had each thread's reads jump every 16-64 KB, restarting the hardware prefetchers'
+ * streams: one 2-bit expert on dev-cpu's 2 threads took 4.1 ms at int16 (3.4 at int8), against
+ * 3.5 (2.9) now. 8 chunks per thread still let the others take a descheduled thread's share
+ * (BENCHMARKS.md section 28). */
+static int64_t row_chunk(int64_t N) {
+#ifdef _OPENMP
+    const int64_t chunk = N / (8 * (int64_t)omp_get_num_threads());
+    return chunk < 16 ? 16 : chunk;
+#else
+    (void)N;
+    return 16;
+#endif
+}
+
 static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp_xq *q, int64_t T, float *out) {
-    const int64_t N = a->N;
+    const int64_t N = a->N, chunk = row_chunk(N);
 #ifdef MP_AVX2
     if (g->fast) {
         if (T == 1) {  /* decode */
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)  /* a descheduled thread does not hold the call: 3-bit on 2 threads with a busy core 8.9 ms, 15.1 static */
+#pragma omp for schedule(dynamic, chunk)  /* dynamic: a descheduled thread does not hold the call (3-bit on 2 threads with a busy core 8.9 ms, 15.1 static) */
 #endif
             for (int64_t n = 0; n < N; n++) {
                 const float ya = fast_value(a, g, q, n);
@@ -478,7 +493,7 @@ static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp
             return 0;
         }
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, chunk)
 #endif
         for (int64_t n = 0; n < N; n++) {
             for (int64_t t = 0; t < T;) {
@@ -503,7 +518,7 @@ static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp
     float *buf = (float *)malloc(sizeof(float) * (size_t)(4 * g->U));
     const int failed = !buf;
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, chunk)
 #endif
     for (int64_t n = 0; n < N; n++) {
         if (failed) continue;
