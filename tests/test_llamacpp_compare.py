@@ -16,21 +16,25 @@ def test_summary_names_every_figure():
             "ggml": {"rows": [{"type": "q2_K", "threads": 16, "median_ms": 0.61}]},
             "moepack": {"rows": [{"expert": "2-bit g16 m4", "tokens": 1, "threads": 16, "ms": 0.7},
                                  {"expert": "2-bit g16 m4", "tokens": 1, "threads": 1, "ms": 6.9}]},
+            "moepack_int8": {"rows": [{"expert": "2-bit g16 m4", "tokens": 1, "threads": 16, "ms": 0.55}]},
         },
         "model": {
             "threads": 16,
             "llama_cpp": [{"n_prompt": 128, "n_gen": 0, "n_depth": 0, "avg_ts": 40.0},
                           {"n_prompt": 0, "n_gen": 16, "n_depth": 128, "avg_ts": 9.5}],
-            "moepack": [{"prefill_tokens": 16, "decode_tok_s": 8.0, "prefill_tok_s": 20.0}],
+            "moepack": [{"prefill_tokens": 16, "decode_tok_s": 8.0, "prefill_tok_s": 20.0},
+                        {"prefill_tokens": 128, "decode_tok_s": 9.0, "prefill_tok_s": 30.0, "cpu_activations": "int8"}],
         },
     }
     lines = compare.summary(result)
     assert lines == [
         "ggml expert q2_K 16 threads: 0.61 ms",
-        "moe-pack expert 2-bit g16 m4 16 threads: 0.70 ms",  # the 1-thread row is not the count asked for
+        "moe-pack expert 2-bit g16 m4 16 threads, int16: 0.70 ms",  # the 1-thread row is not the count asked for
+        "moe-pack expert 2-bit g16 m4 16 threads, int8: 0.55 ms",
         "llama.cpp 16 threads, 128-token prompt at depth 0: 40.00 tok/s",
         "llama.cpp 16 threads, decode at depth 128: 9.50 tok/s",
-        "moe-pack 16 threads, after a 16-token prompt: decode 8.00 tok/s, prompt 20.00 tok/s",
+        "moe-pack 16 threads, int16, after a 16-token prompt: decode 8.00 tok/s, prompt 20.00 tok/s",
+        "moe-pack 16 threads, int8, after a 128-token prompt: decode 9.00 tok/s, prompt 30.00 tok/s",
     ]
 
 

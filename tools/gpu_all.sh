@@ -46,6 +46,10 @@
 #      call's carry beside ".whl" (36 MB: llama.cpp's sources and the cmake and ninja wheels; how
 #      to make it: tools/llamacpp_host.sh's header). Alone in a call: ~5-7 minutes (estimated
 #      from dev-cpu; its JSON is written after every run, so a cut keeps what was measured).
+#      Since the twenty-first session it also runs moe-pack's expert and a 32-layer run with int8
+#      activations (--cpu-activations int8, BENCHMARKS.md section 28).
+#  20. the hybrid engine's CPU share on int8 activations (--cpu-activations int8) against int16:
+#      hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB, 16 CPU threads, each way.
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -114,6 +118,9 @@
 # timed, then a 1.2 GB checkpoint end to end; stage 1's test_encode.py checks its bytes there).
 # Since the twentieth session: "19", alone in a call with carry [".whl", ".cache/llamacpp"] (no
 # GPU work: llama.cpp's CPU figures on this host beside moe-pack's), after "7 11".
+# Since the twenty-first session: int8 activations on the CPU (opt-in). Stage 7 runs their
+# tests natively (vpdpbusd on AVX-512 VNNI never ran before) and times the expert with them;
+# "20" (two hybrid runs at 12 GiB, ~4 minutes) belongs in call 2 or 3, after "12" or "17".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -182,8 +189,10 @@ has 5 && ! grep -q '"tok_s"' "$OUT/bench.json" 2>/dev/null && run bench_eager 90
 has 7 && run cpu_diag 60 $PY tools/cpu_diag.py
 has 7 && run cpu_native_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py \
   tests/runtime/test_cpu_native_prompt.py tests/runtime/test_cpu_native_callers.py tests/runtime/test_cpu_expert.py \
-  tests/runtime/test_cpu_wide.py
+  tests/runtime/test_cpu_wide.py tests/runtime/test_cpu_act8.py
 has 7 && run cpu_expert 90 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 --json "$OUT/cpu_expert.json"
+has 7 && run cpu_expert_int8 90 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 --cpu-activations int8 \
+  --json "$OUT/cpu_expert_int8.json"
 has 7 && run cpu_expert_narrow 90 env MOEPACK_CPU_WIDE=0 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 \
   --json "$OUT/cpu_expert_narrow.json"
 has 7 && run cpu_expert_numba 60 env MOEPACK_CPU_KERNEL=numba $PY tools/cpu_expert_bench.py --runs 5 --json "$OUT/cpu_expert_numba.json"
@@ -278,5 +287,12 @@ done
 # .cache/llamacpp (tools/llamacpp_host.sh), one expert at 16 and 8 threads, then 32 layers CPU-only
 has 19 && run llamacpp_compare ${LLAMACPP_S:-540} $PY tools/llamacpp_compare.py --threads 16 --threads 8 \
   --json "$OUT/llamacpp_compare.json"
+# issue #7's hybrid with the CPU's share on int8 activations, then int16 (BENCHMARKS.md section 28)
+for act in int8 int16; do
+  has 20 && run bench_hybrid_$act 170 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
+    --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant hybrid-w2 --cache-policy lfu --gpu-memory 12GiB \
+    --prefill-len 512 --cpu-activations $act --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_hybrid_$act.json" \
+    $BENCH_FLAGS
+done
 log "total"
 tail -n 40 "$OUT/all.log"

@@ -7,12 +7,12 @@ in --dir, carried to a machine without cmake or llama.cpp), unless --build alrea
 then times:
 1. one Mixtral-8x7B expert at batch 1 at each --threads count: ggml's Q2_K and Q3_K
    (tools/ggml_expert_bench.c) and moe-pack's 2-bit and 3-bit experts (tools/cpu_expert_bench.py,
-   which runs 1, 2, 4, 8, 16 ... threads itself);
+   which runs 1, 2, 4, 8, 16 ... threads itself) with int16 activations, then int8;
 2. --layers Mixtral-shape layers CPU-only at the first --threads count: llama-bench (a 128-token
    prompt; decode at depth 0 and 128) on a GGUF at moe-pack's bits (tools/ggml_mixtral_gguf.c
    --mix matched), and runtime.baseline_bench --device cpu --recipe 4/2m4 after a 16- and a
-   128-token prompt.
-docs/BENCHMARKS.md section 27 has the same comparison on dev-cpu's 2 cores. Writes every tool's
+   128-token prompt with int16 activations, and after a 128-token prompt with int8.
+docs/BENCHMARKS.md sections 27 and 28 have the same comparison on dev-cpu's 2 cores. Writes every tool's
 raw output into the JSON after each run, so that a run cut short keeps what it measured; prints
 one line per figure.
 """
@@ -55,8 +55,12 @@ def expert_rows(build_dir: Path, threads: list[int], runs: int) -> dict:
         ggml_json, ours_json = Path(tmp) / "ggml.json", Path(tmp) / "ours.json"
         _run([str(build_dir / "ggml_expert_bench"), "--type", "q2_K,q3_K", "--threads", ",".join(map(str, threads)),
               "--runs", str(runs), "--repack", "--json", str(ggml_json)])
-        _run([sys.executable, "tools/cpu_expert_bench.py", "--runs", str(runs), "--json", str(ours_json)])
-        return {"ggml": json.loads(ggml_json.read_text()), "moepack": json.loads(ours_json.read_text())}
+        out = {"ggml": json.loads(ggml_json.read_text())}
+        for act, key in (("int16", "moepack"), ("int8", "moepack_int8")):
+            _run([sys.executable, "tools/cpu_expert_bench.py", "--runs", str(runs), "--cpu-activations", act, "--json",
+                  str(ours_json)])
+            out[key] = json.loads(ours_json.read_text())
+        return out
 
 
 def model_rows(build_dir: Path, threads: int, layers: int, workdir: Path, save) -> dict:
@@ -72,10 +76,11 @@ def model_rows(build_dir: Path, threads: int, layers: int, workdir: Path, save) 
             save(out)
     finally:
         gguf.unlink(missing_ok=True)
-    for prompt in (16, 128):
+    for prompt, act in ((16, "int16"), (128, "int16"), (128, "int8")):
         raw = _run([sys.executable, "-m", "runtime.baseline_bench", "--device", "cpu", "--layers", str(layers),
                     "--recipe", "4/2m4", "--prompt-len", str(prompt), "--new-tokens", "16", "--workdir",
-                    str(workdir)], env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=1200)
+                    str(workdir), "--cpu-activations", act], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                   timeout=1200)
         out["moepack"].append(json.loads(raw.splitlines()[0]))
         save(out)
     return out
@@ -95,16 +100,17 @@ def summary(result: dict) -> list[str]:
     experts = result.get("experts", {})
     for row in experts.get("ggml", {}).get("rows", []):
         lines.append(f"ggml expert {row['type']} {row['threads']} threads: {row['median_ms']:.2f} ms")
-    for row in experts.get("moepack", {}).get("rows", []):
-        if row["tokens"] == 1 and row["threads"] in result.get("threads", []):
-            lines.append(f"moe-pack expert {row['expert']} {row['threads']} threads: {row['ms']:.2f} ms")
+    for key, act in (("moepack", "int16"), ("moepack_int8", "int8")):
+        for row in experts.get(key, {}).get("rows", []):
+            if row["tokens"] == 1 and row["threads"] in result.get("threads", []):
+                lines.append(f"moe-pack expert {row['expert']} {row['threads']} threads, {act}: {row['ms']:.2f} ms")
     model = result.get("model", {})
     t = model.get("threads")
     for r in model.get("llama_cpp", []):
         kind = (f"{r['n_prompt']}-token prompt" if r["n_prompt"] else "decode") + f" at depth {r['n_depth']}"
         lines.append(f"llama.cpp {t} threads, {kind}: {r['avg_ts']:.2f} tok/s")
     for r in model.get("moepack", []):
-        lines.append(f"moe-pack {t} threads, after a {r['prefill_tokens']}-token prompt: decode "
+        lines.append(f"moe-pack {t} threads, {r.get('cpu_activations', 'int16')}, after a {r['prefill_tokens']}-token prompt: decode "
                      f"{r['decode_tok_s']:.2f} tok/s, prompt {r['prefill_tok_s']:.2f} tok/s")
     return lines
 

@@ -22,6 +22,11 @@
  * place for vpmaddwd, and xp[p][j] holds the matching int16 pair (x16[CU*j+p], x16[CU*j+H+p]).
  * 3-bit: the 1-bit plane q_hi has 16 bits per low word (code i at bit i); spread so that bit
  * i and bit 8+i land at bit 2 and bit 18 of pair i, they are OR'd in as the code's 4s.
+ *
+ * int8 activations (opt-in, moepack_set_act8): the same per-word d_j and X_j with 127 steps,
+ * and the codes as bytes: vector k of a word's bytes holds code nv*b + k in byte b (nv = CU/4),
+ * one shift and one mask each, met by x's bytes in vpmaddubsw (vpdpbusd with VNNI): 4 products
+ * per instruction and lane instead of 2. llama.cpp's Q8_K rounds x per 256 values; this per 16.
  */
 #include <stdint.h>
 #include <stdlib.h>
