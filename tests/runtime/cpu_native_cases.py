@@ -97,3 +97,22 @@ def assert_tokens_batch_exactly(gemv, data, shape, spec, x):
     alone = np.concatenate([gemv(data, shape, spec, x[t:t + 1]) for t in range(x.shape[0])])
     assert np.array_equal(together, alone)
     return together
+
+
+def check_expert_and_row_cut(kernel, spec: QuantSpec, hidden: int, inter: int, x: torch.Tensor, tol: float) -> None:
+    """kernel.expert (moepack_expert) on a random expert: h and y within `tol` (relative) of their
+    exact float64 values, and the row cut from inter // 2 (the hybrid split's CPU rows) equal to
+    the same rows of h bit for bit."""
+    from tests.runtime.kernel_cases import make_expert
+
+    layout, data, ref = make_expert(hidden, inter, spec, seed=7)
+    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    h_ref = torch.nn.functional.silu(x.double() @ torch.from_numpy(ref["w1"]).double().T) * (
+        x.double() @ torch.from_numpy(ref["w3"]).double().T)
+    y_ref = h_ref @ torch.from_numpy(ref["w2"]).double().T
+    h, y = kernel.expert(record, cpu_native.expert_descriptor(layout), x, inter, hidden, 2)
+    assert float((h.double() - h_ref).norm() / h_ref.norm()) < tol
+    assert float((y.double() - y_ref).norm() / y_ref.norm()) < tol
+    cut = inter // 2
+    h_cut, none = kernel.expert(record, cpu_native.expert_descriptor(layout, cut), x, inter - cut, None, 2)
+    assert none is None and torch.equal(h_cut, h[:, cut:])

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
 from runtime import cpu_native
-from tests.runtime.cpu_native_cases import CASES, assert_tokens_batch_exactly, needs_native, quantize_x, rel, run, x_steps
+from tests.runtime.cpu_native_cases import (CASES, assert_tokens_batch_exactly, check_expert_and_row_cut, needs_native,
+                                            quantize_x, rel, run, x_steps)
 from tests.runtime.kernel_cases import make_expert, packed
 
 pytestmark = needs_native
@@ -135,19 +136,8 @@ def test_tiny_zero_and_non_finite_words(act8):
 def test_one_call_expert_close_to_the_float_expert(act8, spec):
     """A whole expert (two matrices, the second on the first's rounded output) stays within int8's
     rounding of the exact value; its row cut is the same rows bit for bit."""
-    hidden, inter = 256, 512
-    layout, data, ref = make_expert(hidden, inter, spec, seed=7)
-    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    x = 0.1 * torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
-    h_ref = torch.nn.functional.silu(x.double() @ torch.from_numpy(ref["w1"]).double().T) * (
-        x.double() @ torch.from_numpy(ref["w3"]).double().T)
-    y_ref = h_ref @ torch.from_numpy(ref["w2"]).double().T
-    h, y = act8.expert(record, cpu_native.expert_descriptor(layout), x, inter, hidden, 2)
-    assert float((h.double() - h_ref).norm() / h_ref.norm()) < 2e-2
-    assert float((y.double() - y_ref).norm() / y_ref.norm()) < 3e-2
-    cut = inter // 2
-    h_cut, none = act8.expert(record, cpu_native.expert_descriptor(layout, cut), x, inter - cut, None, 2)
-    assert none is None and torch.equal(h_cut, h[:, cut:])
+    x = 0.1 * torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+    check_expert_and_row_cut(act8, spec, 256, 512, x, 3e-2)
 
 
 def test_the_self_check_passes_on_the_byte_path(act8):

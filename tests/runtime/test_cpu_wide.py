@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
 from runtime import cpu_native
-from tests.runtime.cpu_native_cases import EXPERT_TOL, assert_tokens_batch_exactly, quantize_x, rel, x_steps
-from tests.runtime.kernel_cases import make_expert, packed
+from tests.runtime.cpu_native_cases import (EXPERT_TOL, assert_tokens_batch_exactly, check_expert_and_row_cut, quantize_x,
+                                            rel, x_steps)
+from tests.runtime.kernel_cases import packed
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +138,8 @@ def test_one_call_expert_and_its_row_cut(wide, spec):
     """moepack_expert on 16-lane rows (w1/w3: 16 groups per row at hidden 256 or 1024; w2 too),
     whole and from a row cut (the hybrid split's CPU rows)."""
     hidden = 16 * spec.group_size
-    inter = 2 * hidden
-    layout, data, ref = make_expert(hidden, inter, spec, seed=7)
-    record = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     x = 0.1 * torch.randn(2, hidden, generator=torch.Generator().manual_seed(1))
-    h_ref = torch.nn.functional.silu(x.double() @ torch.from_numpy(ref["w1"]).double().T) * (
-        x.double() @ torch.from_numpy(ref["w3"]).double().T)
-    y_ref = h_ref @ torch.from_numpy(ref["w2"]).double().T
-    h, y = wide.expert(record, cpu_native.expert_descriptor(layout), x, inter, hidden, 2)
-    assert float((h.double() - h_ref).norm() / h_ref.norm()) < EXPERT_TOL
-    assert float((y.double() - y_ref).norm() / y_ref.norm()) < EXPERT_TOL
-    cut = inter // 2
-    h_cut, none = wide.expert(record, cpu_native.expert_descriptor(layout, cut), x, inter - cut, None, 2)
-    assert none is None and torch.equal(h_cut, h[:, cut:])
+    check_expert_and_row_cut(wide, spec, hidden, 2 * hidden, x, EXPERT_TOL)
 
 
 @pytest.fixture
