@@ -31,7 +31,7 @@ from formats.header import ModelConfig, Recipe
 from formats.qtensor import QuantSpec
 
 from .bench import decode
-from .cpu_native import cpu_activations
+from .cpu_native import cpu_activations_in_use
 from .cli import cpu_activations_option, run_command
 from .device import cuda_memory_breakdown, peak_memory, resolve_device, resolve_dtype, synchronize
 from .experts import resident_experts
@@ -113,7 +113,7 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
     cpu = {}
     if device.type == "cpu":  # which decode step ran (runtime.cpu_step), and the torch one beside it
         cpu["cpu_step"] = model.decode_path == "cpu step"
-        cpu["cpu_activations"] = cpu_activations()
+        cpu["cpu_activations"] = cpu_activations_in_use()
         if cpu["cpu_step"]:
             model.use_torch_step()
             torch_s, _ = decode(model, prompt, new_tokens, warmup)

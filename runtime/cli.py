@@ -47,6 +47,6 @@ def _apply_cpu_activations(ctx: click.Context, param: click.Parameter, value: st
 cpu_activations_option = click.option(
     "--cpu-activations", type=click.Choice(["int16", "int8"]), default=None, expose_value=False,
     callback=_apply_cpu_activations,
-    help="What the CPU expert kernel rounds activations to: int16 (default: within floating-point tolerance of "
-         "the GPU path) or int8 (faster on the CPU, per 16 values: finer than llama.cpp's Q8_K) [default: "
-         "MOEPACK_CPU_ACT, else int16].")
+    help="What the compiled CPU kernel (experts, and packed attention or head on the CPU) rounds activations to: "
+         "int16 (default: within floating-point tolerance of the GPU path) or int8 (faster; per 16 or 8 values, "
+         "finer than llama.cpp's Q8_K) [default: MOEPACK_CPU_ACT, else int16].")

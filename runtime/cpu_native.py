@@ -412,10 +412,23 @@ def cpu_activations() -> str:
     return kind
 
 
+def cpu_activations_in_use(load: bool = True) -> str | None:
+    """What the CPU kernel actually rounds to, for benchmark records: int8 only where it is
+    loaded with int8 on (cpu_activations() is the request, which a failed check, a build without
+    AVX2 or another kernel does not honour). load=False: None where no kernel was loaded (a run
+    that never used it). Never raises."""
+    if not load and not native_kernel.cache_info().currsize:
+        return None
+    kernel = native_kernel()
+    return "int8" if kernel is not None and kernel.act8 else "int16"
+
+
 def set_cpu_activations(kind: str) -> None:
-    """int16 (default): x rounded to 2^-16 of each 16 or 8 values' largest |x| (2^-13.7 for
-    2-bit codes), within floating-point tolerance of the GPU path. int8: 2^-8, like llama.cpp's
-    Q8 activations but per 16 values, for ~20-40% less time per weight on AVX2
+    """What the compiled kernel rounds activations to, for every packed matrix it runs (experts,
+    and attention or a head kept packed on the CPU). int16 (default): 2^-16 of each word's (16
+    values, 8 for 4-bit codes) largest |x| (2^-13.7 for 2-bit codes), within floating-point
+    tolerance of the GPU path. int8: 2^-8, like llama.cpp's Q8 activations but per word, not per
+    256 values, for ~20-40% less time per weight on AVX2
     (docs/BENCHMARKS.md section 28). Applies to the kernel now and to one loaded later; call it
     before any kernel call runs, never during one."""
     global _activations
@@ -464,7 +477,7 @@ def native_kernel() -> NativeKernel | None:
         if self_check(kernel) is None:
             warnings.warn(f"moe-pack: the CPU kernel's 16-lane rows give wrong results on this machine ({problem}); "
                           "using its 8-lane rows", stacklevel=2)
-            return kernel
+            problem = None
     if problem is not None:
         warnings.warn(f"moe-pack: the CPU kernel built at {kernel.path} gives wrong results on this machine "
                       f"({problem}); using the slower numba/torch path", stacklevel=2)

@@ -40,7 +40,7 @@ import kernel_bench as kb  # noqa: E402  (the same random records as the GPU ker
 
 from formats.qtensor import QuantSpec  # noqa: E402
 from runtime.cpu_expert import cpu_expert_available, cpu_expert_ffn  # noqa: E402
-from runtime.cpu_native import ACTIVATIONS, cpu_activations, set_cpu_activations  # noqa: E402
+from runtime.cpu_native import ACTIVATIONS, cpu_activations_in_use, set_cpu_activations  # noqa: E402
 
 HIDDEN, INTER = 4096, 14336
 SPECS = {"2-bit g16": QuantSpec(2, 16, 8, 128), "3-bit g64": QuantSpec(3, 64, 8, 128),
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     xs = {n: 0.1 * torch.randn(n, HIDDEN, generator=gen) for n in tokens}  # [T, H]
     rows = []
-    print(f"{ncpu} CPUs; kernel {kernel_name()}, {cpu_activations()} activations; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"{ncpu} CPUs; kernel {kernel_name()}, {cpu_activations_in_use()} activations; records rotated over >= {args.pool_mib} MiB; copy bandwidth " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     print(f"{'expert':<12} {'tokens':>6} {'threads':>7} {'ms':>8} {'min ms':>8} {'max ms':>8} {'ms/token':>8} {'GB/s':>6} {'floor ms':>8} "
           f"{'llama.cpp ms':>12}")
     for name, spec in SPECS.items():
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     attention = attention_layer(threads, runs)
     if args.json:
         args.json.write_text(json.dumps({"cpus": ncpu, "bandwidth": bw, "rows": rows, "attention": attention,
-                                         "kernel": kernel_name(), "cpu_activations": cpu_activations()}, indent=2))
+                                         "kernel": kernel_name(), "cpu_activations": cpu_activations_in_use()}, indent=2))
     return 0
 
 

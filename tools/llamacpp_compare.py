@@ -50,17 +50,19 @@ def build(src_dir: Path, build_dir: Path) -> None:
     _run(["bash", "tools/llamacpp_host.sh"], env=env, timeout=1200)
 
 
-def expert_rows(build_dir: Path, threads: list[int], runs: int) -> dict:
+def expert_rows(build_dir: Path, threads: list[int], runs: int, out: dict, save) -> None:
+    """Expert figures into out, saved (save()) after every run."""
     with tempfile.TemporaryDirectory() as tmp:
         ggml_json, ours_json = Path(tmp) / "ggml.json", Path(tmp) / "ours.json"
         _run([str(build_dir / "ggml_expert_bench"), "--type", "q2_K,q3_K", "--threads", ",".join(map(str, threads)),
               "--runs", str(runs), "--repack", "--json", str(ggml_json)])
-        out = {"ggml": json.loads(ggml_json.read_text())}
+        out["ggml"] = json.loads(ggml_json.read_text())
+        save()
         for act, key in (("int16", "moepack"), ("int8", "moepack_int8")):
             _run([sys.executable, "tools/cpu_expert_bench.py", "--runs", str(runs), "--cpu-activations", act, "--json",
                   str(ours_json)])
             out[key] = json.loads(ours_json.read_text())
-        return out
+            save()
 
 
 def model_rows(build_dir: Path, threads: int, layers: int, workdir: Path, save) -> dict:
@@ -160,8 +162,8 @@ def _compare(args, threads: list[int], result: dict) -> None:
     try:
         build(args.dir, args.build)
         _clean(args.workdir)
-        result["experts"] = expert_rows(args.build, threads, args.runs)
-        save()
+        result["experts"] = {}
+        expert_rows(args.build, threads, args.runs, result["experts"], save)
         if not args.skip_model:
             model_rows(args.build, threads[0], args.layers, args.workdir, save)
     finally:

@@ -466,8 +466,6 @@ static int all_finite(const float *x, int64_t n) {
     return 1;
 }
 
-/* out[t][n] = (A x_t)[n], or silu(A x_t)[n] * (B x_t)[n] when B is given (same geometry as A).
- * Inside a parallel region (orphaned worksharing). Returns nonzero if a buffer failed. */
 /* Rows per dynamic chunk: 8 chunks per thread, at least 16 rows. Chunks of 16 rows handed out
  * in turn had each thread's reads jump every 16-64 KB, restarting the hardware prefetchers'
  * streams: one 2-bit expert on dev-cpu's 2 threads took 4.1 ms at int16 (3.4 at int8), against
@@ -483,6 +481,8 @@ static int64_t row_chunk(int64_t N) {
 #endif
 }
 
+/* out[t][n] = (A x_t)[n], or silu(A x_t)[n] * (B x_t)[n] when B is given (same geometry as A).
+ * Inside a parallel region (orphaned worksharing). Returns nonzero if a buffer failed. */
 static int gemv_rows(const mp_mat *a, const mp_mat *b, const mp_geo *g, const mp_xq *q, int64_t T, float *out) {
     const int64_t N = a->N, chunk = row_chunk(N);
 #ifdef MP_AVX2
@@ -582,7 +582,7 @@ int moepack_expert(const uint8_t *record, const int64_t *desc, const float *x, i
     mp_geo g13, g2;
     /* without y, w2 is not read: w1 and w3 may then be row ranges (the split's CPU rows) */
     if (T <= 0 || geometry(&m1, &g13) != MP_OK || (y != NULL && geometry(&m2, &g2) != MP_OK)) return MP_UNSUPPORTED;
-    if (m3.bits != m1.bits || m3.group != m1.group || m3.mg != m1.mg || m3.N != m1.N || m3.K != m1.K ||
+    if (m3.bits != m1.bits || m3.group != m1.group || m3.mg != m1.mg || m3.mb != m1.mb || m3.N != m1.N || m3.K != m1.K ||
         (y != NULL && m2.K != m1.N) || (m3.bits == 3 && m3.qhi == NULL))
         return MP_UNSUPPORTED;
     if (!all_finite(x, T * m1.K)) return MP_UNSUPPORTED;

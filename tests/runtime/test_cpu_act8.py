@@ -27,18 +27,19 @@ pytestmark = needs_native
 @pytest.fixture(scope="module")
 def act8():
     """The loaded kernel with int8 activations on (an AVX2 build: the byte path is vector code
-    only); int16 again after the module. A test that switches it leaves it on."""
+    only); the switch and the module's choice as they were after the module. A test that
+    switches it leaves it on."""
     kernel = cpu_native.native_kernel()
     if not kernel.avx2:
         pytest.skip("int8 activations are built for AVX2 only")
+    saved = kernel.act8, cpu_native._activations
     try:
         cpu_native.set_cpu_activations("int8")
         assert kernel.act8
         yield kernel
     finally:
-        cpu_native.set_cpu_activations("int16")
-        cpu_native._activations = None
-    assert not kernel.act8
+        kernel.set_act8(saved[0])
+        cpu_native._activations = saved[1]
 
 
 def steps_for(kernel, spec, shape) -> int:
@@ -135,9 +136,20 @@ def test_tiny_zero_and_non_finite_words(act8):
 @pytest.mark.parametrize("spec", [QuantSpec(2, 16, 4, 128), QuantSpec(3, 64, 8, 128)], ids=QuantSpec.describe)
 def test_one_call_expert_close_to_the_float_expert(act8, spec):
     """A whole expert (two matrices, the second on the first's rounded output) stays within int8's
-    rounding of the exact value; its row cut is the same rows bit for bit."""
+    rounding of the exact value; its row cut is the same rows bit for bit. And it is int8's
+    rounding: h is silu(w1 x^) * w3 x^ for x rounded to 127 steps per word, and y is w2 times h
+    rounded the same way, both within float32 sums."""
     x = 0.1 * torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
     check_expert_and_row_cut(act8, spec, 256, 512, x, 3e-2)
+    layout, data, ref = make_expert(256, 512, spec, seed=7)
+    h, y = act8.expert(torch.frombuffer(bytearray(data), dtype=torch.uint8), cpu_native.expert_descriptor(layout), x,
+                       512, 256, 2)
+    xq = torch.from_numpy(quantize_x(x.numpy(), 16, steps_for(act8, spec, (512, 256))))
+    h_ref = torch.nn.functional.silu(xq @ torch.from_numpy(ref["w1"]).double().T) * (xq @ torch.from_numpy(ref["w3"]).double().T)
+    assert steps_for(act8, spec, (256, 512)) == 127  # w2 (8 or more groups per row) on the byte path at least
+    y_ref = torch.from_numpy(quantize_x(h.numpy(), 16, 127)) @ torch.from_numpy(ref["w2"]).double().T
+    assert float((h.double() - h_ref).norm() / h_ref.norm()) < 1e-5
+    assert float((y.double() - y_ref).norm() / y_ref.norm()) < 1e-5
 
 
 def test_the_self_check_passes_on_the_byte_path(act8):

@@ -160,6 +160,20 @@ def test_a_failing_wide_build_falls_back_to_eight_lanes(loads_wide, monkeypatch)
     assert kernel is not None and not kernel.wide
 
 
+def test_a_failing_wide_build_keeps_int8_activations(loads_wide, monkeypatch):
+    """The 8-lane fallback still applies the requested int8 activations (it once returned before
+    they were applied)."""
+    monkeypatch.setattr(cpu_native, "self_check", lambda kernel: "16-lane rows off by 1" if kernel.wide else None)
+    monkeypatch.setattr(cpu_native, "_activations", None)
+    monkeypatch.setenv("MOEPACK_CPU_ACT", "int8")
+    try:
+        with pytest.warns(UserWarning, match="8-lane"):
+            kernel = cpu_native.native_kernel()
+        assert not kernel.wide and kernel.act8 and cpu_native.cpu_activations_in_use() == "int8"
+    finally:
+        loads_wide.set_act8(False)
+
+
 def test_environment_keeps_to_eight_lanes(loads_wide, monkeypatch):
     monkeypatch.setenv("MOEPACK_CPU_WIDE", "0")
     assert not cpu_native.native_kernel().wide
