@@ -135,12 +135,9 @@ static inline int32_t round_i32(float v) {
 #endif
 }
 
-/* Word j of x [K] f32 -> xp[p][j] int16 pairs (as int32) for p < H, d[j], X[j] (see the top of
- * the file). tele: the telescoped pairs of 2-bit codes (TELE_STEPS). */
-static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j, int32_t *xp, float *d, float *X) {
-    const int h = cu / 2;
-    const float *xs = x + (int64_t)cu * j;
-    const float steps = tele ? TELE_STEPS : 32767.0f;
+/* The rounding of one word's cu values xs to `steps` integer steps of their largest |x|: the
+ * factor to multiply by (*inv) and the step d returned. */
+static inline float word_scale(const float *xs, int cu, float steps, float *inv) {
     float m = 0.0f;
     int finite = 1;
     for (int i = 0; i < cu; i++) {  /* not fmaxf: a libm call */
@@ -151,8 +148,17 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
     /* a word of (near-)zeros rounds to zeros: steps / m would overflow for a subnormal m. A word
      * with a NaN or an inf (x is checked on entry, but w2's input h is not: w1 x can overflow)
      * rounds to zeros with d NaN, so the rows' sums are NaN as the float matmul's would be */
-    const float inv = finite && m > 1e-30f ? steps / m : 0.0f;
-    const float dj = !finite ? NAN : inv > 0.0f ? m / steps : 0.0f;
+    *inv = finite && m > 1e-30f ? steps / m : 0.0f;
+    return !finite ? NAN : *inv > 0.0f ? m / steps : 0.0f;
+}
+
+/* Word j of x [K] f32 -> xp[p][j] int16 pairs (as int32) for p < H, d[j], X[j] (see the top of
+ * the file). tele: the telescoped pairs of 2-bit codes (TELE_STEPS). */
+static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j, int32_t *xp, float *d, float *X) {
+    const int h = cu / 2;
+    const float *xs = x + (int64_t)cu * j;
+    float inv;
+    const float dj = word_scale(xs, cu, tele ? TELE_STEPS : 32767.0f, &inv);
     int32_t sum = 0, prev_lo = 0, prev_hi = 0;
     for (int p = 0; p < h; p++) {
         const int32_t lo = round_i32(xs[p] * inv), hi = round_i32(xs[h + p] * inv);
@@ -173,15 +179,8 @@ static void quantize_x_word(const float *x, int cu, int tele, int xb, int64_t j,
 static void quantize_x_word8(const float *x, int cu, int xb, int64_t j, int32_t *xp, float *d, float *X) {
     const int nv = cu / 4;
     const float *xs = x + (int64_t)cu * j;
-    float m = 0.0f;
-    int finite = 1;
-    for (int i = 0; i < cu; i++) {
-        const float a = fabsf(xs[i]);
-        m = a > m ? a : m;
-        finite &= a <= FLT_MAX;
-    }
-    const float inv = finite && m > 1e-30f ? 127.0f / m : 0.0f;  /* as quantize_x_word: zeros, or NaN sums */
-    const float dj = !finite ? NAN : inv > 0.0f ? m / 127.0f : 0.0f;
+    float inv;
+    const float dj = word_scale(xs, cu, 127.0f, &inv);
     int32_t sum = 0;
     for (int k = 0; k < nv; k++) {
         uint32_t packed = 0;

@@ -116,3 +116,16 @@ def check_expert_and_row_cut(kernel, spec: QuantSpec, hidden: int, inter: int, x
     cut = inter // 2
     h_cut, none = kernel.expert(record, cpu_native.expert_descriptor(layout, cut), x, inter - cut, None, 2)
     assert none is None and torch.equal(h_cut, h[:, cut:])
+
+
+# (bits, group, meta bits) of the quantizer's defaults, for which the byte path is built
+INT8_DEFAULTS = [(2, 16, 8), (2, 16, 4), (3, 64, 8), (3, 64, 4), (4, 64, 8)]
+
+
+def takes_int8(spec: QuantSpec, k: int) -> bool:
+    """Where the byte path should run: a default geometry on the fast path (whole blocks of 8
+    groups that tile rows and meta groups, or rows of 8 groups or more with meta groups of 8 or
+    more, not starting mid-byte with 4-bit meta codes)."""
+    gpr, mg = k // spec.group_size, spec.meta_group_size
+    fast = (gpr % 8 == 0 and mg % 8 == 0) or (gpr >= 8 and mg >= 8 and not (spec.meta_bits == 4 and gpr % 2))
+    return fast and (spec.bits, spec.group_size, spec.meta_bits) in INT8_DEFAULTS

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
 from runtime import cpu_native
-from tests.runtime.cpu_native_cases import (CASES, assert_tokens_batch_exactly, check_expert_and_row_cut, needs_native,
-                                            quantize_x, rel, run, x_steps)
+from tests.runtime.cpu_native_cases import (CASES, INT8_DEFAULTS, assert_tokens_batch_exactly, check_expert_and_row_cut,
+                                            needs_native, quantize_x, rel, run, takes_int8, x_steps)
 from tests.runtime.kernel_cases import make_expert, packed
 
 pytestmark = needs_native
@@ -47,17 +47,6 @@ def steps_for(kernel, spec, shape) -> int:
     return 127 if kernel.uses_act8(cpu_native.matrix_descriptor(shape, spec)) else x_steps(spec.bits)
 
 
-# (bits, group, meta bits) of the quantizer's defaults, for which the byte path is built
-DEFAULTS = [(2, 16, 8), (2, 16, 4), (3, 64, 8), (3, 64, 4), (4, 64, 8)]
-
-
-def takes_int8(spec: QuantSpec, k: int) -> bool:
-    """Where the byte path should run: a default geometry on the fast path (whole blocks of 8
-    groups that tile rows and meta groups, or rows of 8 groups or more with meta groups of 8 or
-    more, not starting mid-byte with 4-bit meta codes)."""
-    gpr, mg = k // spec.group_size, spec.meta_group_size
-    fast = (gpr % 8 == 0 and mg % 8 == 0) or (gpr >= 8 and mg >= 8 and not (spec.meta_bits == 4 and gpr % 2))
-    return fast and (spec.bits, spec.group_size, spec.meta_bits) in DEFAULTS
 
 
 @pytest.mark.parametrize("spec,n,k", CASES, ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
@@ -78,7 +67,7 @@ def test_matches_the_int8_rounded_reference(act8, spec, n, k, tokens):
 
 
 @settings(max_examples=40, deadline=None)
-@given(default=st.sampled_from(DEFAULTS), groups=st.integers(8, 40), rows=st.integers(1, 40),
+@given(default=st.sampled_from(INT8_DEFAULTS), groups=st.integers(8, 40), rows=st.integers(1, 40),
        mg=st.sampled_from([8, 9, 16, 24, 128, 300]), tokens=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_any_default_geometry_matches_the_int8_rounded_reference(act8, default, groups, rows, mg, tokens, seed):
     """Row widths of any number of groups (part blocks) and meta groups of any size (blocks

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from formats.qtensor import QuantSpec
 from runtime import cpu_native
 from tests.runtime.cpu_native_cases import (EXPERT_TOL, assert_tokens_batch_exactly, check_expert_and_row_cut, quantize_x,
-                                            rel, x_steps)
+                                            rel, takes_int8, x_steps)
 from tests.runtime.kernel_cases import packed
 
 
@@ -86,8 +86,7 @@ def test_int8_activations_match_their_rounded_reference(wide, spec, n, k):
         y = assert_tokens_batch_exactly(lambda *a: gemv(wide, *a), data, (n, k), spec, x)
     finally:
         wide.set_act8(False)
-    assert (steps == 127) == ((spec.bits, spec.group_size, spec.meta_bits) in [(2, 16, 8), (2, 16, 4), (3, 64, 8),
-                                                                              (3, 64, 4), (4, 64, 8)])
+    assert (steps == 127) == takes_int8(spec, k)
     assert rel(y, quantize_x(x, cu, steps) @ w.astype(np.float64).T) < 2e-6
 
 
