@@ -8,7 +8,9 @@ time scales with the number of layers plus a fixed part (embedding, final norm, 
 sampling), so `ms_per_layer` over-counts that fixed part: extrapolate to 32 layers with care.
 --tiny uses a tiny shape so the script runs in seconds on a CPU (the tests use it). On the CPU
 a row says whether decode ran the C step (runtime.cpu_step) and, if so, the decode speed of the
-torch step it replaces (`decode_tok_s_torch_step`, a second decode of the same prompt).
+torch step it replaces (`decode_tok_s_torch_step`, a second decode of the same prompt), and the
+C step's milliseconds per token by phase (`cpu_step_ms`: attention's GEMVs, attention itself,
+routing, the experts, the head), measured inside its loop.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def run_one(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: in
         cpu["cpu_step"] = model.decode_path == "cpu step"
         cpu["cpu_activations"] = cpu_activations_in_use()
         if cpu["cpu_step"]:
+            cpu["cpu_step_ms"] = model.cpu_step_phases()  # the timed decode's steps, by phase
             model.use_torch_step()
             torch_s, _ = decode(model, prompt, new_tokens, warmup)
             cpu["decode_tok_s_torch_step"] = round(new_tokens / torch_s, 3)

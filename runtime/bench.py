@@ -159,6 +159,7 @@ def decode(model, prompt: torch.Tensor, tokens: int, warmup: int) -> tuple[float
         pos += 1
     synchronize(device)
     model.experts.reset_stats()
+    model.reset_cpu_step_phases()
     t0 = time.perf_counter()
     for _ in range(tokens):
         token = model(token.view(1), pos, last_only=True)[-1].argmax()  # stays on the device

@@ -42,8 +42,9 @@ JOBS_SOURCE = SOURCE.with_name("cpu_jobs.c")  # moepack_expert on the library's 
 DENSE_SOURCE = SOURCE.with_name("dense_cpu.c")  # moepack_dequant, moepack_gemv_f16
 DECODE_SOURCE = SOURCE.with_name("decode_cpu.c")  # moepack_decode_step (runtime.cpu_step)
 SOURCES = (SOURCE, JOBS_SOURCE, DENSE_SOURCE, DECODE_SOURCE)
-HEADERS = ("vec.h", "row_fast.h", "row_general.h", "packed.h")  # included by the sources: part of the build's cache key
-ABI_VERSION = 10
+# every header beside the sources, so a new one cannot be left out of the build's cache key
+HEADERS = tuple(sorted(p.name for p in SOURCE.parent.glob("*.h")))
+ABI_VERSION = 11
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 BUSY = 3  # moepack_job_submit's: the queue is full (cpu_jobs.c MP_BUSY)
 

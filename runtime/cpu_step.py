@@ -48,7 +48,12 @@ class _Model(ctypes.Structure):
 
     _fields_ = [("layers", _i64), ("H", _i64), ("heads", _i64), ("G", _i64), ("D", _i64), ("E", _i64), ("k", _i64),
                 ("ctx", _i64), ("inter", _i64), ("eps", ctypes.c_double), ("cos", _p), ("sin", _p),
-                ("expert_desc", _p), ("layer", _p), ("work", _p), ("final_norm", _p), ("lm_head", _Lin)]
+                ("expert_desc", _p), ("layer", _p), ("work", _p), ("final_norm", _p), ("lm_head", _Lin),
+                ("times", _p)]
+
+
+# decode_cpu.c's phases, in its order: what each step's time is split into (CpuStep.phase_ms)
+PHASES = ("attention_in", "attend", "attention_out", "route", "experts", "head")
 
 
 def _f32(t: torch.Tensor) -> bool:
@@ -155,6 +160,11 @@ class CpuStep:
         self._vocab = head[0][1] if head is not None else None
         self._work = torch.empty(kernel.decode_work(ctypes.byref(self._model)), dtype=torch.float32)
         self._model.work = self._work.data_ptr()
+        # seconds, summed over steps; a ctypes array, not a tensor: this object may be made in
+        # inference mode, whose tensors refuse reset_times()'s in-place write outside it
+        self._times = (ctypes.c_double * len(PHASES))()
+        self._model.times = ctypes.addressof(self._times)
+        self._timed_steps = 0
         self._chosen = torch.empty(L * cfg.num_experts_per_tok, dtype=torch.int64)
         self._model_ref = ctypes.byref(self._model)
         self.steps = 0
@@ -171,5 +181,19 @@ class CpuStep:
         if rc != 0:
             return None
         self.steps += 1
+        self._timed_steps += 1
         self.experts.count(self._chosen.numel())
         return logits if logits is not None else self.model.lm_head(h).float()  # h: the final norm's output
+
+    def phase_ms(self) -> dict[str, float]:
+        """Milliseconds per step in each phase (PHASES) since the last reset_times(), measured
+        inside the C loop: attention_in is the input norm and the q/k/v GEMVs, attend the
+        rotary, the cache write and attention over the cache, attention_out the o GEMV and its
+        residual, route the norm and router, experts the chosen experts and their residual,
+        head the final norm and the lm_head (when the C code applies it)."""
+        n = max(self._timed_steps, 1)
+        return {name: round(1e3 * v / n, 3) for name, v in zip(PHASES, self._times)}
+
+    def reset_times(self) -> None:
+        ctypes.memset(self._times, 0, ctypes.sizeof(self._times))
+        self._timed_steps = 0

@@ -109,6 +109,16 @@ class MixtralModel(nn.Module):
         step = self.cpu_step[1]
         return None if step is None else step.step(tokens, start_pos)
 
+    def cpu_step_phases(self) -> dict[str, float] | None:
+        """Milliseconds per C decode step in each phase (runtime.cpu_step.PHASES) since the
+        last reset_cpu_step_phases(); None where one-token steps do not run in C."""
+        step = self.cpu_step[1] if self.cpu_step is not None else None
+        return None if step is None else step.phase_ms()
+
+    def reset_cpu_step_phases(self) -> None:
+        if self.cpu_step is not None and self.cpu_step[1] is not None:
+            self.cpu_step[1].reset_times()
+
     def use_torch_step(self) -> None:
         """One-token CPU steps run in torch from now on (for this expert backend): the torch
         step the C one replaces, for comparisons."""

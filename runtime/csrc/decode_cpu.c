@@ -8,10 +8,12 @@
  * (moepack_qgemv, moepack_expert, moepack_gemv_f16) and a few plain loops for the rest, the
  * arithmetic of runtime/{rmsnorm,rope,attention,moe,experts}.py in float32. Built into the
  * same library as qgemv_cpu.c; runtime/cpu_step.py fills the structs below once per model. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -56,7 +58,27 @@ typedef struct {
     float *work;                /* moepack_decode_work(m) floats */
     const float *final_norm;    /* [H] */
     mp_lin lm_head;             /* kind 0: the caller applies it */
+    double *times;              /* MP_PHASES seconds each step adds to (below); NULL: none */
 } mp_dmodel;
+
+/* Where a step's time goes, so a slow model can be told from a slow kernel (a 32-layer CPU
+ * decode once ran ~10% over the sum of its benchmarked parts; these phases showed why). Five
+ * clock reads per layer cost ~0.1 us against a layer's milliseconds. */
+enum { MP_ATTN_IN, MP_ATTEND, MP_ATTN_OUT, MP_ROUTE, MP_EXPERTS, MP_HEAD, MP_PHASES };
+
+static double seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Adds the time since *t to phase i of m's times, and moves *t to now. */
+static void lap(const mp_dmodel *m, int i, double *t) {
+    if (!m->times) return;
+    const double t1 = seconds();
+    m->times[i] += t1 - *t;
+    *t = t1;
+}
 
 static float dot(const float *a, const float *b, int64_t n) {
     float s = 0.0f;
@@ -178,6 +200,7 @@ int moepack_decode_step(const mp_dmodel *m, float *h, int64_t pos, int64_t *chos
     float *att = qkv + (m->heads + 2 * G) * D, *p = att + m->heads * D, *tmp = p + m->heads * ctx;
     float *rlogits = tmp + D * m->heads, *hid = rlogits + m->E;
     const float *cos_row = m->cos + pos * D, *sin_row = m->sin + pos * D;
+    double t = m->times ? seconds() : 0.0;
     for (int64_t L = 0; L < m->layers; L++) {
         const mp_dlayer *ly = m->layer + L;
         int rc = MP_OK;
@@ -186,6 +209,7 @@ int moepack_decode_step(const mp_dmodel *m, float *h, int64_t pos, int64_t *chos
         if (rc == MP_OK && ly->qkv[1].kind != 0) rc = linear(&ly->qkv[1], x, qkv + m->heads * D, threads);
         if (rc == MP_OK && ly->qkv[2].kind != 0) rc = linear(&ly->qkv[2], x, qkv + (m->heads + G) * D, threads);
         if (rc != MP_OK) return rc;
+        lap(m, MP_ATTN_IN, &t);
         for (int64_t hd = 0; hd < m->heads + G; hd++) rotate(qkv + hd * D, cos_row, sin_row, D, tmp);
         float *kc = ly->kv, *vc = ly->kv + G * ctx * D;
         for (int64_t g = 0; g < G; g++) {
@@ -200,20 +224,26 @@ int moepack_decode_step(const mp_dmodel *m, float *h, int64_t pos, int64_t *chos
         for (int64_t g = 0; g < G; g++)  /* query heads g R .. g R + R - 1 read kv head g */
             attend(qkv + g * R * D, R, kc + g * ctx * D, vc + g * ctx * D, lo, pos, D, ctx, p + g * R * ctx,
                    att + g * R * D);
+        lap(m, MP_ATTEND, &t);
         if ((rc = linear(&ly->o, att, o, threads)) != MP_OK) return rc;
         for (int64_t i = 0; i < H; i++) h[i] += o[i];
+        lap(m, MP_ATTN_OUT, &t);
         rms_norm(h, ly->post_norm, H, m->eps, x);
         for (int64_t e = 0; e < m->E; e++) rlogits[e] = dot(ly->router + e * H, x, H);
         int64_t *idx = chosen + L * m->k;
         float w[256];
         route(rlogits, m->E, m->k, idx, w);
+        lap(m, MP_ROUTE, &t);
         for (int64_t j = 0; j < m->k; j++) {
             if ((rc = moepack_expert(ly->experts[idx[j]], m->expert_desc, x, 1, hid, y, threads)) != MP_OK) return rc;
             for (int64_t i = 0; i < H; i++) acc[i] = j == 0 ? y[i] * w[j] : acc[i] + y[i] * w[j];
         }
         for (int64_t i = 0; i < H; i++) h[i] += acc[i];
+        lap(m, MP_EXPERTS, &t);
     }
     rms_norm(h, m->final_norm, H, m->eps, x);
     memcpy(h, x, sizeof(float) * (size_t)H);
-    return m->lm_head.kind != 0 ? linear(&m->lm_head, h, logits, threads) : MP_OK;
+    const int rc = m->lm_head.kind != 0 ? linear(&m->lm_head, h, logits, threads) : MP_OK;
+    lap(m, MP_HEAD, &t);
+    return rc;
 }

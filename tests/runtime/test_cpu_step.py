@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -75,6 +76,29 @@ def test_cpu_step_with_fp16_projections_and_a_sliding_window(tmp_path, monkeypat
     model = _compare(file, monkeypatch)
     assert file.config.sliding_window == 5 and len(PROMPT) + STEPS > 5
     assert all(isinstance(m, qlinear.HalfLinear) for m in (model.layers[0].attn.q_proj, model.layers[0].attn.o_proj))
+
+
+def test_the_step_times_its_phases(file42, monkeypatch):
+    """Each phase's milliseconds per step, measured inside the C loop: none negative, the ones
+    with arithmetic above zero, and together within the wall time of the steps around them."""
+    monkeypatch.setenv(cpu_step.ENV, "1")
+    model, _ = load_model(file42, torch.device("cpu"), torch.float32, ctx=64)
+    assert model.cpu_step_phases() is None  # no one-token step yet
+    token = model(torch.tensor(PROMPT), 0, last_only=True)[-1].argmax()
+    token = model(token.view(1), len(PROMPT))[-1].argmax()
+    model.reset_cpu_step_phases()
+    assert set(model.cpu_step_phases().values()) == {0.0}
+    t0 = time.perf_counter()
+    for i in range(1, 6):
+        token = model(token.view(1), len(PROMPT) + i)[-1].argmax()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / 5
+    phases = model.cpu_step_phases()
+    assert tuple(phases) == cpu_step.PHASES
+    assert min(phases.values()) >= 0.0
+    assert phases["attention_in"] > 0 and phases["experts"] > 0 and phases["head"] > 0
+    assert sum(phases.values()) <= wall_ms
+    model.use_torch_step()
+    assert model.cpu_step_phases() is None
 
 
 def test_a_step_the_c_loop_declines_runs_in_torch(file42, monkeypatch):
