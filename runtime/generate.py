@@ -92,6 +92,7 @@ class Runner:
         if not self.opts["chat"]:
             self.session.cached = []  # each prompt is a fresh generation
         self.model.experts.reset_stats()
+        self.model.reset_cpu_step_phases()
         new, stats = self.session.generate(ids, self.sampler, self.opts["max_new_tokens"], self.eos, on_token)
         if decoder:
             out.write(decoder.flush())
@@ -102,6 +103,7 @@ class Runner:
             self.messages.append({"role": "assistant", "content": reply})
         record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats(),
                               self.model.decode_path)
+        record["cpu_step_ms"] = self.model.cpu_step_phases()  # where a C step's time went; None without one
         click.echo(json.dumps(record) if self.opts["json"] else stats_line(record), err=True)
 
 

@@ -169,3 +169,7 @@ def test_generate_says_which_decode_path_ran(capsys, file42, monkeypatch, on):
     assert main([str(file42), "-p", "The experts", "-n", "6", "--json"]) == 0
     record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert record["new_tokens"] > 1 and record["decode_path"] == ("cpu step" if on else "torch")
+    if on:
+        assert tuple(record["cpu_step_ms"]) == cpu_step.PHASES and record["cpu_step_ms"]["experts"] > 0
+    else:
+        assert record["cpu_step_ms"] is None
