@@ -45,8 +45,9 @@ def _apply_cpu_activations(ctx: click.Context, param: click.Parameter, value: st
 # What the compiled CPU kernel rounds activations to (runtime.cpu_native.set_cpu_activations):
 # a decorator shared by the commands that run it
 cpu_activations_option = click.option(
-    "--cpu-activations", type=click.Choice(["int16", "int8"]), default=None, expose_value=False,
+    "--cpu-activations", type=click.Choice(["auto", "int16", "int8"]), default=None, expose_value=False,
     callback=_apply_cpu_activations,
     help="What the compiled CPU kernel (experts, and packed attention or head on the CPU) rounds activations to: "
-         "int16 (default: within floating-point tolerance of the GPU path) or int8 (faster; per 16 or 8 values, "
-         "finer than llama.cpp's Q8_K) [default: MOEPACK_CPU_ACT, else int16].")
+         "int8 (per 16 or 8 values, finer than llama.cpp's Q8_K; ~20-40% faster) or int16 (within floating-point "
+         "tolerance of the GPU path). auto: int8 when the whole model runs on the CPU, int16 for --hybrid's CPU "
+         "experts [default: MOEPACK_CPU_ACT, else auto].")

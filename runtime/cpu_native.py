@@ -15,7 +15,7 @@ it; start worker processes with multiprocessing's "spawn" (or "forkserver") inst
 
     MOEPACK_CPU_KERNEL=numba|torch   skip this kernel (compare paths, or rule it out)
     MOEPACK_CPU_WIDE=0               keep to 8-lane (256-bit) vectors on an AVX-512 CPU
-    MOEPACK_CPU_ACT=int8             int8 activations (faster, coarser; set_cpu_activations)
+    MOEPACK_CPU_ACT=int8|int16|auto  what activations are rounded to (set_cpu_activations; default auto)
     CC                                the compiler (default: cc, then gcc, then clang)
     MOEPACK_CACHE_DIR                 where built libraries go (default ~/.cache/moe-pack)
 """
@@ -45,6 +45,7 @@ SOURCES = (SOURCE, JOBS_SOURCE, DENSE_SOURCE, DECODE_SOURCE)
 # every header beside the sources, so a new one cannot be left out of the build's cache key
 HEADERS = tuple(sorted(p.name for p in SOURCE.parent.glob("*.h")))
 ABI_VERSION = 11
+_UNCHECKED = object()  # NativeKernel.act8_problem before int8's first self-check
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 BUSY = 3  # moepack_job_submit's: the queue is full (cpu_jobs.c MP_BUSY)
 
@@ -169,6 +170,7 @@ class NativeKernel:
         self.lib.moepack_set_act8.argtypes, self.lib.moepack_set_act8.restype = [ctypes.c_int], ctypes.c_int
         self.lib.moepack_uses_act8.argtypes, self.lib.moepack_uses_act8.restype = [ctypes.c_void_p], ctypes.c_int
         self.set_act8(False)
+        self.act8_problem: str | None | object = _UNCHECKED  # int8's self-check: None (passed), what failed, or not run yet
         f = self.lib.moepack_qgemv
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
@@ -401,16 +403,18 @@ def rows_descriptor(shape: tuple[int, int], spec, base: int, first: int) -> tupl
 
 
 ACTIVATIONS = ("int16", "int8")
-_activations: str | None = None  # set_cpu_activations's choice; None: MOEPACK_CPU_ACT's
+REQUESTS = (*ACTIVATIONS, "auto")
+_activations: str | None = None  # set_cpu_activations's choice; None: MOEPACK_CPU_ACT's, else auto
+_auto = "int16"  # what auto means for the model loaded last (set_auto_activations)
 
 
 def cpu_activations() -> str:
-    """What the kernel rounds activations to: set_cpu_activations's choice, else MOEPACK_CPU_ACT
-    (default int16)."""
-    kind = _activations or os.environ.get("MOEPACK_CPU_ACT", "int16")
-    if kind not in ACTIVATIONS:
-        raise ValueError(f"MOEPACK_CPU_ACT={kind!r}: expected one of {', '.join(ACTIVATIONS)}")
-    return kind
+    """What the kernel rounds activations to: set_cpu_activations's choice, else MOEPACK_CPU_ACT,
+    else auto (set_auto_activations: int8 for a model wholly on the CPU, else int16)."""
+    kind = _activations or os.environ.get("MOEPACK_CPU_ACT", "auto")
+    if kind not in REQUESTS:
+        raise ValueError(f"MOEPACK_CPU_ACT={kind!r}: expected one of {', '.join(REQUESTS)}")
+    return _auto if kind == "auto" else kind
 
 
 def cpu_activations_in_use(load: bool = True) -> str | None:
@@ -426,16 +430,30 @@ def cpu_activations_in_use(load: bool = True) -> str | None:
 
 def set_cpu_activations(kind: str) -> None:
     """What the compiled kernel rounds activations to, for every packed matrix it runs (experts,
-    and attention or a head kept packed on the CPU). int16 (default): 2^-16 of each word's (16
-    values, 8 for 4-bit codes) largest |x| (2^-13.7 for 2-bit codes), within floating-point
-    tolerance of the GPU path. int8: 2^-8, like llama.cpp's Q8 activations but per word, not per
-    256 values, for ~20-40% less time per weight on AVX2
-    (docs/BENCHMARKS.md section 28). Applies to the kernel now and to one loaded later; call it
-    before any kernel call runs, never during one."""
+    and attention or a head kept packed on the CPU). int16: 2^-16 of each word's (16 values, 8
+    for 4-bit codes) largest |x| (2^-13.7 for 2-bit codes), within floating-point tolerance of
+    the GPU path. int8: 2^-8, like llama.cpp's Q8 activations but per word, not per 256 values,
+    for ~20-40% less time per weight on AVX2 and +0.07% perplexity (docs/BENCHMARKS.md sections
+    28 and 30). auto (the default): set_auto_activations's choice. Applies to the kernel now and
+    to one loaded later; call it before any kernel call runs, never during one."""
     global _activations
-    if kind not in ACTIVATIONS:
-        raise ValueError(f"CPU activations {kind!r}: expected one of {', '.join(ACTIVATIONS)}")
+    if kind not in REQUESTS:
+        raise ValueError(f"CPU activations {kind!r}: expected one of {', '.join(REQUESTS)}")
     _activations = kind
+    _reapply()
+
+
+def set_auto_activations(cpu_only: bool) -> None:
+    """What auto means from now on: int8 for a model that runs wholly on the CPU, as llama.cpp
+    rounds its CPU activations; int16 where the kernel computes experts beside a GPU (--hybrid),
+    whose results issue #7 holds to the GPU path's within floating-point tolerance. The loader
+    calls it for each model, the hybrid engine before it times the kernel."""
+    global _auto
+    _auto = "int8" if cpu_only else "int16"
+    _reapply()
+
+
+def _reapply() -> None:
     if native_kernel.cache_info().currsize:
         kernel = native_kernel()
         if kernel is not None:
@@ -451,11 +469,13 @@ def _apply_activations(kernel: NativeKernel) -> None:
         kind = "int16"
     if not kernel.set_act8(kind == "int8"):
         return
-    problem = self_check(kernel)
-    if problem is not None:
+    if kernel.act8_problem is _UNCHECKED:  # once per kernel: models loaded one after another switch back and forth
+        kernel.act8_problem = self_check(kernel)
+        if kernel.act8_problem is not None:
+            warnings.warn(f"moe-pack: the CPU kernel's int8 activations give wrong results on this machine "
+                          f"({kernel.act8_problem}); using int16", stacklevel=3)
+    if kernel.act8_problem is not None:
         kernel.set_act8(False)
-        warnings.warn(f"moe-pack: the CPU kernel's int8 activations give wrong results on this machine ({problem}); "
-                      "using int16", stacklevel=3)
 
 
 @functools.lru_cache(maxsize=1)

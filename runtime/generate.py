@@ -24,6 +24,7 @@ from formats.errors import ConfigError, MoepackError
 from formats.reader import MoepackFile
 
 from .cli import cpu_activations_option, run_command
+from .cpu_native import cpu_activations_in_use
 from .device import peak_memory, resolve_device, resolve_dtype
 from .experts import resident_experts
 from .generation import GenerationStats, Session
@@ -104,6 +105,7 @@ class Runner:
         record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats(),
                               self.model.decode_path)
         record["cpu_step_ms"] = self.model.cpu_step_phases()  # where a C step's time went; None without one
+        record["cpu_activations"] = cpu_activations_in_use(load=False)  # the CPU kernel's rounding; None: it never ran
         click.echo(json.dumps(record) if self.opts["json"] else stats_line(record), err=True)
 
 

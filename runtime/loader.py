@@ -11,6 +11,7 @@ import torch
 from formats.reader import MoepackFile
 
 from .attention import Attention
+from .cpu_native import set_auto_activations
 from .dequant import component_tensors, dequantize
 from .experts import ExpertBackend, host_tensor, resident_experts
 from .graphs import graphs_supported
@@ -102,5 +103,8 @@ def load_model(
         ctx if ctx is not None else default_ctx(file), device, dtype, embed_on_host=embed_on_host,
     )
     model.use_decode_graphs = graphs_supported(device) if cuda_graphs is None else cuda_graphs
+    # the CPU kernel's default rounding (int8 on a CPU-only model): before the backend, whose
+    # hybrid engine times the kernel and asks for int16 (runtime.cpu_native.set_auto_activations)
+    set_auto_activations(device.type == "cpu")
     model.experts = (expert_backend_factory or resident_experts)(file, model, device, dtype)
     return model, file

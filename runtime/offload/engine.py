@@ -22,6 +22,7 @@ import torch
 from formats.errors import ConfigError
 from formats.reader import MoepackFile
 
+from ..cpu_native import set_auto_activations
 from ..device import to_device
 from ..experts import expert_ffn
 from ..graphs import expert_graphs
@@ -137,6 +138,7 @@ class OffloadedExperts(HybridSteps):
         # the latest CPU expert times in decode, warm-up included (never reset)
         self.cpu_observed: collections.deque[float] = collections.deque(maxlen=CPU_OBSERVATIONS_KEPT)
         if hybrid:
+            set_auto_activations(False)  # CPU experts beside the GPU's: int16 unless asked otherwise
             # one more set than a token can split: the staged w2 never takes a set this layer reads
             self.split = SplitScratch(self.layout, self.top_k + stage_w2, self.device, dtype, rows=split_rows_enabled(),
                                       graphs=self.graphs is not None and self.graphs.capturing)

@@ -1,6 +1,7 @@
 """The compiled CPU kernel's int8 activations (runtime/csrc/qgemv_cpu.c, quantize_x_word8;
-row_fast.h's byte path): opt-in (runtime.cpu_native.set_cpu_activations, MOEPACK_CPU_ACT=int8),
-on the fast path's default geometries, int16 everywhere else.
+row_fast.h's byte path): the default (auto) for a model wholly on the CPU, int16 beside a GPU
+(--hybrid), either on request (runtime.cpu_native.set_cpu_activations, MOEPACK_CPU_ACT); on the
+fast path's default geometries, int16 everywhere else.
 
 x is rounded per word of codes to integer steps of the word's largest |x| / 127, and the rest is
 exact, so each result is checked against dequant(W) @ x^ with that rounding done in numpy
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
 from runtime import cpu_native
+from runtime.loader import load_model
 from tests.runtime.cpu_native_cases import (CASES, INT8_DEFAULTS, assert_tokens_batch_exactly, check_expert_and_row_cut,
                                             needs_native, quantize_x, rel, run, takes_int8, x_steps)
 from tests.runtime.kernel_cases import make_expert, packed
@@ -147,17 +149,26 @@ def test_the_self_check_passes_on_the_byte_path(act8):
 
 @pytest.fixture
 def switch(monkeypatch):
-    """The loaded kernel, its switch and the module's choice as they were after the test."""
+    """The loaded kernel, its switch, the module's choices and int8's self-check as they were
+    after the test, which starts with no request (auto) and int8 not yet checked."""
     kernel = cpu_native.native_kernel()
     saved = kernel.act8
     monkeypatch.setattr(cpu_native, "_activations", None)
+    monkeypatch.setattr(cpu_native, "_auto", cpu_native._auto)
+    monkeypatch.setattr(kernel, "act8_problem", cpu_native._UNCHECKED)
+    monkeypatch.delenv("MOEPACK_CPU_ACT", raising=False)
     yield kernel
     kernel.set_act8(saved)
 
 
 def test_the_switch_and_its_environment_variable(switch, monkeypatch):
-    with pytest.raises(ValueError, match="int4.*int16, int8"):
+    with pytest.raises(ValueError, match="int4.*int16, int8, auto"):
         cpu_native.set_cpu_activations("int4")
+    monkeypatch.setenv("MOEPACK_CPU_ACT", "auto")
+    cpu_native.set_auto_activations(True)
+    assert cpu_native.cpu_activations() == "int8"
+    cpu_native.set_auto_activations(False)
+    assert cpu_native.cpu_activations() == "int16"
     monkeypatch.setenv("MOEPACK_CPU_ACT", "int8")
     assert cpu_native.cpu_activations() == "int8"
     cpu_native._apply_activations(switch)
@@ -177,3 +188,38 @@ def test_a_failing_int8_check_keeps_int16(switch, monkeypatch):
     with pytest.warns(UserWarning, match="int8 activations give wrong results.*using int16"):
         cpu_native.set_cpu_activations("int8")
     assert not switch.act8
+
+
+def test_a_cpu_model_rounds_to_int8_and_the_hybrid_to_int16(switch, tmp_path):
+    """auto: the loader asks for int8 when the whole model runs on the CPU, and the hybrid engine
+    for int16 before it times its CPU experts (they must match the GPU path's); a request (the
+    option, or MOEPACK_CPU_ACT) wins over both."""
+    from tests.runtime.offload_cases import LAYERS, offloaded
+    from tests.runtime.test_offload_helpers import tiny_file
+
+    path = tiny_file(tmp_path, LAYERS, 8)
+    load_model(path, "cpu", torch.float32, ctx=32)
+    assert cpu_native.cpu_activations() == "int8" and switch.act8 == switch.avx2
+    assert cpu_native.cpu_activations_in_use() == ("int8" if switch.avx2 else "int16")
+    offloaded(path, hybrid=True, cpu_threads=1)
+    assert cpu_native.cpu_activations() == "int16" and not switch.act8
+    offloaded(path)  # offloaded on the CPU without --hybrid: nothing to match, int8 again
+    assert switch.act8 == switch.avx2
+    cpu_native.set_cpu_activations("int16")
+    load_model(path, "cpu", torch.float32, ctx=32)
+    assert not switch.act8
+    cpu_native.set_cpu_activations("int8")
+    offloaded(path, hybrid=True, cpu_threads=1)
+    assert switch.act8 == switch.avx2
+
+
+def test_int8s_self_check_runs_once_per_kernel(switch, monkeypatch):
+    """Models loaded one after another switch int8 on and off; its check runs the first time."""
+    if not switch.avx2:
+        pytest.skip("int8 activations are built for AVX2 only")
+    calls = []
+    monkeypatch.setattr(cpu_native, "self_check", lambda k: calls.append(k.act8))
+    for cpu_only in (True, False, True, True):
+        cpu_native.set_auto_activations(cpu_only)
+        assert switch.act8 == cpu_only
+    assert calls == [True]
