@@ -178,16 +178,16 @@ class CpuStep:
         logits = torch.empty((1, self._vocab), dtype=torch.float32) if self._vocab is not None else None
         rc = self.kernel.decode_step(self._model_ref, h.data_ptr(), start_pos, self._chosen.data_ptr(),
                                      None if logits is None else logits.data_ptr(), torch.get_num_threads())
+        self._timed_steps += 1  # a declined step's phases up to its refusal are in the times too
         if rc != 0:
             return None
         self.steps += 1
-        self._timed_steps += 1
         self.experts.count(self._chosen.numel())
         return logits if logits is not None else self.model.lm_head(h).float()  # h: the final norm's output
 
     def phase_ms(self) -> dict[str, float]:
-        """Milliseconds per step in each phase (PHASES) since the last reset_times(), measured
-        inside the C loop: attention_in is the input norm and the q/k/v GEMVs, attend the
+        """Milliseconds per step run in C (declined ones included) in each phase (PHASES) since
+        the last reset_times(), measured inside the C loop: attention_in is the input norm and the q/k/v GEMVs, attend the
         rotary, the cache write and attention over the cache, attention_out the o GEMV and its
         residual, route the norm and router, experts the chosen experts and their residual,
         head the final norm and the lm_head (when the C code applies it)."""

@@ -2,6 +2,9 @@
 folder refused in one line before anything is built (the GPU host's time is scarce)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.runtime.test_offload_helpers import load_tool
@@ -51,3 +54,36 @@ def test_refuses_a_bad_thread_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         compare.main(["--json", str(tmp_path / "r.json"), "--threads", "0"])
     assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_a_failed_build_still_times_moe_pack(tmp_path, monkeypatch, capsys):
+    """llama.cpp's build failing on the host (no g++, a cmake problem) costs its rows, not the
+    call: moe-pack's expert and whole-model rows still run, and the workdir ends empty."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("llama.cpp-src.tgz", "cmake-3.whl", "ninja-1.whl"):
+        (src / name).write_bytes(b"")
+    workdir = tmp_path / "work"
+    ran = []
+
+    def fake_run(cmd, env=None, timeout=900):
+        ran.append(cmd)
+        if cmd[:2] == ["bash", "tools/llamacpp_host.sh"]:
+            raise RuntimeError("bash exited 1: c++: command not found")
+        if "--json" in cmd:  # cpu_expert_bench
+            Path(cmd[cmd.index("--json") + 1]).write_text('{"rows": []}')
+            return ""
+        (workdir / "tmpleft").mkdir(exist_ok=True)  # what a killed baseline_bench would leave
+        return '{"prefill_tokens": 16, "decode_tok_s": 1.0, "prefill_tok_s": 2.0}\n'
+
+    monkeypatch.setattr(compare, "_run", fake_run)
+    out = tmp_path / "r.json"
+    rc = compare.main(["--json", str(out), "--threads", "2", "--dir", str(src), "--build", str(tmp_path / "build"),
+                       "--workdir", str(workdir), "--layers", "1"])
+    assert rc == 0 and "llama.cpp not built" in capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert "c++: command not found" in result["llama_cpp_error"]
+    assert set(result["experts"]) == {"moepack", "moepack_int8"}
+    assert result["model"]["llama_cpp"] == [] and len(result["model"]["moepack"]) == 3
+    assert not any("ggml" in c[0] or "llama-bench" in c[0] for c in ran)
+    assert list(workdir.iterdir()) == []

@@ -121,6 +121,8 @@
 # Since the twenty-first session: int8 activations on the CPU (opt-in). Stage 7 runs their
 # tests natively (vpdpbusd on AVX-512 VNNI never ran before) and times the expert with them;
 # "20" (two hybrid runs at 12 GiB, ~4 minutes) belongs in call 2 or 3, after "12" or "17".
+# Since the twenty-third session a model wholly on the CPU rounds to int8 by default (auto), so
+# stage 11's run is int8 (its JSON's cpu_activations says which ran); --hybrid stays on int16.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -187,9 +189,12 @@ has 5 && ! grep -q '"tok_s"' "$OUT/bench.json" 2>/dev/null && run bench_eager 90
   --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_eager.json" $BENCH_FLAGS
 # the compiled CPU kernel is built here by the host's compiler (-march=native): check it first
 has 7 && run cpu_diag 60 $PY tools/cpu_diag.py
+# first, in a step of their own with a record of each test: the 16-lane rows and int8's
+# vpdpbusd run natively nowhere else, and in one run with the rest a cut could drop them
+has 7 && run cpu_wide_act8_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_wide.py \
+  tests/runtime/test_cpu_act8.py --junitxml="$OUT/cpu_wide_act8.xml"
 has 7 && run cpu_native_tests 120 $PY -m pytest -q -p no:cacheprovider tests/runtime/test_cpu_native.py \
-  tests/runtime/test_cpu_native_prompt.py tests/runtime/test_cpu_native_callers.py tests/runtime/test_cpu_expert.py \
-  tests/runtime/test_cpu_wide.py tests/runtime/test_cpu_act8.py
+  tests/runtime/test_cpu_native_prompt.py tests/runtime/test_cpu_native_callers.py tests/runtime/test_cpu_expert.py
 has 7 && run cpu_expert 90 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 --json "$OUT/cpu_expert.json"
 has 7 && run cpu_expert_int8 90 $PY tools/cpu_expert_bench.py --tokens 1 --tokens 16 --cpu-activations int8 \
   --json "$OUT/cpu_expert_int8.json"

@@ -40,24 +40,31 @@ def _run(cmd: list[str], env: dict | None = None, timeout: int = 900) -> str:
     return proc.stdout
 
 
-def build(src_dir: Path, build_dir: Path) -> None:
+def build(src_dir: Path, build_dir: Path) -> str | None:
+    """None once the binaries are in build_dir, else why the build failed. Missing sources raise:
+    nothing has run yet, so the caller stops before spending the host's time."""
     if all((build_dir / b).exists() for b in BINARIES):
-        return
+        return None
     for pattern in ("llama.cpp-src.tgz", "cmake-*.whl", "ninja-*.whl"):
         if not any(src_dir.glob(pattern)):
             raise RuntimeError(f"{src_dir / pattern} is missing: prepare --dir as tools/llamacpp_host.sh's header says")
     env = {**os.environ, "DIR": str(src_dir.resolve()), "BUILD": str(build_dir.resolve()), "PY": sys.executable}
-    _run(["bash", "tools/llamacpp_host.sh"], env=env, timeout=1200)
+    try:
+        _run(["bash", "tools/llamacpp_host.sh"], env=env, timeout=1200)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None
 
 
-def expert_rows(build_dir: Path, threads: list[int], runs: int, out: dict, save) -> None:
-    """Expert figures into out, saved (save()) after every run."""
+def expert_rows(build_dir: Path | None, threads: list[int], runs: int, out: dict, save) -> None:
+    """Expert figures into out, saved (save()) after every run; build_dir None: moe-pack's only."""
     with tempfile.TemporaryDirectory() as tmp:
         ggml_json, ours_json = Path(tmp) / "ggml.json", Path(tmp) / "ours.json"
-        _run([str(build_dir / "ggml_expert_bench"), "--type", "q2_K,q3_K", "--threads", ",".join(map(str, threads)),
-              "--runs", str(runs), "--repack", "--json", str(ggml_json)])
-        out["ggml"] = json.loads(ggml_json.read_text())
-        save()
+        if build_dir is not None:
+            _run([str(build_dir / "ggml_expert_bench"), "--type", "q2_K,q3_K", "--threads",
+                  ",".join(map(str, threads)), "--runs", str(runs), "--repack", "--json", str(ggml_json)])
+            out["ggml"] = json.loads(ggml_json.read_text())
+            save()
         for act, key in (("int16", "moepack"), ("int8", "moepack_int8")):
             _run([sys.executable, "tools/cpu_expert_bench.py", "--runs", str(runs), "--cpu-activations", act, "--json",
                   str(ours_json)])
@@ -65,17 +72,18 @@ def expert_rows(build_dir: Path, threads: list[int], runs: int, out: dict, save)
             save()
 
 
-def model_rows(build_dir: Path, threads: int, layers: int, workdir: Path, save) -> dict:
-    """Whole-model figures into out, saved (save()) after every run."""
+def model_rows(build_dir: Path | None, threads: int, layers: int, workdir: Path, save) -> dict:
+    """Whole-model figures into out, saved (save()) after every run; build_dir None: moe-pack's only."""
     out: dict = {"threads": threads, "llama_cpp": [], "moepack": []}
     gguf = workdir / f"mixtral-L{layers}-matched.gguf"
     try:
-        _run([str(build_dir / "ggml_mixtral_gguf"), str(gguf), "--layers", str(layers), "--mix", "matched"])
-        for args in (["-p", "128", "-n", "0"], ["-p", "0", "-n", "16", "-d", "0,128"]):
-            raw = _run([str(build_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), *args, "-r", "3",
-                        "-o", "json"])
-            out["llama_cpp"] += json.loads(raw)
-            save(out)
+        if build_dir is not None:
+            _run([str(build_dir / "ggml_mixtral_gguf"), str(gguf), "--layers", str(layers), "--mix", "matched"])
+            for args in (["-p", "128", "-n", "0"], ["-p", "0", "-n", "16", "-d", "0,128"]):
+                raw = _run([str(build_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), *args, "-r", "3",
+                            "-o", "json"])
+                out["llama_cpp"] += json.loads(raw)
+                save(out)
     finally:
         gguf.unlink(missing_ok=True)
     for prompt, act in ((16, "int16"), (128, "int16"), (128, "int8")):
@@ -160,13 +168,19 @@ def _compare(args, threads: list[int], result: dict) -> None:
 
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        build(args.dir, args.build)
+        failed = build(args.dir, args.build)
+        if failed is not None:  # moe-pack's rows need no llama.cpp: the call still yields them
+            print(f"llamacpp_compare: llama.cpp not built, moe-pack's rows only: {failed}", file=sys.stderr)
+            result["llama_cpp_error"] = failed
+        llama = args.build if failed is None else None
         _clean(args.workdir)
         result["experts"] = {}
-        expert_rows(args.build, threads, args.runs, result["experts"], save)
+        expert_rows(llama, threads, args.runs, result["experts"], save)
         if not args.skip_model:
-            model_rows(args.build, threads[0], args.layers, args.workdir, save)
+            model_rows(llama, threads[0], args.layers, args.workdir, save)
     finally:
+        # a child killed by timeout's SIGTERM leaves its 16 GB file behind; later stages need the disk
+        _clean(args.workdir)
         signal.signal(signal.SIGTERM, previous)
 
 
