@@ -406,7 +406,8 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
                               tokens=tokens, warmup=warmup, seed=seed, bandwidth=bandwidth,
                               cuda_graphs=None if cuda_graphs else False, cpu_threads=cpu_threads,
                               long_prompt=long_prompt)
-                row.update(budget=label, host=host_memory or "all")
+                # each run's own: on the CPU auto gives a hybrid run int16 and the others int8
+                row.update(budget=label, host=host_memory or "all", cpu_activations=cpu_activations_in_use(load=False))
                 rows.append(row)
                 if json_path and json_path != "-":  # results so far survive an interrupted sweep
                     Path(json_path).write_text(json.dumps({**result, "runs": rows}, indent=1, default=str) + "\n")
@@ -418,7 +419,7 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
                   device=str(device), dtype=str(dtype).removeprefix("torch."), guess_accuracy=guess_accuracy, runs=rows)
     title = (f"Offloading, {'tiny' if tiny else 'Mixtral-8x7B'} shapes, {cfg.num_hidden_layers} layers, experts {bits}-bit, "
              f"pinned H2D {bandwidth / 1e9:.1f} GB/s")
-    result["cpu_activations"] = cpu_activations_in_use(load=False)  # None: no CPU kernel ran
+    result["cpu_activations"] = cpu_activations_in_use(load=False)  # the last run's; None: no CPU kernel ran
     _emit(result, table(rows, RUN_COLUMNS), json_path, write_md, title)
 
 
