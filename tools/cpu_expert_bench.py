@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                     help="tokens per call, repeatable (default 1: decode; a 512-token prompt gives each "
                          "expert ~128, in calls the CPU path takes up to 256)")
     ap.add_argument("--cpu-activations", choices=ACTIVATIONS, default=None,
-                    help="what the compiled kernel rounds activations to [default: MOEPACK_CPU_ACT, else int16]")
+                    help="what the compiled kernel rounds activations to [default: MOEPACK_CPU_ACT, else auto, "
+                         "which is int16 here: no model is loaded]")
     args = ap.parse_args(argv)
     if args.cpu_activations:
         set_cpu_activations(args.cpu_activations)
