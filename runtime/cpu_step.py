@@ -187,10 +187,11 @@ class CpuStep:
 
     def phase_ms(self) -> dict[str, float]:
         """Milliseconds per step run in C (declined ones included) in each phase (PHASES) since
-        the last reset_times(), measured inside the C loop: attention_in is the input norm and the q/k/v GEMVs, attend the
-        rotary, the cache write and attention over the cache, attention_out the o GEMV and its
-        residual, route the norm and router, experts the chosen experts and their residual,
-        head the final norm and the lm_head (when the C code applies it)."""
+        the last reset_times(), measured inside the C loop: attention_in is the input norm and
+        the q/k/v GEMVs, attend the rotary, the cache write and attention over the cache,
+        attention_out the o GEMV and its residual, route the norm and router, experts the chosen
+        experts and their residual, head the final norm and the lm_head (when the C code applies
+        it)."""
         n = max(self._timed_steps, 1)
         return {name: round(1e3 * v / n, 3) for name, v in zip(PHASES, self._times)}
 

@@ -1,4 +1,5 @@
-"""Packed files of the tiny checkpoint, built once per session without the quantizer."""
+"""Packed files of the tiny checkpoint, built once per session without the quantizer; the CPU
+kernel's default rounding with the suite's int16 pin lifted."""
 
 from __future__ import annotations
 
@@ -43,3 +44,23 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def auto_activations(monkeypatch):
+    """The loaded CPU kernel (None without one) with the suite's int16 pin lifted
+    (tests/conftest.py): no request, so auto decides. The module's choices, int8's self-check
+    and the kernel's switch are as they were after the test."""
+    from runtime import cpu_native
+
+    kernel = cpu_native.native_kernel()
+    monkeypatch.delenv("MOEPACK_CPU_ACT", raising=False)
+    monkeypatch.setattr(cpu_native, "_activations", None)  # a CLI option's choice outlives its command
+    monkeypatch.setattr(cpu_native, "_auto", cpu_native._auto)
+    if kernel is None:
+        yield None
+        return
+    saved = kernel.act8
+    monkeypatch.setattr(kernel, "act8_problem", cpu_native._UNCHECKED)
+    yield kernel
+    kernel.set_act8(saved)

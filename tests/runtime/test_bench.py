@@ -125,17 +125,11 @@ def test_bench_hybrid_variants_pay_their_scratch_out_of_the_budget(tmp_path):
     assert runs["hybrid-w2"]["staged_used_per_token"] >= 0
 
 
-def test_bench_rows_say_which_rounding_each_run_had(tmp_path, monkeypatch):
+def test_bench_rows_say_which_rounding_each_run_had(tmp_path, auto_activations):
     """On the CPU the default (auto) rounds a plain run's activations to int8 and a hybrid run's to
     int16: each row records its own."""
-    from runtime import cpu_native
-
-    kernel = cpu_native.native_kernel()
-    if kernel is None or not kernel.avx2:
+    if auto_activations is None or not auto_activations.avx2:
         pytest.skip("int8 activations need the compiled kernel's AVX2 build")
-    monkeypatch.delenv("MOEPACK_CPU_ACT", raising=False)  # the suite's int16 (tests/conftest.py)
-    monkeypatch.setattr(cpu_native, "_activations", None)
-    monkeypatch.setattr(cpu_native, "_auto", cpu_native._auto)
     out = tmp_path / "bench.json"
     assert main(["--tiny", "--layers", "2", "--tokens", "2", "--warmup", "1", "--prompt-len", "3", "--routing", "trace",
                  "--variant", "lru", "--variant", "hybrid-only", "--cpu-threads", "1", "--cache-dir",

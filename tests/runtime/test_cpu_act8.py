@@ -148,17 +148,9 @@ def test_the_self_check_passes_on_the_byte_path(act8):
 
 
 @pytest.fixture
-def switch(monkeypatch):
-    """The loaded kernel, its switch, the module's choices and int8's self-check as they were
-    after the test, which starts with no request (auto) and int8 not yet checked."""
-    kernel = cpu_native.native_kernel()
-    saved = kernel.act8
-    monkeypatch.setattr(cpu_native, "_activations", None)
-    monkeypatch.setattr(cpu_native, "_auto", cpu_native._auto)
-    monkeypatch.setattr(kernel, "act8_problem", cpu_native._UNCHECKED)
-    monkeypatch.delenv("MOEPACK_CPU_ACT", raising=False)
-    yield kernel
-    kernel.set_act8(saved)
+def switch(auto_activations):
+    """The loaded kernel, starting with no request (auto) and int8 not yet checked."""
+    return auto_activations
 
 
 def test_the_switch_and_its_environment_variable(switch, monkeypatch):

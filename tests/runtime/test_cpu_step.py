@@ -176,18 +176,14 @@ def test_generate_says_which_decode_path_ran(capsys, file42, monkeypatch, on):
 
 
 @pytest.mark.parametrize("option", [None, "int16"])
-def test_generate_on_the_cpu_rounds_to_int8_unless_asked(capsys, file42, monkeypatch, option):
+def test_generate_on_the_cpu_rounds_to_int8_unless_asked(capsys, file42, auto_activations, option):
     """The default (auto) as a user meets it: int8 where the build takes it, int16 on request."""
     import json
 
-    from runtime import cpu_native
     from runtime.generate import main
 
-    monkeypatch.delenv("MOEPACK_CPU_ACT", raising=False)  # the suite's int16 (tests/conftest.py)
-    monkeypatch.setattr(cpu_native, "_activations", None)  # the option's choice outlives main()
-    monkeypatch.setattr(cpu_native, "_auto", cpu_native._auto)
     args = [str(file42), "-p", "The experts", "-n", "4", "--device", "cpu", "--json"]
     assert main(args + (["--cpu-activations", option] if option else [])) == 0
     record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    int8 = option is None and _native().avx2
+    int8 = option is None and auto_activations.avx2
     assert record["cpu_activations"] == ("int8" if int8 else "int16")
