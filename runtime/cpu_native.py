@@ -44,7 +44,7 @@ DECODE_SOURCE = SOURCE.with_name("decode_cpu.c")  # moepack_decode_step (runtime
 SOURCES = (SOURCE, JOBS_SOURCE, DENSE_SOURCE, DECODE_SOURCE)
 # every header beside the sources, so a new one cannot be left out of the build's cache key
 HEADERS = tuple(sorted(p.name for p in SOURCE.parent.glob("*.h")))
-ABI_VERSION = 11
+ABI_VERSION = 12
 _UNCHECKED = object()  # NativeKernel.act8_problem before int8's first self-check
 UNSUPPORTED = 1  # the kernel's return code for a layout it does not handle
 BUSY = 3  # moepack_job_submit's: the queue is full (cpu_jobs.c MP_BUSY)
@@ -171,6 +171,7 @@ class NativeKernel:
         self.lib.moepack_uses_act8.argtypes, self.lib.moepack_uses_act8.restype = [ctypes.c_void_p], ctypes.c_int
         self.set_act8(False)
         self.act8_problem: str | None | object = _UNCHECKED  # int8's self-check: None (passed), what failed, or not run yet
+        self.act8_wide = True  # int8 may take the 16-lane rows; False once only its 8-lane rows passed the check
         f = self.lib.moepack_qgemv
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         f.argtypes = [p, p, p, p, p, p, i64, ctypes.c_int, ctypes.c_int, i64, i64, i64, p, i64, p, ctypes.c_int]
@@ -203,9 +204,10 @@ class NativeKernel:
         return self.wide
 
     def set_act8(self, on: bool) -> bool:
-        """Round activations to int8 (where an AVX2 build's fast path takes the geometry) or to
-        int16; returns whether int8 is on. Library-wide, like set_wide."""
-        self.act8 = bool(self.lib.moepack_set_act8(int(on)))
+        """Round activations to int8 (where an AVX2 build's fast path takes the geometry; at 8
+        lanes only once act8_wide is False) or to int16; returns whether int8 is on.
+        Library-wide, like set_wide."""
+        self.act8 = bool(self.lib.moepack_set_act8(0 if not on else 1 if self.act8_wide else 2))
         return self.act8
 
     def uses_act8(self, desc: tuple[int, ...]) -> bool:
@@ -470,10 +472,20 @@ def _apply_activations(kernel: NativeKernel) -> None:
     if not kernel.set_act8(kind == "int8"):
         return
     if kernel.act8_problem is _UNCHECKED:  # once per kernel: models loaded one after another switch back and forth
-        kernel.act8_problem = self_check(kernel)
-        if kernel.act8_problem is not None:
+        problem = self_check(kernel)
+        if problem is not None and kernel.wide:
+            # int8's 16-lane rows (vpdpbusd on AVX-512 VNNI) never ran on a CI machine: wrong ones
+            # cost their lanes, not int8, and int16 keeps the 16-lane rows that passed
+            kernel.act8_wide = False
+            kernel.set_act8(True)
+            if self_check(kernel) is None:
+                warnings.warn(f"moe-pack: the CPU kernel's 16-lane int8 rows give wrong results on this machine "
+                              f"({problem}); using its 8-lane int8 rows", stacklevel=3)
+                problem = None
+        kernel.act8_problem = problem
+        if problem is not None:
             warnings.warn(f"moe-pack: the CPU kernel's int8 activations give wrong results on this machine "
-                          f"({kernel.act8_problem}); using int16", stacklevel=3)
+                          f"({problem}); using int16", stacklevel=3)
     if kernel.act8_problem is not None:
         kernel.set_act8(False)
 

@@ -116,7 +116,7 @@ def kernel_name() -> str:
     from runtime.cpu_native import native_kernel
 
     k = native_kernel()
-    return f"compiled ({k.path.name}, avx2={k.avx2}, vnni={k.vnni}, wide={k.wide})" if k is not None else "numba"
+    return f"compiled ({k.path.name}, avx2={k.avx2}, vnni={k.vnni}, wide={k.wide}, int8_wide={k.act8_wide})" if k is not None else "numba"
 
 
 def main(argv=None) -> int:

@@ -78,7 +78,7 @@
 #define TELE_STEPS 6553.0f
 
 
-int moepack_abi_version(void) { return 11; }
+int moepack_abi_version(void) { return 12; }
 
 /* The 16-lane path (vec.h) is used where it is built and not switched off: the loader turns it
  * off when its self-check fails (falling back to 8 lanes), and MOEPACK_CPU_WIDE=0 does too.
@@ -95,15 +95,18 @@ int moepack_set_wide(int on) {
 /* int8 activations (quantize_x_word8) on the fast path's default geometries (fast_default),
  * where on: x rounded to 2^-8 of each word's largest |x|, not the int16 path's 2^-13.7 (2-bit)
  * or 2^-16, for about half the instructions per weight. Off by default: issue #7 holds a CPU
- * expert to the GPU path's result within floating-point tolerance, which int16 meets. Set like
- * mp_wide_on: before any call runs, never during one. */
+ * expert to the GPU path's result within floating-point tolerance, which int16 meets. Modes:
+ * 0 off, 1 on (16 lanes where mp_wide_on and the shape allow), 2 on at 8 lanes only, which the
+ * loader picks when int8's 16-lane rows (AVX-512, vpdpbusd with VNNI) fail its check while the
+ * 8-lane ones pass: int16 keeps its 16 lanes then. Set like mp_wide_on: before any call runs,
+ * never during one. Returns the mode now in effect (0 without AVX2). */
 static int mp_act8_on = 0;
 
-int moepack_set_act8(int on) {
+int moepack_set_act8(int mode) {
 #ifdef MP_AVX2
-    mp_act8_on = on != 0;
+    mp_act8_on = mode == 1 || mode == 2 ? mode : 0;
 #else
-    (void)on;
+    (void)mode;
 #endif
     return mp_act8_on;
 }
@@ -183,11 +186,11 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     g->wpg = m->group / g->cu;
     g->h = g->cu / 2;
     g->fast = fast_path(g->gpr, m->mg, g->wpg, m->mb, 8);
-    g->xb = mp_wide_on && fast_path(g->gpr, m->mg, g->wpg, m->mb, 16) ? 16 : 8;
-    g->Up = (g->U + g->xb - 1) / g->xb * g->xb;
     g->wl = log2i(g->wpg);
     g->tele = m->bits == 2;
     g->a8 = mp_act8_on && g->fast && fast_default(m->bits, g->wl, m->mb);
+    g->xb = mp_wide_on && !(g->a8 && mp_act8_on == 2) && fast_path(g->gpr, m->mg, g->wpg, m->mb, 16) ? 16 : 8;
+    g->Up = (g->U + g->xb - 1) / g->xb * g->xb;
     return MP_OK;
 }
 

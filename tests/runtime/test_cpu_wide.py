@@ -173,6 +173,41 @@ def test_a_failing_wide_build_keeps_int8_activations(loads_wide, monkeypatch):
         loads_wide.set_act8(False)
 
 
+def test_failing_sixteen_lane_int8_rows_fall_back_to_eight_lane_int8(loads_wide, monkeypatch):
+    """int8 whose 16-lane rows fail the check (vpdpbusd never ran on a CI machine) keeps int8 on
+    the 8-lane rows, and int16 keeps the 16-lane rows that passed. The lanes sum in another
+    order, so a row's result tells which rows ran (test_sixteen_lane_rows_run_where_the_shape_allows)."""
+    spec, n, k = QuantSpec(2, 16, 8, 128), 16, 256  # 16 groups per row: 16 lanes where allowed
+    data, _ = packed((n, k), spec, seed=3)
+    x = np.random.default_rng(0).standard_normal((1, k)).astype(np.float32)
+
+    def same_on_both_widths(kernel):
+        wide_y = gemv(kernel, data, (n, k), spec, x)
+        loads_wide.set_wide(False)  # the switch is the library's: any handle to it sets it
+        try:
+            return np.array_equal(wide_y, gemv(kernel, data, (n, k), spec, x))
+        finally:
+            loads_wide.set_wide(True)
+
+    try:
+        assert loads_wide.set_act8(True) and not same_on_both_widths(loads_wide)  # int8 on 16 lanes, as built
+        monkeypatch.setattr(cpu_native, "self_check",
+                            lambda kernel: "16-lane int8 rows off by 1" if kernel.act8 and kernel.act8_wide else None)
+        monkeypatch.setattr(cpu_native, "_activations", None)
+        monkeypatch.setenv("MOEPACK_CPU_ACT", "int8")
+        with pytest.warns(UserWarning, match="16-lane int8 rows give wrong results.*8-lane int8"):
+            kernel = cpu_native.native_kernel()
+        assert kernel.wide and kernel.act8 and not kernel.act8_wide and kernel.act8_problem is None
+        assert kernel.uses_act8(cpu_native.matrix_descriptor((n, k), spec)) and same_on_both_widths(kernel)
+        cpu_native.set_cpu_activations("int16")
+        assert not kernel.act8 and not same_on_both_widths(kernel)  # int16 keeps its 16 lanes
+        cpu_native.set_cpu_activations("int8")  # back to int8 without a second check, on 8 lanes
+        assert kernel.act8 and same_on_both_widths(kernel)
+    finally:
+        monkeypatch.setattr(cpu_native, "_activations", None)
+        loads_wide.set_act8(False)
+
+
 def test_environment_keeps_to_eight_lanes(loads_wide, monkeypatch):
     monkeypatch.setenv("MOEPACK_CPU_WIDE", "0")
     assert not cpu_native.native_kernel().wide
