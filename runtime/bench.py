@@ -360,7 +360,8 @@ def cli(tiny, layers, expert_bits, expert_meta_bits, budgets, slot_counts, host_
         extra = hybrid_scratch_bytes(file, variant == "hybrid-w2") if variant.startswith("hybrid") else 0
         plan = plan_memory(file.header, parse_size(budget), context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve + extra,
                            non_expert=weights, prefill_tokens=max(prompt_len, prefill_len), fused=fused_kernels(device),
-                           source=str(file.path), embed_on_host=embeds_on_host(device))
+                           source=str(file.path), embed_on_host=embeds_on_host(device),
+                           policy="none" if variant == "naive" else cache_policy)
         if weights is not None:
             _log(plan.describe())
         return plan.n_slots

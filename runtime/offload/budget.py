@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from formats.errors import ConfigError
 from formats.header import Header
@@ -93,7 +93,7 @@ class MemoryPlan:
     reserve_bytes: int  # CUDA context and allocator slack, outside PyTorch's tensors
     record_size: int
     n_slots: int  # expert slots allocated once: [n_slots, record_size] uint8
-    min_slots: int  # top-k per layer: below this a token cannot run
+    min_slots: int  # below this a token cannot run under the plan's cache policy (min_expert_slots)
     total_experts: int
     embed_on_host: bool = False  # the embedding table is in host RAM, not in non_expert_bytes
 
@@ -202,6 +202,21 @@ def grouped_prompt_extra(header: Header, dtype_bytes: int, chunk: int) -> int:
     return max(0, 2 * min(chunk, c.num_local_experts) * matrix - matrix)
 
 
+def min_expert_slots(policy: str, layers: int, top_k: int) -> int:
+    """The fewest expert slots a token can run in under `policy`. The planner takes a layer's
+    misses in waves when its pool cannot hold them all (runtime.offload.schedule: each computed
+    expert frees its slot for the next copy), so a per-layer pool ("layer", "lfu") needs one slot
+    and a shared pool one layer's top_k, whose second copy then overlaps the first expert's
+    compute. "none" holds top_k per layer (NoCache). Below top_k per layer a decode step's copy
+    and compute take turns, slower, but it runs where a card could not run the model before
+    (Mixtral-8x7B at 2 bits: 64 slots needed ~3.5 GiB of the ~6.5 a default 8 GB card plan has)."""
+    if policy == "shared":
+        return top_k
+    if policy == "none":
+        return layers * top_k
+    return layers
+
+
 def plan_memory(
     header: Header,
     budget: int,
@@ -216,12 +231,13 @@ def plan_memory(
     embed_on_host: bool = False,
     option: str = "--gpu-memory",
     source: str = "the model",
+    policy: str = "layer",
 ) -> MemoryPlan:
     """The plan for `budget` bytes, or a ConfigError naming the smallest budget that works.
 
     `non_expert` overrides the header estimate (e.g. with what a loaded model really holds);
     `fused`: the device runs the fused kernels (see workspace_bytes); `embed_on_host`: see
-    non_expert_bytes."""
+    non_expert_bytes; `policy`: the cache policy, which sets the fewest slots (min_expert_slots)."""
     c = header.config
     rs = header.expert_layout.record_size
     total = c.num_hidden_layers * c.num_local_experts
@@ -231,20 +247,29 @@ def plan_memory(
         workspace_bytes=workspace_bytes(header, context_tokens, dtype_bytes, prefill_tokens, fused),
         reserve_bytes=reserve_bytes,
     )
-    min_slots = c.num_hidden_layers * c.num_experts_per_tok
+    if policy not in POLICIES:
+        raise ConfigError(f"--cache-policy {policy!r} is not one of {', '.join(POLICIES)}")
+    min_slots = min_expert_slots(policy, c.num_hidden_layers, c.num_experts_per_tok)
     left = budget - sum(fixed.values())
     n_slots = min(total, max(0, left) // rs)
     plan = MemoryPlan(budget=budget, record_size=rs, n_slots=n_slots, min_slots=min_slots, total_experts=total,
                       embed_on_host=embed_on_host and not c.tie_word_embeddings, **fixed)
     if n_slots < min_slots:
+        per = {"shared": "one layer's top-k, in one pool", "none": f"{c.num_experts_per_tok} per layer"}.get(policy, "one per layer")
+        hint = f"pass --gpu-memory {_ceil_size(plan.min_budget)} or more, or allocate a shorter context (--ctx)"
+        shared = replace(plan, min_slots=min_expert_slots("shared", c.num_hidden_layers, c.num_experts_per_tok))
+        if policy != "shared" and n_slots >= shared.min_slots:
+            # a shared pool misses far more often than per-layer pools (LRU over the layers'
+            # cycle), but it runs: say so rather than leave the card unused
+            hint += ", or run with --cache-policy shared, which needs only " + _ceil_size(shared.min_budget)
         raise ConfigError(
             f"{option} {format_size(budget)} is too small for {source}: it needs "
             f"{format_size(plan.fixed_bytes)} besides the experts (weights {format_size(fixed['non_expert_bytes'])}, "
             f"KV cache {format_size(fixed['kv_cache_bytes'])} for {context_tokens} tokens, workspace "
             f"{format_size(fixed['workspace_bytes'])}, reserve {format_size(reserve_bytes)}) plus "
-            f"{min_slots} expert slots of {format_size(rs)} ({c.num_experts_per_tok} per layer); "
+            f"{min_slots} expert slots of {format_size(rs)} ({per}, --cache-policy {policy}); "
             f"the smallest budget that works is {_ceil_size(plan.min_budget)}",
-            hint=f"pass --gpu-memory {_ceil_size(plan.min_budget)} or more, or allocate a shorter context (--ctx)",
+            hint=hint,
         )
     return plan
 

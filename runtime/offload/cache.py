@@ -254,10 +254,11 @@ class NoCache(ExpertCache):
 def make_cache(policy: str, n_slots: int, layers: int, top_k: int, prior: dict[Key, float] | None = None) -> ExpertCache:
     """The cache for `policy` over `n_slots` slots ("none" keeps only top_k per layer; "lfu"
     starts from the use counts `prior`)."""
-    from .budget import split_slots
+    from .budget import POLICIES, min_expert_slots, split_slots
 
-    if n_slots < layers * top_k:
-        raise ConfigError(f"{n_slots} expert slots cannot hold {top_k} experts for each of {layers} layers")
+    if policy in POLICIES and n_slots < min_expert_slots(policy, layers, top_k):
+        raise ConfigError(f"{n_slots} expert slots are too few for --cache-policy {policy} over {layers} layers: "
+                          f"it needs {min_expert_slots(policy, layers, top_k)}")
     if policy == "layer":
         return ExpertCache.per_layer(split_slots(n_slots, layers))
     if policy == "shared":

@@ -99,7 +99,7 @@ def offload_options(f: Callable) -> Callable:
                      help="Experts guessed and prefetched per next layer [default: top-k; 0 disables]."),
         click.option("--prefetch-layers", type=int, default=1, show_default=True, help="How many layers ahead to prefetch."),
         click.option("--cache-policy", type=click.Choice(POLICIES), default="layer", show_default=True,
-                     help="layer: LRU per layer; shared: one LRU pool for all layers; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); none: load every expert on every use."),
+                     help="layer: LRU per layer (at least one slot each); shared: one LRU pool for all layers, which runs in the smallest budget (one layer's top-k slots) but misses more; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); none: load every expert on every use."),
         click.option("--expert-slots", type=int, default=None, metavar="N", help="Exact number of GPU expert slots (overrides the budget's count)."),
         click.option("--io-threads", type=int, default=4, show_default=True, help="Threads reading streamed experts from the file."),
         click.option("--hybrid", is_flag=True, help="Decode computes some missed experts on the CPU (from host RAM) while "
@@ -175,7 +175,7 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
     plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
                        dequantize_at_load=dequantize_at_load, fused=fused, source=str(file.path),
                        option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory",
-                       embed_on_host=embeds_on_host(device))
+                       embed_on_host=embeds_on_host(device), policy=opts.cache_policy)
     _check_slots(opts, plan)
     plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
     # unasked, offloading starts only where every expert, the table (which then stays on the
@@ -197,7 +197,8 @@ def _resident_prompt_extra(file: MoepackFile, dtype_bytes: int) -> int:
 
 def _check_slots(opts: OffloadOptions, plan: MemoryPlan) -> None:
     if opts.expert_slots is not None and opts.expert_slots < plan.min_slots:
-        raise ConfigError(f"--expert-slots {opts.expert_slots} is below the {plan.min_slots} slots a token needs (top-k per layer)",
+        raise ConfigError(f"--expert-slots {opts.expert_slots} is below the {plan.min_slots} slots a token needs "
+                          f"with --cache-policy {opts.cache_policy}",
                           hint=f"pass --expert-slots {plan.min_slots} or more")
 
 
@@ -233,7 +234,7 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
         plan = plan_memory(file.header, budget, context_tokens=getattr(model, "max_ctx", ctx), dtype_bytes=_dtype_bytes(dtype),
                            reserve_bytes=reserve + _hybrid_bytes(file, opts), non_expert=model_bytes(model),
                            fused=fused_kernels(device), source=str(file.path),
-                           embed_on_host=getattr(model, "embed_on_host", False))
+                           embed_on_host=getattr(model, "embed_on_host", False), policy=opts.cache_policy)
         _check_slots(opts, plan)
         n_slots = opts.expert_slots if opts.expert_slots is not None else plan.n_slots
         resident = plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)

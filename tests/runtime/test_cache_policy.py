@@ -259,8 +259,11 @@ def test_guessed_expert_already_cached_is_kept():
 
 
 def test_make_cache_validates():
-    with pytest.raises(ConfigError, match="cannot hold 2 experts"):
-        make_cache("layer", 3, 2, 2)
+    with pytest.raises(ConfigError, match="too few for --cache-policy layer over 2 layers: it needs 2"):
+        make_cache("layer", 1, 2, 2)
+    with pytest.raises(ConfigError, match="too few for --cache-policy shared over 2 layers: it needs 2"):
+        make_cache("shared", 1, 2, 2)
+    assert make_cache("layer", 2, 2, 2).n_slots == make_cache("shared", 2, 2, 2).n_slots == 2
     with pytest.raises(ConfigError, match="cache-policy"):
         make_cache("fifo", 8, 2, 2)
     assert make_cache("lfu", 8, 2, 2).policy == "lfu"

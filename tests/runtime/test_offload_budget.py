@@ -45,7 +45,9 @@ def test_plan_fills_the_rest_with_slots():
     assert fixed == non_expert_bytes(h, 4, context_tokens=64) + kv_cache_bytes(h, 64, 4) + small.workspace_bytes
     plan = plan_memory(h, fixed + 10 * rs + rs // 2, context_tokens=64, dtype_bytes=4)
     assert plan.n_slots == 10 and not plan.all_resident
-    assert plan.min_slots == 3 * 2
+    assert plan.min_slots == 3  # one slot per layer: the planner runs a layer's experts in waves
+    assert plan_memory(h, plan.budget, context_tokens=64, dtype_bytes=4, policy="shared").min_slots == 2
+    assert plan_memory(h, plan.budget, context_tokens=64, dtype_bytes=4, policy="none").min_slots == 3 * 2
 
 
 def test_too_small_budget_names_the_smallest_that_works():
@@ -54,14 +56,23 @@ def test_too_small_budget_names_the_smallest_that_works():
     with pytest.raises(ConfigError) as e:
         plan_memory(h, probe.min_budget - 1, context_tokens=128, dtype_bytes=2, reserve_bytes=MiB, source="x.moepack")
     msg = e.value.message
-    assert "--gpu-memory" in msg and "x.moepack" in msg and "6 expert slots" in msg
+    assert "--gpu-memory" in msg and "x.moepack" in msg and "3 expert slots" in msg and "one per layer" in msg
     smallest = re.search(r"smallest budget that works is (\S+)", msg).group(1)
     assert smallest in e.value.hint
     # the advertised budget really works, and is within 1% (+1 MiB rounding) of the exact minimum
     ok = plan_memory(h, parse_size(smallest), context_tokens=128, dtype_bytes=2, reserve_bytes=MiB)
     assert ok.n_slots >= ok.min_slots
     assert parse_size(smallest) <= probe.min_budget * 1.01 + MiB
-    assert plan_memory(h, probe.min_budget, context_tokens=128, dtype_bytes=2, reserve_bytes=MiB).n_slots == 6
+    assert plan_memory(h, probe.min_budget, context_tokens=128, dtype_bytes=2, reserve_bytes=MiB).n_slots == 3
+    # a budget a per-layer cache cannot run in, but a shared pool can: the hint says so
+    with pytest.raises(ConfigError) as e:
+        plan_memory(h, probe.min_budget - 1, context_tokens=128, dtype_bytes=2, reserve_bytes=MiB)
+    assert "--cache-policy shared" in e.value.hint
+    with pytest.raises(ConfigError) as e:  # below the shared minimum too: no such hint
+        plan_memory(h, probe.fixed_bytes + 1, context_tokens=128, dtype_bytes=2, reserve_bytes=MiB)
+    assert "shared" not in e.value.hint
+    with pytest.raises(ConfigError, match="--cache-policy 'fifo'"):
+        plan_memory(h, 1 << 40, context_tokens=128, dtype_bytes=2, policy="fifo")
 
 
 def test_longer_context_needs_more_memory():

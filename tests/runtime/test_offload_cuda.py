@@ -63,12 +63,14 @@ def cuda_offloaded(path, cls=OffloadedExperts, slow_copies=False, **kw):
 
 
 @pytest.mark.parametrize("kw", [
+    dict(n_slots=LAYERS),  # decode's two experts in waves through one slot: each copy waits for a compute
     dict(n_slots=2 * LAYERS),
     dict(n_slots=3 * LAYERS, prefetch=2),
+    dict(n_slots=2, policy="shared", prefetch=2),
     dict(n_slots=4 * LAYERS + 1, policy="shared", prefetch=2, prefetch_layers=2),
     dict(n_slots=2 * LAYERS, policy="none"),
     dict(n_slots=3 * LAYERS, prefetch=2, resident=9, staging=2),  # streaming from the file
-], ids=["layer2", "layer3-pf", "shared-pf2x2", "none", "stream"])
+], ids=["layer1", "layer2", "layer3-pf", "shared-min-pf", "shared-pf2x2", "none", "stream"])
 @pytest.mark.parametrize("slow", ["copies", "compute"])
 def test_cuda_same_as_resident(cuda_tiny, kw, slow):
     path, ref = cuda_tiny

@@ -24,15 +24,21 @@ from .offload_cases import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy, of
 
 
 @pytest.mark.parametrize("kw", [
-    dict(n_slots=2 * LAYERS),  # the minimum: top-k per layer, the prompt runs in waves of 2
+    dict(n_slots=LAYERS),  # the minimum: one slot per layer, decode's two experts run in waves
+    dict(n_slots=LAYERS + 1, prefetch=1),  # waves with prefetch evicting the only slot
+    dict(n_slots=2 * LAYERS),  # top-k per layer: the prompt runs in waves of 2
     dict(n_slots=3 * LAYERS, prefetch=2),
     dict(n_slots=5 * LAYERS, prefetch=1, prefetch_layers=2),
     dict(n_slots=LAYERS * EXPERTS),  # everything fits
+    dict(n_slots=2, policy="shared"),  # the shared minimum: one layer's top-k for every layer
+    dict(n_slots=2, policy="shared", prefetch=2),
     dict(n_slots=2 * LAYERS, policy="shared", prefetch=2),
     dict(n_slots=4 * LAYERS + 1, policy="shared", prefetch=3, prefetch_layers=2),
     dict(n_slots=2 * LAYERS, policy="none"),
+    dict(n_slots=LAYERS, policy="lfu", prefetch=2),
     dict(n_slots=3 * LAYERS, policy="lfu", prefetch=2),
-], ids=["layer2", "layer3-pf", "layer5-pf2x2", "all", "shared2-pf", "shared-pf3x2", "none", "lfu3-pf"])
+], ids=["layer1", "layer1+1-pf", "layer2", "layer3-pf", "layer5-pf2x2", "all", "shared-min", "shared-min-pf", "shared2-pf",
+        "shared-pf3x2", "none", "lfu1-pf", "lfu3-pf"])
 def test_same_tokens_and_logits_as_resident(tiny, kw):
     path, ref = tiny
     model = offloaded(path, **kw)
@@ -234,9 +240,15 @@ def test_factory_plans_slots_from_the_budget(tiny):
     assert model.experts.cache.n_slots == 7
     assert_same(ref, greedy(model))
     with pytest.raises(ConfigError, match="smallest budget that works"):
-        preflight(file, OffloadOptions(gpu_memory=plan.fixed_bytes + 5 * rs), torch.device("cpu"), torch.float32, CTX)
-    with pytest.raises(ConfigError, match="--expert-slots 3"):
-        preflight(file, OffloadOptions(expert_slots=3), torch.device("cpu"), torch.float32, CTX)
+        preflight(file, OffloadOptions(gpu_memory=plan.fixed_bytes + (LAYERS - 1) * rs), torch.device("cpu"), torch.float32, CTX)
+    # a shared pool runs in one layer's top-k: the same budget works with it
+    shared = preflight(file, OffloadOptions(gpu_memory=plan.fixed_bytes + (LAYERS - 1) * rs, cache_policy="shared"),
+                       torch.device("cpu"), torch.float32, CTX)
+    assert shared.n_slots == LAYERS - 1 and shared.min_slots == 2
+    with pytest.raises(ConfigError, match=f"--expert-slots {LAYERS - 1} .*--cache-policy layer"):
+        preflight(file, OffloadOptions(expert_slots=LAYERS - 1), torch.device("cpu"), torch.float32, CTX)
+    with pytest.raises(ConfigError, match="--expert-slots 1 .*--cache-policy shared"):
+        preflight(file, OffloadOptions(expert_slots=1, cache_policy="shared"), torch.device("cpu"), torch.float32, CTX)
     assert preflight(file, OffloadOptions(), torch.device("cpu"), torch.float32, CTX) is None  # nothing asked: resident
 
 
@@ -266,10 +278,12 @@ def test_tiny_checkpoint_file(file42):
 
 
 @pytest.mark.parametrize("kw", [
+    dict(n_slots=LAYERS),
     dict(n_slots=2 * LAYERS),
     dict(n_slots=3 * LAYERS, prefetch=2),
+    dict(n_slots=2, policy="shared"),
     dict(n_slots=2 * LAYERS, policy="shared", prefetch=2),
-], ids=["layer2", "layer3-pf", "shared2-pf"])
+], ids=["layer1", "layer2", "layer3-pf", "shared-min", "shared2-pf"])
 def test_graph_interface_same_tokens(tiny, kw):
     """cuda_graphs=True on the CPU runs runtime.graphs.ExpertGraphs eagerly through the same
     set_input / run(slot) calls the CUDA graphs replay: the decode path that feeds it (one input

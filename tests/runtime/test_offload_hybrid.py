@@ -19,10 +19,11 @@ from .offload_cases import CTX, EXPERTS, LAYERS, assert_same, greedy, offloaded,
 
 
 @pytest.mark.parametrize("kw", [
+    dict(n_slots=LAYERS),  # one slot per layer: what is not computed on the CPU runs in waves
     dict(n_slots=2 * LAYERS),
     dict(n_slots=3 * LAYERS, prefetch=2),
     dict(n_slots=3 * LAYERS, policy="lfu", cuda_graphs=True),
-], ids=["layer2", "layer3-pf", "lfu3-graph-interface"])
+], ids=["layer1", "layer2", "layer3-pf", "lfu3-graph-interface"])
 def test_hybrid_same_tokens(tiny, kw):
     """Missed experts computed on the CPU from their host records (offload.hybrid) instead of
     copied: the same tokens and logits as the resident model."""
