@@ -186,7 +186,8 @@ def run_one(model, file: MoepackFile, host: HostStore, *, n_slots: int, variant:
     device = model.device
     backend = OffloadedExperts(
         file, device, model.dtype, n_slots=n_slots, policy="none" if variant == "naive" else policy,
-        prefetch=None if variant in ("prefetch", "hybrid") else 0, prefetch_layers=prefetch_layers,
+        # explicit: the engine's default turns prefetch off in small per-layer pools (default_prefetch)
+        prefetch=model.config.num_experts_per_tok if variant in ("prefetch", "hybrid") else 0, prefetch_layers=prefetch_layers,
         router_weights=model.router_weights, host=host, progress=False, cuda_graphs=cuda_graphs,
         hybrid=variant.startswith("hybrid"), cpu_threads=cpu_threads, stage_w2=variant == "hybrid-w2",
     )
@@ -256,7 +257,7 @@ def simulate_policies(layers: int, experts: int, tokens: int, guess_accuracy: fl
     """Trace-driven hit rates of the cache policies (no model, no device)."""
     params = reference_params(layers, experts)
     rows = []
-    for per_layer in range(2, experts):
+    for per_layer in range(1, experts):  # 1: the per-layer minimum (decode runs in waves)
         for policy in ("layer", "shared", "lfu"):
             for prefetch in (0, 2):
                 cache = make_cache(policy, per_layer * layers, layers, 2)

@@ -354,3 +354,18 @@ def test_all_hit_steps_launch_before_the_plan(tiny, kw):
     s = eng.stats()
     assert s["uses"] == s["hits"] + s["misses"]
     assert (not early_steps) if kw.get("policy") == "none" else early_steps
+
+
+def test_default_prefetch_is_off_in_small_per_layer_pools(tiny):
+    """Without --prefetch: top-k guesses, except with no cache, with staged w2, and in per-layer
+    pools of at most top-k + 1 slots, where a wrong guess evicts what the layer reuses."""
+    from runtime.offload.engine import default_prefetch
+
+    assert [default_prefetch("layer", n, 32, 2) for n in (32, 64, 96, 127, 128, 256)] == [0, 0, 0, 0, 2, 2]
+    assert default_prefetch("lfu", 96, 32, 2) == 0 and default_prefetch("lfu", 160, 32, 2) == 2
+    assert default_prefetch("shared", 2, 32, 2) == 2  # a shared pool below a token's 64 uses hits only by prefetch
+    assert default_prefetch("none", 256, 32, 2) == 0 and default_prefetch("layer", 256, 32, 2, stage_w2=True) == 0
+    path, _ = tiny
+    assert offloaded(path, n_slots=3 * LAYERS).experts.prefetch == 0
+    assert offloaded(path, n_slots=4 * LAYERS).experts.prefetch == 2
+    assert offloaded(path, n_slots=LAYERS, prefetch=1).experts.prefetch == 1  # asked for: kept
