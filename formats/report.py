@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .reader import MoepackFile
 
 KV_CACHE_BYTES_PER_VALUE = 2  # fp16 keys and values
-GPU_EXPERT_SLOTS = (2, 4)  # experts per layer resident on the GPU in the memory estimate
+GPU_EXPERT_SLOTS = (1, 2, 4)  # experts per layer resident on the GPU in the memory estimate (1: the offloading minimum)
 
 
 def _numel(shape) -> int:

@@ -84,7 +84,7 @@ def test_inspect_json(recipe_file):
     kv = 2 * 2 * 2 * 16 * 256 * 2  # 2 x layers x kv_heads x head_dim x ctx x 2 bytes
     gpu = rep["gpu_memory"]
     assert gpu["kv_cache_bytes"] == kv
-    assert [c["experts_per_layer"] for c in gpu["configs"]] == [2, 4]  # 4 = all experts of the tiny model
+    assert [c["experts_per_layer"] for c in gpu["configs"]] == [1, 2, 4]  # 4 = all experts of the tiny model
     for c in gpu["configs"]:
         assert c["total_bytes"] == gpu["non_expert_bytes"] + c["experts_per_layer"] * 2 * ex["record_size"] + kv
 

@@ -53,7 +53,7 @@ def test_report_figures(synthetic):
     gpu = rep["gpu_memory"]
     assert gpu["non_expert_bytes"] == sum(t.nbytes for t in h.tensors)
     assert gpu["kv_cache_bytes"] == 2 * 2 * 2 * 32 * 512 * 2
-    assert [c["experts_per_layer"] for c in gpu["configs"]] == [2, 4]
+    assert [c["experts_per_layer"] for c in gpu["configs"]] == [1, 2, 4]
     rows = rep["tensors"]
     assert len(rows) == len(h.tensors) + 8 * 3
     assert rows[0]["name"] == "model.embed_tokens.weight" and rows[-1]["name"] == "model.norm.weight"

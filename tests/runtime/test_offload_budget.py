@@ -183,3 +183,20 @@ def test_fused_kernels_need_a_smaller_workspace():
     assert plain.workspace_bytes - fused.workspace_bytes > 800 * 10**6
     assert fused.workspace_bytes >= largest * 2  # the scratch holds the largest quantized matrix
     assert fused.n_slots - plain.n_slots >= 12
+
+
+def test_plan_minimums_tool(monkeypatch, capsys):
+    """tools/plan_minimums.py (BENCHMARKS.md section 31): a per-layer cache needs half the slots
+    of top-k per layer, and a shared pool runs in under 3 GiB, for Mixtral-8x7B's 2-bit experts."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "tools"))
+    import plan_minimums
+
+    rows = {(r["expert_meta_bits"], r["policy"]): r for r in plan_minimums.rows()}
+    for meta in (8, 4):
+        layer, shared, none = (rows[meta, p] for p in ("layer", "shared", "none"))
+        assert (layer["min_slots"], shared["min_slots"], none["min_slots"]) == (32, 2, 64)
+        assert shared["min_budget_gib"] < 3 < layer["min_budget_gib"] < none["min_budget_gib"] - 1.5
+        assert layer["slots_at_gib"]["4"] is None and shared["slots_at_gib"]["4"] >= 2
+    assert plan_minimums.main([]) == 0 and "| 8-bit | layer | 32 |" in capsys.readouterr().out

@@ -1,0 +1,57 @@
+"""The smallest GPU budget per cache policy for Mixtral-8x7B shapes (2-bit experts, 8- or 4-bit
+meta), as runtime.generate plans it on CUDA: fused kernels, the embedding table in host RAM,
+512 MiB of CUDA reserve, a 4096-token context; then the slots some budgets buy.
+
+    python tools/plan_minimums.py [--json]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from formats.errors import ConfigError
+from runtime.bench import bench_config, bench_recipe
+from runtime.offload.budget import GiB, min_expert_slots, plan_memory
+from runtime.offload.options import CUDA_RESERVE
+from runtime.offload.synthfile import synthetic_header
+
+BUDGETS_GIB = (3, 4, 5, 6, 6.5, 7, 8, 12, 16)
+
+
+def rows() -> list[dict]:
+    out = []
+    for meta in (8, 4):
+        h = synthetic_header(bench_config(32, False), bench_recipe(2, meta))
+        c = h.config
+        for policy in ("layer", "shared", "none"):
+            plan = plan_memory(h, 1 << 40, context_tokens=4096, dtype_bytes=2, reserve_bytes=CUDA_RESERVE, fused=True,
+                               embed_on_host=True, policy=policy)
+            slots = {}
+            for b in BUDGETS_GIB:
+                try:
+                    slots[str(b)] = plan_memory(h, int(b * GiB), context_tokens=4096, dtype_bytes=2, reserve_bytes=CUDA_RESERVE,
+                                                fused=True, embed_on_host=True, policy=policy).n_slots
+                except ConfigError:
+                    slots[str(b)] = None
+            out.append({"expert_meta_bits": meta, "record_size": h.expert_layout.record_size, "policy": policy,
+                        "min_slots": min_expert_slots(policy, c.num_hidden_layers, c.num_experts_per_tok),
+                        "fixed_gib": plan.fixed_bytes / GiB, "min_budget_gib": plan.min_budget / GiB, "slots_at_gib": slots})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    data = rows()
+    if "--json" in argv:
+        print(json.dumps(data, indent=1))
+        return 0
+    print("| meta | policy | fewest slots | smallest budget | " + " | ".join(f"{b} GiB" for b in BUDGETS_GIB) + " |")
+    print("|---|---|---|---|" + "---|" * len(BUDGETS_GIB))
+    for r in data:
+        cells = ["-" if v is None else str(v) for v in r["slots_at_gib"].values()]
+        print(f"| {r['expert_meta_bits']}-bit | {r['policy']} | {r['min_slots']} | {r['min_budget_gib']:.2f} GiB | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
