@@ -50,6 +50,8 @@
 #      activations (--cpu-activations int8, BENCHMARKS.md section 28).
 #  20. the hybrid engine's CPU share on int8 activations (--cpu-activations int8) against int16:
 #      hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB, 16 CPU threads, each way.
+#  21. small cards: LFU at 5 and 6 GiB (1-2 slots per layer) and a shared pool at 3 GiB, each
+#      copying only and hybrid (BENCHMARKS.md section 31).
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
@@ -123,6 +125,10 @@
 # "20" (two hybrid runs at 12 GiB, ~4 minutes) belongs in call 2 or 3, after "12" or "17".
 # Since the twenty-third session a model wholly on the CPU rounds to int8 by default (auto), so
 # stage 11's run is int8 (its JSON's cpu_activations says which ran); --hybrid stays on int16.
+# Since the twenty-fourth session a per-layer cache runs in one slot per layer and a shared pool
+# in one layer's top-k (the plan used to ask for top-k per layer); stage 1's cuda tests have the
+# new minimums (layer1, shared-min-pf), and "21" (~5 minutes) times 5, 6 GiB and a 3 GiB shared
+# pool, copying only and hybrid. Prefetch now defaults to off at 1-3 slots per layer.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -299,5 +305,15 @@ for act in int8 int16; do
     --prefill-len 512 --cpu-activations $act --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_hybrid_$act.json" \
     $BENCH_FLAGS
 done
+# small cards (BENCHMARKS.md section 31): budgets below top-k slots per layer, which the plan
+# refused before; per-layer LFU at 5 and 6 GiB (1-2 slots per layer, prefetch off by default
+# there), copying only and hybrid; then a shared pool in 3 GiB
+has 21 && run bench_small 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
+  --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant lru --variant hybrid-only --cache-policy lfu \
+  --gpu-memory 5GiB --gpu-memory 6GiB --prefill-len 512 --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_small.json" \
+  $BENCH_FLAGS
+has 21 && run bench_shared_3g 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
+  --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant lru --variant hybrid-only --cache-policy shared \
+  --gpu-memory 3GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_shared_3g.json" $BENCH_FLAGS
 log "total"
 tail -n 40 "$OUT/all.log"
