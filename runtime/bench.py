@@ -258,7 +258,7 @@ def simulate_policies(layers: int, experts: int, tokens: int, guess_accuracy: fl
     params = reference_params(layers, experts)
     rows = []
     for per_layer in range(1, experts):  # 1: the per-layer minimum (decode runs in waves)
-        for policy in ("layer", "shared", "lfu"):
+        for policy in ("layer", "shared", "lfu", "shared-lfu"):
             for prefetch in (0, 2):
                 cache = make_cache(policy, per_layer * layers, layers, 2)
                 st = simulate(Planner(cache, prefetch), trace_steps(SyntheticRouting(params, guess_accuracy, seed), tokens, prefetch))
@@ -309,8 +309,8 @@ SIM_COLUMNS = [
 @click.option("--variant", "variant_names", type=click.Choice([*VARIANTS, *EXTRA_VARIANTS, "all"]), multiple=True,
               help="Repeat for several [default: all = naive, lru, prefetch].")
 @click.option("--cpu-threads", type=click.IntRange(1), default=None, help="Threads of the CPU expert kernel (variant hybrid).")
-@click.option("--cache-policy", type=click.Choice(["layer", "shared", "lfu"]), default="layer", show_default=True,
-              help="layer: per-layer LRU; shared: one LRU pool; lfu: per-layer, least used evicted first.")
+@click.option("--cache-policy", type=click.Choice(["layer", "shared", "lfu", "shared-lfu"]), default="layer", show_default=True,
+              help="layer: per-layer LRU; shared: one LRU pool; lfu: per-layer, least used evicted first; shared-lfu: one pool, least used evicted first.")
 @click.option("--prefetch-layers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--tokens", type=click.IntRange(1), default=32, show_default=True, help="Timed decode steps per run.")
 @click.option("--warmup", type=click.IntRange(0), default=8, show_default=True, help="Untimed decode steps first (fill the cache).")

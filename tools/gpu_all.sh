@@ -307,13 +307,13 @@ for act in int8 int16; do
 done
 # small cards (BENCHMARKS.md section 31): budgets below top-k slots per layer, which the plan
 # refused before; per-layer LFU at 5 and 6 GiB (1-2 slots per layer, prefetch off by default
-# there), copying only and hybrid; then a shared pool in 3 GiB
+# there), copying only and hybrid; then one shared LFU pool in 3 GiB
 has 21 && run bench_small 200 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
   --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant lru --variant hybrid-only --cache-policy lfu \
   --gpu-memory 5GiB --gpu-memory 6GiB --prefill-len 512 --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_small.json" \
   $BENCH_FLAGS
 has 21 && run bench_shared_3g 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
-  --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant lru --variant hybrid-only --cache-policy shared \
+  --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant lru --variant hybrid-only --cache-policy shared-lfu \
   --gpu-memory 3GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_shared_3g.json" $BENCH_FLAGS
 log "total"
 tail -n 40 "$OUT/all.log"

@@ -30,7 +30,8 @@ _UNITS = {
 }
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
-POLICIES = ("layer", "shared", "lfu", "none")
+POLICIES = ("layer", "shared", "lfu", "shared-lfu", "none")
+SHARED_POLICIES = ("shared", "shared-lfu")  # one pool for every layer
 
 
 def parse_size(text: str | int, option: str = "--gpu-memory") -> int:
@@ -206,11 +207,11 @@ def min_expert_slots(policy: str, layers: int, top_k: int) -> int:
     """The fewest expert slots a token can run in under `policy`. The planner takes a layer's
     misses in waves when its pool cannot hold them all (runtime.offload.schedule: each computed
     expert frees its slot for the next copy), so a per-layer pool ("layer", "lfu") needs one slot
-    and a shared pool one layer's top_k, whose second copy then overlaps the first expert's
+    and a shared pool ("shared", "shared-lfu") one layer's top_k, whose second copy then overlaps the first expert's
     compute. "none" holds top_k per layer (NoCache). Below top_k per layer a decode step's copy
     and compute take turns, slower, but it runs where a card could not run the model before
     (Mixtral-8x7B at 2 bits: 64 slots needed ~3.5 GiB of the ~6.5 a default 8 GB card plan has)."""
-    if policy == "shared":
+    if policy in SHARED_POLICIES:
         return top_k
     if policy == "none":
         return layers * top_k
@@ -255,13 +256,14 @@ def plan_memory(
     plan = MemoryPlan(budget=budget, record_size=rs, n_slots=n_slots, min_slots=min_slots, total_experts=total,
                       embed_on_host=embed_on_host and not c.tie_word_embeddings, **fixed)
     if n_slots < min_slots:
-        per = {"shared": "one layer's top-k, in one pool", "none": f"{c.num_experts_per_tok} per layer"}.get(policy, "one per layer")
+        per = "one layer's top-k, in one pool" if policy in SHARED_POLICIES else (
+            f"{c.num_experts_per_tok} per layer" if policy == "none" else "one per layer")
         hint = f"pass --gpu-memory {_ceil_size(plan.min_budget)} or more, or allocate a shorter context (--ctx)"
-        shared = replace(plan, min_slots=min_expert_slots("shared", c.num_hidden_layers, c.num_experts_per_tok))
-        if policy != "shared" and n_slots >= shared.min_slots:
-            # a shared pool misses far more often than per-layer pools (LRU over the layers'
-            # cycle), but it runs: say so rather than leave the card unused
-            hint += ", or run with --cache-policy shared, which needs only " + _ceil_size(shared.min_budget)
+        shared = replace(plan, min_slots=min_expert_slots("shared-lfu", c.num_hidden_layers, c.num_experts_per_tok))
+        if policy not in SHARED_POLICIES and n_slots >= shared.min_slots:
+            # fewer slots than layers still run in one pool; by frequency it keeps the busiest
+            # experts of all layers (BENCHMARKS.md section 31)
+            hint += ", or run with --cache-policy shared-lfu, which needs only " + _ceil_size(shared.min_budget)
         raise ConfigError(
             f"{option} {format_size(budget)} is too small for {source}: it needs "
             f"{format_size(plan.fixed_bytes)} besides the experts (weights {format_size(fixed['non_expert_bytes'])}, "

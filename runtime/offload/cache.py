@@ -186,7 +186,10 @@ class FrequencyCache(ExpertCache):
     """Per-key use counts decide the victim: an expert that is used often stays even when it
     was not used recently. Real Mixtral routing is skewed per layer (FACTS.md section 5:
     the busiest expert of a layer takes up to a third of its choices), so frequency beats
-    recency when a layer holds 4-5 of its 8 experts (docs/BENCHMARKS.md section 4).
+    recency when a layer holds 4-5 of its 8 experts (docs/BENCHMARKS.md section 4). In one pool
+    for all layers ("shared-lfu") it also beats recency outright: a decode step visits the
+    layers in a cycle, and below 2 slots per layer LRU evicts every expert before its next use,
+    where counts keep the busiest experts of all layers (section 31).
 
     `prior` seeds the counts, e.g. from the file's calibration counts (moe-pack calibrate),
     so the first tokens already keep the popular experts."""
@@ -253,7 +256,7 @@ class NoCache(ExpertCache):
 
 def make_cache(policy: str, n_slots: int, layers: int, top_k: int, prior: dict[Key, float] | None = None) -> ExpertCache:
     """The cache for `policy` over `n_slots` slots ("none" keeps only top_k per layer; "lfu"
-    starts from the use counts `prior`)."""
+    and "shared-lfu" start from the use counts `prior`)."""
     from .budget import POLICIES, min_expert_slots, split_slots
 
     if policy in POLICIES and n_slots < min_expert_slots(policy, layers, top_k):
@@ -263,10 +266,10 @@ def make_cache(policy: str, n_slots: int, layers: int, top_k: int, prior: dict[K
         return ExpertCache.per_layer(split_slots(n_slots, layers))
     if policy == "shared":
         return ExpertCache.shared(n_slots)
-    if policy == "lfu":
-        cache = FrequencyCache.per_layer(split_slots(n_slots, layers))
+    if policy in ("lfu", "shared-lfu"):
+        cache = FrequencyCache.per_layer(split_slots(n_slots, layers)) if policy == "lfu" else FrequencyCache.shared(n_slots)
         cache.freq.update(prior or {})
         return cache
     if policy == "none":
         return NoCache.per_layer([top_k] * layers)
-    raise ConfigError(f"--cache-policy {policy!r} is not one of layer, shared, lfu, none")
+    raise ConfigError(f"--cache-policy {policy!r} is not one of {', '.join(POLICIES)}")

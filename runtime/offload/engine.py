@@ -60,15 +60,14 @@ class RoutingOverride(Protocol):
 
 def default_prefetch(policy: str, n_slots: int, layers: int, top_k: int, stage_w2: bool = False) -> int:
     """Experts guessed per next layer when --prefetch is not given: top_k, except with no cache,
-    with staged w2 (which replaces it), and in per-layer pools of at most top_k + 1 slots. There
-    a wrong guess evicts one of the few experts the layer will reuse: the trace simulation
+    with staged w2 (which replaces it), and in caches of at most top_k + 1 slots per layer. There
+    a wrong guess evicts one of the few experts that would have been reused: the trace simulation
     (`runtime.bench --simulate`) copies 20-38% more per token with prefetch at 1-3 slots per
-    layer (66.1 against 55.2 experts at 1, 60.7 against 44.1 at 2, 49.6 against 36.4 at 3), and
-    on the H100 8 GiB (3 slots per layer) decoded 15.3 tok/s with it against 18.2-19.2 without
-    (docs/BENCHMARKS.md sections 8 and 31). The link is the bound there, so bytes decide."""
-    if policy == "none" or stage_w2:
-        return 0
-    if policy in ("layer", "lfu") and n_slots < layers * (top_k + 2):
+    layer (per-layer LRU: 66.1 against 55.2 experts at 1, 60.7 against 44.1 at 2, 49.6 against
+    36.4 at 3; a shared pool likewise), and on the H100 8 GiB (3 slots per layer) decoded 15.3
+    tok/s with it against 18.2-19.2 without (docs/BENCHMARKS.md sections 8 and 31). The link
+    is the bound there, so bytes decide."""
+    if policy == "none" or stage_w2 or n_slots < layers * (top_k + 2):
         return 0
     return top_k
 

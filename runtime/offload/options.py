@@ -99,7 +99,7 @@ def offload_options(f: Callable) -> Callable:
                      help="Experts guessed and prefetched per next layer [default: top-k, or 0 where a layer has at most top-k + 1 slots; 0 disables]."),
         click.option("--prefetch-layers", type=int, default=1, show_default=True, help="How many layers ahead to prefetch."),
         click.option("--cache-policy", type=click.Choice(POLICIES), default="layer", show_default=True,
-                     help="layer: LRU per layer (at least one slot each); shared: one LRU pool for all layers, which runs in the smallest budget (one layer's top-k slots) but misses more; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); none: load every expert on every use."),
+                     help="layer: LRU per layer (at least one slot each); shared: one LRU pool for all layers, which runs in the smallest budget (one layer's top-k slots) but misses more; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); shared-lfu: one pool evicting the least used expert, for budgets below one slot per layer; none: load every expert on every use."),
         click.option("--expert-slots", type=int, default=None, metavar="N", help="Exact number of GPU expert slots (overrides the budget's count)."),
         click.option("--io-threads", type=int, default=4, show_default=True, help="Threads reading streamed experts from the file."),
         click.option("--hybrid", is_flag=True, help="Decode computes some missed experts on the CPU (from host RAM) while "

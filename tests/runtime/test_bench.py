@@ -75,7 +75,7 @@ def test_bench_simulation(capsys):
     assert main(["--simulate", "--layers", "4", "--tokens", "40", "--json", "-"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     sim = json.loads(lines[-1])["simulation"]
-    assert len(sim) == 7 * 3 * 2  # slots per layer (1-7) x (layer, shared, lfu) x prefetch
+    assert len(sim) == 7 * 4 * 2  # slots per layer (1-7) x (layer, shared, lfu, shared-lfu) x prefetch
     lru = [x["hit_rate"] for x in sim if x["policy"] == "layer" and x["prefetch"] == 0]
     assert lru == sorted(lru) and lru[-1] > lru[0]  # more slots, more hits
 

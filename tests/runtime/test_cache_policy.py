@@ -267,6 +267,9 @@ def test_make_cache_validates():
     with pytest.raises(ConfigError, match="cache-policy"):
         make_cache("fifo", 8, 2, 2)
     assert make_cache("lfu", 8, 2, 2).policy == "lfu"
+    shared = make_cache("shared-lfu", 3, 2, 2, prior={(1, 4): 5.0})
+    assert shared.policy == "lfu" and shared.n_slots == 3 and shared.capacity(0) == shared.capacity(1) == 3
+    assert shared.freq[(1, 4)] == 5.0
     assert make_cache("none", 100, 2, 2).n_slots == 4  # no cache: top-k slots per layer are all it uses
     assert [make_cache("layer", 7, 3, 2).capacity(L) for L in range(3)] == [3, 2, 2]
 
@@ -372,3 +375,24 @@ def test_hit_slot_is_a_lookup_that_counts_nothing():
         assert cache.hit_slot((0, 1)) == cache.slot_of((0, 1)) is not None and cache.hit_slot((0, 3)) is None
         assert cache.keys() == order  # nothing moved
         assert cache.hit_slot((0, 1)) == cache.lookup((0, 1))
+
+
+def test_shared_lfu_keeps_the_busiest_experts_where_shared_lru_thrashes():
+    """A decode step visits the layers in a cycle. A shared LRU pool smaller than a token's uses
+    evicts every expert before its next use; counting uses keeps the busiest ones (here expert 0
+    of layers 0 and 1, used every token) and hits them every token, while the other slots
+    take the rarely reused experts."""
+    layers, slots, tokens = 4, 4, 20
+
+    def hits(policy):
+        p = Planner(make_cache(policy, slots, layers, 2), prefetch=0)
+        for t in range(tokens):
+            if t == tokens // 2:
+                p.reset_stats()  # counted from here: the steady state
+            for L in range(layers):
+                spin = [1 + (3 * t + L) % 7, 1 + (3 * t + L + 3) % 7]  # two distinct rarely repeated experts
+                p.plan(L, [0, spin[0]] if L < 2 else spin)
+        return p.stats.hits
+
+    assert hits("shared") == 0
+    assert hits("shared-lfu") >= 2 * (tokens // 2)  # both hot experts, every token

@@ -47,6 +47,7 @@ def test_plan_fills_the_rest_with_slots():
     assert plan.n_slots == 10 and not plan.all_resident
     assert plan.min_slots == 3  # one slot per layer: the planner runs a layer's experts in waves
     assert plan_memory(h, plan.budget, context_tokens=64, dtype_bytes=4, policy="shared").min_slots == 2
+    assert plan_memory(h, plan.budget, context_tokens=64, dtype_bytes=4, policy="shared-lfu").min_slots == 2
     assert plan_memory(h, plan.budget, context_tokens=64, dtype_bytes=4, policy="none").min_slots == 3 * 2
 
 
@@ -67,7 +68,7 @@ def test_too_small_budget_names_the_smallest_that_works():
     # a budget a per-layer cache cannot run in, but a shared pool can: the hint says so
     with pytest.raises(ConfigError) as e:
         plan_memory(h, probe.min_budget - 1, context_tokens=128, dtype_bytes=2, reserve_bytes=MiB)
-    assert "--cache-policy shared" in e.value.hint
+    assert "--cache-policy shared-lfu" in e.value.hint
     with pytest.raises(ConfigError) as e:  # below the shared minimum too: no such hint
         plan_memory(h, probe.fixed_bytes + 1, context_tokens=128, dtype_bytes=2, reserve_bytes=MiB)
     assert "shared" not in e.value.hint
@@ -195,8 +196,11 @@ def test_plan_minimums_tool(monkeypatch, capsys):
 
     rows = {(r["expert_meta_bits"], r["policy"]): r for r in plan_minimums.rows()}
     for meta in (8, 4):
-        layer, shared, none = (rows[meta, p] for p in ("layer", "shared", "none"))
+        layer, shared, none = (rows[meta, p] for p in ("layer", "shared-lfu", "none"))
         assert (layer["min_slots"], shared["min_slots"], none["min_slots"]) == (32, 2, 64)
         assert shared["min_budget_gib"] < 3 < layer["min_budget_gib"] < none["min_budget_gib"] - 1.5
         assert layer["slots_at_gib"]["4"] is None and shared["slots_at_gib"]["4"] >= 2
+    small = {(r["slots"], r["policy"]): r["hit_rate"] for r in plan_minimums.small_pools(sizes=(8,), tokens=40)}
+    assert small[8, "shared"] == 0 < small[8, "shared-lfu"]  # fewer slots than layers: LRU thrashes
+    monkeypatch.setattr(plan_minimums, "small_pools", lambda: [])
     assert plan_minimums.main([]) == 0 and "| 8-bit | layer | 32 |" in capsys.readouterr().out

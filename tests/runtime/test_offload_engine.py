@@ -37,8 +37,10 @@ from .offload_cases import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy, of
     dict(n_slots=2 * LAYERS, policy="none"),
     dict(n_slots=LAYERS, policy="lfu", prefetch=2),
     dict(n_slots=3 * LAYERS, policy="lfu", prefetch=2),
+    dict(n_slots=2, policy="shared-lfu"),
+    dict(n_slots=LAYERS + 1, policy="shared-lfu", prefetch=2),
 ], ids=["layer1", "layer1+1-pf", "layer2", "layer3-pf", "layer5-pf2x2", "all", "shared-min", "shared-min-pf", "shared2-pf",
-        "shared-pf3x2", "none", "lfu1-pf", "lfu3-pf"])
+        "shared-pf3x2", "none", "lfu1-pf", "lfu3-pf", "shared-lfu-min", "shared-lfu-pf"])
 def test_same_tokens_and_logits_as_resident(tiny, kw):
     path, ref = tiny
     model = offloaded(path, **kw)
@@ -363,7 +365,8 @@ def test_default_prefetch_is_off_in_small_per_layer_pools(tiny):
 
     assert [default_prefetch("layer", n, 32, 2) for n in (32, 64, 96, 127, 128, 256)] == [0, 0, 0, 0, 2, 2]
     assert default_prefetch("lfu", 96, 32, 2) == 0 and default_prefetch("lfu", 160, 32, 2) == 2
-    assert default_prefetch("shared", 2, 32, 2) == 2  # a shared pool below a token's 64 uses hits only by prefetch
+    assert default_prefetch("shared-lfu", 2, 32, 2) == default_prefetch("shared", 96, 32, 2) == 0
+    assert default_prefetch("shared", 128, 32, 2) == 2
     assert default_prefetch("none", 256, 32, 2) == 0 and default_prefetch("layer", 256, 32, 2, stage_w2=True) == 0
     path, _ = tiny
     assert offloaded(path, n_slots=3 * LAYERS).experts.prefetch == 0
