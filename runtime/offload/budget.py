@@ -206,11 +206,12 @@ def grouped_prompt_extra(header: Header, dtype_bytes: int, chunk: int) -> int:
 def min_expert_slots(policy: str, layers: int, top_k: int) -> int:
     """The fewest expert slots a token can run in under `policy`. The planner takes a layer's
     misses in waves when its pool cannot hold them all (runtime.offload.schedule: each computed
-    expert frees its slot for the next copy), so a per-layer pool ("layer", "lfu") needs one slot
-    and a shared pool ("shared", "shared-lfu") one layer's top_k, whose second copy then overlaps the first expert's
-    compute. "none" holds top_k per layer (NoCache). Below top_k per layer a decode step's copy
-    and compute take turns, slower, but it runs where a card could not run the model before
-    (Mixtral-8x7B at 2 bits: 64 slots needed ~3.5 GiB of the ~6.5 a default 8 GB card plan has)."""
+    expert frees its slot for the next copy), so a per-layer pool ("layer", "lfu") needs one
+    slot, and a shared pool ("shared", "shared-lfu") one layer's top_k, whose second copy then
+    overlaps the first expert's compute. "none" holds top_k per layer (NoCache). Below top_k
+    per layer a decode step's copy and compute take turns, slower, but it runs where a card
+    could not run the model before (Mixtral-8x7B at 2 bits: 64 slots needed ~3.5 GiB of the
+    ~6.5 a default 8 GB card plan has)."""
     if policy in SHARED_POLICIES:
         return top_k
     if policy == "none":

@@ -96,10 +96,10 @@ def offload_options(f: Callable) -> Callable:
         click.option("--host-memory", metavar="SIZE", help="RAM for expert records; the rest are read from the file on "
                      "demand [default: all experts in RAM]."),
         click.option("--prefetch", type=int, default=None, metavar="N",
-                     help="Experts guessed and prefetched per next layer [default: top-k, or 0 where a layer has at most top-k + 1 slots; 0 disables]."),
+                     help="Experts guessed and prefetched per next layer [default: top-k, or 0 where the cache has at most top-k + 1 slots per layer; 0 disables]."),
         click.option("--prefetch-layers", type=int, default=1, show_default=True, help="How many layers ahead to prefetch."),
         click.option("--cache-policy", type=click.Choice(POLICIES), default="layer", show_default=True,
-                     help="layer: LRU per layer (at least one slot each); shared: one LRU pool for all layers, which runs in the smallest budget (one layer's top-k slots) but misses more; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); shared-lfu: one pool evicting the least used expert, for budgets below one slot per layer; none: load every expert on every use."),
+                     help="layer: LRU per layer (at least one slot each); shared: one LRU pool for all layers; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); shared-lfu: one pool evicting the least used expert, which runs in the smallest budget (one layer's top-k slots) and keeps the busiest experts of all layers; none: load every expert on every use."),
         click.option("--expert-slots", type=int, default=None, metavar="N", help="Exact number of GPU expert slots (overrides the budget's count)."),
         click.option("--io-threads", type=int, default=4, show_default=True, help="Threads reading streamed experts from the file."),
         click.option("--hybrid", is_flag=True, help="Decode computes some missed experts on the CPU (from host RAM) while "
