@@ -55,7 +55,7 @@ from .offload.cache import make_cache
 from .offload.engine import OffloadedExperts
 from .offload.host import HostStore, plan_host
 from .offload.options import CUDA_RESERVE, embeds_on_host, fused_kernels, hybrid_scratch_bytes, model_bytes
-from .offload.schedule import Planner, simulate
+from .offload.schedule import CacheStats, Planner, simulate
 from .offload.synthfile import write_bench_file
 from .offload.traces import SyntheticRouting, reference_params, trace_steps
 
@@ -253,15 +253,20 @@ def machine() -> dict:
     return info
 
 
+def simulate_policy(policy: str, n_slots: int, layers: int, experts: int, prefetch: int, tokens: int,
+                    guess_accuracy: float, seed: int) -> CacheStats:
+    """One cache policy over `tokens` of trace routing calibrated to real Mixtral (top-2)."""
+    routing = SyntheticRouting(reference_params(layers, experts), guess_accuracy, seed)
+    return simulate(Planner(make_cache(policy, n_slots, layers, 2), prefetch), trace_steps(routing, tokens, prefetch))
+
+
 def simulate_policies(layers: int, experts: int, tokens: int, guess_accuracy: float, seed: int) -> list[dict]:
     """Trace-driven hit rates of the cache policies (no model, no device)."""
-    params = reference_params(layers, experts)
     rows = []
     for per_layer in range(1, experts):  # 1: the per-layer minimum (decode runs in waves)
         for policy in ("layer", "shared", "lfu", "shared-lfu"):
             for prefetch in (0, 2):
-                cache = make_cache(policy, per_layer * layers, layers, 2)
-                st = simulate(Planner(cache, prefetch), trace_steps(SyntheticRouting(params, guess_accuracy, seed), tokens, prefetch))
+                st = simulate_policy(policy, per_layer * layers, layers, experts, prefetch, tokens, guess_accuracy, seed)
                 rows.append({"slots_per_layer": per_layer, "policy": policy, "prefetch": prefetch, "hit_rate": st.hit_rate,
                              "loads_per_token": st.loads / tokens, "prefetch_precision": st.prefetch_precision,
                              "prefetch_recall": st.prefetch_recall})

@@ -13,11 +13,8 @@ import json
 import sys
 
 from formats.errors import ConfigError
-from runtime.bench import bench_config, bench_recipe
-from runtime.offload.budget import GiB, min_expert_slots, plan_memory
-from runtime.offload.cache import make_cache
-from runtime.offload.schedule import Planner, simulate
-from runtime.offload.traces import SyntheticRouting, reference_params, trace_steps
+from runtime.bench import bench_config, bench_recipe, simulate_policy
+from runtime.offload.budget import GiB, plan_memory
 from runtime.offload.options import CUDA_RESERVE
 from runtime.offload.synthfile import synthetic_header
 
@@ -28,29 +25,29 @@ def rows() -> list[dict]:
     out = []
     for meta in (8, 4):
         h = synthetic_header(bench_config(32, False), bench_recipe(2, meta))
-        c = h.config
         for policy in ("layer", "shared-lfu", "none"):
-            plan = plan_memory(h, 1 << 40, context_tokens=4096, dtype_bytes=2, reserve_bytes=CUDA_RESERVE, fused=True,
-                               embed_on_host=True, policy=policy)
+            def plan(budget: int):  # as runtime.generate plans it on CUDA
+                return plan_memory(h, budget, context_tokens=4096, dtype_bytes=2, reserve_bytes=CUDA_RESERVE, fused=True,
+                                   embed_on_host=True, policy=policy)
+
             slots = {}
             for b in BUDGETS_GIB:
                 try:
-                    slots[str(b)] = plan_memory(h, int(b * GiB), context_tokens=4096, dtype_bytes=2, reserve_bytes=CUDA_RESERVE,
-                                                fused=True, embed_on_host=True, policy=policy).n_slots
+                    slots[str(b)] = plan(int(b * GiB)).n_slots
                 except ConfigError:
                     slots[str(b)] = None
+            whole = plan(1 << 40)
             out.append({"expert_meta_bits": meta, "record_size": h.expert_layout.record_size, "policy": policy,
-                        "min_slots": min_expert_slots(policy, c.num_hidden_layers, c.num_experts_per_tok),
-                        "fixed_gib": plan.fixed_bytes / GiB, "min_budget_gib": plan.min_budget / GiB, "slots_at_gib": slots})
+                        "min_slots": whole.min_slots, "fixed_gib": whole.fixed_bytes / GiB,
+                        "min_budget_gib": whole.min_budget / GiB, "slots_at_gib": slots})
     return out
 
 
 def small_pools(sizes=(4, 8, 16), tokens: int = 200) -> list[dict]:
-    params = reference_params(32, 8)
     out = []
     for n in sizes:
         for policy in ("shared", "shared-lfu"):
-            st = simulate(Planner(make_cache(policy, n, 32, 2), 0), trace_steps(SyntheticRouting(params, 0.8, 0), tokens, 0))
+            st = simulate_policy(policy, n, 32, 8, 0, tokens, 0.8, 0)
             out.append({"slots": n, "policy": policy, "hit_rate": st.hit_rate, "loads_per_token": st.loads / tokens})
     return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from formats.errors import ConfigError
 from formats.header import Header
@@ -260,11 +260,11 @@ def plan_memory(
         per = "one layer's top-k, in one pool" if policy in SHARED_POLICIES else (
             f"{c.num_experts_per_tok} per layer" if policy == "none" else "one per layer")
         hint = f"pass --gpu-memory {_ceil_size(plan.min_budget)} or more, or allocate a shorter context (--ctx)"
-        shared = replace(plan, min_slots=min_expert_slots("shared-lfu", c.num_hidden_layers, c.num_experts_per_tok))
-        if policy not in SHARED_POLICIES and n_slots >= shared.min_slots:
+        shared_min = min_expert_slots("shared-lfu", c.num_hidden_layers, c.num_experts_per_tok)
+        if policy not in SHARED_POLICIES and n_slots >= shared_min:
             # fewer slots than layers still run in one pool; by frequency it keeps the busiest
             # experts of all layers (BENCHMARKS.md section 31)
-            hint += ", or run with --cache-policy shared-lfu, which needs only " + _ceil_size(shared.min_budget)
+            hint += ", or run with --cache-policy shared-lfu, which needs only " + _ceil_size(plan.fixed_bytes + shared_min * rs)
         raise ConfigError(
             f"{option} {format_size(budget)} is too small for {source}: it needs "
             f"{format_size(plan.fixed_bytes)} besides the experts (weights {format_size(fixed['non_expert_bytes'])}, "

@@ -100,9 +100,9 @@ class OffloadedExperts(HybridSteps):
         self.file, self.layout = file, file.header.expert_layout
         self.device, self.dtype = torch.device(device), dtype
         self.layers, self.num_experts, self.top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+        n_slots = min(n_slots, self.layers * self.num_experts)
         if prefetch is None:  # staged w2 replaces whole-expert prefetch unless both are asked for
-            prefetch = default_prefetch(policy, min(n_slots, self.layers * self.num_experts), self.layers, self.top_k,
-                                        stage_w2)
+            prefetch = default_prefetch(policy, n_slots, self.layers, self.top_k, stage_w2)
         if policy == "none" and prefetch:
             raise ConfigError("--prefetch needs a cache: --cache-policy none loads every expert on every use",
                               hint="use --cache-policy layer or shared, or --prefetch 0")
@@ -114,7 +114,6 @@ class OffloadedExperts(HybridSteps):
             raise ConfigError("--prefetch-w2 stages w2 for a split expert: it needs --hybrid", hint="add --hybrid")
         if (prefetch or stage_w2) and router_weights is None:
             raise ConfigError("speculative prefetch needs the model's routers", hint="pass router_weights, or --prefetch 0")
-        n_slots = min(n_slots, self.layers * self.num_experts)
         # "lfu" starts from the file's calibration counts when it has them (moe-pack calibrate)
         self.cache: ExpertCache = make_cache(policy, n_slots, self.layers, self.top_k,
                                              prior=calibration_prior(file.header.expert_counts))

@@ -358,9 +358,9 @@ def test_all_hit_steps_launch_before_the_plan(tiny, kw):
     assert (not early_steps) if kw.get("policy") == "none" else early_steps
 
 
-def test_default_prefetch_is_off_in_small_per_layer_pools(tiny):
-    """Without --prefetch: top-k guesses, except with no cache, with staged w2, and in per-layer
-    pools of at most top-k + 1 slots, where a wrong guess evicts what the layer reuses."""
+def test_default_prefetch_is_off_in_small_caches(tiny):
+    """Without --prefetch: top-k guesses, except with no cache, with staged w2, and in caches of
+    at most top-k + 1 slots per layer, where a wrong guess evicts what would have been reused."""
     from runtime.offload.engine import default_prefetch
 
     assert [default_prefetch("layer", n, 32, 2) for n in (32, 64, 96, 127, 128, 256)] == [0, 0, 0, 0, 2, 2]
