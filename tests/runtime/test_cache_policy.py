@@ -396,3 +396,26 @@ def test_shared_lfu_keeps_the_busiest_experts_where_shared_lru_thrashes():
 
     assert hits("shared") == 0
     assert hits("shared-lfu") >= 2 * (tokens // 2)  # both hot experts, every token
+
+
+def test_admission_bypass_tool_keeps_warm_experts_and_drops_cold_ones(monkeypatch):
+    """tools/admission_sim.py (BENCHMARKS.md section 32): a cold miss goes through a bypass slot
+    and leaves after its compute; the warm resident stays; every compute reads its own expert."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "tools"))
+    from admission_sim import BypassLFU, loads_per_token
+
+    cache = BypassLFU({0: [0]}, bypass_slots=[1])
+    planner = Planner(cache, 0)
+    table = {}
+    for needed in ([0], [0], [0, 1], [2, 0], [3]):
+        for op in planner.plan(0, needed):
+            if isinstance(op, Load):
+                table[op.slot] = op.key
+            else:
+                assert table[op.slot] == op.key
+        assert cache.keys() == [(0, 0)] and not cache.transient and not cache.pinned
+    assert cache.bypassed == 3 and planner.stats.loads == 4
+    loads, bypassed = loads_per_token(False, 64, 1, 32, 20, 0)
+    assert 0 < bypassed <= loads * 20
