@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cpu_native
+from runtime import cpu_build
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _build(tmp_path: Path, source: str, *extra: str) -> Path:
-    cc = cpu_native._compiler()
+    cc = cpu_build._compiler()
     if cc is None:
         pytest.skip("no C compiler")
     out = tmp_path / Path(source).stem
-    for flags in ([*extra], []):  # the kernel builds without OpenMP too (cpu_native._flag_sets)
+    for flags in ([*extra], []):  # the kernel builds without OpenMP too (cpu_build._flag_sets)
         r = subprocess.run(cc.split() + ["-O2", "-march=native", *flags, str(ROOT / source), "-o", str(out), "-lm"],
                            capture_output=True, text=True, timeout=300)
         if r.returncode == 0:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kernel_bench as kb  # noqa: E402
 
-from runtime import cpu_native  # noqa: E402
+from runtime import cpu_build, cpu_native  # noqa: E402
 from runtime.cpu_expert import cpu_expert_ffn, cpu_expert_hidden  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def median_ms(fn, record, layout, x, threads, n: int = 5) -> float:
 def main() -> int:
     warnings.simplefilter("always")
     print("torch threads", torch.get_num_threads(), "PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS"),
-          "cc", cpu_native._compiler())
+          "cc", cpu_build._compiler())
     k = cpu_native.native_kernel()
     print("native:", k and k.path, "avx2", k and k.avx2, "vnni", k and k.vnni, "wide", k and k.wide)
     layout = kb.expert_layout(kb.MIXTRAL.hidden, kb.MIXTRAL.intermediate, kb.EXPERT_SPECS["2-bit g16"])

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
-from runtime import cpu_native
+from runtime import cpu_build, cpu_native
 from runtime.cpu_expert import cpu_expert_ffn
 from runtime.experts import plain_expert_ffn
 from tests.runtime.cpu_native_cases import CASES, needs_native, quantize_x, rel, run, x_steps
@@ -101,25 +101,25 @@ def test_a_broken_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
 
 
 def test_no_compiler_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(cpu_native, "_compiler", lambda: None)
-    with pytest.raises(cpu_native.NativeBuildError, match="no C compiler"):
-        cpu_native.build()
+    monkeypatch.setattr(cpu_build, "_compiler", lambda: None)
+    with pytest.raises(cpu_build.NativeBuildError, match="no C compiler"):
+        cpu_build.build()
 
 
 def test_the_sources_build_where_there_is_a_compiler(tmp_path):
     """Without a compiler the runtime falls back and the kernel's tests skip. With one, a source
     that does not compile must fail here rather than turn every kernel test into a skip (the
     fallback's warning is easy to miss in CI)."""
-    if cpu_native._compiler() is None:
+    if cpu_build._compiler() is None:
         pytest.skip("no C compiler")
-    assert cpu_native.build(out_dir=tmp_path).exists()
+    assert cpu_build.build(out_dir=tmp_path).exists()
 
 
 @needs_native
 def test_build_is_cached_per_source_and_cpu(tmp_path):
-    first = cpu_native.build(out_dir=tmp_path)
+    first = cpu_build.build(out_dir=tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert cpu_native.build(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert cpu_build.build(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
 
 
@@ -189,11 +189,11 @@ def test_vnni_builds_use_vpdpwssd(tmp_path, flags, wide):
     OpenMP (clang without libomp) builds the kernel too."""
     import subprocess
 
-    cc = cpu_native._compiler()
+    cc = cpu_build._compiler()
     if cc is None:
         pytest.skip("no C compiler")
     asm = tmp_path / "k.s"
-    r = subprocess.run(cc.split() + ["-O3", "-std=c11", "-S", *flags, "-o", str(asm), str(cpu_native.SOURCE)],
+    r = subprocess.run(cc.split() + ["-O3", "-std=c11", "-S", *flags, "-o", str(asm), str(cpu_build.SOURCE)],
                        capture_output=True, text=True)
     if r.returncode != 0 and "unrecognized" in r.stderr + r.stdout:
         pytest.skip(f"{cc} does not know {flags[-1]}")
@@ -214,11 +214,11 @@ def test_portable_build_without_vector_extensions(monkeypatch, tmp_path):
     the scalar paths pass the same self-check and compute fp16 matrices the same. An implicit
     declaration fails the build, as it does by default from gcc 14 on (gcc 12 only warns: the
     AVX2-only row functions were once called outside their #ifdef)."""
-    if cpu_native._compiler() is None:
+    if cpu_build._compiler() is None:
         pytest.skip("no C compiler")
     flags = ["-O2", "-std=c11", "-shared", "-fPIC", "-Werror=implicit-function-declaration"]
-    monkeypatch.setattr(cpu_native, "_flag_sets", lambda: [flags])
-    kernel = cpu_native.NativeKernel(cpu_native.build(out_dir=tmp_path))
+    monkeypatch.setattr(cpu_build, "_flag_sets", lambda: [flags])
+    kernel = cpu_native.NativeKernel(cpu_build.build(out_dir=tmp_path))
     assert not kernel.avx2
     assert cpu_native.self_check(kernel) is None
     w = torch.randn(12, 37).half()

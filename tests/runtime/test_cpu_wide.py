@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formats.qtensor import QuantSpec
-from runtime import cpu_native
+from runtime import cpu_build, cpu_native
 from tests.runtime.cpu_native_cases import (EXPERT_TOL, assert_tokens_batch_exactly, check_expert_and_row_cut, quantize_x,
                                             rel, takes_int8, x_steps)
 from tests.runtime.kernel_cases import packed
@@ -27,11 +27,11 @@ def wide(tmp_path_factory):
     if native is None or not native.avx2:
         pytest.skip("needs the compiled kernel on an AVX2 machine")
     # the build's own flag sets that target this CPU (with OpenMP where the compiler has it)
-    sets = [f + ["-DMP_EMULATE_WIDE"] for f in cpu_native._flag_sets() if "-march=native" in f]
+    sets = [f + ["-DMP_EMULATE_WIDE"] for f in cpu_build._flag_sets() if "-march=native" in f]
     mp = pytest.MonkeyPatch()
-    mp.setattr(cpu_native, "_flag_sets", lambda: sets)
+    mp.setattr(cpu_build, "_flag_sets", lambda: sets)
     try:
-        kernel = cpu_native.NativeKernel(cpu_native.build(out_dir=tmp_path_factory.mktemp("wide")))
+        kernel = cpu_native.NativeKernel(cpu_build.build(out_dir=tmp_path_factory.mktemp("wide")))
     finally:
         mp.undo()
     assert kernel.wide
