@@ -67,10 +67,11 @@ def cuda_offloaded(path, cls=OffloadedExperts, slow_copies=False, **kw):
     dict(n_slots=2 * LAYERS),
     dict(n_slots=3 * LAYERS, prefetch=2),
     dict(n_slots=2, policy="shared", prefetch=2),
+    dict(n_slots=2, policy="shared-lfu"),  # stage 21's small-card pool
     dict(n_slots=4 * LAYERS + 1, policy="shared", prefetch=2, prefetch_layers=2),
     dict(n_slots=2 * LAYERS, policy="none"),
     dict(n_slots=3 * LAYERS, prefetch=2, resident=9, staging=2),  # streaming from the file
-], ids=["layer1", "layer2", "layer3-pf", "shared-min-pf", "shared-pf2x2", "none", "stream"])
+], ids=["layer1", "layer2", "layer3-pf", "shared-min-pf", "shared-lfu-min", "shared-pf2x2", "none", "stream"])
 @pytest.mark.parametrize("slow", ["copies", "compute"])
 def test_cuda_same_as_resident(cuda_tiny, kw, slow):
     path, ref = cuda_tiny
@@ -88,15 +89,16 @@ def test_cuda_same_as_resident(cuda_tiny, kw, slow):
     model.experts.close()
 
 
+@pytest.mark.parametrize("n_slots", [2 * LAYERS, LAYERS])  # LAYERS: stage 21's one slot per layer, in waves
 @pytest.mark.parametrize("mode", ["split", "rows", "cpu", "staged"])
-def test_cuda_hybrid_same_as_resident(cuda_tiny, mode):
+def test_cuda_hybrid_same_as_resident(cuda_tiny, mode, n_slots):
     """Copy-or-compute on a real GPU with slow copies: a split expert's w2 h must wait for w2's
     copy into the scratch buffer, and the next copy into that buffer for the w2 h before it;
     with rows (a CPU at half the link's speed) the GPU's rows of w1/w3 wait for their copies;
     staged (--prefetch-w2), a split's w2 h waits for a copy queued one layer earlier."""
     path, ref = cuda_tiny
     staged = dict(stage_w2=True, prefetch=0) if mode == "staged" else {}
-    model = cuda_offloaded(path, slow_copies=True, hybrid=True, cpu_threads=1, **staged)
+    model = cuda_offloaded(path, slow_copies=True, hybrid=True, cpu_threads=1, n_slots=n_slots, **staged)
     cost = model.experts.cost
     cost.smoothing = 0.0
     # as fast as the link: split; half as fast: split by rows; free: whole on the CPU

@@ -372,3 +372,103 @@ def test_default_prefetch_is_off_in_small_caches(tiny):
     assert offloaded(path, n_slots=3 * LAYERS).experts.prefetch == 0
     assert offloaded(path, n_slots=4 * LAYERS).experts.prefetch == 2
     assert offloaded(path, n_slots=LAYERS, prefetch=1).experts.prefetch == 1  # asked for: kept
+
+
+class _Covers:
+    """An event that stands for every compute issued before it (a sequence number)."""
+
+    def __init__(self, seq: int):
+        self.seq = seq
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+
+class OrderedCopies(CopyEngine):
+    """Copies that check, instead of racing: each copy into a slot or a split scratch set must
+    wait on an event that covers the last compute that read that buffer. On a CPU device the
+    copies run in order anyway, so identical tokens cannot show a missing wait (on a GPU it
+    is a race); this can. The engine's reads are counted by wrapping where it takes a slot's
+    record and where a split set is read."""
+
+    def __init__(self, engine):
+        super().__init__(torch.device("cpu"))
+        self.reads, self.last_read, self.bufs, self.checked, self.violations = 0, {}, [], 0, []
+        rs = engine.layout.record_size
+        base = engine.slots.data_ptr()
+        self.bufs += [(base + s * rs, base + (s + 1) * rs, ("slot", s)) for s in range(engine.slots.shape[0])]
+        record_for = engine._record_for
+
+        def read_slot(slot):  # the read follows: a streamed expert's copy is issued in record_for
+            record = record_for(slot)
+            self.read(("slot", slot))
+            return record
+
+        engine._record_for = read_slot
+        sp = engine.split
+        if sp is not None:
+            for i, w2 in enumerate(sp.w2):
+                self.bufs += [(t.data_ptr(), t.data_ptr() + t.numel(), ("set", i)) for t in (w2.raw, *sp.prefix[i].values())]
+            hidden, apply = sp.gpu_hidden, sp.w2_apply
+
+            def gpu_hidden(copier, i, rows, x, done):
+                if copier is not None:
+                    self.read(("set", i))
+                return hidden(copier, i, rows, x, done)
+
+            def w2_apply(copier, i, h, done):
+                self.read(("set", i))
+                return apply(copier, i, h, done)
+
+            sp.gpu_hidden, sp.w2_apply = gpu_hidden, w2_apply
+
+    def read(self, buf):
+        self.reads += 1
+        self.last_read[buf] = self.reads
+
+    def mark_used(self):
+        return _Covers(self.reads)
+
+    def copy(self, dst, src, after=None):
+        p = dst.data_ptr()
+        buf = next((b for lo, hi, b in self.bufs if lo <= p < hi), None)
+        if buf in self.last_read:
+            self.checked += 1
+            if getattr(after, "seq", 0) < self.last_read[buf]:
+                self.violations.append(buf)
+        super().copy(dst, src, after)
+        return _Covers(-1)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(n_slots=LAYERS), dict(n_slots=LAYERS + 1, prefetch=1), dict(n_slots=LAYERS, policy="lfu", prefetch=2, prefetch_layers=2),
+    dict(n_slots=2, policy="shared-lfu", prefetch=2), dict(n_slots=3, policy="shared", prefetch=2, prefetch_layers=2),
+    dict(n_slots=LAYERS, staging=2, resident=6), dict(n_slots=LAYERS, cuda_graphs=True),
+    dict(n_slots=LAYERS, hybrid=True, stage_w2=True, prefetch=0, cpu_threads=1, cpu=1),
+    dict(n_slots=2, policy="shared-lfu", hybrid=True, stage_w2=True, prefetch=0, cpu_threads=1, cpu=2),
+], ids=["layer1", "layer1+1-pf", "lfu1-pf2x2", "shared-lfu-min-pf", "shared3-pf2x2", "layer1-stream", "layer1-graphs",
+        "hybrid-w2-layer1", "hybrid-w2-shared-lfu-min"])
+def test_no_copy_overwrites_a_buffer_before_its_last_read(tiny, kw):
+    """At the smallest pools a layer's experts run in waves through the same slots, and split
+    experts reuse their scratch sets: every copy into a slot or set waits for the compute that
+    last read it, over a prompt and a decode (what a GPU's copy stream relies on)."""
+    path, ref = tiny
+    kw = dict(kw)
+    cpu, resident = kw.pop("cpu", None), kw.pop("resident", None)
+    if resident is not None:
+        kw["host_resident"] = choose_resident(MoepackFile(path).header, resident)
+    model = offloaded(path, **kw)
+    eng = model.experts
+    if cpu is not None:  # the CPU at `cpu` copies' time: misses split between both sides
+        eng.cost.smoothing, eng.cost.cpu_s = 0.0, cpu * eng.cost.copy_s
+    checker = eng.copier = OrderedCopies(eng)
+    assert_same(ref, greedy(model))
+    assert checker.checked > 0 and checker.violations == []
+    if cpu is not None:
+        assert eng.stats()["split_experts"] > 0
