@@ -97,6 +97,7 @@ class MemoryPlan:
     min_slots: int  # below this a token cannot run under the plan's cache policy (min_expert_slots)
     total_experts: int
     embed_on_host: bool = False  # the embedding table is in host RAM, not in non_expert_bytes
+    policy: str = "layer"  # the cache policy the slots are planned for (it sets min_slots)
 
     @property
     def fixed_bytes(self) -> int:
@@ -119,7 +120,7 @@ class MemoryPlan:
             "budget": self.budget, "non_expert_bytes": self.non_expert_bytes, "kv_cache_bytes": self.kv_cache_bytes,
             "workspace_bytes": self.workspace_bytes, "reserve_bytes": self.reserve_bytes,
             "record_size": self.record_size, "n_slots": self.n_slots, "min_slots": self.min_slots,
-            "total_experts": self.total_experts, "embed_on_host": self.embed_on_host,
+            "total_experts": self.total_experts, "embed_on_host": self.embed_on_host, "policy": self.policy,
         }
 
     def describe(self) -> str:
@@ -255,7 +256,7 @@ def plan_memory(
     left = budget - sum(fixed.values())
     n_slots = min(total, max(0, left) // rs)
     plan = MemoryPlan(budget=budget, record_size=rs, n_slots=n_slots, min_slots=min_slots, total_experts=total,
-                      embed_on_host=embed_on_host and not c.tie_word_embeddings, **fixed)
+                      embed_on_host=embed_on_host and not c.tie_word_embeddings, policy=policy, **fixed)
     if n_slots < min_slots:
         per = "one layer's top-k, in one pool" if policy in SHARED_POLICIES else (
             f"{c.num_experts_per_tok} per layer" if policy == "none" else "one per layer")

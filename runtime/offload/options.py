@@ -24,6 +24,10 @@ from .host import plan_host
 CUDA_RESERVE = 512 * MiB  # CUDA context + allocator slack, outside PyTorch's tensors
 DEFAULT_MARGIN = 1 * GiB  # left free when --gpu-memory is not given
 DEFAULT_STAGING = 8
+# what the default cache policy becomes where a budget (or --expert-slots) holds fewer slots
+# than layers: one pool for all layers runs in one layer's top-k, and by use counts it keeps
+# the busiest experts of all layers (docs/BENCHMARKS.md section 31)
+SMALL_BUDGET_POLICY = "shared-lfu"
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class OffloadOptions:
     hybrid: bool = False  # decode may compute missed experts on the CPU instead of copying them
     cpu_threads: int | None = None  # threads of the CPU expert kernel (None: the kernel's default)
     prefetch_w2: bool = False  # hybrid: the next layer's likely miss gets its w2 copied ahead
+    policy_given: bool = True  # False: cache_policy is the default, and may become SMALL_BUDGET_POLICY
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -61,16 +66,16 @@ class OffloadOptions:
 
     @classmethod
     def from_cli(cls, gpu_memory: str | None = None, host_memory: str | None = None, prefetch: int | None = None,
-                 prefetch_layers: int = 1, cache_policy: str = "layer", expert_slots: int | None = None,
+                 prefetch_layers: int = 1, cache_policy: str | None = None, expert_slots: int | None = None,
                  io_threads: int = 4, offload: bool | None = None, hybrid: bool = False,
                  cpu_threads: int | None = None, prefetch_w2: bool = False, **_other) -> "OffloadOptions":
         """From the values click parsed (other keyword arguments of the command are ignored)."""
         return cls(
             gpu_memory=None if gpu_memory is None else parse_size(gpu_memory, "--gpu-memory"),
             host_memory=None if host_memory is None else parse_size(host_memory, "--host-memory"),
-            prefetch=prefetch, prefetch_layers=prefetch_layers, cache_policy=cache_policy,
+            prefetch=prefetch, prefetch_layers=prefetch_layers, cache_policy=cache_policy or "layer",
             expert_slots=expert_slots, io_threads=io_threads, offload=offload, hybrid=hybrid,
-            cpu_threads=cpu_threads, prefetch_w2=prefetch_w2,
+            cpu_threads=cpu_threads, prefetch_w2=prefetch_w2, policy_given=cache_policy is not None,
         )
 
     @property
@@ -98,8 +103,8 @@ def offload_options(f: Callable) -> Callable:
         click.option("--prefetch", type=int, default=None, metavar="N",
                      help="Experts guessed and prefetched per next layer [default: top-k, or 0 where the cache has at most top-k + 1 slots per layer; 0 disables]."),
         click.option("--prefetch-layers", type=int, default=1, show_default=True, help="How many layers ahead to prefetch."),
-        click.option("--cache-policy", type=click.Choice(POLICIES), default="layer", show_default=True,
-                     help="layer: LRU per layer (at least one slot each); shared: one LRU pool for all layers; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); shared-lfu: one pool evicting the least used expert, which runs in the smallest budget (one layer's top-k slots) and keeps the busiest experts of all layers; none: load every expert on every use."),
+        click.option("--cache-policy", type=click.Choice(POLICIES), default=None,
+                     help="layer: LRU per layer (at least one slot each); shared: one LRU pool for all layers; lfu: per layer, the least used expert is evicted (counts start from the file's calibration); shared-lfu: one pool evicting the least used expert, which runs in the smallest budget (one layer's top-k slots) and keeps the busiest experts of all layers; none: load every expert on every use [default: layer, or shared-lfu where the budget holds fewer slots than layers]."),
         click.option("--expert-slots", type=int, default=None, metavar="N", help="Exact number of GPU expert slots (overrides the budget's count)."),
         click.option("--io-threads", type=int, default=4, show_default=True, help="Threads reading streamed experts from the file."),
         click.option("--hybrid", is_flag=True, help="Decode computes some missed experts on the CPU (from host RAM) while "
@@ -172,11 +177,10 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
     reserve += _hybrid_bytes(file, opts)
     dbytes = _dtype_bytes(dtype)
     fused = fused_kernels(device)
-    plan = plan_memory(file.header, budget, context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
-                       dequantize_at_load=dequantize_at_load, fused=fused, source=str(file.path),
-                       option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory",
-                       embed_on_host=embeds_on_host(device), policy=opts.cache_policy)
-    _check_slots(opts, plan)
+    plan = plan_slots(file, opts, budget, context_tokens=ctx, dtype_bytes=dbytes, reserve_bytes=reserve,
+                      dequantize_at_load=dequantize_at_load, fused=fused, source=str(file.path),
+                      option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory",
+                      embed_on_host=embeds_on_host(device))
     plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
     # unasked, offloading starts only where every expert, the table (which then stays on the
     # device) and the resident prompt path's larger scratch do not fit
@@ -195,10 +199,27 @@ def _resident_prompt_extra(file: MoepackFile, dtype_bytes: int) -> int:
                                 prompt_chunk_experts(c.intermediate_size, c.hidden_size, dtype_bytes))
 
 
+def plan_slots(file: MoepackFile, opts: OffloadOptions, budget: int, **kw) -> MemoryPlan:
+    """plan_memory under opts' cache policy, with --expert-slots checked against its minimum.
+    Left to its default, a policy whose pools the budget (or --expert-slots) cannot give one
+    slot per layer becomes SMALL_BUDGET_POLICY, so a small card runs instead of being refused;
+    where that does not fit either, its error names the smallest budget of all."""
+    try:
+        plan = plan_memory(file.header, budget, policy=opts.cache_policy, **kw)
+        _check_slots(opts, plan)
+        return plan
+    except ConfigError:
+        if opts.policy_given or opts.cache_policy == SMALL_BUDGET_POLICY:
+            raise
+    plan = plan_memory(file.header, budget, policy=SMALL_BUDGET_POLICY, **kw)
+    _check_slots(opts, plan)
+    return plan
+
+
 def _check_slots(opts: OffloadOptions, plan: MemoryPlan) -> None:
     if opts.expert_slots is not None and opts.expert_slots < plan.min_slots:
         raise ConfigError(f"--expert-slots {opts.expert_slots} is below the {plan.min_slots} slots a token needs "
-                          f"with --cache-policy {opts.cache_policy}",
+                          f"with --cache-policy {plan.policy}",
                           hint=f"pass --expert-slots {plan.min_slots} or more")
 
 
@@ -231,15 +252,14 @@ def make_backend_factory(opts: OffloadOptions, *, ctx: int, progress: bool = Tru
             # the model is loaded now: the default budget is what is still free, plus what it took
             free, _ = torch.cuda.mem_get_info(device)
             budget = max(0, free - DEFAULT_MARGIN) + torch.cuda.memory_allocated(device)
-        plan = plan_memory(file.header, budget, context_tokens=getattr(model, "max_ctx", ctx), dtype_bytes=_dtype_bytes(dtype),
-                           reserve_bytes=reserve + _hybrid_bytes(file, opts), non_expert=model_bytes(model),
-                           fused=fused_kernels(device), source=str(file.path),
-                           embed_on_host=getattr(model, "embed_on_host", False), policy=opts.cache_policy)
-        _check_slots(opts, plan)
+        plan = plan_slots(file, opts, budget, context_tokens=getattr(model, "max_ctx", ctx), dtype_bytes=_dtype_bytes(dtype),
+                          reserve_bytes=reserve + _hybrid_bytes(file, opts), non_expert=model_bytes(model),
+                          fused=fused_kernels(device), source=str(file.path),
+                          embed_on_host=getattr(model, "embed_on_host", False))
         n_slots = opts.expert_slots if opts.expert_slots is not None else plan.n_slots
         resident = plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
         backend = OffloadedExperts(
-            file, device, dtype, n_slots=n_slots, policy=opts.cache_policy, prefetch=opts.prefetch,
+            file, device, dtype, n_slots=n_slots, policy=plan.policy, prefetch=opts.prefetch,
             prefetch_layers=opts.prefetch_layers, router_weights=model.router_weights, host_resident=resident,
             staging=opts.staging, io_threads=opts.io_threads, progress=progress, cuda_graphs=cuda_graphs,
             hybrid=opts.hybrid, cpu_threads=opts.cpu_threads, stage_w2=opts.prefetch_w2,

@@ -163,10 +163,13 @@ def test_click_options_round_trip():
     assert r.exit_code == 0, r.output
     assert seen["opts"] == OffloadOptions(gpu_memory=6 * GiB, cache_policy="shared", prefetch=1, prefetch_layers=2)
     r = CliRunner().invoke(cmd, [])
-    assert seen["opts"] == OffloadOptions() and not seen["opts"].requested
+    # no --cache-policy: the default, which a small budget may turn into shared-lfu
+    assert seen["opts"] == OffloadOptions(policy_given=False) and not seen["opts"].requested
     r = CliRunner().invoke(cmd, ["--hybrid", "--prefetch-w2", "--cpu-threads", "8"])
     assert r.exit_code == 0, r.output
-    assert seen["opts"] == OffloadOptions(hybrid=True, prefetch_w2=True, cpu_threads=8) and seen["opts"].requested
+    assert seen["opts"] == OffloadOptions(hybrid=True, prefetch_w2=True, cpu_threads=8, policy_given=False) and seen["opts"].requested
+    r = CliRunner().invoke(cmd, ["--cache-policy", "layer"])
+    assert seen["opts"] == OffloadOptions() and seen["opts"].policy_given and not seen["opts"].requested
     r = CliRunner().invoke(cmd, ["--no-offload"])
     assert seen["opts"].offload is False and not seen["opts"].requested
 

@@ -247,6 +247,24 @@ def test_factory_plans_slots_from_the_budget(tiny):
     shared = preflight(file, OffloadOptions(gpu_memory=plan.fixed_bytes + (LAYERS - 1) * rs, cache_policy="shared"),
                        torch.device("cpu"), torch.float32, CTX)
     assert shared.n_slots == LAYERS - 1 and shared.min_slots == 2
+    # left to its default, the policy becomes shared-lfu there instead of refusing the budget,
+    # and the engine the factory builds runs it; a policy asked for is kept (the error above)
+    auto = OffloadOptions(gpu_memory=plan.fixed_bytes + (LAYERS - 1) * rs, policy_given=False)
+    assert preflight(file, auto, torch.device("cpu"), torch.float32, CTX).policy == "shared-lfu"
+    model, _ = load_model(file, "cpu", torch.float32, expert_backend_factory=make_backend_factory(auto, ctx=CTX, progress=False),
+                          ctx=CTX)
+    assert model.experts.policy == "shared-lfu" and model.experts.cache.n_slots == LAYERS - 1
+    assert_same(ref, greedy(model))
+    assert preflight(file, OffloadOptions(gpu_memory=plan.fixed_bytes + 7 * rs + 100, policy_given=False),
+                     torch.device("cpu"), torch.float32, CTX).policy == "layer"  # one slot per layer fits: kept
+    auto_slots = preflight(file, OffloadOptions(expert_slots=LAYERS - 1, policy_given=False), torch.device("cpu"),
+                           torch.float32, CTX)
+    assert auto_slots.policy == "shared-lfu"
+    with pytest.raises(ConfigError, match="smallest budget that works") as e:  # below a shared pool too
+        preflight(file, OffloadOptions(gpu_memory=plan.fixed_bytes + rs, policy_given=False), torch.device("cpu"),
+                  torch.float32, CTX)
+    assert "2 expert slots" in e.value.message and "--cache-policy shared-lfu" in e.value.message
+    assert "--gpu-memory" in e.value.hint
     with pytest.raises(ConfigError, match=f"--expert-slots {LAYERS - 1} .*--cache-policy layer"):
         preflight(file, OffloadOptions(expert_slots=LAYERS - 1), torch.device("cpu"), torch.float32, CTX)
     with pytest.raises(ConfigError, match="--expert-slots 1 .*--cache-policy shared"):
