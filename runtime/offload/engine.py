@@ -136,7 +136,10 @@ class OffloadedExperts(HybridSteps):
                                       staging=staging, io_threads=io_threads, progress=progress, device=self.device)
         self.copier = CopyEngine(self.device)
         # allocated once; rows are reused by every expert that passes through the cache
-        self.slots = torch.empty((self.cache.n_slots, self.layout.record_size), dtype=torch.uint8, device=self.device)
+        # on a CPU "device" the slots are host pages: zeroing faults them in now, where the first
+        # copy into each would otherwise pay its page faults inside a timed step
+        alloc = torch.zeros if self.device.type == "cpu" else torch.empty
+        self.slots = alloc((self.cache.n_slots, self.layout.record_size), dtype=torch.uint8, device=self.device)
         self._slot_rows = list(self.slots.unbind(0))  # each slot's row, as a view made once
         # decode replays one captured graph per slot (runtime.graphs); None: on CUDA
         self.graphs = expert_graphs(self.slots, self.layout, dtype, cfg.hidden_size, cuda_graphs)
