@@ -147,10 +147,19 @@ def gpu_memory_section(h: "Header") -> dict:
             }
             for k in slots
         ],
+        # the runtime's smallest budget: one pool for all layers holding one layer's top-k, which
+        # runs each layer's experts through it in turn (runtime.offload, --cache-policy shared-lfu)
+        "shared_pool": {
+            "experts": c.num_experts_per_tok,
+            "expert_bytes": c.num_experts_per_tok * rs,
+            "weights_bytes": non_expert + c.num_experts_per_tok * rs,
+            "total_bytes": non_expert + c.num_experts_per_tok * rs + kv,
+        },
         "assumptions": [
             "weights stay in their stored (quantized) form on the GPU, as laid out in the file",
             "every non-expert tensor (embeddings and lm_head included) is resident on the GPU",
-            "experts_per_layer expert records per layer are resident (one record = record_size bytes)",
+            "experts_per_layer expert records per layer are resident (one record = record_size bytes); "
+            "'k in all': one pool of k records serves every layer in turn (the offloading runtime's smallest budget)",
             f"KV cache: batch 1, fp16, full context of {c.max_position_embeddings} tokens: "
             "2 x layers x kv_heads x head_dim x context x 2 bytes",
             "not counted: activations, dequantization scratch, CUDA context, allocator overhead",
@@ -305,6 +314,8 @@ def render_text(report: dict) -> str:
         f"{human_bytes(gpu['kv_cache_bytes'])}",
     ]
     rows = [["experts/layer", "experts", "weights", "with KV cache"]]
+    sp = gpu["shared_pool"]
+    rows.append([f"{sp['experts']} in all", human_bytes(sp["expert_bytes"]), human_bytes(sp["weights_bytes"]), human_bytes(sp["total_bytes"])])
     for c in gpu["configs"]:
         rows.append([str(c["experts_per_layer"]), human_bytes(c["expert_bytes"]), human_bytes(c["weights_bytes"]), human_bytes(c["total_bytes"])])
     lines += ["  " + r for r in _table(rows, right={0, 1, 2, 3})]

@@ -87,6 +87,10 @@ def test_inspect_json(recipe_file):
     assert [c["experts_per_layer"] for c in gpu["configs"]] == [1, 2, 4]  # 4 = all experts of the tiny model
     for c in gpu["configs"]:
         assert c["total_bytes"] == gpu["non_expert_bytes"] + c["experts_per_layer"] * 2 * ex["record_size"] + kv
+    # the offloading runtime's smallest budget: one layer's top-k (2) records in one pool for all layers
+    sp = gpu["shared_pool"]
+    assert sp["experts"] == 2 and sp["total_bytes"] == gpu["non_expert_bytes"] + 2 * ex["record_size"] + kv
+    assert "2 in all" in run_cli("inspect", path).stdout
 
 
 def test_inspect_verify(recipe_file):
