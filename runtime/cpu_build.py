@@ -77,6 +77,8 @@ def build(cc: str | None = None, out_dir: Path | None = None) -> Path:
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty():  # ~20 s on 2 cores, once per machine: say why the first run waits
+        print(f"moe-pack: compiling the CPU kernel for this CPU (once; cached in {out_dir})", file=sys.stderr, flush=True)
     errors = []
     for flags in _flag_sets():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)

@@ -100,6 +100,18 @@ def test_a_broken_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
         cpu_native.native_kernel.cache_clear()
 
 
+def test_a_build_says_why_the_first_run_waits_only_on_a_terminal(monkeypatch, capsys, tmp_path):
+    """The one-time compile (~20 s on 2 cores) prints a line on a terminal's stderr, and nothing
+    where stderr is a pipe or captured (a CLI's one-line errors stay one line)."""
+    monkeypatch.setattr(cpu_build.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("stub")))
+    for tty in (False, True):
+        monkeypatch.setattr(cpu_build.sys.stderr, "isatty", lambda: tty)
+        with pytest.raises(cpu_build.NativeBuildError, match="stub"):
+            cpu_build.build(cc="cc", out_dir=tmp_path)
+        err = capsys.readouterr().err
+        assert ("compiling the CPU kernel" in err) == tty
+
+
 def test_no_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cpu_build, "_compiler", lambda: None)
     with pytest.raises(cpu_build.NativeBuildError, match="no C compiler"):
