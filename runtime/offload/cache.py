@@ -110,11 +110,6 @@ class ExpertCache:
         whether the key or its victim will be needed first."""
         return 1.0 if self._pool(key[0]).free else UNKNOWN_REUSE
 
-    def evictable(self, layer: int) -> int:
-        """How many inserts into `layer`'s pool can succeed right now."""
-        pool = self._pool(layer)
-        return len(pool.free) + sum(1 for k in pool.entries if k not in self.pinned)
-
     # -- updates ------------------------------------------------------------------------
     def lookup(self, key: Key) -> int | None:
         """The key's slot (and it becomes most recently used), or None on a miss."""
