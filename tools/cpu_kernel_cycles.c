@@ -10,7 +10,9 @@
  * x of that many tokens at once (a prompt's experts); the figure is then per 128 weights and token.
  * COLS (default 4096): the row width, e.g. 14336 for w2 (4096 ROWS). ACT8 1: int8 activations
  * (moepack_set_act8). */
-#include "../runtime/csrc/qgemv_cpu.c"  /* the kernel itself, flags as runtime/cpu_native.py builds it */
+#include "../runtime/csrc/qgemv_cpu.c"  /* the kernel itself, flags as runtime/cpu_build.py builds it */
+#include "../runtime/csrc/prompt_cpu.c"  /* its multi-token rows, files of their own for a parallel build */
+#include "../runtime/csrc/prompt2_cpu.c"
 #include <stdio.h>
 #include <time.h>
 

@@ -1,7 +1,7 @@
 /* moe-pack CPU kernel: y = W x for one HQQ-quantized matrix straight from its .moepack bytes
  * (docs/FORMAT.md, "Quantized matrices" and "Bit planes"), multi-threaded with OpenMP.
  *
- * Built at first use by runtime/cpu_native.py with the machine's C compiler
+ * Built at first use by runtime/cpu_build.py with the machine's C compiler
  * (-O3 -march=native -fopenmp) and called through ctypes; no Python headers needed.
  *
  * Why integers: the float kernel (runtime/cpu_expert.py, numba) spends one int->float
@@ -28,54 +28,7 @@
  * one shift and one mask each, met by x's bytes in vpmaddubsw (vpdpbusd with VNNI): 4 products
  * per instruction and lane instead of 2. llama.cpp's Q8_K rounds x per 256 values; this per 16.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <float.h>
-#include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#ifdef __SSE2__
-#include <emmintrin.h>
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MP_AVX2 1
-/* acc + the pairwise int16 products of a and b summed per int32 lane: one vpdpwssd where the
- * CPU has VNNI (Intel since Ice Lake, AMD since Zen 4; the H100 host's Xeon has AVX-512), else
- * vpmaddwd then vpaddd. Same sums: codes < 16 times |x| <= 32767 cannot reach vpmaddwd's one
- * wrapping case. The word loop is ~4 instructions per pair of products, so one fewer is ~20%. */
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define MP_DOT(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
-#define MP_DOTB(acc, a, b) _mm256_dpbusd_epi32((acc), (a), (b))
-#define MP_VNNI 1
-#elif defined(__AVXVNNI__)
-#define MP_DOT(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
-#define MP_DOTB(acc, a, b) _mm256_dpbusd_avx_epi32((acc), (a), (b))
-#define MP_VNNI 1
-#else
-#define MP_DOT(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
-#define MP_VNNI 0
-#endif
-#endif
-#include "vec.h"
-#include "packed.h"
-
-/* x's int16 pairs are stored in blocks of B words (8, or 16 for the wide path): [U/B][H][B], so
- * the B words of one vector step find their H pair vectors at one base pointer and constant
- * offsets. */
-#define XPI(b, h, p, j) ((((int64_t)(j) / (b)) * (h) + (p)) * (b) + ((j) % (b)))
-
-/* Tokens per pass of the fast path: each pair of codes is decoded once for this many tokens.
- * A pass of MP_TB tokens (or of 4-bit codes) keeps a word's decoded pairs, one token's two dot
- * chains and nt sums in registers; a pass of 1 or 2 tokens with 2- or 3-bit codes decodes each
- * pair as its products need it (row_fast.h). */
-#define MP_TB 4
-
-/* int16 steps of a word's largest |x| with telescoped 2-bit pairs: |x_p - 4 x_(p-1)| <= 5 * 6553
- * fits int16. 2^-13.7 of the largest |x|, still finer than fp16's 2^-11. */
-#define TELE_STEPS 6553.0f
+#include "kernel.h"
 
 
 int moepack_abi_version(void) { return 12; }
@@ -171,12 +124,6 @@ static float row_dot(const uint32_t *qn, const uint16_t *hn, int bits, int w, in
 }
 
 
-typedef struct {
-    int w, cu, fast, wl, tele, xb;  /* xb: words per block of x (16: the wide fast path) */
-    int a8;  /* int8 activations (mp_act8_on, on a fast_default geometry) */
-    int64_t U, Up, gpr, wpg, h;
-} mp_geo;
-
 static int geometry(const mp_mat *m, mp_geo *g) {
     if (packed_supported(m) != MP_OK) return MP_UNSUPPORTED;
     g->w = packed_width(m->bits);
@@ -194,120 +141,35 @@ static int geometry(const mp_mat *m, mp_geo *g) {
     return MP_OK;
 }
 
-#include "xquant.h"
-
 static inline float silu(float a) { return a / (1.0f + expf(-a)); }
 
+#include "fast_rows.h"
+
 #ifdef MP_AVX2
-/* The fast path (row_fast.h) at 8 lanes, and at 16 where vec.h has them. */
-#define RF_ROW row_fast8
-#define RF_BLOCKS row_blocks8
-#define RF_L 8
-#define RF_(op) v8_##op
-#define RF_VI v8i
-#define RF_VF v8f
-#include "row_fast.h"
-#if MP_WIDE
-#define RF_ROW row_fast16
-#define RF_BLOCKS row_blocks16
-#define RF_L 16
-#define RF_(op) v16_##op
-#define RF_VI v16i
-#define RF_VF v16f
-#include "row_fast.h"
-#endif
-
-/* Row n of a for tokens t0 .. t0+nt-1 (nt: 1, 2 or MP_TB) into v[nt], on the fast path (row_fast.h).
- * FAST: the quantizer's defaults, with the code width, words per group and meta width constant
- * (loops unrolled, no branch on the meta width per block) and a copy per nt; ONE: the other
- * geometries, one token at a time. Every copy is a large unrolled body and costs build time
- * (~0.1 s), so only the defaults get the multi-token ones. */
-static inline __attribute__((always_inline)) void fast_values(const mp_mat *a, const mp_geo *g, const mp_xq *q,
-                                                               int64_t n, int64_t t0, int nt, float *v) {
-    const uint32_t *qn = a->q + n * g->U;
-    const uint16_t *hn = a->bits == 3 ? a->qhi + n * g->U : NULL;
-    const int64_t xs = g->h * g->Up, ds = 2 * g->U + g->gpr;
-    const int wl = g->wl;
-#define ARGS(B, W, WL, MB, A8, T, NT)                                                                     \
-    qn, hn, B, W, g->gpr, WL, n * g->gpr, a->scale, a->smeta, a->zero, a->zmeta, a->mg, MB, A8, NT, XP(g, q, T), \
-        xs, XD(g, q, T), ds, v + (T - t0)
-#define BY_NT_A(F, B, W, WL, MB, A8)                 \
-    do {                                             \
-        if (nt == 1)                                 \
-            F(ARGS(B, W, WL, MB, A8, t0, 1));        \
-        else if (nt == 2)                            \
-            F(ARGS(B, W, WL, MB, A8, t0, 2));        \
-        else                                         \
-            F(ARGS(B, W, WL, MB, A8, t0, MP_TB));    \
-        return;                                      \
-    } while (0)
-#define BY_NT(F, B, W, WL, MB) BY_NT_A(F, B, W, WL, MB, 0)
-#define BY_ONE(F, B, W, WL, MB)                                              \
-    do {                                                                     \
-        for (int i_ = 0; i_ < nt; i_++) F(ARGS(B, W, WL, MB, 0, t0 + i_, 1)); \
-        return;                                                              \
-    } while (0)
-/* int8 activations: g->a8 holds only on fast_default's geometries */
-#define INT8(F)                                                                          \
-    do {                                                                                 \
-        if (a->mb == 4) {                                                                \
-            if (a->bits == 2) BY_NT_A(F, 2, 2, 0, 4, 1);                                 \
-            BY_NT_A(F, 3, 2, 2, 4, 1);                                                   \
-        }                                                                                \
-        if (a->bits == 2) BY_NT_A(F, 2, 2, 0, 8, 1);                                     \
-        if (a->bits == 3) BY_NT_A(F, 3, 2, 2, 8, 1);                                     \
-        BY_NT_A(F, 4, 4, 3, 8, 1);                                                       \
-    } while (0)
-#if MP_WIDE
-    if (g->xb == 16) {  /* Mixtral's shapes: every matrix has 16 | groups per row */
-        if (g->a8) INT8(row_fast16);
-#define FAST(B, W, WL, MB) BY_NT(row_fast16, B, W, WL, MB)
-#define ONE(B, W, WL, MB) BY_ONE(row_fast16, B, W, WL, MB)
-        if (a->mb == 4) {
-            if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 4); ONE(2, 2, wl, 4); }
-            if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 4); ONE(3, 2, wl, 4); }
-            ONE(4, 4, wl, 4);
-        }
-        if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 8); ONE(2, 2, wl, 8); }
-        if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 8); ONE(3, 2, wl, 8); }
-        if (wl == 3) FAST(4, 4, 3, 8);
-        ONE(4, 4, wl, 8);
-#undef FAST
-#undef ONE
-    }
-#endif
-#define FAST(B, W, WL, MB) BY_NT(row_fast8, B, W, WL, MB)
-#define ONE(B, W, WL, MB) BY_ONE(row_fast8, B, W, WL, MB)
-    if (g->a8) INT8(row_fast8);
-    if (a->mb == 4) {  /* FAST and ONE return */
-        if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 4); ONE(2, 2, wl, 4); }
-        if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 4); ONE(3, 2, wl, 4); }
-        ONE(4, 4, wl, 4);
-    }
-    if (a->bits == 2) { if (wl == 0) FAST(2, 2, 0, 8); if (wl == 3) ONE(2, 2, 3, 8); ONE(2, 2, wl, 8); }
-    if (a->bits == 3) { if (wl == 2) FAST(3, 2, 2, 8); if (wl == 1) ONE(3, 2, 1, 8); ONE(3, 2, wl, 8); }
-    if (wl == 3) FAST(4, 4, 3, 8);
-    if (wl == 2) ONE(4, 4, 2, 8);
-    ONE(4, 4, wl, 8);
-#undef FAST
-#undef ONE
-#undef BY_NT
-#undef BY_NT_A
-#undef BY_ONE
-#undef INT8
-#undef ARGS
-}
-
-/* fast_values for decode and for prompts, each its own function: the decode copy returns its
- * value (through memory, 3-bit rows took 7% longer on dev-cpu) and has nt a constant. */
+/* fast_values for decode in its own function: it returns its value (through memory, 3-bit rows
+ * took 7% longer on dev-cpu) and has nt and the token constants. */
 static float fast_value(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n) {
     float v;
     fast_values(a, g, q, n, 0, 1, &v);
     return v;
 }
 
+/* fast_values for a prompt's tokens: MP_TB at a time (prompt_cpu.c), or 2 (prompt2_cpu.c). These
+ * copies are most of the library's build time, so they sit in files of their own, which
+ * runtime/cpu_build.py compiles in parallel with this one. One token takes the decode copy on a
+ * view of x that starts at it. */
+void mp_fast_tokens4(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, float *v);
+void mp_fast_tokens2(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, float *v);
+
 static void fast_tokens(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, int nt, float *v) {
-    fast_values(a, g, q, n, t0, nt, v);
+    if (nt == MP_TB) {
+        mp_fast_tokens4(a, g, q, n, t0, v);
+    } else if (nt == 2) {
+        mp_fast_tokens2(a, g, q, n, t0, v);
+    } else {
+        const mp_xq qt = {XP(g, q, t0), XD(g, q, t0)};
+        v[0] = fast_value(a, g, &qt, n);
+    }
 }
 #endif
 

@@ -1,7 +1,7 @@
 /* moe-pack CPU kernel (qgemv_cpu.c): x rounded for the integer dot products, per 32-bit word
  * of codes (see the top of qgemv_cpu.c): int16 pairs (quantize_x_word) or int8 bytes
  * (quantize_x_word8), each word with its step d and the sum X of its rounded values, and the
- * per-token buffers (mp_xq) every row of a GEMV reads. Included once, by qgemv_cpu.c, after
+ * per-token buffers (mp_xq) every row of a GEMV reads. Included once, by kernel.h, after
  * mp_geo, XPI and TELE_STEPS. */
 
 /* lrintf(v): the nearest integer in the current rounding mode (ties to even by default), without
