@@ -1,6 +1,6 @@
 /* moe-pack CPU kernel: the fast path's rows (row_fast.h at 8 and 16 lanes) and fast_values,
- * their dispatch by geometry. Included by qgemv_cpu.c (one token: decode) and prompt_cpu.c
- * (several: prompts), each instantiating its own copies. */
+ * their dispatch by geometry. Included by qgemv_cpu.c (one token: decode), prompt_cpu.c (4 of a
+ * prompt's tokens) and prompt2_cpu.c (2), each instantiating only the copies it calls. */
 #ifndef MP_FAST_ROWS_H
 #define MP_FAST_ROWS_H
 #include "kernel.h"

@@ -1,6 +1,7 @@
 /* moe-pack CPU kernel: what its translation units share (qgemv_cpu.c, the decode rows and
- * everything else; prompt_cpu.c, the fast path's multi-token rows, built apart so that the two
- * compile in parallel): the vector unit's macros, x's layout and the row geometry. */
+ * everything else; prompt_cpu.c and prompt2_cpu.c, the fast path's rows for 4 and 2 tokens, built
+ * apart so that the files compile in parallel): the vector unit's macros, x's layout, the row
+ * geometry and x's rounding. */
 #ifndef MP_KERNEL_H
 #define MP_KERNEL_H
 #include <stdint.h>
