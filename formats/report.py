@@ -134,27 +134,18 @@ def gpu_memory_section(h: "Header") -> dict:
     rs = h.expert_layout.record_size
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * c.max_position_embeddings * KV_CACHE_BYTES_PER_VALUE
     slots = sorted(set(k for k in GPU_EXPERT_SLOTS if k < c.num_local_experts)) + [c.num_local_experts]
+
+    def with_records(n: int) -> dict:  # bytes with n expert records on the GPU
+        return {"expert_bytes": n * rs, "weights_bytes": non_expert + n * rs, "total_bytes": non_expert + n * rs + kv}
+
     return {
         "non_expert_bytes": non_expert,
         "kv_cache_bytes": kv,
         "kv_cache_context": c.max_position_embeddings,
-        "configs": [
-            {
-                "experts_per_layer": k,
-                "expert_bytes": k * c.num_hidden_layers * rs,
-                "weights_bytes": non_expert + k * c.num_hidden_layers * rs,
-                "total_bytes": non_expert + k * c.num_hidden_layers * rs + kv,
-            }
-            for k in slots
-        ],
+        "configs": [{"experts_per_layer": k, **with_records(k * c.num_hidden_layers)} for k in slots],
         # the runtime's smallest budget: one pool for all layers holding one layer's top-k, which
         # runs each layer's experts through it in turn (runtime.offload, --cache-policy shared-lfu)
-        "shared_pool": {
-            "experts": c.num_experts_per_tok,
-            "expert_bytes": c.num_experts_per_tok * rs,
-            "weights_bytes": non_expert + c.num_experts_per_tok * rs,
-            "total_bytes": non_expert + c.num_experts_per_tok * rs + kv,
-        },
+        "shared_pool": {"experts": c.num_experts_per_tok, **with_records(c.num_experts_per_tok)},
         "assumptions": [
             "weights stay in their stored (quantized) form on the GPU, as laid out in the file",
             "every non-expert tensor (embeddings and lm_head included) is resident on the GPU",
@@ -315,9 +306,8 @@ def render_text(report: dict) -> str:
     ]
     rows = [["experts/layer", "experts", "weights", "with KV cache"]]
     sp = gpu["shared_pool"]
-    rows.append([f"{sp['experts']} in all", human_bytes(sp["expert_bytes"]), human_bytes(sp["weights_bytes"]), human_bytes(sp["total_bytes"])])
-    for c in gpu["configs"]:
-        rows.append([str(c["experts_per_layer"]), human_bytes(c["expert_bytes"]), human_bytes(c["weights_bytes"]), human_bytes(c["total_bytes"])])
+    for label, c in [(f"{sp['experts']} in all", sp), *((str(c["experts_per_layer"]), c) for c in gpu["configs"])]:
+        rows.append([label, human_bytes(c["expert_bytes"]), human_bytes(c["weights_bytes"]), human_bytes(c["total_bytes"])])
     lines += ["  " + r for r in _table(rows, right={0, 1, 2, 3})]
     lines += ["  assumptions:"] + [f"  - {a}" for a in gpu["assumptions"]]
     lines += ["", "* expert routing counts (moe-pack calibrate)"]

@@ -50,7 +50,7 @@ from .cli import cpu_activations_option, run_command
 from .cpu_native import cpu_activations_in_use
 from .device import cuda_memory_breakdown, resolve_device, resolve_dtype, synchronize
 from .loader import load_model
-from .offload.budget import format_size, parse_size, plan_memory
+from .offload.budget import POLICIES, format_size, parse_size, plan_memory
 from .offload.cache import make_cache
 from .offload.engine import OffloadedExperts
 from .offload.host import HostStore, plan_host
@@ -314,7 +314,7 @@ SIM_COLUMNS = [
 @click.option("--variant", "variant_names", type=click.Choice([*VARIANTS, *EXTRA_VARIANTS, "all"]), multiple=True,
               help="Repeat for several [default: all = naive, lru, prefetch].")
 @click.option("--cpu-threads", type=click.IntRange(1), default=None, help="Threads of the CPU expert kernel (variant hybrid).")
-@click.option("--cache-policy", type=click.Choice(["layer", "shared", "lfu", "shared-lfu"]), default="layer", show_default=True,
+@click.option("--cache-policy", type=click.Choice([p for p in POLICIES if p != "none"]), default="layer", show_default=True,
               help="layer: per-layer LRU; shared: one LRU pool; lfu: per-layer, least used evicted first; shared-lfu: one pool, least used evicted first.")
 @click.option("--prefetch-layers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--tokens", type=click.IntRange(1), default=32, show_default=True, help="Timed decode steps per run.")
