@@ -162,6 +162,11 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy decoding.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 disables the top-k cut.")
+@click.option("--min-p", type=float, default=0.0, show_default=True,
+              help="Drop tokens below this share of the best token's probability (0 disables; 0.05 is common).")
+@click.option("--repetition-penalty", "--repeat-penalty", "repetition_penalty", type=float, default=1.0, show_default=True,
+              help="Divide the positive logits (multiply the negative) of tokens already in the context, as "
+                   "transformers does; 1 disables it, 1.1-1.3 discourage loops.")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler (default: random).")
 @click.option("--chat", is_flag=True, help="Wrap prompts in the file's chat template; interactive turns accumulate.")
 @click.option("--system", help="System prompt (with --chat).")
@@ -178,9 +183,9 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
               help="One-token steps replay captured CUDA graphs (each layer's dense part, each expert); CUDA only.")
 @offload_options
 @cpu_activations_option
-def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, seed, chat, system,
+def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, chat, system,
         device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, cuda_graphs, **offload):
-    sampling = SamplingConfig(temperature, top_k, top_p, seed)
+    sampling = SamplingConfig(temperature, top_k, top_p, seed, min_p=min_p, repetition_penalty=repetition_penalty)
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads {threads} must be at least 1")

@@ -69,7 +69,7 @@ class Session:
         device = self.model.device
         t0 = time.perf_counter()
         logits = self.model(torch.tensor(prompt[reuse:], dtype=torch.long, device=device), reuse, last_only=True)
-        token = sampler(logits[-1])  # syncs the device
+        token = sampler(logits[-1], prompt)  # syncs the device
         t1 = time.perf_counter()
         self.cached = list(prompt)
         new, stop = [token], "max_new_tokens"
@@ -87,7 +87,7 @@ class Session:
                 break
             logits = self.model(torch.tensor([token], dtype=torch.long, device=device), pos, last_only=True)
             self.cached.append(token)
-            token = sampler(logits[-1])
+            token = sampler(logits[-1], self.cached)
             new.append(token)
             if on_token:
                 on_token(token)

@@ -53,7 +53,7 @@ def test_prompt_streams_text_and_stats(capsys, file42):
 
 def test_json_stats(capsys, file42):
     rc, out, err = run(capsys, file42, "-p", "hello", "-n", 5, "--json", "--temperature", "0.7", "--top-p", "0.9",
-                       "--top-k", "20", "--seed", "3")
+                       "--top-k", "20", "--min-p", "0.05", "--repetition-penalty", "1.2", "--seed", "3")
     assert rc == 0
     r = json.loads(err.strip().splitlines()[-1])
     assert 1 <= r["new_tokens"] <= 5 and r["prompt_tokens"] == r["prefill_tokens"] > 1 and r["device"] == "cpu" and r["dtype"] == "float32"
@@ -129,6 +129,8 @@ def test_corrupt_expert_is_caught_only_by_verify(capsys, file42, tmp_path):
     (["-p", "hi", "--top-p", "0"], ["--top-p"]),
     (["-p", "hi", "--top-p", "1.5"], ["--top-p"]),
     (["-p", "hi", "--top-k", "-2"], ["--top-k"]),
+    (["-p", "hi", "--min-p", "1.5"], ["--min-p"]),
+    (["-p", "hi", "--repeat-penalty", "0"], ["--repetition-penalty"]),
     (["-p", "hi", "-n", "0"], ["--max-new-tokens"]),
     (["-p", "hi", "--ctx", "0"], ["--ctx"]),
     (["-p", "hi", "--threads", "0"], ["--threads"]),

@@ -51,6 +51,22 @@ def test_stops_at_the_end_of_the_context(model):
     assert len(PROMPT) + len(new) == model.max_ctx + 1  # the last token is sampled, never fed back
 
 
+def test_the_sampler_sees_the_whole_context(model):
+    """The repetition penalty needs every token in the context: the prompt, then each new one."""
+    class Recording(Sampler):
+        def __call__(self, logits, history=()):
+            calls.append(list(history))
+            return super().__call__(logits, history)
+
+    calls = []
+    new, _ = Session(model).generate(PROMPT, Recording(SamplingConfig(0.0, repetition_penalty=1.5)), 5)
+    assert calls == [PROMPT + new[:i] for i in range(5)]
+    ids = list(PROMPT)  # the penalty is applied at each step to the context's logits
+    for _ in range(5):
+        ids.append(Sampler(SamplingConfig(0.0, repetition_penalty=1.5))(model(torch.tensor(ids), 0)[-1], ids))
+    assert new == ids[len(PROMPT):]
+
+
 def test_follow_up_reuses_the_cached_prefix(model):
     s = Session(model)
     first, _ = s.generate(PROMPT, greedy(), 3)

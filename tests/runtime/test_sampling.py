@@ -51,6 +51,9 @@ def test_temperature_sharpens():
 @pytest.mark.parametrize("kw, match", [
     (dict(temperature=-0.1), "--temperature"), (dict(temperature=math.nan), "--temperature"),
     (dict(top_p=0.0), "--top-p"), (dict(top_p=1.5), "--top-p"), (dict(top_k=-1), "--top-k"), (dict(seed=-3), "--seed"),
+    (dict(min_p=-0.1), "--min-p"), (dict(min_p=1.5), "--min-p"), (dict(min_p=math.nan), "--min-p"),
+    (dict(repetition_penalty=0.0), "--repetition-penalty"), (dict(repetition_penalty=-1.2), "--repetition-penalty"),
+    (dict(repetition_penalty=math.inf), "--repetition-penalty"), (dict(repetition_penalty=math.nan), "--repetition-penalty"),
 ])
 def test_bad_options(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -63,3 +66,56 @@ def test_unseeded_sampler_leaves_torch_global_rng_alone():
     torch.manual_seed(123)
     Sampler(SamplingConfig(1.0))(LOGITS)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    p = torch.softmax(LOGITS, -1)
+    # 0.91 of the best token's probability: e^-0.1 of token 5 passes, token 3 (e^-0.5) does not
+    assert set(draws(SamplingConfig(1.0, min_p=0.9, seed=0))) == {1, 5}
+    assert set(draws(SamplingConfig(1.0, min_p=1.0, seed=0), 50)) == {1}
+    assert float(p[3] / p[1]) < 0.9 < float(p[5] / p[1])
+
+
+def test_repetition_penalty_moves_greedy_off_a_seen_token():
+    s = Sampler(SamplingConfig(0.0, repetition_penalty=1.2))
+    assert s(LOGITS) == 1 and s(LOGITS, [0, 2]) == 1
+    assert s(LOGITS, [1, 1, 4]) == 5  # 3.0 / 1.2 = 2.5 falls below 2.9
+    # a negative logit is multiplied, so it falls further
+    assert Sampler(SamplingConfig(0.0, repetition_penalty=1.2)).penalized(LOGITS, [4])[4] == pytest.approx(-1.2)
+
+
+CASES = [
+    dict(temperature=0.7), dict(temperature=1.3, top_k=7), dict(temperature=1.0, top_p=0.8),
+    dict(temperature=0.9, min_p=0.1), dict(temperature=1.1, repetition_penalty=1.3),
+    dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.15),
+    dict(temperature=1.0, repetition_penalty=0.8),  # below 1 favours the context's tokens
+]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
+def test_distribution_matches_transformers_processors(kw):
+    """The distribution a token is drawn from equals transformers' generate() pipeline for the
+    same settings: repetition penalty, then temperature, top-k, top-p and min-p."""
+    gen = pytest.importorskip("transformers.generation.logits_process")
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 3
+    history = [3, 3, 17, 41, 8, 0, 17]
+    procs = [gen.RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"])] if "repetition_penalty" in kw else []
+    procs.append(gen.TemperatureLogitsWarper(kw["temperature"]))
+    if "top_k" in kw:
+        procs.append(gen.TopKLogitsWarper(kw["top_k"]))
+    if "top_p" in kw:
+        procs.append(gen.TopPLogitsWarper(kw["top_p"]))
+    if "min_p" in kw:
+        procs.append(gen.MinPLogitsWarper(kw["min_p"]))
+    scores, ids = logits[None].clone(), torch.tensor([history])
+    for proc in procs:
+        scores = proc(ids, scores)
+    expected = torch.softmax(scores[0], -1)
+    got = Sampler(SamplingConfig(seed=0, **kw)).distribution(logits, history)
+    assert (got > 0).tolist() == (expected > 0).tolist()
+    assert torch.allclose(got, expected, atol=1e-6)
+    # the cuts must bite in these cases, or the comparison proves little
+    assert int((expected > 0).sum()) < 50 or set(kw) <= {"temperature", "repetition_penalty"}
+    if "repetition_penalty" in kw:
+        assert not torch.allclose(got, Sampler(SamplingConfig(seed=0, temperature=kw["temperature"])).distribution(logits, history))
