@@ -31,7 +31,7 @@ from .generation import GenerationStats, Session
 from .loader import default_ctx, load_model
 from .offload.options import OffloadOptions, make_backend_factory, offload_options, preflight
 from .sampling import Sampler, SamplingConfig
-from .tokenizer import StreamDecoder, TextTokenizer
+from .tokenizer import StopFilter, StreamDecoder, TextTokenizer
 
 
 def parse_ids(text: str, vocab: int) -> list[int]:
@@ -83,24 +83,31 @@ class Runner:
     def run(self, ids: list[int]) -> None:
         out = sys.stdout
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer else None
+        stops = StopFilter(self.opts["stop"])
+        printed: list[str] = []
 
-        def on_token(t: int) -> None:
-            if t in self.eos:
-                return
-            out.write(decoder.push(t) if decoder else f"{t} ")
+        def write(text: str) -> None:
+            printed.append(text)
+            out.write(text)
             out.flush()
+
+        def on_token(t: int) -> bool:
+            if t in self.eos:
+                return False
+            write(stops.push(decoder.push(t)) if decoder else f"{t} ")
+            return stops.stopped
 
         if not self.opts["chat"]:
             self.session.cached = []  # each prompt is a fresh generation
         self.model.experts.reset_stats()
         self.model.reset_cpu_step_phases()
         new, stats = self.session.generate(ids, self.sampler, self.opts["max_new_tokens"], self.eos, on_token)
-        if decoder:
-            out.write(decoder.flush())
-        out.write("\n")
-        out.flush()
+        if decoder and not stops.stopped:
+            write(stops.push(decoder.flush()) + stops.flush())
+        write("\n")
         if self.opts["chat"]:
-            reply = self.tokenizer.decode([t for t in new if t not in self.eos])
+            # the conversation goes on from what was shown: cut at a stop string
+            reply = "".join(printed)[:-1] if stops.stopped else self.tokenizer.decode([t for t in new if t not in self.eos])
             self.messages.append({"role": "assistant", "content": reply})
         record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats(),
                               self.model.decode_path)
@@ -168,6 +175,8 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
               help="Divide the positive logits (multiply the negative) of tokens already in the context, as "
                    "transformers does; 1 disables it, 1.1-1.3 discourage loops.")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler (default: random).")
+@click.option("--stop", "stop", multiple=True, metavar="TEXT",
+              help="End the generation where the text shows this string (not printed); repeatable.")
 @click.option("--chat", is_flag=True, help="Wrap prompts in the file's chat template; interactive turns accumulate.")
 @click.option("--system", help="System prompt (with --chat).")
 @click.option("--device", "device_name", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -183,7 +192,7 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
               help="One-token steps replay captured CUDA graphs (each layer's dense part, each expert); CUDA only.")
 @offload_options
 @cpu_activations_option
-def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, chat, system,
+def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, chat, system,
         device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, cuda_graphs, **offload):
     sampling = SamplingConfig(temperature, top_k, top_p, seed, min_p=min_p, repetition_penalty=repetition_penalty)
     if threads is not None:
@@ -198,6 +207,8 @@ def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_
         raise ConfigError("--chat needs a text prompt, not --prompt-ids")
     if system is not None and not chat:
         raise ConfigError("--system only applies with --chat")
+    if "" in stop:
+        raise ConfigError("--stop needs a non-empty string", hint='e.g. --stop "User:"')
     model, file, load_s = load(model_path, device_name, dtype_name, ctx, verify, dequantize_at_load,
                                OffloadOptions.from_cli(**offload), cuda_graphs)
     tokenizer = None
@@ -205,9 +216,12 @@ def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_
         tokenizer = TextTokenizer(file.header.tokenizer, str(file.path))
     elif prompt_ids is None:
         TextTokenizer(file.header.tokenizer, str(file.path))  # raises the "no tokenizer" error
+    if stop and tokenizer is None:
+        raise ConfigError(f"--stop needs text, but {file.path} has no tokenizer", hint="run without --stop")
     if chat and not tokenizer.has_chat_template:
         raise MoepackError(f"{file.path} has no chat template", hint="run without --chat")
-    runner = Runner(model, tokenizer, sampling, {"chat": chat, "system": system, "max_new_tokens": max_new_tokens, "json": as_json}, load_s)
+    opts = {"chat": chat, "system": system, "max_new_tokens": max_new_tokens, "json": as_json, "stop": stop}
+    runner = Runner(model, tokenizer, sampling, opts, load_s)
     if prompt_ids is not None:
         runner.run(parse_ids(prompt_ids, file.config.vocab_size))
     elif prompt is not None:

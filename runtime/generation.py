@@ -1,5 +1,6 @@
 """The generation loop: prefill a prompt in one pass, then one token per step until an
-end-of-sequence id, the token budget, or the end of the allocated context.
+end-of-sequence id, the token budget, the end of the allocated context, or the caller's
+word (a stop string).
 
 A Session remembers which tokens its KV cache holds, so a follow-up prompt that extends
 the previous conversation only prefills the new tokens."""
@@ -26,7 +27,7 @@ class GenerationStats:
     new_tokens: int
     prefill_s: float
     decode_s: float  # time of the steps after the first new token
-    stop: str  # "eos", "max_new_tokens" or "context"
+    stop: str  # "eos", "max_new_tokens", "context" or "stop_string"
 
     @property
     def prefill_tok_s(self) -> float:
@@ -49,7 +50,9 @@ class Session:
         self.cached: list[int] = []  # the tokens whose keys/values sit at positions 0.. of the cache
 
     def generate(self, prompt: list[int], sampler: Sampler, max_new_tokens: int, eos_ids: tuple[int, ...] = (),
-                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
+                 on_token: Callable[[int], bool | None] | None = None) -> tuple[list[int], GenerationStats]:
+        """Prefill `prompt`, then sample up to `max_new_tokens`. `on_token` sees each new token
+        as it comes; a true return ends the generation there (a stop string was printed)."""
         ctx = self.model.max_ctx
         if not prompt:
             raise ConfigError("the prompt is empty", hint="give at least one token")
@@ -73,9 +76,11 @@ class Session:
         t1 = time.perf_counter()
         self.cached = list(prompt)
         new, stop = [token], "max_new_tokens"
-        if on_token:
-            on_token(token)
+        halt = bool(on_token and on_token(token))
         while True:
+            if halt:
+                stop = "stop_string"
+                break
             if token in eos_ids:
                 stop = "eos"
                 break
@@ -89,8 +94,7 @@ class Session:
             self.cached.append(token)
             token = sampler(logits[-1], self.cached)
             new.append(token)
-            if on_token:
-                on_token(token)
+            halt = bool(on_token and on_token(token))
         synchronize(device)
         t2 = time.perf_counter()
         stats = GenerationStats(len(prompt), len(prompt) - reuse, len(new), t1 - t0, t2 - t1, stop)

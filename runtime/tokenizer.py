@@ -118,3 +118,30 @@ class StreamDecoder:
         if len(text) > len(self.text):
             self.text = text
         return new
+
+
+class StopFilter:
+    """Stop strings on streamed text: hands out what is safe to print, holding back a tail
+    that may be the start of a stop string, and cuts the text where one appears (the stop
+    string itself is not printed, as llama.cpp's server and OpenAI's API do)."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        """The held-back tail at the end of a generation that no stop string ended."""
+        out, self.pending = self.pending, ""
+        return out

@@ -51,6 +51,37 @@ def test_prompt_streams_text_and_stats(capsys, file42):
     assert f"prompt {st.prompt_tokens} tok, new {len(new)} tok" in stats
 
 
+def test_stop_strings_cut_the_text(capsys, file42):
+    args = ("--prompt", "The quick brown fox", "-n", 24, "--device", "cpu")
+    rc, full, _ = run(capsys, file42, *args)
+    text = full[:-1]
+    assert rc == 0 and len(text) >= 12, full
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    rc, out, err = run(capsys, file42, *args, "--stop", "never there", "--stop", stop, "--json")
+    assert rc == 0 and out == text[:text.index(stop)] + "\n"
+    r = json.loads(err.strip().splitlines()[-1])
+    assert r["stop"] == "stop_string" and r["new_tokens"] < 24
+
+
+def test_a_chat_goes_on_from_the_text_a_stop_string_cut(capsys, file42, monkeypatch):
+    from formats import MoepackFile
+    from runtime.tokenizer import TextTokenizer
+
+    rc, first, _ = run(capsys, file42, "--chat", "-n", 16, stdin="hello\n", monkeypatch=monkeypatch)
+    reply = first[:-1]
+    assert rc == 0 and len(reply) >= 8, first
+    stop = reply[len(reply) // 2: len(reply) // 2 + 2]
+    cut = reply[:reply.index(stop)]
+    rc, out, err = run(capsys, file42, "--chat", "-n", 16, "--json", "--stop", stop, stdin="hello\nand more\n",
+                       monkeypatch=monkeypatch)
+    turns = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert rc == 0 and out.startswith(cut + "\n") and turns[0]["stop"] == "stop_string"
+    tok = TextTokenizer(MoepackFile(file42).header.tokenizer)
+    expected = tok.encode_chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": cut},
+                                {"role": "user", "content": "and more"}])
+    assert turns[1]["prompt_tokens"] == len(expected)
+
+
 def test_json_stats(capsys, file42):
     rc, out, err = run(capsys, file42, "-p", "hello", "-n", 5, "--json", "--temperature", "0.7", "--top-p", "0.9",
                        "--top-k", "20", "--min-p", "0.05", "--repetition-penalty", "1.2", "--seed", "3")
@@ -140,6 +171,7 @@ def test_corrupt_expert_is_caught_only_by_verify(capsys, file42, tmp_path):
     (["-p", "hi", "--temperature", "warm"], ["--temperature"]),
     (["-p", "hi", "--no-such-option"], ["--no-such-option"]),
     (["-p", "hi", "--system", "x"], ["--system"]),
+    (["-p", "hi", "--stop", ""], ["--stop"]),
     (["-p", "the quick brown fox jumps over the lazy dog", "--ctx", "4"], ["prompt has", "context holds 4"]),
     (["--prompt-ids", "1,x"], ["--prompt-ids"]),
     (["--prompt-ids", "1,99999"], ["outside the vocabulary"]),

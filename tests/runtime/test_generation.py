@@ -45,6 +45,15 @@ def test_stops_at_eos(model):
     assert new == expected[: expected.index(eos) + 1] and stats.stop == "eos"
 
 
+def test_stops_when_the_caller_says_so(model):
+    expected = manual_greedy(model, PROMPT, 6)
+    seen = []
+    new, stats = Session(model).generate(PROMPT, greedy(), 6, on_token=lambda t: seen.append(t) or len(seen) == 3)
+    assert new == seen == expected[:3] and stats.stop == "stop_string"
+    new, stats = Session(model).generate(PROMPT, greedy(), 6, on_token=lambda t: True)
+    assert new == expected[:1] and stats.stop == "stop_string"
+
+
 def test_stops_at_the_end_of_the_context(model):
     new, stats = Session(model).generate(PROMPT, greedy(), 100)
     assert stats.stop == "context"

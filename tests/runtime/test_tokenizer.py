@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from formats import MoepackFile
 from formats.errors import ConfigError, MoepackError
-from runtime.tokenizer import StreamDecoder, TextTokenizer
+from runtime.tokenizer import StopFilter, StreamDecoder, TextTokenizer
 from tests.runtime.packing_helpers import checkpoint_tokenizer
 
 MESSAGES = [
@@ -89,3 +91,31 @@ def test_stream_decoder_never_splits_a_character(info):
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
     assert sum(1 for p in pieces if p) > 5  # it streams, not all at the end
+
+
+_texts = st.text(alphabet="ab\n", max_size=30)
+
+
+@given(_texts, st.lists(st.text(alphabet="ab\n", min_size=1, max_size=4), min_size=1, max_size=3),
+       st.lists(st.integers(0, 30), max_size=8))
+def test_stop_filter_prints_the_text_up_to_the_first_stop(text, stops, cuts):
+    # where no stop string holds another, the first to appear is also the first to finish
+    stops = tuple(s for s in stops if not any(s != o and s in o for o in stops))
+    bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
+    f = StopFilter(stops)
+    printed = ""
+    for a, b in zip(bounds, bounds[1:]):
+        printed += f.push(text[a:b])
+        if f.stopped:
+            break
+    if not f.stopped:
+        printed += f.flush()
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    assert printed == (text[:min(hits)] if hits else text)
+    assert f.stopped == bool(hits)
+
+
+def test_stop_filter_holds_back_only_a_possible_start():
+    f = StopFilter(("User:",))
+    assert f.push("Hello Us") == "Hello " and f.push("a") == "Usa"  # "Us" could have begun "User:"
+    assert f.push("U") == "" and f.push("ser: hi") == "" and f.stopped
