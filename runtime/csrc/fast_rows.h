@@ -104,6 +104,13 @@ static inline __attribute__((always_inline)) void fast_values(const mp_mat *a, c
 #undef INT8
 #undef ARGS
 }
+
+/* fast_values for a prompt's tokens: 4 (MP_TB) at a time in prompt_cpu.c, 2 in prompt2_cpu.c.
+ * Hidden: qgemv_cpu.c calls them inside the library, and only moepack_* is its interface. */
+__attribute__((visibility("hidden")))
+void mp_fast_tokens4(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, float *v);
+__attribute__((visibility("hidden")))
+void mp_fast_tokens2(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, float *v);
 #endif
 
 #endif

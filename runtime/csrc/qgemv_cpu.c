@@ -154,12 +154,10 @@ static float fast_value(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_
     return v;
 }
 
-/* fast_values for a prompt's tokens: MP_TB at a time (prompt_cpu.c), or 2 (prompt2_cpu.c). These
- * copies are most of the library's build time, so they sit in files of their own, which
- * runtime/cpu_build.py compiles in parallel with this one. One token takes the decode copy on a
- * view of x that starts at it. */
-void mp_fast_tokens4(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, float *v);
-void mp_fast_tokens2(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, float *v);
+/* fast_values for a prompt's tokens: MP_TB at a time (mp_fast_tokens4, prompt_cpu.c), or 2
+ * (mp_fast_tokens2, prompt2_cpu.c; both declared in fast_rows.h). These copies are most of the
+ * library's build time, so they sit in files of their own, which runtime/cpu_build.py compiles in
+ * parallel with this one. One token takes the decode copy on a view of x that starts at it. */
 
 static void fast_tokens(const mp_mat *a, const mp_geo *g, const mp_xq *q, int64_t n, int64_t t0, int nt, float *v) {
     if (nt == MP_TB) {

@@ -11,6 +11,8 @@ only), and against dequant(W) @ x (loose: 2^-16 or 2^-13.7 of each word's larges
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,11 @@ def test_the_sources_build_where_there_is_a_compiler(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert cpu_build.build(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
+    # the library's interface is its moepack_* functions; the files' shared helpers stay inside
+    lib = ctypes.CDLL(str(first))
+    assert lib.moepack_abi_version() == cpu_native.ABI_VERSION
+    for name in ("mp_fast_tokens4", "mp_fast_tokens2"):
+        assert not hasattr(lib, name), name
 
 
 @needs_native
