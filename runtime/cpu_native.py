@@ -323,7 +323,7 @@ def rows_descriptor(shape: tuple[int, int], spec, base: int, first: int) -> tupl
 ACTIVATIONS = ("int16", "int8")
 REQUESTS = (*ACTIVATIONS, "auto")
 _activations: str | None = None  # set_cpu_activations's choice; None: MOEPACK_CPU_ACT's, else auto
-_auto = "int16"  # what auto means for the model loaded last (set_auto_activations)
+_auto = "int16"  # what auto means for the model that ran or loaded last (set_auto_activations)
 
 
 def cpu_activations() -> str:
@@ -365,10 +365,14 @@ def set_auto_activations(cpu_only: bool) -> None:
     """What auto means from now on: int8 for a model that runs wholly on the CPU, as llama.cpp
     rounds its CPU activations; int16 where the kernel computes experts beside a GPU (--hybrid),
     whose results issue #7 holds to the GPU path's within floating-point tolerance. The loader
-    calls it for each model, the hybrid engine before it times the kernel."""
+    calls it for each model, the hybrid engine before it times the kernel, and every model step
+    for its own model, so models loaded one after another each run with their own rounding
+    (never two models in concurrent threads: the choice is the kernel's, one per process)."""
     global _auto
-    _auto = "int8" if cpu_only else "int16"
-    _reapply()
+    kind = "int8" if cpu_only else "int16"
+    if kind != _auto:  # every model step asks (MixtralModel.forward): a no-op unless models alternate
+        _auto = kind
+        _reapply()
 
 
 def _reapply() -> None:

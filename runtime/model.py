@@ -12,6 +12,7 @@ from formats.errors import ConfigError
 from formats.header import ModelConfig
 
 from .attention import Attention
+from .cpu_native import set_auto_activations
 from .cpu_step import CpuStep, cpu_step_refusal
 from .decode_graphs import DecodeGraphs
 from .device import to_device
@@ -142,6 +143,8 @@ class MixtralModel(nn.Module):
         hold positions 0 .. start_pos - 1). Returns float32 logits [T, V] ([1, V] if last_only)."""
         if self.experts is None:
             raise ConfigError("the model has no expert backend", hint="build it with runtime.loader.load_model")
+        # the CPU kernel's auto rounding is one per process: this model's, whatever was loaded last
+        set_auto_activations(self.device.type == "cpu" and not getattr(self.experts, "exact_cpu_experts", False))
         T = tokens.shape[0]
         if T < 1 or start_pos < 0 or start_pos + T > self.max_ctx:
             raise ConfigError(

@@ -154,8 +154,11 @@ class OffloadedExperts(HybridSteps):
         self.cpu_calibration: dict | None = None  # which CPU kernel served, and its timed calls
         # the latest CPU expert times in decode, warm-up included (never reset)
         self.cpu_observed: collections.deque[float] = collections.deque(maxlen=CPU_OBSERVATIONS_KEPT)
+        # CPU experts beside the GPU's must match its results: int16 unless asked otherwise
+        # (the model's steps read this; runtime.cpu_native.set_auto_activations)
+        self.exact_cpu_experts = hybrid
         if hybrid:
-            set_auto_activations(False)  # CPU experts beside the GPU's: int16 unless asked otherwise
+            set_auto_activations(False)
             # one more set than a token can split: the staged w2 never takes a set this layer reads
             self.split = SplitScratch(self.layout, self.top_k + stage_w2, self.device, dtype, rows=split_rows_enabled(),
                                       graphs=self.graphs is not None and self.graphs.capturing)

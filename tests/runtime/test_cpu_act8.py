@@ -205,6 +205,36 @@ def test_a_cpu_model_rounds_to_int8_and_the_hybrid_to_int16(switch, tmp_path):
     assert switch.act8 == switch.avx2
 
 
+def test_each_model_steps_with_its_own_rounding(switch, tmp_path):
+    """Models loaded one after another: a CPU model after a hybrid one, and the hybrid one run
+    again, each step with its own auto rounding, not the last loaded model's."""
+    from tests.runtime.offload_cases import LAYERS, offloaded
+    from tests.runtime.test_offload_helpers import tiny_file
+
+    path = tiny_file(tmp_path, LAYERS, 8)
+    hybrid = offloaded(path, hybrid=True, cpu_threads=1)
+    cpu = load_model(path, "cpu", torch.float32, ctx=32)[0]
+    assert switch.act8 == switch.avx2
+    seen = []
+    real = cpu_native.NativeKernel.expert
+
+    def spy(self, *a, **kw):
+        seen.append(self.act8)
+        return real(self, *a, **kw)
+
+    tokens = torch.tensor([3, 1, 4, 1, 5])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu_native.NativeKernel, "expert", spy)
+        hybrid(tokens, 0)
+        assert seen and not any(seen)  # int16 for the hybrid's CPU experts
+        seen.clear()
+        cpu(tokens, 0)
+        assert seen and all(a == switch.avx2 for a in seen)
+        seen.clear()
+        hybrid(tokens, 0)
+        assert not any(seen)
+
+
 def test_int8s_self_check_runs_once_per_kernel(switch, monkeypatch):
     """Models loaded one after another switch int8 on and off; its check runs the first time."""
     if not switch.avx2:
