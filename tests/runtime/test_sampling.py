@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from formats.errors import ConfigError
-from runtime.sampling import Sampler, SamplingConfig
+from runtime.sampling import NUCLEUS_CANDIDATES, Sampler, SamplingConfig
 
 LOGITS = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0, 2.9])
 
@@ -92,14 +92,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kw", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
-def test_distribution_matches_transformers_processors(kw):
+# a vocabulary like Mixtral's, with peaked and with flat logits
+LARGE = [(32000, 6.0, dict(temperature=0.8, top_p=0.9)), (32000, 0.5, dict(temperature=1.0, top_p=0.95)),
+         (32000, 6.0, dict(temperature=0.8, top_k=40, top_p=0.5, min_p=0.02, repetition_penalty=1.3))]
+
+
+@pytest.mark.parametrize("vocab, scale, kw", [(50, 3.0, c) for c in CASES] + LARGE,
+                         ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES] + ["peaked", "flat", "all"])
+def test_distribution_matches_transformers_processors(vocab, scale, kw):
     """The distribution a token is drawn from equals transformers' generate() pipeline for the
     same settings: repetition penalty, then temperature, top-k, top-p and min-p."""
     gen = pytest.importorskip("transformers.generation.logits_process")
     torch.manual_seed(0)
-    logits = torch.randn(50) * 3
-    history = [3, 3, 17, 41, 8, 0, 17]
+    logits = torch.randn(vocab) * scale
+    history = [3, 3, 17, 41, 8, 0, 17] + list(range(100, vocab, 97))
     procs = [gen.RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"])] if "repetition_penalty" in kw else []
     procs.append(gen.TemperatureLogitsWarper(kw["temperature"]))
     if "top_k" in kw:
@@ -116,6 +122,19 @@ def test_distribution_matches_transformers_processors(kw):
     assert (got > 0).tolist() == (expected > 0).tolist()
     assert torch.allclose(got, expected, atol=1e-6)
     # the cuts must bite in these cases, or the comparison proves little
-    assert int((expected > 0).sum()) < 50 or set(kw) <= {"temperature", "repetition_penalty"}
+    kept = int((expected > 0).sum())
+    assert kept < vocab or set(kw) <= {"temperature", "repetition_penalty"}
+    if vocab > 50 and "top_k" not in kw:  # the nucleus within the first candidates, and beyond them
+        assert (kept < NUCLEUS_CANDIDATES) == (scale > 1), kept
     if "repetition_penalty" in kw:
         assert not torch.allclose(got, Sampler(SamplingConfig(seed=0, temperature=kw["temperature"])).distribution(logits, history))
+
+
+def test_draws_follow_the_distribution():
+    """The inverse-CDF draw: frequencies match the probabilities, and a token of probability 0
+    (cut by top-k, here next to kept ones on both sides) never comes up."""
+    s = Sampler(SamplingConfig(1.0, top_k=3, seed=0))
+    counts = torch.bincount(torch.tensor([s(LOGITS) for _ in range(4000)]), minlength=6).double()
+    p = s.distribution(LOGITS).double()
+    assert counts[p == 0].sum() == 0
+    assert torch.allclose(counts / 4000, p, atol=0.03)
