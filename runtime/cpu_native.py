@@ -369,10 +369,8 @@ def set_auto_activations(cpu_only: bool) -> None:
     for its own model, so models loaded one after another each run with their own rounding
     (never two models in concurrent threads: the choice is the kernel's, one per process)."""
     global _auto
-    kind = "int8" if cpu_only else "int16"
-    if kind != _auto:  # every model step asks (MixtralModel.forward): a no-op unless models alternate
-        _auto = kind
-        _reapply()
+    _auto = "int8" if cpu_only else "int16"
+    _reapply()  # every time, not only on a change: a request or MOEPACK_CPU_ACT may have changed since
 
 
 def _reapply() -> None:
