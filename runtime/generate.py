@@ -107,7 +107,10 @@ class Runner:
         write("\n")
         if self.opts["chat"]:
             # the conversation goes on from what was shown: cut at a stop string
-            reply = "".join(printed)[:-1] if stops.stopped else self.tokenizer.decode([t for t in new if t not in self.eos])
+            if stops.stopped:
+                reply = "".join(printed)[:-1]
+            else:
+                reply = self.tokenizer.decode([t for t in new if t not in self.eos])
             self.messages.append({"role": "assistant", "content": reply})
         record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats(),
                               self.model.decode_path)
@@ -192,8 +195,8 @@ def load(path: str, device_name: str, dtype_name: str, ctx: int | None, verify: 
               help="One-token steps replay captured CUDA graphs (each layer's dense part, each expert); CUDA only.")
 @offload_options
 @cpu_activations_option
-def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop, chat, system,
-        device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, cuda_graphs, **offload):
+def cli(model_path, prompt, prompt_ids, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop,
+        chat, system, device_name, dtype_name, ctx, verify, as_json, threads, dequantize_at_load, cuda_graphs, **offload):
     sampling = SamplingConfig(temperature, top_k, top_p, seed, min_p=min_p, repetition_penalty=repetition_penalty)
     if threads is not None:
         if threads < 1:
