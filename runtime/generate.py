@@ -104,13 +104,11 @@ class Runner:
         new, stats = self.session.generate(ids, self.sampler, self.opts["max_new_tokens"], self.eos, on_token)
         if decoder and not stops.stopped:
             write(stops.push(decoder.flush()) + stops.flush())
+        shown = "".join(printed)
         write("\n")
         if self.opts["chat"]:
             # the conversation goes on from what was shown: cut at a stop string
-            if stops.stopped:
-                reply = "".join(printed)[:-1]
-            else:
-                reply = self.tokenizer.decode([t for t in new if t not in self.eos])
+            reply = shown if stops.stopped else self.tokenizer.decode([t for t in new if t not in self.eos])
             self.messages.append({"role": "assistant", "content": reply})
         record = stats_record(stats, self.load_s, self.model.device, self.model.dtype, self.model.experts.stats(),
                               self.model.decode_path)

@@ -97,9 +97,9 @@ class Sampler:
         # inverse CDF: one uniform draw and a binary search, where torch.multinomial took 0.8 ms
         # for 32000 tokens on 2 cores. right=True: the first token whose cumulative mass exceeds
         # u, never one of probability 0
-        cum = self.distribution(logits, history).cumsum(0)
+        cum = self.distribution(logits, history).double().cumsum(0)
         u = torch.rand(1, generator=self.generator, dtype=torch.float64) * float(cum[-1])
-        return min(int(torch.searchsorted(cum.double(), u, right=True)), cum.numel() - 1)
+        return min(int(torch.searchsorted(cum, u, right=True)), cum.numel() - 1)
 
 
 NUCLEUS_CANDIDATES = 256  # the best tokens looked at first for top-p (an LLM's nucleus is usually smaller)
