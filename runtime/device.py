@@ -46,12 +46,14 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
     stream has run, so the host could queue no more GPU work meanwhile; a copy from pinned
     memory is queued like a kernel. The cast happens on the host first: half the bytes, and no
     cast kernel. torch's pinned-memory cache keeps the copy's block until the transfer is done,
-    so it may be dropped at once; `t` itself must not be a pinned buffer the caller reuses
-    (pin_memory() returns such a tensor as it is, and its next write would race the copy)."""
+    so it may be dropped at once. A tensor that is pinned already is copied first: pin_memory()
+    would return it as it is, and the caller's next write to it would race the transfer."""
     if dtype is not None:
         t = t.to(dtype)
     if device.type != "cuda":
         return t
+    if t.is_pinned():
+        t = t.clone()
     return t.pin_memory().to(device, non_blocking=True)
 
 

@@ -91,3 +91,17 @@ def test_to_device_queues_the_copy_behind_the_stream_without_waiting():
     assert not slept.query() and host_s < 0.02, f"the host waited for the stream ({1e3 * host_s:.1f} ms)"
     assert y.device.type == "cuda" and y.dtype == torch.float16
     assert torch.equal(y.cpu(), t.to(torch.float16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_of_a_pinned_buffer_is_not_changed_by_its_next_write():
+    """A caller that reuses a pinned buffer may write it as soon as to_device returns: the
+    transfer must have its own copy, even while the stream is still busy."""
+    device = torch.device("cuda")
+    buf = torch.full((1, 4096), 1.0).pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the copy waits behind ~0.1 s of GPU work
+    y = to_device(buf, device)
+    buf.fill_(2.0)
+    assert torch.equal(y.cpu(), torch.full((1, 4096), 1.0))
