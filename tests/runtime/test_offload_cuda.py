@@ -20,7 +20,8 @@ from runtime.offload.options import OffloadOptions, make_backend_factory, model_
 from runtime.offload.streams import CopyEngine
 from runtime.offload.traces import SyntheticRouting, reference_params
 
-from .offload_cases import CTX, EXPERTS, LAYERS, PROMPT, assert_same, greedy
+from .offload_cases import (CTX, EXPERTS, HALF_TOL, HYBRID_MODES, LAYERS, PROMPT, assert_hybrid_mode_ran, assert_same,
+                            force_hybrid_mode, greedy, hybrid_kw)
 from .packing_helpers import CPU_KERNEL_TOL
 from .test_offload_helpers import tiny_file
 
@@ -49,7 +50,7 @@ def cuda_tiny(tmp_path_factory):
     return path, greedy(model, PROMPT.cuda())
 
 
-def cuda_offloaded(path, cls=OffloadedExperts, slow_copies=False, **kw):
+def cuda_offloaded(path, cls=OffloadedExperts, slow_copies=False, dtype=torch.float32, **kw):
     def factory(file, model, device, dtype):
         opts = dict(n_slots=2 * LAYERS, router_weights=model.router_weights, progress=False)
         opts.update(kw)
@@ -58,7 +59,7 @@ def cuda_offloaded(path, cls=OffloadedExperts, slow_copies=False, **kw):
             backend.copier = SlowCopies(device)
         return backend
 
-    model, _ = load_model(path, "cuda", torch.float32, expert_backend_factory=factory, ctx=CTX)
+    model, _ = load_model(path, "cuda", dtype, expert_backend_factory=factory, ctx=CTX)
     return model
 
 
@@ -90,27 +91,36 @@ def test_cuda_same_as_resident(cuda_tiny, kw, slow):
 
 
 @pytest.mark.parametrize("n_slots", [2 * LAYERS, LAYERS])  # LAYERS: stage 21's one slot per layer, in waves
-@pytest.mark.parametrize("mode", ["split", "rows", "cpu", "staged"])
+@pytest.mark.parametrize("mode", HYBRID_MODES)
 def test_cuda_hybrid_same_as_resident(cuda_tiny, mode, n_slots):
     """Copy-or-compute on a real GPU with slow copies: a split expert's w2 h must wait for w2's
     copy into the scratch buffer, and the next copy into that buffer for the w2 h before it;
     with rows (a CPU at half the link's speed) the GPU's rows of w1/w3 wait for their copies;
     staged (--prefetch-w2), a split's w2 h waits for a copy queued one layer earlier."""
     path, ref = cuda_tiny
-    staged = dict(stage_w2=True, prefetch=0) if mode == "staged" else {}
-    model = cuda_offloaded(path, slow_copies=True, hybrid=True, cpu_threads=1, n_slots=n_slots, **staged)
-    cost = model.experts.cost
-    cost.smoothing = 0.0
-    # as fast as the link: split; half as fast: split by rows; free: whole on the CPU
-    cost.cpu_s = {"split": cost.copy_s, "rows": 2 * cost.copy_s, "cpu": 0.0, "staged": cost.copy_s}[mode]
+    model = cuda_offloaded(path, slow_copies=True, hybrid=True, cpu_threads=1, n_slots=n_slots, **hybrid_kw(mode))
+    force_hybrid_mode(model, mode)
     got = greedy(model, PROMPT.cuda())
     assert_same(ref, got, tol=CPU_KERNEL_TOL)  # the CPU kernel rounds activations to integers
-    s = model.experts.stats()
-    assert (s["split_experts"] if mode != "cpu" else s["cpu_experts"]) > 0
-    if mode == "staged":
-        assert s["staged_w2"]["used"] > 0
-    else:
-        assert (s["split_gpu_row_share"] > 0) == (mode == "rows")
+    assert_hybrid_mode_ran(model, mode)
+    model.experts.close()
+
+
+@pytest.mark.parametrize("mode", ["waves", *HYBRID_MODES])
+def test_cuda_half_precision_same_as_resident(cuda_tiny, mode):
+    """float16, what runtime.generate runs on CUDA (the tests above are float32): the slots,
+    the scratch sets, the CPU experts' uploads and the graphs in half precision, against the
+    resident model in float16 on the same GPU."""
+    path, _ = cuda_tiny
+    resident, _ = load_model(path, "cuda", torch.float16, ctx=CTX)
+    ref = greedy(resident, PROMPT.cuda())
+    kw = dict(n_slots=LAYERS) if mode == "waves" else dict(hybrid=True, cpu_threads=1, **hybrid_kw(mode))
+    model = cuda_offloaded(path, slow_copies=True, dtype=torch.float16, **kw)
+    if mode != "waves":
+        force_hybrid_mode(model, mode)
+    assert_same(ref, greedy(model, PROMPT.cuda()), tol=HALF_TOL[torch.float16])
+    if mode != "waves":
+        assert_hybrid_mode_ran(model, mode)
     model.experts.close()
 
 

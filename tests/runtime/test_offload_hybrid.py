@@ -15,7 +15,10 @@ from runtime.offload.cache import UNKNOWN_REUSE
 from runtime.offload.options import OffloadOptions, preflight
 from runtime.offload.streams import CopyEngine
 
-from .offload_cases import CTX, EXPERTS, LAYERS, assert_same, greedy, offloaded, tiny  # noqa: F401 (tiny: a fixture)
+from runtime.loader import load_model
+
+from .offload_cases import (CTX, EXPERTS, HALF_TOL, HYBRID_MODES, LAYERS, assert_hybrid_mode_ran, assert_same,  # noqa: F401
+                            force_hybrid_mode, greedy, hybrid_kw, offloaded, tiny)  # (tiny: a fixture)
 
 
 @pytest.mark.parametrize("kw", [
@@ -262,3 +265,21 @@ def test_token_goes_to_the_host_in_one_copy_unchanged(dtype):
     xh, wh = _to_host(x, w, one_copy=True)
     assert xh.dtype == wh.dtype == torch.float32 and xh.shape == (1, 64) and wh.shape == (1, 2)
     assert xh.is_contiguous() and torch.equal(xh, x.float()) and torch.equal(wh, w.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode", ["waves", *HYBRID_MODES])
+def test_half_precision_same_as_resident(tiny, dtype, mode):
+    """The engine in the dtype a GPU runs (float16; bfloat16 on request): slots, scratch sets
+    and the CPU experts' results in half precision give the resident model's tokens in that dtype."""
+    path, _ = tiny
+    resident, _ = load_model(path, "cpu", dtype, ctx=CTX)
+    ref = greedy(resident)
+    kw = dict(n_slots=LAYERS) if mode == "waves" else dict(hybrid=True, cpu_threads=1, **hybrid_kw(mode))
+    model = offloaded(path, dtype=dtype, **kw)
+    if mode != "waves":
+        force_hybrid_mode(model, mode)
+    assert_same(ref, greedy(model), tol=HALF_TOL[dtype])
+    if mode != "waves":
+        assert_hybrid_mode_ran(model, mode)
+    assert model.experts.stats()["copies"] > 0
