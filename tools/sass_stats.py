@@ -108,7 +108,7 @@ def compile_case(name: str, tokens: int, config: str | None = None):
     per = codes_per_word(spec)
     plan = _launch_plan(*shape, tokens, spec, gated, cfg, False, per if gated else 1, 0, per if gated else 0)
     kw = dict(plan.kwargs, ASM=True)  # as compiled for a GPU: int16 activations multiply with dp2a
-    opts = dict(num_warps=kw.pop("num_warps"), num_stages=kw.pop("num_stages"))
+    opts = dict(num_warps=kw.pop("num_warps"), num_stages=kw.pop("num_stages"), enable_fp_fusion=kw.pop("enable_fp_fusion"))
     meta = "*u8" if spec.coded_meta else "*fp16"
     out = "*fp32" if plan.partial else "*i32" if plan.out_int else "*fp16"
     types = {"x_ptr": "*i32" if plan.int_x else "*fp16", "out_ptr": out, "out2_ptr": out, "sel_ptr": "*i64", "w_ptr": "*fp16"}

@@ -21,6 +21,10 @@ PROGRAMS_PER_SM = 2
 # it gains in parallelism.
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLIT_K = 16
+# FMA contraction, stated at every launch: the kernels' float arithmetic and tools/sass_stats.py's
+# counts assume it, and triton 3.10 turns it off unless asked (3.9 warns of the change). The
+# dequantize kernels ask for it off instead: their results match the reference bit for bit.
+FP_FUSION = {"enable_fp_fusion": True}
 # "0" keeps the heuristic on the float path (int16 activations, GemvConfig.int_x, are its
 # default where the layout allows)
 INT_X_ENV = "MOEPACK_GEMV_INT"

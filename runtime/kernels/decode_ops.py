@@ -13,6 +13,7 @@ import torch
 
 from formats.errors import ConfigError
 
+from .configs import FP_FUSION
 from .qgemv import XFormat
 
 # Above this many hidden units a token no longer fits one program's registers comfortably.
@@ -78,7 +79,7 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
                       P=p, BH=bh, E=e, BE=_next_pow2(max(e, 2)), TOPK=top_k, BK=_next_pow2(max(top_k, 2)),
                       FMT=0 if fmt is None else 2 if fmt.int_x else 1, PER=1 if fmt is None else fmt.per,
                       BW=1 if fmt is None else min(256, bh // fmt.per),
-                      num_warps=8 if bh >= 4096 else 4)
+                      num_warps=8 if bh >= 4096 else 4, **FP_FUSION)
     return Normed(h_out, x, idx, tw, xf)
 
 
@@ -98,5 +99,5 @@ def rotary_into_cache(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
     y, p, stride_p = _rows(y, 1, n)
     q = torch.empty((1, heads * head_dim), dtype=cache.dtype, device=cache.device)
     rotary_kernel[(heads + 2 * kv_heads,)](y, q, cache, cos, sin_signed, pos, stride_p, cache.shape[2],
-                                           NQ=heads, NK=kv_heads, D=head_dim, P=p, num_warps=1)
+                                           NQ=heads, NK=kv_heads, D=head_dim, P=p, num_warps=1, **FP_FUSION)
     return q

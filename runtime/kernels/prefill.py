@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from formats.errors import ConfigError
 from formats.qtensor import QuantSpec
 
+from .configs import FP_FUSION
 from .words import codes_per_word, high_plane_view, operand_args, word_layout_ok, word_view
 
 # Tile of the byte-wise dequantize kernel: 4096 weights per program, rows of 256 contiguous
@@ -191,7 +192,7 @@ def gemm_constexprs(shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype,
     bm, bn, bk, warps, stages = config
     return dict(MG=max(spec.meta_group_size, 1), BITS=spec.bits, G=spec.group_size, MB=spec.meta_bits,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_TILES=_cdiv(shape[1], bk), IEEE=dtype == torch.float32,
-                num_warps=warps, num_stages=stages)
+                num_warps=warps, num_stages=stages, **FP_FUSION)
 
 
 def prefill_matmul(x: torch.Tensor, comps: dict[str, torch.Tensor], shape: tuple[int, int],

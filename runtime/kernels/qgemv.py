@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from formats.errors import ConfigError, LayoutError
 from formats.qtensor import QuantSpec
 
-from .configs import DEFAULT_SM_COUNT, GemvConfig, pick_gemv_config
+from .configs import DEFAULT_SM_COUNT, FP_FUSION, GemvConfig, pick_gemv_config
 from .prefill import prefill_matmul
 from .tuning import ensure_loaded
 from .words import codes_per_word, operand_args, word_layout_ok
@@ -131,7 +131,7 @@ def _launch_plan(n: int, k: int, t: int, spec: QuantSpec, gated: bool, config: G
         GATED=gated, PARTIAL=partial, OUT_PER=1 if partial else out_per, OUT_INT=out_int,
         EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
         ROW_META=row_meta(k, spec, cfg.block_k), INDEXED=experts > 0, SCALED=experts > 0 and gated and not partial,
-        INT_X=cfg.int_x, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INT_X=cfg.int_x, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
     )
     return GemvLaunch(
         n=n, k=k, gated=gated, per=per, permute=cfg.permute_x and not x_permuted,
@@ -221,7 +221,7 @@ def quantize_x(x: torch.Tensor, per: int) -> torch.Tensor:
     kw = k // per
     out = _alloc((r, per // 2 + 2, kw), torch.int32, x.device)
     bw = min(128, _next_pow2(kw))
-    triton_gemv.xquant_kernel[(r, _cdiv(kw, bw))](x, out, k, x.stride(0), BITS=32 // per, BW=bw)
+    triton_gemv.xquant_kernel[(r, _cdiv(kw, bw))](x, out, k, x.stride(0), BITS=32 // per, BW=bw, **FP_FUSION)
     return out.view(r, -1)
 
 

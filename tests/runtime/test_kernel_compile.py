@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for the H100 (sm_90), without a GPU.
+"""Every Triton kernel compiles for the H100 (sm_90), and a decode step's for the cards people
+have (T4 sm_75, RTX 30 sm_86, RTX 40 sm_89), without a GPU.
 
 The interpreter (TRITON_INTERPRET=1, what the other kernel tests use on the CPU) runs the
 kernels as numpy and accepts code that the real compiler rejects (a constexpr assigned in
@@ -51,12 +52,12 @@ def _compiled_in_a_clean_process(request):
     pytest.skip("compiled in a clean subprocess (this process has interpreted kernels): passed")
 
 
-def _compile(fn, types: dict[str, str], constexprs: dict):
+def _compile(fn, types: dict[str, str], constexprs: dict, target=SM90):
     sig = {name: types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
     missing = [n for n in fn.arg_names if n not in types and n not in constexprs and n.endswith("_ptr")]
     assert not missing, f"no pointer type given for {missing}"
     try:
-        return triton.compile(ASTSource(fn, sig, constexprs), target=SM90)
+        return triton.compile(ASTSource(fn, sig, constexprs), target=target)
     except RuntimeError as e:  # no CUDA backend or ptxas in this triton build
         if "backend" in str(e).lower() or "ptxas" in str(e).lower():
             pytest.skip(f"triton cannot compile for CUDA here: {e}")
@@ -210,3 +211,37 @@ def test_qgemm_compiles_for_sm90_with_tensor_cores(bits, g, mb, gated, grouped):
     k = _compile(qgemm_kernel, types, dict(MG=128 if mb != 16 else 1, BITS=bits, G=g, MB=mb, BLOCK_M=64, BLOCK_N=64,
                                            BLOCK_K=64, K_TILES=64, GATED=gated, GROUPED=grouped))
     assert "mma" in k.asm["ptx"]  # tl.dot on the tensor cores (mma.sync or wgmma)
+
+
+@pytest.mark.parametrize("arch", [75, 86, 89], ids=["T4-sm75", "RTX30-sm86", "RTX40-sm89"])
+def test_a_decode_steps_kernels_compile_for_consumer_gpus(arch):
+    """The tuned table and the timings are the H100's, but the kernels of a decode step (the
+    int16-activation GEMVs with dp2a, sm_61 and up; the fused norm and rotary) and the prompt's
+    word-wise dequantize must build for the GPUs of the mission's users. The fused GEMM is
+    opt-in (MOEPACK_PREFILL=fused): on sm_75 triton lowers its tl.dot without tensor cores."""
+    from runtime.kernels.triton_decode import norm_kernel, rotary_kernel
+    from runtime.kernels.triton_dequant import dequant_words_kernel
+    from runtime.kernels.triton_gemm import qgemm_kernel
+    from runtime.kernels.triton_gemv import qgemv_kernel
+
+    target = GPUTarget("cuda", arch, 32)
+    for bits, g, gated, partial in [(2, 16, True, False), (2, 16, False, True), (3, 64, True, False)]:
+        k = _compile(qgemv_kernel, _gemv_types(bits, 4, "*fp32" if partial else "*fp16") | {"x_ptr": "*i32"},
+                     dict(K=4096, MG=128, TILES=4, T=1, BT=1, BITS=bits, G=g, MB=4, BLOCK_N=16, BLOCK_K=256,
+                          X_PERMUTED=False, GATED=gated, PARTIAL=partial, OUT_PER=1, EVEN=True, ROW_META=True,
+                          INDEXED=True, SCALED=gated and not partial, INT_X=True, ASM=True, OUT_INT=0), target)
+        assert f".target sm_{arch}" in k.asm["ptx"] and "dp2a.lo.s32.u32" in k.asm["ptx"]
+    types = {"h_ptr": "*fp16", "y_ptr": "*fp32", "hout_ptr": "*fp16", "w_ptr": "*fp16", "out_ptr": "*fp16",
+             "r_ptr": "*fp16", "idx_ptr": "*i64", "tw_ptr": "*fp16", "xf_ptr": "*i32", "eps": "fp32"}
+    assert _compile(norm_kernel, types, dict(P=4, BH=4096, E=8, BE=8, TOPK=2, BK=2, FMT=2, PER=16, BW=256), target)
+    types = {"y_ptr": "*fp32", "q_ptr": "*fp16", "cache_ptr": "*fp16", "cos_ptr": "*fp16", "sin_ptr": "*fp16",
+             "pos_ptr": "*i64"}
+    assert _compile(rotary_kernel, types, dict(NQ=32, NK=8, D=128, P=4), target)
+    types = {"out_ptr": "*fp16", "q_ptr": "*i32", "qh_ptr": "*i16", "s_ptr": "*u8", "z_ptr": "*u8",
+             "sm_ptr": "*fp32", "zm_ptr": "*fp32", "offs_ptr": "*i64"}
+    assert _compile(dequant_words_kernel, types, dict(MG=128, BITS=2, G=16, MB=4, BLOCK_N=16, BLOCK_W=32, EVEN=True,
+                                                      MATS=2, GROUPED=True), target)
+    k = _compile(qgemm_kernel, _gemv_types(2, 4, "*fp16") | {"offs_ptr": "*i64"},
+                 dict(MG=128, BITS=2, G=16, MB=4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, K_TILES=64, GATED=True,
+                      GROUPED=True), target)
+    assert arch < 80 or "mma" in k.asm["ptx"]

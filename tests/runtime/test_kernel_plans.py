@@ -92,7 +92,7 @@ def reference_launch(x, mats, shape, spec, config=None, *, x_permuted=False, out
                   EVEN=n % cfg.block_n == 0 and split * tiles * cfg.block_k == k,
                   ROW_META=spec.coded_meta and cfg.block_k % spec.group_size == 0 and k % cfg.block_k == 0
                   and spec.meta_group_size % (cfg.block_k // spec.group_size) == 0, INDEXED=False, SCALED=False,
-                  INT_X=False, ASM=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  INT_X=False, ASM=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     out_shape = (split, t, n) if partial else (t, n)
     return grid, [describe(a) for a in (*args[0], *b)], ints, kwargs, out_shape, x
 
@@ -158,7 +158,7 @@ def test_int16_launch_quantizes_x_first(monkeypatch):
     (qgrid, qargs, qkw), = quant_rec.calls
     (grid, args, kw), = gemv_rec.calls
     kw_words = 512 // 16
-    assert qgrid == (3, 1) and qkw == dict(BITS=2, BW=32)
+    assert qgrid == (3, 1) and qkw == dict(BITS=2, BW=32, enable_fp_fusion=True)
     assert torch.equal(qargs[0], x) and qargs[2:] == (512, 512)
     xq = qargs[1]
     assert xq.dtype == torch.int32 and tuple(xq.shape) == (3, 8 + 2, kw_words)
