@@ -37,6 +37,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ConfigError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    if name == "bfloat16" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        # a T4 or older: no bfloat16 arithmetic before sm_80, and triton's kernels would not build
+        raise ConfigError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic",
+                          hint="use --dtype float16 (the default on CUDA)")
     return DTYPES[name]
 
 

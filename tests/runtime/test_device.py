@@ -105,3 +105,22 @@ def test_to_device_of_a_pinned_buffer_is_not_changed_by_its_next_write():
     y = to_device(buf, device)
     buf.fill_(2.0)
     assert torch.equal(y.cpu(), torch.full((1, 4096), 1.0))
+
+
+@pytest.mark.parametrize("major,ok", [(7, False), (8, True), (9, True)])
+def test_bfloat16_is_refused_on_gpus_without_it(monkeypatch, major, ok):
+    """A T4 (sm_75), Colab's free GPU, has no bfloat16: one line with the fix, not a kernel
+    build error; float16 and auto stay fine there."""
+    from runtime.device import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda = torch.device("cuda", 0)
+    assert resolve_dtype("float16", cuda) == resolve_dtype("auto", cuda) == torch.float16
+    if ok:
+        assert resolve_dtype("bfloat16", cuda) == torch.bfloat16
+    else:
+        with pytest.raises(ConfigError, match="has no bfloat16") as e:
+            resolve_dtype("bfloat16", cuda)
+        assert "--dtype float16" in e.value.hint
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
