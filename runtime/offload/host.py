@@ -198,7 +198,9 @@ class HostStore:
         except (AttributeError, OSError):
             pass
         views = [memoryview(t.numpy()).cast("B") for t in self.chunks]
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="experts -> host RAM",
+        n_all = self.file.config.num_hidden_layers * self.file.config.num_local_experts
+        part = "" if len(keys) == n_all else f" ({len(keys)} of {n_all}; the rest read from the file)"
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="experts -> host RAM" + part,
                    disable=not progress or total < (512 << 20))
 
         def read(piece) -> int:
@@ -311,30 +313,34 @@ def available_ram() -> int | None:
     return None
 
 
+# Without --host-memory: every expert in RAM where they take at most RAM_FIT of the RAM available,
+# else as many as RAM_SHARE of it holds (the rest read from the file on demand), so a machine
+# with less RAM than the experts (a free Colab: 12.7 GB against Mixtral's ~14.4 GB at 2 bits)
+# runs on its defaults, as llama.cpp's mmap does.
+RAM_FIT, RAM_SHARE = 0.9, 0.8
+
+
 def plan_host(header: Header, host_memory: int | None, *, pinned: bool, staging: int,
               ram: int | None = None) -> list[Key] | None:
-    """The experts to keep in RAM for --host-memory (None: all of them), or a ConfigError when
-    the budget cannot even hold the staging buffers, or when no budget was given and the
-    experts do not fit the RAM available (`ram`, default: MemAvailable)."""
+    """The experts to keep in RAM (None: all of them) for --host-memory, or without it for the
+    RAM available (`ram`, default: MemAvailable; see RAM_FIT). A ConfigError when the budget
+    cannot even hold the staging buffers that reading from the file needs."""
     c = header.config
     rs, total = header.expert_layout.record_size, c.num_hidden_layers * c.num_local_experts
-    if host_memory is None:
-        need = arena_bytes(total, rs, pinned)
+    given = host_memory is not None
+    budget = f"--host-memory {format_size(host_memory)}" if given else ""
+    if not given:
         ram = available_ram() if ram is None else ram
-        if ram is not None and need > 0.9 * ram:
-            suggest = int(0.8 * ram)
-            raise ConfigError(
-                f"the experts need {format_size(need)} of host RAM but {format_size(ram)} is available",
-                hint=f"pass --host-memory {format_size(suggest)} (or less) to keep part of them in RAM and "
-                     "read the rest from the file on demand",
-            )
-        return None
+        if ram is None or arena_bytes(total, rs, pinned) <= RAM_FIT * ram:
+            return None
+        host_memory = int(RAM_SHARE * ram)
+        budget = f"{RAM_SHARE:.0%} of the {format_size(ram)} of RAM available ({format_size(host_memory)})"
     n = host_capacity(host_memory, rs, total, staging, pinned)
     if n < 0:
         need = staging * (pow2_ceil(rs) if pinned else rs)
         raise ConfigError(
-            f"--host-memory {format_size(host_memory)} cannot hold the {staging} staging buffers of "
+            f"{budget} cannot hold the {staging} staging buffers of "
             f"{format_size(rs)} that streaming experts from the file needs ({format_size(need)})",
-            hint=f"pass --host-memory {format_size(need)} or more",
+            hint=f"pass --host-memory {format_size(need)} or more" + ("" if given else " (RAM allowing), or free RAM"),
         )
     return None if n >= total else choose_resident(header, n)

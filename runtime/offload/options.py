@@ -181,13 +181,13 @@ def preflight(file: MoepackFile, opts: OffloadOptions, device: torch.device, dty
                       dequantize_at_load=dequantize_at_load, fused=fused, source=str(file.path),
                       option="--gpu-memory" if opts.gpu_memory is not None else "the free GPU memory",
                       embed_on_host=embeds_on_host(device))
-    plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
     # unasked, offloading starts only where every expert, the table (which then stays on the
     # device) and the resident prompt path's larger scratch do not fit
     table = embed_table_bytes(file.header, dbytes) if plan.embed_on_host else 0
     if not opts.requested and plan.all_resident and budget - plan.fixed_bytes - plan.slot_bytes >= table + (
             _resident_prompt_extra(file, dbytes) if fused else 0):
-        return None
+        return None  # resident: the experts go from the file's map to the device, no host arena
+    plan_host(file.header, opts.host_memory, pinned=device.type == "cuda", staging=opts.staging)
     return plan
 
 

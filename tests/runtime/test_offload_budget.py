@@ -121,9 +121,12 @@ def test_host_capacity_and_choice():
     h2 = tiny_header(layers=4, experts=8)
     assert choose_resident(h2, 10) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (3, 0), (3, 1)]
     assert plan_host(h, None, pinned=False, staging=2, ram=10**12) is None
-    with pytest.raises(ConfigError, match="host RAM") as e:
-        plan_host(h, None, pinned=False, staging=2, ram=20 * rs)
-    assert "--host-memory" in e.value.hint
+    assert plan_host(h, None, pinned=False, staging=2, ram=36 * rs) is None  # 32 records in 90% of 36: all
+    # the experts do not fit the RAM: as many as 80% of it holds (16 records, less 2 staging), by popularity
+    assert plan_host(h, None, pinned=False, staging=2, ram=20 * rs) == choose_resident(h, 14)
+    with pytest.raises(ConfigError, match="80% of the .* of RAM available .* cannot hold the 2 staging") as e:
+        plan_host(h, None, pinned=False, staging=2, ram=2 * rs)
+    assert "--host-memory" in e.value.hint and "free RAM" in e.value.hint
     assert plan_host(h, 10**12, pinned=False, staging=2) is None
     with pytest.raises(ConfigError, match="--host-memory .* staging"):
         plan_host(h, rs, pinned=False, staging=2)
@@ -207,3 +210,34 @@ def test_plan_minimums_tool(monkeypatch, capsys):
     assert small[8, "shared"] == 0 < small[8, "shared-lfu"]  # fewer slots than layers: LRU thrashes
     monkeypatch.setattr(plan_minimums, "small_pools", lambda: [])
     assert plan_minimums.main([]) == 0 and "| 8-bit | layer | 32 |" in capsys.readouterr().out
+
+
+def test_short_ram_offloads_part_of_the_experts_and_never_stops_a_resident_model(tmp_path, monkeypatch):
+    """RAM smaller than the experts: a resident model still loads (its experts go from the
+    file's map to the device, no host arena), and an offloaded one keeps what 80% of the RAM
+    holds and reads the rest from the file, with no --host-memory."""
+    import torch
+
+    from formats.reader import MoepackFile
+    from runtime.loader import load_model
+    from runtime.offload import host
+    from runtime.offload.options import make_backend_factory, preflight
+
+    from .test_offload_helpers import tiny_file
+
+    path = tiny_file(tmp_path, layers=2, experts=4)
+    file = MoepackFile(path)
+    rs = file.header.expert_layout.record_size
+    opts = OffloadOptions(expert_slots=8, staging=2)
+    monkeypatch.setattr(host, "available_ram", lambda: rs)  # not even the staging buffers
+    assert preflight(file, OffloadOptions(), torch.device("cpu"), torch.float32, 32) is None
+    with pytest.raises(ConfigError, match="RAM available .* cannot hold the 2 staging buffers"):
+        preflight(file, opts, torch.device("cpu"), torch.float32, 32)
+    monkeypatch.setattr(host, "available_ram", lambda: 6 * rs)  # 8 experts, RAM for 4.8
+    assert preflight(file, opts, torch.device("cpu"), torch.float32, 32) is not None
+    model, _ = load_model(file, "cpu", torch.float32, make_backend_factory(opts, ctx=32, progress=False), ctx=32)
+    stats = model.experts.stats()
+    assert (stats["host_resident_experts"], stats["host_streamed_experts"]) == (2, 6)  # 4.8 records less 2 staging
+    model(torch.tensor([1, 2, 3]), 0)
+    assert model.experts.stats()["file_reads"] > 0
+    model.experts.close()
