@@ -81,10 +81,14 @@ def cli() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where HQQ runs; auto = cuda when available. CPU and CUDA results differ slightly (hqq optimizes in fp16 on CUDA).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("--low-disk", is_flag=True,
+              help="SRC a Hub repo id: download each shard beside OUT when first needed and delete it once "
+                   "quantized, instead of all 93 GB (Mixtral-8x7B) into the Hub cache first; the run reports "
+                   "the most shard bytes on disk at once.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, expert_group_size, lm_head_group_size,
-             meta_bits, expert_meta_bits, meta_group_size, device, revision, quiet):
+             meta_bits, expert_meta_bits, meta_group_size, device, revision, low_disk, quiet):
     """Quantize the Mixtral checkpoint SRC (a local folder or a Hugging Face repo id) with HQQ.
 
     Router, norms and embeddings stay fp16. Per-matrix relative errors are recorded in the
@@ -101,12 +105,14 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     from .convert import quantize_checkpoint  # imports torch: only now that the options are valid
 
     t0 = time.perf_counter()
-    result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet)
+    result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet, low_disk=low_disk)
     from formats.report import human_bytes
 
+    shards = ("" if result.shards_peak is None else
+              f", at most {result.shards_peak} shards ({human_bytes(result.shards_peak_bytes)}) on disk at once")
     click.echo(
         f"wrote {result.path}: {result.records} records, {human_bytes(result.file_bytes)} "
-        f"({recipe.describe()}, {result.device}, {time.perf_counter() - t0:.1f} s)"
+        f"({recipe.describe()}, {result.device}, {time.perf_counter() - t0:.1f} s{shards})"
     )
 
 

@@ -10,7 +10,7 @@ Ctrl-C before then removes the temporaries and leaves OUT untouched.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,8 @@ from formats.writer import MoepackWriter
 
 from .info import hqq_version, package_version
 from .recipe import QuantRecipe
-from .source import Checkpoint, open_checkpoint
+from .source import Checkpoint, local_folder, open_checkpoint
+from .streaming import StreamedShards, hub_fetch, hub_headers
 from .tensors import ExpertItem, TensorItem, load, plan_records
 from .hqq_codec import encode_tensor
 
@@ -31,6 +32,8 @@ class QuantizeResult:
     records: int
     file_bytes: int
     device: str
+    shards_peak_bytes: int | None = None  # --low-disk: the most shard bytes on disk at once
+    shards_peak: int | None = None  # and the most shards
 
 
 def resolve_device(device: str) -> str:
@@ -75,23 +78,45 @@ def quantize_checkpoint(
     revision: str | None = None,
     progress: bool = True,
     download: Callable | None = None,
+    low_disk: bool = False,
 ) -> QuantizeResult:
-    """Quantize checkpoint `src` (folder or Hub repo id) into the .moepack file `out`."""
+    """Quantize checkpoint `src` (folder or Hub repo id) into the .moepack file `out`.
+    low_disk: a Hub repo's shards are downloaded one at a time and deleted once read
+    (quantize/streaming.py) instead of all into the Hugging Face cache first."""
     out = Path(out)
     check_output(out)
+    if low_disk and local_folder(src) is not None:
+        raise ConfigError(f"--low-disk: {src} is a local folder, already on disk",
+                          hint="--low-disk is for Hub repo ids; drop it")
     dev = resolve_device(device)
-    ckpt: Checkpoint = open_checkpoint(src, revision=revision, download=download, check=recipe.build)
+    ckpt: Checkpoint = open_checkpoint(src, revision=revision, download=download, check=recipe.build,
+                                       weights=not low_disk)
     file_recipe = recipe.build(ckpt.config)
-    plan = plan_records(ckpt.folder, ckpt.config)
+    if not low_disk:
+        return _quantize(src, out, ckpt, file_recipe, plan_records(ckpt.folder, ckpt.config), dev, progress, None)
+    headers = hub_headers(src, revision)
+    plan = plan_records(ckpt.folder, ckpt.config, headers)
+    with StreamedShards(plan, headers, out.parent, lambda shard, folder: hub_fetch(src, revision, shard, folder)) as shards:
+        result = _quantize(src, out, ckpt, file_recipe, plan, dev, progress, shards)
+    return replace(result, shards_peak_bytes=shards.peak_bytes, shards_peak=shards.peak_shards)
+
+
+def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, dev: str, progress: bool,
+              shards: StreamedShards | None) -> QuantizeResult:
+    folder = ckpt.folder if shards is None else shards.folder
     with MoepackWriter(out, config=ckpt.config, tokenizer=ckpt.tokenizer, quantizer=quantizer_info(src), recipe=file_recipe) as w, \
             _progress_bar(len(plan), progress) as bar:
-        for item in plan:
+        for i, item in enumerate(plan):
             bar.set_postfix_str(item.name, refresh=False)
+            if shards is not None:
+                shards.need(i)
             if isinstance(item, TensorItem):
-                payload, err = _encode(ckpt.folder, item.ref, file_recipe[item.role], dev)
+                payload, err = _encode(folder, item.ref, file_recipe[item.role], dev)
                 w.add_tensor(item.name, item.role, item.layer, item.shape, payload, rel_error=err)
             else:
-                _add_expert(w, ckpt.folder, item, file_recipe["experts"], dev)
+                _add_expert(w, folder, item, file_recipe["experts"], dev)
+            if shards is not None:
+                shards.done(i)
             bar.update(1)
         path = w.finish()
     return QuantizeResult(path=path, records=len(plan), file_bytes=path.stat().st_size, device=dev)

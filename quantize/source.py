@@ -51,7 +51,7 @@ def looks_like_repo_id(src: str) -> bool:
     return bool(_REPO_ID.fullmatch(src)) and not src.startswith(".")
 
 
-def _local_folder(src: str) -> Path | None:
+def local_folder(src: str) -> Path | None:
     """SRC as a local folder; None when it names no local path but may be a Hub repo id."""
     path = Path(src).expanduser()
     if path.exists():
@@ -81,7 +81,7 @@ def fetch_metadata(src: str, *, revision: str | None = None, download=None) -> P
 
     `download` replaces huggingface_hub.snapshot_download (tests pass a fake: no network).
     """
-    folder = _local_folder(src)
+    folder = local_folder(src)
     if folder is not None:
         return folder
     return _hub(src, download, revision=revision, allow_patterns=HUB_METADATA_FILES)
@@ -89,7 +89,7 @@ def fetch_metadata(src: str, *, revision: str | None = None, download=None) -> P
 
 def fetch_weights(src: str, folder: Path, *, revision: str | None = None, download=None) -> Path:
     """The folder with SRC's safetensors shards: for a Hub repo, exactly the shards its index lists."""
-    if _local_folder(src) is not None:
+    if local_folder(src) is not None:
         return folder
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -230,9 +230,10 @@ def tokenizer_from_folder(folder: Path, cfg: dict) -> TokenizerInfo:
 
 
 def open_checkpoint(src: str, *, revision: str | None = None, download=None,
-                    check: Callable[[ModelConfig], object] | None = None) -> Checkpoint:
+                    check: Callable[[ModelConfig], object] | None = None, weights: bool = True) -> Checkpoint:
     """Read SRC's config and tokenizer; `check(config)` runs before any weights are downloaded,
-    so a bad option fails in seconds, not after fetching 90 GB."""
+    so a bad option fails in seconds, not after fetching 90 GB. weights=False: a Hub repo's
+    shards are left on the Hub (quantize/streaming.py fetches them one at a time)."""
     folder = fetch_metadata(src, revision=revision, download=download)
     cfg_path = folder / "config.json"
     cfg = _read_json(cfg_path)
@@ -240,5 +241,6 @@ def open_checkpoint(src: str, *, revision: str | None = None, download=None,
     tokenizer = tokenizer_from_folder(folder, cfg)
     if check is not None:
         check(config)
-    folder = fetch_weights(src, folder, revision=revision, download=download)
+    if weights:
+        folder = fetch_weights(src, folder, revision=revision, download=download)
     return Checkpoint(folder=folder, source=src, config=config, tokenizer=tokenizer)

@@ -93,9 +93,11 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
 
 
 class ShardIndex:
-    """Which shard holds which tensor, with its dtype and shape (headers only)."""
+    """Which shard holds which tensor, with its dtype and shape (headers only). `headers`
+    (shard -> name -> (dtype, shape)) stands in for the shards' files when they are not
+    downloaded yet (quantize/streaming.py)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None):
         self.folder = folder
         index_path = folder / INDEX_FILE
         self.claimed: dict[str, str] = {}  # what the index file says, to name the shard in errors
@@ -106,6 +108,8 @@ class ShardIndex:
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise SourceError(f"{index_path}: not a valid safetensors index (no weight_map)", hint="the file is damaged; download it again") from None
             shards = sorted(set(self.claimed.values()))
+        elif headers is not None:
+            shards = sorted(headers)
         else:
             shards = sorted(p.name for p in folder.glob("*.safetensors"))
             if not shards:
@@ -116,7 +120,11 @@ class ShardIndex:
         self.shards = shards
         self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # name -> (shard, dtype, shape)
         for shard in shards:
-            for name, (dtype, shape) in read_safetensors_header(folder / shard).items():
+            if headers is not None and shard not in headers:
+                raise SourceError(f"{INDEX_FILE} lists shard {shard}, which the repo's safetensors headers do not have",
+                                  hint="the checkpoint repo is incomplete")
+            header = headers[shard] if headers is not None else read_safetensors_header(folder / shard)
+            for name, (dtype, shape) in header.items():
                 if name not in self.claimed or self.claimed[name] == shard:
                     self.entries.setdefault(name, (shard, dtype, shape))
 
@@ -165,10 +173,10 @@ def _expert_refs(idx: ShardIndex, config: ModelConfig, L: int, E: int) -> tuple[
     )
 
 
-def plan_records(folder: Path, config: ModelConfig) -> list[TensorItem | ExpertItem]:
+def plan_records(folder: Path, config: ModelConfig, headers=None) -> list[TensorItem | ExpertItem]:
     """Every record of the output in file order: embeddings; per layer its tensors then its
-    experts 0..E-1; then model.norm and lm_head."""
-    idx = ShardIndex(folder)
+    experts 0..E-1; then model.norm and lm_head. `headers`: see ShardIndex."""
+    idx = ShardIndex(folder, headers)
     by_layer: dict[int | None, list[TensorItem]] = {}
     for name, (role, layer, shape) in expected_tensors(config).items():
         src = name
