@@ -4,8 +4,9 @@ deleted once the last tensor the plan reads from it is quantized.
 Why: Mixtral-8x7B's 19 shards take 93 GB, more than a free Colab's disk. The plan (record
 order, names, dtypes, shapes) needs only the shards' safetensors headers, which the Hub serves
 without the data (huggingface_hub.get_safetensors_metadata). Records are written in file order
-(embeddings, then layer by layer), which reads the shards almost in order, so two or three are
-on disk at once. The price: the shards are not kept in the Hugging Face cache, so a second run
+(embeddings, then layer by layer), which reads the shards almost in order: on disk are the
+shards of the current layer, plus any that a late record still needs (lm_head's, in a repo that
+stores it in its first shard). The price: the shards are not kept in the Hugging Face cache, so a second run
 downloads them again.
 """
 
@@ -72,7 +73,7 @@ class StreamedShards:
         # beside the output: the same disk the user chose for it, removed by close() whatever happens
         self.folder = Path(tempfile.mkdtemp(prefix=".moepack-shards-", dir=parent))
         self.present: dict[str, int] = {}  # shard -> bytes on disk
-        self.peak_bytes = self.peak_shards = self.downloads = 0
+        self.peak_bytes = self.peak_shards = 0
 
     def need(self, i: int) -> None:
         for shard in sorted(shards_of(self.plan[i]) - set(self.present)):
@@ -83,7 +84,6 @@ class StreamedShards:
                 raise SourceError(f"{shard} as downloaded differs from the header read when the run started",
                                   hint="the repo changed meanwhile: run again, or pin --revision to a commit")
             self.present[shard] = path.stat().st_size
-            self.downloads += 1
             self.peak_bytes = max(self.peak_bytes, sum(self.present.values()))
             self.peak_shards = max(self.peak_shards, len(self.present))
 
