@@ -166,9 +166,9 @@ class HostStore:
                 self._where[keys[i]] = (c, r)
                 i += 1
         self.arena_bytes = sum(t.numel() for t in self.chunks)
+        self.missing = len(all_keys) - len(keys)
         self.fill_s = self._fill(keys, progress)
 
-        self.missing = len(all_keys) - len(keys)
         self._staging: list[torch.Tensor] = []
         self._free = deque()
         self._release: list = []
@@ -198,8 +198,7 @@ class HostStore:
         except (AttributeError, OSError):
             pass
         views = [memoryview(t.numpy()).cast("B") for t in self.chunks]
-        n_all = self.file.config.num_hidden_layers * self.file.config.num_local_experts
-        part = "" if len(keys) == n_all else f" ({len(keys)} of {n_all}; the rest read from the file)"
+        part = f" ({len(keys)} of {len(keys) + self.missing}; the rest read from the file)" if self.missing else ""
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="experts -> host RAM" + part,
                    disable=not progress or total < (512 << 20))
 
@@ -328,8 +327,9 @@ def plan_host(header: Header, host_memory: int | None, *, pinned: bool, staging:
     c = header.config
     rs, total = header.expert_layout.record_size, c.num_hidden_layers * c.num_local_experts
     given = host_memory is not None
-    budget = f"--host-memory {format_size(host_memory)}" if given else ""
-    if not given:
+    if given:
+        budget = f"--host-memory {format_size(host_memory)}"
+    else:
         ram = available_ram() if ram is None else ram
         if ram is None or arena_bytes(total, rs, pinned) <= RAM_FIT * ram:
             return None
