@@ -60,30 +60,59 @@ def _ld(ptrs, mask, other, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _meta_code(codes_ptr, gidx, gmask, MB: tl.constexpr, EVEN: tl.constexpr = False):
-    """The scale or zero code of groups `gidx` as float32: a byte (MB 8), or a nibble (MB 4:
-    group 2j in the low half of byte j)."""
-    if MB == 4:
-        byte = _ld(codes_ptr + (gidx >> 1), gmask, 0, EVEN).to(tl.int32)
-        return ((byte >> ((gidx & 1) * 4)) & 15).to(tl.float32)
+def _gather(ptrs, mask, other, EVEN: tl.constexpr, GATHER: tl.constexpr):
+    """_ld of a tile whose addresses repeat along its words (each word reading its group's
+    scale code, when a group spans words or two groups share a byte). GATHER (compiled for a
+    GPU, the matrix covered exactly): as inline-asm loads, one per element. Triton 3.6 (the
+    CUDA builds of torch 2.11) lays a plain load with such addresses out on its own, rows
+    fastest across lanes, and then moved the accumulator through shared memory every tile to
+    meet the words' layout: 4 barriers and 16 shared-memory accesses per iteration of the 2-bit
+    loop on sm_90 (docs/BENCHMARKS.md section 35). Inline assembly anchors no layout, so it
+    takes the words' one, as triton 3.9 gives the plain load."""
+    if GATHER and EVEN:
+        BITS: tl.constexpr = ptrs.dtype.element_ty.primitive_bitwidth
+        addr = ptrs.to(tl.int64)
+        if BITS == 8:
+            return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [addr], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        elif BITS == 16:
+            return tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [addr], dtype=tl.int16,
+                                             is_pure=True, pack=1).to(tl.float16, bitcast=True)
+        else:
+            return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [addr], dtype=tl.float32,
+                                             is_pure=True, pack=1)
     else:
-        return _ld(codes_ptr + gidx, gmask, 0, EVEN).to(tl.float32)
+        return _ld(ptrs, mask, other, EVEN)
 
 
 @triton.jit
-def _load_meta(codes_ptr, meta_ptr, gidx, gmask, MB: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr = False):
+def _meta_code(codes_ptr, gidx, gmask, MB: tl.constexpr, EVEN: tl.constexpr = False,
+               GATHER: tl.constexpr = False):
+    """The scale or zero code of groups `gidx` as float32: a byte (MB 8), or a nibble (MB 4:
+    group 2j in the low half of byte j). GATHER: see _gather."""
+    if MB == 4:
+        byte = _gather(codes_ptr + (gidx >> 1), gmask, 0, EVEN, GATHER).to(tl.int32)
+        return ((byte >> ((gidx & 1) * 4)) & 15).to(tl.float32)
+    else:
+        return _gather(codes_ptr + gidx, gmask, 0, EVEN, GATHER).to(tl.float32)
+
+
+@triton.jit
+def _load_meta(codes_ptr, meta_ptr, gidx, gmask, MB: tl.constexpr, MG: tl.constexpr, EVEN: tl.constexpr = False,
+               GATHER: tl.constexpr = False):
     """Scales or zeros of groups `gidx` as float32: f16 values (MB 16), or 8- or 4-bit codes
     with a float32 (step, min) pair per MG consecutive groups. MG is a compile-time constant: a
     runtime divisor made `gidx // MG` a full integer division per loaded element (dozens of
-    instructions); a constant one is a shift (powers of two) or a multiply-high."""
+    instructions); a constant one is a shift (powers of two) or a multiply-high. GATHER: see
+    _gather."""
     if MB != 16:
-        code = _meta_code(codes_ptr, gidx, gmask, MB, EVEN)
+        code = _meta_code(codes_ptr, gidx, gmask, MB, EVEN, GATHER)
         mi = gidx // MG
-        step = _ld(meta_ptr + 2 * mi, gmask, 0.0, EVEN)
-        lo = _ld(meta_ptr + 2 * mi + 1, gmask, 0.0, EVEN)
+        step = _gather(meta_ptr + 2 * mi, gmask, 0.0, EVEN, GATHER)
+        lo = _gather(meta_ptr + 2 * mi + 1, gmask, 0.0, EVEN, GATHER)
         return step * code + lo
     else:
-        return _ld(codes_ptr + gidx, gmask, 0.0, EVEN).to(tl.float32)
+        return _gather(codes_ptr + gidx, gmask, 0.0, EVEN, GATHER).to(tl.float32)
 
 
 @triton.jit
@@ -101,16 +130,16 @@ def _row_meta(sm_ptr, zm_ptr, r, rmask, k0, K, G: tl.constexpr, MG: tl.constexpr
 
 @triton.jit
 def _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, gmask, rm, MB: tl.constexpr, MG: tl.constexpr,
-                EVEN: tl.constexpr, ROW_META: tl.constexpr):
+                EVEN: tl.constexpr, ROW_META: tl.constexpr, GATHER: tl.constexpr = False):
     """Scales and zeros of groups `gidx` as float32 in gidx's shape; ROW_META: from the codes
-    and `rm`, the rows' (step, min) pairs that _row_meta loaded."""
+    and `rm`, the rows' (step, min) pairs that _row_meta loaded. GATHER: see _gather."""
     if ROW_META:
         s_step, s_min, z_step, z_min = rm
-        s = s_step * _meta_code(s_ptr, gidx, gmask, MB, EVEN) + s_min
-        z = z_step * _meta_code(z_ptr, gidx, gmask, MB, EVEN) + z_min
+        s = s_step * _meta_code(s_ptr, gidx, gmask, MB, EVEN, GATHER) + s_min
+        z = z_step * _meta_code(z_ptr, gidx, gmask, MB, EVEN, GATHER) + z_min
     else:
-        s = _load_meta(s_ptr, sm_ptr, gidx, gmask, MB, MG, EVEN)
-        z = _load_meta(z_ptr, zm_ptr, gidx, gmask, MB, MG, EVEN)
+        s = _load_meta(s_ptr, sm_ptr, gidx, gmask, MB, MG, EVEN, GATHER)
+        z = _load_meta(z_ptr, zm_ptr, gidx, gmask, MB, MG, EVEN, GATHER)
     return s, z
 
 
@@ -267,7 +296,12 @@ def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr,
     rm = 0
     if ROW_META:
         rm = _row_meta(sm_ptr, zm_ptr, r, n_mask[None, :, None], k0, K, G, MG, EVEN)
-    sc, ze = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m3, rm, MB, MG, EVEN, ROW_META)  # [1, BN, BKW]
+    # One token: one code per word (8-bit codes, one word a group) loads contiguously, in the
+    # words' layout under either triton; any other meta repeats along the tile (see _gather).
+    # Several tokens spread the tile over fewer rows per thread, and a gather then costs more
+    # instructions than the plain load's layout conversion (tools/sass_stats.py --tokens 4).
+    GATHER: tl.constexpr = ASM and BT == 1 and not (MB == 8 and G == PER and ROW_META)
+    sc, ze = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m3, rm, MB, MG, EVEN, ROW_META, GATHER)  # [1, BN, BKW]
     # sum_c s (q_c - z) x_c = s (sum_c q_c x_c - z sum_c x_c), the first sum in integers
     acc += sc * (idot.to(tl.float32) * dx - ze * sx)
     return acc

@@ -106,6 +106,30 @@ def test_qgemv_compiles_for_sm90(bits, g, mb, gated, partial, permuted, t, even,
     assert ("dp2a.lo.s32.u32" in ptx and "dp2a.hi.s32.u32" in ptx) == int_x
 
 
+@pytest.mark.parametrize("bits,g,mb,t,row_meta,loads", [
+    (2, 16, 4, 1, True, {"u8"}),  # the quantizer's 2-bit experts: two groups' codes a byte
+    (4, 64, 8, 1, True, {"u8"}),  # attention: a group spans 8 words
+    (2, 16, 8, 1, False, {"u8", "f32"}),  # (step, min) read per word
+    (3, 64, 16, 1, False, {"b16"}),  # f16 scales and zeros
+    (2, 16, 8, 1, True, set()),  # one 8-bit code per word: contiguous, a plain vector load
+    (2, 16, 4, 4, True, set()),  # several tokens: the plain load (a gather costs more there)
+])
+def test_repeated_meta_addresses_load_through_inline_asm_at_one_token(bits, g, mb, t, row_meta, loads):
+    """_gather: where each word reads a scale address that its neighbours read too, the
+    one-token integer GEMV loads it with ld.global.nc in inline assembly, which takes the words'
+    layout in every triton (3.6 converted its accumulator through shared memory each tile)."""
+    from runtime.kernels.triton_gemv import qgemv_kernel
+
+    bt = 1 << max(0, (t - 1).bit_length())
+    k = _compile(qgemv_kernel, _gemv_types(bits, mb, "*fp16") | {"x_ptr": "*i32"},
+                 dict(K=4096, MG=128 if mb != 16 else 1, TILES=8, T=t, BT=bt, BITS=bits, G=g, MB=mb, BLOCK_N=16,
+                      BLOCK_K=512, X_PERMUTED=False, GATED=True, PARTIAL=False, OUT_PER=1, EVEN=True,
+                      ROW_META=row_meta, INDEXED=True, SCALED=True, INT_X=True, ASM=True, OUT_INT=0))
+    ptx = k.asm["ptx"]
+    found = {w for w in ("u8", "b16", "f32") if f"ld.global.nc.{w} " in ptx}
+    assert found == loads, found
+
+
 @pytest.mark.parametrize("bits,g,mb,t,block_n,per,indexed,int_x", [
     (2, 16, 4, 1, 16, 16, True, True),  # the decode step's w1/w3 for a 2-bit w2
     (2, 16, 4, 2, 32, 16, False, True),  # two words per program, two tokens

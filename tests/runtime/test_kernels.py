@@ -75,7 +75,15 @@ INT_CASES = [
     (QuantSpec(3, 64, 8, 128), (37, 256), 1, GemvConfig(int_x=True)),
     (QuantSpec(3, 16, 4, 4), (32, 256), 3, GemvConfig(block_n=16, block_k=64, int_x=True)),  # ROW_META
     (QuantSpec(3, 32, 16), (33, 384), 8, GemvConfig(block_n=32, block_k=512, split_k=2, int_x=True)),  # K tail
+    # one token over an exactly covered matrix: compiled, meta whose addresses repeat along the
+    # tile loads through _gather's inline assembly (4-bit codes; a group over several words;
+    # (step, min) per word; f16 scales)
+    (QuantSpec(2, 16, 4, 128), (32, 512), 1, GemvConfig(block_n=16, block_k=256, int_x=True)),
+    (QuantSpec(4, 64, 8, 256), (32, 512), 1, GemvConfig(block_n=16, block_k=256, int_x=True)),
+    (QuantSpec(2, 16, 8, 4), (32, 512), 1, GemvConfig(block_n=16, block_k=256, int_x=True)),
+    (QuantSpec(3, 64, 16), (32, 512), 1, GemvConfig(block_n=16, block_k=256, int_x=True)),
 ]
+GATHER_CASES = INT_CASES[-4:]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -131,11 +139,25 @@ def test_planes_and_meta_whose_elements_are_not_back_to_back_take_the_fallback()
     assert qgemv.gemv(x, [{**comps, "q": wide[:, : comps["q"].shape[1]]}], shape, spec) is None
 
 
+def test_gather_cases_take_the_gather():
+    """GATHER_CASES are the launches whose meta loads go through _gather once compiled: one
+    token, unmasked, and meta other than one 8-bit code per word with row meta."""
+    for spec, shape, tokens, config in GATHER_CASES:
+        kw = qgemv.launch_plan(torch.zeros(tokens, shape[1]), shape, spec, False, config).kwargs
+        assert kw["INT_X"] and kw["EVEN"] and kw["BT"] == 1, (spec, kw)
+        per = 32 // (2 if spec.bits == 3 else spec.bits)
+        assert not (spec.meta_bits == 8 and spec.group_size == per and kw["ROW_META"]), spec
+    rows = {qgemv.launch_plan(torch.zeros(1, c[1][1]), c[1], c[0], False, c[3]).kwargs["ROW_META"] for c in GATHER_CASES}
+    assert rows == {True, False}
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("spec,shape,tokens,config", INT_CASES[:2] + INT_CASES[4:5] + INT_CASES[6:7] + INT_CASES[8:9])
+@pytest.mark.parametrize("spec,shape,tokens,config",
+                         INT_CASES[:2] + INT_CASES[4:5] + INT_CASES[6:7] + INT_CASES[8:9] + GATHER_CASES)
 def test_dp2a_is_its_emulation_bit_for_bit(spec, shape, tokens, config, monkeypatch):
-    """The one piece the interpreter cannot run: PTX's dp2a against the integer arithmetic
-    the CPU tests check. Same int32 sums, so the same output bits."""
+    """The pieces the interpreter cannot run: PTX's dp2a against the integer arithmetic the
+    CPU tests check, and _gather's inline-asm loads against tl.load. Same int32 sums from the
+    same meta, so the same output bits."""
     data, _ = packed(shape, spec, seed=3)
     comps = component_tensors(on_device(data, "cuda"), shape, spec)
     x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(3)).to("cuda", torch.float16)
