@@ -12,6 +12,12 @@ than its bytes take to arrive cannot reach that floor, whatever its launch param
     python tools/sass_stats.py --case w13-2 --dump /tmp/k.sass
     python tools/sass_stats.py --json stats.json
 
+The triton that compiles matters: the H100 host's torch 2.11 ships triton 3.6, whose layout
+passes differ from newer ones (docs/BENCHMARKS.md section 35). To see its code here:
+
+    pip install --no-deps --target /tmp/tri36 triton==3.6.0
+    PYTHONPATH=/tmp/tri36 python tools/sass_stats.py
+
 Counts are static (one pass through the loop body); the loop runs TILES times per program.
 The deq-* cases profile the prefill path's dequantize kernels (one program per tile, no
 loop: the whole kernel is counted; the floor counts the fp16 writes too).
