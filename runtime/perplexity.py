@@ -155,7 +155,7 @@ def perplexity(model, token_ids, ctx: int, stride: int | None = None, *, bos_tok
 def read_text(path: Path) -> str:
     """The text file's contents; one-line errors for what cannot be used."""
     if not path.exists():
-        raise MoepackError(f"{path}: no such text file", hint="pass a UTF-8 text file to measure perplexity on")
+        raise MoepackError(f"{path}: no such text file", hint="pass an existing UTF-8 text file")
     if not path.is_file():
         raise MoepackError(f"{path}: not a regular file", hint="pass a UTF-8 text file")
     try:
