@@ -104,6 +104,12 @@
 # Since the fifteenth session: at one or two tokens the gated w1/w3 writes w2's int16 input
 # itself (one launch fewer per layer: 9). Stage 1's cuda tests check it against quantize_x
 # (test_gated_gemv_writes_the_int16_activations_w2_reads); "13 2" times it untuned.
+# Since the twenty-eighth session: tuning entries carry the kernel revision they were timed on
+# (runtime/kernels/tuning.py KERNEL_REVISION, now 3), and the built-in table (revision 1, float
+# path only) is no longer used, so every stage runs the heuristic configs until "10" re-tunes:
+# copy $OUT/tuning/gemv-tuning.json over runtime/kernels/data/gemv-tuning-builtin.json to ship
+# its winners. The one-token int16 GEMV now loads repeated meta addresses through inline asm, so
+# triton 3.6 (this host's) compiles the same conversion-free loop as 3.9 (BENCHMARKS section 35).
 # Since the sixteenth session: CPU-only decode runs every layer of a step in one C call
 # (runtime/cpu_step.py). Stage 11 times it on 32 Mixtral-shape layers, then the torch step
 # (decode_tok_s_torch_step in its JSON): CPU-only against llama.cpp's 10.4 tok/s. Run "11" after "7".

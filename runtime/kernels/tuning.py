@@ -3,8 +3,9 @@
 `python -m runtime.tune MODEL.moepack` times the candidate configs of every GEMV its decode
 path launches and saves the winners here; the runtime loads them for its GPU on the first
 kernel launch (ensure_loaded) into configs.TUNED. The best config depends on the GPU (SM
-count, L2, memory bandwidth) and on the compiler, so entries are keyed by the device name
-and the triton version, and entries of any other pair are ignored.
+count, L2, memory bandwidth), on the compiler and on the kernels' own code, so entries are
+keyed by the device name, the triton version and KERNEL_REVISION, and entries of any other
+triple are ignored.
 
 The file is only a cache: whatever is wrong with it (unreadable, not JSON, another schema,
 values the kernel no longer accepts) costs a warning and the heuristic configs, never a
@@ -32,10 +33,19 @@ from formats.qtensor import QuantSpec
 from .configs import GemvConfig, GemvProblem, register_config
 
 FORMAT = "moe-pack gemv tuning"
-VERSION = 2
-# version 1 files predate GemvConfig.int_x: their entries read with its default (the float path)
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+# version 1 files predate GemvConfig.int_x: their entries read with its default (the float
+# path); version 3 gives each block the KERNEL_REVISION its times were measured on
+READABLE_VERSIONS = (1, 2, 3)
 _V1_MISSING = frozenset({"int_x"})
+# Which GEMV kernels a block was timed on. A kernel change that can change which config wins
+# (a new path among the candidates, another loop body) bumps it, and entries timed on another
+# revision are ignored, the built-in table's included, until runtime.tune times them again: a
+# config that beat the old candidates never ran against the new ones.
+#   1: the float-activation path only (version 1 files; the built-in H100 table of 2026-11-23)
+#   2: int16 activations (dp2a) among the candidates (version 2 files)
+#   3: the one-token int16 GEMV gathers repeated meta addresses (docs/BENCHMARKS.md section 35)
+KERNEL_REVISION = 3
 CACHE_FILE = "gemv-tuning.json"
 CACHE_DIR_ENV = "MOEPACK_CACHE_DIR"
 NO_TUNING_ENV = "MOEPACK_NO_TUNING"
@@ -45,7 +55,7 @@ BUILTIN_PATH = Path(__file__).resolve().parent / "data" / "gemv-tuning-builtin.j
 REFRESH_HINT = "delete it or re-run `python -m runtime.tune MODEL.moepack`"
 
 _DOC_FIELDS = ("devices", "format", "version")
-_BLOCK_FIELDS = ("device", "entries", "triton")
+_BLOCK_FIELDS = ("device", "entries", "kernels", "triton")
 _PROBLEM_INTS = ("n", "k", "bits", "group_size", "meta_bits", "meta_group_size", "tokens")
 # GemvConfig's fields with their JSON type (bool or int), from its defaults: the file
 # follows the dataclass, and the format version changes when the dataclass does
@@ -85,15 +95,19 @@ def cache_path() -> Path:
 
 # ------------------------------------------------------------------ reading
 
-def load_tuned(device_name: str, triton_version: str, path: str | os.PathLike | None = None) -> dict[GemvProblem, GemvConfig]:
-    """The tuned configs for this device name under this triton version. A missing file is
-    an empty cache; a broken one is one TuningCacheWarning and an empty cache (entries with
-    values GemvConfig or QuantSpec reject are dropped the same way, the others kept)."""
-    return {e.problem: e.config for e in load_entries(device_name, triton_version, path)}
+def load_tuned(device_name: str, triton_version: str, path: str | os.PathLike | None = None, *,
+               warn_stale: bool = True) -> dict[GemvProblem, GemvConfig]:
+    """The tuned configs for this device name under this triton version, timed on these
+    kernels. A missing file is an empty cache; a broken one is one TuningCacheWarning and an
+    empty cache (entries with values GemvConfig or QuantSpec reject are dropped the same way,
+    the others kept); so is a block of this device and triton timed on other kernels, unless
+    not warn_stale (the built-in table: nothing for the user to do about it)."""
+    return {e.problem: e.config for e in load_entries(device_name, triton_version, path, warn_stale=warn_stale)}
 
 
-def load_entries(device_name: str, triton_version: str, path: str | os.PathLike | None = None) -> list[TunedEntry]:
-    """load_tuned with the measured times: the entries of this (device, triton) pair."""
+def load_entries(device_name: str, triton_version: str, path: str | os.PathLike | None = None, *,
+                 warn_stale: bool = True, revision: int = KERNEL_REVISION) -> list[TunedEntry]:
+    """load_tuned with the measured times: the entries of this (device, triton, revision)."""
     path = Path(path) if path is not None else cache_path()
     try:
         doc = _read(path)
@@ -102,9 +116,15 @@ def load_entries(device_name: str, triton_version: str, path: str | os.PathLike 
         return []
     if doc is None:
         return []
+    stale = None
     for block in doc["devices"]:
         if block["device"] == device_name and block["triton"] == triton_version:
-            return _entries(block["entries"], path)
+            if block["kernels"] == revision:
+                return _entries(block["entries"], path)
+            stale = block["kernels"]
+    if stale is not None and warn_stale:
+        _warn(path, f"its configs for {device_name} were timed on GEMV kernel revision {stale}, and this "
+                    f"moe-pack's kernels are revision {revision}")
     return []
 
 
@@ -131,13 +151,20 @@ def _read(path: Path) -> dict | None:
     seen = set()
     for i, block in enumerate(doc["devices"]):
         where = f"devices[{i}]"
+        if doc["version"] < 3:  # the revision those versions' kernels had
+            _check_object(block, tuple(f for f in _BLOCK_FIELDS if f != "kernels"), where)
+            block["kernels"] = doc["version"]
         _check_object(block, _BLOCK_FIELDS, where)
         for name in ("device", "triton"):
             if not isinstance(block[name], str) or not block[name]:
                 raise _Invalid(f"{where}.{name} is not a non-empty string")
-        if (block["device"], block["triton"]) in seen:
-            raise _Invalid(f"{where} repeats device {block['device']!r} with triton {block['triton']}")
-        seen.add((block["device"], block["triton"]))
+        if type(block["kernels"]) is not int or block["kernels"] < 1:
+            raise _Invalid(f"{where}.kernels={block['kernels']!r} is not a positive integer")
+        key = (block["device"], block["triton"], block["kernels"])
+        if key in seen:
+            raise _Invalid(f"{where} repeats device {block['device']!r} with triton {block['triton']} "
+                           f"and kernel revision {block['kernels']}")
+        seen.add(key)
         if not isinstance(block["entries"], list):
             raise _Invalid(f"{where}.entries is not a list")
         for j, entry in enumerate(block["entries"]):
@@ -220,25 +247,30 @@ def _unique_keys(pairs: list) -> dict:
 def save_tuned(device_name: str, triton_version: str, entries: Iterable[TunedEntry],
                path: str | os.PathLike | None = None) -> Path:
     """Merge `entries` into the cache (replacing the same problems of this device and triton
-    version, keeping everything else) and write it atomically: a temporary file in the same
-    folder, fsync, os.replace. The bytes depend only on the content (sorted keys and
-    entries). An unreadable existing file is replaced, with a warning. Returns the path."""
+    version, and this device and triton's blocks timed on other kernel revisions, keeping
+    everything else) and write it atomically: a temporary file in the same folder, fsync,
+    os.replace. The bytes depend only on the content (sorted keys and entries). An unreadable
+    existing file is replaced, with a warning. Returns the path."""
     path = Path(path) if path is not None else cache_path()
     try:
         doc = _read(path)
     except _Invalid as e:
         warnings.warn(f"replacing GEMV tuning cache {path}: {e}", TuningCacheWarning, stacklevel=2)
         doc = None
-    blocks = {(b["device"], b["triton"]): b["entries"] for b in (doc["devices"] if doc else [])}
+    blocks = {(b["device"], b["triton"], b["kernels"]): b["entries"] for b in (doc["devices"] if doc else [])}
+    mine = (device_name, triton_version, KERNEL_REVISION)
     # an existing entry with a rejected value is dropped here rather than kept forever
-    merged = {e.problem: e for e in _valid_entries(blocks.get((device_name, triton_version), []))}
+    merged = {e.problem: e for e in _valid_entries(blocks.get(mine, []))}
     merged.update((e.problem, e) for e in entries)
-    blocks[(device_name, triton_version)] = [_entry_json(e) for e in merged.values()]
+    # this device and triton's stale revisions go; the other blocks are written as this version
+    # writes entries (a version 1 entry lacks int_x, which version 3 requires)
+    blocks = {key: [_entry_json(e) for e in _valid_entries(es)] for key, es in blocks.items() if key[:2] != mine[:2]}
+    blocks[mine] = [_entry_json(e) for e in merged.values()]
     out = {
         "format": FORMAT,
         "version": VERSION,
-        "devices": [{"device": dev, "triton": tv, "entries": sorted(es, key=_entry_order)}
-                    for (dev, tv), es in sorted(blocks.items())],
+        "devices": [{"device": dev, "triton": tv, "kernels": rev, "entries": sorted(es, key=_entry_order)}
+                    for (dev, tv, rev), es in sorted(blocks.items())],
     }
     _write_atomic(path, json.dumps(out, indent=1, sort_keys=True, allow_nan=False) + "\n")
     return path
@@ -326,7 +358,8 @@ def tuned_for(device_name: str, triton_version: str, path: str | os.PathLike | N
     """The configs this (device, triton) pair runs with: the package's built-in measurements
     (BUILTIN_PATH: configs runtime.tune found on GPUs the project was measured on, so such a
     GPU is fast without tuning), overridden per problem by the user's own cache."""
-    return {**load_tuned(device_name, triton_version, BUILTIN_PATH), **load_tuned(device_name, triton_version, path)}
+    return {**load_tuned(device_name, triton_version, BUILTIN_PATH, warn_stale=False),
+            **load_tuned(device_name, triton_version, path)}
 
 
 def device_name(device: torch.device) -> str:
