@@ -64,8 +64,8 @@ def _gather(ptrs, mask, other, EVEN: tl.constexpr, GATHER: tl.constexpr):
     """_ld of a tile whose addresses repeat along its words (each word reading its group's
     scale code, when a group spans words or two groups share a byte). GATHER (compiled for a
     GPU, the matrix covered exactly): as inline-asm loads, one per element. Triton 3.6 (the
-    CUDA builds of torch 2.11) lays a plain load with such addresses out on its own, rows
-    fastest across lanes, and then moved the accumulator through shared memory every tile to
+    CUDA builds of torch 2.11) gives a plain load with such addresses a layout of its own, rows
+    fastest across lanes, and then moves the accumulator through shared memory every tile to
     meet the words' layout: 4 barriers and 16 shared-memory accesses per iteration of the 2-bit
     loop on sm_90 (docs/BENCHMARKS.md section 35). Inline assembly anchors no layout, so it
     takes the words' one, as triton 3.9 gives the plain load."""
@@ -298,8 +298,8 @@ def _tile_update_int(acc, x_ptr, stride_xt, q_ptr, qh_ptr, s_ptr, sm_ptr, z_ptr,
         rm = _row_meta(sm_ptr, zm_ptr, r, n_mask[None, :, None], k0, K, G, MG, EVEN)
     # One token: one code per word (8-bit codes, one word a group) loads contiguously, in the
     # words' layout under either triton; any other meta repeats along the tile (see _gather).
-    # Several tokens spread the tile over fewer rows per thread, and a gather then costs more
-    # instructions than the plain load's layout conversion (tools/sass_stats.py --tokens 4).
+    # At several tokens the gather took more instructions than the layout conversion it saves
+    # (2-bit w1+w3 at 4 tokens: 624 loop instructions against 379; tools/sass_stats.py).
     GATHER: tl.constexpr = ASM and BT == 1 and not (MB == 8 and G == PER and ROW_META)
     sc, ze = _scale_zero(s_ptr, sm_ptr, z_ptr, zm_ptr, gidx, m3, rm, MB, MG, EVEN, ROW_META, GATHER)  # [1, BN, BKW]
     # sum_c s (q_c - z) x_c = s (sum_c q_c x_c - z sum_c x_c), the first sum in integers
