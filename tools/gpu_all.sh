@@ -52,7 +52,8 @@
 #      hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB, 16 CPU threads, each way.
 #  21. small cards: LFU at 5 and 6 GiB (1-2 slots per layer) and a shared pool at 3 GiB, each
 #      copying only and hybrid (BENCHMARKS.md section 31).
-#  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts), T=1: the
+#  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts, 4-bit meta
+#      codes as the quantizer writes by default; TUNE_META=8 for the 8-bit ones), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
 #      run loads (MOEPACK_CACHE_DIR); it runs right after stage 1.
 # STAGES picks stages (default "1 2 3 4 5"). Results land in $OUT. Calls of at most 600 s.
@@ -178,10 +179,14 @@ run() {  # name, max seconds, command...
 # resident runs (~80 s each then) and the kernel table (~55-90 s) still fit behind it
 has 1 && run pytest_cuda ${PYTEST_S:-270} $PY -m pytest -m cuda -v -p no:cacheprovider --continue-on-collection-errors -rfEs \
   --timeout ${TEST_TIMEOUT:-40} --junitxml="$OUT/pytest_cuda.xml" ${PYTEST_ARGS:-}
-# the files runtime.bench names mixtral-8x7b-L1-a4-e{bits}-s0.moepack in its cache dir
-has 10 && run tune_files 120 $PY -c "from runtime.bench import bench_file; [bench_file('/tmp/moe-pack-bench', 1, False, b, 0) for b in (2, 3)]"
+# the files runtime.bench names mixtral-8x7b-L1-a4-e{bits}{meta}-s0.moepack in its cache dir: the
+# quantizer's default experts (4-bit meta codes, "m4") unless TUNE_META=8 asks for the 8-bit ones;
+# either way the attention's problems are among each file's
+TUNE_META=${TUNE_META:-4}
+TUNE_TAG=$([ "$TUNE_META" = 8 ] || echo "m$TUNE_META")
+has 10 && run tune_files 120 $PY -c "from runtime.bench import bench_file; [bench_file('/tmp/moe-pack-bench', 1, False, b, 0, $TUNE_META) for b in (2, 3)]"
 for bits in 2 3; do
-  has 10 && run tune_$bits ${TUNE_S:-240} $PY -m runtime.tune /tmp/moe-pack-bench/mixtral-8x7b-L1-a4-e$bits-s0.moepack \
+  has 10 && run tune_$bits ${TUNE_S:-240} $PY -m runtime.tune /tmp/moe-pack-bench/mixtral-8x7b-L1-a4-e$bits$TUNE_TAG-s0.moepack \
     --tokens ${TUNE_TOKENS:-1} --rep-ms 20
 done
 has 2 && run kernel_bench 110 $PY tools/kernel_bench.py --json "$OUT/kernel_bench.json" ${KB_FLAGS:-}
