@@ -19,9 +19,7 @@ from typing import Callable
 
 from formats.errors import SourceError
 
-from .tensors import ExpertItem, TensorItem, read_safetensors_header
-
-Headers = dict[str, dict[str, tuple[str, tuple[int, ...]]]]  # shard -> tensor name -> (dtype, shape)
+from .tensors import ExpertItem, Headers, TensorItem, read_safetensors_header
 
 
 def _hub_error(src: str, what: str, e: Exception) -> SourceError:

@@ -92,12 +92,15 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     return out
 
 
+Headers = dict[str, dict[str, tuple[str, tuple[int, ...]]]]  # shard -> tensor name -> (dtype, shape)
+
+
 class ShardIndex:
     """Which shard holds which tensor, with its dtype and shape (headers only). `headers`
     (shard -> name -> (dtype, shape)) stands in for the shards' files when they are not
     downloaded yet (quantize/streaming.py)."""
 
-    def __init__(self, folder: Path, headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] | None = None):
+    def __init__(self, folder: Path, headers: Headers | None = None):
         self.folder = folder
         index_path = folder / INDEX_FILE
         self.claimed: dict[str, str] = {}  # what the index file says, to name the shard in errors
@@ -173,7 +176,7 @@ def _expert_refs(idx: ShardIndex, config: ModelConfig, L: int, E: int) -> tuple[
     )
 
 
-def plan_records(folder: Path, config: ModelConfig, headers=None) -> list[TensorItem | ExpertItem]:
+def plan_records(folder: Path, config: ModelConfig, headers: Headers | None = None) -> list[TensorItem | ExpertItem]:
     """Every record of the output in file order: embeddings; per layer its tensors then its
     experts 0..E-1; then model.norm and lm_head. `headers`: see ShardIndex."""
     idx = ShardIndex(folder, headers)

@@ -151,10 +151,9 @@ def _read(path: Path) -> dict | None:
     seen = set()
     for i, block in enumerate(doc["devices"]):
         where = f"devices[{i}]"
-        if doc["version"] < 3:  # the revision those versions' kernels had
-            _check_object(block, tuple(f for f in _BLOCK_FIELDS if f != "kernels"), where)
-            block["kernels"] = doc["version"]
-        _check_object(block, _BLOCK_FIELDS, where)
+        _check_object(block, _BLOCK_FIELDS if doc["version"] >= 3 else tuple(f for f in _BLOCK_FIELDS if f != "kernels"),
+                      where)
+        block.setdefault("kernels", doc["version"])  # versions 1 and 2: the revision their kernels had
         for name in ("device", "triton"):
             if not isinstance(block[name], str) or not block[name]:
                 raise _Invalid(f"{where}.{name} is not a non-empty string")
