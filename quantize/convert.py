@@ -106,16 +106,19 @@ def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, de
     folder = ckpt.folder if shards is None else shards.folder
     with MoepackWriter(out, config=ckpt.config, tokenizer=ckpt.tokenizer, quantizer=quantizer_info(src), recipe=file_recipe) as w, \
             _progress_bar(len(plan), progress) as bar:
+        held: dict[int, tuple[bytes, float]] = {}  # plan index -> payload encoded early (StreamedShards.early)
         for i, item in enumerate(plan):
             bar.set_postfix_str(item.name, refresh=False)
             if shards is not None:
                 shards.need(i)
             if isinstance(item, TensorItem):
-                payload, err = _encode(folder, item.ref, file_recipe[item.role], dev)
+                payload, err = held.pop(i) if i in held else _encode(folder, item.ref, file_recipe[item.role], dev)
                 w.add_tensor(item.name, item.role, item.layer, item.shape, payload, rel_error=err)
             else:
                 _add_expert(w, folder, item, file_recipe["experts"], dev)
             if shards is not None:
+                for j in shards.early.get(i, ()):
+                    held[j] = _encode(folder, plan[j].ref, file_recipe[plan[j].role], dev)
                 shards.done(i)
             bar.update(1)
         path = w.finish()

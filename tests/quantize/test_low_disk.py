@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from formats.errors import SourceError
-from quantize.streaming import shards_of
-from quantize.tensors import read_safetensors_header
+from quantize.streaming import StreamedShards, shards_of
+from quantize.tensors import TensorItem, TensorRef, read_safetensors_header
 from tests.quantize.helpers import assert_user_error, one_torch_thread, run_cli  # noqa: F401 (autouse fixture)
 from tests.quantize.test_source import FakeHub
 
@@ -73,11 +73,18 @@ def test_shards_come_one_at_a_time_and_the_bytes_equal_a_full_download(hub, five
     assert out.read_bytes() == (tmp_path / "full.moepack").read_bytes()
     shards = sorted(p.name for p in five_shards.glob("*.safetensors"))
     assert len(shards) >= SHARDS and sorted(hub.fetched) == shards  # each downloaded once
-    # each shard is on disk from the first record that reads it to the last, and only then
+    # each shard is on disk from the first record that reads it to the last, and only then;
+    # a non-expert record far after its shard's other readers is encoded with the one before
+    # (this checkpoint, as transformers 5 saves it, keeps lm_head in the first shard)
+    plan = _plan(five_shards)
     uses = {}
-    for i, item in enumerate(_plan(five_shards)):
+    for i, item in enumerate(plan):
         for shard in shards_of(item):
             uses.setdefault(shard, []).append(i)
+    for u in uses.values():
+        while len(u) > 1 and isinstance(plan[u[-1]], TensorItem) and u[-1] - u[-2] > 1:
+            u.pop()
+    assert uses[plan[-1].ref.shard][-1] < len(plan) - 2  # lm_head's shard goes early: the case is covered
     first = {s: min(u) for s, u in uses.items()}
     for shard, on_disk in zip(hub.fetched, hub.on_disk):
         now = first[shard]
@@ -86,6 +93,33 @@ def test_shards_come_one_at_a_time_and_the_bytes_equal_a_full_download(hub, five
     assert max(len(d) for d in hub.on_disk) < len(shards)
     assert "shards" in r.stdout and "on disk at once" in r.stdout
     assert [p.name for p in out.parent.iterdir()] == ["low.moepack"]  # the scratch folder is gone
+
+
+def test_a_shard_held_only_for_lm_head_is_freed_unless_that_costs_too_much_ram(hub, five_shards, tmp_path, monkeypatch):
+    args = ("--attn-bits", "4", "--expert-bits", "2", "-q")
+    early = tmp_path / "early.moepack"
+    assert run_cli("quantize", REPO, "-o", early, "--low-disk", *args).exit_code == 0
+    lm_shard = _plan(five_shards)[-1].ref.shard
+    assert lm_shard not in hub.on_disk[-1]  # gone before the last shard came
+    hub.fetched.clear(), hub.on_disk.clear()
+    monkeypatch.setattr("quantize.streaming.EARLY_BYTES", 0)  # lm_head over the cap: read in place
+    late = tmp_path / "late.moepack"
+    assert run_cli("quantize", REPO, "-o", late, "--low-disk", *args).exit_code == 0
+    assert lm_shard in hub.on_disk[-1]
+    assert early.read_bytes() == late.read_bytes()
+
+
+def test_records_moved_early_follow_their_reader_when_it_moves(tmp_path):
+    # shard a read by items 0, 2 and 4: 4 goes with 2, then both with 0; b is read in between
+    def item(i, shard):
+        return TensorItem(f"t{i}", "norms", None, (4,), TensorRef(f"t{i}", shard, (4,)))
+
+    plan = [item(0, "a"), item(1, "b"), item(2, "a"), item(3, "b"), item(4, "a")]
+    headers = {"a": {f"t{i}": ("BF16", (4,)) for i in (0, 2, 4)}, "b": {f"t{i}": ("F32", (4,)) for i in (1, 3)}}
+    with StreamedShards(plan, headers, tmp_path, fetch=None) as s:
+        assert s.early == {0: [2, 4], 1: [3]}
+        assert s.last_use == {"a": 0, "b": 1}
+        assert s.reads == [{"a"}, {"b"}, set(), set(), set()]
 
 
 def _plan(folder: Path):
