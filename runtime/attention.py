@@ -137,9 +137,11 @@ class Attention(nn.Module):
         one kernel (kernels.decode_ops.rotary_into_cache), returning the o projection's output
         as the GEMV leaves it ([1, H] or float32 partials [P, 1, H]): the caller's fused norm
         sums it. Needs a power-of-two head_dim. Where q, k and v do not stack (fuse_qkv),
-        their three outputs are concatenated first (one launch more). prepared: x in
+        their three outputs are concatenated first (one launch more). Attention over the cache
+        is kernels.decode_ops.attend (split over the keys, with the o projection's input
+        format written too), or torch's SDPA where that does not apply. prepared: x in
         input_format (written by the norm before)."""
-        from .kernels.decode_ops import rotary_into_cache
+        from .kernels.decode_ops import attend, attend_supported, rotary_into_cache
 
         D, G = self.head_dim, self.num_kv_heads
         layer = cache.layers[self.layer]  # [2, G, ctx, D]
@@ -150,6 +152,11 @@ class Attention(nn.Module):
         q = rotary_into_cache(y, self.num_heads, G, D, self.rotary.cos, self.rotary.sin_signed, at.pos,
                               layer)  # [1, heads * D]
         n = at.key_pos.numel()
+        if attend_supported(D, self.n_rep):
+            # split over the keys, reading only those up to the position: the SDPA below runs a
+            # program per kv head (8 of an H100's 132 SMs) over all n, half of them masked
+            out, prepared = attend(q, layer, at.pos, n, self.sliding_window, input_format(self.o_proj, q))
+            return forward_partials(self.o_proj, out, prepared)
         return forward_partials(self.o_proj, self._attend(q, layer[0, :, :n], layer[1, :, :n], at))
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: DevicePosition) -> torch.Tensor:

@@ -51,6 +51,7 @@ ENV_VALUES = {
     "MOEPACK_CPU_STEP": _flag,
     "MOEPACK_CPU_WIDE": _flag,
     "MOEPACK_CPU_WORKER": _flag,
+    "MOEPACK_FLASH_DECODE": _flag,
     "MOEPACK_FUSED_DECODE": _flag,
     "MOEPACK_GEMV_INT": _flag,
     "MOEPACK_NO_TUNING": _flag,

@@ -70,7 +70,7 @@ class _CountedKernel:
         return launch
 
 
-KERNELS = {"triton_decode": ("norm_kernel", "rotary_kernel"), "triton_gemv": ("qgemv_kernel", "xquant_kernel")}
+KERNELS = {"triton_decode": ("norm_kernel", "rotary_kernel", "attend_split_kernel", "attend_combine_kernel"), "triton_gemv": ("qgemv_kernel", "xquant_kernel")}
 
 
 def _counted(fn) -> Count:

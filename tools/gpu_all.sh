@@ -52,6 +52,8 @@
 #      hybrid-w2, LFU, trace routing, 4-bit meta, 12 GiB, 16 CPU threads, each way.
 #  21. small cards: LFU at 5 and 6 GiB (1-2 slots per layer) and a shared pool at 3 GiB, each
 #      copying only and hybrid (BENCHMARKS.md section 31).
+#  22. one token's attention split over the keys (kernels.decode_ops.attend) against torch's SDPA:
+#      tools/attend_bench.py, then 32 resident layers each way (MOEPACK_FLASH_DECODE=0: SDPA).
 #  10. python -m runtime.tune on one-layer Mixtral-shape files (2- and 3-bit experts, 4-bit meta
 #      codes as the quantizer writes by default; TUNE_META=8 for the 8-bit ones), T=1: the
 #      tuned launch configs land in $OUT/tuning/gemv-tuning.json, which every later stage of this
@@ -136,6 +138,9 @@
 # in one layer's top-k (the plan used to ask for top-k per layer); stage 1's cuda tests have the
 # new minimums (layer1, shared-min-pf), and "21" (~5 minutes) times 5, 6 GiB and a 3 GiB shared
 # pool, copying only and hybrid. Prefetch now defaults to off at 1-3 slots per layer.
+# Since the twenty-ninth session the fused decode step attends with its own split-key kernel
+# (kernels/triton_decode.py attend_*), reading only the keys up to the position; stage 1's cuda
+# tests (test_attend.py) check it against SDPA, and "22" (~4 minutes) times it both ways.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
@@ -326,5 +331,13 @@ has 21 && run bench_small 200 $PY -m runtime.bench --layers 32 --expert-bits 2 -
 has 21 && run bench_shared_3g 120 $PY -m runtime.bench --layers 32 --expert-bits 2 --expert-meta-bits 4 \
   --tokens ${TOKENS:-16} --warmup 8 --routing trace --variant lru --variant hybrid-only --cache-policy shared-lfu \
   --gpu-memory 3GiB --cache-dir /tmp/moe-pack-bench --json "$OUT/bench_shared_3g.json" $BENCH_FLAGS
+# one token's attention split over the keys (kernels.decode_ops.attend, only the keys up to the
+# position read) against torch's SDPA over the whole bucket: the kernel table, then 32 resident
+# layers with SDPA (stage 12/13's resident rows are the split kernel's)
+has 22 && run attend_bench 60 $PY tools/attend_bench.py --json "$OUT/attend_bench.json"
+has 22 && run resident_32_sdpa 150 bash -c "MOEPACK_FLASH_DECODE=0 $PY -m runtime.baseline_bench --layers 32 \
+  --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 64 > $OUT/resident_32_sdpa.jsonl"
+has 22 && run resident_32_split 150 bash -c "$PY -m runtime.baseline_bench --layers 32 \
+  --recipe 4/2m4 --cuda-graphs step --prompt-len 512 --new-tokens 64 > $OUT/resident_32_split.jsonl"
 log "total"
 tail -n 40 "$OUT/all.log"

@@ -7,6 +7,7 @@ own sum and cast launches go too; qgemv.run_gemv's keep_partials)."""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -101,3 +102,62 @@ def rotary_into_cache(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
     rotary_kernel[(heads + 2 * kv_heads,)](y, q, cache, cos, sin_signed, pos, stride_p, cache.shape[2],
                                            NQ=heads, NK=kv_heads, D=head_dim, P=p, num_warps=1, **FP_FUSION)
     return q
+
+
+# "0" keeps torch's scaled_dot_product_attention in the fused decode step (A/B timing of attend)
+ATTEND_ENV = "MOEPACK_FLASH_DECODE"
+ATTEND_BLOCK = 32  # keys per inner step of a split
+MAX_GROUP = 16  # query heads per kv head: tl.dot's 16 rows
+
+
+def attend_supported(head_dim: int, n_rep: int) -> bool:
+    return os.environ.get(ATTEND_ENV, "1") != "0" and 16 <= head_dim <= 256 and rotary_supported(head_dim) \
+        and n_rep <= MAX_GROUP
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def attend_splits(keys: int, kv_heads: int, device: torch.device) -> tuple[int, int]:
+    """(keys per split, splits) for a cache of `keys` positions: about two programs per SM
+    when the token sees all of them, whole ATTEND_BLOCKs each."""
+    want = max(1, 2 * _sm_count(device) // kv_heads)
+    kps = -(-keys // want)
+    kps = -(-kps // ATTEND_BLOCK) * ATTEND_BLOCK
+    return kps, -(-keys // kps)
+
+
+def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, window: int | None,
+           fmt: XFormat | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token's attention (flash-decoding): q [1, heads * D] (rotated) over the first `keys`
+    positions of cache [2, kv_heads, ctx, D] that the token at the device position pos [1]
+    sees (positions <= pos, and > pos - window with a sliding window). Keys are split over
+    about two programs per SM, and splits past pos skip their work: the cost follows the
+    position, not `keys` (the graph's bucket). -> (out [1, heads * D] in the model dtype, out
+    in `fmt` or None). Two launches; softmax scale 1/sqrt(D), as torch's attention."""
+    from .triton_decode import attend_combine_kernel, attend_split_kernel
+
+    _, g, ctx, d = cache.shape
+    heads = q.shape[1] // d
+    r = heads // g
+    if keys > ctx or heads % g or q.shape != (1, heads * d):
+        raise ConfigError(f"attend: q {list(q.shape)} and cache {list(cache.shape)} with {keys} keys do not fit")
+    kps, s = attend_splits(keys, g, cache.device)
+    ml = torch.empty((g, s, 2, r), dtype=torch.float32, device=cache.device)
+    acc = torch.empty((g, s, r, d), dtype=torch.float32, device=cache.device)
+    w = 0 if window is None else int(window)
+    attend_split_kernel[(g, s)](q, cache, pos, ml, acc, ctx, kps, w, d ** -0.5, R=r, RP=16, D=d, G=g,
+                                BN=ATTEND_BLOCK, WINDOW=window is not None, num_warps=4, **FP_FUSION)
+    out = torch.empty((1, heads * d), dtype=cache.dtype, device=cache.device)
+    xf = None
+    if fmt is not None:
+        if d % fmt.per:
+            raise ConfigError(f"a head of {d} is not a whole number of {fmt.per}-code words")
+        kw = heads * d // fmt.per
+        xf = (torch.empty((1, (fmt.per // 2 + 2) * kw), dtype=torch.int32, device=cache.device) if fmt.int_x
+              else torch.empty_like(out))
+    attend_combine_kernel[(heads,)](ml, acc, pos, out, out if xf is None else xf, kps, w, s, R=r, D=d, G=g, BS=16,
+                                    WINDOW=window is not None, FMT=0 if fmt is None else 2 if fmt.int_x else 1,
+                                    PER=1 if fmt is None else fmt.per, num_warps=4, **FP_FUSION)
+    return out, xf

@@ -125,3 +125,104 @@ def rotary_kernel(y_ptr, q_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, stride_p, 
     else:
         # cache [2, NK, ctx, D]: k head g is row g, v head g row NK + g, i.e. row hd - NQ both
         tl.store(cache_ptr + ((hd - NQ) * ctx + pos) * D + d, x)
+
+
+@triton.jit
+def attend_split_kernel(q_ptr, cache_ptr, pos_ptr, ml_ptr, acc_ptr, ctx, KPS, window, scale,
+                        R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                        BN: tl.constexpr, WINDOW: tl.constexpr):
+    """One split (program (g, s)) of one token's attention for the R query heads of kv head g
+    over cache keys s * KPS .. (s + 1) * KPS - 1 that the token at `pos` sees: its running max
+    m and sum l of exp(score - m) per query head (ml [G, S, 2, R]) and its unnormalised output
+    (acc [G, S, R, D], float32). A split wholly outside what the token sees returns at once
+    and writes nothing (attend_combine_kernel does not read it), so a step's cost follows its
+    position, not the cache length the graph was captured for."""
+    g = tl.program_id(0)
+    s = tl.program_id(1)
+    S = tl.num_programs(1)
+    dt = q_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr).to(tl.int32)
+    first = 0
+    if WINDOW:
+        first = tl.maximum(pos - window + 1, 0)  # keys j > pos - window (transformers' overlay)
+    start = tl.maximum(s * KPS, first)
+    stop = tl.minimum(s * KPS + KPS, pos + 1)
+    if start < stop:
+        r = tl.arange(0, RP)
+        d = tl.arange(0, D)
+        # rows past R are zeros: tl.dot wants 16 rows, a kv head has R (4 in Mixtral) queries
+        q = tl.load(q_ptr + (g * R + r)[:, None] * D + d[None, :], mask=(r < R)[:, None], other=0.0)  # [RP, D]
+        m = tl.full([RP], float("-inf"), tl.float32)
+        l = tl.full([RP], 0.0, tl.float32)
+        acc = tl.full([RP, D], 0.0, tl.float32)
+        k_base = cache_ptr + g * ctx * D  # cache [2, G, ctx, D]: keys, then values
+        v_base = cache_ptr + (G + g) * ctx * D
+        for j0 in range(start, stop, BN):  # the first key of every block is seen: m stays finite
+            j = j0 + tl.arange(0, BN)
+            ok = j < stop
+            k = tl.load(k_base + j[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # [BN, D]
+            v = tl.load(v_base + j[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            if dt == tl.float32:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = tl.where(ok[None, :], sc * scale, float("-inf"))  # [RP, BN]
+            m_new = tl.maximum(m, tl.reduce(sc, 1, _max))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l = l * alpha + tl.reduce(p, 1, _add)
+            # the probabilities meet V in the model dtype, as torch's attention kernels do
+            if dt == tl.float32:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dt), v)
+            acc = acc * alpha[:, None] + pv
+            m = m_new
+        row = (g * S + s) * R + r  # [RP]
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=(r < R)[:, None])
+        tl.store(ml_ptr + ((g * S + s) * 2) * R + r, m, mask=r < R)
+        tl.store(ml_ptr + ((g * S + s) * 2 + 1) * R + r, l, mask=r < R)
+
+
+@triton.jit
+def attend_combine_kernel(ml_ptr, acc_ptr, pos_ptr, out_ptr, xf_ptr, KPS, window, S,
+                          R: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
+                          WINDOW: tl.constexpr, FMT: tl.constexpr = 0, PER: tl.constexpr = 1):
+    """One query head (program h) of attend_split_kernel's splits combined: out[h * D ..] =
+    sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits the token sees, in the
+    model dtype. FMT as norm_kernel's: the o projection's GEMV input written as well."""
+    h = tl.program_id(0)
+    g = h // R
+    r = h % R
+    dt = out_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr).to(tl.int32)
+    first = 0
+    if WINDOW:
+        first = tl.maximum(pos - window + 1, 0)
+    s_last = pos // KPS
+    d = tl.arange(0, D)
+    M = tl.full([1], float("-inf"), tl.float32)
+    L = tl.full([1], 0.0, tl.float32)
+    O = tl.full([D], 0.0, tl.float32)
+    for s0 in range(first // KPS, s_last + 1, BS):
+        s = s0 + tl.arange(0, BS)
+        ok = s <= s_last
+        base = (g * S + s) * 2 * R + r
+        m = tl.load(ml_ptr + base, mask=ok, other=float("-inf"))  # [BS]
+        l = tl.load(ml_ptr + base + R, mask=ok, other=0.0)
+        a = tl.load(acc_ptr + ((g * S + s) * R + r)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        M_new = tl.maximum(M, tl.reduce(m, 0, _max))  # [1]: the first block holds a split seen
+        f = tl.exp(m - M_new)  # [BS]; 0 where masked
+        c = tl.exp(M - M_new)
+        L = L * c + tl.reduce(l * f, 0, _add)
+        O = O * c + tl.reduce(a * f[:, None], 0, _add)
+        M = M_new
+    x = (O / L).to(dt)
+    offs = h * D + d
+    tl.store(out_ptr + offs, x)
+    H = tl.num_programs(0) * D
+    if FMT == 1:  # qgemv.permute_x, as norm_kernel
+        tl.store(xf_ptr + (offs % PER) * (H // PER) + offs // PER, x)
+    if FMT == 2:
+        tl.debug_barrier()  # this program's stores of x above are visible to all its threads
+        xquant_words(out_ptr, xf_ptr, H // PER, h * (D // PER) + tl.arange(0, D // PER), 32 // PER)

@@ -181,6 +181,21 @@ def test_rotary_compiles_for_sm90(partials):
     assert k.asm["ptx"]
 
 
+@pytest.mark.parametrize("act", ["*fp16", "*bf16"])
+@pytest.mark.parametrize("window,fmt", [(False, 2), (True, 0)])
+def test_attend_compiles_for_sm90(act, window, fmt):
+    """The split-key attention's two kernels; the split's scores and P.V on the tensor cores."""
+    from runtime.kernels.triton_decode import attend_combine_kernel, attend_split_kernel
+
+    types = {"q_ptr": act, "cache_ptr": act, "pos_ptr": "*i64", "ml_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32"}
+    k = _compile(attend_split_kernel, types, dict(R=4, RP=16, D=128, G=8, BN=32, WINDOW=window))
+    assert "mma" in k.asm["ptx"]
+    types = {"ml_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": act,
+             "xf_ptr": "*i32" if fmt == 2 else act}
+    k = _compile(attend_combine_kernel, types, dict(R=4, D=128, G=8, BS=16, WINDOW=window, FMT=fmt, PER=8))
+    assert "st.global" in k.asm["ptx"]
+
+
 def test_every_constexpr_of_the_gemv_is_given():
     """A constexpr left out of a compile above would be compiled as a runtime integer, both
     branches of its `if`s included: the lists must name every one."""
@@ -243,7 +258,7 @@ def test_a_decode_steps_kernels_compile_for_consumer_gpus(arch):
     int16-activation GEMVs with dp2a, sm_61 and up; the fused norm and rotary) and the prompt's
     word-wise dequantize must build for the GPUs of the mission's users. The fused GEMM is
     opt-in (MOEPACK_PREFILL=fused): on sm_75 triton lowers its tl.dot without tensor cores."""
-    from runtime.kernels.triton_decode import norm_kernel, rotary_kernel
+    from runtime.kernels.triton_decode import attend_combine_kernel, attend_split_kernel, norm_kernel, rotary_kernel
     from runtime.kernels.triton_dequant import dequant_words_kernel
     from runtime.kernels.triton_gemm import qgemm_kernel
     from runtime.kernels.triton_gemv import qgemv_kernel
@@ -261,6 +276,11 @@ def test_a_decode_steps_kernels_compile_for_consumer_gpus(arch):
     types = {"y_ptr": "*fp32", "q_ptr": "*fp16", "cache_ptr": "*fp16", "cos_ptr": "*fp16", "sin_ptr": "*fp16",
              "pos_ptr": "*i64"}
     assert _compile(rotary_kernel, types, dict(NQ=32, NK=8, D=128, P=4), target)
+    types = {"q_ptr": "*fp16", "cache_ptr": "*fp16", "pos_ptr": "*i64", "ml_ptr": "*fp32", "acc_ptr": "*fp32",
+             "scale": "fp32"}
+    assert _compile(attend_split_kernel, types, dict(R=4, RP=16, D=128, G=8, BN=32, WINDOW=False), target)
+    types = {"ml_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*fp16", "xf_ptr": "*i32"}
+    assert _compile(attend_combine_kernel, types, dict(R=4, D=128, G=8, BS=16, WINDOW=False, FMT=2, PER=8), target)
     types = {"out_ptr": "*fp16", "q_ptr": "*i32", "qh_ptr": "*i16", "s_ptr": "*u8", "z_ptr": "*u8",
              "sm_ptr": "*fp32", "zm_ptr": "*fp32", "offs_ptr": "*i64"}
     assert _compile(dequant_words_kernel, types, dict(MG=128, BITS=2, G=16, MB=4, BLOCK_N=16, BLOCK_W=32, EVEN=True,
