@@ -96,3 +96,21 @@ def test_integer_gemv_loads_in_the_tiles_layout(tmp_path_factory):
         assert s["mix"].get("BAR", 0) == 0 and s["mix"].get("STS", 0) == 0, (case, s["mix"])
         assert s["bound_us"]["int"] <= 1.2 * s["floor_us"], (case, s["bound_us"], s["floor_us"])
     assert st[("w13-2m4", 16)]["local_ops"] == 0, st[("w13-2m4", 16)]["mix"]
+
+
+def test_decode_attention_kernels_keep_to_registers(tmp_path_factory):
+    """tools/attend_sass.py: the split-key attention's kernels, as compiled for sm_90, spill
+    nothing, and the split's scores and P.V run on the tensor cores."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("this triton build has no bundled cuobjdump")
+    out = tmp_path_factory.mktemp("attend") / "attend.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "attend_sass.py"), "--json", str(out)], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    kernels = json.loads(out.read_text())["kernels"]
+    for name, k in kernels.items():
+        assert k["spill_bytes"] == 0, name
+    used = next(k for name, k in kernels.items() if "used" in name)
+    assert used["hmma"] > 0 and used["registers"] <= 128
