@@ -132,7 +132,8 @@ def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, w
            fmt: XFormat | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token's attention (flash-decoding): q [1, heads * D] (rotated) over the first `keys`
     positions of cache [2, kv_heads, ctx, D] that the token at the device position pos [1]
-    sees (positions <= pos, and > pos - window with a sliding window). Keys are split over
+    sees (positions <= pos, and > pos - window with a sliding window; pos < keys, which the
+    caller's bucket guarantees: the device position is not read back). Keys are split over
     about two programs per SM, and splits past pos skip their work: the cost follows the
     position, not `keys` (the graph's bucket). -> (out [1, heads * D] in the model dtype, out
     in `fmt` or None). Two launches; softmax scale 1/sqrt(D), as torch's attention."""
