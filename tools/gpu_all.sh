@@ -140,7 +140,7 @@
 # pool, copying only and hybrid. Prefetch now defaults to off at 1-3 slots per layer.
 # Since the twenty-ninth session the fused decode step attends with its own split-key kernel
 # (kernels/triton_decode.py attend_*), reading only the keys up to the position; stage 1's cuda
-# tests (test_attend.py) check it against SDPA, and "22" (~4 minutes) times it both ways.
+# tests (test_decode_ops.py) check it against SDPA, and "22" (~4 minutes) times it both ways.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_all}
