@@ -144,6 +144,10 @@ def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, w
     r = heads // g
     if keys > ctx or heads % g or q.shape != (1, heads * d):
         raise ConfigError(f"attend: q {list(q.shape)} and cache {list(cache.shape)} with {keys} keys do not fit")
+    if not (16 <= d <= 256 and rotary_supported(d)) or r > MAX_GROUP:
+        # a query row past tl.dot's 16 would be left out, and the combine read scratch never written
+        raise ConfigError(f"attend: {r} query heads per kv head of {d} (at most {MAX_GROUP}, a power of two 16-256)",
+                          hint="attend_supported says which shapes take this kernel")
     kps, s = attend_splits(keys, g, cache.device)
     ml = torch.empty((g, s, 2, r), dtype=torch.float32, device=cache.device)
     acc = torch.empty((g, s, r, d), dtype=torch.float32, device=cache.device)

@@ -124,7 +124,7 @@ def rotary_kernel(y_ptr, q_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, stride_p, 
         tl.store(q_ptr + hd * D + d, x)
     else:
         # cache [2, NK, ctx, D]: k head g is row g, v head g row NK + g, i.e. row hd - NQ both
-        tl.store(cache_ptr + ((hd - NQ) * ctx + pos) * D + d, x)
+        tl.store(cache_ptr + ((hd - NQ).to(tl.int64) * ctx + pos) * D + d, x)
 
 
 @triton.jit
@@ -155,8 +155,8 @@ def attend_split_kernel(q_ptr, cache_ptr, pos_ptr, ml_ptr, acc_ptr, ctx, KPS, wi
         m = tl.full([RP], float("-inf"), tl.float32)
         l = tl.full([RP], 0.0, tl.float32)
         acc = tl.full([RP, D], 0.0, tl.float32)
-        k_base = cache_ptr + g * ctx * D  # cache [2, G, ctx, D]: keys, then values
-        v_base = cache_ptr + (G + g) * ctx * D
+        k_base = cache_ptr + g.to(tl.int64) * ctx * D  # cache [2, G, ctx, D]: keys, then values
+        v_base = cache_ptr + (G + g).to(tl.int64) * ctx * D  # (64-bit: 2 G ctx D may pass 2^31)
         for j0 in range(start, stop, BN):  # the first key of every block is seen: m stays finite
             j = j0 + tl.arange(0, BN)
             ok = j < stop

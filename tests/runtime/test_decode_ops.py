@@ -186,7 +186,12 @@ def _case(heads, kv_heads, d, ctx, dtype, seed):
     return q, cache
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# fp16 runs on the CPU too (the interpreter's bf16 tl.dot is not exact enough to check against)
+ATTEND_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.mark.parametrize("sms", [None, 132])  # None: this device's; 132: an H100's split count on any device
+@pytest.mark.parametrize("dtype", ATTEND_DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,d,ctx,keys,pos,window", [
     (8, 2, 16, 64, 64, 0, None),  # the first token: one key
     (8, 2, 16, 64, 64, 63, None),  # every key
@@ -196,8 +201,12 @@ def _case(heads, kv_heads, d, ctx, dtype, seed):
     (6, 3, 64, 96, 96, 20, 64),  # a window longer than the position
     (16, 1, 16, 2048, 2048, 1999, None),  # one kv head, 16 query heads: tl.dot's rows exactly
 ])
-def test_attend_is_sdpa_over_what_the_token_sees(dtype, heads, kv_heads, d, ctx, keys, pos, window):
+def test_attend_is_sdpa_over_what_the_token_sees(monkeypatch, sms, dtype, heads, kv_heads, d, ctx, keys, pos, window):
+    from runtime.kernels import decode_ops
     from runtime.kernels.decode_ops import attend
+
+    if sms is not None:  # more splits than one combine block (16) at 1024 keys and up
+        monkeypatch.setattr(decode_ops, "_sm_count", lambda device: sms)
 
     q, cache = _case(heads, kv_heads, d, ctx, dtype, seed=pos + heads)
     p = torch.tensor([pos], device=DEV)
@@ -239,3 +248,14 @@ def test_splits_cover_the_keys_in_whole_blocks(keys):
 
     kps, s = attend_splits(keys, 8, torch.device(DEV))
     assert kps % ATTEND_BLOCK == 0 and (s - 1) * kps < keys <= s * kps
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(17, 1, 16), (8, 2, 24), (8, 2, 8)])
+def test_attend_refuses_what_its_kernels_do_not_take(heads, kv_heads, d):
+    from formats.errors import ConfigError
+    from runtime.kernels.decode_ops import attend, attend_supported
+
+    q, cache = _case(heads, kv_heads, d, 64, torch.float32, seed=1)
+    assert not attend_supported(d, heads // kv_heads)
+    with pytest.raises(ConfigError, match="query heads per kv head"):
+        attend(q, cache, torch.tensor([3], device=DEV), 64, None)
