@@ -38,6 +38,19 @@ def _rows(y: torch.Tensor | None, t: int, n: int) -> tuple[torch.Tensor | None, 
     return y, y.shape[0], t * n
 
 
+def _format_buffer(x: torch.Tensor, fmt: XFormat) -> torch.Tensor:
+    """Where a kernel writes x [T, K] in the GEMV input format `fmt` as well (K whole words)."""
+    t, k = x.shape
+    if fmt.int_x:  # quantize_x's layout
+        return torch.empty((t, (fmt.per // 2 + 2) * (k // fmt.per)), dtype=torch.int32, device=x.device)
+    return torch.empty_like(x)
+
+
+def _format_consts(fmt: XFormat | None) -> dict:
+    """The FMT and PER constexprs of norm_kernel and attend_combine_kernel for `fmt`."""
+    return dict(FMT=0 if fmt is None else 2 if fmt.int_x else 1, PER=1 if fmt is None else fmt.per)
+
+
 def norm_supported(hidden: int, experts: int = 0) -> bool:
     return hidden <= MAX_HIDDEN and experts <= MAX_EXPERTS
 
@@ -71,14 +84,12 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
     if fmt is not None:
         if hid % fmt.per:
             raise ConfigError(f"a hidden size of {hid} is not a whole number of {fmt.per}-code words")
-        kw = hid // fmt.per
-        xf = (torch.empty((t, (fmt.per // 2 + 2) * kw), dtype=torch.int32, device=h.device) if fmt.int_x
-              else torch.empty_like(h))
+        xf = _format_buffer(x, fmt)
     bh = _next_pow2(hid)
     norm_kernel[(t,)](h, h if y is None else y, h_out, weight, x, x if router is None else router.contiguous(),
                       x if idx is None else idx, x if tw is None else tw, x if xf is None else xf, hid, stride_p, eps,
                       P=p, BH=bh, E=e, BE=_next_pow2(max(e, 2)), TOPK=top_k, BK=_next_pow2(max(top_k, 2)),
-                      FMT=0 if fmt is None else 2 if fmt.int_x else 1, PER=1 if fmt is None else fmt.per,
+                      **_format_consts(fmt),
                       BW=1 if fmt is None else min(256, bh // fmt.per),
                       num_warps=8 if bh >= 4096 else 4, **FP_FUSION)
     return Normed(h_out, x, idx, tw, xf)
@@ -110,9 +121,12 @@ ATTEND_BLOCK = 32  # keys per inner step of a split
 MAX_GROUP = 16  # query heads per kv head: tl.dot's 16 rows
 
 
+def _attend_takes(head_dim: int, n_rep: int) -> bool:
+    return 16 <= head_dim <= 256 and rotary_supported(head_dim) and n_rep <= MAX_GROUP
+
+
 def attend_supported(head_dim: int, n_rep: int) -> bool:
-    return os.environ.get(ATTEND_ENV, "1") != "0" and 16 <= head_dim <= 256 and rotary_supported(head_dim) \
-        and n_rep <= MAX_GROUP
+    return os.environ.get(ATTEND_ENV, "1") != "0" and _attend_takes(head_dim, n_rep)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -144,7 +158,7 @@ def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, w
     r = heads // g
     if keys > ctx or heads % g or q.shape != (1, heads * d):
         raise ConfigError(f"attend: q {list(q.shape)} and cache {list(cache.shape)} with {keys} keys do not fit")
-    if not (16 <= d <= 256 and rotary_supported(d)) or r > MAX_GROUP:
+    if not _attend_takes(d, r):
         # a query row past tl.dot's 16 would be left out, and the combine read scratch never written
         raise ConfigError(f"attend: {r} query heads per kv head of {d} (at most {MAX_GROUP}, a power of two 16-256)",
                           hint="attend_supported says which shapes take this kernel")
@@ -152,17 +166,14 @@ def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, w
     ml = torch.empty((g, s, 2, r), dtype=torch.float32, device=cache.device)
     acc = torch.empty((g, s, r, d), dtype=torch.float32, device=cache.device)
     w = 0 if window is None else int(window)
-    attend_split_kernel[(g, s)](q, cache, pos, ml, acc, ctx, kps, w, d ** -0.5, R=r, RP=16, D=d, G=g,
+    attend_split_kernel[(g, s)](q, cache, pos, ml, acc, ctx, kps, w, d ** -0.5, R=r, RP=MAX_GROUP, D=d, G=g,
                                 BN=ATTEND_BLOCK, WINDOW=window is not None, num_warps=4, **FP_FUSION)
     out = torch.empty((1, heads * d), dtype=cache.dtype, device=cache.device)
     xf = None
     if fmt is not None:
         if d % fmt.per:
             raise ConfigError(f"a head of {d} is not a whole number of {fmt.per}-code words")
-        kw = heads * d // fmt.per
-        xf = (torch.empty((1, (fmt.per // 2 + 2) * kw), dtype=torch.int32, device=cache.device) if fmt.int_x
-              else torch.empty_like(out))
+        xf = _format_buffer(out, fmt)
     attend_combine_kernel[(heads,)](ml, acc, pos, out, out if xf is None else xf, kps, w, s, R=r, D=d, G=g, BS=16,
-                                    WINDOW=window is not None, FMT=0 if fmt is None else 2 if fmt.int_x else 1,
-                                    PER=1 if fmt is None else fmt.per, num_warps=4, **FP_FUSION)
+                                    WINDOW=window is not None, **_format_consts(fmt), num_warps=4, **FP_FUSION)
     return out, xf
