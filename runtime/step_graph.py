@@ -36,17 +36,31 @@ def step_graph_applies(model) -> bool:
 MIN_KEYS = 256
 
 
-def key_bucket(pos: int, max_ctx: int) -> int:
-    """How many cache positions a step at `pos` attends over: the next power of two above
-    pos, at least MIN_KEYS, at most the allocated context. Attending over the whole cache
-    (a mask hides the positions not written yet) would read all of it at every step: ~16 MB
-    of keys and values per Mixtral layer at the default 4096, whatever the position."""
+def key_bucket(pos: int, max_ctx: int, whole: bool = False) -> int:
+    """How many cache positions a step at `pos` attends over. whole: all of them, since the
+    step attends with kernels.decode_ops.attend, whose kernels read only the keys up to the
+    position whatever the count (one graph for every step). Else torch's attention, which
+    reads every key it is given, masked or not: the next power of two above pos, at least
+    MIN_KEYS, at most the allocated context (the whole cache would be ~16 MB of keys and
+    values per Mixtral layer at the default 4096, whatever the position)."""
+    if whole:
+        return max_ctx
     return min(max(MIN_KEYS, 1 << pos.bit_length()), max_ctx)
+
+
+def attends_by_split(model) -> bool:
+    """Whether every layer of `model`'s fused one-token step attends with decode_ops.attend."""
+    from .kernels.decode_ops import attend_supported
+
+    h = torch.zeros(1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    return all(fused_applies(layer, h) and attend_supported(layer.attn.head_dim, layer.attn.n_rep)
+               for layer in model.layers)
 
 
 class StepGraph:
     """step(token [1] int64, position) -> float32 logits [1, V] of the whole model: one graph
-    per key bucket (key_bucket), captured when a step first reaches it."""
+    per key bucket (key_bucket), captured when a step first reaches it; one graph in all
+    where the split-key attention runs (attends_by_split)."""
 
     def __init__(self, model):
         dev = model.device
@@ -60,6 +74,7 @@ class StepGraph:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capturing else None
         self.replays = 0
+        self.whole: bool | None = None  # attends_by_split, asked at the first step (MOEPACK_* read then)
 
     def _body(self, keys: int) -> torch.Tensor:
         m = self.model
@@ -92,7 +107,9 @@ class StepGraph:
         self.pos.fill_(start_pos)
         # counted here, not by forward_routed: a replayed graph runs no Python
         self.experts.count(len(self.model.layers) * self.model.config.num_experts_per_tok)
-        keys = key_bucket(start_pos, self.key_pos.numel())
+        if self.whole is None:
+            self.whole = attends_by_split(self.model)
+        keys = key_bucket(start_pos, self.key_pos.numel(), self.whole)
         if not self.capturing:
             return self._body(keys)
         if keys not in self.graphs:

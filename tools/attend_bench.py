@@ -5,11 +5,14 @@ decode step ran it before (Attention._attend: a bias over all `keys` bucket posi
     python tools/attend_bench.py --json attend.json          # a GPU: Mixtral's heads
     TRITON_INTERPRET=1 python tools/attend_bench.py --tiny   # CPU smoke run (tiny shapes)
 
-Each row is a (keys, pos) pair as the decode graphs meet them: the step graph attends over
-the power of two above pos (step_graph.key_bucket), a per-layer graph over the whole cache.
-Times are CUDA-graph replays between events (runtime.kernels.timing), one layer's cache
-rotated over enough layers' caches to exceed L2, as a 32-layer step reads each layer's once.
-`bytes` is what the keys and values up to pos take: the split kernel's reads.
+Each row is a position. `split_us`: the kernels over the whole cache, as both the step graph
+and the offloading engine's per-layer graphs now call them (one graph; the kernels read the
+keys up to pos). `sdpa_bucket_us`: SDPA over the power of two above pos
+(step_graph.key_bucket), the step graph's fallback; `sdpa_whole_us`: SDPA over the whole cache,
+as the per-layer graphs ran it. Times are CUDA-graph replays between events
+(runtime.kernels.timing), one layer's cache rotated over enough layers' caches to exceed L2,
+as a 32-layer step reads each layer's once. `bytes` is what the keys and values up to pos
+take: the split kernel's reads.
 """
 
 from __future__ import annotations
@@ -25,18 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime.kernels import decode_ops  # noqa: E402
 from runtime.kernels.timing import cuda_graph_timer, l2_bytes, rotating, wall_clock_timer  # noqa: E402
+from runtime.step_graph import key_bucket  # noqa: E402
 
 MIXTRAL = dict(heads=32, kv_heads=8, head_dim=128, ctx=4096)
 TINY = dict(heads=8, kv_heads=2, head_dim=16, ctx=256)
 
 
-def cases(ctx: int) -> list[tuple[int, int]]:
-    """(keys, pos): step-graph buckets just past half and full, and the per-layer graph's whole cache."""
-    rows = []
-    for keys in (64, 1024, ctx):
-        if keys <= ctx:
-            rows += [(keys, keys // 2 + 1), (keys, keys - 1)]
-    return rows + [(ctx, 600 if ctx > 600 else ctx // 4)]
+def positions(ctx: int) -> list[int]:
+    """Just past a bucket's half and at its end, for buckets 64, 1024 and the whole cache."""
+    return sorted({p for keys in (64, 1024, ctx) if keys <= ctx for p in (keys // 2 + 1, keys - 1)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,28 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     q = torch.randn(1, h * d, generator=gen).to(dev, dtype)
     timer = cuda_graph_timer(dev, args.rep_ms) if dev.type == "cuda" else wall_clock_timer()
     rows = []
-    for keys, pos in cases(ctx):
+    for pos in positions(ctx):
         p = torch.tensor([pos], device=dev)
-        key_pos = torch.arange(keys, device=dev)
-        bias = torch.zeros(keys, dtype=dtype, device=dev).masked_fill(key_pos > p, float("-inf"))
+        bucket = key_bucket(pos, ctx)
 
-        def split(i, keys=keys, p=p):
-            return decode_ops.attend(q, caches[i], p, keys, None)[0]
+        def split(i, p=p):
+            return decode_ops.attend(q, caches[i], p, ctx, None)[0]
 
-        def sdpa(i, keys=keys, bias=bias):
-            c = caches[i]
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.view(g, h // g, d)[None], c[0, :, :keys][None], c[1, :, :keys][None],
-                attn_mask=bias.expand(h // g, -1))[0]
+        def sdpa_at(keys):
+            bias = torch.zeros(keys, dtype=dtype, device=dev).masked_fill(torch.arange(keys, device=dev) > p,
+                                                                          float("-inf")).expand(h // g, -1)
 
-        want = sdpa(0).reshape(1, -1).float()
+            def run(i):  # the bias built outside the timed call, as the graphs hold it
+                c = caches[i]
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q.view(g, h // g, d)[None], c[0, :, :keys][None], c[1, :, :keys][None], attn_mask=bias)[0]
+            return run
+
+        want = sdpa_at(bucket)(0).reshape(1, -1).float()
         err = (split(0).float() - want).abs().max().item()
-        row = dict(keys=keys, pos=pos, bytes=2 * g * (pos + 1) * d * dtype.itemsize, max_abs_diff=err,
-                   split_us=timer(rotating(split, copies), copies), sdpa_us=timer(rotating(sdpa, copies), copies),
-                   splits=decode_ops.attend_splits(keys, g, dev)[1])
+        row = dict(pos=pos, bucket=bucket, ctx=ctx, bytes=2 * g * (pos + 1) * d * dtype.itemsize, max_abs_diff=err,
+                   split_us=timer(rotating(split, copies), copies),
+                   sdpa_bucket_us=timer(rotating(sdpa_at(bucket), copies), copies),
+                   sdpa_whole_us=timer(rotating(sdpa_at(ctx), copies), copies),
+                   splits=decode_ops.attend_splits(ctx, g, dev))
         rows.append(row)
-        print(f"keys {keys:5d} pos {pos:5d}: split {row['split_us']:8.1f} us   sdpa {row['sdpa_us']:8.1f} us   "
-              f"({row['splits']} splits, {row['bytes'] / 1e6:.2f} MB, max |diff| {err:.1e})", flush=True)
+        print(f"pos {pos:5d}: split {row['split_us']:8.1f} us   sdpa over {bucket:5d} {row['sdpa_bucket_us']:8.1f} us   "
+              f"over {ctx} {row['sdpa_whole_us']:8.1f} us   ({row['bytes'] / 1e6:.2f} MB, max |diff| {err:.1e})",
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=str(torch.cuda.get_device_name(dev)) if dev.type == "cuda"
                                                    else "cpu", shape=shape, rows=rows), indent=1))

@@ -6,7 +6,7 @@ instructions, barriers, tensor-core and memory instructions, shared memory.
     PYTHONPATH=.cache/triton-3.6.0 python tools/attend_sass.py   # as the H100 host's triton builds them
 
 Mixtral's heads (32 query heads over 8 kv heads of 128); the integer arguments the JIT marks
-divisible by 16 at a real launch (ctx, KPS, S) are marked so here, as tools/sass_stats.py does.
+divisible by 16 at a real launch (ctx, S) are marked so here, as tools/sass_stats.py does.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ def cases() -> dict[str, dict]:
     out = {}
     for bn in sorted({ATTEND_BLOCK, 64}):
         k = _compile(attend_split_kernel, split_types, dict(R=4, RP=16, D=128, G=8, BN=bn, WINDOW=False),
-                     {"ctx", "KPS"}, 4)
+                     {"ctx"}, 4)
         out[f"split BN{bn}" + (" (used)" if bn == ATTEND_BLOCK else "")] = profile(k)
     combine_types = {"ml_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*fp16", "xf_ptr": "*i32"}
-    k = _compile(attend_combine_kernel, combine_types, dict(R=4, D=128, G=8, BS=16, WINDOW=False, FMT=2, PER=8),
-                 {"KPS", "S"}, 4)
+    k = _compile(attend_combine_kernel, combine_types, dict(R=4, D=128, G=8, BS=16, BN=ATTEND_BLOCK, WINDOW=False, FMT=2, PER=8),
+                 {"S"}, 4)
     out["combine, int16 o input"] = profile(k)
     return out
 

@@ -133,24 +133,24 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def attend_splits(keys: int, kv_heads: int, device: torch.device) -> tuple[int, int]:
-    """(keys per split, splits) for a cache of `keys` positions: about two programs per SM
-    when the token sees all of them, whole ATTEND_BLOCKs each."""
+def attend_splits(keys: int, kv_heads: int, device: torch.device) -> int:
+    """How many splits share a token's keys out: about two programs per SM, and no more than
+    a cache of `keys` positions has blocks. The kernels size each split from the position on
+    the device (whole ATTEND_BLOCKs), so every step spreads its own keys over all of them."""
     want = max(1, 2 * _sm_count(device) // kv_heads)
-    kps = -(-keys // want)
-    kps = -(-kps // ATTEND_BLOCK) * ATTEND_BLOCK
-    return kps, -(-keys // kps)
+    return max(1, min(want, -(-keys // ATTEND_BLOCK)))
 
 
 def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, window: int | None,
            fmt: XFormat | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One token's attention (flash-decoding): q [1, heads * D] (rotated) over the first `keys`
-    positions of cache [2, kv_heads, ctx, D] that the token at the device position pos [1]
-    sees (positions <= pos, and > pos - window with a sliding window; pos < keys, which the
-    caller's bucket guarantees: the device position is not read back). Keys are split over
-    about two programs per SM, and splits past pos skip their work: the cost follows the
-    position, not `keys` (the graph's bucket). -> (out [1, heads * D] in the model dtype, out
-    in `fmt` or None). Two launches; softmax scale 1/sqrt(D), as torch's attention."""
+    """One token's attention (flash-decoding): q [1, heads * D] (rotated) over the cache
+    [2, kv_heads, ctx, D] positions that the token at the device position pos [1] sees
+    (positions <= pos, and > pos - window with a sliding window), pos < keys <= ctx (the
+    caller's bound: the device position is not read back). The seen keys are shared out over
+    about two programs per SM, in shares sized on the device from pos: the cost follows the
+    position, not `keys`, so one graph over the whole cache serves every step. -> (out
+    [1, heads * D] in the model dtype, out in `fmt` or None). Two launches; softmax scale
+    1/sqrt(D), as torch's attention."""
     from .triton_decode import attend_combine_kernel, attend_split_kernel
 
     _, g, ctx, d = cache.shape
@@ -162,11 +162,11 @@ def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, w
         # a query row past tl.dot's 16 would be left out, and the combine read scratch never written
         raise ConfigError(f"attend: {r} query heads per kv head of {d} (at most {MAX_GROUP}, a power of two 16-256)",
                           hint="attend_supported says which shapes take this kernel")
-    kps, s = attend_splits(keys, g, cache.device)
+    s = attend_splits(keys, g, cache.device)
     ml = torch.empty((g, s, 2, r), dtype=torch.float32, device=cache.device)
     acc = torch.empty((g, s, r, d), dtype=torch.float32, device=cache.device)
     w = 0 if window is None else int(window)
-    attend_split_kernel[(g, s)](q, cache, pos, ml, acc, ctx, kps, w, d ** -0.5, R=r, RP=MAX_GROUP, D=d, G=g,
+    attend_split_kernel[(g, s)](q, cache, pos, ml, acc, ctx, w, d ** -0.5, R=r, RP=MAX_GROUP, D=d, G=g,
                                 BN=ATTEND_BLOCK, WINDOW=window is not None, num_warps=4, **FP_FUSION)
     out = torch.empty((1, heads * d), dtype=cache.dtype, device=cache.device)
     xf = None
@@ -174,6 +174,6 @@ def attend(q: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, keys: int, w
         if d % fmt.per:
             raise ConfigError(f"a head of {d} is not a whole number of {fmt.per}-code words")
         xf = _format_buffer(out, fmt)
-    attend_combine_kernel[(heads,)](ml, acc, pos, out, out if xf is None else xf, kps, w, s, R=r, D=d, G=g, BS=16,
-                                    WINDOW=window is not None, **_format_consts(fmt), num_warps=4, **FP_FUSION)
+    attend_combine_kernel[(heads,)](ml, acc, pos, out, out if xf is None else xf, w, s, R=r, D=d, G=g, BS=16,
+                                    BN=ATTEND_BLOCK, WINDOW=window is not None, **_format_consts(fmt), num_warps=4, **FP_FUSION)
     return out, xf

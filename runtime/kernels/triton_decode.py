@@ -128,25 +128,36 @@ def rotary_kernel(y_ptr, q_ptr, cache_ptr, cos_ptr, sin_ptr, pos_ptr, stride_p, 
 
 
 @triton.jit
-def attend_split_kernel(q_ptr, cache_ptr, pos_ptr, ml_ptr, acc_ptr, ctx, KPS, window, scale,
+def _seen_splits(pos, window, S, BN: tl.constexpr, WINDOW: tl.constexpr):
+    """(first, base, kps): the first key the token at `pos` sees, the block-aligned key that
+    split 0 starts at, and the keys per split (whole blocks) that share the base .. pos keys
+    out among the S splits. From the position on the device: one graph serves every step."""
+    first = 0
+    if WINDOW:
+        first = tl.maximum(pos - window + 1, 0)  # keys j > pos - window (transformers' overlay)
+    base = first // BN * BN
+    kps = ((pos + 1 - base + S - 1) // S + BN - 1) // BN * BN
+    return first, base, kps
+
+
+@triton.jit
+def attend_split_kernel(q_ptr, cache_ptr, pos_ptr, ml_ptr, acc_ptr, ctx, window, scale,
                         R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                         BN: tl.constexpr, WINDOW: tl.constexpr):
     """One split (program (g, s)) of one token's attention for the R query heads of kv head g
-    over cache keys s * KPS .. (s + 1) * KPS - 1 that the token at `pos` sees: its running max
-    m and sum l of exp(score - m) per query head (ml [G, S, 2, R]) and its unnormalised output
-    (acc [G, S, R, D], float32). A split wholly outside what the token sees returns at once
-    and writes nothing (attend_combine_kernel does not read it), so a step's cost follows its
-    position, not the cache length the graph was captured for."""
+    over its share of the keys the token at `pos` sees (_seen_splits): its running max m and
+    sum l of exp(score - m) per query head (ml [G, S, 2, R]) and its unnormalised output
+    (acc [G, S, R, D], float32). The share follows the position, so every step keeps the S
+    programs busy on its keys alone; a split left without keys returns at once and writes
+    nothing (attend_combine_kernel does not read it)."""
     g = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
     dt = q_ptr.dtype.element_ty
     pos = tl.load(pos_ptr).to(tl.int32)
-    first = 0
-    if WINDOW:
-        first = tl.maximum(pos - window + 1, 0)  # keys j > pos - window (transformers' overlay)
-    start = tl.maximum(s * KPS, first)
-    stop = tl.minimum(s * KPS + KPS, pos + 1)
+    first, base, kps = _seen_splits(pos, window, S, BN, WINDOW)
+    start = tl.maximum(base + s * kps, first)
+    stop = tl.minimum(base + s * kps + kps, pos + 1)
     if start < stop:
         r = tl.arange(0, RP)
         d = tl.arange(0, D)
@@ -185,31 +196,30 @@ def attend_split_kernel(q_ptr, cache_ptr, pos_ptr, ml_ptr, acc_ptr, ctx, KPS, wi
 
 
 @triton.jit
-def attend_combine_kernel(ml_ptr, acc_ptr, pos_ptr, out_ptr, xf_ptr, KPS, window, S,
-                          R: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
+def attend_combine_kernel(ml_ptr, acc_ptr, pos_ptr, out_ptr, xf_ptr, window, S,
+                          R: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
                           WINDOW: tl.constexpr, FMT: tl.constexpr = 0, PER: tl.constexpr = 1):
     """One query head (program h) of attend_split_kernel's splits combined: out[h * D ..] =
-    sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits the token sees, in the
-    model dtype. FMT as norm_kernel's: the o projection's GEMV input written as well."""
+    sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits that had keys (0 ..
+    s_last, each with at least one), in the model dtype. FMT as norm_kernel's: the o
+    projection's GEMV input written as well."""
     h = tl.program_id(0)
     g = h // R
     r = h % R
     dt = out_ptr.dtype.element_ty
     pos = tl.load(pos_ptr).to(tl.int32)
-    first = 0
-    if WINDOW:
-        first = tl.maximum(pos - window + 1, 0)
-    s_last = pos // KPS
+    _, base, kps = _seen_splits(pos, window, S, BN, WINDOW)
+    s_last = (pos - base) // kps
     d = tl.arange(0, D)
     M = tl.full([1], float("-inf"), tl.float32)
     L = tl.full([1], 0.0, tl.float32)
     O = tl.full([D], 0.0, tl.float32)
-    for s0 in range(first // KPS, s_last + 1, BS):
+    for s0 in range(0, s_last + 1, BS):
         s = s0 + tl.arange(0, BS)
         ok = s <= s_last
-        base = (g * S + s) * 2 * R + r
-        m = tl.load(ml_ptr + base, mask=ok, other=float("-inf"))  # [BS]
-        l = tl.load(ml_ptr + base + R, mask=ok, other=0.0)
+        at = (g * S + s) * 2 * R + r
+        m = tl.load(ml_ptr + at, mask=ok, other=float("-inf"))  # [BS]
+        l = tl.load(ml_ptr + at + R, mask=ok, other=0.0)
         a = tl.load(acc_ptr + ((g * S + s) * R + r)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         M_new = tl.maximum(M, tl.reduce(m, 0, _max))  # [1]: the first block holds a split seen
         f = tl.exp(m - M_new)  # [BS]; 0 where masked

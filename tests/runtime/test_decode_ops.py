@@ -243,11 +243,31 @@ def test_attend_writes_the_o_projections_input_format(per, int_x):
 
 
 @pytest.mark.parametrize("keys", [16, 64, 1000, 4096])
-def test_splits_cover_the_keys_in_whole_blocks(keys):
+def test_splits_are_two_per_sm_and_no_more_than_the_blocks(monkeypatch, keys):
+    from runtime.kernels import decode_ops
     from runtime.kernels.decode_ops import ATTEND_BLOCK, attend_splits
 
-    kps, s = attend_splits(keys, 8, torch.device(DEV))
-    assert kps % ATTEND_BLOCK == 0 and (s - 1) * kps < keys <= s * kps
+    monkeypatch.setattr(decode_ops, "_sm_count", lambda device: 132)
+    s = attend_splits(keys, 8, torch.device(DEV))
+    assert s == min(33, -(-keys // ATTEND_BLOCK))
+
+
+@pytest.mark.parametrize("window", [None, 1, 33, 200])
+def test_one_call_over_the_whole_cache_is_sdpa_at_every_position(monkeypatch, window):
+    """The graph case: `keys` is the whole cache at every step, and the kernels share out the
+    keys from the device position alone (every split count from 1 to 33 in use, windows
+    starting on and off a block's first key)."""
+    from runtime.kernels import decode_ops
+    from runtime.kernels.decode_ops import attend
+
+    monkeypatch.setattr(decode_ops, "_sm_count", lambda device: 132)
+    ctx = 1100
+    q, cache = _case(8, 2, 16, ctx, torch.float32, seed=7)
+    for pos in (0, 1, 31, 32, 33, 63, 64, 65, 500, 1055, 1056, 1057, ctx - 1):
+        p = torch.tensor([pos], device=DEV)
+        out, _ = attend(q, cache, p, ctx, window)
+        want = _reference(q, cache, pos, pos + 1, window)
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5, msg=f"position {pos}, window {window}")
 
 
 @pytest.mark.parametrize("heads,kv_heads,d", [(17, 1, 16), (8, 2, 24), (8, 2, 8)])

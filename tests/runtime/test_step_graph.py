@@ -276,19 +276,25 @@ def test_key_buckets():
     assert key_bucket(100, 64) == 64  # never past the allocated context
     for p in range(0, 5000, 7):
         assert key_bucket(p, 8192) > p  # the position itself is always attended
+        assert key_bucket(p, 8192, whole=True) == 8192  # the split-key attention: one graph
 
 
+@pytest.mark.parametrize("flash", ["1", "0"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_steps_across_key_buckets_match_host_routing(tiny_path, monkeypatch, device):
-    """Steps attend over the next power of two of cache positions (one graph per bucket): the
-    same tokens and logits as attending over everything, across bucket boundaries."""
+def test_steps_across_key_buckets_match_host_routing(tiny_path, monkeypatch, device, flash):
+    """With torch's attention (MOEPACK_FLASH_DECODE=0), steps attend over the next power of two
+    of cache positions (one graph per bucket); with the split-key kernels, over the whole
+    cache in one graph. The same tokens and logits as host routing either way, across bucket
+    boundaries."""
     import runtime.step_graph as sg
 
     monkeypatch.setattr(sg, "MIN_KEYS", 2)  # buckets 2, 4, 8, 16 inside the tiny context
     with monkeypatch.context() as m:
         m.delenv("TRITON_INTERPRET", raising=False)
         want = greedy(_model(tiny_path, False, False, device), PROMPT, 6)  # positions 2 .. 7
+    monkeypatch.setenv("MOEPACK_FLASH_DECODE", flash)
     got = _model(tiny_path, True, True, device)
     assert_same(want, greedy(got, PROMPT, 6), tol=1e-3 if device == "cpu" else 2e-2)
+    assert got.step_graph.whole == (flash == "1")
     if device == "cuda":
-        assert sorted(got.step_graph.graphs) == [4, 8]
+        assert sorted(got.step_graph.graphs) == ([CTX] if flash == "1" else [4, 8])
