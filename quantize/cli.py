@@ -85,11 +85,16 @@ def cli() -> None:
               help="SRC a Hub repo id: download each shard beside OUT when first needed and delete it once "
                    "quantized, instead of all 93 GB (Mixtral-8x7B) into the Hub cache first; the run reports "
                    "the most shard bytes on disk at once.")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="An importance matrix from `moe-pack imatrix`: every quantized matrix is fitted by least squares "
+                   "weighted by how strongly calibration text drove each input column, instead of HQQ (much lower "
+                   "perplexity at 2 and 3 bits, docs/BENCHMARKS.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, expert_group_size, lm_head_group_size,
-             meta_bits, expert_meta_bits, meta_group_size, device, revision, low_disk, quiet):
-    """Quantize the Mixtral checkpoint SRC (a local folder or a Hugging Face repo id) with HQQ.
+             meta_bits, expert_meta_bits, meta_group_size, device, revision, low_disk, imatrix, quiet):
+    """Quantize the Mixtral checkpoint SRC (a local folder or a Hugging Face repo id) with HQQ,
+    or with an importance matrix (--imatrix).
 
     Router, norms and embeddings stay fp16. Per-matrix relative errors are recorded in the
     file (see `moe-pack inspect`). The same inputs give the same bytes on the same device
@@ -105,14 +110,16 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     from .convert import quantize_checkpoint  # imports torch: only now that the options are valid
 
     t0 = time.perf_counter()
-    result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet, low_disk=low_disk)
+    result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet, low_disk=low_disk,
+                                 imatrix=imatrix)
     from formats.report import human_bytes
 
     shards = ("" if result.shards_peak is None else
               f", at most {result.shards_peak} shards ({human_bytes(result.shards_peak_bytes)}) on disk at once")
+    fit = "" if imatrix is None else f", weighted by {imatrix}"
     click.echo(
         f"wrote {result.path}: {result.records} records, {human_bytes(result.file_bytes)} "
-        f"({recipe.describe()}, {result.device}, {time.perf_counter() - t0:.1f} s{shards})"
+        f"({recipe.describe()}{fit}, {result.device}, {time.perf_counter() - t0:.1f} s{shards})"
     )
 
 
@@ -168,6 +175,33 @@ def calibrate(file, text, max_tokens, ctx, device, quiet):
     top = max(max(row) / max(sum(row), 1) for row in counts)
     click.echo(f"wrote expert counts of {n} tokens into {file} (busiest expert takes {top:.0%} of its layer's "
                f"choices; {time.perf_counter() - t0:.1f} s)")
+
+
+@cli.command("imatrix")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("text", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), metavar="OUT.imatrix",
+              help="The importance matrix to write (safetensors); then `moe-pack quantize SRC --imatrix OUT.imatrix`.")
+@click.option("--max-tokens", type=int, default=8192, show_default=True, help="Use only the first N tokens of TEXT.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per forward window.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def imatrix_command(file, text, out, max_tokens, ctx, device, quiet):
+    """Measure how strongly TEXT drives each input column of every quantized matrix, running
+    FILE's model (a 16/16 or 4/4 .moepack of the checkpoint you will quantize)."""
+    from runtime.perplexity import read_text
+
+    from . import imatrix as im
+    from .convert import check_output
+
+    check_output(out)
+    t0 = time.perf_counter()
+    result = im.measure(file, read_text(text), ctx=ctx, max_tokens=max_tokens, device=device, progress=not quiet)
+    im.save(result, out)
+    experts, others = im.coverage(result)
+    click.echo(f"wrote {out}: {result.tokens} tokens, {experts} expert and {others} attention matrices measured "
+               f"({time.perf_counter() - t0:.1f} s)")
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -23,7 +23,49 @@ from .recipe import QuantRecipe
 from .source import Checkpoint, local_folder, open_checkpoint
 from .streaming import StreamedShards, hub_fetch, hub_headers
 from .tensors import ExpertItem, TensorItem, load, plan_records
-from .hqq_codec import encode_tensor
+from . import imatrix as imatrix_module
+from .hqq_codec import Weighted, encode_tensor
+
+# The weighted fit's own version (quantize/fit.py), recorded in the header with the imatrix
+FIT_VERSION = "1"
+
+
+def expert_matrix_name(item: ExpertItem, matrix: str) -> str:
+    """An expert matrix's name in an importance matrix: the record's name, matrix, .weight."""
+    return f"{item.name}.{matrix}.weight"
+
+
+class Fits:
+    """Which fit each quantized matrix gets under --imatrix: weighted by its importances, or,
+    where the imatrix has none (an expert never routed to in calibration, lm_head), by equal
+    weights: the same least squares, every column alike."""
+
+    def __init__(self, imatrix: imatrix_module.Imatrix, path: Path, file_recipe):
+        self.imatrix, self.path, self.recipe = imatrix, path, file_recipe
+        self.cols: dict[str, int] = {}
+
+    def check(self, plan: list) -> None:
+        """Before any work: the imatrix fits this checkpoint (column counts) and covers some of
+        its quantized matrices."""
+        for item in plan:
+            if isinstance(item, TensorItem):
+                if self.recipe[item.role].quantized and len(item.shape) == 2:
+                    self.cols[item.name] = item.shape[1]
+            elif self.recipe["experts"].quantized:
+                for name, ref in item.refs:
+                    self.cols[expert_matrix_name(item, name)] = ref.shape[1]
+        hits = [n for n in self.cols if self.imatrix.importance(n, self.cols[n], str(self.path)) is not None]
+        if self.cols and not hits:
+            raise imatrix_module.ImatrixError(
+                f"{self.path}: no importances for any quantized matrix of this checkpoint",
+                hint="the importance matrix was measured on another model; run moe-pack imatrix on a file of this checkpoint")
+
+    def fit(self, name: str) -> Weighted:
+        cols = self.cols.get(name)
+        return Weighted(None if cols is None else self.imatrix.importance(name, cols, str(self.path)))
+
+    def describe(self) -> str:
+        return imatrix_module.describe(self.imatrix, self.path)
 
 
 @dataclass(frozen=True)
@@ -59,7 +101,11 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"output folder {out.parent} is not writable", hint="pick another -o path")
 
 
-def quantizer_info(source: str) -> QuantizerInfo:
+def quantizer_info(source: str, imatrix: str | None = None) -> QuantizerInfo:
+    """Provenance for the header. imatrix: imatrix.describe's line, where one weighed the fit."""
+    if imatrix is not None:
+        return QuantizerInfo(name="moe-pack", version=package_version(), method="weighted-lsq",
+                             method_version=f"{FIT_VERSION}; {imatrix}", source=source)
     return QuantizerInfo(name="moe-pack", version=package_version(), method="hqq", method_version=hqq_version(), source=source)
 
 
@@ -79,12 +125,16 @@ def quantize_checkpoint(
     progress: bool = True,
     download: Callable | None = None,
     low_disk: bool = False,
+    imatrix: str | os.PathLike | None = None,
 ) -> QuantizeResult:
     """Quantize checkpoint `src` (folder or Hub repo id) into the .moepack file `out`.
     low_disk: a Hub repo's shards are downloaded one at a time and deleted once read
-    (quantize/streaming.py) instead of all into the Hugging Face cache first."""
+    (quantize/streaming.py) instead of all into the Hugging Face cache first. imatrix: an
+    importance matrix file (quantize/imatrix.py): every quantized matrix is then fitted by
+    weighted least squares (quantize/fit.py) instead of HQQ."""
     out = Path(out)
     check_output(out)
+    weights = None if imatrix is None else imatrix_module.load(Path(imatrix))
     if low_disk and local_folder(src) is not None:
         raise ConfigError(f"--low-disk: {src} is a local folder, already on disk",
                           hint="--low-disk is for Hub repo ids; drop it")
@@ -92,19 +142,28 @@ def quantize_checkpoint(
     ckpt: Checkpoint = open_checkpoint(src, revision=revision, download=download, check=recipe.build,
                                        weights=not low_disk)
     file_recipe = recipe.build(ckpt.config)
+    fits = None
+    if weights is not None:
+        fits = Fits(weights, Path(imatrix), file_recipe)
     if not low_disk:
-        return _quantize(src, out, ckpt, file_recipe, plan_records(ckpt.folder, ckpt.config), dev, progress, None)
+        plan = plan_records(ckpt.folder, ckpt.config)
+        if fits is not None:
+            fits.check(plan)
+        return _quantize(src, out, ckpt, file_recipe, plan, dev, progress, None, fits)
     headers = hub_headers(src, revision)
     plan = plan_records(ckpt.folder, ckpt.config, headers)
+    if fits is not None:
+        fits.check(plan)
     with StreamedShards(plan, headers, out.parent, lambda shard, folder: hub_fetch(src, revision, shard, folder)) as shards:
-        result = _quantize(src, out, ckpt, file_recipe, plan, dev, progress, shards)
+        result = _quantize(src, out, ckpt, file_recipe, plan, dev, progress, shards, fits)
     return replace(result, shards_peak_bytes=shards.peak_bytes, shards_peak=shards.peak_shards)
 
 
 def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, dev: str, progress: bool,
-              shards: StreamedShards | None) -> QuantizeResult:
+              shards: StreamedShards | None, fits: Fits | None = None) -> QuantizeResult:
     folder = ckpt.folder if shards is None else shards.folder
-    with MoepackWriter(out, config=ckpt.config, tokenizer=ckpt.tokenizer, quantizer=quantizer_info(src), recipe=file_recipe) as w, \
+    info = quantizer_info(src, None if fits is None else fits.describe())
+    with MoepackWriter(out, config=ckpt.config, tokenizer=ckpt.tokenizer, quantizer=info, recipe=file_recipe) as w, \
             _progress_bar(len(plan), progress) as bar:
         held: dict[int, tuple[bytes, float]] = {}  # plan index -> payload encoded early (StreamedShards.early)
         for i, item in enumerate(plan):
@@ -112,28 +171,33 @@ def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, de
             if shards is not None:
                 shards.need(i)
             if isinstance(item, TensorItem):
-                payload, err = held.pop(i) if i in held else _encode(folder, item.ref, file_recipe[item.role], dev)
+                payload, err = held.pop(i) if i in held else _encode(folder, item.ref, file_recipe[item.role], dev,
+                                                                     _fit(fits, item.name))
                 w.add_tensor(item.name, item.role, item.layer, item.shape, payload, rel_error=err)
             else:
-                _add_expert(w, folder, item, file_recipe["experts"], dev)
+                _add_expert(w, folder, item, file_recipe["experts"], dev, fits)
             if shards is not None:
                 for j in shards.early.get(i, ()):
-                    held[j] = _encode(folder, plan[j].ref, file_recipe[plan[j].role], dev)
+                    held[j] = _encode(folder, plan[j].ref, file_recipe[plan[j].role], dev, _fit(fits, plan[j].name))
                 shards.done(i)
             bar.update(1)
         path = w.finish()
     return QuantizeResult(path=path, records=len(plan), file_bytes=path.stat().st_size, device=dev)
 
 
-def _encode(folder: Path, ref, spec, device: str) -> tuple[bytes, float]:
+def _encode(folder: Path, ref, spec, device: str, fit: Weighted | None = None) -> tuple[bytes, float]:
     W = load(folder, ref)  # the only tensor alive: it is dropped when this frame returns
-    return encode_tensor(W, spec, device, ref.label())
+    return encode_tensor(W, spec, device, ref.label(), fit if spec.quantized else None)
 
 
-def _add_expert(w: MoepackWriter, folder: Path, item: ExpertItem, spec, device: str) -> None:
+def _fit(fits: Fits | None, name: str) -> Weighted | None:
+    return None if fits is None else fits.fit(name)
+
+
+def _add_expert(w: MoepackWriter, folder: Path, item: ExpertItem, spec, device: str, fits: Fits | None = None) -> None:
     payloads, errors = {}, []
     for name, ref in item.refs:
-        payloads[name], err = _encode(folder, ref, spec, device)
+        payloads[name], err = _encode(folder, ref, spec, device, _fit(fits, expert_matrix_name(item, name)))
         errors.append(err)
     w.add_expert(item.layer, item.expert, payloads, rel_error=tuple(errors))
 

@@ -1,4 +1,5 @@
-"""One matrix -> its .moepack bytes with HQQ, plus the relative error of what is stored.
+"""One matrix -> its .moepack bytes with HQQ (or, given an importance matrix, quantize/fit.py),
+plus the relative error of what is stored.
 
 HQQ finds the codes and the per-group float scale/zero; `quantize.encode` lays them out on
 the same device, as `formats.qtensor.encode_matrix` defines (and, with 4- or 8-bit meta,
@@ -9,6 +10,8 @@ the error a runtime will actually see.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -16,6 +19,7 @@ from formats.errors import MoepackError, SourceError
 from formats.qtensor import QuantSpec, encode_matrix
 
 from .encode import CHUNK, encode_codes, stored_error
+from .fit import weighted_fit
 
 # Weights per hqq call on the CPU (hqq_tensors): 4 MiB of float32 per temporary
 HQQ_CPU_BLOCK = 1 << 20
@@ -100,8 +104,18 @@ def _encode(label: str, spec: QuantSpec, device: str = "cpu", **arrays) -> bytes
         raise SourceError(f"tensor {label}: {e.message}", hint=hint) from None
 
 
-def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str) -> tuple[bytes, float]:
-    """The bytes of `W` stored as `spec`, and their relative error against `W`.
+@dataclass(frozen=True)
+class Weighted:
+    """encode_tensor's fit by importance-weighted least squares (quantize/fit.py) instead of
+    HQQ: `importance` [cols] the E[x^2] of the matrix's input columns, or None (all alike)."""
+
+    importance: np.ndarray | None
+
+
+def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str,
+                  fit: Weighted | None = None) -> tuple[bytes, float]:
+    """The bytes of `W` stored as `spec`, and their relative error against `W`: codes, scale
+    and zero from HQQ, or from `fit`.
 
     `label` names the tensor in errors (non-finite weights, out of GPU memory).
     """
@@ -118,7 +132,11 @@ def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str) -> 
         return _encode(label, spec, weight=w16_np), relative_error(W, w16_np)
     try:
         Wd = W.to(device)  # one copy on the device for hqq, the re-rounding and the error check
-        q, scale, zero = hqq_tensors(Wd, spec, device)
+        if fit is None:
+            q, scale, zero = hqq_tensors(Wd, spec, device)
+        else:
+            imp = None if fit.importance is None else torch.from_numpy(fit.importance)
+            q, scale, zero = weighted_fit(Wd, imp, spec.bits, spec.group_size)
         buf = encode_codes(Wd, q, scale, zero, spec)
         if buf is None:  # a component is not finite: the numpy reference names it and refuses
             payload = _encode(label, spec, device, q=q.cpu().numpy(), scale=scale.cpu().numpy(), zero=zero.cpu().numpy())

@@ -1,0 +1,277 @@
+"""The importance matrix: E[x_j^2] of each quantized matrix's input columns over a calibration
+text (`moe-pack imatrix`), by which `moe-pack quantize --imatrix` weighs each weight's error
+(quantize/fit.py). llama.cpp's `llama-imatrix` and `llama-quantize --imatrix` do the same job.
+
+It is measured by running a .moepack file's own model (moe-pack's runtime) over the text: a
+16/16 or 4/4 file of the same checkpoint. Inputs seen:
+- q, k and v: the input norm's output, every token;
+- o: the attention output, every token;
+- an expert's w1 and w3: the post-attention norm's output, the tokens routed to it;
+- its w2: h = silu(w1 x) * (w3 x) of those tokens, from the file's w1 and w3.
+The embeddings, routers and lm_head are left out: no recipe default quantizes them.
+
+The file is safetensors, written in one go by name order (the same run gives the same bytes).
+For every matrix NAME (the .moepack names: model.layers.L.self_attn.q_proj.weight,
+model.layers.L.block_sparse_moe.experts.E.w2.weight, ...): NAME.in_sq_mean F32 [columns], the
+mean of x_j^2 over the rows seen, and NAME.rows I64 [1], how many. Metadata: format
+"moe-pack imatrix", version "1", tokens, text_sha256, model (the file it was measured on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from formats.errors import ConfigError, MoepackError
+from formats.reader import MoepackFile
+
+FORMAT, VERSION = "moe-pack imatrix", "1"
+MEAN, ROWS = ".in_sq_mean", ".rows"
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # all three read the input norm's output
+# x rows held for w2's inputs before the experts' h are computed (bytes of float32)
+HOLD_BYTES = 1 << 30
+
+
+class ImatrixError(MoepackError):
+    """An importance matrix that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Imatrix:
+    """name -> (E[x^2] per input column, float32 [cols]; rows seen), with provenance."""
+
+    entries: dict[str, tuple[np.ndarray, int]]
+    tokens: int
+    text_sha256: str
+    model: str
+
+    def importance(self, name: str, cols: int, source: str = "imatrix") -> np.ndarray | None:
+        """The column importances of matrix `name` ([cols] float32), or None where it has none
+        (not measured, or never routed to)."""
+        hit = self.entries.get(name)
+        if hit is None or hit[1] == 0:
+            return None
+        if hit[0].shape != (cols,):
+            raise ImatrixError(f"{source}: {name} has {hit[0].shape[0]} input columns, the checkpoint's has {cols}",
+                               hint="the importance matrix was measured on another model; run moe-pack imatrix "
+                                    "on a file of this checkpoint")
+        return hit[0]
+
+
+def save(imatrix: Imatrix, path: Path) -> None:
+    """Write `imatrix` to `path` atomically (a temporary beside it, renamed)."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for name in sorted(imatrix.entries):
+        mean, rows = imatrix.entries[name]
+        tensors[name + MEAN] = np.ascontiguousarray(mean, dtype=np.float32)
+        tensors[name + ROWS] = np.array([rows], dtype=np.int64)
+    meta = {"format": FORMAT, "version": VERSION, "tokens": str(imatrix.tokens),
+            "text_sha256": imatrix.text_sha256, "model": imatrix.model}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path) -> Imatrix:
+    """Read and check an importance matrix: its metadata, every entry's pair of tensors, their
+    dtypes and shapes, finite non-negative means and non-negative row counts."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise ImatrixError(f"{path}: no such importance matrix", hint="make one with moe-pack imatrix FILE TEXT -o OUT")
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ImatrixError(f"{path}: not a safetensors file ({e})",
+                           hint="pass the file moe-pack imatrix wrote") from None
+    if meta.get("format") != FORMAT:
+        raise ImatrixError(f"{path}: not a moe-pack importance matrix (metadata format {meta.get('format')!r})",
+                           hint="make one with moe-pack imatrix FILE TEXT -o OUT")
+    if meta.get("version") != VERSION:
+        raise ImatrixError(f"{path}: importance matrix version {meta.get('version')!r}, this moe-pack reads {VERSION}",
+                           hint="make it again with this moe-pack's imatrix command")
+    try:
+        tokens = int(meta.get("tokens", ""))
+    except ValueError:
+        raise ImatrixError(f"{path}: metadata tokens {meta.get('tokens')!r} is not an integer",
+                           hint="the file is damaged; make it again") from None
+    entries = {}
+    for key, arr in arrays.items():
+        if key.endswith(ROWS):
+            if key[: -len(ROWS)] + MEAN not in arrays:
+                raise ImatrixError(f"{path}: {key} has no {MEAN} beside it", hint="the file is damaged; make it again")
+            continue
+        if not key.endswith(MEAN):
+            raise ImatrixError(f"{path}: unexpected tensor {key}", hint="the file is damaged; make it again")
+        name = key[: -len(MEAN)]
+        rows = arrays.get(name + ROWS)
+        if rows is None or rows.dtype != np.int64 or rows.shape != (1,) or int(rows[0]) < 0:
+            raise ImatrixError(f"{path}: {name}{ROWS} is missing or not one non-negative int64",
+                               hint="the file is damaged; make it again")
+        if arr.dtype != np.float32 or arr.ndim != 1 or not np.isfinite(arr).all() or (arr < 0).any():
+            raise ImatrixError(f"{path}: {key} is not a 1-D float32 vector of finite non-negative values",
+                               hint="the file is damaged; make it again")
+        entries[name] = (arr, int(rows[0]))
+    return Imatrix(entries=entries, tokens=tokens, text_sha256=str(meta.get("text_sha256", "")),
+                   model=str(meta.get("model", "")))
+
+
+def describe(imatrix: Imatrix, path: Path) -> str:
+    """What goes into the header's quantizer.method_version: the file and what it measured."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return f"imatrix {Path(path).name} sha256:{digest} ({imatrix.tokens} tokens of text sha256:{imatrix.text_sha256[:16]})"
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+class _Sums:
+    """Per-name sums of x^2 over rows (float64, on the host) and row counts."""
+
+    def __init__(self):
+        self.sq: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        # x: [T, cols]
+        s = x.detach().to(torch.float64).square().sum(0).cpu()
+        if name in self.sq:
+            self.sq[name] += s
+        else:
+            self.sq[name] = s
+        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+
+    def means(self) -> dict[str, tuple[np.ndarray, int]]:
+        return {n: ((s / max(self.rows[n], 1)).to(torch.float32).numpy(), self.rows[n]) for n, s in self.sq.items()}
+
+
+class _Recorder(nn.Module):
+    """`inner` unchanged, with its input (output=False) or output rows added to `sums` under `names`."""
+
+    def __init__(self, inner: nn.Module, sums: _Sums, names: tuple[str, ...], output: bool):
+        super().__init__()
+        self.inner, self.sums, self.names, self.output = inner, sums, names, output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        for name in self.names:
+            self.sums.add(name, y if self.output else x)
+        return y
+
+
+def _expert_name(layer: int, expert: int, matrix: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{matrix}.weight"
+
+
+class _ExpertInputs:
+    """An expert backend that adds each routed expert's inputs to `sums`, then delegates. w2's
+    input needs the expert's w1 and w3: x rows are held per layer, and every HOLD_BYTES (and at
+    the end) each expert's w1 and w3 are dequantized once for all its held rows."""
+
+    def __init__(self, inner, file: MoepackFile, sums: _Sums):
+        self.inner, self.file, self.sums = inner, file, sums
+        self.held: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.held_bytes = 0
+
+    def forward(self, layer: int, x: torch.Tensor, topk_idx: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        # x: [T, H], topk_idx: [T, k]
+        for e in torch.unique(topk_idx).tolist():
+            rows = x[(topk_idx == e).any(dim=1)].float()
+            for m in ("w1", "w3"):
+                self.sums.add(_expert_name(layer, e, m), rows)
+            self.held.setdefault((layer, e), []).append(rows)
+            self.held_bytes += rows.numel() * 4
+        if self.held_bytes > HOLD_BYTES:
+            self.flush()
+        return self.inner.forward(layer, x, topk_idx, topk_w)
+
+    def flush(self) -> None:
+        from runtime.dequant import component_tensors, dequantize
+
+        layout = self.file.header.expert_layout
+        for (layer, e), parts in sorted(self.held.items()):
+            x = torch.cat(parts)  # [n, H] float32
+            record = torch.from_numpy(np.array(self.file.expert_bytes(layer, e))).to(x.device)
+
+            def w(name: str) -> torch.Tensor:
+                m = layout.matrix(name)
+                return dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec,
+                                  torch.float32)
+            h = torch.nn.functional.silu(x @ w("w1").T) * (x @ w("w3").T)  # [n, I]
+            self.sums.add(_expert_name(layer, e, "w2"), h)
+        self.held.clear()
+        self.held_bytes = 0
+
+    def stats(self) -> dict:
+        return self.inner.stats()
+
+    def reset_stats(self) -> None:
+        self.inner.reset_stats()
+
+
+def measure(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8192, device: str = "auto",
+            progress: bool = True) -> Imatrix:
+    """The importance matrix of the model in .moepack `path` over `text`, in windows of `ctx`
+    tokens (float32 activations)."""
+    from runtime.device import resolve_device
+    from runtime.loader import load_model
+    from runtime.tokenizer import TextTokenizer
+
+    if ctx < 2:
+        raise ConfigError(f"--ctx {ctx} must be at least 2", hint="512 tokens per window is the default")
+    if max_tokens is not None and max_tokens < 2:
+        raise ConfigError(f"--max-tokens {max_tokens} must be at least 2", hint="8192 tokens is the default")
+    file = MoepackFile(path)
+    cfg = file.config
+    ctx = min(ctx, cfg.max_position_embeddings)
+    ids = TextTokenizer(file.header.tokenizer, source=str(path)).encode(text, add_bos=False)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    # a one-token window would take the decode step's path, which these recorders do not see
+    windows = [ids[s:s + ctx] for s in range(0, len(ids), ctx) if len(ids[s:s + ctx]) >= 2]
+    if not windows:
+        raise ConfigError("the calibration text has fewer than 2 tokens", hint="pass a file with some text in it")
+    dev = resolve_device(device)
+    model, _ = load_model(file, dev, torch.float32, ctx=ctx, dequantize_at_load=True)
+    sums = _Sums()
+    for layer_index, layer in enumerate(model.layers):
+        prefix = f"model.layers.{layer_index}.self_attn."
+        layer.input_norm = _Recorder(layer.input_norm, sums, tuple(prefix + p + ".weight" for p in ATTENTION_INPUTS),
+                                     output=True)
+        layer.attn.o_proj = _Recorder(layer.attn.o_proj, sums, (prefix + "o_proj.weight",), output=False)
+    experts = _ExpertInputs(model.experts, file, sums)
+    model.experts = experts
+    tokens = sum(len(w) for w in windows)
+    with torch.inference_mode(), tqdm(total=tokens, unit="tok", desc="imatrix", disable=not progress) as bar:
+        for window in windows:
+            model(torch.tensor(window, dtype=torch.long), 0, last_only=True)
+            bar.update(len(window))
+        experts.flush()
+    file.close()
+    return Imatrix(entries=sums.means(), tokens=tokens, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                   model=Path(path).name)
+
+
+_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123]\.weight")
+
+
+def coverage(imatrix: Imatrix) -> tuple[int, int]:
+    """(expert matrices, other matrices) with rows seen, for the CLI's summary line."""
+    seen = [n for n, (_, rows) in imatrix.entries.items() if rows > 0]
+    experts = sum(1 for n in seen if _EXPERT_KEY.fullmatch(n))
+    return experts, len(seen) - experts
