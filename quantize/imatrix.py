@@ -20,8 +20,10 @@ mean of x_j^2 over the rows seen, and NAME.rows I64 [1], how many. Metadata: for
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,20 +68,35 @@ class Imatrix:
         return hit[0]
 
 
-def save(imatrix: Imatrix, path: Path) -> None:
-    """Write `imatrix` to `path` atomically (a temporary beside it, renamed)."""
-    from safetensors.numpy import save_file
+_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
 
+
+def save(imatrix: Imatrix, path: Path) -> None:
+    """Write `imatrix` to `path` atomically (a temporary beside it, renamed). The safetensors
+    bytes are laid out here, not by the safetensors library, whose metadata order varies from
+    run to run: here the header's keys are sorted and the data follows in that order, so the
+    same importances give the same bytes."""
     tensors = {}
     for name in sorted(imatrix.entries):
         mean, rows = imatrix.entries[name]
-        tensors[name + MEAN] = np.ascontiguousarray(mean, dtype=np.float32)
-        tensors[name + ROWS] = np.array([rows], dtype=np.int64)
-    meta = {"format": FORMAT, "version": VERSION, "tokens": str(imatrix.tokens),
-            "text_sha256": imatrix.text_sha256, "model": imatrix.model}
+        tensors[name + MEAN] = np.ascontiguousarray(mean, dtype="<f4")
+        tensors[name + ROWS] = np.array([rows], dtype="<i8")
+    header: dict = {"__metadata__": {"format": FORMAT, "version": VERSION, "tokens": str(imatrix.tokens),
+                                     "text_sha256": imatrix.text_sha256, "model": imatrix.model}}
+    offset = 0
+    for key in sorted(tensors):
+        a = tensors[key]
+        header[key] = {"dtype": _DTYPES[a.dtype.newbyteorder("=")], "shape": list(a.shape),
+                       "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for key in sorted(tensors):
+                f.write(tensors[key].tobytes())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
