@@ -44,6 +44,14 @@ _HEADING_RULE = re.compile(r"[*=\-~^\"]+")
 
 # ------------------------------------------------------------------------------ the text
 
+def calibration_text() -> str:
+    """The second half of reference_text (by characters): the importance matrix's text in
+    `make demo` and docs/BENCHMARKS.md section 37. Perplexity reads the first 4,096 tokens
+    (~18k characters of 274k), so the two never overlap."""
+    text = reference_text()[0]
+    return text[len(text) // 2:]
+
+
 def reference_text() -> tuple[str, str]:
     """(text, description): the prose of Python's reference manual as the standard library
     ships it for `help()` (pydoc_data.topics). Topics in sorted-key order; of each topic only
@@ -315,7 +323,13 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="measure .moepack files kept in --work instead of quantizing again")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 helps on a crowded machine)")
     p.add_argument("--from-json", type=Path, default=None, help="only render the table from a saved quality.json")
+    p.add_argument("--write-calibration", type=Path, default=None, metavar="FILE",
+                   help="only write the calibration text (the reference text's second half, which the measured "
+                        "windows never reach) to FILE, for moe-pack imatrix")
     args = p.parse_args(argv)
+    if args.write_calibration:
+        args.write_calibration.write_text(calibration_text(), encoding="utf-8")
+        return 0
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         md = markdown([Row(**r) for r in saved["rows"]], saved["info"], saved["seconds"])
