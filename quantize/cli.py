@@ -116,7 +116,10 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
 
     shards = ("" if result.shards_peak is None else
               f", at most {result.shards_peak} shards ({human_bytes(result.shards_peak_bytes)}) on disk at once")
-    fit = "" if imatrix is None else f", weighted by {imatrix}"
+    fit = ""
+    if result.imatrix_fits is not None:
+        weighted, equal = result.imatrix_fits
+        fit = f", weighted by {imatrix}: {weighted} matrices" + (f", {equal} with equal weights (not measured)" if equal else "")
     click.echo(
         f"wrote {result.path}: {result.records} records, {human_bytes(result.file_bytes)} "
         f"({recipe.describe()}{fit}, {result.device}, {time.perf_counter() - t0:.1f} s{shards})"
@@ -192,10 +195,14 @@ def imatrix_command(file, text, out, max_tokens, ctx, device, quiet):
     FILE's model (a 16/16 or 4/4 .moepack of the checkpoint you will quantize)."""
     from runtime.perplexity import read_text
 
+    from formats.errors import ConfigError
+
     from . import imatrix as im
     from .convert import check_output
 
     check_output(out)
+    if out.resolve() in (file.resolve(), text.resolve()):
+        raise ConfigError(f"-o {out} would overwrite an input", hint="write the importance matrix to another file")
     t0 = time.perf_counter()
     result = im.measure(file, read_text(text), ctx=ctx, max_tokens=max_tokens, device=device, progress=not quiet)
     im.save(result, out)

@@ -43,6 +43,7 @@ class Fits:
     def __init__(self, imatrix: imatrix_module.Imatrix, path: Path, file_recipe):
         self.imatrix, self.path, self.recipe = imatrix, path, file_recipe
         self.cols: dict[str, int] = {}
+        self.weighted = self.equal = 0  # matrices fitted with importances, and with equal weights
 
     def check(self, plan: list) -> None:
         """Before any work: the imatrix fits this checkpoint (column counts) and covers some of
@@ -54,15 +55,23 @@ class Fits:
             elif self.recipe["experts"].quantized:
                 for name, ref in item.refs:
                     self.cols[expert_matrix_name(item, name)] = ref.shape[1]
+        if not self.cols:
+            raise ConfigError(f"--imatrix {self.path}: this recipe quantizes no matrix (every role 16-bit)",
+                              hint="drop --imatrix, or quantize some role to 2, 3, 4 or 8 bits")
         hits = [n for n in self.cols if self.imatrix.importance(n, self.cols[n], str(self.path)) is not None]
-        if self.cols and not hits:
+        if not hits:
             raise imatrix_module.ImatrixError(
                 f"{self.path}: no importances for any quantized matrix of this checkpoint",
                 hint="the importance matrix was measured on another model; run moe-pack imatrix on a file of this checkpoint")
 
     def fit(self, name: str) -> Weighted:
         cols = self.cols.get(name)
-        return Weighted(None if cols is None else self.imatrix.importance(name, cols, str(self.path)))
+        imp = None if cols is None else self.imatrix.importance(name, cols, str(self.path))
+        if imp is None:
+            self.equal += 1
+        else:
+            self.weighted += 1
+        return Weighted(imp)
 
     def describe(self) -> str:
         return imatrix_module.describe(self.imatrix, self.path)
@@ -76,6 +85,7 @@ class QuantizeResult:
     device: str
     shards_peak_bytes: int | None = None  # --low-disk: the most shard bytes on disk at once
     shards_peak: int | None = None  # and the most shards
+    imatrix_fits: tuple[int, int] | None = None  # --imatrix: matrices fitted with importances, with equal weights
 
 
 def resolve_device(device: str) -> str:
@@ -182,7 +192,8 @@ def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, de
                 shards.done(i)
             bar.update(1)
         path = w.finish()
-    return QuantizeResult(path=path, records=len(plan), file_bytes=path.stat().st_size, device=dev)
+    return QuantizeResult(path=path, records=len(plan), file_bytes=path.stat().st_size, device=dev,
+                          imatrix_fits=None if fits is None else (fits.weighted, fits.equal))
 
 
 def _encode(folder: Path, ref, spec, device: str, fit: Weighted | None = None) -> tuple[bytes, float]:

@@ -27,7 +27,7 @@ from .encode import CHUNK
 STEPS = 16
 STEP_LO, STEP_HI = -0.5, 1.5
 REFITS = 2  # least-squares solves per candidate, each after rounding to the last one's (s, m)
-# Each column's importance is raised by this share of the matrix's mean importance
+# Each column's importance, in units of the matrix's mean, is raised by this much
 IMPORTANCE_FLOOR = 0.1
 
 
@@ -93,9 +93,14 @@ def weighted_fit(W: torch.Tensor, importance: torch.Tensor | None, bits: int, gr
         a = torch.ones((1, groups, g), dtype=torch.float32, device=W.device)
     else:
         imp = importance.to(device=W.device, dtype=torch.float32).reshape(1, groups, g)
-        # no column weighs nothing: with all of a group's weight on a few columns the others
-        # would round anywhere, and an input seen rarely in calibration may matter later
-        a = imp + imp.mean().clamp_min(torch.finfo(torch.float32).tiny) * IMPORTANCE_FLOOR
+        mean = imp.mean()
+        if bool(torch.isfinite(mean)) and float(mean) > 0:
+            # relative to the mean: the sums stay far from float32's ends whatever x's scale;
+            # and no column weighs nothing: with all of a group's weight on a few columns the
+            # others would round anywhere, and an input seen rarely in calibration may matter later
+            a = imp / mean + IMPORTANCE_FLOOR
+        else:  # nothing measured (or damaged): all alike
+            a = torch.ones((1, groups, g), dtype=torch.float32, device=W.device)
     q = torch.empty((rows, cols), dtype=torch.uint8, device=W.device)
     scale = torch.empty((rows, groups), dtype=torch.float32, device=W.device)
     zero = torch.empty_like(scale)

@@ -90,14 +90,17 @@ def relative_error(W, approx: np.ndarray) -> float:
     return float(np.sqrt(err2 / norm2))
 
 
-def _encode(label: str, spec: QuantSpec, device: str = "cpu", **arrays) -> bytes:
+def _encode(label: str, spec: QuantSpec, device: str = "cpu", weighted: bool = False, **arrays) -> bytes:
     try:
         return encode_matrix(spec, **arrays)
     except SourceError as e:
         hint = e.hint
         # hqq's zero = -min / scale can pass 65504 on flat groups: on CUDA its optimizer works in
         # float16 whatever the stored meta, elsewhere only 16-bit meta stores it as float16
-        if spec.quantized and device.startswith("cuda"):
+        if spec.quantized and weighted:  # the weighted fit works in float32 on any device
+            hint = ("this tensor's scale/zero from the weighted fit do not fit float16; use --meta-bits 8"
+                    if spec.meta_bits == 16 else "quantize this checkpoint without --imatrix")
+        elif spec.quantized and device.startswith("cuda"):
             hint = "hqq works in float16 on the GPU, where this tensor's scale/zero overflow; use --device cpu"
         elif spec.quantized and spec.meta_bits == 16:
             hint = "hqq's scale/zero for this tensor do not fit float16; use --meta-bits 8 (float32 ranges)"
@@ -139,7 +142,8 @@ def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str,
             q, scale, zero = weighted_fit(Wd, imp, spec.bits, spec.group_size)
         buf = encode_codes(Wd, q, scale, zero, spec)
         if buf is None:  # a component is not finite: the numpy reference names it and refuses
-            payload = _encode(label, spec, device, q=q.cpu().numpy(), scale=scale.cpu().numpy(), zero=zero.cpu().numpy())
+            payload = _encode(label, spec, device, fit is not None, q=q.cpu().numpy(), scale=scale.cpu().numpy(),
+                              zero=zero.cpu().numpy())
             buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
         del q, scale, zero
         return buf.cpu().numpy().tobytes(), stored_error(Wd, buf, spec)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,9 @@ def save(imatrix: Imatrix, path: Path) -> None:
         mean, rows = imatrix.entries[name]
         tensors[name + MEAN] = np.ascontiguousarray(mean, dtype="<f4")
         tensors[name + ROWS] = np.array([rows], dtype="<i8")
+    model = imatrix.model.encode("utf-8", "replace").decode("utf-8")  # a file name need not be UTF-8
     header: dict = {"__metadata__": {"format": FORMAT, "version": VERSION, "tokens": str(imatrix.tokens),
-                                     "text_sha256": imatrix.text_sha256, "model": imatrix.model}}
+                                     "text_sha256": imatrix.text_sha256, "model": model}}
     offset = 0
     for key in sorted(tensors):
         a = tensors[key]
@@ -91,12 +93,14 @@ def save(imatrix: Imatrix, path: Path) -> None:
         offset += a.nbytes
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(text)) + text)
             for key in sorted(tensors):
                 f.write(tensors[key].tobytes())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary, not the result
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -112,8 +116,12 @@ def load(path: Path) -> Imatrix:
     try:
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
+            for k in f.keys():
+                if f.get_slice(k).get_dtype() not in ("F32", "I64"):
+                    raise ImatrixError(f"{path}: {k} is {f.get_slice(k).get_dtype()}; an importance matrix holds "
+                                       "F32 means and I64 row counts", hint="the file is damaged; make it again")
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise ImatrixError(f"{path}: not a safetensors file ({e})",
                            hint="pass the file moe-pack imatrix wrote") from None
     if meta.get("format") != FORMAT:
@@ -244,9 +252,9 @@ class _ExpertInputs:
 def measure(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8192, device: str = "auto",
             progress: bool = True) -> Imatrix:
     """The importance matrix of the model in .moepack `path` over `text`, in windows of `ctx`
-    tokens (float32 activations)."""
+    tokens (float32 activations; the CPU kernel rounds x to int16, not int8)."""
+    from runtime.cpu_native import activations
     from runtime.device import resolve_device
-    from runtime.loader import load_model
     from runtime.tokenizer import TextTokenizer
 
     if ctx < 2:
@@ -256,14 +264,32 @@ def measure(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8
     file = MoepackFile(path)
     cfg = file.config
     ctx = min(ctx, cfg.max_position_embeddings)
-    ids = TextTokenizer(file.header.tokenizer, source=str(path)).encode(text, add_bos=False)
+    tok = TextTokenizer(file.header.tokenizer, source=str(path))
+    ids = tok.encode(text, add_bos=False)
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    # each window starts as the model's sequences do (runtime.perplexity's windows too): with
+    # BOS where the tokenizer adds it, whose activations inference sees once per sequence
+    bos = [tok.bos_id] if file.header.tokenizer.add_bos_token and tok.bos_id is not None else []
+    step = ctx - len(bos)
     # a one-token window would take the decode step's path, which these recorders do not see
-    windows = [ids[s:s + ctx] for s in range(0, len(ids), ctx) if len(ids[s:s + ctx]) >= 2]
+    windows = [bos + ids[s:s + step] for s in range(0, len(ids), step) if len(bos + ids[s:s + step]) >= 2]
     if not windows:
         raise ConfigError("the calibration text has fewer than 2 tokens", hint="pass a file with some text in it")
     dev = resolve_device(device)
+    try:
+        with activations("int16"):  # a CPU model's default int8 would add its rounding to every input
+            return _measure(file, path, text, windows, dev, ctx, progress)
+    except torch.OutOfMemoryError:
+        raise MoepackError(f"out of GPU memory running {path}",
+                           hint="measure with a 4/4 file of the checkpoint, or --device cpu") from None
+    finally:
+        file.close()
+
+
+def _measure(file: MoepackFile, path: Path, text: str, windows: list, dev, ctx: int, progress: bool) -> Imatrix:
+    from runtime.loader import load_model
+
     model, _ = load_model(file, dev, torch.float32, ctx=ctx, dequantize_at_load=True)
     sums = _Sums()
     for layer_index, layer in enumerate(model.layers):
@@ -279,7 +305,6 @@ def measure(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8
             model(torch.tensor(window, dtype=torch.long), 0, last_only=True)
             bar.update(len(window))
         experts.flush()
-    file.close()
     return Imatrix(entries=sums.means(), tokens=tokens, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
                    model=Path(path).name)
 

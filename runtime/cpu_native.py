@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -359,6 +360,20 @@ def set_cpu_activations(kind: str) -> None:
         raise ValueError(f"CPU activations {kind!r}: expected one of {', '.join(REQUESTS)}")
     _activations = kind
     _reapply()
+
+
+@contextmanager
+def activations(kind: str):
+    """set_cpu_activations(kind) inside a with block; the request before it comes back after
+    (quantize/imatrix.py measures with int16: exact inputs, not int8's rounding noise)."""
+    global _activations
+    before = _activations
+    set_cpu_activations(kind)
+    try:
+        yield
+    finally:
+        _activations = before
+        _reapply()
 
 
 def set_auto_activations(cpu_only: bool) -> None:

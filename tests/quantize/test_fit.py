@@ -80,14 +80,34 @@ def test_same_bytes_at_any_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
-def test_a_column_that_no_input_drives_still_gets_fitted():
-    """The floor: with a zero importance, a column is still matched, not left to any code."""
+def test_a_column_that_no_input_drives_still_gets_fitted(monkeypatch):
+    """The floor: with a zero importance, a column is still matched by least squares, not left
+    to where the driven columns' fit puts it (or, for a group no input drives, to min-max)."""
+    import quantize.fit as fit
+
     W, _ = _case(rows=8, cols=64, seed=7)
     imp = torch.zeros(64)
     imp[:8] = 1.0
-    q, s, z = weighted_fit(W, imp, 2, 16)
-    err = (W - _decode(q, s, z, 16))[:, 16:]
-    assert float(err.abs().max()) < float(W.abs().max())
+
+    def undriven_error():
+        q, s, z = weighted_fit(W, imp, 2, 16)
+        return float((W - _decode(q, s, z, 16))[:, 16:].square().sum())
+
+    with_floor = undriven_error()
+    monkeypatch.setattr(fit, "IMPORTANCE_FLOOR", 0.0)
+    assert with_floor < undriven_error()
+
+
+def test_importances_count_relative_to_their_mean():
+    """Only the importances' shape matters, not their scale (E[x^2] of a layer may be 1e-6 or
+    1e6); none measured at all is equal weights."""
+    W, x = _case(seed=11)
+    imp = (x * x).mean(0)
+    base = weighted_fit(W, imp, 2, 16)
+    for factor in (1e-30, 1e20):
+        q, s, z = weighted_fit(W, imp * factor, 2, 16)
+        assert float((q.int() - base[0].int()).abs().float().mean()) < 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(weighted_fit(W, torch.zeros(256), 2, 16), weighted_fit(W, None, 2, 16)))
 
 
 @settings(max_examples=25, deadline=None)
@@ -106,7 +126,7 @@ def test_error_never_beyond_half_a_step_of_the_min_max_grid(rows, bg, seed, amp)
     top = (1 << bits) - 1
     half_step = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / top / 2
     assert bool(torch.isfinite(What).all())
-    a = imp.view(-1, g).repeat(rows, 1) + imp.mean() * 0.1
+    a = imp.view(-1, g).repeat(rows, 1) / imp.mean() + 0.1
     mm = torch.round((x - x.amin(1, keepdim=True)) / (2 * half_step).clamp_min(1e-30)).clamp(0, top) * 2 * half_step \
         + x.amin(1, keepdim=True)
     fit_err = (a * (x - What) ** 2).sum(1)

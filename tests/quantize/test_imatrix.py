@@ -36,7 +36,10 @@ def measured(model_file):
 def _reference(model_file):
     """Per (layer, expert): the routed x rows, read by a spy backend over the same windows."""
     with MoepackFile(model_file) as f:
-        ids = TextTokenizer(f.header.tokenizer).encode(TEXT, add_bos=False)
+        tok = TextTokenizer(f.header.tokenizer)
+        ids = tok.encode(TEXT, add_bos=False)
+        assert f.header.tokenizer.add_bos_token and tok.bos_id is not None  # the windows start with BOS
+        windows = [[tok.bos_id] + ids[s:s + CTX - 1] for s in range(0, len(ids), CTX - 1)]
         model, _ = load_model(f, torch.device("cpu"), torch.float32, ctx=CTX, dequantize_at_load=True)
         rows: dict[tuple[int, int], list[torch.Tensor]] = {}
         inner = model.experts
@@ -51,16 +54,16 @@ def _reference(model_file):
 
         model.experts = Spy()
         with torch.inference_mode():
-            for s in range(0, len(ids), CTX):
-                if len(ids[s:s + CTX]) >= 2:
-                    model(torch.tensor(ids[s:s + CTX]), 0)
+            for w in windows:
+                if len(w) >= 2:
+                    model(torch.tensor(w), 0)
         arrays = {key: f.expert_arrays(*key) for key in rows}
-    return ids, {k: torch.cat(v).double().numpy() for k, v in rows.items()}, arrays
+    return [w for w in windows if len(w) >= 2], {k: torch.cat(v).double().numpy() for k, v in rows.items()}, arrays
 
 
 def test_expert_inputs_equal_a_direct_computation(model_file, measured):
-    ids, rows, arrays = _reference(model_file)
-    assert measured.tokens == len(ids)
+    windows, rows, arrays = _reference(model_file)
+    assert measured.tokens == sum(len(w) for w in windows)
     for (layer, e), x in rows.items():
         name = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
         mean, n = measured.entries[name + "w1.weight"]
@@ -136,17 +139,31 @@ NAME = "model.layers.0.self_attn.q_proj.weight"
      "tokens 'x' is not an integer"),
     ({NAME + im.MEAN: np.ones(4, np.float32)}, GOOD_META, "rows is missing"),
     ({NAME + im.MEAN: np.ones(4, np.float32), NAME + im.ROWS: np.array([-1])}, GOOD_META, "rows is missing or not"),
-    ({NAME + im.MEAN: np.ones(4, np.float32), NAME + im.ROWS: np.array([3], np.int32)}, GOOD_META, "rows is missing"),
+    ({NAME + im.MEAN: np.ones(4, np.float32), NAME + im.ROWS: np.array([3], np.int32)}, GOOD_META, "rows is I32"),
     ({NAME + im.ROWS: np.array([3])}, GOOD_META, "has no .in_sq_mean beside it"),
     ({NAME + im.MEAN: np.array([1, -1], np.float32), NAME + im.ROWS: np.array([3])}, GOOD_META, "finite non-negative"),
     ({NAME + im.MEAN: np.array([1, np.nan], np.float32), NAME + im.ROWS: np.array([3])}, GOOD_META, "finite non-negative"),
-    ({NAME + im.MEAN: np.ones(4, np.float64), NAME + im.ROWS: np.array([3])}, GOOD_META, "1-D float32"),
+    ({NAME + im.MEAN: np.ones(4, np.float64), NAME + im.ROWS: np.array([3])}, GOOD_META, "in_sq_mean is F64"),
     ({NAME + im.MEAN: np.ones((2, 2), np.float32), NAME + im.ROWS: np.array([3])}, GOOD_META, "1-D float32"),
     ({"what": np.ones(2, np.float32)}, GOOD_META, "unexpected tensor what"),
 ])
 def test_each_kind_of_damage_is_refused_with_its_own_error(tmp_path, tensors, meta, needle):
     path = _write(tmp_path / "x.imatrix", tensors, meta)
     with pytest.raises(im.ImatrixError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        im.load(path)
+
+
+@pytest.mark.parametrize("dtype,size", [("BF16", 2), ("F16", 2), ("F8_E4M3", 1)])
+def test_a_tensor_of_another_dtype_is_refused(tmp_path, dtype, size):
+    """Valid safetensors whose dtype numpy cannot hold: an error naming it, not a traceback."""
+    n = 4 * size
+    header = {"__metadata__": GOOD_META, NAME + im.MEAN: {"dtype": dtype, "shape": [4], "data_offsets": [0, n]},
+              NAME + im.ROWS: {"dtype": "I64", "shape": [1], "data_offsets": [n, n + 8]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "x.imatrix"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(n + 8))
+    with pytest.raises(im.ImatrixError, match=f"is {dtype}"):
         im.load(path)
 
 
@@ -187,10 +204,12 @@ def imatrix_file(model_file, tmp_path_factory):
 
 def test_quantize_with_imatrix_is_deterministic_and_recorded(tiny_checkpoint, imatrix_file, tmp_path, tmp_path_factory):
     a, b = tmp_path / "a.moepack", tmp_path / "b.moepack"
+    measured = sum(1 for _, rows in im.load(imatrix_file).entries.values() if rows > 0)
     for out in (a, b):
         r = run_cli("quantize", tiny_checkpoint, "-o", out, "--imatrix", imatrix_file, "--device", "cpu", "--quiet")
         assert r.exit_code == 0, r.stderr
-        assert f"weighted by {imatrix_file}" in r.stdout
+        # every measured matrix found by its name; the rest (experts never routed to) alike
+        assert f"weighted by {imatrix_file}: {measured} matrices" in r.stdout
     assert sha256(a) == sha256(b)
     hqq = packed(tmp_path_factory, tiny_checkpoint, "--attn-bits", "4", "--expert-bits", "2")
     assert sha256(a) != sha256(hqq)
@@ -220,15 +239,22 @@ def test_an_imatrix_of_another_model_is_refused_before_any_work(tiny_checkpoint,
     assert not out.exists()
 
 
-def test_imatrix_cli_errors_are_one_line(model_file, tmp_path):
+def test_imatrix_cli_errors_are_one_line(model_file, tmp_path, tiny_checkpoint, imatrix_file):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
+    assert_user_error(run_cli("imatrix", model_file, text, "-o", model_file), "would overwrite an input")
+    assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", tmp_path / "o.moepack", "--attn-bits", "16",
+                              "--expert-bits", "16", "--imatrix", imatrix_file), "quantizes no matrix")
     assert_user_error(run_cli("imatrix", model_file, tmp_path / "missing.txt", "-o", tmp_path / "x.imatrix"),
                       "no such text file")
     assert_user_error(run_cli("imatrix", model_file, text, "-o", tmp_path / "x.imatrix", "--ctx", "1"), "--ctx 1")
     assert_user_error(run_cli("imatrix", model_file, text, "-o", tmp_path / "nodir" / "x.imatrix"),
                       "does not exist")
-    text.write_text("a")
+    text.write_text(" ")
     assert_user_error(run_cli("imatrix", model_file, text, "-o", tmp_path / "x.imatrix", "--device", "cpu", "-q"),
-                      "fewer than 2 tokens")
+                      "the text is empty")
+    from formats.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fewer than 2 tokens"):  # BOS alone is one
+        im.measure(model_file, "", device="cpu", progress=False)
     assert not (tmp_path / "x.imatrix").exists()
