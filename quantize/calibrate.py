@@ -39,23 +39,31 @@ class CountingExperts:
         self.inner.reset_stats()
 
 
+def open_text(path: Path, text: str, ctx: int, max_tokens: int | None, least: int):
+    """(the open file, its TextTokenizer, the first max_tokens ids of `text` without BOS, ctx
+    capped at the model's context), after the checks that --ctx and --max-tokens are at least
+    `least` (calibrate and imatrix)."""
+    from runtime.tokenizer import TextTokenizer
+
+    what = "positive" if least == 1 else f"at least {least}"
+    if ctx < least:
+        raise ConfigError(f"--ctx {ctx} must be {what}", hint="512 tokens per window is the default")
+    if max_tokens is not None and max_tokens < least:
+        raise ConfigError(f"--max-tokens {max_tokens} must be {what}", hint="8192 tokens is the default")
+    file = MoepackFile(path)
+    tok = TextTokenizer(file.header.tokenizer, source=str(path))
+    ids = tok.encode(text, add_bos=False)
+    return file, tok, ids if max_tokens is None else ids[:max_tokens], min(ctx, file.config.max_position_embeddings)
+
+
 def count_experts(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8192, device: str = "auto",
                   dtype: str = "auto", progress: bool = True) -> tuple[tuple[tuple[int, ...], ...], int]:
     """(counts [layers][experts], tokens routed): the text in windows of `ctx` tokens."""
     from runtime.device import resolve_device, resolve_dtype
     from runtime.loader import load_model
-    from runtime.tokenizer import TextTokenizer
 
-    if ctx < 1:
-        raise ConfigError(f"--ctx {ctx} must be positive", hint="512 tokens per window is the default")
-    if max_tokens is not None and max_tokens < 1:
-        raise ConfigError(f"--max-tokens {max_tokens} must be positive", hint="8192 tokens is the default")
-    file = MoepackFile(path)
+    file, tok, ids, ctx = open_text(path, text, ctx, max_tokens, least=1)
     cfg = file.config
-    ctx = min(ctx, cfg.max_position_embeddings)
-    ids = TextTokenizer(file.header.tokenizer, source=str(path)).encode(text, add_bos=False)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
     if not ids:
         raise ConfigError("the calibration text has no tokens", hint="pass a file with some text in it")
     dev = resolve_device(device)

@@ -255,29 +255,20 @@ def measure(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8
     tokens (float32 activations; the CPU kernel rounds x to int16, not int8)."""
     from runtime.cpu_native import activations
     from runtime.device import resolve_device
-    from runtime.tokenizer import TextTokenizer
 
-    if ctx < 2:
-        raise ConfigError(f"--ctx {ctx} must be at least 2", hint="512 tokens per window is the default")
-    if max_tokens is not None and max_tokens < 2:
-        raise ConfigError(f"--max-tokens {max_tokens} must be at least 2", hint="8192 tokens is the default")
-    file = MoepackFile(path)
-    cfg = file.config
-    ctx = min(ctx, cfg.max_position_embeddings)
-    tok = TextTokenizer(file.header.tokenizer, source=str(path))
-    ids = tok.encode(text, add_bos=False)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    from .calibrate import open_text
+
+    file, tok, ids, ctx = open_text(path, text, ctx, max_tokens, least=2)
     # each window starts as the model's sequences do (runtime.perplexity's windows too): with
     # BOS where the tokenizer adds it, whose activations inference sees once per sequence
     bos = [tok.bos_id] if file.header.tokenizer.add_bos_token and tok.bos_id is not None else []
     step = ctx - len(bos)
     # a one-token window would take the decode step's path, which these recorders do not see
     windows = [bos + ids[s:s + step] for s in range(0, len(ids), step) if len(bos + ids[s:s + step]) >= 2]
-    if not windows:
-        raise ConfigError("the calibration text has fewer than 2 tokens", hint="pass a file with some text in it")
-    dev = resolve_device(device)
     try:
+        if not windows:
+            raise ConfigError("the calibration text has fewer than 2 tokens", hint="pass a file with some text in it")
+        dev = resolve_device(device)
         with activations("int16"):  # a CPU model's default int8 would add its rounding to every input
             return _measure(file, path, text, windows, dev, ctx, progress)
     except torch.OutOfMemoryError:
