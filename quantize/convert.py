@@ -64,9 +64,12 @@ class Fits:
                 f"{self.path}: no importances for any quantized matrix of this checkpoint",
                 hint="the importance matrix was measured on another model; run moe-pack imatrix on a file of this checkpoint")
 
-    def fit(self, name: str) -> Weighted:
+    def fit(self, name: str) -> Weighted | None:
+        """The fit of the quantized matrix `name`; None for a record stored as float16."""
         cols = self.cols.get(name)
-        imp = None if cols is None else self.imatrix.importance(name, cols, str(self.path))
+        if cols is None:
+            return None
+        imp = self.imatrix.importance(name, cols, str(self.path))
         if imp is None:
             self.equal += 1
         else:

@@ -209,7 +209,10 @@ def test_quantize_with_imatrix_is_deterministic_and_recorded(tiny_checkpoint, im
         r = run_cli("quantize", tiny_checkpoint, "-o", out, "--imatrix", imatrix_file, "--device", "cpu", "--quiet")
         assert r.exit_code == 0, r.stderr
         # every measured matrix found by its name; the rest (experts never routed to) alike
-        assert f"weighted by {imatrix_file}: {measured} matrices" in r.stdout
+        with MoepackFile(out) as f:
+            quantized = sum(1 for t in f.header.tensors if t.spec.quantized) + 3 * len(f.header.experts)
+        equal = f", {quantized - measured} with equal weights (not measured)" if quantized > measured else ""
+        assert f"weighted by {imatrix_file}: {measured} matrices{equal}, cpu" in r.stdout
     assert sha256(a) == sha256(b)
     hqq = packed(tmp_path_factory, tiny_checkpoint, "--attn-bits", "4", "--expert-bits", "2")
     assert sha256(a) != sha256(hqq)
