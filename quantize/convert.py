@@ -159,14 +159,9 @@ def quantize_checkpoint(
     if weights is not None:
         fits = Fits(weights, Path(imatrix), file_recipe)
     if not low_disk:
-        plan = plan_records(ckpt.folder, ckpt.config)
-        if fits is not None:
-            fits.check(plan)
-        return _quantize(src, out, ckpt, file_recipe, plan, dev, progress, None, fits)
+        return _quantize(src, out, ckpt, file_recipe, plan_records(ckpt.folder, ckpt.config), dev, progress, None, fits)
     headers = hub_headers(src, revision)
     plan = plan_records(ckpt.folder, ckpt.config, headers)
-    if fits is not None:
-        fits.check(plan)
     with StreamedShards(plan, headers, out.parent, lambda shard, folder: hub_fetch(src, revision, shard, folder)) as shards:
         result = _quantize(src, out, ckpt, file_recipe, plan, dev, progress, shards, fits)
     return replace(result, shards_peak_bytes=shards.peak_bytes, shards_peak=shards.peak_shards)
@@ -174,6 +169,8 @@ def quantize_checkpoint(
 
 def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, dev: str, progress: bool,
               shards: StreamedShards | None, fits: Fits | None = None) -> QuantizeResult:
+    if fits is not None:
+        fits.check(plan)  # before the writer's temporary and the first shard
     folder = ckpt.folder if shards is None else shards.folder
     info = quantizer_info(src, None if fits is None else fits.describe())
     with MoepackWriter(out, config=ckpt.config, tokenizer=ckpt.tokenizer, quantizer=info, recipe=file_recipe) as w, \

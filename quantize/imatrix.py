@@ -69,9 +69,6 @@ class Imatrix:
         return hit[0]
 
 
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
-
-
 def save(imatrix: Imatrix, path: Path) -> None:
     """Write `imatrix` to `path` atomically (a temporary beside it, renamed). The safetensors
     bytes are laid out here, not by the safetensors library, whose metadata order varies from
@@ -88,7 +85,7 @@ def save(imatrix: Imatrix, path: Path) -> None:
     offset = 0
     for key in sorted(tensors):
         a = tensors[key]
-        header[key] = {"dtype": _DTYPES[a.dtype.newbyteorder("=")], "shape": list(a.shape),
+        header[key] = {"dtype": "F32" if a.dtype.kind == "f" else "I64", "shape": list(a.shape),
                        "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -172,14 +169,13 @@ class _Sums:
         self.sq: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
 
-    def add(self, name: str, x: torch.Tensor) -> None:
-        # x: [T, cols]
+    def add(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        """x [T, cols]'s rows under each of `names`: matrices that read the same input (q, k and
+        v; an expert's w1 and w3) share one sum of squares per call."""
         s = x.detach().to(torch.float64).square().sum(0).cpu()
-        if name in self.sq:
-            self.sq[name] += s
-        else:
-            self.sq[name] = s
-        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+        for name in names:
+            self.sq[name] = self.sq[name] + s if name in self.sq else s.clone()
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
 
     def means(self) -> dict[str, tuple[np.ndarray, int]]:
         return {n: ((s / max(self.rows[n], 1)).to(torch.float32).numpy(), self.rows[n]) for n, s in self.sq.items()}
@@ -194,8 +190,7 @@ class _Recorder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
-        for name in self.names:
-            self.sums.add(name, y if self.output else x)
+        self.sums.add(self.names, y if self.output else x)
         return y
 
 
@@ -217,8 +212,7 @@ class _ExpertInputs:
         # x: [T, H], topk_idx: [T, k]
         for e in torch.unique(topk_idx).tolist():
             rows = x[(topk_idx == e).any(dim=1)].float()
-            for m in ("w1", "w3"):
-                self.sums.add(_expert_name(layer, e, m), rows)
+            self.sums.add((_expert_name(layer, e, "w1"), _expert_name(layer, e, "w3")), rows)
             self.held.setdefault((layer, e), []).append(rows)
             self.held_bytes += rows.numel() * 4
         if self.held_bytes > HOLD_BYTES:
@@ -238,7 +232,7 @@ class _ExpertInputs:
                 return dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec,
                                   torch.float32)
             h = torch.nn.functional.silu(x @ w("w1").T) * (x @ w("w3").T)  # [n, I]
-            self.sums.add(_expert_name(layer, e, "w2"), h)
+            self.sums.add((_expert_name(layer, e, "w2"),), h)
         self.held.clear()
         self.held_bytes = 0
 
