@@ -39,17 +39,22 @@ class CountingExperts:
         self.inner.reset_stats()
 
 
+def check_window_options(ctx: int, max_tokens: int | None, least: int) -> None:
+    """--ctx and --max-tokens are each at least `least` tokens."""
+    what = "positive" if least == 1 else f"at least {least}"
+    if ctx < least:
+        raise ConfigError(f"--ctx {ctx} must be {what}", hint="512 tokens per window is the default")
+    if max_tokens is not None and max_tokens < least:
+        raise ConfigError(f"--max-tokens {max_tokens} must be {what}", hint="8192 tokens is the default")
+
+
 def open_text(path: Path, text: str, ctx: int, max_tokens: int | None, least: int):
     """(the open file, its TextTokenizer, the first max_tokens ids of `text` without BOS, ctx
     capped at the model's context), after the checks that --ctx and --max-tokens are at least
     `least` (calibrate and imatrix)."""
     from runtime.tokenizer import TextTokenizer
 
-    what = "positive" if least == 1 else f"at least {least}"
-    if ctx < least:
-        raise ConfigError(f"--ctx {ctx} must be {what}", hint="512 tokens per window is the default")
-    if max_tokens is not None and max_tokens < least:
-        raise ConfigError(f"--max-tokens {max_tokens} must be {what}", hint="8192 tokens is the default")
+    check_window_options(ctx, max_tokens, least)
     file = MoepackFile(path)
     tok = TextTokenizer(file.header.tokenizer, source=str(path))
     ids = tok.encode(text, add_bos=False)

@@ -181,18 +181,22 @@ def calibrate(file, text, max_tokens, ctx, device, quiet):
 
 
 @cli.command("imatrix")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.argument("text", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), metavar="OUT.imatrix",
               help="The importance matrix to write (safetensors); then `moe-pack quantize SRC --imatrix OUT.imatrix`.")
 @click.option("--max-tokens", type=int, default=8192, show_default=True, help="Use only the first N tokens of TEXT.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per forward window.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def imatrix_command(file, text, out, max_tokens, ctx, device, quiet):
-    """Measure how strongly TEXT drives each input column of every quantized matrix, running
-    FILE's model (a 16/16 or 4/4 .moepack of the checkpoint you will quantize)."""
+def imatrix_command(src, text, out, max_tokens, ctx, device, revision, quiet):
+    """Measure how strongly TEXT drives each input column of every quantized matrix.
+
+    SRC is the checkpoint you will quantize (a local folder or a Hub repo id), run one layer at
+    a time in float32, or a .moepack file of it (16/16 or 4/4) run by moe-pack's runtime.
+    """
     from runtime.perplexity import read_text
 
     from formats.errors import ConfigError
@@ -201,10 +205,21 @@ def imatrix_command(file, text, out, max_tokens, ctx, device, quiet):
     from .convert import check_output
 
     check_output(out)
-    if out.resolve() in (file.resolve(), text.resolve()):
+    is_file = Path(src).is_file()
+    inputs = [text.resolve()] + ([Path(src).resolve()] if Path(src).exists() else [])
+    if out.resolve() in inputs:
         raise ConfigError(f"-o {out} would overwrite an input", hint="write the importance matrix to another file")
+    if is_file and revision is not None:
+        raise ConfigError(f"--revision has no effect with the file {src}", hint="drop --revision")
     t0 = time.perf_counter()
-    result = im.measure(file, read_text(text), ctx=ctx, max_tokens=max_tokens, device=device, progress=not quiet)
+    if is_file:
+        result = im.measure(Path(src), read_text(text), ctx=ctx, max_tokens=max_tokens, device=device,
+                            progress=not quiet)
+    else:
+        from .imatrix_checkpoint import measure_checkpoint
+
+        result = measure_checkpoint(src, read_text(text), ctx=ctx, max_tokens=max_tokens, device=device,
+                                    revision=revision, progress=not quiet)
     im.save(result, out)
     experts, others = im.coverage(result)
     click.echo(f"wrote {out}: {result.tokens} tokens, {experts} expert and {others} attention matrices measured "

@@ -243,6 +243,24 @@ class _ExpertInputs:
         self.inner.reset_stats()
 
 
+def text_windows(tok, ids: list[int], ctx: int) -> list[list[int]]:
+    """The calibration ids in windows of at most `ctx` tokens, each of at least 2.
+
+    Each window starts as the model's sequences do (runtime.perplexity's windows too): with
+    BOS where the tokenizer adds it, whose activations inference sees once per sequence."""
+    bos = [tok.bos_id] if tok.info.add_bos_token and tok.bos_id is not None else []
+    step = ctx - len(bos)
+    # a one-token window would take the decode step's path, which the .moepack recorders do not see
+    windows = [bos + ids[s:s + step] for s in range(0, len(ids), step) if len(bos + ids[s:s + step]) >= 2]
+    if not windows:
+        raise ConfigError("the calibration text has fewer than 2 tokens", hint="pass a file with some text in it")
+    return windows
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def measure(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8192, device: str = "auto",
             progress: bool = True) -> Imatrix:
     """The importance matrix of the model in .moepack `path` over `text`, in windows of `ctx`
@@ -253,15 +271,8 @@ def measure(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8
     from .calibrate import open_text
 
     file, tok, ids, ctx = open_text(path, text, ctx, max_tokens, least=2)
-    # each window starts as the model's sequences do (runtime.perplexity's windows too): with
-    # BOS where the tokenizer adds it, whose activations inference sees once per sequence
-    bos = [tok.bos_id] if file.header.tokenizer.add_bos_token and tok.bos_id is not None else []
-    step = ctx - len(bos)
-    # a one-token window would take the decode step's path, which these recorders do not see
-    windows = [bos + ids[s:s + step] for s in range(0, len(ids), step) if len(bos + ids[s:s + step]) >= 2]
     try:
-        if not windows:
-            raise ConfigError("the calibration text has fewer than 2 tokens", hint="pass a file with some text in it")
+        windows = text_windows(tok, ids, ctx)
         dev = resolve_device(device)
         with activations("int16"):  # a CPU model's default int8 would add its rounding to every input
             return _measure(file, path, text, windows, dev, ctx, progress)
@@ -290,7 +301,7 @@ def _measure(file: MoepackFile, path: Path, text: str, windows: list, dev, ctx: 
             model(torch.tensor(window, dtype=torch.long), 0, last_only=True)
             bar.update(len(window))
         experts.flush()
-    return Imatrix(entries=sums.means(), tokens=tokens, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+    return Imatrix(entries=sums.means(), tokens=tokens, text_sha256=text_sha256(text),
                    model=Path(path).name)
 
 
