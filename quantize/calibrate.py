@@ -39,13 +39,13 @@ class CountingExperts:
         self.inner.reset_stats()
 
 
-def check_window_options(ctx: int, max_tokens: int | None, least: int) -> None:
-    """--ctx and --max-tokens are each at least `least` tokens."""
+def check_window_options(ctx: int, max_tokens: int | None, least: int, options=("--ctx", "--max-tokens")) -> None:
+    """--ctx and --max-tokens (named `options`) are each at least `least` tokens."""
     what = "positive" if least == 1 else f"at least {least}"
     if ctx < least:
-        raise ConfigError(f"--ctx {ctx} must be {what}", hint="512 tokens per window is the default")
+        raise ConfigError(f"{options[0]} {ctx} must be {what}", hint="512 tokens per window is the default")
     if max_tokens is not None and max_tokens < least:
-        raise ConfigError(f"--max-tokens {max_tokens} must be {what}", hint="8192 tokens is the default")
+        raise ConfigError(f"{options[1]} {max_tokens} must be {what}", hint="8192 tokens is the default")
 
 
 def open_text(path: Path, text: str, ctx: int, max_tokens: int | None, least: int):

@@ -89,12 +89,19 @@ def cli() -> None:
               help="An importance matrix from `moe-pack imatrix`: every quantized matrix is fitted by least squares "
                    "weighted by how strongly calibration text drove each input column, instead of HQQ (much lower "
                    "perplexity at 2 and 3 bits, docs/BENCHMARKS.md).")
+@click.option("--gptq", type=click.Path(path_type=Path), default=None, metavar="TEXT",
+              help="A calibration text run through SRC layer by layer: scales fitted as with --imatrix, and codes "
+                   "chosen by GPTQ to cancel each other's error on the text's inputs (lower perplexity still; "
+                   "docs/BENCHMARKS.md).")
+@click.option("--gptq-tokens", type=int, default=8192, show_default=True, help="Use only the first N tokens of the --gptq text.")
+@click.option("--gptq-ctx", type=int, default=512, show_default=True, help="Tokens per window of the --gptq text.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, expert_group_size, lm_head_group_size,
-             meta_bits, expert_meta_bits, meta_group_size, device, revision, low_disk, imatrix, quiet):
+             meta_bits, expert_meta_bits, meta_group_size, device, revision, low_disk, imatrix, gptq, gptq_tokens,
+             gptq_ctx, quiet):
     """Quantize the Mixtral checkpoint SRC (a local folder or a Hugging Face repo id) with HQQ,
-    or with an importance matrix (--imatrix).
+    with an importance matrix (--imatrix), or with GPTQ over a calibration text (--gptq).
 
     Router, norms and embeddings stay fp16. Per-matrix relative errors are recorded in the
     file (see `moe-pack inspect`). The same inputs give the same bytes on the same device
@@ -107,11 +114,16 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
         expert_group_size=expert_group_size, lm_head_group_size=lm_head_group_size, meta_bits=meta_bits,
         expert_meta_bits=expert_meta_bits, meta_group_size=meta_group_size,
     )
-    from .convert import quantize_checkpoint  # imports torch: only now that the options are valid
+    from .convert import GptqOptions, quantize_checkpoint  # imports torch: only now that the options are valid
 
+    calibration = None
+    if gptq is not None:
+        from runtime.perplexity import read_text
+
+        calibration = GptqOptions(read_text(gptq), ctx=gptq_ctx, max_tokens=gptq_tokens)
     t0 = time.perf_counter()
     result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet, low_disk=low_disk,
-                                 imatrix=imatrix)
+                                 imatrix=imatrix, gptq=calibration)
     from formats.report import human_bytes
 
     shards = ("" if result.shards_peak is None else
@@ -119,7 +131,8 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     fit = ""
     if result.imatrix_fits is not None:
         weighted, equal = result.imatrix_fits
-        fit = f", weighted by {imatrix}: {weighted} matrices" + (f", {equal} with equal weights (not measured)" if equal else "")
+        by = imatrix if imatrix is not None else f"GPTQ over {gptq}"
+        fit = f", weighted by {by}: {weighted} matrices" + (f", {equal} with equal weights (not measured)" if equal else "")
     click.echo(
         f"wrote {result.path}: {result.records} records, {human_bytes(result.file_bytes)} "
         f"({recipe.describe()}{fit}, {result.device}, {time.perf_counter() - t0:.1f} s{shards})"

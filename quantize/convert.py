@@ -40,6 +40,8 @@ class Fits:
     where the imatrix has none (an expert never routed to in calibration, lm_head), by equal
     weights: the same least squares, every column alike."""
 
+    method = "weighted-lsq"  # the header's quantizer.method
+
     def __init__(self, imatrix: imatrix_module.Imatrix, path: Path, file_recipe):
         self.imatrix, self.path, self.recipe = imatrix, path, file_recipe
         self.cols: dict[str, int] = {}
@@ -77,7 +79,16 @@ class Fits:
         return Weighted(imp)
 
     def describe(self) -> str:
-        return imatrix_module.describe(self.imatrix, self.path)
+        return f"{FIT_VERSION}; {imatrix_module.describe(self.imatrix, self.path)}"
+
+
+@dataclass(frozen=True)
+class GptqOptions:
+    """quantize --gptq: the calibration text, its window length and how many tokens to use."""
+
+    text: str
+    ctx: int = 512
+    max_tokens: int | None = 8192
 
 
 @dataclass(frozen=True)
@@ -114,11 +125,11 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"output folder {out.parent} is not writable", hint="pick another -o path")
 
 
-def quantizer_info(source: str, imatrix: str | None = None) -> QuantizerInfo:
-    """Provenance for the header. imatrix: imatrix.describe's line, where one weighed the fit."""
-    if imatrix is not None:
-        return QuantizerInfo(name="moe-pack", version=package_version(), method="weighted-lsq",
-                             method_version=f"{FIT_VERSION}; {imatrix}", source=source)
+def quantizer_info(source: str, fits=None) -> QuantizerInfo:
+    """Provenance for the header: HQQ's version, or the fit's method and what drove it."""
+    if fits is not None:
+        return QuantizerInfo(name="moe-pack", version=package_version(), method=fits.method,
+                             method_version=fits.describe(), source=source)
     return QuantizerInfo(name="moe-pack", version=package_version(), method="hqq", method_version=hqq_version(), source=source)
 
 
@@ -139,15 +150,23 @@ def quantize_checkpoint(
     download: Callable | None = None,
     low_disk: bool = False,
     imatrix: str | os.PathLike | None = None,
+    gptq: GptqOptions | None = None,
 ) -> QuantizeResult:
     """Quantize checkpoint `src` (folder or Hub repo id) into the .moepack file `out`.
     low_disk: a Hub repo's shards are downloaded one at a time and deleted once read
     (quantize/streaming.py) instead of all into the Hugging Face cache first. imatrix: an
     importance matrix file (quantize/imatrix.py): every quantized matrix is then fitted by
-    weighted least squares (quantize/fit.py) instead of HQQ."""
+    weighted least squares (quantize/fit.py) instead of HQQ. gptq: a calibration text run
+    through the checkpoint layer by layer: scales by the weighted fit, codes by GPTQ
+    (quantize/gptq_calibration.py)."""
     out = Path(out)
     check_output(out)
+    if gptq is not None and imatrix is not None:
+        raise ConfigError("--gptq and --imatrix both choose the fit", hint="--gptq measures its own importances; drop --imatrix")
     weights = None if imatrix is None else imatrix_module.load(Path(imatrix))
+    if gptq is not None and low_disk:
+        raise ConfigError("--gptq reads each layer's shards again to run the layer; --low-disk deletes them",
+                          hint="drop --low-disk (download the checkpoint), or drop --gptq")
     if low_disk and local_folder(src) is not None:
         raise ConfigError(f"--low-disk: {src} is a local folder, already on disk",
                           hint="--low-disk is for Hub repo ids; drop it")
@@ -158,6 +177,10 @@ def quantize_checkpoint(
     fits = None
     if weights is not None:
         fits = Fits(weights, Path(imatrix), file_recipe)
+    elif gptq is not None:
+        from .gptq_calibration import GptqFits
+
+        fits = GptqFits(ckpt, gptq.text, gptq.ctx, gptq.max_tokens, dev, file_recipe)
     if not low_disk:
         return _quantize(src, out, ckpt, file_recipe, plan_records(ckpt.folder, ckpt.config), dev, progress, None, fits)
     headers = hub_headers(src, revision)
@@ -172,7 +195,7 @@ def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, de
     if fits is not None:
         fits.check(plan)  # before the writer's temporary and the first shard
     folder = ckpt.folder if shards is None else shards.folder
-    info = quantizer_info(src, None if fits is None else fits.describe())
+    info = quantizer_info(src, fits)
     with MoepackWriter(out, config=ckpt.config, tokenizer=ckpt.tokenizer, quantizer=info, recipe=file_recipe) as w, \
             _progress_bar(len(plan), progress) as bar:
         held: dict[int, tuple[bytes, float]] = {}  # plan index -> payload encoded early (StreamedShards.early)

@@ -101,11 +101,20 @@ def refit_codes(W: torch.Tensor, spec: QuantSpec, q: torch.Tensor, s_hat: torch.
     return out
 
 
+def stored_meta(scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero [n] f32 -> the float32 values the file's bytes decode them to
+    (encode_codes stores them the same way)."""
+    if spec.meta_bits == 16:
+        return scale.to(torch.float16).to(torch.float32), zero.to(torch.float16).to(torch.float32)
+    return encode_meta(scale, spec)[2], encode_meta(zero, spec)[2]
+
+
 def encode_codes(W: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 spec: QuantSpec) -> torch.Tensor | None:
+                 spec: QuantSpec, refit: bool = True) -> torch.Tensor | None:
     """The bytes of one quantized matrix as a 1-D u8 tensor on q's device, laid out by
     formats.qtensor.matrix_layout: HQQ's codes q [rows, cols] u8 and per-group scale and zero
-    [rows * cols // g] f32, re-rounded first where the meta is 4-bit.
+    [rows * cols // g] f32, re-rounded first where the meta is 4-bit (unless refit=False: codes
+    chosen already for the stored scale and zero, by quantize/gptq.py).
 
     None where a float component is not finite (an inf or NaN stored would decode to garbage
     silently): the caller then lets the numpy reference refuse it with its message.
@@ -119,7 +128,7 @@ def encode_codes(W: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: to
     else:
         arrays["scale"], arrays["scale_meta"], s_hat = encode_meta(scale, spec)
         arrays["zero"], arrays["zero_meta"], z_hat = encode_meta(zero, spec)
-        if spec.meta_bits == 4:  # 8-bit meta moves the weights too little to pay (0.3021 both ways)
+        if spec.meta_bits == 4 and refit:  # 8-bit meta moves the weights too little to pay (0.3021 both ways)
             q = refit_codes(W, spec, q, s_hat, z_hat)
     if not all(bool(torch.isfinite(a).all()) for a in arrays.values() if a.is_floating_point()):
         return None

@@ -18,8 +18,9 @@ import torch
 from formats.errors import MoepackError, SourceError
 from formats.qtensor import QuantSpec, encode_matrix
 
-from .encode import CHUNK, encode_codes, stored_error
+from .encode import CHUNK, encode_codes, stored_error, stored_meta
 from .fit import weighted_fit
+from .gptq import gptq_codes
 
 # Weights per hqq call on the CPU (hqq_tensors): 4 MiB of float32 per temporary
 HQQ_CPU_BLOCK = 1 << 20
@@ -110,9 +111,12 @@ def _encode(label: str, spec: QuantSpec, device: str = "cpu", weighted: bool = F
 @dataclass(frozen=True)
 class Weighted:
     """encode_tensor's fit by importance-weighted least squares (quantize/fit.py) instead of
-    HQQ: `importance` [cols] the E[x^2] of the matrix's input columns, or None (all alike)."""
+    HQQ: `importance` [cols] the E[x^2] of the matrix's input columns, or None (all alike).
+    With `gram` (the inputs' sum of x x^T [cols, cols]), the codes for that scale and zero
+    are then chosen by GPTQ (quantize/gptq.py) instead of rounded to nearest."""
 
     importance: np.ndarray | None
+    gram: torch.Tensor | None = None
 
 
 def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str,
@@ -140,7 +144,12 @@ def encode_tensor(W: torch.Tensor, spec: QuantSpec, device: str, label: str,
         else:
             imp = None if fit.importance is None else torch.from_numpy(fit.importance)
             q, scale, zero = weighted_fit(Wd, imp, spec.bits, spec.group_size)
-        buf = encode_codes(Wd, q, scale, zero, spec)
+            if fit.gram is not None:
+                s_hat, z_hat = stored_meta(scale, zero, spec)
+                groups = Wd.shape[1] // spec.group_size
+                q = gptq_codes(Wd, fit.gram, s_hat.view(-1, groups), z_hat.view(-1, groups), spec.bits,
+                               spec.group_size)
+        buf = encode_codes(Wd, q, scale, zero, spec, refit=fit is None or fit.gram is None)
         if buf is None:  # a component is not finite: the numpy reference names it and refuses
             payload = _encode(label, spec, device, fit is not None, q=q.cpu().numpy(), scale=scale.cpu().numpy(),
                               zero=zero.cpu().numpy())

@@ -34,7 +34,7 @@ from .tensors import ExpertItem, TensorItem, load, plan_records
 EXPERT_ROWS = 4096
 
 
-class _Weights:
+class Weights:
     """The checkpoint's tensors by .moepack name, read one at a time as float32 on `dev`."""
 
     def __init__(self, folder: Path, plan: list, dev: torch.device):
@@ -54,8 +54,8 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _attention(cfg: ModelConfig, w: _Weights, layer: int, h: torch.Tensor, spans: list[tuple[int, int]],
-               sums: _Sums) -> torch.Tensor:
+def _attention(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, spans: list[tuple[int, int]],
+               sums) -> torch.Tensor:
     """h [N, H] (the windows one after another) -> h after the layer's attention and residual."""
     from runtime.attention import attention_mask
     from runtime.rope import Rotary
@@ -80,7 +80,7 @@ def _attention(cfg: ModelConfig, w: _Weights, layer: int, h: torch.Tensor, spans
     return out
 
 
-def _experts(cfg: ModelConfig, w: _Weights, layer: int, h: torch.Tensor, sums: _Sums) -> torch.Tensor:
+def _experts(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, sums) -> torch.Tensor:
     """h [N, H] -> h after the layer's sparse MoE block and residual."""
     from runtime.moe import route
 
@@ -109,35 +109,47 @@ def measure_checkpoint(src: str, text: str, *, ctx: int = 512, max_tokens: int |
     """The importance matrix of checkpoint SRC's own weights over `text`, in windows of `ctx`
     tokens, one decoder layer at a time."""
     from runtime.device import resolve_device
-    from runtime.tokenizer import TextTokenizer
 
     from .calibrate import check_window_options
     from .source import open_checkpoint
 
     check_window_options(ctx, max_tokens, least=2)
     ckpt = open_checkpoint(src, revision=revision, download=download)
-    cfg = ckpt.config
-    tok = TextTokenizer(ckpt.tokenizer, source=src)
+    dev = resolve_device(device)
+    w = Weights(ckpt.folder, plan_records(ckpt.folder, ckpt.config), dev)  # every name, dtype and shape checked here
+    h, spans = first_hidden(ckpt, w, text, ctx, max_tokens, src)
+    sums = _Sums()
+    try:
+        with torch.inference_mode():
+            for layer in tqdm(range(ckpt.config.num_hidden_layers), unit="layer", desc="imatrix", disable=not progress):
+                h = run_layer(ckpt.config, w, layer, h, spans, sums)
+    except torch.OutOfMemoryError:
+        raise MoepackError(f"out of GPU memory measuring {src}",
+                           hint="use fewer tokens (--max-tokens), or --device cpu") from None
+    return Imatrix(entries=sums.means(), tokens=h.shape[0], text_sha256=text_sha256(text), model=src)
+
+
+def first_hidden(ckpt, w: Weights, text: str, ctx: int, max_tokens: int | None, source: str
+                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The calibration text's windows (text_windows) one after another as embeddings h [N, H]
+    float32 on w's device, and each window's (start, length) in h."""
+    from runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(ckpt.tokenizer, source=source)
     ids = tok.encode(text, add_bos=False)
     windows = text_windows(tok, ids if max_tokens is None else ids[:max_tokens],
-                           min(ctx, cfg.max_position_embeddings))
-    dev = resolve_device(device)
-    w = _Weights(ckpt.folder, plan_records(ckpt.folder, cfg), dev)  # every name, dtype and shape checked here
+                           min(ctx, ckpt.config.max_position_embeddings))
     spans, start = [], 0
     for win in windows:
         spans.append((start, len(win)))
         start += len(win)
     flat = torch.tensor([i for win in windows for i in win], dtype=torch.long)
-    embed = load(ckpt.folder, w.tensors["model.embed_tokens.weight"])  # [V, H], on the host: rows only move
-    h = embed[flat].to(dev, torch.float32)  # [N, H]
-    del embed
-    sums = _Sums()
-    try:
-        with torch.inference_mode():
-            for layer in tqdm(range(cfg.num_hidden_layers), unit="layer", desc="imatrix", disable=not progress):
-                h = _attention(cfg, w, layer, h, spans, sums)
-                h = _experts(cfg, w, layer, h, sums)
-    except torch.OutOfMemoryError:
-        raise MoepackError(f"out of GPU memory measuring {src}",
-                           hint="use fewer tokens (--max-tokens), or --device cpu") from None
-    return Imatrix(entries=sums.means(), tokens=start, text_sha256=text_sha256(text), model=src)
+    embed = load(w.folder, w.tensors["model.embed_tokens.weight"])  # [V, H], on the host: rows only move
+    return embed[flat].to(w.dev, torch.float32), spans
+
+
+def run_layer(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, spans: list[tuple[int, int]],
+              sums) -> torch.Tensor:
+    """h [N, H] -> the decoder layer's output; every matrix's input rows go to sums.add(names, x)."""
+    h = _attention(cfg, w, layer, h, spans, sums)
+    return _experts(cfg, w, layer, h, sums)

@@ -1,0 +1,121 @@
+"""`moe-pack quantize --gptq TEXT`: the calibration text run through the checkpoint's own float
+weights one decoder layer ahead of the writer, giving each quantized matrix the Gram matrix of
+its inputs, H = sum_t x_t x_t^T, for quantize/gptq.py (and its diagonal / rows, E[x_j^2], for
+the weighted fit of the scales, as an importance matrix would).
+
+The forward is quantize/imatrix_checkpoint.py's (transformers' Mixtral in float32). The
+writer takes records in file order, a layer's attention and then its experts, so when it asks
+for the first matrix of layer L, layer L runs over every calibration token: its Gram matrices
+are kept until layer L + 1 runs, and the hidden states move on. Each layer's inputs come from
+the float layers before it, not from the quantized ones.
+
+Memory: the hidden states ([tokens, H] float32) and one layer's Gram matrices in float32:
+q/k/v share one [H, H], o one, each routed expert one [H, H] for w1/w3 and one [I, I] for w2.
+For Mixtral-8x7B that is ~7 GB, nearly all w2's (14336^2 * 4 bytes = 0.8 GB per expert).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from formats.errors import ConfigError, MoepackError
+
+from .hqq_codec import Weighted
+from .imatrix import text_sha256
+from .imatrix_checkpoint import Weights, first_hidden, run_layer
+from .tensors import ExpertItem, TensorItem
+
+METHOD_VERSION = "1"  # of this calibration and quantize/gptq.py together, in the header
+
+
+class _Grams:
+    """Per-name sums of x x^T over rows (float32, on the rows' device) and row counts; names
+    that share an input (q, k and v; an expert's w1 and w3) share one matrix."""
+
+    def __init__(self):
+        self.gram: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        x = x.to(torch.float32)
+        g = x.T @ x  # [cols, cols]
+        first = self.gram.get(names[0])
+        if first is not None:
+            first += g
+        for name in names:
+            self.gram[name] = first if first is not None else g
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+
+
+class GptqFits:
+    """What the writer's loop asks of `--imatrix`'s Fits (quantize/convert.py), from a
+    calibration run instead of an importance matrix: each quantized matrix's fit, with its
+    Gram matrix."""
+
+    method = "gptq"  # the header's quantizer.method
+
+    def __init__(self, ckpt, text: str, ctx: int, max_tokens: int | None, device: str, file_recipe):
+        from .calibrate import check_window_options
+
+        check_window_options(ctx, max_tokens, least=2, options=("--gptq-ctx", "--gptq-tokens"))
+        self.ckpt, self.text, self.ctx, self.max_tokens = ckpt, text, ctx, max_tokens
+        self.device, self.recipe = device, file_recipe
+        self.cols: dict[str, int] = {}
+        self.layer_of: dict[str, int] = {}
+        self.weighted = self.equal = 0
+        self.layer = -1
+        self.grams = _Grams()
+
+    def check(self, plan: list) -> None:
+        """Before any work: the text gives windows, and which matrices are quantized."""
+        for item in plan:
+            if isinstance(item, TensorItem):
+                if self.recipe[item.role].quantized and len(item.shape) == 2:
+                    self.cols[item.name] = item.shape[1]
+                    if item.layer is not None:
+                        self.layer_of[item.name] = item.layer
+            elif self.recipe["experts"].quantized:
+                for m, ref in item.refs:
+                    name = f"{item.name}.{m}.weight"
+                    self.cols[name], self.layer_of[name] = ref.shape[1], item.layer
+        if not self.cols:
+            raise ConfigError("--gptq: this recipe quantizes no matrix (every role 16-bit)",
+                              hint="drop --gptq, or quantize some role to 2, 3, 4 or 8 bits")
+        self.weights = Weights(self.ckpt.folder, plan, torch.device(self.device))
+        self.h, self.spans = first_hidden(self.ckpt, self.weights, self.text, self.ctx, self.max_tokens,
+                                          self.ckpt.source)
+
+    def fit(self, name: str) -> Weighted | None:
+        """The fit of the quantized matrix `name` (None for a float16 record): weighted by its
+        inputs, codes by GPTQ; lm_head (no layer) and experts never routed to: equal weights."""
+        cols = self.cols.get(name)
+        if cols is None:
+            return None
+        layer = self.layer_of.get(name)
+        while layer is not None and self.layer < layer:
+            self._run(self.layer + 1)
+        gram = self.grams.gram.get(name) if layer == self.layer else None
+        if gram is None:
+            self.equal += 1
+            return Weighted(None)
+        self.weighted += 1
+        imp = (torch.diagonal(gram) / self.grams.rows[name]).clamp_(min=0).cpu().numpy()
+        return Weighted(imp, gram)
+
+    def _run(self, layer: int) -> None:
+        self.grams = _Grams()  # the previous layer's are done with
+        try:
+            with torch.inference_mode():
+                self.h = run_layer(self.ckpt.config, self.weights, layer, self.h, self.spans, self.grams)
+        except torch.OutOfMemoryError:
+            raise MoepackError(f"out of GPU memory running layer {layer} over the --gptq text",
+                               hint="use fewer tokens (--gptq-tokens), or --device cpu") from None
+        self.layer = layer
+
+    def describe(self) -> str:
+        """What goes into the header's quantizer.method_version."""
+        return (f"{METHOD_VERSION}; gptq, act order, damp 0.01, on the weighted fit's scales; "
+                f"{self.h.shape[0]} tokens of text sha256:{text_sha256(self.text)[:16]} in windows of {self.ctx}")
+
