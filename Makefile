@@ -24,12 +24,11 @@ deps: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m quantize.gguf_to_mixtral smollm2 $(OUT)/smollm2-moe --skip-existing
 	$(PY) -m quantize.cli quantize $(OUT)/smollm2-moe -o $(OUT)/smollm2-4-4.moepack --attn-bits 4 --expert-bits 4
-	@# 2-bit experts weighted by an importance matrix measured with the 4/4 file (the second
-	@# half of the Python reference manual's prose as calibration text; docs/BENCHMARKS.md 37)
+	@# 2-bit experts by GPTQ over a calibration text (the second half of the Python reference
+	@# manual's prose), run through the checkpoint layer by layer (docs/BENCHMARKS.md 38)
 	$(PY) tools/quality_table.py --write-calibration $(OUT)/calibration.txt
-	$(PY) -m quantize.cli imatrix $(OUT)/smollm2-4-4.moepack $(OUT)/calibration.txt -o $(OUT)/smollm2.imatrix
 	$(PY) -m quantize.cli quantize $(OUT)/smollm2-moe -o $(OUT)/smollm2-4-2.moepack --attn-bits 4 --expert-bits 2 \
-		--imatrix $(OUT)/smollm2.imatrix
+		--gptq $(OUT)/calibration.txt
 	$(PY) -m quantize.cli inspect $(OUT)/smollm2-4-4.moepack
 	$(PY) -m runtime.generate $(OUT)/smollm2-4-4.moepack --chat --prompt "What is the capital of France?" --max-new-tokens 40 $(DEMO_FLAGS)
 	@echo "== 2-bit experts, offloaded: 3 expert slots per layer (90 of 240 experts) on the device =="

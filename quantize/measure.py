@@ -86,15 +86,20 @@ def cli() -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where hqq runs (auto: CUDA when present).")
-def expert(bits_list, matrices, seed, json_out, device):
-    """Quantize one Mixtral-8x7B-shaped expert (Gaussian weights, std 0.02, fp16) with HQQ."""
+@click.option("--fit", type=click.Choice(["hqq", "gptq"]), default="hqq", show_default=True,
+              help="gptq: quantize --gptq's steps (weighted fit, then GPTQ's codes) on the Gram matrix of "
+                   "2048 synthetic input rows near a rank-64 subspace (its computation not timed).")
+def expert(bits_list, matrices, seed, json_out, device, fit):
+    """Quantize one Mixtral-8x7B-shaped expert (Gaussian weights, std 0.02, fp16) with HQQ or GPTQ."""
     import torch
 
     from .convert import resolve_device
 
     from formats.writer import make_expert_layout
 
-    from .encode import encode_codes, stored_error
+    from .encode import encode_codes, stored_error, stored_meta
+    from .fit import weighted_fit
+    from .gptq import gptq_codes
     from .hqq_codec import hqq_tensors
     from .recipe import QuantRecipe
 
@@ -104,7 +109,16 @@ def expert(bits_list, matrices, seed, json_out, device):
     for i, name in enumerate(names):  # W: [rows, cols] fp16, as in the checkpoint
         g = torch.Generator().manual_seed(seed + i)
         weights[name] = (torch.randn(MIXTRAL_SHAPES[name], generator=g) * 0.02).half()
-    results = {"machine": _machine(), "device": dev, "shapes": {k: list(v) for k, v in MIXTRAL_SHAPES.items()}, "bits": {}}
+    grams = {}
+    if fit == "gptq":
+        for name, W in weights.items():
+            g = torch.Generator(device=dev).manual_seed(seed + 100)
+            cols = W.shape[1]
+            x = torch.randn(2048, 64, generator=g, device=dev) @ torch.randn(64, cols, generator=g, device=dev)
+            x += 0.3 * torch.randn(2048, cols, generator=g, device=dev)
+            grams[name] = x.T @ x  # [cols, cols]
+            del x
+    results = {"machine": _machine(), "device": dev, "fit": fit, "shapes": {k: list(v) for k, v in MIXTRAL_SHAPES.items()}, "bits": {}}
     for bits in bits_list:
         spec = QuantRecipe(expert_bits=bits).build(MIXTRAL_8X7B)["experts"]
         layout = make_expert_layout(MIXTRAL_8X7B, spec)
@@ -113,10 +127,17 @@ def expert(bits_list, matrices, seed, json_out, device):
             # the steps of quantize.hqq_codec.encode_tensor, each timed to its end on the device
             c0, t0 = time.process_time(), time.perf_counter()
             Wd = W.to(dev)
-            q, scale, zero = hqq_tensors(Wd, spec, dev)
+            if fit == "gptq":
+                gram = grams[name]
+                q, scale, zero = weighted_fit(Wd, torch.diagonal(gram) / 2048, spec.bits, spec.group_size)
+                s_hat, z_hat = stored_meta(scale, zero, spec)
+                groups = Wd.shape[1] // spec.group_size
+                q = gptq_codes(Wd, gram, s_hat.view(-1, groups), z_hat.view(-1, groups), spec.bits, spec.group_size)
+            else:
+                q, scale, zero = hqq_tensors(Wd, spec, dev)
             _sync(dev)
             t1, c1 = time.perf_counter(), time.process_time()
-            buf = encode_codes(Wd, q, scale, zero, spec)
+            buf = encode_codes(Wd, q, scale, zero, spec, refit=fit == "hqq")
             payload = buf.cpu().numpy().tobytes()
             t2 = time.perf_counter()
             err = stored_error(Wd, buf, spec)
@@ -126,7 +147,7 @@ def expert(bits_list, matrices, seed, json_out, device):
             # depends on the neighbours, the CPU time much less
             per[name] = {"bytes": len(payload), "rel_error": err, "hqq_s": t1 - t0, "hqq_cpu_s": c1 - c0,
                          "encode_s": t2 - t1, "check_s": t3 - t2}
-            click.echo(f"{bits}-bit {name}: hqq {t1 - t0:.2f} s ({c1 - c0:.1f} CPU s), encode {t2 - t1:.2f} s, "
+            click.echo(f"{bits}-bit {name}: {fit} {t1 - t0:.2f} s ({c1 - c0:.1f} CPU s), encode {t2 - t1:.2f} s, "
                        f"decode+error {t3 - t2:.2f} s, rel error {err:.4f}", err=True)
         measured = {n: v["hqq_s"] + v["encode_s"] + v["check_s"] for n, v in per.items()}
         estimate = {m: _estimate(m, measured) for m in MIXTRAL_SHAPES}
@@ -140,8 +161,8 @@ def expert(bits_list, matrices, seed, json_out, device):
             "seconds_per_expert": sum(estimate.values()),
             "seconds_per_expert_extrapolated": sorted(set(MIXTRAL_SHAPES) - set(per)),
         }
-    click.echo(f"\nOne Mixtral-8x7B expert ({weights_per_expert:,} weights), HQQ on {dev}; machine: {results['machine']}\n")
-    click.echo("| experts | record bytes | MB | bits/weight | rel error w1 / w3 / w2 | s per matrix (hqq + encode + check) | s per expert |")
+    click.echo(f"\nOne Mixtral-8x7B expert ({weights_per_expert:,} weights), {fit} on {dev}; machine: {results['machine']}\n")
+    click.echo(f"| experts | record bytes | MB | bits/weight | rel error w1 / w3 / w2 | s per matrix ({fit} + encode + check) | s per expert |")
     click.echo("|---|---|---|---|---|---|---|")
     for bits, r in results["bits"].items():
         errs = " / ".join(f"{r['matrices'][m]['rel_error']:.4f}" if m in r["matrices"] else "-" for m in ("w1", "w3", "w2"))

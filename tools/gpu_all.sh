@@ -200,6 +200,9 @@ has 6 && run profile_decode 120 bash -c "$PY tools/profile_decode.py --layers 2 
 has 3 && run baseline_bench ${BASELINE_S:-100} bash -c "$PY -m runtime.baseline_bench --layers 2 ${BASELINE_RECIPES:---recipe 4/2 --recipe fp16} \
   --cuda-graphs all --prompt-len 16 --new-tokens 32 > $OUT/baseline.jsonl"
 has 4 && run quantize_gpu 60 $PY -m quantize.measure expert --device cuda --bits 2 --bits 3 --json "$OUT/quantize_gpu.json"
+# quantize --gptq's cost per Mixtral-8x7B expert (weighted fit + GPTQ codes, BENCHMARKS.md section 38)
+has 4 && run quantize_gptq_gpu 120 $PY -m quantize.measure expert --device cuda --fit gptq --bits 2 --bits 3 \
+  --json "$OUT/quantize_gptq_gpu.json"
 # a whole 1.2 GB checkpoint through `moe-pack quantize`'s pipeline on the GPU: time and host RSS
 has 4 && run quantize_ckpt_gpu 150 bash -c "$PY -m quantize.measure make-checkpoint /tmp/ckpt-1g \
   && $PY -m quantize.measure memory /tmp/ckpt-1g -o /tmp/ckpt-1g.moepack --device cuda --json $OUT/quantize_ckpt_gpu.json"

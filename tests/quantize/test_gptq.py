@@ -110,6 +110,21 @@ def test_the_stored_bytes_hold_gptqs_codes_for_the_stored_meta(meta_bits):
     assert float((x @ (W - stored).T).norm()) < float((x @ (W - plain_w).T).norm())
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_on_cuda_matches_the_cpu():
+    """quantize --device cuda runs GPTQ where the weights are: the same output error, though
+    float32 on another device may break a tie the other way and carry it on."""
+    W, x = _case(rows=256, cols=512, seed=7)
+    s, z = _fixed_meta(W, x, 2, 16)
+    cpu = gptq_codes(W, x.T @ x, s, z, 2, 16)
+    gpu = gptq_codes(W.cuda(), (x.T @ x).cuda(), s.cuda(), z.cuda(), 2, 16).cpu()
+    e_cpu = float((x @ (W - _decode(cpu, s, z, 16)).T).norm())
+    e_gpu = float((x @ (W - _decode(gpu, s, z, 16)).T).norm())
+    assert abs(e_gpu - e_cpu) < 0.02 * e_cpu, (e_cpu, e_gpu)
+    assert float((cpu != gpu).float().mean()) < 0.05
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 

@@ -121,3 +121,14 @@ def test_cli_refuses_what_it_cannot_use(tiny_checkpoint, tmp_path, tmp_path_fact
     assert_user_error(run_cli("imatrix", f16, text, "-o", out, "--revision", "main", "--quiet"), "--revision")
     assert_user_error(run_cli("imatrix", tiny_checkpoint, text, "-o", out, "--ctx", "1", "--quiet"), "--ctx 1")
     assert not out.exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_measured_on_cuda_as_on_the_cpu(tiny_checkpoint):
+    a = ic.measure_checkpoint(str(tiny_checkpoint), TEXT, ctx=CTX, device="cpu", progress=False)
+    b = ic.measure_checkpoint(str(tiny_checkpoint), TEXT, ctx=CTX, device="cuda", progress=False)
+    assert a.entries.keys() == b.entries.keys()
+    for name, (mean, n) in a.entries.items():
+        assert b.entries[name][1] == n, name
+        np.testing.assert_allclose(b.entries[name][0], mean, rtol=1e-3, atol=1e-6, err_msg=name)
