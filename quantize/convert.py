@@ -207,6 +207,7 @@ def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, de
                 payload, err = held.pop(i) if i in held else _encode(folder, item.ref, file_recipe[item.role], dev,
                                                                      _fit(fits, item.name))
                 w.add_tensor(item.name, item.role, item.layer, item.shape, payload, rel_error=err)
+                _stored(fits, item.name, payload, item.shape, file_recipe[item.role])
             else:
                 _add_expert(w, folder, item, file_recipe["experts"], dev, fits)
             if shards is not None:
@@ -224,6 +225,12 @@ def _encode(folder: Path, ref, spec, device: str, fit: Weighted | None = None) -
     return encode_tensor(W, spec, device, ref.label(), fit if spec.quantized else None)
 
 
+def _stored(fits, name: str, payload: bytes, shape: tuple[int, ...], spec) -> None:
+    """Tell a fit that looks at the stored matrices (quantize --gptq) what was written."""
+    if spec.quantized and hasattr(fits, "stored"):
+        fits.stored(name, payload, shape, spec)
+
+
 def _fit(fits: Fits | None, name: str) -> Weighted | None:
     return None if fits is None else fits.fit(name)
 
@@ -233,5 +240,6 @@ def _add_expert(w: MoepackWriter, folder: Path, item: ExpertItem, spec, device: 
     for name, ref in item.refs:
         payloads[name], err = _encode(folder, ref, spec, device, _fit(fits, expert_matrix_name(item, name)))
         errors.append(err)
+        _stored(fits, expert_matrix_name(item, name), payloads[name], ref.shape, spec)
     w.add_expert(item.layer, item.expert, payloads, rel_error=tuple(errors))
 

@@ -5,13 +5,18 @@ the weighted fit of the scales, as an importance matrix would).
 
 The forward is quantize/imatrix_checkpoint.py's (transformers' Mixtral in float32). The
 writer takes records in file order, a layer's attention and then its experts, so when it asks
-for the first matrix of layer L, layer L runs over every calibration token: its Gram matrices
-are kept until layer L + 1 runs, and the hidden states move on. Each layer's inputs come from
-the float layers before it, not from the quantized ones.
+for the first matrix of layer L, layer L runs over every calibration token and its Gram
+matrices are kept until layer L + 1 runs. Layer L's input is layer L - 1's output through the
+matrices as the file stores them (the writer hands each one's bytes to `stored`): each layer is
+fitted to the inputs the quantized model will give it, so it can absorb some of the error of
+the layers before (GPTQ's sequential order; SmolLM2 at 4/2, BENCHMARKS.md section 38: 29.2 ->
+27.6 perplexity on a text of another domain than the calibration's). Within a layer, the
+sub-layers run with float weights.
 
-Memory: the hidden states ([tokens, H] float32) and one layer's Gram matrices in float32:
-q/k/v share one [H, H], o one, each routed expert one [H, H] for w1/w3 and one [I, I] for w2.
-For Mixtral-8x7B that is ~7 GB, nearly all w2's (14336^2 * 4 bytes = 0.8 GB per expert).
+Memory: the hidden states ([tokens, H] float32, twice: a layer's input and output), one
+layer's stored bytes, and its Gram matrices in float32: q/k/v share one [H, H], o one, each
+routed expert one [H, H] for w1/w3 and one [I, I] for w2. For Mixtral-8x7B that is ~7 GB,
+nearly all w2's (14336^2 * 4 bytes = 0.8 GB per expert).
 """
 
 from __future__ import annotations
@@ -49,6 +54,37 @@ class _Grams:
             self.rows[name] = self.rows.get(name, 0) + x.shape[0]
 
 
+class _NoSums:
+    def add(self, names, x) -> None:
+        pass
+
+
+class _StoredWeights:
+    """Weights' interface with the matrices the file stores (decoded to float32) in place of the
+    checkpoint's; the rest (norms, routers, float16 records) from the checkpoint."""
+
+    def __init__(self, weights: Weights, stored: dict):
+        self.weights, self.stored, self.dev = weights, stored, weights.dev
+
+    def _decoded(self, name: str) -> torch.Tensor | None:
+        from runtime.dequant import component_tensors, dequantize
+
+        hit = self.stored.get(name)
+        if hit is None:
+            return None
+        payload, shape, spec = hit
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.dev)
+        return dequantize(component_tensors(buf, shape, spec), shape, spec, torch.float32)
+
+    def get(self, name: str) -> torch.Tensor:
+        w = self._decoded(name)
+        return self.weights.get(name) if w is None else w
+
+    def expert(self, layer: int, e: int, matrix: str) -> torch.Tensor:
+        w = self._decoded(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{matrix}.weight")
+        return self.weights.expert(layer, e, matrix) if w is None else w
+
+
 class GptqFits:
     """What the writer's loop asks of `--imatrix`'s Fits (quantize/convert.py), from a
     calibration run instead of an importance matrix: each quantized matrix's fit, with its
@@ -67,6 +103,10 @@ class GptqFits:
         self.weighted = self.equal = 0
         self.layer = -1
         self.grams = _Grams()
+        # the matrices of layer self.layer as stored: name -> (bytes, shape, spec); and that
+        # layer's input, which runs through them once the layer is written
+        self.stored_layer: dict[str, tuple[bytes, tuple[int, int], object]] = {}
+        self.h_in = None
 
     def check(self, plan: list) -> None:
         """Before any work: the text gives windows, and which matrices are quantized."""
@@ -104,10 +144,20 @@ class GptqFits:
         imp = (torch.diagonal(gram) / self.grams.rows[name]).clamp_(min=0).cpu().numpy()
         return Weighted(imp, gram)
 
+    def stored(self, name: str, payload: bytes, shape: tuple[int, int], spec) -> None:
+        """The writer's bytes of matrix `name`: the next layer's inputs come through them."""
+        if name in self.layer_of and self.layer_of[name] == self.layer:
+            self.stored_layer[name] = (payload, shape, spec)
+
     def _run(self, layer: int) -> None:
         self.grams = _Grams()  # the previous layer's are done with
         try:
             with torch.inference_mode():
+                if self.h_in is not None:  # the previous layer again, through its stored matrices
+                    stored = _StoredWeights(self.weights, self.stored_layer)
+                    self.h = run_layer(self.ckpt.config, stored, self.layer, self.h_in, self.spans, _NoSums())
+                self.stored_layer = {}
+                self.h_in = self.h
                 self.h = run_layer(self.ckpt.config, self.weights, layer, self.h, self.spans, self.grams)
         except torch.OutOfMemoryError:
             raise MoepackError(f"out of GPU memory running layer {layer} over the --gptq text",

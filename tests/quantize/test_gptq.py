@@ -159,3 +159,58 @@ def test_gptq_refuses_what_it_cannot_use(tiny_checkpoint, calib, tmp_path, tmp_p
     assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", out, "--gptq", calib, "--attn-bits", "16",
                               "--expert-bits", "16"), "--gptq")
     assert not out.exists()
+
+
+def test_each_layer_sees_its_inputs_through_the_stored_layers_before_it(tiny_checkpoint):
+    """Layer 1's Gram matrices come from layer 0 as the file stores it, not from its float
+    weights: here layer 0's experts are stored as zeros, so layer 1 sees attention alone."""
+    from formats.qtensor import encode_matrix
+    from quantize.gptq_calibration import GptqFits, _Grams
+    from quantize.imatrix_checkpoint import run_layer
+    from quantize.recipe import QuantRecipe
+    from quantize.source import open_checkpoint
+    from quantize.tensors import ExpertItem, plan_records
+
+    ckpt = open_checkpoint(str(tiny_checkpoint))
+    recipe = QuantRecipe(attn_bits=16, expert_bits=2).build(ckpt.config)
+    plan = plan_records(ckpt.folder, ckpt.config)
+    fits = GptqFits(ckpt, TEXT, 16, None, "cpu", recipe)
+    fits.check(plan)
+    h0 = fits.h.clone()
+    spec = recipe["experts"]
+    for item in plan:
+        if isinstance(item, ExpertItem) and item.layer == 0:
+            for m, ref in item.refs:
+                name = f"{item.name}.{m}.weight"
+                assert fits.fit(name) is not None
+                groups = ref.shape[0] * ref.shape[1] // spec.group_size
+                zeros = encode_matrix(spec, q=np.zeros(ref.shape, np.uint8), scale=np.ones(groups, np.float32),
+                                      zero=np.zeros(groups, np.float32))
+                fits.stored(name, zeros, ref.shape, spec)
+    q1 = "model.layers.1.self_attn.q_proj.weight"
+    first_expert = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
+    fits.fit(first_expert)  # runs layer 1 (attention is float16 here: not asked for)
+
+    class NoExperts:
+        def __init__(self, w):
+            self.w = w
+
+        def get(self, name):
+            return self.w.get(name)
+
+        def expert(self, layer, e, m):
+            return torch.zeros_like(self.w.expert(layer, e, m))
+
+    want = _Grams()
+    with torch.inference_mode():
+        h1 = run_layer(ckpt.config, NoExperts(fits.weights), 0, h0, fits.spans, _Grams())
+        run_layer(ckpt.config, fits.weights, 1, h1, fits.spans, want)
+    assert fits.layer == 1
+    np.testing.assert_allclose(fits.grams.gram[first_expert].numpy(), want.gram[first_expert].numpy(), rtol=1e-4,
+                               atol=1e-4)
+    # and through layer 0's float experts they differ
+    float_grams = _Grams()
+    with torch.inference_mode():
+        run_layer(ckpt.config, fits.weights, 1, run_layer(ckpt.config, fits.weights, 0, h0, fits.spans, _Grams()),
+                  fits.spans, float_grams)
+    assert not torch.allclose(float_grams.gram[q1], want.gram[q1], rtol=1e-2)
