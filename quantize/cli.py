@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from formats.errors import MoepackError
+from formats.errors import ConfigError, MoepackError
 
 from .info import package_version
 
@@ -93,8 +93,8 @@ def cli() -> None:
               help="A calibration text run through SRC layer by layer: scales fitted as with --imatrix, and codes "
                    "chosen by GPTQ to cancel each other's error on the text's inputs (lower perplexity still; "
                    "docs/BENCHMARKS.md).")
-@click.option("--gptq-tokens", type=int, default=8192, show_default=True, help="Use only the first N tokens of the --gptq text.")
-@click.option("--gptq-ctx", type=int, default=512, show_default=True, help="Tokens per window of the --gptq text.")
+@click.option("--gptq-tokens", type=int, default=None, help="Use only the first N tokens of the --gptq text [default: 8192].")
+@click.option("--gptq-ctx", type=int, default=None, help="Tokens per window of the --gptq text [default: 512].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, expert_group_size, lm_head_group_size,
@@ -117,10 +117,15 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     from .convert import GptqOptions, quantize_checkpoint  # imports torch: only now that the options are valid
 
     calibration = None
-    if gptq is not None:
+    if gptq is None:
+        for option, value in (("--gptq-tokens", gptq_tokens), ("--gptq-ctx", gptq_ctx)):
+            if value is not None:
+                raise ConfigError(f"{option} has no effect without --gptq", hint=f"add --gptq TEXT, or drop {option}")
+    else:
         from runtime.perplexity import read_text
 
-        calibration = GptqOptions(read_text(gptq), ctx=gptq_ctx, max_tokens=gptq_tokens)
+        calibration = GptqOptions(read_text(gptq), ctx=512 if gptq_ctx is None else gptq_ctx,
+                                  max_tokens=8192 if gptq_tokens is None else gptq_tokens)
     t0 = time.perf_counter()
     result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet, low_disk=low_disk,
                                  imatrix=imatrix, gptq=calibration)
@@ -212,13 +217,14 @@ def imatrix_command(src, text, out, max_tokens, ctx, device, revision, quiet):
     """
     from runtime.perplexity import read_text
 
-    from formats.errors import ConfigError
-
     from . import imatrix as im
     from .convert import check_output
 
     check_output(out)
     is_file = Path(src).is_file()
+    if not is_file and src.endswith(".moepack"):
+        raise ConfigError(f"{src}: no such .moepack file",
+                          hint="SRC is a .moepack file, a checkpoint folder or a Hub repo id")
     inputs = [text.resolve()] + ([Path(src).resolve()] if Path(src).exists() else [])
     if out.resolve() in inputs:
         raise ConfigError(f"-o {out} would overwrite an input", hint="write the importance matrix to another file")

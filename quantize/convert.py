@@ -161,6 +161,10 @@ def quantize_checkpoint(
     (quantize/gptq_calibration.py)."""
     out = Path(out)
     check_output(out)
+    if gptq is not None:  # before a Hub download of the whole checkpoint
+        from .calibrate import check_window_options
+
+        check_window_options(gptq.ctx, gptq.max_tokens, least=2, options=("--gptq-ctx", "--gptq-tokens"))
     if gptq is not None and imatrix is not None:
         raise ConfigError("--gptq and --imatrix both choose the fit", hint="--gptq measures its own importances; drop --imatrix")
     weights = None if imatrix is None else imatrix_module.load(Path(imatrix))

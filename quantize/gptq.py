@@ -26,18 +26,25 @@ BLOCK = 128  # columns updated together before the rest of the matrix ("lazy bat
 
 
 def _upper_inverse_factor(H: torch.Tensor) -> torch.Tensor:
-    """H [C, C] (symmetric, positive semi-definite, float32) -> U upper with U^T U = (H + damp I)^-1.
+    """H [C, C] (symmetric, positive semi-definite, float32; overwritten) -> U upper with
+    U^T U = (H + damp I)^-1.
 
     More damping where H + damp I is still not positive definite to float32 (a rank-poor H
-    from few calibration rows)."""
-    C = H.shape[0]
-    eye = torch.eye(C, dtype=H.dtype, device=H.device)
-    mean_diag = float(torch.diagonal(H).mean())
+    from few calibration rows). Temporaries: H, one factor and U (~3 H; for Mixtral's w2, H
+    is 0.8 GB)."""
+    diag = torch.diagonal(H)  # a view: the damping goes in place
+    mean_diag = float(diag.mean())
     damp = DAMP * (mean_diag if mean_diag > 0 else 1.0)
+    added = 0.0
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        diag += damp - added
+        added = damp
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0:
                 return U
         damp *= 10
@@ -55,11 +62,18 @@ def gptq_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torc
     rows, cols = W.shape
     top = float((1 << bits) - 1)
     dev = W.device
-    H = H.to(device=dev, dtype=torch.float32).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0  # off-diagonals of a never-driven column are 0 too: it passes no error on
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    U = _upper_inverse_factor(H[perm][:, perm])
+    H = H.to(device=dev, dtype=torch.float32)
+    if not bool(torch.isfinite(H).all()):  # cuSOLVER may factor NaN without a complaint
+        raise MoepackError("the calibration inputs' Gram matrix has non-finite values",
+                           hint="the --gptq text drives some layer to inf or NaN; check the checkpoint")
+    d = torch.diagonal(H)
+    perm = torch.argsort(torch.where(d == 0, torch.ones_like(d), d), descending=True, stable=True)
+    Hp = H.index_select(0, perm).index_select(1, perm)  # a copy: the caller's H stays as it was
+    dp = torch.diagonal(Hp)
+    # off-diagonals of a never-driven column are 0 too: with 1 on its diagonal it passes no error on
+    dp.copy_(torch.where(dp == 0, torch.ones_like(dp), dp))
+    U = _upper_inverse_factor(Hp)
+    del Hp
     group_of = (perm // group_size).tolist()  # the group of each column, in GPTQ's order
     # transposed, so that a column of W, and a group's scales, are contiguous rows
     Wt = W.to(torch.float32).T[perm].contiguous()  # [cols, rows]

@@ -21,8 +21,6 @@ nearly all w2's (14336^2 * 4 bytes = 0.8 GB per expert).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from formats.errors import ConfigError, MoepackError
@@ -30,9 +28,10 @@ from formats.errors import ConfigError, MoepackError
 from .hqq_codec import Weighted
 from .imatrix import text_sha256
 from .imatrix_checkpoint import Weights, first_hidden, run_layer
-from .tensors import ExpertItem, TensorItem
+from .tensors import TensorItem
 
-METHOD_VERSION = "1"  # of this calibration and quantize/gptq.py together, in the header
+METHOD_VERSION = "1"
+MIN_ROWS = 64  # calibration rows a matrix needs for GPTQ's codes; fewer: the weighted fit's  # of this calibration and quantize/gptq.py together, in the header
 
 
 class _Grams:
@@ -78,11 +77,12 @@ class _StoredWeights:
 
     def get(self, name: str) -> torch.Tensor:
         w = self._decoded(name)
-        return self.weights.get(name) if w is None else w
+        # a record not quantized is stored as float16 (norms, routers, 16-bit roles)
+        return self.weights.get(name).half().float() if w is None else w
 
     def expert(self, layer: int, e: int, matrix: str) -> torch.Tensor:
         w = self._decoded(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{matrix}.weight")
-        return self.weights.expert(layer, e, matrix) if w is None else w
+        return self.weights.expert(layer, e, matrix).half().float() if w is None else w
 
 
 class GptqFits:
@@ -120,12 +120,16 @@ class GptqFits:
                 for m, ref in item.refs:
                     name = f"{item.name}.{m}.weight"
                     self.cols[name], self.layer_of[name] = ref.shape[1], item.layer
-        if not self.cols:
-            raise ConfigError("--gptq: this recipe quantizes no matrix (every role 16-bit)",
-                              hint="drop --gptq, or quantize some role to 2, 3, 4 or 8 bits")
+        if not self.layer_of:
+            raise ConfigError("--gptq: this recipe quantizes no attention or expert matrix",
+                              hint="drop --gptq, or quantize attention or experts to 2, 3, 4 or 8 bits")
         self.weights = Weights(self.ckpt.folder, plan, torch.device(self.device))
-        self.h, self.spans = first_hidden(self.ckpt, self.weights, self.text, self.ctx, self.max_tokens,
-                                          self.ckpt.source)
+        try:
+            self.h, self.spans = first_hidden(self.ckpt, self.weights, self.text, self.ctx, self.max_tokens,
+                                              self.ckpt.source)
+        except torch.OutOfMemoryError:
+            raise MoepackError("out of GPU memory holding the --gptq text's hidden states",
+                               hint="use fewer tokens (--gptq-tokens), or --device cpu") from None
 
     def fit(self, name: str) -> Weighted | None:
         """The fit of the quantized matrix `name` (None for a float16 record): weighted by its
@@ -141,8 +145,11 @@ class GptqFits:
             self.equal += 1
             return Weighted(None)
         self.weighted += 1
-        imp = (torch.diagonal(gram) / self.grams.rows[name]).clamp_(min=0).cpu().numpy()
-        return Weighted(imp, gram)
+        rows = self.grams.rows[name]
+        imp = (torch.diagonal(gram) / rows).clamp_(min=0).cpu().numpy()
+        # an expert routed a handful of times: codes fitted to those few tokens' correlations
+        # would fit little else; its importances still weigh the scales
+        return Weighted(imp, gram if rows >= MIN_ROWS else None)
 
     def stored(self, name: str, payload: bytes, shape: tuple[int, int], spec) -> None:
         """The writer's bytes of matrix `name`: the next layer's inputs come through them."""

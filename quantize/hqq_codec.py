@@ -100,7 +100,7 @@ def _encode(label: str, spec: QuantSpec, device: str = "cpu", weighted: bool = F
         # float16 whatever the stored meta, elsewhere only 16-bit meta stores it as float16
         if spec.quantized and weighted:  # the weighted fit works in float32 on any device
             hint = ("this tensor's scale/zero from the weighted fit do not fit float16; use --meta-bits 8"
-                    if spec.meta_bits == 16 else "quantize this checkpoint without --imatrix")
+                    if spec.meta_bits == 16 else "quantize this checkpoint without --imatrix or --gptq")
         elif spec.quantized and device.startswith("cuda"):
             hint = "hqq works in float16 on the GPU, where this tensor's scale/zero overflow; use --device cpu"
         elif spec.quantized and spec.meta_bits == 16:

@@ -117,16 +117,18 @@ def measure_checkpoint(src: str, text: str, *, ctx: int = 512, max_tokens: int |
     ckpt = open_checkpoint(src, revision=revision, download=download)
     dev = resolve_device(device)
     w = Weights(ckpt.folder, plan_records(ckpt.folder, ckpt.config), dev)  # every name, dtype and shape checked here
-    h, spans = first_hidden(ckpt, w, text, ctx, max_tokens, src)
     sums = _Sums()
     try:
+        h, spans = first_hidden(ckpt, w, text, ctx, max_tokens, src)
         with torch.inference_mode():
             for layer in tqdm(range(ckpt.config.num_hidden_layers), unit="layer", desc="imatrix", disable=not progress):
                 h = run_layer(ckpt.config, w, layer, h, spans, sums)
     except torch.OutOfMemoryError:
         raise MoepackError(f"out of GPU memory measuring {src}",
                            hint="use fewer tokens (--max-tokens), or --device cpu") from None
-    return Imatrix(entries=sums.means(), tokens=h.shape[0], text_sha256=text_sha256(text), model=src)
+    # a local folder by its name, as a .moepack file is: where it lies is no part of the result
+    model = Path(src).name if Path(src).is_dir() else src
+    return Imatrix(entries=sums.means(), tokens=h.shape[0], text_sha256=text_sha256(text), model=model)
 
 
 def first_hidden(ckpt, w: Weights, text: str, ctx: int, max_tokens: int | None, source: str

@@ -214,3 +214,53 @@ def test_each_layer_sees_its_inputs_through_the_stored_layers_before_it(tiny_che
         run_layer(ckpt.config, fits.weights, 1, run_layer(ckpt.config, fits.weights, 0, h0, fits.spans, _Grams()),
                   fits.spans, float_grams)
     assert not torch.allclose(float_grams.gram[q1], want.gram[q1], rtol=1e-2)
+
+
+def test_the_writer_hands_every_stored_matrix_to_the_next_layer(tiny_checkpoint, calib, tmp_path, monkeypatch):
+    """Through quantize_checkpoint: when layer L runs, every quantized matrix of layer L - 1 is
+    there as stored bytes; and a matrix with fewer than MIN_ROWS rows gets no GPTQ."""
+    from quantize import gptq_calibration as gc
+    from quantize.convert import GptqOptions, quantize_checkpoint
+
+    seen, fits_given = [], []
+    run, fit = gc.GptqFits._run, gc.GptqFits.fit
+
+    def spy_run(self, layer):
+        if layer > 0:
+            want = {n for n, L in self.layer_of.items() if L == layer - 1}
+            seen.append((layer, want, set(self.stored_layer)))
+        return run(self, layer)
+
+    def spy_fit(self, name):
+        out = fit(self, name)
+        if out is not None and out.importance is not None:
+            fits_given.append((self.grams.rows[name], out.gram is not None))
+        return out
+
+    monkeypatch.setattr(gc.GptqFits, "_run", spy_run)
+    monkeypatch.setattr(gc.GptqFits, "fit", spy_fit)
+    monkeypatch.setattr(gc, "MIN_ROWS", 200)
+    quantize_checkpoint(str(tiny_checkpoint), tmp_path / "x.moepack", device="cpu", progress=False,
+                        gptq=GptqOptions(TEXT, ctx=16))
+    assert seen and all(want == stored and want for _, want, stored in seen), seen
+    assert {rows >= 200 for rows, _ in fits_given} == {True, False}  # both kinds happen here
+    assert all(has_gram == (rows >= 200) for rows, has_gram in fits_given)
+
+
+def test_a_gram_matrix_with_nan_is_refused():
+    from formats.errors import MoepackError
+
+    W, x = _case()
+    s, z = _fixed_meta(W, x, 2, 16)
+    H = x.T @ x
+    H[3, 4] = float("nan")
+    with pytest.raises(MoepackError, match="non-finite"):
+        gptq_codes(W, H, s, z, 2, 16)
+
+
+def test_options_that_need_gptq_or_a_layer_matrix(tiny_checkpoint, calib, tmp_path):
+    out = tmp_path / "x.moepack"
+    assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", out, "--gptq-tokens", "100"), "--gptq-tokens")
+    assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", out, "--gptq", calib, "--attn-bits", "16",
+                              "--expert-bits", "16", "--lm-head-bits", "4"), "no attention or expert matrix")
+    assert not out.exists()
