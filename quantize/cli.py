@@ -124,8 +124,8 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     else:
         from runtime.perplexity import read_text
 
-        calibration = GptqOptions(read_text(gptq), ctx=512 if gptq_ctx is None else gptq_ctx,
-                                  max_tokens=8192 if gptq_tokens is None else gptq_tokens)
+        given = {"ctx": gptq_ctx, "max_tokens": gptq_tokens}
+        calibration = GptqOptions(read_text(gptq), **{k: v for k, v in given.items() if v is not None})
     t0 = time.perf_counter()
     result = quantize_checkpoint(src, out, recipe, device=device, revision=revision, progress=not quiet, low_disk=low_disk,
                                  imatrix=imatrix, gptq=calibration)
@@ -134,8 +134,8 @@ def quantize(src, out, attn_bits, expert_bits, lm_head_bits, attn_group_size, ex
     shards = ("" if result.shards_peak is None else
               f", at most {result.shards_peak} shards ({human_bytes(result.shards_peak_bytes)}) on disk at once")
     fit = ""
-    if result.imatrix_fits is not None:
-        weighted, equal = result.imatrix_fits
+    if result.calibrated_fits is not None:
+        weighted, equal = result.calibrated_fits
         by = imatrix if imatrix is not None else f"GPTQ over {gptq}"
         fit = f", weighted by {by}: {weighted} matrices" + (f", {equal} with equal weights (not measured)" if equal else "")
     click.echo(

@@ -22,17 +22,12 @@ from .info import hqq_version, package_version
 from .recipe import QuantRecipe
 from .source import Checkpoint, local_folder, open_checkpoint
 from .streaming import StreamedShards, hub_fetch, hub_headers
-from .tensors import ExpertItem, TensorItem, load, plan_records
+from .tensors import ExpertItem, TensorItem, load, plan_records, quantized_matrices
 from . import imatrix as imatrix_module
 from .hqq_codec import Weighted, encode_tensor
 
 # The weighted fit's own version (quantize/fit.py), recorded in the header with the imatrix
 FIT_VERSION = "1"
-
-
-def expert_matrix_name(item: ExpertItem, matrix: str) -> str:
-    """An expert matrix's name in an importance matrix: the record's name, matrix, .weight."""
-    return f"{item.name}.{matrix}.weight"
 
 
 class Fits:
@@ -50,13 +45,7 @@ class Fits:
     def check(self, plan: list) -> None:
         """Before any work: the imatrix fits this checkpoint (column counts) and covers some of
         its quantized matrices."""
-        for item in plan:
-            if isinstance(item, TensorItem):
-                if self.recipe[item.role].quantized and len(item.shape) == 2:
-                    self.cols[item.name] = item.shape[1]
-            elif self.recipe["experts"].quantized:
-                for name, ref in item.refs:
-                    self.cols[expert_matrix_name(item, name)] = ref.shape[1]
+        self.cols = {name: cols for name, (cols, _) in quantized_matrices(plan, self.recipe).items()}
         if not self.cols:
             raise ConfigError(f"--imatrix {self.path}: this recipe quantizes no matrix (every role 16-bit)",
                               hint="drop --imatrix, or quantize some role to 2, 3, 4 or 8 bits")
@@ -77,6 +66,9 @@ class Fits:
         else:
             self.weighted += 1
         return Weighted(imp)
+
+    def stored(self, name: str, payload: bytes, shape: tuple[int, ...], spec) -> None:
+        """The bytes written for matrix `name`: a fit from an imatrix has no use for them."""
 
     def describe(self) -> str:
         return f"{FIT_VERSION}; {imatrix_module.describe(self.imatrix, self.path)}"
@@ -99,7 +91,7 @@ class QuantizeResult:
     device: str
     shards_peak_bytes: int | None = None  # --low-disk: the most shard bytes on disk at once
     shards_peak: int | None = None  # and the most shards
-    imatrix_fits: tuple[int, int] | None = None  # --imatrix: matrices fitted with importances, with equal weights
+    calibrated_fits: tuple[int, int] | None = None  # --imatrix or --gptq: matrices fitted with importances, with equal weights
 
 
 def resolve_device(device: str) -> str:
@@ -211,7 +203,8 @@ def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, de
                 payload, err = held.pop(i) if i in held else _encode(folder, item.ref, file_recipe[item.role], dev,
                                                                      _fit(fits, item.name))
                 w.add_tensor(item.name, item.role, item.layer, item.shape, payload, rel_error=err)
-                _stored(fits, item.name, payload, item.shape, file_recipe[item.role])
+                if fits is not None and file_recipe[item.role].quantized:
+                    fits.stored(item.name, payload, item.shape, file_recipe[item.role])
             else:
                 _add_expert(w, folder, item, file_recipe["experts"], dev, fits)
             if shards is not None:
@@ -221,18 +214,12 @@ def _quantize(src: str, out: Path, ckpt: Checkpoint, file_recipe, plan: list, de
             bar.update(1)
         path = w.finish()
     return QuantizeResult(path=path, records=len(plan), file_bytes=path.stat().st_size, device=dev,
-                          imatrix_fits=None if fits is None else (fits.weighted, fits.equal))
+                          calibrated_fits=None if fits is None else (fits.weighted, fits.equal))
 
 
 def _encode(folder: Path, ref, spec, device: str, fit: Weighted | None = None) -> tuple[bytes, float]:
     W = load(folder, ref)  # the only tensor alive: it is dropped when this frame returns
     return encode_tensor(W, spec, device, ref.label(), fit if spec.quantized else None)
-
-
-def _stored(fits, name: str, payload: bytes, shape: tuple[int, ...], spec) -> None:
-    """Tell a fit that looks at the stored matrices (quantize --gptq) what was written."""
-    if spec.quantized and hasattr(fits, "stored"):
-        fits.stored(name, payload, shape, spec)
 
 
 def _fit(fits: Fits | None, name: str) -> Weighted | None:
@@ -242,8 +229,9 @@ def _fit(fits: Fits | None, name: str) -> Weighted | None:
 def _add_expert(w: MoepackWriter, folder: Path, item: ExpertItem, spec, device: str, fits: Fits | None = None) -> None:
     payloads, errors = {}, []
     for name, ref in item.refs:
-        payloads[name], err = _encode(folder, ref, spec, device, _fit(fits, expert_matrix_name(item, name)))
+        payloads[name], err = _encode(folder, ref, spec, device, _fit(fits, item.matrix_name(name)))
         errors.append(err)
-        _stored(fits, expert_matrix_name(item, name), payloads[name], ref.shape, spec)
+        if fits is not None and spec.quantized:
+            fits.stored(item.matrix_name(name), payloads[name], ref.shape, spec)
     w.add_expert(item.layer, item.expert, payloads, rel_error=tuple(errors))
 

@@ -28,10 +28,10 @@ from formats.errors import ConfigError, MoepackError
 from .hqq_codec import Weighted
 from .imatrix import text_sha256
 from .imatrix_checkpoint import Weights, first_hidden, run_layer
-from .tensors import TensorItem
+from .tensors import expert_matrix_name, quantized_matrices
 
-METHOD_VERSION = "1"
-MIN_ROWS = 64  # calibration rows a matrix needs for GPTQ's codes; fewer: the weighted fit's  # of this calibration and quantize/gptq.py together, in the header
+METHOD_VERSION = "1"  # of this calibration and quantize/gptq.py together, in the header
+MIN_ROWS = 64  # calibration rows a matrix needs for GPTQ's codes; fewer: the weighted fit's
 
 
 class _Grams:
@@ -81,7 +81,7 @@ class _StoredWeights:
         return self.weights.get(name).half().float() if w is None else w
 
     def expert(self, layer: int, e: int, matrix: str) -> torch.Tensor:
-        w = self._decoded(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{matrix}.weight")
+        w = self._decoded(expert_matrix_name(layer, e, matrix))
         return self.weights.expert(layer, e, matrix).half().float() if w is None else w
 
 
@@ -93,9 +93,6 @@ class GptqFits:
     method = "gptq"  # the header's quantizer.method
 
     def __init__(self, ckpt, text: str, ctx: int, max_tokens: int | None, device: str, file_recipe):
-        from .calibrate import check_window_options
-
-        check_window_options(ctx, max_tokens, least=2, options=("--gptq-ctx", "--gptq-tokens"))
         self.ckpt, self.text, self.ctx, self.max_tokens = ckpt, text, ctx, max_tokens
         self.device, self.recipe = device, file_recipe
         self.cols: dict[str, int] = {}
@@ -110,16 +107,9 @@ class GptqFits:
 
     def check(self, plan: list) -> None:
         """Before any work: the text gives windows, and which matrices are quantized."""
-        for item in plan:
-            if isinstance(item, TensorItem):
-                if self.recipe[item.role].quantized and len(item.shape) == 2:
-                    self.cols[item.name] = item.shape[1]
-                    if item.layer is not None:
-                        self.layer_of[item.name] = item.layer
-            elif self.recipe["experts"].quantized:
-                for m, ref in item.refs:
-                    name = f"{item.name}.{m}.weight"
-                    self.cols[name], self.layer_of[name] = ref.shape[1], item.layer
+        quantized = quantized_matrices(plan, self.recipe)
+        self.cols = {name: cols for name, (cols, _) in quantized.items()}
+        self.layer_of = {name: layer for name, (_, layer) in quantized.items() if layer is not None}
         if not self.layer_of:
             raise ConfigError("--gptq: this recipe quantizes no attention or expert matrix",
                               hint="drop --gptq, or quantize attention or experts to 2, 3, 4 or 8 bits")

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 from formats.errors import ConfigError, MoepackError
 from formats.reader import MoepackFile
 
+from .tensors import expert_matrix_name
+
 FORMAT, VERSION = "moe-pack imatrix", "1"
 MEAN, ROWS = ".in_sq_mean", ".rows"
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")  # all three read the input norm's output
@@ -194,10 +196,6 @@ class _Recorder(nn.Module):
         return y
 
 
-def _expert_name(layer: int, expert: int, matrix: str) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{matrix}.weight"
-
-
 class _ExpertInputs:
     """An expert backend that adds each routed expert's inputs to `sums`, then delegates. w2's
     input needs the expert's w1 and w3: x rows are held per layer, and every HOLD_BYTES (and at
@@ -212,7 +210,7 @@ class _ExpertInputs:
         # x: [T, H], topk_idx: [T, k]
         for e in torch.unique(topk_idx).tolist():
             rows = x[(topk_idx == e).any(dim=1)].float()
-            self.sums.add((_expert_name(layer, e, "w1"), _expert_name(layer, e, "w3")), rows)
+            self.sums.add((expert_matrix_name(layer, e, "w1"), expert_matrix_name(layer, e, "w3")), rows)
             self.held.setdefault((layer, e), []).append(rows)
             self.held_bytes += rows.numel() * 4
         if self.held_bytes > HOLD_BYTES:
@@ -232,7 +230,7 @@ class _ExpertInputs:
                 return dequantize(component_tensors(record, m.shape, m.spec, base=m.offset), m.shape, m.spec,
                                   torch.float32)
             h = torch.nn.functional.silu(x @ w("w1").T) * (x @ w("w3").T)  # [n, I]
-            self.sums.add((_expert_name(layer, e, "w2"),), h)
+            self.sums.add((expert_matrix_name(layer, e, "w2"),), h)
         self.held.clear()
         self.held_bytes = 0
 

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from formats.errors import MoepackError
 from formats.header import ModelConfig
 
-from .imatrix import ATTENTION_INPUTS, Imatrix, _expert_name, _Sums, text_sha256, text_windows
-from .tensors import ExpertItem, TensorItem, load, plan_records
+from .imatrix import ATTENTION_INPUTS, Imatrix, _Sums, text_sha256, text_windows
+from .tensors import ExpertItem, TensorItem, expert_matrix_name, load, plan_records
 
 # Routed rows per expert matmul: the [rows, intermediate] float32 temporaries of one chunk stay
 # ~230 MB for Mixtral-8x7B whatever the number of calibration tokens
@@ -96,9 +96,9 @@ def _experts(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, sums) ->
         for i in range(0, rows.numel(), EXPERT_ROWS):
             r, s = rows[i:i + EXPERT_ROWS], slot[i:i + EXPERT_ROWS]
             xr = x[r]  # [n, H]
-            sums.add((_expert_name(layer, e, "w1"), _expert_name(layer, e, "w3")), xr)
+            sums.add((expert_matrix_name(layer, e, "w1"), expert_matrix_name(layer, e, "w3")), xr)
             mid = F.silu(xr @ w1.T) * (xr @ w3.T)  # [n, I]
-            sums.add((_expert_name(layer, e, "w2"),), mid)
+            sums.add((expert_matrix_name(layer, e, "w2"),), mid)
             out.index_add_(0, r, (mid @ w2.T) * weights[r, s, None])
         del w1, w3, w2
     return out

@@ -63,6 +63,29 @@ class ExpertItem:
     def name(self) -> str:
         return f"model.layers.{self.layer}.block_sparse_moe.experts.{self.expert}"
 
+    def matrix_name(self, matrix: str) -> str:
+        return expert_matrix_name(self.layer, self.expert, matrix)
+
+
+def expert_matrix_name(layer: int, expert: int, matrix: str) -> str:
+    """An expert matrix's name where one matrix is meant (an importance matrix, a fit):
+    its record's name, the matrix, .weight."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{matrix}.weight"
+
+
+def quantized_matrices(plan: list, recipe) -> dict[str, tuple[int, int | None]]:
+    """name -> (input columns, layer; None for lm_head) of every matrix of `plan` that the file
+    recipe quantizes."""
+    out: dict[str, tuple[int, int | None]] = {}
+    for item in plan:
+        if isinstance(item, TensorItem):
+            if recipe[item.role].quantized and len(item.shape) == 2:
+                out[item.name] = (item.shape[1], item.layer)
+        elif recipe["experts"].quantized:
+            for m, ref in item.refs:
+                out[item.matrix_name(m)] = (ref.shape[1], item.layer)
+    return out
+
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) from a shard's JSON header, without touching tensor data."""

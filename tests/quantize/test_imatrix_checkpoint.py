@@ -12,6 +12,7 @@ from quantize import imatrix as im
 from quantize import imatrix_checkpoint as ic
 from runtime.tokenizer import TextTokenizer
 from quantize.source import open_checkpoint
+from quantize.tensors import expert_matrix_name
 from tests.quantize.helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.quantize.helpers import assert_user_error, packed, run_cli
 from tests.quantize.test_imatrix import CTX, TEXT
@@ -46,10 +47,10 @@ def _transformers_imatrix(folder) -> dict[str, tuple[np.ndarray, int]]:
                 if not hit.any():
                     continue
                 xr = x[hit]
-                add(im._expert_name(L, e, "w1"), xr)
-                add(im._expert_name(L, e, "w3"), xr)
+                add(expert_matrix_name(L, e, "w1"), xr)
+                add(expert_matrix_name(L, e, "w3"), xr)
                 gate, up = torch.nn.functional.linear(xr, mod.gate_up_proj[e]).chunk(2, dim=-1)
-                add(im._expert_name(L, e, "w2"), torch.nn.functional.silu(gate) * up)
+                add(expert_matrix_name(L, e, "w2"), torch.nn.functional.silu(gate) * up)
 
         layer.mlp.experts.register_forward_pre_hook(experts_hook)
     with torch.no_grad():
