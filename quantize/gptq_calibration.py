@@ -1,22 +1,22 @@
-"""`moe-pack quantize --gptq TEXT`: the calibration text run through the checkpoint's own float
-weights one decoder layer ahead of the writer, giving each quantized matrix the Gram matrix of
-its inputs, H = sum_t x_t x_t^T, for quantize/gptq.py (and its diagonal / rows, E[x_j^2], for
-the weighted fit of the scales, as an importance matrix would).
+"""`moe-pack quantize --gptq TEXT`: the calibration text run through the checkpoint's weights
+alongside the writer, giving each quantized matrix the Gram matrix of its inputs,
+H = sum_t x_t x_t^T, for quantize/gptq.py (and its diagonal / rows, E[x_j^2], for the weighted
+fit of the scales, as an importance matrix would).
 
-The forward is quantize/imatrix_checkpoint.py's (transformers' Mixtral in float32). The
-writer takes records in file order, a layer's attention and then its experts, so when it asks
-for the first matrix of layer L, layer L runs over every calibration token and its Gram
-matrices are kept until layer L + 1 runs. Layer L's input is layer L - 1's output through the
-matrices as the file stores them (the writer hands each one's bytes to `stored`): each layer is
-fitted to the inputs the quantized model will give it, so it can absorb some of the error of
-the layers before (GPTQ's sequential order; SmolLM2 at 4/2, BENCHMARKS.md section 38: 29.2 ->
-27.6 perplexity on a text of another domain than the calibration's). Within a layer, the
-sub-layers run with float weights.
+The forward is quantize/imatrix_checkpoint.py's (transformers' Mixtral in float32), taken in
+the steps of `layer_steps`: the writer takes records in file order (a layer's q, k, v, o, then
+each expert's w1, w3, w2), and each step runs only when the writer asks for a matrix of that
+step, reading the matrices before it as the file stores them (the writer hands each one's bytes
+to `stored`). So every matrix is fitted to the inputs the quantized model will give it and can
+absorb some of the error of the matrices before it, within its layer as across layers (GPTQ's
+"true sequential" order). Inputs through the stored layers before, with float sub-layers within
+a layer, took SmolLM2 at 4/2 from 29.2 to 27.6 perplexity on a text of another domain than the
+calibration's (BENCHMARKS.md section 38); section 39 has the figure for this order.
 
-Memory: the hidden states ([tokens, H] float32, twice: a layer's input and output), one
-layer's stored bytes, and its Gram matrices in float32: q/k/v share one [H, H], o one, each
-routed expert one [H, H] for w1/w3 and one [I, I] for w2. For Mixtral-8x7B that is ~7 GB,
-nearly all w2's (14336^2 * 4 bytes = 0.8 GB per expert).
+Memory: the hidden states ([tokens, H] float32, a few: a layer's input, its attention's output,
+its output), the current layer's stored bytes, and the current step's Gram matrices in float32:
+one [H, H] for q/k/v, or for o, or for one expert's w1/w3; one [I, I] for one expert's w2
+(14336^2 * 4 bytes = 0.8 GB for Mixtral-8x7B; the largest).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from formats.errors import ConfigError, MoepackError
 
 from .hqq_codec import Weighted
 from .imatrix import text_sha256
-from .imatrix_checkpoint import Weights, first_hidden, run_layer
+from .imatrix_checkpoint import Weights, first_hidden, layer_steps
 from .tensors import expert_matrix_name, quantized_matrices
 
-METHOD_VERSION = "1"  # of this calibration and quantize/gptq.py together, in the header
+METHOD_VERSION = "2"  # of this calibration and quantize/gptq.py together, in the header
 MIN_ROWS = 64  # calibration rows a matrix needs for GPTQ's codes; fewer: the weighted fit's
 
 
@@ -52,10 +52,9 @@ class _Grams:
             self.gram[name] = first if first is not None else g
             self.rows[name] = self.rows.get(name, 0) + x.shape[0]
 
-
-class _NoSums:
-    def add(self, names, x) -> None:
-        pass
+    def clear(self) -> None:
+        self.gram.clear()
+        self.rows.clear()
 
 
 class _StoredWeights:
@@ -98,12 +97,14 @@ class GptqFits:
         self.cols: dict[str, int] = {}
         self.layer_of: dict[str, int] = {}
         self.weighted = self.equal = 0
+        self.grams = _Grams()  # the current step's
+        self.tokens = 0
+        # the layer running: its steps, the names of the step done last, and its matrices as
+        # stored so far: name -> (bytes, shape, spec)
         self.layer = -1
-        self.grams = _Grams()
-        # the matrices of layer self.layer as stored: name -> (bytes, shape, spec); and that
-        # layer's input, which runs through them once the layer is written
+        self.steps = None
+        self.step: tuple[str, ...] = ()
         self.stored_layer: dict[str, tuple[bytes, tuple[int, int], object]] = {}
-        self.h_in = None
 
     def check(self, plan: list) -> None:
         """Before any work: the text gives windows, and which matrices are quantized."""
@@ -115,11 +116,13 @@ class GptqFits:
                               hint="drop --gptq, or quantize attention or experts to 2, 3, 4 or 8 bits")
         self.weights = Weights(self.ckpt.folder, plan, torch.device(self.device))
         try:
-            self.h, self.spans = first_hidden(self.ckpt, self.weights, self.text, self.ctx, self.max_tokens,
-                                              self.ckpt.source)
+            h, self.spans = first_hidden(self.ckpt, self.weights, self.text, self.ctx, self.max_tokens,
+                                         self.ckpt.source)
         except torch.OutOfMemoryError:
             raise MoepackError("out of GPU memory holding the --gptq text's hidden states",
                                hint="use fewer tokens (--gptq-tokens), or --device cpu") from None
+        self.tokens = h.shape[0]
+        self._start(0, h)
 
     def fit(self, name: str) -> Weighted | None:
         """The fit of the quantized matrix `name` (None for a float16 record): weighted by its
@@ -128,9 +131,9 @@ class GptqFits:
         if cols is None:
             return None
         layer = self.layer_of.get(name)
-        while layer is not None and self.layer < layer:
-            self._run(self.layer + 1)
-        gram = self.grams.gram.get(name) if layer == self.layer else None
+        if layer is not None:
+            self._reach(layer, name)
+        gram = None if layer is None else self.grams.gram.get(name)
         if gram is None:
             self.equal += 1
             return Weighted(None)
@@ -142,27 +145,36 @@ class GptqFits:
         return Weighted(imp, gram if rows >= MIN_ROWS else None)
 
     def stored(self, name: str, payload: bytes, shape: tuple[int, int], spec) -> None:
-        """The writer's bytes of matrix `name`: the next layer's inputs come through them."""
-        if name in self.layer_of and self.layer_of[name] == self.layer:
+        """The writer's bytes of matrix `name`: the steps after it run through them."""
+        if self.layer_of.get(name) == self.layer:
             self.stored_layer[name] = (payload, shape, spec)
 
-    def _run(self, layer: int) -> None:
-        self.grams = _Grams()  # the previous layer's are done with
+    def _start(self, layer: int, h: torch.Tensor) -> None:
+        self.layer, self.step, self.stored_layer = layer, (), {}
+        self.steps = layer_steps(self.ckpt.config, _StoredWeights(self.weights, self.stored_layer), layer, h,
+                                 self.spans, self.grams)
+
+    def _reach(self, layer: int, name: str) -> None:
+        """Run steps until the one that gives `name`'s inputs is done."""
+        while not (self.layer == layer and name in self.step):
+            if self.layer > layer:  # the writer's order is the steps' order (file order)
+                raise MoepackError(f"--gptq: {name} asked for after the steps of layer {layer} ran",
+                                   hint="this is a bug in moe-pack; please report it")
+            self._advance()
+
+    def _advance(self) -> None:
+        self.grams.clear()  # the step before's are done with
         try:
             with torch.inference_mode():
-                if self.h_in is not None:  # the previous layer again, through its stored matrices
-                    stored = _StoredWeights(self.weights, self.stored_layer)
-                    self.h = run_layer(self.ckpt.config, stored, self.layer, self.h_in, self.spans, _NoSums())
-                self.stored_layer = {}
-                self.h_in = self.h
-                self.h = run_layer(self.ckpt.config, self.weights, layer, self.h, self.spans, self.grams)
+                self.step = next(self.steps)
+        except StopIteration as done:
+            self._start(self.layer + 1, done.value)
         except torch.OutOfMemoryError:
-            raise MoepackError(f"out of GPU memory running layer {layer} over the --gptq text",
+            raise MoepackError(f"out of GPU memory running layer {self.layer} over the --gptq text",
                                hint="use fewer tokens (--gptq-tokens), or --device cpu") from None
-        self.layer = layer
 
     def describe(self) -> str:
         """What goes into the header's quantizer.method_version."""
-        return (f"{METHOD_VERSION}; gptq, act order, damp 0.01, on the weighted fit's scales; "
-                f"{self.h.shape[0]} tokens of text sha256:{text_sha256(self.text)[:16]} in windows of {self.ctx}")
-
+        return (f"{METHOD_VERSION}; gptq, act order, damp 0.01, on the weighted fit's scales, each matrix after the "
+                f"ones before it as stored; {self.tokens} tokens of text sha256:{text_sha256(self.text)[:16]} "
+                f"in windows of {self.ctx}")

@@ -5,8 +5,9 @@ quantize/imatrix.py measures by running a .moepack file of the checkpoint. For M
 that asks for a first 4/4 quantize (~25 GB written, an hour of HQQ) and a machine that holds
 the file's model; here the checkpoint's own float weights run instead, one decoder layer at a
 time over every calibration token, as GPTQ and AWQ calibrate:
-- the hidden states of all windows stay in memory between layers ([tokens, H] float32: 128 MB
-  for 8192 tokens of Mixtral-8x7B);
+- the hidden states of all windows stay in memory between layers, and a layer holds a few more
+  such arrays (the norm's output, attention's, the residual): [tokens, H] float32, 128 MB each
+  for 8192 tokens of Mixtral-8x7B;
 - each layer's tensors are read from the shards when the layer runs and dropped after it, and an
   expert is read only if some token routes to it: at most one expert's three matrices in float32
   (0.7 GB for Mixtral-8x7B) and the layer's attention are held at once, on the CPU or the GPU;
@@ -18,6 +19,7 @@ time over every calibration token, as GPTQ and AWQ calibrate:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,10 @@ from .tensors import ExpertItem, TensorItem, expert_matrix_name, load, plan_reco
 # Routed rows per expert matmul: the [rows, intermediate] float32 temporaries of one chunk stay
 # ~230 MB for Mixtral-8x7B whatever the number of calibration tokens
 EXPERT_ROWS = 4096
+# An expert's w2 inputs ([rows, I] float32) are kept from its w2 step to its output step while
+# rows <= HELD_MID_ROWS * H, i.e. while they are no larger than w1 and w3 together: held
+# instead of those, they cost no memory and save w1 and w3's matmuls a second time
+HELD_MID_ROWS = 2
 
 
 class Weights:
@@ -54,53 +60,77 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _attention(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, spans: list[tuple[int, int]],
-               sums) -> torch.Tensor:
-    """h [N, H] (the windows one after another) -> h after the layer's attention and residual."""
+def layer_steps(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, spans: list[tuple[int, int]], sums
+                ) -> Generator[tuple[str, ...], None, torch.Tensor]:
+    """One decoder layer over h [N, H] (the windows one after another), as steps in the order the
+    file stores the layer's matrices: each step passes the input rows of some matrices to
+    sums.add(names, x) and yields those names; the next step reads them from `w` only then.
+    Its return value is the layer's output [N, H].
+
+    Unrouted experts yield their names too, with no rows: every quantized matrix of the layer
+    is named once, in file order. `moe-pack quantize --gptq` advances the steps as the writer
+    stores each matrix, so every matrix's inputs come through the matrices before it as stored
+    (GPTQ's sequential order); run_layer runs them through at once."""
     from runtime.attention import attention_mask
+    from runtime.moe import route
     from runtime.rope import Rotary
 
     p = f"model.layers.{layer}."
-    norm = w.get(p + "input_layernorm.weight")
-    wq, wk, wv, wo = (w.get(p + f"self_attn.{m}.weight") for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    attn = tuple(p + f"self_attn.{m}.weight" for m in ATTENTION_INPUTS)
+    o_name = p + "self_attn.o_proj.weight"
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    x = _rms_norm(h, w.get(p + "input_layernorm.weight"), cfg.rms_norm_eps)  # [N, H]
+    sums.add(attn, x)
+    yield attn
+    wq, wk, wv = (w.get(name) for name in attn)
     rotary = Rotary(hd, cfg.rope_theta, max(n for _, n in spans), h.device, torch.float32)
-    out = torch.empty_like(h)
+    a = torch.empty(h.shape[0], nh * hd, dtype=h.dtype, device=h.device)  # attention's output, o's input
     for start, n in spans:
-        x = _rms_norm(h[start:start + n], norm, cfg.rms_norm_eps)  # [T, H]
-        sums.add(tuple(p + f"self_attn.{m}.weight" for m in ATTENTION_INPUTS), x)
-        q = rotary((x @ wq.T).view(n, nh, hd), 0).transpose(0, 1)  # [nh, T, hd]
-        k = rotary((x @ wk.T).view(n, nkv, hd), 0).transpose(0, 1)  # [nkv, T, hd]
-        v = (x @ wv.T).view(n, nkv, hd).transpose(0, 1)
+        xw = x[start:start + n]  # [T, H]
+        q = rotary((xw @ wq.T).view(n, nh, hd), 0).transpose(0, 1)  # [nh, T, hd]
+        k = rotary((xw @ wk.T).view(n, nkv, hd), 0).transpose(0, 1)  # [nkv, T, hd]
+        v = (xw @ wv.T).view(n, nkv, hd).transpose(0, 1)
         k, v = k.repeat_interleave(nh // nkv, dim=0), v.repeat_interleave(nh // nkv, dim=0)
         mask = attention_mask(n, 0, cfg.sliding_window, h.device)  # [T, T]; windows have >= 2 tokens
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).reshape(n, nh * hd)
-        sums.add((p + "self_attn.o_proj.weight",), a)
-        out[start:start + n] = h[start:start + n] + a @ wo.T
-    return out
+        a[start:start + n] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).reshape(n, nh * hd)
+    del x, wq, wk, wv
+    sums.add((o_name,), a)
+    yield (o_name,)
+    h = h + a @ w.get(o_name).T
+    del a
 
-
-def _experts(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, sums) -> torch.Tensor:
-    """h [N, H] -> h after the layer's sparse MoE block and residual."""
-    from runtime.moe import route
-
-    p = f"model.layers.{layer}."
     x = _rms_norm(h, w.get(p + "post_attention_layernorm.weight"), cfg.rms_norm_eps)  # [N, H]
     idx, weights = route(x, w.get(p + "block_sparse_moe.gate.weight"), cfg.num_experts_per_tok)  # [N, k] each
     out = h.clone()
     for e in range(cfg.num_local_experts):
+        up, down = (expert_matrix_name(layer, e, "w1"), expert_matrix_name(layer, e, "w3")), expert_matrix_name(layer, e, "w2")
         rows, slot = (idx == e).nonzero(as_tuple=True)  # tokens routed to e, and where in their top-k
-        if rows.numel() == 0:
-            continue  # never read: no rows, no entry, and quantize fits it with equal weights
-        w1, w3, w2 = (w.expert(layer, e, m) for m in ("w1", "w3", "w2"))
-        for i in range(0, rows.numel(), EXPERT_ROWS):
-            r, s = rows[i:i + EXPERT_ROWS], slot[i:i + EXPERT_ROWS]
+        chunks = [(rows[i:i + EXPERT_ROWS], slot[i:i + EXPERT_ROWS]) for i in range(0, rows.numel(), EXPERT_ROWS)]
+        for r, _ in chunks:
+            sums.add(up, x[r])
+        yield up
+        if not chunks:  # never read: no rows, no entry, and quantize fits it with equal weights
+            yield (down,)
+            continue
+        w1, w3 = w.expert(layer, e, "w1"), w.expert(layer, e, "w3")
+
+        def mid(r: torch.Tensor) -> torch.Tensor:  # w2's input for rows r: [n, I]
             xr = x[r]  # [n, H]
-            sums.add((expert_matrix_name(layer, e, "w1"), expert_matrix_name(layer, e, "w3")), xr)
-            mid = F.silu(xr @ w1.T) * (xr @ w3.T)  # [n, I]
-            sums.add((expert_matrix_name(layer, e, "w2"),), mid)
-            out.index_add_(0, r, (mid @ w2.T) * weights[r, s, None])
-        del w1, w3, w2
+            return F.silu(xr @ w1.T) * (xr @ w3.T)
+
+        # w2's inputs are held over the step while they take no more memory than w1 and w3,
+        # which are dropped instead; past that (many calibration tokens) they are made again
+        mids = [mid(r) for r, _ in chunks] if rows.numel() <= HELD_MID_ROWS * cfg.hidden_size else None
+        for i, (r, _) in enumerate(chunks):
+            sums.add((down,), mid(r) if mids is None else mids[i])
+        if mids is not None:
+            del w1, w3
+        yield (down,)
+        w2 = w.expert(layer, e, "w2")
+        for i, (r, s) in enumerate(chunks):
+            out.index_add_(0, r, ((mid(r) if mids is None else mids[i]) @ w2.T) * weights[r, s, None])
+        del w2, mids
     return out
 
 
@@ -153,5 +183,9 @@ def first_hidden(ckpt, w: Weights, text: str, ctx: int, max_tokens: int | None, 
 def run_layer(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, spans: list[tuple[int, int]],
               sums) -> torch.Tensor:
     """h [N, H] -> the decoder layer's output; every matrix's input rows go to sums.add(names, x)."""
-    h = _attention(cfg, w, layer, h, spans, sums)
-    return _experts(cfg, w, layer, h, sums)
+    steps = layer_steps(cfg, w, layer, h, spans, sums)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

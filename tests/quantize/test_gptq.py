@@ -12,6 +12,7 @@ from quantize.encode import stored_meta
 from quantize.fit import weighted_fit
 from quantize.gptq import gptq_codes
 from quantize.hqq_codec import Weighted, encode_tensor
+from quantize.tensors import expert_matrix_name
 from runtime.dequant import component_tensors, dequantize
 from tests.quantize.helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.quantize.helpers import assert_user_error, run_cli, sha256
@@ -161,75 +162,98 @@ def test_gptq_refuses_what_it_cannot_use(tiny_checkpoint, calib, tmp_path, tmp_p
     assert not out.exists()
 
 
-def test_each_layer_sees_its_inputs_through_the_stored_layers_before_it(tiny_checkpoint):
-    """Layer 1's Gram matrices come from layer 0 as the file stores it, not from its float
-    weights: here layer 0's experts are stored as zeros, so layer 1 sees attention alone."""
+class _Zeros:
+    """The checkpoint's weights with the listed matrices as zeros (as the file can store them)."""
+
+    def __init__(self, w, names):
+        self.w, self.names = w, set(names)
+
+    def get(self, name):
+        return torch.zeros_like(self.w.get(name)) if name in self.names else self.w.get(name)
+
+    def expert(self, layer, e, m):
+        w = self.w.expert(layer, e, m)
+        return torch.zeros_like(w) if expert_matrix_name(layer, e, m) in self.names else w
+
+
+def _store_zeros(fits, name, shape, spec):
+    """The writer's hand-off of `name` with every weight decoding to 0."""
     from formats.qtensor import encode_matrix
+
+    assert fits.fit(name) is not None
+    groups = shape[0] * shape[1] // spec.group_size
+    fits.stored(name, encode_matrix(spec, q=np.zeros(shape, np.uint8), scale=np.ones(groups, np.float32),
+                                    zero=np.zeros(groups, np.float32)), shape, spec)
+
+
+def test_each_matrix_sees_its_inputs_through_the_stored_matrices_before_it(tiny_checkpoint):
+    """GPTQ's sequential order, within a layer and across layers: with layer 0's q, k and v
+    stored as zeros, o's inputs are zeros; with w1 of an expert stored as zeros, so are that
+    w2's; and with all of layer 0 stored as zeros, layer 1 sees the embeddings. Through the
+    float weights, none of that holds."""
     from quantize.gptq_calibration import GptqFits, _Grams
-    from quantize.imatrix_checkpoint import run_layer
+    from quantize.imatrix_checkpoint import first_hidden, run_layer
     from quantize.recipe import QuantRecipe
     from quantize.source import open_checkpoint
-    from quantize.tensors import ExpertItem, plan_records
+    from quantize.tensors import ExpertItem, TensorItem, plan_records
 
     ckpt = open_checkpoint(str(tiny_checkpoint))
-    recipe = QuantRecipe(attn_bits=16, expert_bits=2).build(ckpt.config)
+    recipe = QuantRecipe(attn_bits=4, expert_bits=2).build(ckpt.config)
     plan = plan_records(ckpt.folder, ckpt.config)
     fits = GptqFits(ckpt, TEXT, 16, None, "cpu", recipe)
     fits.check(plan)
-    h0 = fits.h.clone()
-    spec = recipe["experts"]
-    for item in plan:
-        if isinstance(item, ExpertItem) and item.layer == 0:
-            for m, ref in item.refs:
-                name = f"{item.name}.{m}.weight"
-                assert fits.fit(name) is not None
-                groups = ref.shape[0] * ref.shape[1] // spec.group_size
-                zeros = encode_matrix(spec, q=np.zeros(ref.shape, np.uint8), scale=np.ones(groups, np.float32),
-                                      zero=np.zeros(groups, np.float32))
-                fits.stored(name, zeros, ref.shape, spec)
+    h0, _ = first_hidden(ckpt, fits.weights, TEXT, 16, None, ckpt.source)  # layer 0's input
+    p = "model.layers.0."
+    attn = [p + f"self_attn.{m}_proj.weight" for m in ("q", "k", "v", "o")]
+    shapes = {it.name: it.shape for it in plan if isinstance(it, TensorItem)}
+    for name in attn[:3]:
+        _store_zeros(fits, name, shapes[name], recipe["attention"])
+    fits.fit(attn[3])
+    rows = fits.grams.rows[attn[3]]
+    assert rows == h0.shape[0] and not fits.grams.gram[attn[3]].any()
+    _store_zeros(fits, attn[3], shapes[attn[3]], recipe["attention"])
+
+    layer0 = [it for it in plan if isinstance(it, ExpertItem) and it.layer == 0]
+    zeros, routed = set(attn), 0
+    for item in layer0:
+        for m, ref in item.refs:
+            name = item.matrix_name(m)
+            _store_zeros(fits, name, ref.shape, recipe["experts"])
+            zeros.add(name)
+            if m == "w2" and name in fits.grams.gram:
+                routed += 1
+                assert not fits.grams.gram[name].any()  # w1 stored as zeros: silu(0) * (x @ w3.T) = 0
+    assert routed > 0
+
     q1 = "model.layers.1.self_attn.q_proj.weight"
-    first_expert = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
-    fits.fit(first_expert)  # runs layer 1 (attention is float16 here: not asked for)
-
-    class NoExperts:
-        def __init__(self, w):
-            self.w = w
-
-        def get(self, name):
-            return self.w.get(name)
-
-        def expert(self, layer, e, m):
-            return torch.zeros_like(self.w.expert(layer, e, m))
-
-    want = _Grams()
-    with torch.inference_mode():
-        h1 = run_layer(ckpt.config, NoExperts(fits.weights), 0, h0, fits.spans, _Grams())
-        run_layer(ckpt.config, fits.weights, 1, h1, fits.spans, want)
+    fits.fit(q1)
     assert fits.layer == 1
-    np.testing.assert_allclose(fits.grams.gram[first_expert].numpy(), want.gram[first_expert].numpy(), rtol=1e-4,
-                               atol=1e-4)
-    # and through layer 0's float experts they differ
-    float_grams = _Grams()
+    want, through_float = _Grams(), _Grams()
     with torch.inference_mode():
-        run_layer(ckpt.config, fits.weights, 1, run_layer(ckpt.config, fits.weights, 0, h0, fits.spans, _Grams()),
-                  fits.spans, float_grams)
-    assert not torch.allclose(float_grams.gram[q1], want.gram[q1], rtol=1e-2)
+        h1 = run_layer(ckpt.config, _Zeros(fits.weights, zeros), 0, h0, fits.spans, _Grams())
+        run_layer(ckpt.config, fits.weights, 1, h1, fits.spans, want)
+        h1_float = run_layer(ckpt.config, fits.weights, 0, h0, fits.spans, _Grams())
+        run_layer(ckpt.config, fits.weights, 1, h1_float, fits.spans, through_float)
+    torch.testing.assert_close(h1, h0)  # every matrix of layer 0 gives zeros: the residual alone
+    torch.testing.assert_close(fits.grams.gram[q1], want.gram[q1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(through_float.gram[q1], want.gram[q1], rtol=1e-2)
 
 
-def test_the_writer_hands_every_stored_matrix_to_the_next_layer(tiny_checkpoint, calib, tmp_path, monkeypatch):
-    """Through quantize_checkpoint: when layer L runs, every quantized matrix of layer L - 1 is
-    there as stored bytes; and a matrix with fewer than MIN_ROWS rows gets no GPTQ."""
+def test_the_writer_hands_every_stored_matrix_to_the_steps_after_it(tiny_checkpoint, calib, tmp_path, monkeypatch):
+    """Through quantize_checkpoint: when a step runs, every quantized matrix of the steps before
+    it in its layer is there as stored bytes; every step runs; and a matrix with fewer than
+    MIN_ROWS rows gets no GPTQ."""
     from quantize import gptq_calibration as gc
     from quantize.convert import GptqOptions, quantize_checkpoint
+    from quantize.source import open_checkpoint
 
-    seen, fits_given = [], []
-    run, fit = gc.GptqFits._run, gc.GptqFits.fit
+    passed, fits_given = [], []
+    advance, fit = gc.GptqFits._advance, gc.GptqFits.fit
 
-    def spy_run(self, layer):
-        if layer > 0:
-            want = {n for n, L in self.layer_of.items() if L == layer - 1}
-            seen.append((layer, want, set(self.stored_layer)))
-        return run(self, layer)
+    def spy_advance(self):
+        quantized = {n for n in self.step if n in self.layer_of}
+        passed.append((self.layer, self.step, quantized <= set(self.stored_layer)))
+        return advance(self)
 
     def spy_fit(self, name):
         out = fit(self, name)
@@ -237,14 +261,35 @@ def test_the_writer_hands_every_stored_matrix_to_the_next_layer(tiny_checkpoint,
             fits_given.append((self.grams.rows[name], out.gram is not None))
         return out
 
-    monkeypatch.setattr(gc.GptqFits, "_run", spy_run)
+    monkeypatch.setattr(gc.GptqFits, "_advance", spy_advance)
     monkeypatch.setattr(gc.GptqFits, "fit", spy_fit)
     monkeypatch.setattr(gc, "MIN_ROWS", 200)
-    quantize_checkpoint(str(tiny_checkpoint), tmp_path / "x.moepack", device="cpu", progress=False,
-                        gptq=GptqOptions(TEXT, ctx=16))
-    assert seen and all(want == stored and want for _, want, stored in seen), seen
+    r = quantize_checkpoint(str(tiny_checkpoint), tmp_path / "x.moepack", device="cpu", progress=False,
+                            gptq=GptqOptions(TEXT, ctx=16))
+    assert all(ok for _, _, ok in passed), [x for x in passed if not x[2]]
+    steps = [(layer, step) for layer, step, _ in passed if step]
+    cfg = open_checkpoint(str(tiny_checkpoint)).config
+    per_layer = 2 + 2 * cfg.num_local_experts  # q/k/v, o, and each expert's w1/w3 and w2
+    # every step of every layer is passed, but the last layer's last (nothing comes after it)
+    assert len(steps) == per_layer * cfg.num_hidden_layers - 1 == len(set(steps))
     assert {rows >= 200 for rows, _ in fits_given} == {True, False}  # both kinds happen here
     assert all(has_gram == (rows >= 200) for rows, has_gram in fits_given)
+    assert sum(r.calibrated_fits) == len(fits_given) + r.calibrated_fits[1]
+
+
+def test_a_matrix_asked_for_out_of_file_order_is_a_bug_reported_as_such(tiny_checkpoint):
+    from formats.errors import MoepackError
+    from quantize.gptq_calibration import GptqFits
+    from quantize.recipe import QuantRecipe
+    from quantize.source import open_checkpoint
+    from quantize.tensors import plan_records
+
+    ckpt = open_checkpoint(str(tiny_checkpoint))
+    fits = GptqFits(ckpt, TEXT, 16, None, "cpu", QuantRecipe().build(ckpt.config))
+    fits.check(plan_records(ckpt.folder, ckpt.config))
+    fits.fit("model.layers.0.self_attn.o_proj.weight")
+    with pytest.raises(MoepackError, match="q_proj.weight asked for after"):
+        fits.fit("model.layers.0.self_attn.q_proj.weight")
 
 
 def test_a_gram_matrix_with_nan_is_refused():

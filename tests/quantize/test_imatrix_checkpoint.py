@@ -71,9 +71,13 @@ def test_inputs_equal_transformers(tmp_path, overrides):
     assert got.model == folder.name
 
 
-def test_fewer_rows_per_expert_matmul_give_the_same_means(tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("limits", [{"EXPERT_ROWS": 3}, {"HELD_MID_ROWS": 0}, {"EXPERT_ROWS": 3, "HELD_MID_ROWS": 0}],
+                         ids=["chunks", "w2-inputs-made-again", "both"])
+def test_fewer_rows_per_expert_matmul_give_the_same_means(tiny_checkpoint, monkeypatch, limits):
+    """The later layers' means depend on the earlier layers' outputs: equal means, equal outputs."""
     a = ic.measure_checkpoint(str(tiny_checkpoint), TEXT, ctx=CTX, device="cpu", progress=False)
-    monkeypatch.setattr(ic, "EXPERT_ROWS", 3)
+    for name, value in limits.items():
+        monkeypatch.setattr(ic, name, value)
     b = ic.measure_checkpoint(str(tiny_checkpoint), TEXT, ctx=CTX, device="cpu", progress=False)
     assert a.entries.keys() == b.entries.keys()
     for name, (mean, n) in a.entries.items():
