@@ -167,7 +167,16 @@ def quantize_checkpoint(
         raise ConfigError(f"--low-disk: {src} is a local folder, already on disk",
                           hint="--low-disk is for Hub repo ids; drop it")
     dev = resolve_device(device)
-    ckpt: Checkpoint = open_checkpoint(src, revision=revision, download=download, check=recipe.build,
+    windows: list[list[int]] = []  # --gptq's text, tokenized
+
+    def before_weights(config, tokenizer) -> None:  # a bad option or text fails before a download
+        recipe.build(config)
+        if gptq is not None:
+            from .imatrix_checkpoint import checkpoint_windows
+
+            windows.extend(checkpoint_windows(config, tokenizer, gptq.text, gptq.ctx, gptq.max_tokens, src))
+
+    ckpt: Checkpoint = open_checkpoint(src, revision=revision, download=download, check=before_weights,
                                        weights=not low_disk)
     file_recipe = recipe.build(ckpt.config)
     fits = None
@@ -176,7 +185,7 @@ def quantize_checkpoint(
     elif gptq is not None:
         from .gptq_calibration import GptqFits
 
-        fits = GptqFits(ckpt, gptq.text, gptq.ctx, gptq.max_tokens, dev, file_recipe)
+        fits = GptqFits(ckpt, gptq.text, gptq.ctx, windows, dev, file_recipe)
     if not low_disk:
         return _quantize(src, out, ckpt, file_recipe, plan_records(ckpt.folder, ckpt.config), dev, progress, None, fits)
     headers = hub_headers(src, revision)

@@ -91,8 +91,9 @@ class GptqFits:
 
     method = "gptq"  # the header's quantizer.method
 
-    def __init__(self, ckpt, text: str, ctx: int, max_tokens: int | None, device: str, file_recipe):
-        self.ckpt, self.text, self.ctx, self.max_tokens = ckpt, text, ctx, max_tokens
+    def __init__(self, ckpt, text: str, ctx: int, windows: list[list[int]], device: str, file_recipe):
+        """windows: the text's (imatrix_checkpoint.checkpoint_windows), in windows of ctx."""
+        self.ckpt, self.text, self.ctx, self.windows = ckpt, text, ctx, windows
         self.device, self.recipe = device, file_recipe
         self.cols: dict[str, int] = {}
         self.layer_of: dict[str, int] = {}
@@ -116,8 +117,7 @@ class GptqFits:
                               hint="drop --gptq, or quantize attention or experts to 2, 3, 4 or 8 bits")
         self.weights = Weights(self.ckpt.folder, plan, torch.device(self.device))
         try:
-            h, self.spans = first_hidden(self.ckpt, self.weights, self.text, self.ctx, self.max_tokens,
-                                         self.ckpt.source)
+            h, self.spans = first_hidden(self.weights, self.windows)
         except torch.OutOfMemoryError:
             raise MoepackError("out of GPU memory holding the --gptq text's hidden states",
                                hint="use fewer tokens (--gptq-tokens), or --device cpu") from None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from formats.errors import MoepackError
-from formats.header import ModelConfig
+from formats.header import ModelConfig, TokenizerInfo
 
 from .imatrix import ATTENTION_INPUTS, Imatrix, _Sums, text_sha256, text_windows
 from .tensors import ExpertItem, TensorItem, expert_matrix_name, load, plan_records
@@ -144,12 +144,17 @@ def measure_checkpoint(src: str, text: str, *, ctx: int = 512, max_tokens: int |
     from .source import open_checkpoint
 
     check_window_options(ctx, max_tokens, least=2)
-    ckpt = open_checkpoint(src, revision=revision, download=download)
     dev = resolve_device(device)
+    windows: list[list[int]] = []
+
+    def before_weights(config: ModelConfig, tokenizer) -> None:  # a useless text fails before a download
+        windows.extend(checkpoint_windows(config, tokenizer, text, ctx, max_tokens, src))
+
+    ckpt = open_checkpoint(src, revision=revision, download=download, check=before_weights)
     w = Weights(ckpt.folder, plan_records(ckpt.folder, ckpt.config), dev)  # every name, dtype and shape checked here
     sums = _Sums()
     try:
-        h, spans = first_hidden(ckpt, w, text, ctx, max_tokens, src)
+        h, spans = first_hidden(w, windows)
         with torch.inference_mode():
             for layer in tqdm(range(ckpt.config.num_hidden_layers), unit="layer", desc="imatrix", disable=not progress):
                 h = run_layer(ckpt.config, w, layer, h, spans, sums)
@@ -161,16 +166,20 @@ def measure_checkpoint(src: str, text: str, *, ctx: int = 512, max_tokens: int |
     return Imatrix(entries=sums.means(), tokens=h.shape[0], text_sha256=text_sha256(text), model=model)
 
 
-def first_hidden(ckpt, w: Weights, text: str, ctx: int, max_tokens: int | None, source: str
-                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """The calibration text's windows (text_windows) one after another as embeddings h [N, H]
-    float32 on w's device, and each window's (start, length) in h."""
+def checkpoint_windows(config: ModelConfig, tokenizer: TokenizerInfo, text: str, ctx: int, max_tokens: int | None,
+                       source: str) -> list[list[int]]:
+    """The calibration text's first `max_tokens` ids in windows (text_windows) of at most `ctx`
+    tokens; from the checkpoint's metadata alone, so it can run before the weights are fetched."""
     from runtime.tokenizer import TextTokenizer
 
-    tok = TextTokenizer(ckpt.tokenizer, source=source)
+    tok = TextTokenizer(tokenizer, source=source)
     ids = tok.encode(text, add_bos=False)
-    windows = text_windows(tok, ids if max_tokens is None else ids[:max_tokens],
-                           min(ctx, ckpt.config.max_position_embeddings))
+    return text_windows(tok, ids if max_tokens is None else ids[:max_tokens], min(ctx, config.max_position_embeddings))
+
+
+def first_hidden(w: Weights, windows: list[list[int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The windows one after another as embeddings h [N, H] float32 on w's device, and each
+    window's (start, length) in h."""
     spans, start = [], 0
     for win in windows:
         spans.append((start, len(win)))

@@ -230,17 +230,19 @@ def tokenizer_from_folder(folder: Path, cfg: dict) -> TokenizerInfo:
 
 
 def open_checkpoint(src: str, *, revision: str | None = None, download=None,
-                    check: Callable[[ModelConfig], object] | None = None, weights: bool = True) -> Checkpoint:
-    """Read SRC's config and tokenizer; `check(config)` runs before any weights are downloaded,
-    so a bad option fails in seconds, not after fetching 90 GB. weights=False: a Hub repo's
-    shards are left on the Hub (quantize/streaming.py fetches them one at a time)."""
+                    check: Callable[[ModelConfig, TokenizerInfo], object] | None = None,
+                    weights: bool = True) -> Checkpoint:
+    """Read SRC's config and tokenizer; `check(config, tokenizer)` runs before any weights are
+    downloaded, so a bad option or calibration text fails in seconds, not after fetching 90 GB.
+    weights=False: a Hub repo's shards are left on the Hub (quantize/streaming.py fetches them
+    one at a time)."""
     folder = fetch_metadata(src, revision=revision, download=download)
     cfg_path = folder / "config.json"
     cfg = _read_json(cfg_path)
     config = model_config_from_hf(cfg, cfg_path)
     tokenizer = tokenizer_from_folder(folder, cfg)
     if check is not None:
-        check(config)
+        check(config, tokenizer)
     if weights:
         folder = fetch_weights(src, folder, revision=revision, download=download)
     return Checkpoint(folder=folder, source=src, config=config, tokenizer=tokenizer)

@@ -162,6 +162,12 @@ def test_gptq_refuses_what_it_cannot_use(tiny_checkpoint, calib, tmp_path, tmp_p
     assert not out.exists()
 
 
+def _windows(ckpt):
+    from quantize.imatrix_checkpoint import checkpoint_windows
+
+    return checkpoint_windows(ckpt.config, ckpt.tokenizer, TEXT, 16, None, ckpt.source)
+
+
 class _Zeros:
     """The checkpoint's weights with the listed matrices as zeros (as the file can store them)."""
 
@@ -200,9 +206,9 @@ def test_each_matrix_sees_its_inputs_through_the_stored_matrices_before_it(tiny_
     ckpt = open_checkpoint(str(tiny_checkpoint))
     recipe = QuantRecipe(attn_bits=4, expert_bits=2).build(ckpt.config)
     plan = plan_records(ckpt.folder, ckpt.config)
-    fits = GptqFits(ckpt, TEXT, 16, None, "cpu", recipe)
+    fits = GptqFits(ckpt, TEXT, 16, _windows(ckpt), "cpu", recipe)
     fits.check(plan)
-    h0, _ = first_hidden(ckpt, fits.weights, TEXT, 16, None, ckpt.source)  # layer 0's input
+    h0, _ = first_hidden(fits.weights, _windows(ckpt))  # layer 0's input
     p = "model.layers.0."
     attn = [p + f"self_attn.{m}_proj.weight" for m in ("q", "k", "v", "o")]
     shapes = {it.name: it.shape for it in plan if isinstance(it, TensorItem)}
@@ -285,7 +291,7 @@ def test_a_matrix_asked_for_out_of_file_order_is_a_bug_reported_as_such(tiny_che
     from quantize.tensors import plan_records
 
     ckpt = open_checkpoint(str(tiny_checkpoint))
-    fits = GptqFits(ckpt, TEXT, 16, None, "cpu", QuantRecipe().build(ckpt.config))
+    fits = GptqFits(ckpt, TEXT, 16, _windows(ckpt), "cpu", QuantRecipe().build(ckpt.config))
     fits.check(plan_records(ckpt.folder, ckpt.config))
     fits.fit("model.layers.0.self_attn.o_proj.weight")
     with pytest.raises(MoepackError, match="q_proj.weight asked for after"):
@@ -308,4 +314,28 @@ def test_options_that_need_gptq_or_a_layer_matrix(tiny_checkpoint, calib, tmp_pa
     assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", out, "--gptq-tokens", "100"), "--gptq-tokens")
     assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", out, "--gptq", calib, "--attn-bits", "16",
                               "--expert-bits", "16", "--lm-head-bits", "4"), "no attention or expert matrix")
+    assert not out.exists()
+
+
+def test_a_text_too_short_fails_before_the_hubs_weights_are_fetched(tiny_checkpoint, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from quantize.source import HUB_METADATA_FILES
+    from tests.quantize.test_source import FakeHub
+
+    import json
+    import shutil
+
+    repo = shutil.copytree(tiny_checkpoint, tmp_path / "repo")
+    config = repo / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "add_bos_token": False}))
+    fake = FakeHub(repo)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    short = tmp_path / "short.txt"
+    short.write_text("a")  # one token, and no BOS before it
+    out = tmp_path / "x.moepack"
+    assert_user_error(run_cli("quantize", "someone/tiny-mixtral", "-o", out, "--gptq", short), "fewer than 2 tokens")
+    assert_user_error(run_cli("imatrix", "someone/tiny-mixtral", short, "-o", tmp_path / "x.imatrix"),
+                      "fewer than 2 tokens")
+    assert [kw["allow_patterns"] for _, kw in fake.calls] == [HUB_METADATA_FILES] * 2  # config and tokenizer only
     assert not out.exists()
