@@ -126,6 +126,29 @@ def test_gptq_on_cuda_matches_the_cpu():
     assert float((cpu != gpu).float().mean()) < 0.05
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantize_with_gptq_on_cuda_stores_what_the_cpu_does(tiny_checkpoint, tmp_path):
+    """The whole --gptq run on the GPU (the calibration steps, the stored matrices decoded there,
+    GPTQ): every matrix's error against the checkpoint as on the CPU, within what float32 on
+    another device moves (a tie broken the other way is carried on by GPTQ)."""
+    from quantize.convert import GptqOptions, quantize_checkpoint
+
+    errors = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.moepack"
+        quantize_checkpoint(str(tiny_checkpoint), out, device=device, progress=False, gptq=GptqOptions(TEXT, ctx=16))
+        with MoepackFile(out) as f:
+            f.verify()
+            assert f.header.quantizer.method == "gptq"
+            errors.append([t.rel_error for t in f.header.tensors if t.spec.quantized]
+                          + [err for e in f.header.experts for err in e.rel_error])
+    cpu, gpu = np.array(errors[0]), np.array(errors[1])
+    assert cpu.shape == gpu.shape and cpu.size > 0
+    np.testing.assert_allclose(gpu, cpu, rtol=0.1)
+    assert abs(gpu.mean() - cpu.mean()) < 0.02 * cpu.mean()
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 
