@@ -7,7 +7,8 @@ The forward is quantize/imatrix_checkpoint.py's (transformers' Mixtral in float3
 the steps of `layer_steps`: the writer takes records in file order (a layer's q, k, v, o, then
 each expert's w1, w3, w2), and each step runs only when the writer asks for a matrix of that
 step, reading the matrices before it as the file stores them (the writer hands each one's bytes
-to `stored`). So every matrix is fitted to the inputs the quantized model will give it and can
+to `stored`). lm_head's step comes after the last layer: the final norm of its output. So
+every matrix is fitted to the inputs the quantized model will give it and can
 absorb some of the error of the matrices before it, within its layer as across layers (GPTQ's
 "true sequential" order). Inputs through the stored layers before, with float sub-layers within
 a layer, took SmolLM2 at 4/2 from 29.2 to 27.6 perplexity on a text of another domain than the
@@ -27,7 +28,7 @@ from formats.errors import ConfigError, MoepackError
 
 from .hqq_codec import Weighted
 from .imatrix import text_sha256
-from .imatrix_checkpoint import Weights, first_hidden, layer_steps
+from .imatrix_checkpoint import Weights, first_hidden, head_steps, layer_steps
 from .tensors import expert_matrix_name, quantized_matrices
 
 METHOD_VERSION = "2"  # of this calibration and quantize/gptq.py together, in the header
@@ -111,10 +112,12 @@ class GptqFits:
         """Before any work: the text gives windows, and which matrices are quantized."""
         quantized = quantized_matrices(plan, self.recipe)
         self.cols = {name: cols for name, (cols, _) in quantized.items()}
-        self.layer_of = {name: layer for name, (_, layer) in quantized.items() if layer is not None}
+        last = self.ckpt.config.num_hidden_layers
+        # lm_head comes after the last layer: its steps are the final norm's
+        self.layer_of = {name: last if layer is None else layer for name, (_, layer) in quantized.items()}
         if not self.layer_of:
-            raise ConfigError("--gptq: this recipe quantizes no attention or expert matrix",
-                              hint="drop --gptq, or quantize attention or experts to 2, 3, 4 or 8 bits")
+            raise ConfigError("--gptq: this recipe quantizes no matrix (every role 16-bit)",
+                              hint="drop --gptq, or quantize some role to 2, 3, 4 or 8 bits")
         self.weights = Weights(self.ckpt.folder, plan, torch.device(self.device))
         try:
             h, self.spans = first_hidden(self.weights, self.windows)
@@ -126,14 +129,11 @@ class GptqFits:
 
     def fit(self, name: str) -> Weighted | None:
         """The fit of the quantized matrix `name` (None for a float16 record): weighted by its
-        inputs, codes by GPTQ; lm_head (no layer) and experts never routed to: equal weights."""
-        cols = self.cols.get(name)
-        if cols is None:
+        inputs, codes by GPTQ; experts never routed to: equal weights."""
+        if name not in self.cols:
             return None
-        layer = self.layer_of.get(name)
-        if layer is not None:
-            self._reach(layer, name)
-        gram = None if layer is None else self.grams.gram.get(name)
+        self._reach(self.layer_of[name], name)
+        gram = self.grams.gram.get(name)
         if gram is None:
             self.equal += 1
             return Weighted(None)
@@ -151,8 +151,11 @@ class GptqFits:
 
     def _start(self, layer: int, h: torch.Tensor) -> None:
         self.layer, self.step, self.stored_layer = layer, (), {}
-        self.steps = layer_steps(self.ckpt.config, _StoredWeights(self.weights, self.stored_layer), layer, h,
-                                 self.spans, self.grams)
+        cfg, weights = self.ckpt.config, _StoredWeights(self.weights, self.stored_layer)
+        if layer == cfg.num_hidden_layers:
+            self.steps = head_steps(cfg, weights, h, self.grams)
+        else:
+            self.steps = layer_steps(cfg, weights, layer, h, self.spans, self.grams)
 
     def _reach(self, layer: int, name: str) -> None:
         """Run steps until the one that gives `name`'s inputs is done."""

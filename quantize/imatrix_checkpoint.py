@@ -134,6 +134,12 @@ def layer_steps(cfg: ModelConfig, w: Weights, layer: int, h: torch.Tensor, spans
     return out
 
 
+def head_steps(cfg: ModelConfig, w: Weights, h: torch.Tensor, sums) -> Generator[tuple[str, ...], None, None]:
+    """After the last layer: lm_head's input, the final norm of its output h [N, H], as one step."""
+    sums.add(("lm_head.weight",), _rms_norm(h, w.get("model.norm.weight"), cfg.rms_norm_eps))
+    yield ("lm_head.weight",)
+
+
 def measure_checkpoint(src: str, text: str, *, ctx: int = 512, max_tokens: int | None = 8192, device: str = "auto",
                        revision: str | None = None, progress: bool = True, download=None) -> Imatrix:
     """The importance matrix of checkpoint SRC's own weights over `text`, in windows of `ctx`

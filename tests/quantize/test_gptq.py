@@ -332,12 +332,40 @@ def test_a_gram_matrix_with_nan_is_refused():
         gptq_codes(W, H, s, z, 2, 16)
 
 
-def test_options_that_need_gptq_or_a_layer_matrix(tiny_checkpoint, calib, tmp_path):
+def test_options_that_need_gptq_or_a_quantized_matrix(tiny_checkpoint, calib, tmp_path):
     out = tmp_path / "x.moepack"
     assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", out, "--gptq-tokens", "100"), "--gptq-tokens")
     assert_user_error(run_cli("quantize", tiny_checkpoint, "-o", out, "--gptq", calib, "--attn-bits", "16",
-                              "--expert-bits", "16", "--lm-head-bits", "4"), "no attention or expert matrix")
+                              "--expert-bits", "16"), "quantizes no matrix")
     assert not out.exists()
+
+
+def test_lm_head_is_fitted_to_the_final_norm_of_the_stored_layers(tiny_checkpoint):
+    """lm_head's step comes after the last layer: with every layer matrix stored as zeros, the
+    layers pass the embeddings through, and lm_head's Gram matrix is the final norm's of them."""
+    from quantize.gptq_calibration import GptqFits
+    from quantize.imatrix_checkpoint import _rms_norm, first_hidden
+    from quantize.recipe import QuantRecipe
+    from quantize.source import open_checkpoint
+    from quantize.tensors import ExpertItem, TensorItem, plan_records
+
+    ckpt = open_checkpoint(str(tiny_checkpoint))
+    recipe = QuantRecipe(attn_bits=4, expert_bits=2, lm_head_bits=4).build(ckpt.config)
+    plan = plan_records(ckpt.folder, ckpt.config)
+    fits = GptqFits(ckpt, TEXT, 16, _windows(ckpt), "cpu", recipe)
+    fits.check(plan)
+    h0, _ = first_hidden(fits.weights, _windows(ckpt))
+    for item in plan:
+        if isinstance(item, ExpertItem):
+            for m, ref in item.refs:
+                _store_zeros(fits, item.matrix_name(m), ref.shape, recipe["experts"])
+        elif isinstance(item, TensorItem) and item.role == "attention":
+            _store_zeros(fits, item.name, item.shape, recipe["attention"])
+    fit = fits.fit("lm_head.weight")
+    assert fit.gram is not None and fits.grams.rows["lm_head.weight"] == h0.shape[0]
+    x = _rms_norm(h0, fits.weights.get("model.norm.weight"), ckpt.config.rms_norm_eps)
+    torch.testing.assert_close(fit.gram, x.T @ x, rtol=1e-4, atol=1e-4)
+    assert fits.equal == 0
 
 
 def test_a_text_too_short_fails_before_the_hubs_weights_are_fetched(tiny_checkpoint, monkeypatch, tmp_path):
