@@ -109,7 +109,7 @@ class GptqFits:
         self.stored_layer: dict[str, tuple[bytes, tuple[int, int], object]] = {}
 
     def check(self, plan: list) -> None:
-        """Before any work: the text gives windows, and which matrices are quantized."""
+        """Before any work: which matrices are quantized; then the text's embeddings."""
         quantized = quantized_matrices(plan, self.recipe)
         self.cols = {name: cols for name, (cols, _) in quantized.items()}
         last = self.ckpt.config.num_hidden_layers
@@ -171,6 +171,9 @@ class GptqFits:
             with torch.inference_mode():
                 self.step = next(self.steps)
         except StopIteration as done:
+            if self.layer == self.ckpt.config.num_hidden_layers:  # lm_head's step was the last
+                raise MoepackError("--gptq: a matrix asked for after lm_head",
+                                   hint="this is a bug in moe-pack; please report it") from None
             self._start(self.layer + 1, done.value)
         except torch.OutOfMemoryError:
             raise MoepackError(f"out of GPU memory running layer {self.layer} over the --gptq text",
