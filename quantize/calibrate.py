@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from formats.errors import ConfigError
+from formats.header import ModelConfig, TokenizerInfo
 from formats.reader import MoepackFile
 from formats.writer import rewrite_header
 
@@ -48,17 +49,23 @@ def check_window_options(ctx: int, max_tokens: int | None, least: int, options=(
         raise ConfigError(f"{options[1]} {max_tokens} must be {what}", hint="8192 tokens is the default")
 
 
-def open_text(path: Path, text: str, ctx: int, max_tokens: int | None, least: int):
-    """(the open file, its TextTokenizer, the first max_tokens ids of `text` without BOS, ctx
-    capped at the model's context), after the checks that --ctx and --max-tokens are at least
-    `least` (calibrate and imatrix)."""
+def text_ids(tokenizer: TokenizerInfo, config: ModelConfig, text: str, ctx: int, max_tokens: int | None,
+             source: str):
+    """(a TextTokenizer of `tokenizer`, the first max_tokens ids of `text` without BOS, ctx
+    capped at the model's context): from a model's metadata alone, a file's or a checkpoint's."""
     from runtime.tokenizer import TextTokenizer
 
+    tok = TextTokenizer(tokenizer, source=source)
+    ids = tok.encode(text, add_bos=False)
+    return tok, ids if max_tokens is None else ids[:max_tokens], min(ctx, config.max_position_embeddings)
+
+
+def open_text(path: Path, text: str, ctx: int, max_tokens: int | None, least: int):
+    """(the open file, then text_ids of its model), after the checks that --ctx and
+    --max-tokens are at least `least` (calibrate and imatrix)."""
     check_window_options(ctx, max_tokens, least)
     file = MoepackFile(path)
-    tok = TextTokenizer(file.header.tokenizer, source=str(path))
-    ids = tok.encode(text, add_bos=False)
-    return file, tok, ids if max_tokens is None else ids[:max_tokens], min(ctx, file.config.max_position_embeddings)
+    return (file, *text_ids(file.header.tokenizer, file.config, text, ctx, max_tokens, str(path)))
 
 
 def count_experts(path: Path, text: str, *, ctx: int = 512, max_tokens: int | None = 8192, device: str = "auto",

@@ -176,11 +176,9 @@ def checkpoint_windows(config: ModelConfig, tokenizer: TokenizerInfo, text: str,
                        source: str) -> list[list[int]]:
     """The calibration text's first `max_tokens` ids in windows (text_windows) of at most `ctx`
     tokens; from the checkpoint's metadata alone, so it can run before the weights are fetched."""
-    from runtime.tokenizer import TextTokenizer
+    from .calibrate import text_ids
 
-    tok = TextTokenizer(tokenizer, source=source)
-    ids = tok.encode(text, add_bos=False)
-    return text_windows(tok, ids if max_tokens is None else ids[:max_tokens], min(ctx, config.max_position_embeddings))
+    return text_windows(*text_ids(tokenizer, config, text, ctx, max_tokens, source))
 
 
 def first_hidden(w: Weights, windows: list[list[int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
